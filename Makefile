@@ -1,0 +1,53 @@
+# Quick start:  make demo   (the whole VersaT2I loop on the embedded demo world, CPU, nothing downloaded)
+#               make test   (the test suite)
+# Both build .venv first: torch/torchvision pinned to the builds this project is tested with, then
+# the pack with its test and optional-scorer extras. ComfyUI users don't need this: see README.
+
+PYTHON ?= python3.11
+VENV ?= .venv
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+EXTRAS ?= test,iqa,geometry
+PYTEST_ARGS ?=
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+
+.PHONY: venv comfy-deps test demo bench clean
+
+venv: $(STAMP) comfy-deps
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --disable-pip-version-check -q --upgrade pip
+	# torch first and pinned; every later install is constrained to it so nothing re-resolves torch.
+	$(BIN)/python -m pip install --disable-pip-version-check -q $(TORCH_PINS)
+	printf '%s\n' $(TORCH_PINS) > $(VENV)/torch-constraints.txt
+	$(BIN)/python -m pip install --disable-pip-version-check -q -c $(VENV)/torch-constraints.txt -e ".[$(EXTRAS)]"
+	! $(BIN)/python -m pip show -q torchaudio 2>/dev/null  # torchaudio breaks peft/diffusers imports here
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+# With COMFYUI_PATH set (a ComfyUI checkout outside this repo), the integration tests import it
+# in-process and serve it with this venv's python, so its requirements go into the venv too
+# (torchaudio excluded: it breaks imports here; `requests` is used but not listed by ComfyUI).
+comfy-deps: $(STAMP)
+ifneq ($(strip $(COMFYUI_PATH)),)
+	grep -viE '^[[:space:]]*torchaudio' "$(COMFYUI_PATH)/requirements.txt" > $(VENV)/comfy-requirements.txt
+	echo requests >> $(VENV)/comfy-requirements.txt
+	cmp -s $(VENV)/comfy-requirements.txt $(VENV)/comfy-requirements.installed || { \
+	  $(BIN)/python -m pip install --disable-pip-version-check -q -c $(VENV)/torch-constraints.txt \
+	    -r $(VENV)/comfy-requirements.txt && cp $(VENV)/comfy-requirements.txt $(VENV)/comfy-requirements.installed; }
+endif
+
+# One thread per torch process: on 2 cores a second busy process otherwise makes torch 40-90x slower.
+test: venv
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+demo: venv
+	OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 $(BIN)/versat2i demo
+
+bench: venv
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

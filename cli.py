@@ -1,0 +1,55 @@
+"""The ``versat2i`` command: one subcommand per loop stage, each a thin wrapper over a library call.
+
+Each area owns its subcommands (``rewards/cli.py``, ``trainer/cli.py``, ``loop/cli.py``); this file
+only wires them together, and imports them lazily so ``versat2i --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# area module -> its ``add_subcommands(subparsers)``; relative to this package.
+SUBCOMMAND_MODULES = (".rewards.cli", ".trainer.cli", ".loop.cli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="versat2i",
+        description="VersaT2I self-improvement loop: generate, score, filter, train aspect LoRAs, mix.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module_name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name, __package__)
+        except ModuleNotFoundError as exc:
+            # An area not built yet must not break the others; a missing *dependency* must.
+            if exc.name and exc.name.startswith((__package__ or "versat2i") + "."):
+                continue
+            raise
+        module.add_subcommands(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        # User errors: one clear line, no traceback (use -v for the traceback).
+        if args.verbose:
+            raise
+        print(f"versat2i {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

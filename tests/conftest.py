@@ -1,0 +1,117 @@
+"""Shared test set-up.
+
+Every test runs offline: a tripwire refuses any socket connection that is not to loopback, and the
+Hugging Face libraries are told they are offline. Models are tiny and built from configs in code
+(``tests/tiny_models``). Tests that need a real ComfyUI use the ``comfy`` / ``comfyui_path``
+fixtures: without ``COMFYUI_PATH`` they are skipped, and ``-ra`` prints why.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import tempfile
+from pathlib import Path
+
+# Before torch (or anything using OpenMP) is imported: on 2 cores a second busy process makes a
+# multi-threaded torch 40-90x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+# Keep a user's accelerate / HF config and caches out of the tests.
+_SESSION_HOME = Path(tempfile.mkdtemp(prefix="versat2i-tests-home-"))
+os.environ["HF_HOME"] = str(_SESSION_HOME / "hf")
+os.environ["TORCH_HOME"] = str(_SESSION_HOME / "torch")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+_LOOPBACK = ("127.", "::1", "localhost")
+_real_connect = socket.socket.connect
+
+
+def _loopback_only_connect(self, address):  # network tripwire
+    host = address[0] if isinstance(address, tuple) else str(address)
+    if self.family in (socket.AF_INET, socket.AF_INET6) and not str(host).startswith(_LOOPBACK):
+        raise RuntimeError(f"test tried to reach the network ({address!r}); tests must run offline")
+    return _real_connect(self, address)
+
+
+socket.socket.connect = _loopback_only_connect
+
+
+# -- real ComfyUI ------------------------------------------------------------------------------
+
+def _comfyui_path_or_reason() -> tuple[Path | None, str]:
+    raw = os.environ.get("COMFYUI_PATH", "").strip()
+    if not raw:
+        return None, "COMFYUI_PATH is not set: real-ComfyUI integration tests skipped (see README, Testing)"
+    path = Path(raw).expanduser().resolve()
+    if not (path / "main.py").is_file() or not (path / "comfy").is_dir():
+        return None, f"COMFYUI_PATH={raw} is not a ComfyUI checkout (no main.py / comfy/): skipped"
+    return path, ""
+
+
+@pytest.fixture(scope="session")
+def comfyui_path() -> Path:
+    path, reason = _comfyui_path_or_reason()
+    if path is None:
+        pytest.skip(reason)
+    return path
+
+
+@pytest.fixture(scope="session")
+def comfy(comfyui_path):
+    """Real ComfyUI imported in-process on the CPU. Returns ComfyUI's ``comfy`` package.
+
+    ``args.cpu`` must be set before ``comfy.model_management`` is imported, or it probes CUDA.
+    """
+    if str(comfyui_path) not in sys.path:
+        sys.path.insert(0, str(comfyui_path))
+    try:
+        from comfy.cli_args import args
+    except ImportError as exc:  # its requirements are not installed in this venv
+        pytest.skip(f"COMFYUI_PATH is set but ComfyUI does not import ({exc}); run `make test` with it set")
+    args.cpu = True
+    import comfy  # noqa: F401
+    import comfy.model_management  # noqa: F401
+    import comfy.sd  # noqa: F401
+    import comfy.utils  # noqa: F401
+    import folder_paths  # noqa: F401
+
+    return comfy
+
+
+@pytest.fixture(scope="session")
+def comfy_nodes(comfy):
+    """The pack's node classes, loaded with real ComfyUI importable (``versat2i.nodes``)."""
+    import versat2i.nodes as pack_nodes
+
+    pack_nodes.common.register_model_folders()
+    return {node.define_schema().node_id: node for node in pack_nodes.all_nodes()}
+
+
+@pytest.fixture
+def comfy_dirs(comfy, tmp_path, monkeypatch):
+    """Point ComfyUI's output / models / temp folders at a fresh tmp dir for one test."""
+    import folder_paths
+
+    output, models, temp = tmp_path / "output", tmp_path / "models", tmp_path / "temp"
+    for folder in (output, models, temp):
+        folder.mkdir()
+    monkeypatch.setattr(folder_paths, "output_directory", str(output))
+    monkeypatch.setattr(folder_paths, "temp_directory", str(temp))
+    saved = {k: (list(v[0]), set(v[1])) for k, v in folder_paths.folder_names_and_paths.items()}
+    for name, (paths, exts) in list(folder_paths.folder_names_and_paths.items()):
+        folder_paths.folder_names_and_paths[name] = ([str(models / name)], exts)
+    folder_paths.filename_list_cache.clear()
+    yield {"output": output, "models": models, "temp": temp}
+    folder_paths.folder_names_and_paths.clear()
+    folder_paths.folder_names_and_paths.update(saved)
+    folder_paths.filename_list_cache.clear()
