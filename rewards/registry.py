@@ -78,6 +78,11 @@ SCORERS: dict[str, ScorerEntry] = {
         "weight-free image statistics: analytic:sharpness, :contrast, :colourfulness, :brightness, :noise",
         variants=("sharpness", "contrast", "colourfulness", "brightness", "noise"),
     ),
+    "demo": ScorerEntry(
+        "..demo.rewards:make_scorer", "alignment",
+        "the embedded demo world's analytic rewards: demo:alignment, :geometry, :aesthetics, :lowlevel",
+        variants=("alignment", "geometry", "aesthetics", "lowlevel"),
+    ),
 }
 
 # The scorer used for an aspect when none is named. Low-level quality defaults to the permissively
