@@ -1,0 +1,433 @@
+"""``versat2i score`` and ``versat2i build-dataset``: the score and filter steps from a shell.
+
+    versat2i score IMAGES_DIR [--prompts prompts.txt|prompts.jsonl] [--aspect ASPECT[=SCORER] ...]
+                   [--models-dir DIR ...] [--device auto] [--chunk-size N] [--out scores.jsonl]
+    versat2i build-dataset SCORES --images IMAGES_DIR --out ROOT --name NAME
+                   [--threshold [ASPECT=]SPEC ...] [--repeats [ASPECT=]N ...] [--aspects a,b] [--overwrite]
+
+Both validate every input before doing any heavy work or writing anything; a bad input is one
+error line (printed by the top-level ``versat2i`` command) and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+PROMPT_SOURCES_HELP = (
+    "where prompts come from: a text file with one prompt per line, matched to the images in sorted "
+    "order (blank lines are skipped; identical lines are one prompt with several candidates); or a "
+    ".jsonl file with one {\"file\": ..., \"prompt\": ..., \"seed\": ...} object per image (\"file\" "
+    "relative to the images folder; optional \"prompt_index\"/\"candidate_index\"). Without "
+    "--prompts, each image's caption file <image stem>.txt next to it is its prompt."
+)
+
+
+class _LazyHelpFormatter(argparse.HelpFormatter):
+    """Fills ``@DEFAULT_SCORERS@`` / ``@IMAGE_EXTENSIONS@`` only when help is printed: building the
+    parser must not import torch (the registry does), so ``versat2i --help`` stays fast."""
+
+    def format_help(self) -> str:
+        text = super().format_help()
+        if "@DEFAULT_SCORERS@" in text:
+            text = text.replace("@DEFAULT_SCORERS@", ", ".join(f"{a}={s}" for a, s in _default_scorers().items()))
+        if "@IMAGE_EXTENSIONS@" in text:
+            text = text.replace("@IMAGE_EXTENSIONS@", ", ".join(_image_extensions()))
+        return text
+
+
+def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
+    score = subparsers.add_parser(
+        "score", help="score a folder of images for each aspect -> a scores table / JSONL",
+        description="Score every image of a folder for each aspect and print a table; --out writes "
+        "the scores (with prompts, seeds and scorer ids) for `versat2i build-dataset`.",
+        epilog="Image files: @IMAGE_EXTENSIONS@. Default scorers: @DEFAULT_SCORERS@.",
+        formatter_class=_LazyHelpFormatter,
+    )
+    score.add_argument("images", type=Path, help="folder of images, sorted by name (numbers compared as numbers)")
+    score.add_argument("--prompts", type=Path, help=PROMPT_SOURCES_HELP)
+    score.add_argument(
+        "--aspect", action="append", default=[], metavar="ASPECT[=SCORER]",
+        help="an aspect to score and (optionally) its scorer, e.g. 'lowlevel=pyiqa:musiq' or "
+        "'sharp=analytic:sharpness'; repeat for several. Default: every aspect with its default scorer "
+        "(listed below)",
+    )
+    score.add_argument("--models-dir", action="append", default=[], type=Path, metavar="DIR",
+                       help="folder with the scorers' weight files (sub-folders clip/, aesthetic/, hps/, ...); "
+                       "repeatable")
+    score.add_argument("--device", default="auto",
+                       help="torch device: auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
+    score.add_argument("--chunk-size", type=int, default=None, metavar="N",
+                       help="images loaded and scored at once (default: the scorers' own chunk size)")
+    score.add_argument("--out", type=Path, help="write the scores here (.jsonl or .json)")
+    score.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    score.add_argument("--quiet", action="store_true", help="don't print the table")
+    score.set_defaults(func=run_score)
+
+    build = subparsers.add_parser(
+        "build-dataset", help="scores + images -> kohya-style training set, best image per prompt and aspect",
+        description="Keep the best image of each prompt for each aspect (if it passes the aspect's "
+        "threshold) and write <out>/<name>/<repeats>_<aspect>/<id>.png + .txt, manifest.jsonl and dataset.json.",
+    )
+    build.add_argument("scores", type=Path, help="scores file written by `versat2i score --out` (.jsonl or .json)")
+    build.add_argument("--images", type=Path, required=True, help="the folder that was scored")
+    build.add_argument("--out", type=Path, required=True, help="folder that receives the training set folder")
+    build.add_argument("--name", required=True, help="training set folder name inside --out (sub-folders allowed)")
+    build.add_argument(
+        "--threshold", action="append", default=[], metavar="[ASPECT=]SPEC",
+        help="keep a prompt's best image only if it passes: 'none' (default: always keep), a score "
+        "('5.5', kept when >=), or a percentile of all the aspect's scores ('p75' or '75%%', kept when "
+        ">=). Without ASPECT= it applies to every aspect; repeatable",
+    )
+    build.add_argument("--repeats", action="append", default=[], metavar="[ASPECT=]N",
+                       help="kohya repeats per aspect folder (default 10); repeatable")
+    build.add_argument("--aspects", help="comma-separated aspects to build (default: every scored aspect)")
+    build.add_argument("--overwrite", action="store_true", help="replace an existing training set of that name")
+    build.set_defaults(func=run_build_dataset)
+
+
+def _default_scorers() -> dict[str, str]:
+    from .registry import DEFAULT_SCORERS
+
+    return DEFAULT_SCORERS
+
+
+def _image_extensions() -> tuple[str, ...]:
+    from .training_set import IMAGE_FILE_EXTENSIONS
+
+    return IMAGE_FILE_EXTENSIONS
+
+
+# -- inputs -------------------------------------------------------------------------------------
+
+def _natural_key(name: str) -> list:
+    """'img2' sorts before 'img10'."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly in ``folder`` (hidden files skipped), in natural name order."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"images folder {str(folder)!r} not found")
+    files = [
+        p for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in _image_extensions()
+    ]
+    if not files:
+        raise ValueError(
+            f"images folder {str(folder)!r} has no images ({', '.join(_image_extensions())}); "
+            "point it at the generated images"
+        )
+    return sorted(files, key=lambda p: _natural_key(p.name))
+
+
+def read_prompts(images: Sequence[Path], folder: Path, prompts_file: Path | None) -> dict:
+    """Prompts (and seeds, prompt/candidate indices where known) for ``images``, in their order."""
+    names = [p.relative_to(folder).as_posix() for p in images]
+    seeds: list[int | None] = [None] * len(images)
+    prompt_indices = candidate_indices = None
+    if prompts_file is None:
+        missing = [p.name for p in images if not p.with_suffix(".txt").is_file()]
+        if missing:
+            raise ValueError(
+                f"no prompt for {len(missing)} image(s) ({', '.join(missing[:5])}{'...' if len(missing) > 5 else ''}): "
+                "put each prompt in <image stem>.txt next to its image, or pass --prompts"
+            )
+        prompts = [p.with_suffix(".txt").read_text(encoding="utf-8").strip() for p in images]
+    elif not prompts_file.is_file():
+        raise FileNotFoundError(f"prompts file {str(prompts_file)!r} not found")
+    elif prompts_file.suffix.lower() == ".jsonl":
+        by_file: dict[str, dict] = {}
+        for line_number, line in enumerate(prompts_file.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            where = f"prompts file {str(prompts_file)!r}, line {line_number}"
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
+            if not (isinstance(entry, dict) and isinstance(entry.get("file"), str)
+                    and isinstance(entry.get("prompt"), str)):
+                raise ValueError(
+                    f"{where}: expected {{\"file\": \"<image name>\", \"prompt\": \"...\", \"seed\": 123}}"
+                )
+            file_name = Path(entry["file"]).as_posix()
+            if file_name in by_file:
+                raise ValueError(f"{where}: {file_name!r} appears twice; give one entry per image")
+            by_file[file_name] = entry
+        missing = [n for n in names if n not in by_file]
+        unknown = sorted(set(by_file) - set(names))
+        if missing or unknown:
+            raise ValueError(
+                f"prompts file {str(prompts_file)!r} does not match the images: "
+                + (f"no entry for {missing[:5]}{'...' if len(missing) > 5 else ''}" if missing else "")
+                + ("; " if missing and unknown else "")
+                + (f"entries for missing images {unknown[:5]}{'...' if len(unknown) > 5 else ''}" if unknown else "")
+                + "; give exactly one entry per image file"
+            )
+        entries = [by_file[n] for n in names]
+        prompts = [e["prompt"] for e in entries]
+        seeds = [e.get("seed") for e in entries]
+        if all("prompt_index" in e and "candidate_index" in e for e in entries):
+            prompt_indices = [e["prompt_index"] for e in entries]
+            candidate_indices = [e["candidate_index"] for e in entries]
+    else:
+        try:
+            lines = prompts_file.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise ValueError(f"prompts file {str(prompts_file)!r} is not UTF-8 text") from None
+        prompts = [line.strip() for line in lines if line.strip()]
+        if len(prompts) != len(images):
+            raise ValueError(
+                f"prompts file {str(prompts_file)!r} has {len(prompts)} prompt(s) for {len(images)} image(s); "
+                "give one line per image, in the images' sorted order (repeat a prompt for each of its candidates)"
+            )
+    return {"prompts": prompts, "seeds": seeds, "prompt_indices": prompt_indices,
+            "candidate_indices": candidate_indices, "image_ids": names}
+
+
+def parse_aspects(specs: Sequence[str]) -> dict[str, str]:
+    """``["lowlevel=pyiqa:musiq", "aesthetics"]`` -> ``{aspect: scorer name}``; checks the scorer
+    names against the registry without building anything."""
+    from .registry import DEFAULT_SCORERS, SCORERS, list_scorers, split_name
+
+    if not specs:
+        return dict(DEFAULT_SCORERS)
+    aspects: dict[str, str] = {}
+    for spec in specs:
+        aspect, _, scorer = spec.partition("=")
+        aspect, scorer = aspect.strip(), scorer.strip()
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", aspect):
+            raise ValueError(f"--aspect {spec!r}: the aspect name must be letters, digits, '_', '-' or '.'")
+        if aspect in aspects:
+            raise ValueError(f"--aspect {spec!r}: aspect {aspect!r} given twice")
+        if not scorer:
+            if aspect not in DEFAULT_SCORERS:
+                raise ValueError(
+                    f"--aspect {spec!r}: unknown aspect without a scorer; known aspects: "
+                    f"{', '.join(DEFAULT_SCORERS)}, or name a scorer: '{aspect}=analytic:sharpness'"
+                )
+            scorer = DEFAULT_SCORERS[aspect]
+        if split_name(scorer)[0] not in SCORERS:
+            raise ValueError(
+                f"--aspect {spec!r}: unknown scorer {scorer!r}; known scorers: {', '.join(list_scorers())}"
+            )
+        aspects[aspect] = scorer
+    return aspects
+
+
+def _pick_device(device: str) -> str:
+    import torch
+
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def _check_out(out: Path | None, overwrite: bool) -> None:
+    from ..safe_io import TargetExistsError
+
+    if out is None:
+        return
+    if out.suffix.lower() not in (".jsonl", ".json"):
+        raise ValueError(f"--out {str(out)!r}: use a .jsonl or .json file name")
+    if out.exists() and not overwrite:
+        raise TargetExistsError(f"--out {str(out)!r} already exists; choose another name or pass --overwrite")
+
+
+def _tqdm_progress(total: int, description: str) -> tuple[Callable[[int, int], None], Callable[[], None]]:
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="img", desc=description, disable=None)  # None: off when not a terminal
+
+    def update(done: int, _total: int) -> None:
+        bar.update(done - bar.n)
+
+    return update, bar.close
+
+
+def _load_rgb(path: Path):
+    import torch
+
+    from .training_set import load_image_file
+
+    return torch.from_numpy(load_image_file(path)).float().div_(255.0)
+
+
+def score_folder(
+    images: Sequence[Path],
+    prompts: Sequence[str],
+    scorers: dict,
+    *,
+    chunk_size: int | None = None,
+    device: str = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Score image files chunk by chunk (only one chunk is in memory); images of different sizes
+    are scored in separate calls, which never changes a score (scorers are batch-independent)."""
+    import torch
+
+    from .base import score_aspects
+
+    size = chunk_size or min(s.chunk_size for s in scorers.values())
+    if size < 1:
+        raise ValueError(f"--chunk-size must be >= 1, got {size}")
+    results = {aspect: torch.empty(len(images)) for aspect in scorers}
+    for start in range(0, len(images), size):
+        rows = list(range(start, min(start + size, len(images))))
+        loaded = {row: _load_rgb(images[row]) for row in rows}
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for row, pixels in loaded.items():
+            by_size.setdefault(tuple(pixels.shape[:2]), []).append(row)
+        for group in by_size.values():
+            batch = torch.stack([loaded[row] for row in group]).to(device)
+            scores = score_aspects(scorers, batch, [prompts[row] for row in group], chunk_size=size)
+            for aspect, values in scores.items():
+                results[aspect][group] = values
+        if progress is not None:
+            progress(rows[-1] + 1, len(images))
+    return results
+
+
+# -- commands -------------------------------------------------------------------------------------
+
+def run_score(args: argparse.Namespace) -> int:
+    from .registry import get_scorer
+    from .score_table import ScoreTable
+    from .training_set import check_image_file
+
+    # Cheap checks first, so a typo fails before any model loads.
+    _check_out(args.out, args.overwrite)
+    if args.chunk_size is not None and args.chunk_size < 1:
+        raise ValueError(f"--chunk-size must be >= 1, got {args.chunk_size}")
+    images = list_images(args.images)
+    inputs = read_prompts(images, args.images, args.prompts)
+    aspect_scorers = parse_aspects(args.aspect)
+    for models_dir in args.models_dir:
+        if not models_dir.is_dir():
+            raise FileNotFoundError(f"--models-dir {str(models_dir)!r} is not a folder")
+    # The table's own checks (seeds, prompt/candidate indices) before scoring, on placeholder scores.
+    ScoreTable.from_scores({"check": [0.0] * len(images)}, {"check": {"id": "check", "weights_hash": "none"}},
+                           inputs["prompts"], seeds=inputs["seeds"], prompt_indices=inputs["prompt_indices"],
+                           candidate_indices=inputs["candidate_indices"], image_ids=inputs["image_ids"])
+    # Header check up front: a non-image or RGBA file fails now, before any model loads. (A
+    # truncated file fails while scoring; --out is only written at the end, so nothing is written.)
+    for path in images:
+        check_image_file(path)
+    device = _pick_device(args.device)
+
+    built: dict[str, object] = {}
+    scorers = {}
+    for aspect, name in aspect_scorers.items():
+        if name not in built:
+            built[name] = get_scorer(name, search_dirs=args.models_dir, device=device)
+        scorers[aspect] = built[name]
+
+    update, close = _tqdm_progress(len(images), "scoring")
+    try:
+        results = score_folder(images, inputs["prompts"], scorers, chunk_size=args.chunk_size,
+                               device=device, progress=update)
+    finally:
+        close()
+    table = ScoreTable.from_scores(
+        results, scorers, inputs["prompts"], seeds=inputs["seeds"], prompt_indices=inputs["prompt_indices"],
+        candidate_indices=inputs["candidate_indices"], image_ids=inputs["image_ids"],
+    )
+    if not args.quiet:
+        print(table.to_text())
+    if args.out is not None:
+        table.save(args.out, overwrite=args.overwrite)
+        logger.info("wrote %d image scores to %s", len(table), args.out)
+    return 0
+
+
+def _split_specs(specs: Sequence[str], flag: str) -> tuple[str | None, dict[str, str]]:
+    """``["p50", "aesthetics=5.5"]`` -> (default "p50", {"aesthetics": "5.5"})."""
+    default, per_aspect = None, {}
+    for spec in specs:
+        aspect, sep, value = spec.partition("=")
+        if not sep:
+            if default is not None:
+                raise ValueError(f"{flag} {spec!r}: a value for every aspect was already given ({default!r})")
+            default = spec.strip()
+        else:
+            if aspect.strip() in per_aspect:
+                raise ValueError(f"{flag} {spec!r}: aspect {aspect.strip()!r} given twice")
+            per_aspect[aspect.strip()] = value.strip()
+    return default, per_aspect
+
+
+def run_build_dataset(args: argparse.Namespace) -> int:
+    from ..safe_io import confined_path
+    from .score_table import ScoreTable
+    from .selection import Threshold, select_best_per_prompt
+    from .training_set import DEFAULT_REPEATS, write_training_set
+
+    table = ScoreTable.load(args.scores)
+    aspects = table.aspects
+    if args.aspects:
+        aspects = [a.strip() for a in args.aspects.split(",") if a.strip()]
+        unknown = [a for a in aspects if a not in table.scores]
+        if unknown or not aspects:
+            raise ValueError(
+                f"--aspects {args.aspects!r}: not scored: {unknown}; scored aspects: {', '.join(table.aspects)}"
+            )
+
+    default_threshold, per_aspect_threshold = _split_specs(args.threshold, "--threshold")
+    default_repeats, per_aspect_repeats = _split_specs(args.repeats, "--repeats")
+    for flag, given in (("--threshold", per_aspect_threshold), ("--repeats", per_aspect_repeats)):
+        unknown = [a for a in given if a not in aspects]
+        if unknown:
+            raise ValueError(f"{flag}: aspect(s) {unknown} are not being built; aspects: {', '.join(aspects)}")
+    thresholds = {a: Threshold.parse(per_aspect_threshold.get(a, default_threshold)) for a in aspects}
+
+    def whole_number(text: str, aspect: str) -> int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"--repeats for {aspect!r}: {text!r} is not a whole number") from None
+
+    repeats = {
+        a: whole_number(per_aspect_repeats.get(a, default_repeats or str(DEFAULT_REPEATS)), a) for a in aspects
+    }
+
+    if not args.images.is_dir():
+        raise FileNotFoundError(f"--images folder {str(args.images)!r} not found")
+    needed = set()
+    selection = select_best_per_prompt(table, thresholds, aspects=aspects)
+    for chosen in selection.aspects.values():
+        needed.update(chosen.kept)
+    paths: list[Path | None] = [None] * len(table)
+    for row, image_id in enumerate(table.image_ids):
+        if image_id is None:
+            raise ValueError(
+                f"{args.scores}: image {row} has no image_id (file name); build-dataset needs scores written by "
+                "`versat2i score`"
+            )
+        paths[row] = confined_path(args.images, image_id, what=f"{args.scores}: image_id of image {row}")
+        if row in needed and not paths[row].is_file():
+            raise FileNotFoundError(
+                f"image {image_id!r} (from {args.scores}) not found in --images {str(args.images)!r}"
+            )
+
+    update, close = _tqdm_progress(sum(len(s.kept) for s in selection.aspects.values()), "writing")
+    try:
+        written = write_training_set(
+            args.out, args.name, table, selection, paths, repeats=repeats, overwrite=args.overwrite,
+            extra_summary={"scores_file": str(args.scores)}, progress=update,
+        )
+    finally:
+        close()
+    print(selection.summary())
+    print(f"training set: {written.path} ({len(written.entries)} images)")
+    return 0

@@ -1,0 +1,114 @@
+"""ScoreTable: construction from score_aspects results, validation, JSON/JSONL round trips, text."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from versat2i.rewards.base import score_aspects
+from versat2i.rewards.registry import get_scorer
+from versat2i.rewards.score_table import ScoreTable, prompt_groups
+from versat2i.safe_io import TargetExistsError
+
+
+@pytest.fixture
+def table() -> ScoreTable:
+    scorers = {"sharp": get_scorer("analytic:sharpness"), "bright": get_scorer("analytic:brightness")}
+    images = torch.rand(4, 16, 16, 3, generator=torch.Generator().manual_seed(0))
+    prompts = ["a red fox", "a red fox", "ein Fuchs ü\nzweite Zeile", "ein Fuchs ü\nzweite Zeile"]
+    scores = score_aspects(scorers, images, prompts)
+    return ScoreTable.from_scores(scores, scorers, prompts, seeds=[1, 2, 2**40, None],
+                                  image_ids=["a.png", "b.png", "c.png", "d.png"])
+
+
+def test_prompt_groups():
+    assert prompt_groups(["a", "b", "a", "a", "c", "b"]) == ([0, 1, 0, 0, 2, 1], [0, 0, 1, 2, 0, 1])
+
+
+def test_from_scores_records_everything(table):
+    assert len(table) == 4 and table.aspects == ["sharp", "bright"]
+    assert table.prompt_indices == [0, 0, 1, 1] and table.candidate_indices == [0, 1, 0, 1]
+    assert table.seeds == [1, 2, 2**40, None]
+    assert table.scorers == {"sharp": {"id": "analytic:sharpness", "weights_hash": "none"},
+                             "bright": {"id": "analytic:brightness", "weights_hash": "none"}}
+    assert all(isinstance(v, float) for v in table.scores["sharp"])
+    row = table.row(2)
+    assert row["prompt"] == "ein Fuchs ü\nzweite Zeile" and row["seed"] == 2**40 and row["image_id"] == "c.png"
+    assert set(row["scores"]) == {"sharp", "bright"}
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_file_round_trip(table, tmp_path, suffix):
+    path = tmp_path / f"scores{suffix}"
+    table.save(path)
+    again = ScoreTable.load(path)
+    assert again == table
+    with pytest.raises(TargetExistsError):
+        table.save(path)
+    table.save(path, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+def test_jsonl_lines_are_self_contained(table):
+    lines = table.to_jsonl().splitlines()
+    assert len(lines) == 4
+    first = json.loads(lines[0])
+    assert set(first) == {"image_id", "prompt", "seed", "prompt_index", "candidate_index", "scores", "scorers"}
+    assert first["scorers"]["sharp"] == {"id": "analytic:sharpness", "weights_hash": "none"}
+
+
+def test_text_table_shows_rows_and_marks_kept(table):
+    text = table.to_text({"sharp": [1, 3]})
+    lines = text.splitlines()
+    assert "analytic:sharpness" in lines[0] and "analytic:brightness" in lines[0]
+    assert len(lines) == 1 + 1 + 4 + 1  # scorers, header, rows, legend
+    assert "a red fox" in lines[2] and "ein Fuchs ü zweite Zeile" in lines[4]  # newline flattened
+    assert lines[3].count("*") == 1 and lines[2].count("*") == 0
+    assert str(2**40) in lines[4]
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (dict(scores={"a": [0.1, float("nan")]}), "NaN/inf"),
+    (dict(scores={"a": [0.1]}), "1 'a' scores for 2 images"),
+    (dict(seeds=[1]), "1 seeds for 2 prompts"),
+    (dict(seeds=[1, "2"]), r"seeds\[1\]"),
+    (dict(seeds=[1, True]), r"seeds\[1\]"),
+    (dict(prompts=["p", "p"], prompt_indices=[0, 0], candidate_indices=[0, 0]),
+     "repeats prompt_index 0 / candidate_index 0"),
+    (dict(prompt_indices=[0, 0], candidate_indices=[0, 1]), "different prompt"),
+    (dict(prompt_indices=[0, -1]), "non-negative"),
+    (dict(image_ids=["x.png", "x.png"]), "ids repeat"),
+    (dict(scorers={"a": {"id": "x"}}), "weights_hash"),
+    (dict(scorers={"b": {"id": "x", "weights_hash": "y"}}), "differ"),
+    (dict(prompts=[], seeds=[], prompt_indices=[], candidate_indices=[], image_ids=[], scores={"a": []}), "no images"),
+])
+def test_validation(change, fragment):
+    fields = dict(prompts=["p", "q"], seeds=[1, 2], prompt_indices=[0, 1], candidate_indices=[0, 0],
+                  image_ids=[None, None], scores={"a": [0.1, 0.2]}, scorers={"a": {"id": "x", "weights_hash": "y"}})
+    fields.update(change)
+    with pytest.raises(ValueError, match=fragment):
+        ScoreTable(**fields)
+
+
+def test_from_scores_needs_a_scorer_per_aspect():
+    with pytest.raises(ValueError, match="different aspects"):
+        ScoreTable.from_scores({"a": [1.0], "b": [2.0]}, {"a": {"id": "x", "weights_hash": "y"}}, ["p"])
+
+
+def test_reading_errors_name_the_line(tmp_path, table):
+    path = tmp_path / "scores.jsonl"
+    lines = table.to_jsonl().splitlines()
+    path.write_text(lines[0] + "\n{not json\n")
+    with pytest.raises(ValueError, match="line 2: not valid JSON"):
+        ScoreTable.load(path)
+    other = json.loads(lines[1])
+    other["scorers"]["sharp"]["weights_hash"] = "different"
+    path.write_text(lines[0] + "\n" + json.dumps(other) + "\n")
+    with pytest.raises(ValueError, match="image 2: scorers"):
+        ScoreTable.load(path)
+    with pytest.raises(FileNotFoundError, match="versat2i score"):
+        ScoreTable.load(tmp_path / "missing.jsonl")
+    (tmp_path / "bad.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(ValueError, match="not a versat2i scores file"):
+        ScoreTable.load(tmp_path / "bad.json")

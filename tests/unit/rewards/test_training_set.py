@@ -1,0 +1,249 @@
+"""Training-set writer and reader: kohya layout, manifest contents, atomicity, confinement and
+bad inputs (each refused with nothing written)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from versat2i.rewards import training_set
+from versat2i.rewards.score_table import ScoreTable
+from versat2i.rewards.selection import select_best_per_prompt
+from versat2i.rewards.training_set import read_manifest, read_training_set, write_training_set
+from versat2i.safe_io import TargetExistsError
+
+SCORERS = {
+    "aesthetics": {"id": "laion-aesthetic-v2", "weights_hash": "a" * 64},
+    "lowlevel": {"id": "analytic:sharpness", "weights_hash": "none"},
+}
+PROMPTS = ["a red fox", "a red fox", "a red fox", "a blue\ncar", "a blue\ncar", "a blue\ncar"]
+SEEDS = [100, 101, 102, 200, 201, 202]
+
+
+def listing(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+
+
+@pytest.fixture
+def table() -> ScoreTable:
+    return ScoreTable.from_scores(
+        {"aesthetics": [5.0, 6.5, 4.0, 3.0, 5.5, 5.5], "lowlevel": [10.0, 30.0, 20.0, 40.0, 5.0, 1.0]},
+        SCORERS, PROMPTS, seeds=SEEDS,
+    )
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    # Each image has its own colour, plus values that exercise rounding (x.5 / 255 levels).
+    generator = torch.Generator().manual_seed(0)
+    return torch.rand(6, 12, 16, 3, generator=generator)
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    folder = tmp_path / "output"
+    folder.mkdir()
+    return folder
+
+
+def write(root, table, images, name="run1", thresholds=None, **kwargs):
+    selection = select_best_per_prompt(table, thresholds)
+    return write_training_set(root, name, table, selection, images, **kwargs)
+
+
+def test_layout_and_manifest_contents(root, table, images):
+    written = write(root, table, images, thresholds={"aesthetics": "none", "lowlevel": 15.0},
+                    repeats={"aesthetics": 3, "lowlevel": 7})
+    dataset = root / "run1"
+    assert written.path == dataset.resolve()
+    # aesthetics: fox best = row 1 (6.5), car tie 5.5/5.5 -> candidate 1 (row 4).
+    # lowlevel: fox best = row 1 (30 >= 15), car best = row 3 (40).
+    assert listing(dataset) == [
+        "3_aesthetics", "3_aesthetics/p00000_c001.png", "3_aesthetics/p00000_c001.txt",
+        "3_aesthetics/p00001_c001.png", "3_aesthetics/p00001_c001.txt",
+        "7_lowlevel", "7_lowlevel/p00000_c001.png", "7_lowlevel/p00000_c001.txt",
+        "7_lowlevel/p00001_c000.png", "7_lowlevel/p00001_c000.txt",
+        "dataset.json", "manifest.jsonl",
+    ]
+    lines = [json.loads(line) for line in (dataset / "manifest.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(lines) == 4
+    by_key = {(e["aspect"], e["id"]): e for e in lines}
+    car = by_key[("lowlevel", "p00001_c000")]
+    assert car == {
+        "id": "p00001_c000", "aspect": "lowlevel", "file": "7_lowlevel/p00001_c000.png",
+        "caption": "a blue car", "prompt": "a blue\ncar", "seed": 200, "prompt_index": 1, "candidate_index": 0,
+        "score": 40.0, "scorer": SCORERS["lowlevel"],
+        "scores": {"aesthetics": 3.0, "lowlevel": 40.0}, "scorers": SCORERS,
+        "threshold": {"kind": "absolute", "value": 15.0, "resolved": 15.0},
+        "width": 16, "height": 12, "latents": None, "source": None,
+    }
+    fox = by_key[("aesthetics", "p00000_c001")]
+    assert (fox["seed"], fox["score"], fox["scorer"], fox["threshold"]) == (
+        101, 6.5, SCORERS["aesthetics"], {"kind": "none", "value": None, "resolved": None})
+    assert fox["scores"] == {"aesthetics": 6.5, "lowlevel": 30.0}
+    # Captions: the prompt on one line, UTF-8.
+    assert (dataset / "7_lowlevel/p00001_c000.txt").read_text(encoding="utf-8") == "a blue car"
+    summary = json.loads((dataset / "dataset.json").read_text())
+    assert summary["format"] == "versat2i-training-set" and summary["version"] == 1
+    assert (summary["images_scored"], summary["prompts"], summary["images_kept"]) == (6, 2, 4)
+    assert summary["aspects"]["lowlevel"] == {
+        "folder": "7_lowlevel", "repeats": 7, "kept": 2, "discarded": 4, "scorer": SCORERS["lowlevel"],
+        "threshold": {"kind": "absolute", "value": 15.0, "resolved": 15.0},
+    }
+
+
+def test_png_pixels_round_to_nearest(root, table, images):
+    write(root, table, images)
+    saved = np.asarray(Image.open(root / "run1/10_lowlevel/p00001_c000.png"))
+    expected = (images[3] * 255).round().to(torch.uint8).numpy()
+    assert saved.dtype == np.uint8 and saved.shape == (12, 16, 3)
+    np.testing.assert_array_equal(saved, expected)
+    assert np.abs(saved / 255.0 - images[3].numpy()).max() <= 0.5 / 255 + 1e-7
+
+
+def test_read_manifest_and_training_set(root, table, images):
+    written = write(root, table, images)
+    entries = read_manifest(root / "run1")
+    assert entries == written.entries
+    assert all(e.image_path.is_file() and e.caption_path.is_file() for e in entries)
+    lowlevel = read_manifest(root / "run1" / "manifest.jsonl", aspect="lowlevel")
+    assert {e.aspect for e in lowlevel} == {"lowlevel"} and len(lowlevel) == 2
+    with pytest.raises(ValueError, match="no images for aspect 'geometry'; it has: aesthetics, lowlevel"):
+        read_manifest(root / "run1", aspect="geometry")
+    loaded = read_training_set(root / "run1")
+    assert loaded.summary == written.summary and len(loaded.aspect_entries("aesthetics")) == 2
+
+
+def test_read_manifest_refuses_paths_outside_the_dataset(root, table, images):
+    write(root, table, images)
+    manifest = root / "run1" / "manifest.jsonl"
+    record = json.loads(manifest.read_text().splitlines()[0])
+    record["file"] = "../../secret.png"
+    manifest.write_text(json.dumps(record) + "\n")
+    with pytest.raises(ValueError, match=r"line 1: file '../../secret.png': '\.\.' is not allowed"):
+        read_manifest(root / "run1")
+    del record["seed"]
+    record["file"] = "ok.png"
+    manifest.write_text(json.dumps(record) + "\n")
+    with pytest.raises(ValueError, match=r"missing field\(s\) \['seed'\]"):
+        read_manifest(root / "run1")
+    with pytest.raises(FileNotFoundError, match="manifest"):
+        read_manifest(root / "nothing-here")
+
+
+def test_latents_are_saved_next_to_images(root, table, images):
+    latents = torch.randn(6, 4, 3, 2)
+    written = write(root, table, images, latents=latents, latents_metadata={"vae_sha256": "b" * 64})
+    entry = next(e for e in written.entries if e.aspect == "lowlevel" and e.prompt_index == 1)
+    assert entry.latents == "10_lowlevel/p00001_c000.latents.safetensors"
+    with safe_open(str(entry.latents_path), "pt") as handle:
+        assert list(handle.keys()) == ["latents"]
+        assert handle.metadata() == {"vae_sha256": "b" * 64}
+        torch.testing.assert_close(handle.get_tensor("latents"), latents[3])
+    assert written.summary["latents"] is True
+
+
+def test_crash_mid_write_leaves_nothing(root, table, images, monkeypatch):
+    real_save = training_set.save_png
+    calls = []
+
+    def failing_save(pixels, path):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError("disk full (simulated)")
+        real_save(pixels, path)
+
+    monkeypatch.setattr(training_set, "save_png", failing_save)
+    with pytest.raises(OSError, match="simulated"):
+        write(root, table, images, name="nested/run1")
+    assert len(calls) == 3
+    assert listing(root) == []  # no dataset, no temp folder, not even the 'nested' parent
+
+
+def test_existing_dataset_is_not_overwritten_unless_asked(root, table, images):
+    write(root, table, images)
+    before = {p: p.read_bytes() for p in (root / "run1").rglob("*") if p.is_file()}
+    other = ScoreTable.from_scores({"aesthetics": [1.0] * 6, "lowlevel": [1.0] * 6}, SCORERS, PROMPTS, seeds=SEEDS)
+    with pytest.raises(TargetExistsError, match="already exists.*overwrite"):
+        write(root, other, images)
+    assert {p: p.read_bytes() for p in (root / "run1").rglob("*") if p.is_file()} == before
+    write(root, other, images, overwrite=True, repeats=2)
+    assert sorted(p.name for p in root.iterdir()) == ["run1"]  # replaced, no backup or temp left
+    assert sorted(p.name for p in (root / "run1").iterdir()) == [
+        "2_aesthetics", "2_lowlevel", "dataset.json", "manifest.jsonl"]
+    # candidate 0 wins every all-equal tie
+    assert {e.candidate_index for e in read_manifest(root / "run1")} == {0}
+
+
+@pytest.mark.parametrize("name", ["../escape", "/tmp/abs", "a/../../escape", "", "C:\\x"])
+def test_dataset_name_is_confined(root, table, images, name):
+    with pytest.raises(ValueError, match="dataset name"):
+        write(root, table, images, name=name)
+    assert listing(root) == [] and listing(root.parent) == ["output"]
+
+
+def test_symlink_escape_is_refused(root, table, images, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (root / "link").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(ValueError, match="outside"):
+        write(root, table, images, name="link/run1")
+    assert listing(outside) == []
+
+
+def test_image_files_as_source(root, table, images, tmp_path):
+    files = []
+    for i, image in enumerate(images):
+        path = tmp_path / f"src_{i}.png"
+        Image.fromarray((image * 255).round().to(torch.uint8).numpy()).save(path)
+        files.append(path)
+    written = write(root, table, files)
+    entry = written.entries[0]
+    source = np.asarray(Image.open(files[table.prompt_indices.index(entry.prompt_index) + entry.candidate_index]))
+    np.testing.assert_array_equal(np.asarray(Image.open(entry.image_path)), source)
+
+
+def test_bad_inputs_write_nothing(root, table, images, tmp_path):
+    selection = select_best_per_prompt(table)
+    rgba = torch.rand(6, 12, 16, 4)
+    nan_images = images.clone()
+    nan_images[2, 0, 0, 0] = float("nan")
+    smaller = ScoreTable.from_scores({"aesthetics": [1.0], "lowlevel": [1.0]}, SCORERS, ["x"])
+    cases = [
+        (dict(images=images[:5]), "5 images for 6 scored rows"),
+        (dict(images=rgba), "RGBA"),
+        (dict(images=nan_images), "NaN"),
+        (dict(images=images * 2), "range"),
+        (dict(images=[tmp_path / "missing.png"] * 6), "not found"),
+        (dict(images=str(tmp_path)), "single path"),
+        (dict(selection=select_best_per_prompt(smaller)), "selection covers 1 images"),
+        (dict(repeats=0), "whole number >= 1"),
+        (dict(repeats={"geometry": 3}), "not in the selection"),
+        (dict(latents=torch.zeros(5, 4, 2, 2)), "5 latents for 6 images"),
+        (dict(selection=select_best_per_prompt(table, 100.0)), "no image passed the threshold"),
+    ]
+    for change, fragment in cases:
+        kwargs = dict(images=images, selection=selection)
+        kwargs.update(change)
+        with pytest.raises((ValueError, FileNotFoundError), match=fragment):
+            write_training_set(root, "run1", table, kwargs.pop("selection"), kwargs.pop("images"), **kwargs)
+        assert listing(root) == [], change
+
+
+def test_aspect_names_must_be_folder_names(root, images):
+    table = ScoreTable.from_scores({"../up": [1.0] * 6}, {"../up": SCORERS["lowlevel"]}, PROMPTS)
+    with pytest.raises(ValueError, match="can't be a folder name"):
+        write(root, table, images)
+    assert listing(root) == []
+
+
+def test_aspect_with_nothing_kept_gets_no_folder(root, table, images):
+    written = write(root, table, images, thresholds={"aesthetics": 100.0, "lowlevel": "none"})
+    assert sorted(p.name for p in written.path.iterdir()) == ["10_lowlevel", "dataset.json", "manifest.jsonl"]
+    assert written.summary["aspects"]["aesthetics"]["kept"] == 0
+    assert written.summary["aspects"]["aesthetics"]["discarded"] == 6

@@ -1,0 +1,259 @@
+"""safe_io: confined names and atomic writes (offline, filesystem only)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from versat2i import safe_io
+from versat2i.safe_io import TargetExistsError, atomic_dir, atomic_file, atomic_write_text, confined_path
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    folder = tmp_path / "output"
+    folder.mkdir()
+    return folder
+
+
+def listing(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+
+
+# -- confined_path ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, expected", [
+    ("run1", "run1"),
+    ("sub/run1", "sub/run1"),
+    ("sub\\run1", "sub/run1"),
+    ("./run1", "run1"),
+    ("sub//run1", "sub/run1"),
+    ("ünïcode name", "ünïcode name"),
+])
+def test_confined_path_accepts_relative_names(root, name, expected):
+    assert confined_path(root, name) == root.resolve() / expected
+
+
+@pytest.mark.parametrize("name, fragment", [
+    ("", "empty"),
+    ("   ", "empty"),
+    (".", "no folder or file part"),
+    ("..", "'..'"),
+    ("../escape", "'..'"),
+    ("a/../../escape", "'..'"),
+    ("a/..", "'..'"),
+    ("a\\..\\..\\escape", "'..'"),
+    ("/etc/passwd", "absolute"),
+    ("\\\\server\\share", "absolute"),
+    ("C:\\Windows", "absolute"),
+    ("c:relative", "absolute"),
+    ("a\x00b", "control characters"),
+    ("a\nb", "control characters"),
+    ("name:stream", "':'"),
+    ("trailing.", "ends with '.'"),
+    ("sub/ padded", "space"),
+])
+def test_confined_path_rejects_escapes_and_odd_names(root, name, fragment):
+    with pytest.raises(ValueError) as info:
+        confined_path(root, name, what="dataset name")
+    message = str(info.value)
+    assert message.startswith("dataset name"), message
+    assert fragment in message
+    assert listing(root) == []
+
+
+def test_confined_path_rejects_non_text(root):
+    with pytest.raises(ValueError, match="expected a text name"):
+        confined_path(root, Path("run1"))  # type: ignore[arg-type]
+
+
+def test_confined_path_rejects_symlink_escape(root, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (root / "link").symlink_to(outside, target_is_directory=True)
+    for name in ("link", "link/run1", "link/deeper/run1"):
+        with pytest.raises(ValueError, match="outside"):
+            confined_path(root, name)
+
+
+def test_confined_path_rejects_symlinked_parent_escape(root, tmp_path):
+    # root/a/b is a symlink to a folder outside; root/a/b/c must be refused even though 'a' is real.
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (root / "a").mkdir()
+    (root / "a" / "b").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(ValueError, match="outside"):
+        confined_path(root, "a/b/c")
+
+
+def test_confined_path_rejects_file_symlink_escape(root, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("x")
+    (root / "innocent.txt").symlink_to(secret)
+    with pytest.raises(ValueError, match="outside"):
+        confined_path(root, "innocent.txt")
+
+
+def test_confined_path_rejects_symlink_loops(root):
+    (root / "loop").symlink_to(root / "loop")
+    with pytest.raises(ValueError, match="can.t be resolved"):
+        confined_path(root, "loop/run1")
+
+
+def test_confined_path_allows_symlinks_that_stay_inside(root):
+    (root / "real").mkdir()
+    (root / "alias").symlink_to(root / "real", target_is_directory=True)
+    assert confined_path(root, "alias/run1") == (root / "real" / "run1").resolve()
+
+
+def test_confined_path_follows_a_symlinked_root(tmp_path, root):
+    # ComfyUI's output folder is often a symlink to a bigger disk: that is not an escape.
+    linked_root = tmp_path / "linked_output"
+    linked_root.symlink_to(root, target_is_directory=True)
+    assert confined_path(linked_root, "run1") == root.resolve() / "run1"
+
+
+def test_confined_path_refuses_the_root_itself(root):
+    with pytest.raises(ValueError):
+        confined_path(root, "./")
+
+
+# -- atomic_dir ---------------------------------------------------------------------------------
+
+def test_atomic_dir_publishes_complete_folder_under_final_name(root):
+    final = root / "set"
+    with atomic_dir(final) as temp:
+        assert temp.parent == final.parent and temp.name.startswith(".set.tmp-") and temp != final
+        (temp / "a.txt").write_text("hello")
+        assert not final.exists()  # nothing visible before the body finishes
+    assert (final / "a.txt").read_text() == "hello"
+    assert listing(root) == ["set", "set/a.txt"]
+
+
+def test_atomic_dir_failure_leaves_nothing(root):
+    final = root / "nested" / "deeper" / "set"
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_dir(final) as temp:
+            (temp / "a.txt").write_text("partial")
+            raise RuntimeError("boom")
+    assert listing(root) == []  # no final, no temp, and the parents it created are gone again
+
+
+def test_atomic_dir_keeps_existing_parents_on_failure(root):
+    (root / "keep").mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(root / "keep" / "set"):
+            raise KeyboardInterrupt  # Cancel / Ctrl-C cleans up too
+    assert listing(root) == ["keep"]
+
+
+def test_atomic_dir_refuses_existing_target_before_any_work(root):
+    final = root / "set"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    body_ran = False
+    with pytest.raises(TargetExistsError, match="already exists") as info:
+        with atomic_dir(final):
+            body_ran = True
+    assert isinstance(info.value, ValueError) and isinstance(info.value, FileExistsError)
+    assert not body_ran
+    assert listing(root) == ["set", "set/old.txt"]
+
+
+def test_atomic_dir_overwrite_replaces_and_cleans_up(root):
+    final = root / "set"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    with atomic_dir(final, overwrite=True) as temp:
+        (temp / "new.txt").write_text("new")
+        assert (final / "old.txt").exists()  # the old one stays until the new one is complete
+    assert listing(root) == ["set", "set/new.txt"]
+
+
+def test_atomic_dir_overwrite_failure_keeps_old(root):
+    final = root / "set"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    with pytest.raises(OSError, match="disk full"):
+        with atomic_dir(final, overwrite=True) as temp:
+            (temp / "new.txt").write_text("new")
+            raise OSError("disk full")
+    assert listing(root) == ["set", "set/old.txt"]
+
+
+def test_atomic_dir_overwrite_rename_failure_restores_old(root, monkeypatch):
+    final = root / "set"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    real_rename = os.rename
+    calls = []
+
+    def failing_second_rename(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # old -> backup succeeded; new -> final fails
+            raise OSError("rename failed")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(safe_io.os, "rename", failing_second_rename)
+    with pytest.raises(OSError, match="rename failed"):
+        with atomic_dir(final, overwrite=True) as temp:
+            (temp / "new.txt").write_text("new")
+    assert listing(root) == ["set", "set/old.txt"]  # old is back; no backup, no temp
+
+
+def test_atomic_dir_overwrite_refuses_to_replace_a_file_with_a_folder(root):
+    (root / "set").write_text("a file")
+    with pytest.raises(ValueError, match="same kind"):
+        with atomic_dir(root / "set", overwrite=True) as temp:
+            (temp / "x").write_text("x")
+    assert (root / "set").read_text() == "a file"
+    assert listing(root) == ["set"]
+
+
+# -- atomic_file ---------------------------------------------------------------------------------
+
+def test_atomic_file_writes_via_temp_path(root):
+    final = root / "model.safetensors"
+    with atomic_file(final) as temp:
+        assert temp.parent == root and temp != final and temp.name.startswith(".model.safetensors.tmp-")
+        assert not temp.exists()
+        temp.write_bytes(b"weights")
+    assert final.read_bytes() == b"weights"
+    assert listing(root) == ["model.safetensors"]
+
+
+def test_atomic_file_refuses_existing_and_overwrites_when_asked(root):
+    final = root / "report.txt"
+    atomic_write_text(final, "first")
+    with pytest.raises(TargetExistsError):
+        atomic_write_text(final, "second")
+    assert final.read_text() == "first"
+    atomic_write_text(final, "third", overwrite=True)
+    assert final.read_text() == "third"
+    assert listing(root) == ["report.txt"]
+
+
+def test_atomic_file_failure_cleans_temp(root):
+    with pytest.raises(RuntimeError):
+        with atomic_file(root / "x.bin") as temp:
+            temp.write_bytes(b"half")
+            raise RuntimeError("crash")
+    assert listing(root) == []
+
+
+def test_atomic_file_writer_that_writes_nothing_is_an_error(root):
+    with pytest.raises(RuntimeError, match="did not create"):
+        with atomic_file(root / "x.bin"):
+            pass
+    assert listing(root) == []
+
+
+def test_atomic_file_never_replaces_a_target_that_appears_during_the_write(root):
+    final = root / "x.bin"
+    with pytest.raises(TargetExistsError):
+        with atomic_file(final) as temp:
+            temp.write_bytes(b"new")
+            final.write_bytes(b"someone else's")  # appears after the up-front check
+    assert final.read_bytes() == b"someone else's"
+    assert listing(root) == ["x.bin"]
