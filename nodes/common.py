@@ -25,7 +25,11 @@ def category(*sub: str) -> str:
 # Custom socket types passed between our nodes.
 Scorers = io.Custom("VERSAT2I_SCORERS")  # loaded reward models, one per aspect
 Scores = io.Custom("VERSAT2I_SCORES")  # per-image scores for every aspect + prompts/seeds + scorer ids
-Selection = io.Custom("VERSAT2I_SELECTION")  # best-per-prompt picks per aspect
+Selection = io.Custom("VERSAT2I_SELECTION")  # best-per-prompt picks per aspect (+ the scores they index)
+# Per-image generation info (prompt, seed, prompt/candidate index) from the candidate generation node:
+# a mapping (or object) with "prompts" and optionally "seeds", "prompt_indices", "candidate_indices",
+# "image_ids", one entry per image. Score Images reads it instead of its prompts/seeds text.
+Candidates = io.Custom("VERSAT2I_CANDIDATES")
 
 # models/versat2i/... holds reward-model weights (and extra_model_paths.yaml may add more roots).
 MODEL_FOLDER = "versat2i"
@@ -36,10 +40,25 @@ def register_model_folders() -> None:
     """Register ``models/versat2i`` with ComfyUI. Idempotent; keeps any folders that
     extra_model_paths.yaml already registered under the same name (they are searched too)."""
     folder_paths.add_model_folder_path(MODEL_FOLDER, os.path.join(folder_paths.models_dir, MODEL_FOLDER))
-    paths, extensions = folder_paths.folder_names_and_paths[MODEL_FOLDER]
-    extensions.update(SUPPORTED_WEIGHT_EXTENSIONS)
+    folder_paths.folder_names_and_paths[MODEL_FOLDER][1].update(SUPPORTED_WEIGHT_EXTENSIONS)
 
 
 def model_search_dirs() -> list[str]:
     register_model_folders()
     return list(folder_paths.get_folder_paths(MODEL_FOLDER))
+
+
+def progress_callback(total: int):
+    """A ``(done, total)`` callback driving a ComfyUI progress bar. It also honours Cancel: it raises
+    ComfyUI's interruption exception when the user cancelled (the server's progress hook does too,
+    but only when one is installed)."""
+    import comfy.model_management
+    import comfy.utils
+
+    bar = comfy.utils.ProgressBar(total)
+
+    def update(done: int, of: int) -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        bar.update_absolute(done, of)
+
+    return update

@@ -1,0 +1,103 @@
+"""Save Training Set: write the filtered images as a kohya-style training set (one
+``<repeats>_<aspect>`` folder per aspect, image + caption) with a manifest of scores, scorer ids
+and seeds, under ComfyUI's output folder.
+
+The name comes from a web page, so it is confined to the output folder: absolute paths, '..' and
+symlinks leading out are refused (when the prompt is queued, and again when writing). The folder is
+written under a temporary name and renamed when complete; an existing one is only replaced when
+``overwrite`` is on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import folder_paths
+import torch
+from comfy_api.latest import io
+
+from ..rewards.training_set import DEFAULT_REPEATS, TrainingSet, write_training_set
+from ..safe_io import confined_path
+from .common import Selection, category, node_id, progress_callback
+from .filter_best_per_prompt import FilteredScores
+
+DEFAULT_NAME = "versat2i/training_set"
+
+
+def save_training_set(selection: FilteredScores, images: torch.Tensor, name: str, *, repeats: int,
+                      overwrite: bool) -> tuple[str, TrainingSet]:
+    """Write the training set under ComfyUI's output folder; returns (its path relative to the
+    output folder, the written set)."""
+    if not isinstance(selection, FilteredScores):  # a wrongly wired input: a user error (ValueError)
+        raise ValueError(  # noqa: TRY004
+            "selection: expected the 'selection' output of Filter Best Per Prompt (VersaT2I)")
+    root = Path(folder_paths.get_output_directory())
+    kept = sum(len(chosen.kept) for chosen in selection.selection.aspects.values())
+    written = write_training_set(root, name, selection.table, selection.selection, images, repeats=repeats,
+                                 overwrite=overwrite, progress=progress_callback(max(kept, 1)))
+    return written.path.relative_to(root.resolve()).as_posix(), written
+
+
+def describe(relative: str, written: TrainingSet) -> str:
+    lines = [f"training set: output/{relative} ({written.summary['images_kept']} images)"]
+    for info in written.summary["aspects"].values():
+        lines.append(f"  {info['folder']}: {info['kept']} kept, {info['discarded']} discarded, "
+                     f"scorer {info['scorer']['id']}, threshold {info['threshold']['kind']} "
+                     f"{'' if info['threshold']['resolved'] is None else format(info['threshold']['resolved'], '.4g')}")
+    return "\n".join(lines)
+
+
+class SaveTrainingSet(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=node_id("SaveTrainingSet"),
+            display_name="Save Training Set (VersaT2I)",
+            category=category("dataset"),
+            description=(
+                "Writes the kept images of every aspect as a kohya-style training set under ComfyUI's output "
+                "folder: <name>/<repeats>_<aspect>/<id>.png + <id>.txt (caption = prompt), manifest.jsonl "
+                "(prompt, seed, scores, scorer ids and weight hashes) and dataset.json."
+            ),
+            is_output_node=True,
+            inputs=[
+                Selection.Input("selection", tooltip="The selection from Filter Best Per Prompt (VersaT2I)."),
+                io.Image.Input("images", tooltip="The same image batch that was scored and filtered."),
+                io.String.Input(
+                    "name", default=DEFAULT_NAME,
+                    tooltip="Folder name inside ComfyUI's output folder (sub-folders allowed, e.g. "
+                            "'versat2i/run1'). Absolute paths and '..' are refused.",
+                ),
+                io.Int.Input("repeats", default=DEFAULT_REPEATS, min=1, max=10000,
+                             tooltip="kohya repeats: how often each image is seen per epoch (the folder "
+                                     "prefix, '<repeats>_<aspect>')."),
+                io.Boolean.Input("overwrite", default=False,
+                                 tooltip="Replace an existing training set of the same name. Off: an existing "
+                                         "folder is an error and nothing is written."),
+            ],
+            outputs=[
+                io.String.Output("dataset_path", display_name="dataset_path",
+                                 tooltip="The training set folder, relative to ComfyUI's output folder; connect "
+                                         "to the LoRA trainer node."),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, name: str | None = None) -> bool | str:
+        # Refuse an escaping name when the prompt is queued, before any node runs.
+        if name is None:  # linked: checked when writing
+            return True
+        try:
+            confined_path(folder_paths.get_output_directory(), name, what="name")
+        except ValueError as exc:
+            return str(exc)
+        return True
+
+    @classmethod
+    def execute(cls, selection: Any, images: torch.Tensor, name: str, repeats: int, overwrite: bool) -> io.NodeOutput:
+        relative, written = save_training_set(selection, images, name, repeats=repeats, overwrite=overwrite)
+        return io.NodeOutput(relative, ui={"text": (describe(relative, written),)})
+
+
+NODES = [SaveTrainingSet]

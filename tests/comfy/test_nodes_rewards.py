@@ -1,0 +1,417 @@
+"""The four score/dataset nodes inside a real ComfyUI (imported in-process, CPU): Load Scorers,
+Score Images, Filter Best Per Prompt, Save Training Set.
+
+The node classes are the ones ComfyUI registers; tests call their ``execute`` / ``validate_inputs``
+directly with small images and the weight-free analytic scorers. Expected values are computed
+independently (each image scored alone, best-per-prompt by hand), never hard-coded. Skipped with a
+printed reason when ``COMFYUI_PATH`` is not set. Offline: no weights, no network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytestmark = pytest.mark.comfy
+
+LOAD, SCORE, FILTER, SAVE = (
+    "VersaT2I_LoadScorers", "VersaT2I_ScoreImages", "VersaT2I_FilterBestPerPrompt", "VersaT2I_SaveTrainingSet",
+)
+ANALYTIC = {"aesthetics": "analytic:contrast", "alignment": "disabled", "geometry": "analytic:colourfulness",
+            "lowlevel": "analytic:sharpness"}
+
+
+def textured_images(count: int, size: int = 24, seed: int = 0) -> torch.Tensor:
+    """``count`` RGB images [B,H,W,3] in 0..1 with different amounts of blur, colour and contrast,
+    so the analytic scores differ from image to image."""
+    generator = torch.Generator().manual_seed(seed)
+    images = []
+    for i in range(count):
+        noise = torch.rand(1, 3, size, size, generator=generator)
+        blur = 1 + (i * 7) % 5
+        if blur > 1:
+            noise = torch.nn.functional.avg_pool2d(noise, blur, stride=1, padding=blur // 2, count_include_pad=False)
+            noise = noise[..., :size, :size]
+        tint = torch.rand(3, 1, 1, generator=generator)
+        image = (noise[0] * (0.3 + 0.7 * tint)).clamp(0, 1)
+        images.append(image.permute(1, 2, 0))
+    return torch.stack(images)
+
+
+def with_nan(images: torch.Tensor) -> torch.Tensor:
+    images = images.clone()
+    images[1, 3, 3, 0] = float("nan")
+    return images
+
+
+@pytest.fixture
+def nodes(comfy_nodes, comfy_dirs):
+    return comfy_nodes
+
+
+@pytest.fixture
+def scorers(nodes):
+    return nodes[LOAD].execute(device="auto", **ANALYTIC)[0]
+
+
+def score(nodes, scorers, images, prompts, seeds="", **kwargs):
+    return nodes[SCORE].execute(images=images, scorers=scorers, prompts=prompts, seeds=seeds, **kwargs)
+
+
+# -- registration ----------------------------------------------------------------------------------
+
+def test_nodes_have_stable_ids_categories_and_tooltips(comfy_nodes):
+    expected = {LOAD: "VersaT2I/score", SCORE: "VersaT2I/score", FILTER: "VersaT2I/dataset", SAVE: "VersaT2I/dataset"}
+    for node_id, category in expected.items():
+        assert node_id in comfy_nodes, f"{node_id} is not registered"
+        schema = comfy_nodes[node_id].GET_SCHEMA()
+        assert schema.category == category
+        assert schema.description
+        for socket in [*schema.inputs, *schema.outputs]:
+            assert socket.tooltip, f"{node_id}.{socket.id} has no tooltip"
+    assert comfy_nodes[SAVE].GET_SCHEMA().is_output_node
+    # V1 info as /object_info serves it: our custom socket types are wired between our nodes.
+    assert comfy_nodes[LOAD].RETURN_TYPES[0] == "VERSAT2I_SCORERS"
+    assert comfy_nodes[SCORE].RETURN_TYPES[0] == "VERSAT2I_SCORES"
+    assert comfy_nodes[FILTER].RETURN_TYPES[0] == "VERSAT2I_SELECTION"
+
+
+def test_loading_the_pack_in_comfyui_imports_no_heavy_library(comfyui_path, tmp_path):
+    """ComfyUI's own load_custom_node on a custom_nodes link, in a fresh interpreter: the node list
+    is built without importing diffusers, open_clip, peft, pyiqa, mediapipe or accelerate (they load
+    when a node runs, so ComfyUI start-up stays fast)."""
+    import subprocess
+    import sys
+
+    import versat2i
+
+    link = tmp_path / "custom_nodes" / "ComfyUI-VersaT2I"
+    link.parent.mkdir()
+    link.symlink_to(Path(versat2i.__file__).resolve().parent, target_is_directory=True)
+    code = (
+        "import asyncio, json, sys\n"
+        f"sys.path.insert(0, {str(comfyui_path)!r})\n"
+        "from comfy.cli_args import args\n"
+        "args.cpu = True\n"
+        "import nodes\n"
+        "before = set(sys.modules)\n"
+        f"ok = asyncio.run(nodes.load_custom_node({str(link)!r}, module_parent='custom_nodes'))\n"
+        "added = sorted({m.split('.')[0] for m in set(sys.modules) - before})\n"
+        "print('RESULT', json.dumps({'ok': ok, 'added': added, 'nodes': sorted(nodes.NODE_CLASS_MAPPINGS)}))\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", code], check=False, cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    assert result.returncode == 0 and lines, result.stderr[-3000:]
+    report = json.loads(lines[-1][len("RESULT "):])
+    assert report["ok"], f"ComfyUI failed to load the pack:\n{result.stderr[-3000:]}"
+    assert {LOAD, SCORE, FILTER, SAVE} <= set(report["nodes"])
+    heavy = {"diffusers", "open_clip", "peft", "pyiqa", "mediapipe", "accelerate"} & set(report["added"])
+    assert not heavy, f"building the node list imported {sorted(heavy)}; import them inside functions"
+
+
+# -- Load Scorers ------------------------------------------------------------------------------------
+
+def test_load_scorers_builds_enabled_aspects_and_caches_them(nodes):
+    first = nodes[LOAD].execute(device="auto", **ANALYTIC)[0]
+    assert set(first) == {"aesthetics", "geometry", "lowlevel"}  # "disabled" is skipped
+    assert first["lowlevel"].scorer_id == "analytic:sharpness"
+    assert str(first["lowlevel"].device) == "cpu"  # auto = ComfyUI's device, CPU under --cpu
+    again = nodes[LOAD].execute(device="cpu", **ANALYTIC)[0]
+    assert all(again[aspect] is first[aspect] for aspect in first), "a second load must reuse the cached scorers"
+
+
+def test_load_scorers_defaults_come_from_the_registry(nodes):
+    from versat2i.rewards.registry import DEFAULT_SCORERS
+
+    schema = nodes[LOAD].GET_SCHEMA()
+    defaults = {i.id: i.default for i in schema.inputs}
+    assert {a: defaults[a] for a in DEFAULT_SCORERS} == DEFAULT_SCORERS
+    options = next(i for i in schema.inputs if i.id == "lowlevel").options
+    assert "disabled" in options and "analytic:sharpness" in options
+
+
+def test_load_scorers_refuses_unknown_values_before_running(nodes):
+    load = nodes[LOAD]
+    assert load.validate_inputs(device="auto", **ANALYTIC) is True
+    message = load.validate_inputs(device="auto", **{**ANALYTIC, "lowlevel": "analytic:sharpnes"})
+    assert isinstance(message, str) and "lowlevel" in message and "analytic:sharpnes" in message
+    assert "analytic:sharpness" in message  # lists the valid choices
+    assert isinstance(load.validate_inputs(device="gpu9", **ANALYTIC), str)
+    everything_off = {aspect: "disabled" for aspect in ANALYTIC}
+    assert "at least one" in load.validate_inputs(device="auto", **everything_off)
+    with pytest.raises(ValueError, match="at least one"):
+        load.execute(device="auto", **everything_off)
+
+
+def test_load_scorers_missing_weights_names_file_and_folder(nodes, comfy_dirs):
+    from versat2i.rewards.weights import MissingWeightsError
+
+    with pytest.raises(MissingWeightsError) as caught:
+        nodes[LOAD].execute(device="cpu", **{**ANALYTIC, "aesthetics": "laion-aesthetic-v2"})
+    message = str(caught.value)
+    assert "sac+logos+ava1-l14-linearMSE.pth" in message or "ViT-L-14" in message
+    assert str(comfy_dirs["models"] / "versat2i") in message  # the folder to put it in
+
+
+# -- Score Images -------------------------------------------------------------------------------------
+
+def test_score_images_scores_each_image_as_if_alone(nodes, scorers):
+    images = textured_images(6)
+    out = score(nodes, scorers, images, "a red fox\n\na blue bird\n", seeds="11, 22")
+    table, aesthetics, alignment, geometry, lowlevel, text, preview = out.args
+    # 2 prompt lines for 6 images: 2 groups of 3 consecutive candidates; one seed per prompt line.
+    assert table.prompts == ["a red fox"] * 3 + ["a blue bird"] * 3
+    assert table.prompt_indices == [0, 0, 0, 1, 1, 1]
+    assert table.candidate_indices == [0, 1, 2, 0, 1, 2]
+    assert table.seeds == [11, 11, 11, 22, 22, 22]
+    assert alignment == []  # disabled aspect: empty list
+    for aspect, values in (("aesthetics", aesthetics), ("geometry", geometry), ("lowlevel", lowlevel)):
+        alone = [float(scorers[aspect].score(images[i:i + 1], [table.prompts[i]])[0]) for i in range(6)]
+        assert values == pytest.approx(alone, rel=1e-5, abs=1e-6)
+        assert len({round(v, 6) for v in values}) > 1, f"{aspect}: the test images must not all score the same"
+    assert "analytic:sharpness" in text and "a red fox" in text
+    # Preview: same batch, upscaled to >= 256 px, labelled (so it differs from a plain upscale).
+    assert preview.shape[0] == 6 and preview.shape[2] >= 256 and preview.shape[-1] == 3
+    plain = torch.nn.functional.interpolate(images.permute(0, 3, 1, 2), size=preview.shape[1:3], mode="nearest")
+    assert not torch.allclose(preview, plain.permute(0, 2, 3, 1), atol=1 / 255)
+    assert 0.0 <= float(preview.min()) and float(preview.max()) <= 1.0
+
+
+def test_score_images_ui_preview_and_table(nodes, scorers, comfy_dirs):
+    out = score(nodes, scorers, textured_images(2), "one\ntwo")
+    ui = out.ui if isinstance(out.ui, dict) else out.ui.as_dict()
+    assert len(ui["images"]) == 2
+    for item in ui["images"]:
+        assert (comfy_dirs["temp"] / item["subfolder"] / item["filename"]).is_file()
+    assert "one" in ui["text"][0]
+
+
+def test_score_images_prompt_and_seed_layouts(nodes, scorers):
+    images = textured_images(4)
+    per_image = score(nodes, scorers, images, "a\nb\na\nc", seeds="1 2 3 4")[0]
+    assert per_image.prompt_indices == [0, 1, 0, 2]  # identical lines are one prompt
+    assert per_image.candidate_indices == [0, 0, 1, 0]
+    assert per_image.seeds == [1, 2, 3, 4]
+    one_seed = score(nodes, scorers, images, "a single prompt", seeds="7")[0]
+    assert one_seed.prompts == ["a single prompt"] * 4 and one_seed.seeds == [7] * 4
+    no_seed = score(nodes, scorers, images, "x\ny")[0]
+    assert no_seed.seeds == [None] * 4
+
+
+def test_score_images_takes_prompts_and_seeds_from_candidates(nodes, scorers):
+    candidates = {"prompts": ["p", "p", "q", "q"], "seeds": [5, 6, 7, 8],
+                  "prompt_indices": [0, 0, 1, 1], "candidate_indices": [0, 1, 0, 1]}
+    table = score(nodes, scorers, textured_images(4), "ignored when candidates are connected",
+                  candidates=candidates)[0]
+    assert table.prompts == candidates["prompts"] and table.seeds == candidates["seeds"]
+    assert table.candidate_indices == [0, 1, 0, 1]
+    with pytest.raises(ValueError, match="candidates: 4 seeds for 3 image"):
+        score(nodes, scorers, textured_images(3), "", candidates={**candidates, "prompts": ["p", "p", "q"]})
+
+
+@pytest.mark.parametrize(
+    ("prompts", "seeds", "images", "match"),
+    [
+        ("a\nb\nc", "", textured_images(4), r"3 prompt line\(s\) for 4 image"),
+        ("", "", textured_images(2), "no prompt given"),
+        ("a\nb", "1 2 3", textured_images(4), "3 seeds for 4 image"),
+        ("a", "twelve", textured_images(2), "'twelve' is not a whole number"),
+        ("a", "", with_nan(textured_images(2)), "NaN"),
+        ("a", "", torch.rand(2, 24, 24, 4), "RGBA"),
+        ("a", "", torch.rand(2, 24, 24, 1), "grayscale"),
+        ("a", "", torch.rand(0, 24, 24, 3), "empty"),
+    ],
+    ids=["prompt-count", "no-prompt", "seed-count", "seed-text", "nan", "rgba", "gray", "empty"],
+)
+def test_score_images_bad_inputs_are_clear_errors(nodes, scorers, prompts, seeds, images, match):
+    with pytest.raises(ValueError, match=match):
+        score(nodes, scorers, images, prompts, seeds=seeds)
+
+
+def test_score_images_needs_load_scorers_output(nodes):
+    with pytest.raises(ValueError, match="Load Scorers"):
+        score(nodes, {"lowlevel": "analytic:sharpness"}, textured_images(2), "a")
+
+
+def test_score_images_honours_cancel(nodes, scorers, comfy):
+    import comfy.model_management as mm
+
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            score(nodes, scorers, textured_images(2), "a")
+    finally:
+        mm.interrupt_current_processing(False)
+
+
+# -- Filter Best Per Prompt ------------------------------------------------------------------------------
+
+def best_rows(values, prompt_indices):
+    """Best row per prompt, ties to the earliest row, computed without the library."""
+    best = {}
+    for row, (value, prompt) in enumerate(zip(values, prompt_indices)):
+        if prompt not in best or value > values[best[prompt]]:
+            best[prompt] = row
+    return best
+
+
+def test_filter_keeps_best_image_of_each_prompt_per_aspect(nodes, scorers):
+    images = textured_images(6)
+    table = score(nodes, scorers, images, "fox\nbird")[0]
+    out = nodes[FILTER].execute(scores=table, images=images, threshold_kind="none", threshold=0.0)
+    selected, kept, discarded, summary = out.args
+    assert selected.table is table
+    for aspect in table.aspects:
+        expected = best_rows(table.scores[aspect], table.prompt_indices)
+        assert list(selected.selection.aspects[aspect].kept) == [expected[0], expected[1]]
+    union = sorted({row for s in selected.selection.aspects.values() for row in s.kept})
+    assert torch.equal(kept, images[union])
+    assert torch.equal(discarded, images[[r for r in range(6) if r not in union]])
+    assert "kept 2 of 2 prompts" in summary and "*" in summary
+
+
+def test_filter_absolute_percentile_and_per_aspect_thresholds(nodes, scorers):
+    images = textured_images(6)
+    table = score(nodes, scorers, images, "fox\nbird")[0]
+    sharp = table.scores["lowlevel"]
+    bests = best_rows(sharp, table.prompt_indices)
+    cut = (sharp[bests[0]] + sharp[bests[1]]) / 2  # between the two bests: exactly one passes
+    out = nodes[FILTER].execute(scores=table, images=images, threshold_kind="absolute", threshold=1e9,
+                                aspect_thresholds=f"lowlevel = {cut!r}\ngeometry: none", images_for="lowlevel")
+    selection = out[0].selection
+    assert list(selection.aspects["lowlevel"].kept) == [max(bests.values(), key=lambda r: sharp[r])]
+    assert len(selection.aspects["geometry"].kept) == 2  # override "none" keeps every best
+    assert selection.aspects["aesthetics"].kept == ()  # the shared absolute 1e9 keeps nothing
+    assert out[1].shape[0] == 1 and out[2].shape[0] == 5  # images_for = lowlevel
+    # percentile 100 keeps only a best equal to the pool's maximum
+    top = nodes[FILTER].execute(scores=table, images=images, threshold_kind="percentile", threshold=100.0)[0]
+    assert list(top.selection.aspects["lowlevel"].kept) == [max(range(6), key=lambda r: sharp[r])]
+
+
+def test_filter_blocks_empty_image_outputs(nodes, scorers):
+    from comfy_execution.graph_utils import ExecutionBlocker
+
+    images = textured_images(2)
+    table = score(nodes, scorers, images, "a\nb")[0]  # one candidate per prompt: every image is a best
+    out = nodes[FILTER].execute(scores=table, images=images, threshold_kind="none", threshold=0.0)
+    assert out[1].shape[0] == 2 and isinstance(out[2], ExecutionBlocker)
+
+
+def test_filter_bad_inputs(nodes, scorers):
+    images = textured_images(4)
+    table = score(nodes, scorers, images, "a\nb")[0]
+    filt = nodes[FILTER]
+    with pytest.raises(ValueError, match="4 were scored"):
+        filt.execute(scores=table, images=images[:3], threshold_kind="none", threshold=0.0)
+    with pytest.raises(ValueError, match="Score Images"):
+        filt.execute(scores={"lowlevel": [1.0]}, images=images, threshold_kind="none", threshold=0.0)
+    with pytest.raises(ValueError, match="alignment.*not scored"):
+        filt.execute(scores=table, images=images, threshold_kind="none", threshold=0.0,
+                     aspect_thresholds="alignment = p50")
+    assert filt.validate_inputs(threshold_kind="percentile", threshold=75.0, aspect_thresholds="", images_for="all aspects") is True
+    for bad in ({"threshold_kind": "median", "threshold": 1.0}, {"threshold_kind": "percentile", "threshold": 150.0},
+                {"aspect_thresholds": "beauty = 3"}, {"aspect_thresholds": "lowlevel 3"},
+                {"aspect_thresholds": "lowlevel = high"}, {"images_for": "everything"}):
+        assert isinstance(filt.validate_inputs(**bad), str), bad
+
+
+# -- Save Training Set ------------------------------------------------------------------------------------
+
+def filtered(nodes, scorers, images, prompts="fox\nbird", **kwargs):
+    table = score(nodes, scorers, images, prompts, seeds="100 200")[0]
+    kwargs.setdefault("threshold_kind", "none")
+    kwargs.setdefault("threshold", 0.0)
+    return nodes[FILTER].execute(scores=table, images=images, **kwargs)[0]
+
+
+def listing(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+
+
+def test_save_training_set_writes_kohya_layout_and_manifest(nodes, scorers, comfy_dirs):
+    images = textured_images(6)
+    selected = filtered(nodes, scorers, images)
+    out = nodes[SAVE].execute(selection=selected, images=images, name="runs/first", repeats=3, overwrite=False)
+    assert out[0] == "runs/first"
+    dataset = comfy_dirs["output"] / "runs" / "first"
+    manifest = [json.loads(line) for line in (dataset / "manifest.jsonl").read_text().splitlines()]
+    table = selected.table
+    assert len(manifest) == sum(len(s.kept) for s in selected.selection.aspects.values()) == 6
+    for entry in manifest:
+        aspect = entry["aspect"]
+        assert entry["file"].startswith(f"3_{aspect}/")
+        row = next(r for r in selected.selection.aspects[aspect].kept
+                   if (table.prompt_indices[r], table.candidate_indices[r]) == (entry["prompt_index"], entry["candidate_index"]))
+        assert entry["prompt"] == table.prompts[row] and entry["caption"] == table.prompts[row]
+        assert entry["seed"] == table.seeds[row]
+        assert entry["score"] == pytest.approx(table.scores[aspect][row])
+        assert entry["scorer"]["id"] == ANALYTIC[aspect]
+        assert set(entry["scores"]) == set(table.aspects)
+        image_file = dataset / entry["file"]
+        assert (image_file.with_suffix(".txt")).read_text() == table.prompts[row]
+        saved = torch.from_numpy(np.array(Image.open(image_file).convert("RGB"))).float() / 255
+        assert torch.allclose(saved, images[row], atol=0.5 / 255 + 1e-6), "the saved PNG must be the kept image"
+    assert json.loads((dataset / "dataset.json").read_text())["images_kept"] == 6
+    assert not [p for p in (comfy_dirs["output"] / "runs").iterdir() if p.name.startswith(".")], "temp folder left"
+
+
+def test_save_refuses_to_overwrite_unless_asked(nodes, scorers, comfy_dirs):
+    images = textured_images(4)
+    selected = filtered(nodes, scorers, images)
+    save = nodes[SAVE]
+    save.execute(selection=selected, images=images, name="set", repeats=2, overwrite=False)
+    dataset = comfy_dirs["output"] / "set"
+    before = listing(dataset)
+    manifest_before = (dataset / "manifest.jsonl").read_bytes()
+    with pytest.raises(ValueError, match="already exists"):
+        save.execute(selection=selected, images=images, name="set", repeats=5, overwrite=False)
+    assert listing(dataset) == before and (dataset / "manifest.jsonl").read_bytes() == manifest_before
+    save.execute(selection=selected, images=images, name="set", repeats=5, overwrite=True)
+    assert any(name.startswith("5_") for name in os.listdir(dataset))
+    assert not any(name.startswith("2_") for name in os.listdir(dataset))
+
+
+@pytest.mark.parametrize("name", ["../escape", "/tmp/versat2i-escape", "a/../../escape", "", "out\x00x"])
+def test_save_refuses_names_outside_the_output_folder(nodes, scorers, comfy_dirs, name):
+    images = textured_images(2)
+    selected = filtered(nodes, scorers, images, prompts="a\nb")
+    outside_before = listing(comfy_dirs["output"].parent)
+    assert isinstance(nodes[SAVE].validate_inputs(name=name), str)
+    with pytest.raises(ValueError):
+        nodes[SAVE].execute(selection=selected, images=images, name=name, repeats=1, overwrite=True)
+    assert listing(comfy_dirs["output"].parent) == outside_before, "nothing may be written"
+    assert not Path("/tmp/versat2i-escape").exists()
+
+
+def test_save_refuses_symlink_escape(nodes, scorers, comfy_dirs, tmp_path):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (comfy_dirs["output"] / "link").symlink_to(outside, target_is_directory=True)
+    images = textured_images(2)
+    selected = filtered(nodes, scorers, images, prompts="a\nb")
+    assert "outside" in nodes[SAVE].validate_inputs(name="link/set")
+    with pytest.raises(ValueError, match="outside"):
+        nodes[SAVE].execute(selection=selected, images=images, name="link/set", repeats=1, overwrite=False)
+    assert list(outside.iterdir()) == []
+
+
+def test_save_bad_inputs_write_nothing(nodes, scorers, comfy_dirs):
+    images = textured_images(4)
+    selected = filtered(nodes, scorers, images)
+    save = nodes[SAVE]
+    with pytest.raises(ValueError, match="Filter Best Per Prompt"):
+        save.execute(selection=selected.selection, images=images, name="x", repeats=1, overwrite=False)
+    with pytest.raises(ValueError, match="4 scored"):
+        save.execute(selection=selected, images=images[:3], name="x", repeats=1, overwrite=False)
+    nothing = filtered(nodes, scorers, images, threshold_kind="absolute", threshold=1e12)
+    with pytest.raises(ValueError, match="threshold"):
+        save.execute(selection=nothing, images=images, name="x", repeats=1, overwrite=False)
+    assert listing(comfy_dirs["output"]) == []

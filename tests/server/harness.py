@@ -1,0 +1,560 @@
+"""A real ComfyUI server with this pack installed, for integration tests. Reusable by every test
+that queues a graph (or a shipped UI-format workflow) through ComfyUI's HTTP API.
+
+What it does, and why:
+
+* ``ComfyServer.start(comfyui_path, base_dir)`` runs ``<sys.executable> <comfyui>/main.py --cpu
+  --listen 127.0.0.1 --port <free port> --base-directory <base_dir>``, with
+  ``<base_dir>/custom_nodes/ComfyUI-VersaT2I`` a symlink to the installed pack (found from the
+  ``versat2i`` package's location). ``--base-directory`` gives the server its own ``custom_nodes``,
+  ``models``, ``input``, ``output`` and ``temp`` folders, so nothing is ever linked or written into
+  the shared ComfyUI checkout. The server runs in its own process group (``start_new_session``) and
+  ``stop()`` signals that whole group, so no worker outlives a test.
+* It waits for ``/object_info`` with a timeout; if the server dies or never answers, the error
+  carries the tail of its log.
+* ``queue(graph)`` posts an API-format graph to ``/prompt`` (a refusal raises ``PromptRejected``
+  with ComfyUI's ``node_errors``); ``wait(prompt_id)`` polls ``/history/<id>`` until the prompt
+  finished (an execution error raises ``PromptFailed`` with the node's exception message);
+  ``run(graph)`` does both.
+* ``workflow_to_api(workflow, object_info)`` converts a UI-format workflow (what users save and
+  what ``workflows/`` ships) into the API format, because ComfyUI has no Python converter (the
+  frontend does it); see its docstring for what it supports.
+
+Only the standard library: the harness must run wherever the tests run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PACK_LINK_NAME = "ComfyUI-VersaT2I"
+DEFAULT_START_TIMEOUT_S = 180.0
+# Keeps a test's server off the network and off the GPU, and its start-up short: API nodes (paid
+# cloud services) are not needed to test a local pack.
+DEFAULT_SERVER_ARGS = ("--cpu", "--disable-api-nodes", "--disable-auto-launch")
+
+
+class ServerError(RuntimeError):
+    """The server did not start, died, or answered something unexpected. The message ends with the
+    tail of the server log."""
+
+
+class PromptRejected(ServerError):
+    """``POST /prompt`` refused the graph (HTTP 400): validation failed before anything ran."""
+
+    def __init__(self, message: str, response: Mapping[str, Any]):
+        super().__init__(message)
+        self.response = dict(response)
+        self.error = dict(response.get("error") or {})
+        self.node_errors = dict(response.get("node_errors") or {})
+
+    def error_types(self) -> set[str]:
+        """Every error ``type`` in the response (e.g. ``custom_validation_failed``)."""
+        types = {self.error.get("type")} if self.error.get("type") else set()
+        for node in self.node_errors.values():
+            types.update(e.get("type") for e in node.get("errors", []))
+        return types
+
+    def details(self) -> str:
+        """All error messages and details as one string, for assertions on what the user sees."""
+        parts = [str(self.error.get("message", "")), str(self.error.get("details", ""))]
+        for node_id, node in self.node_errors.items():
+            for e in node.get("errors", []):
+                parts.append(f"{node_id} {node.get('class_type')}: {e.get('message')} {e.get('details')}")
+        return "\n".join(p for p in parts if p)
+
+
+class PromptFailed(ServerError):
+    """The graph was accepted but a node raised while running (or the run timed out)."""
+
+    def __init__(self, message: str, history: Mapping[str, Any] | None = None):
+        super().__init__(message)
+        self.history = dict(history or {})
+
+
+@dataclass
+class PackImport:
+    """What ComfyUI logged about loading one custom-node folder."""
+
+    seen: bool  # the "Import times for custom nodes" block lists it
+    failed: bool  # "(IMPORT FAILED)" on that line, or a traceback/warning naming the pack
+    seconds: float | None
+    messages: list[str] = field(default_factory=list)  # the warning/traceback lines naming the pack
+
+
+def pack_root() -> Path:
+    """The pack's folder, from the installed ``versat2i`` package (``pip install -e .`` maps the
+    repository root to it). Never put that folder on ``sys.path``: its ``nodes/`` would shadow
+    ComfyUI's ``nodes.py``."""
+    import versat2i  # the root __init__ imports nothing heavy
+
+    return Path(versat2i.__file__).resolve().parent
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_base_directory(base_dir: Path, pack_dir: Path | None = None, *, link_pack: bool = True,
+                        link_name: str = PACK_LINK_NAME) -> Path | None:
+    """Create ComfyUI's per-server folders under ``base_dir`` and (``link_pack``) link the pack into
+    its ``custom_nodes`` (a symlink, where a user's ``git clone`` would put a folder). Returns the link."""
+    base_dir = Path(base_dir)
+    for name in ("custom_nodes", "models", "input", "output", "temp", "user"):
+        (base_dir / name).mkdir(parents=True, exist_ok=True)
+    if not link_pack:
+        return None
+    link = base_dir / "custom_nodes" / link_name
+    if link.is_symlink():
+        link.unlink()
+    elif link.exists():
+        raise ServerError(f"{link} exists and is not a symlink; refusing to replace it")
+    link.symlink_to(Path(pack_dir or pack_root()).resolve(), target_is_directory=True)
+    return link
+
+
+class ComfyServer:
+    """One ComfyUI server process. Use ``ComfyServer.start(...)`` and always ``stop()`` it (or use
+    it as a context manager)."""
+
+    def __init__(self, comfyui_path: Path, base_dir: Path, port: int, process: subprocess.Popen,
+                 log_path: Path, link_name: str = PACK_LINK_NAME):
+        self.comfyui_path = Path(comfyui_path)
+        self.base_dir = Path(base_dir)
+        self.port = port
+        self.process = process
+        self.log_path = Path(log_path)
+        self.link_name = link_name
+        self.url = f"http://127.0.0.1:{port}"
+        self._object_info: dict[str, Any] | None = None
+
+    # -- life cycle --------------------------------------------------------------------------------
+    @classmethod
+    def start(
+        cls,
+        comfyui_path: str | os.PathLike,
+        base_dir: str | os.PathLike,
+        *,
+        pack_dir: str | os.PathLike | None = None,
+        link_pack: bool = True,
+        port: int | None = None,
+        timeout: float = DEFAULT_START_TIMEOUT_S,
+        server_args: Iterable[str] = DEFAULT_SERVER_ARGS,
+        extra_args: Iterable[str] = (),
+        env: Mapping[str, str] | None = None,
+        python: str = sys.executable,
+    ) -> ComfyServer:
+        """Start a server and wait until ``/object_info`` answers. ``link_pack=False`` starts
+        ComfyUI without the pack (a baseline). Raises ServerError with the log tail on failure;
+        the process is stopped then."""
+        comfyui_path = Path(comfyui_path).resolve()
+        base_dir = Path(base_dir).resolve()
+        if not (comfyui_path / "main.py").is_file():
+            raise ServerError(f"{comfyui_path} is not a ComfyUI checkout (no main.py)")
+        make_base_directory(base_dir, Path(pack_dir) if pack_dir else None, link_pack=link_pack)
+        child_env = dict(os.environ if env is None else env)
+        # One thread (2 shared cores), offline model hubs; the server never needs the network.
+        child_env.setdefault("OMP_NUM_THREADS", "1")
+        child_env.setdefault("MKL_NUM_THREADS", "1")
+        child_env["HF_HUB_OFFLINE"] = "1"
+        child_env["TRANSFORMERS_OFFLINE"] = "1"
+        child_env["PYTHONUNBUFFERED"] = "1"
+        attempts = 1 if port is not None else 3  # an OS-picked port can be taken before we bind it
+        last_error: ServerError | None = None
+        for attempt in range(attempts):
+            chosen = port if port is not None else free_port()
+            log_path = base_dir / f"server-{chosen}.log"
+            command = [
+                python, str(comfyui_path / "main.py"), *server_args,
+                "--listen", "127.0.0.1", "--port", str(chosen), "--base-directory", str(base_dir),
+                # ComfyUI's default database lives in the checkout's user/ folder: keep it in ours.
+                "--database-url", f"sqlite:///{base_dir / 'user' / 'comfyui.db'}", *extra_args,
+            ]
+            with open(log_path, "wb") as log:
+                process = subprocess.Popen(
+                    command, cwd=str(comfyui_path), env=child_env, stdout=log, stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL, start_new_session=True,  # own process group: stop() kills it all
+                )
+            server = cls(comfyui_path, base_dir, chosen, process, log_path)
+            try:
+                server.wait_until_up(timeout)
+                return server
+            except ServerError as exc:
+                server.stop()
+                last_error = exc
+                if "address already in use" not in server.log_text().lower() or attempt == attempts - 1:
+                    raise
+        raise last_error  # pragma: no cover - loop always returns or raises
+
+    def wait_until_up(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(
+                    f"ComfyUI exited with code {self.process.returncode} during start-up\n{self.log_tail()}"
+                )
+            try:
+                with urllib.request.urlopen(self.url + "/object_info", timeout=10) as response:
+                    if response.status == 200:
+                        self._object_info = json.load(response)
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
+                pass
+            time.sleep(0.5)
+        raise ServerError(f"ComfyUI did not answer /object_info within {timeout:.0f} s\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Stop the server's whole process group: SIGTERM, then SIGKILL after ``timeout``."""
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        try:  # anything left in the group (workers the server started), even if the leader is gone
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if self.process.poll() is None:
+            self.process.wait(5)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    # -- the log -------------------------------------------------------------------------------------
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines: int = 60) -> str:
+        tail = self.log_text().splitlines()[-lines:]
+        return f"--- last {len(tail)} lines of {self.log_path} ---\n" + "\n".join(tail)
+
+    def pack_import(self, link_name: str | None = None) -> PackImport:
+        """Parse ComfyUI's "Import times for custom nodes" block and warnings for one pack."""
+        name = link_name or self.link_name
+        lines = self.log_text().splitlines()
+        seen, failed, seconds, messages = False, False, None, []
+        timing = re.compile(r"^\s*([\d.]+) seconds( \(IMPORT FAILED\))?:\s.*custom_nodes[/\\]" + re.escape(name) + r"\s*$")
+        for index, line in enumerate(lines):
+            match = timing.match(line)
+            if match:
+                seen, seconds = True, float(match.group(1))
+                failed = failed or bool(match.group(2))
+            elif name in line and re.search(r"Cannot import|Error while calling comfy_entrypoint|Skip .* module|"
+                                            r"comfy_entrypoint in|IMPORT FAILED", line):
+                failed = True
+                start = index
+                if line.startswith("Cannot import"):  # ComfyUI logs the traceback just before it
+                    probe = index - 1
+                    while probe >= 0 and index - probe < 200 and not lines[probe].startswith(("Traceback", "Cannot import")):
+                        probe -= 1
+                    if probe >= 0 and lines[probe].startswith("Traceback"):
+                        start = probe
+                messages.extend(lines[start:index + 1])
+        return PackImport(seen=seen, failed=failed, seconds=seconds, messages=messages)
+
+    # -- HTTP ----------------------------------------------------------------------------------------
+    def request(self, method: str, path: str, body: Any = None, *, timeout: float = 60.0) -> tuple[int, Any]:
+        """One HTTP request; returns (status, decoded JSON or text). HTTP errors are returned, not
+        raised; a dead server raises ServerError with the log tail."""
+        data = None if body is None else json.dumps(body).encode("utf-8")
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"} if data is not None else {})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as response:
+                status, raw = response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            status, raw = exc.code, exc.read()
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+            raise ServerError(f"{method} {path} failed: {exc}\n{self.log_tail()}") from exc
+        text = raw.decode("utf-8", errors="replace")
+        try:
+            return status, json.loads(text)
+        except json.JSONDecodeError:
+            return status, text
+
+    def get_json(self, path: str, *, timeout: float = 60.0) -> Any:
+        status, body = self.request("GET", path, timeout=timeout)
+        if status != 200:
+            raise ServerError(f"GET {path}: HTTP {status}: {body}")
+        return body
+
+    def object_info(self, *, refresh: bool = False) -> dict[str, Any]:
+        if self._object_info is None or refresh:
+            self._object_info = self.get_json("/object_info")
+        return self._object_info
+
+    def nodes_of_pack(self, link_name: str | None = None) -> dict[str, dict[str, Any]]:
+        """``/object_info`` entries whose ``python_module`` is this pack's folder."""
+        name = link_name or self.link_name
+        return {k: v for k, v in self.object_info().items()
+                if str(v.get("python_module", "")).split(".", 1)[-1] == name}
+
+    def upload_input(self, name: str, data: bytes) -> str:
+        """Put a file into the server's input folder (what the image upload button does, without
+        multipart): tests write it directly since the folder is theirs. Returns the name."""
+        target = self.base_dir / "input" / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        return name
+
+    def queue(self, graph: Mapping[str, Any], *, client_id: str | None = None,
+              extra_data: Mapping[str, Any] | None = None, allow_partial: bool = False) -> str:
+        """POST an API-format graph to /prompt; returns its prompt id.
+
+        Raises PromptRejected when ComfyUI refuses it (HTTP 400: every output node failed
+        validation). ComfyUI *accepts* a graph where only some output nodes fail validation: it
+        runs the valid ones and reports the others in ``node_errors``. Unless ``allow_partial``,
+        that is a PromptRejected too, raised after the partial run finished (so the server is idle
+        for the next test)."""
+        body: dict[str, Any] = {"prompt": dict(graph), "client_id": client_id or uuid.uuid4().hex}
+        if extra_data:
+            body["extra_data"] = dict(extra_data)
+        status, response = self.request("POST", "/prompt", body)
+        if status == 400 and isinstance(response, Mapping):
+            rejected = PromptRejected("", response)
+            raise PromptRejected(f"ComfyUI refused the prompt: {rejected.details()}", response)
+        if status != 200 or not isinstance(response, Mapping) or "prompt_id" not in response:
+            raise ServerError(f"POST /prompt: HTTP {status}: {response}\n{self.log_tail()}")
+        prompt_id = str(response["prompt_id"])
+        if response.get("node_errors") and not allow_partial:
+            try:
+                self.wait(prompt_id)
+            except PromptFailed:
+                pass
+            rejected = PromptRejected("", response)
+            raise PromptRejected(
+                f"ComfyUI refused part of the prompt (it ran only the valid outputs): {rejected.details()}", response
+            )
+        return prompt_id
+
+    def wait(self, prompt_id: str, *, timeout: float = 300.0, poll_s: float = 0.25) -> dict[str, Any]:
+        """Poll /history/<prompt_id> until the prompt finished; return its history entry
+        (``outputs``: per-node ui outputs, ``status``: messages). Raises PromptFailed when a node
+        raised (message: node id, type and exception) or on timeout (the prompt is interrupted)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(f"ComfyUI exited with code {self.process.returncode}\n{self.log_tail()}")
+            history = self.get_json(f"/history/{urllib.parse.quote(prompt_id)}")
+            entry = history.get(prompt_id) if isinstance(history, Mapping) else None
+            if entry and entry.get("status", {}).get("completed") is not None:
+                status = entry["status"]
+                if status.get("status_str") != "success":
+                    raise PromptFailed(f"prompt {prompt_id} failed: {execution_error(entry)}\n{self.log_tail(30)}", entry)
+                return entry
+            time.sleep(poll_s)
+        self.interrupt()
+        raise PromptFailed(f"prompt {prompt_id} did not finish within {timeout:.0f} s\n{self.log_tail()}")
+
+    def run(self, graph: Mapping[str, Any], *, timeout: float = 300.0) -> dict[str, Any]:
+        """Queue a graph and wait for it; returns the history entry."""
+        return self.wait(self.queue(graph), timeout=timeout)
+
+    def interrupt(self) -> None:
+        """What the Cancel button does: interrupt the running prompt."""
+        self.request("POST", "/interrupt", {})
+
+
+def execution_error(entry: Mapping[str, Any]) -> str:
+    """The ``execution_error`` (or interruption) message of a history entry, in one line."""
+    for event, data in entry.get("status", {}).get("messages", []):
+        if event == "execution_error":
+            return (f"node {data.get('node_id')} ({data.get('node_type')}) raised "
+                    f"{data.get('exception_type')}: {data.get('exception_message')}")
+        if event == "execution_interrupted":
+            return f"interrupted at node {data.get('node_id')} ({data.get('node_type')})"
+    return f"status {entry.get('status')}"
+
+
+# -- UI-format workflow -> API-format graph ------------------------------------------------------------
+
+# Frontend-only node types: never sent to the server.
+_VIRTUAL_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
+_CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
+_UPLOAD_FLAGS = ("image_upload", "video_upload", "audio_upload", "animated_image_upload", "file_upload")
+_WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+MODE_ALWAYS, MODE_NEVER, MODE_BYPASS = 0, 2, 4
+
+
+class WorkflowError(ValueError):
+    """A UI-format workflow that cannot be converted (names the node and what is wrong)."""
+
+
+def _widget_inputs(spec: Mapping[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(name, type, options) of the inputs the frontend shows as widgets, in widget order."""
+    order = spec.get("input_order") or {k: list(v) for k, v in spec.get("input", {}).items()}
+    widgets = []
+    for category in ("required", "optional"):
+        for name in order.get(category, []):
+            definition = spec["input"][category][name]
+            io_type = definition[0]
+            options = definition[1] if len(definition) > 1 and isinstance(definition[1], Mapping) else {}
+            if isinstance(io_type, list):  # V1 combo: the type is the list of choices
+                io_type, options = "COMBO", {**options, "options": io_type}
+            if io_type in _WIDGET_TYPES and not options.get("forceInput") and not options.get("rawLink"):
+                widgets.append((name, io_type, dict(options)))
+    return widgets
+
+
+def _skip_frontend_values(name: str, io_type: str, options: Mapping[str, Any], values: list, position: int) -> int:
+    """How many frontend-only values follow this widget's value at ``values[position]``: the
+    "control after generate" combo of seeds (INT with control_after_generate, or named seed /
+    noise_seed) and controlled combos, and the upload button's value ("image") of upload combos."""
+    if position >= len(values):
+        return 0
+    controlled = (io_type == "INT" and (options.get("control_after_generate") or name in ("seed", "noise_seed"))) or (
+        io_type == "COMBO" and options.get("control_after_generate"))
+    if controlled:  # older saves store True/False ("randomize"/"fixed"), or nothing at all
+        value = values[position]
+        return 1 if isinstance(value, bool) or (isinstance(value, str) and value in _CONTROL_VALUES) else 0
+    if io_type == "COMBO" and any(options.get(flag) for flag in _UPLOAD_FLAGS):
+        return 1
+    return 0
+
+
+def _links(workflow: Mapping[str, Any]) -> dict[int, tuple[int, int]]:
+    """link id -> (origin node id, origin slot); both the 0.4 list form and the 1.0 object form."""
+    links = {}
+    for link in workflow.get("links", []) or []:
+        if isinstance(link, Mapping):
+            links[int(link["id"])] = (int(link["origin_id"]), int(link["origin_slot"]))
+        else:
+            links[int(link[0])] = (int(link[1]), int(link[2]))
+    return links
+
+
+def workflow_to_api(workflow: Mapping[str, Any], object_info: Mapping[str, Any], *,
+                    strict: bool = True) -> dict[str, dict[str, Any]]:
+    """Convert a UI-format workflow (format 0.4 or 1.0, as the frontend saves it) to the API format
+    ``{node_id: {"class_type", "inputs"}}`` that ``POST /prompt`` takes, as the frontend would.
+
+    Supported: widget values (positional ``widgets_values`` or a name->value dict), the frontend's
+    extra values after seeds/controlled combos/upload combos, links, widgets converted to inputs,
+    Reroute chains, PrimitiveNode values, muted nodes (mode 2, dropped) and bypassed nodes (mode 4:
+    each output is fed from the first input of the same type). Notes are dropped. Subgraphs and
+    group nodes are not supported (WorkflowError).
+
+    ``strict`` (for the pack's own workflows): the number of widget values must match the node's
+    definition exactly. ``strict=False`` ignores trailing values that frontend extensions add
+    (preview or refresh widgets), as the frontend itself does.
+    """
+    if not isinstance(workflow, Mapping) or not isinstance(workflow.get("nodes"), list):
+        raise WorkflowError("not a UI-format workflow (expected an object with a 'nodes' list)")
+    if (workflow.get("definitions") or {}).get("subgraphs"):
+        raise WorkflowError("subgraphs are not supported by workflow_to_api; flatten the workflow first")
+    nodes = {int(node["id"]): node for node in workflow.get("nodes", [])}
+    links = _links(workflow)
+
+    def resolve(link_id: int, seen: frozenset[int] = frozenset()) -> tuple[str, Any] | None:
+        """Follow a link through reroutes/bypassed nodes: ("link", [id, slot]) or ("value", v);
+        None when it ends at a muted node or nowhere."""
+        if link_id in seen or link_id not in links:
+            return None
+        origin_id, slot = links[link_id]
+        origin = nodes.get(origin_id)
+        if origin is None:
+            raise WorkflowError(f"link {link_id} starts at node {origin_id}, which is not in the workflow")
+        kind = origin.get("type")
+        if kind == "Reroute":
+            upstream = [i.get("link") for i in origin.get("inputs", []) if i.get("link") is not None]
+            return resolve(upstream[0], seen | {link_id}) if upstream else None
+        if kind == "PrimitiveNode":
+            values = origin.get("widgets_values") or []
+            if not values:
+                raise WorkflowError(f"PrimitiveNode {origin_id} has no value")
+            return ("value", values[0])
+        mode = origin.get("mode", MODE_ALWAYS)
+        if mode == MODE_NEVER:
+            return None
+        if mode == MODE_BYPASS:
+            out_type = (origin.get("outputs") or [{}] * (slot + 1))[slot].get("type")
+            for inp in origin.get("inputs", []):
+                if inp.get("link") is not None and inp.get("type") == out_type:
+                    return resolve(inp["link"], seen | {link_id})
+            return None
+        return ("link", [str(origin_id), slot])
+
+    graph: dict[str, dict[str, Any]] = {}
+    for node_id, node in sorted(nodes.items()):
+        kind = node.get("type")
+        if kind in _VIRTUAL_NODES or node.get("mode", MODE_ALWAYS) in (MODE_NEVER, MODE_BYPASS):
+            continue
+        spec = object_info.get(kind)
+        if spec is None:
+            raise WorkflowError(f"node {node_id}: type {kind!r} is not installed in this ComfyUI (/object_info)")
+        inputs: dict[str, Any] = {}
+        values = node.get("widgets_values")
+        widgets = _widget_inputs(spec)
+        if isinstance(values, Mapping):
+            for name, _type, _options in widgets:
+                if name in values:
+                    inputs[name] = values[name]
+        elif values:
+            position, assigned = 0, 0
+            for name, io_type, options in widgets:
+                if position >= len(values):
+                    break
+                inputs[name] = values[position]
+                assigned += 1
+                position += 1
+                position += _skip_frontend_values(name, io_type, options, values, position)
+            if strict and (assigned < len(widgets) or position < len(values)):
+                raise WorkflowError(
+                    f"node {node_id} ({kind}): {len(values)} widget values for {len(widgets)} widgets "
+                    f"({[w[0] for w in widgets]}); the workflow does not match this node's definition"
+                )
+        for name, _type, options in widgets:  # no saved value: the frontend uses the default
+            if name not in inputs:
+                if "default" in options:
+                    inputs[name] = options["default"]
+                elif options.get("options"):
+                    inputs[name] = options["options"][0]
+        for inp in node.get("inputs", []) or []:
+            link_id = inp.get("link")
+            name = inp.get("name")
+            if name is None:
+                continue
+            if isinstance(inp.get("widget"), Mapping):
+                name = inp["widget"].get("name", name)
+            if link_id is None:
+                continue
+            resolved = resolve(int(link_id))
+            if resolved is None:
+                inputs.pop(name, None)
+            else:
+                inputs[name] = resolved[1]
+        graph[str(node_id)] = {"class_type": kind, "inputs": inputs}
+    return graph
+
+
+def load_workflow(path: str | os.PathLike) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)

@@ -1,0 +1,117 @@
+"""Pack-level checks that need no ComfyUI: the installed package exposes one import name and the
+``versat2i`` command, shadows none of ComfyUI's top-level modules, imports nothing heavy when
+ComfyUI loads the folder, and its pyproject has what ComfyUI's registry reads.
+
+Each check runs in a fresh interpreter (``sys.executable``, from a neutral folder) so modules the
+test session already imported can't hide a problem.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+import versat2i
+
+PACK_ROOT = Path(versat2i.__file__).resolve().parent
+# Names a pack must never make importable at top level: ComfyUI's own modules, and our subpackages
+# (imports inside the pack are relative; tests import versat2i.<...>). Not "tests": pyiqa's wheel
+# installs a stray top-level tests/ folder.
+SHADOWING = ("nodes", "utils", "comfy", "folder_paths", "server", "execution", "rewards", "trainer", "loop",
+             "demo", "cli", "safe_io")
+# Libraries that must only load when a node runs (PLAN: start-up stays fast).
+HEAVY = ("torch", "torchvision", "numpy", "diffusers", "transformers", "open_clip", "peft", "accelerate", "pyiqa",
+         "mediapipe", "safetensors", "PIL", "comfy", "comfy_api", "folder_paths")
+
+
+def run_python(code: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
+    return subprocess.run([sys.executable, "-c", code], check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_only_versat2i_is_importable_at_top_level(tmp_path):
+    code = (
+        "import importlib.util, json\n"
+        f"names = {SHADOWING!r}\n"
+        "print(json.dumps({n: importlib.util.find_spec(n) is not None for n in names + ('versat2i',)}))\n"
+    )
+    result = run_python(code, tmp_path)
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout)
+    assert found.pop("versat2i") is True
+    assert not any(found.values()), f"importable top-level names that shadow ComfyUI or leak ours: {found}"
+    direct = run_python("import nodes", tmp_path)
+    assert direct.returncode != 0 and "No module named 'nodes'" in direct.stderr
+
+
+def test_package_root_imports_nothing_heavy(tmp_path):
+    # Both ways the folder is imported: as the installed package, and by file path as ComfyUI's
+    # load_custom_node does (module name = the folder path, not on sys.path).
+    code = (
+        "import importlib.util, json, sys\n"
+        "before = set(sys.modules)\n"
+        "import versat2i\n"
+        "as_package = sorted(set(sys.modules) - before)\n"
+        f"path = {str(PACK_ROOT)!r}\n"
+        "spec = importlib.util.spec_from_file_location(path, path + '/__init__.py')\n"
+        "module = importlib.util.module_from_spec(spec); sys.modules[path] = module\n"
+        "spec.loader.exec_module(module)\n"
+        "print(json.dumps({'package': as_package, 'all': sorted(sys.modules),\n"
+        "                  'entrypoint': callable(getattr(module, 'comfy_entrypoint', None)),\n"
+        "                  'v1_mapping': hasattr(module, 'NODE_CLASS_MAPPINGS')}))\n"
+    )
+    result = run_python(code, tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    heavy = sorted({m.split(".")[0] for m in report["all"]} & set(HEAVY))
+    assert heavy == [], f"importing the pack's root loads {heavy}; import them inside functions/node modules"
+    assert report["entrypoint"], "the root module must export comfy_entrypoint (the V3 entry point)"
+    assert not report["v1_mapping"], "NODE_CLASS_MAPPINGS would make ComfyUI ignore comfy_entrypoint"
+    assert set(report["package"]) <= {"versat2i"}, f"import versat2i also imported {report['package']}"
+
+
+def test_pyproject_has_project_and_comfy_registry_tables():
+    meta = tomllib.loads((PACK_ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    project = meta["project"]
+    for key in ("name", "version", "description", "license", "dependencies", "requires-python"):
+        assert project.get(key), f"[project] {key} is missing"
+    assert project["version"] == versat2i.__version__
+    assert "GPL-3.0" in str(project["license"]), "ComfyUI is GPL-3.0: the pack's licence must be compatible"
+    assert project["scripts"]["versat2i"] == "versat2i.cli:main"
+    comfy = meta["tool"]["comfy"]
+    for key in ("PublisherId", "DisplayName", "Icon"):
+        assert key in comfy, f"[tool.comfy] {key} is missing (ComfyUI's registry reads it)"
+    assert comfy["PublisherId"] and comfy["DisplayName"]
+    # requirements.txt (read by ComfyUI-Manager) asks for what [project] declares, and never torch:
+    # ComfyUI users bring their own torch build.
+    def names(requirements):
+        return {re.split(r"[<>=!~;\[ ]", r.strip(), maxsplit=1)[0].lower().replace("_", "-")
+                for r in requirements if r.strip() and not r.strip().startswith("#")}
+    listed = names((PACK_ROOT / "requirements.txt").read_text(encoding="utf-8").splitlines())
+    declared = names(project["dependencies"])
+    assert listed <= declared, f"requirements.txt lists {sorted(listed - declared)} not in [project] dependencies"
+    assert not listed & {"torch", "torchvision", "torchaudio"}, "requirements.txt must not pin torch"
+
+
+def test_console_command_runs_help(tmp_path):
+    script = Path(sys.executable).with_name("versat2i")
+    command = [str(script)] if script.exists() else ([shutil.which("versat2i")] if shutil.which("versat2i") else None)
+    if command is None:
+        pytest.fail("the `versat2i` console command is not installed next to this Python; run `pip install -e .`")
+    result = subprocess.run([*command, "--help"], check=False, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: versat2i")
+    for subcommand in ("score", "build-dataset"):
+        assert subcommand in result.stdout, f"`versat2i --help` does not list {subcommand!r}"
