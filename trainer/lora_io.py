@@ -1,0 +1,362 @@
+"""Read and write LoRA files in kohya format (the format ComfyUI, A1111/Forge and diffusers all load).
+
+Keys: ``lora_unet_<diffusers module path with _>``, ``lora_te_<...>`` (SD1.x / SD2.x text encoder) or
+``lora_te1_`` / ``lora_te2_`` (SDXL's two encoders), each with ``.lora_down.weight`` (peft's A),
+``.lora_up.weight`` (peft's B) and ``.alpha`` (scale = alpha / rank, as kohya defines it).
+
+Writing goes peft state dict -> diffusers' ``convert_state_dict_to_kohya`` (the library converter),
+plus three fixes the converter does not make, each explained where it happens:
+1. ``.alpha``: the converter writes alpha = rank (scale 1); we write the alpha that reproduces the
+   layer's real peft scaling (lora_alpha, or per-module alpha_pattern / rsLoRA).
+2. transformers >= 5.6 flattened ``CLIPTextModel`` (no ``text_model.`` level), so peft keys lack the
+   ``text_model.`` that every kohya reader expects; we put it back.
+3. SD1.x / SD2.x have one text encoder, which kohya names ``lora_te_`` (the converter always writes
+   ``lora_te1_``, the SDXL spelling).
+
+Reading goes through diffusers' kohya -> diffusers -> peft converters (``lora_state_dict``,
+``convert_unet_state_dict_to_peft``, ``convert_state_dict_to_peft``), then each module path is
+checked against the loaded base model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..safe_io import TargetExistsError, atomic_file
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = "1"
+_COMPONENT_PREFIXES = ("unet.", "text_encoder_2.", "text_encoder.")
+_KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+
+
+# --------------------------------------------------------------------------------------------
+# peft -> kohya
+
+
+def _lora_layers(model: torch.nn.Module, adapter_name: str) -> dict[str, Any]:
+    from peft.tuners.lora import LoraLayer
+
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, LoraLayer) and adapter_name in getattr(module, "lora_A", {})}
+
+
+def _canonical_text_encoder_path(encoder: torch.nn.Module, path: str) -> str:
+    # Fix 2 (module docstring): kohya / ComfyUI / A1111 name CLIP-L modules text_model.encoder...
+    if not hasattr(encoder, "text_model") and path.startswith(("encoder.", "embeddings.", "final_layer_norm")):
+        return "text_model." + path
+    return path
+
+
+def _peft_state_dict(model: torch.nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    state_dict = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    unsupported = [k for k in state_dict if ".lora_A." not in k and ".lora_B." not in k]
+    if unsupported:
+        raise ValueError(f"adapter {adapter_name!r} has tensors kohya LoRA files cannot hold "
+                         f"(DoRA / bias / embeddings?): {unsupported[:4]}")
+    return state_dict
+
+
+def peft_to_kohya(*, unet: torch.nn.Module | None, text_encoders: Iterable[torch.nn.Module] = (),
+                  adapter_name: str = "default") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Kohya state dict of the peft adapter ``adapter_name`` in ``unet`` and ``text_encoders``.
+
+    Returns ``(state_dict, summary)`` where summary has ``rank``, ``alpha`` (the most common
+    values) and ``modules`` (count). ``text_encoders`` is ``[te]`` (SD1/2) or ``[te1, te2]`` (SDXL);
+    encoders without the adapter are skipped.
+    """
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    text_encoders = list(text_encoders)
+    if len(text_encoders) > 2:
+        raise ValueError(f"text_encoders: at most 2 (SDXL), got {len(text_encoders)}")
+    components = []
+    if unet is not None:
+        components.append(("unet", unet, lambda path: path))
+    te_names = ["text_encoder"] if len(text_encoders) == 1 else ["text_encoder", "text_encoder_2"]
+    for name, encoder in zip(te_names, text_encoders):
+        components.append((name, encoder, lambda path, encoder=encoder: _canonical_text_encoder_path(encoder, path)))
+
+    peft_sd: dict[str, torch.Tensor] = {}
+    alphas: dict[str, float] = {}   # prefixed peft module path -> alpha that reproduces peft's scaling
+    ranks: list[int] = []
+    for name, model, canonical in components:
+        layers = _lora_layers(model, adapter_name)
+        if not layers:
+            continue
+        for key, tensor in _peft_state_dict(model, adapter_name).items():
+            module_path, leaf = key.split(".lora_", 1)
+            peft_sd[f"{name}.{canonical(module_path)}.lora_{leaf}"] = tensor.detach().to("cpu", torch.float32).contiguous()
+        for path, layer in layers.items():
+            rank = int(layer.r[adapter_name])
+            # Fix 1: kohya scale = alpha / rank, so alpha = peft scaling * rank (covers lora_alpha,
+            # alpha_pattern / rank_pattern and rsLoRA's alpha / sqrt(rank)).
+            alphas[f"{name}.{canonical(path)}"] = float(layer.scaling[adapter_name]) * rank
+            ranks.append(rank)
+    if not peft_sd:
+        raise ValueError(f"no LoRA adapter named {adapter_name!r} in the given modules (inject one with peft first)")
+
+    kohya = convert_state_dict_to_kohya(peft_sd)
+    # The converter turns every '.' of the module path into '_': map each peft module to its kohya name
+    # by converting its own key (same function, so the names always agree).
+    fixed: dict[str, torch.Tensor] = {}
+    single_encoder = len(text_encoders) == 1
+    for module, alpha in alphas.items():
+        down_key = next(iter(convert_state_dict_to_kohya({f"{module}.lora_A.weight": torch.zeros(1, 1)})))
+        kohya_name = down_key.split(".")[0]
+        if f"{kohya_name}.lora_down.weight" not in kohya:
+            raise RuntimeError(f"kohya conversion lost module {module}")
+        kohya[f"{kohya_name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+    for key, tensor in kohya.items():
+        if single_encoder and key.startswith("lora_te1_"):
+            key = "lora_te_" + key[len("lora_te1_"):]  # Fix 3
+        fixed[key] = tensor.contiguous()
+    summary = {"modules": len(alphas), "rank": _most_common(ranks),
+               "alpha": _most_common([round(a, 6) for a in alphas.values()])}
+    return fixed, summary
+
+
+def _most_common(values: list):
+    return max(set(values), key=values.count) if values else None
+
+
+def _string_metadata(metadata: Mapping[str, Any]) -> dict[str, str]:
+    """safetensors metadata is str -> str: other values are JSON-encoded."""
+    out = {}
+    for key, value in metadata.items():
+        if not isinstance(key, str):
+            raise TypeError(f"metadata key {key!r} is not a string (safetensors metadata is str -> str)")
+        out[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    return out
+
+
+def save_kohya_lora(
+    path: str | os.PathLike,
+    *,
+    unet: torch.nn.Module | None,
+    text_encoders: Iterable[torch.nn.Module] = (),
+    adapter_name: str = "default",
+    metadata: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Save the peft LoRA ``adapter_name`` of ``unet`` (and text encoders) as a kohya ``.safetensors``.
+
+    ``metadata`` (base model hash, dataset, aspect, steps, hyperparameters...) is stored as
+    safetensors metadata; non-string values are JSON-encoded. Added automatically:
+    ``ss_network_module``, ``ss_network_dim`` (rank), ``ss_network_alpha``,
+    ``versat2i_lora_format``, ``versat2i_modules`` — explicit values in ``metadata`` win.
+    The write is atomic (``safe_io.atomic_file``: hidden temp name, fsync, rename); an existing file
+    raises ``safe_io.TargetExistsError`` (a ``FileExistsError`` and ``ValueError``) unless
+    ``overwrite=True``. ``path`` is used as given: confine user-supplied names with
+    ``safe_io.confined_path`` first. Returns the path written.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: LoRA files are written as .safetensors")
+    if os.path.lexists(path) and not overwrite:  # fail before converting; atomic_file checks again
+        raise TargetExistsError(f"LoRA file {str(path)!r} already exists; choose another name or pass overwrite=True")
+    state_dict, summary = peft_to_kohya(unet=unet, text_encoders=text_encoders, adapter_name=adapter_name)
+    header = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(summary["rank"]),
+        "ss_network_alpha": str(summary["alpha"]),
+        "versat2i_lora_format": FORMAT_VERSION,
+        "versat2i_modules": str(summary["modules"]),
+    }
+    header.update(_string_metadata(metadata or {}))
+    with atomic_file(path, overwrite=overwrite, what="LoRA file") as temp:
+        save_file(state_dict, str(temp), metadata=header)
+    logger.info("saved LoRA %s (%d modules, rank %s, alpha %s)", path, summary["modules"], summary["rank"], summary["alpha"])
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# kohya -> per-module weights
+
+
+def load_kohya_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(state_dict, metadata)`` of a kohya LoRA ``.safetensors`` file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA file not found: {path} (LoRAs live in ComfyUI's models/loras folder)")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            state_dict = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    except Exception as exc:  # safetensors raises its own error types for damaged headers
+        raise ValueError(f"{path}: cannot read this LoRA file ({type(exc).__name__}: {exc}); "
+                         "it is damaged or not a .safetensors file") from exc
+    if not state_dict:
+        raise ValueError(f"{path}: the LoRA file holds no tensors")
+    return state_dict, metadata
+
+
+@dataclass
+class LoraWeights:
+    """One module's LoRA: delta W = (alpha / rank) * up @ down (conv: over flattened kernels)."""
+
+    down: torch.Tensor   # peft lora_A weight [rank, in] (conv: [rank, in, kh, kw]); the file's own tensor
+    up: torch.Tensor     # peft lora_B weight [out, rank] (conv: [out, rank, 1, 1]); the file's own tensor
+    alpha: float
+    kohya_name: str = ""  # the module's name in the file, e.g. "lora_unet_down_blocks_0_..._to_q"
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def _diffusers_lora_loader(arch: str):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
+
+
+def _convert_names_with_diffusers(state_dict: Mapping[str, torch.Tensor], base) -> dict[str, str]:
+    """kohya module name -> prefixed peft module key, using diffusers' converters (the path
+    ``load_lora_weights`` takes: kohya -> diffusers -> peft names).
+
+    The converters rename keys without copying tensors, so each converted key is traced back to
+    its kohya name by tensor identity; alphas are attached by kohya name afterwards (diffusers'
+    intermediate alpha names are not module paths).
+    """
+    from diffusers.utils import (
+        convert_state_dict_to_diffusers,
+        convert_state_dict_to_peft,
+        convert_unet_state_dict_to_peft,
+    )
+
+    weights = {k: v for k, v in state_dict.items() if k.endswith((".lora_down.weight", ".lora_up.weight"))}
+    kohya_by_tensor = {id(v): k.split(".", 1)[0] for k, v in weights.items()}
+    converted, _ = _diffusers_lora_loader(base.arch).lora_state_dict(dict(weights), unet_config=base.unet.config)
+    names: dict[str, str] = {}
+    for prefix in _COMPONENT_PREFIXES:
+        part = {k[len(prefix):]: v for k, v in converted.items() if k.startswith(prefix)}
+        if not part:
+            continue
+        if prefix == "unet.":
+            peft_part = convert_unet_state_dict_to_peft(part)
+        else:
+            peft_part = convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
+        for key, tensor in peft_part.items():
+            kohya_name = kohya_by_tensor.get(id(tensor))
+            if kohya_name is None:
+                raise RuntimeError(f"diffusers copied the tensor of {key}; cannot trace it to its kohya name")
+            module = prefix + key.split(".lora_", 1)[0]
+            if names.setdefault(kohya_name, module) != module:
+                raise ValueError(f"{kohya_name}: diffusers maps its down and up weights to different modules")
+    return names
+
+
+def _component(base, prefix: str) -> torch.nn.Module:
+    if prefix == "unet.":
+        return base.unet
+    index = 1 if prefix == "text_encoder_2." else 0
+    if index >= len(base.text_encoders):
+        raise ValueError(f"the LoRA has {prefix[:-1]} weights but the {base.arch} base model has "
+                         f"{len(base.text_encoders)} text encoder(s)")
+    return base.text_encoders[index]
+
+
+def split_module_key(key: str) -> tuple[str, str]:
+    """``"unet.down_blocks.0..."`` -> ``("unet", "down_blocks.0...")``."""
+    for prefix in _COMPONENT_PREFIXES:
+        if key.startswith(prefix):
+            return prefix[:-1], key[len(prefix):]
+    raise ValueError(f"{key!r}: expected a unet. / text_encoder. / text_encoder_2. module key")
+
+
+def get_lora_target(base, key: str) -> torch.nn.Module:
+    """The Linear / Conv2d of ``base`` a ``kohya_to_peft`` key names (peft's wrapped base layer if
+    adapters are injected)."""
+    component, path = split_module_key(key)
+    module = _component(base, component + ".")
+    if component != "unet" and not hasattr(module, "text_model"):
+        path = path.removeprefix("text_model.")  # transformers >= 5.6 flattened CLIPTextModel
+    target = module.get_submodule(path)
+    return getattr(target, "base_layer", target)
+
+
+def _loaded_module_key(base, key: str) -> str:
+    """The key with a module path valid in ``base``'s loaded modules (``get_submodule`` works on it)."""
+    component, path = split_module_key(key)
+    if component != "unet" and not hasattr(_component(base, component + "."), "text_model"):
+        path = path.removeprefix("text_model.")
+    return f"{component}.{path}"
+
+
+def kohya_to_peft(state_dict: Mapping[str, torch.Tensor], base) -> dict[str, LoraWeights]:
+    """Per-module LoRA weights of a kohya state dict, keyed ``unet.<module path>`` /
+    ``text_encoder.<path>`` / ``text_encoder_2.<path>``, where the path is the peft module path in
+    ``base``'s loaded module (``base.unet.get_submodule(path)``; for text encoders it follows the
+    installed transformers: no ``text_model.`` level for a flattened ``CLIPTextModel``).
+    ``get_lora_target(base, key)`` returns the Linear / Conv2d.
+
+    Names are converted by diffusers' own kohya converters; alpha is taken from each module's
+    ``.alpha`` (rank when absent: kohya and ComfyUI then use scale 1). Every key must map onto a
+    layer of ``base`` with matching shapes, else ``ValueError`` lists the keys that do not (the
+    equivalent of ComfyUI's "lora key not loaded").
+    """
+    names = sorted({k.split(".", 1)[0] for k in state_dict})
+    problems: list[str] = []
+    leftovers = [k for k in state_dict if not k.endswith(_KOHYA_SUFFIXES)]
+    if leftovers:
+        problems.append(f"keys that are not kohya LoRA tensors: {leftovers[:5]}")
+    complete = []
+    for name in names:
+        if f"{name}.lora_down.weight" in state_dict and f"{name}.lora_up.weight" in state_dict:
+            complete.append(name)
+        else:
+            problems.append(f"{name}: needs both .lora_down.weight and .lora_up.weight")
+    pairs = {f"{name}.{leaf}": state_dict[f"{name}.{leaf}"] for name in complete
+             for leaf in ("lora_down.weight", "lora_up.weight")}
+    try:
+        module_keys = _convert_names_with_diffusers(pairs, base)
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"diffusers cannot convert this LoRA's key names ({type(exc).__name__}: {exc})") from exc
+    out: dict[str, LoraWeights] = {}
+    for name in complete:
+        down, up = state_dict[f"{name}.lora_down.weight"], state_dict[f"{name}.lora_up.weight"]
+        key = module_keys.get(name)
+        if key is None:
+            problems.append(f"{name}: diffusers' converter produced no module for it")
+            continue
+        try:
+            target = get_lora_target(base, key)
+        except (AttributeError, ValueError) as exc:
+            problems.append(f"{name} -> {key}: no such module in the {base.arch} base model ({exc})")
+            continue
+        if isinstance(target, torch.nn.Linear):
+            fits = down.ndim == 2 and down.shape[1] == target.in_features and up.shape[0] == target.out_features
+        elif isinstance(target, torch.nn.Conv2d):
+            fits = down.ndim == 4 and down.shape[1] == target.in_channels and up.shape[0] == target.out_channels
+        else:
+            fits = False
+        if not fits or up.shape[1] != down.shape[0]:
+            problems.append(f"{name} -> {key}: shapes down {tuple(down.shape)} / up {tuple(up.shape)} do not fit {target}")
+            continue
+        alpha_tensor = state_dict.get(f"{name}.alpha")
+        alpha = float(alpha_tensor) if alpha_tensor is not None else float(down.shape[0])
+        out[_loaded_module_key(base, key)] = LoraWeights(down=down, up=up, alpha=alpha, kohya_name=name)
+    if problems:
+        raise ValueError(f"{len(problems)} LoRA entries do not map onto the {base.arch} base model: "
+                         + "; ".join(problems[:8]) + (" ..." if len(problems) > 8 else ""))
+    return out

@@ -1,0 +1,569 @@
+"""Load a Stable Diffusion base model for LoRA training: a ComfyUI checkpoint file or a diffusers folder.
+
+``load_base_model(path)`` accepts
+
+* a single-file checkpoint in the original layout ComfyUI users have (``model.diffusion_model.*``,
+  ``first_stage_model.*``, ``cond_stage_model.*`` / ``conditioner.embedders.*``), ``.safetensors``
+  (or a legacy ``.ckpt`` read with ``torch.load(weights_only=True)``). It is converted by diffusers'
+  own single-file loading (``from_single_file`` for the UNet and VAE, diffusers' CLIP converter for
+  the text encoders) against the diffusers configs shipped in ``trainer/model_configs/<arch>/``, so
+  nothing is fetched from a model hub;
+* a diffusers pipeline folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``...).
+
+Supported architectures: SD1.x (``sd15``), SD2.x (``sd2``, epsilon or v-prediction) and SDXL base
+(``sdxl``). Anything else (SDXL refiner, inpainting, unCLIP, SD3, Flux...) is a ``ValueError`` naming
+what was found.
+
+Prediction type (``prediction_type="auto"``): a diffusers folder says it in
+``scheduler/scheduler_config.json``. A single file does not, so it is inferred the way ComfyUI
+infers it: a ``v_pred`` key marks a v-prediction checkpoint (SDXL v-pred finetunes; ``ztsnr`` adds
+zero-terminal-SNR betas); for SD2 ComfyUI's heuristic (std of
+``output_blocks.11.1.transformer_blocks.0.norm1.bias`` > 0.09 means the 768-v model) decides;
+everything else is epsilon. When the guess is wrong for a model, pass ``prediction_type`` explicitly.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+ARCHS = ("sd15", "sd2", "sdxl")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+CONFIG_ROOT = Path(__file__).resolve().parent / "model_configs"
+SUPPORTED = "SD1.x, SD2.x (epsilon or v-prediction) and SDXL base, as a single .safetensors checkpoint or a diffusers folder"
+_SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+_HASH_CHUNK = 1 << 24
+
+# Prefixes of the original (ldm / sgm) single-file layout.
+_UNET = "model.diffusion_model."
+_VAE = "first_stage_model."
+_SD1_CLIP = "cond_stage_model.transformer."
+_SD2_OPEN_CLIP = "cond_stage_model.model."
+_SDXL_CLIP_L = "conditioner.embedders.0.transformer."
+_SDXL_CLIP_G = "conditioner.embedders.1.model."
+_SDXL_REFINER_CLIP_G = "conditioner.embedders.0.model."
+# ComfyUI's SD2 v-prediction heuristic (comfy/supported_models.py, SD20.model_type).
+_SD2_V_PROBE = _UNET + "output_blocks.11.1.transformer_blocks.0.norm1.bias"
+
+_TEXT_ENCODER_NAMES = {"sd15": ("text_encoder",), "sd2": ("text_encoder",), "sdxl": ("text_encoder", "text_encoder_2")}
+_TOKENIZER_NAMES = {"sd15": ("tokenizer",), "sd2": ("tokenizer",), "sdxl": ("tokenizer", "tokenizer_2")}
+
+
+@dataclass
+class BaseModel:
+    """A loaded base model, ready for LoRA training (all modules in eval mode, on the CPU).
+
+    ``text_encoders`` / ``tokenizers``: one each for sd15 / sd2, two for sdxl (CLIP-L, then
+    OpenCLIP-G with projection). ``noise_scheduler`` is a ``DDPMScheduler`` built from the model's
+    scheduler config (training uses ``add_noise`` / ``get_velocity``). ``vae`` is ``None`` when a
+    single file carries no VAE (train from cached latents then). ``source_sha256`` is the SHA-256 of
+    the checkpoint file (for a folder: of the sorted relative paths and SHA-256s of
+    ``model_index.json`` and the files of the loaded component sub-folders), or ``""`` when loading
+    was asked to skip hashing.
+    """
+
+    arch: str
+    prediction_type: str
+    unet: Any
+    vae: Any | None
+    text_encoders: list
+    tokenizers: list
+    noise_scheduler: Any
+    source_sha256: str
+    source_path: str
+    source_format: str = "single_file"          # "single_file" | "diffusers"
+    vae_scaling_factor: float = 0.18215
+    vae_scale_factor: int = 8                   # pixels per latent cell
+    resolution: int = 512                       # the model's native training resolution
+    config_dir: str = ""                        # diffusers configs the single file was read with
+    notes: list[str] = field(default_factory=list)  # how arch / prediction type were decided
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.arch == "sdxl"
+
+
+# --------------------------------------------------------------------------------------------
+# hashing
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def folder_sha256(folder: str | os.PathLike, components: Sequence[str] | None = None) -> str:
+    """Hash of a diffusers folder: relative paths and contents of ``model_index.json`` and every
+    file in the ``components`` sub-folders (default: all files), in sorted order. Limiting it to
+    the loaded components keeps safety checkers, ONNX exports and ``.git`` out of the identity."""
+    folder = Path(folder)
+    roots = [folder / name for name in components] if components is not None else [folder]
+    files = {p for root in roots if root.is_dir() for p in root.rglob("*") if p.is_file()}
+    if components is not None and (folder / "model_index.json").is_file():
+        files.add(folder / "model_index.json")
+    digest = hashlib.sha256()
+    for file in sorted(files):
+        digest.update(f"{file.relative_to(folder).as_posix()}\0{file_sha256(file)}\n".encode())
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# tokenizers
+
+
+def build_clip_tokenizer(*, pad_token: str = "<|endoftext|>", model_max_length: int = 77):
+    """The real CLIP BPE tokenizer (the one every SD text encoder uses), built offline.
+
+    Built from the BPE merges file open_clip ships inside its wheel (``bpe_simple_vocab_16e6.txt.gz``,
+    MIT, from OpenAI CLIP), the same construction as open_clip's ``SimpleTokenizer``: its ids equal
+    the Hugging Face ``openai/clip-vit-large-patch14`` ``vocab.json``. Shipping the 1.6 MB
+    vocab/merges files per architecture would add nothing. ``pad_token="!"`` is what SD2 and SDXL's
+    second tokenizer use (id 0); SD1.x and SDXL's first tokenizer pad with the end token.
+    """
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+    from transformers import CLIPTokenizer
+
+    with gzip.open(default_bpe(), "rt", encoding="utf-8") as handle:
+        lines = handle.read().split("\n")
+    # Same slice as open_clip.SimpleTokenizer: skip the version header, 48894 merges.
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    symbols = list(bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=model_max_length)
+
+
+def load_clip_tokenizer(folder: str | os.PathLike):
+    """A CLIPTokenizer from ``folder``: its own vocab files when present, else the offline CLIP BPE
+    with the settings in ``tokenizer_config.json`` (pad token, max length) — the form shipped in
+    ``model_configs``."""
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    if (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file():
+        return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    config_file = folder / "tokenizer_config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no tokenizer in {folder}: expected vocab.json + merges.txt or tokenizer_config.json")
+    config = json.loads(config_file.read_text())
+    return build_clip_tokenizer(pad_token=config.get("pad_token", "<|endoftext|>"),
+                                model_max_length=int(config.get("model_max_length", 77)))
+
+
+# --------------------------------------------------------------------------------------------
+# single-file inspection
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """State dict of a single-file checkpoint; clear errors for missing / corrupt / unsafe files."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"base model checkpoint not found: {path}. Put the .safetensors file in ComfyUI's "
+            "models/checkpoints folder (or pass the path of a diffusers model folder)."
+        )
+    if path.suffix.lower() not in _SINGLE_FILE_SUFFIXES:
+        raise ValueError(f"{path}: not a checkpoint file (expected one of {', '.join(_SINGLE_FILE_SUFFIXES)})")
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.torch import load_file
+
+            state_dict = load_file(str(path))
+        else:
+            # Legacy pickle checkpoints: weights only, never arbitrary objects.
+            state_dict = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # safetensors / pickle raise many types for a damaged file
+        hint = ("the file is damaged or not a model checkpoint; re-download it" if path.suffix.lower() == ".safetensors"
+                else "it is damaged, or a pickle holding more than tensors (refused for safety); use the "
+                     ".safetensors version of this model")
+        raise ValueError(f"{path}: cannot read this checkpoint ({type(exc).__name__}: {exc}); {hint}") from exc
+    while isinstance(state_dict, dict) and isinstance(state_dict.get("state_dict"), dict):
+        state_dict = state_dict["state_dict"]
+    if not isinstance(state_dict, dict) or not state_dict:
+        raise ValueError(f"{path}: the checkpoint holds no tensors")
+    return state_dict
+
+
+def _has_prefix(state_dict: dict, prefix: str) -> bool:
+    return any(key.startswith(prefix) for key in state_dict)
+
+
+def _describe_keys(state_dict: dict) -> str:
+    """A short 'found' summary for error messages: the top key groups and diffusers' own guess."""
+    groups: dict[str, int] = {}
+    for key in state_dict:
+        head = ".".join(key.split(".")[:2])
+        groups[head] = groups.get(head, 0) + 1
+    top = ", ".join(f"{k}.* ({n})" for k, n in sorted(groups.items(), key=lambda kv: -kv[1])[:6])
+    guess = ""
+    try:
+        from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+        model_type = infer_diffusers_model_type(state_dict)
+        if model_type not in ("v1", "v2", "xl_base"):
+            guess = f"; diffusers identifies it as '{model_type}'"
+    except (KeyError, IndexError, ValueError, AttributeError) as exc:  # the guess is only a hint
+        logger.debug("diffusers could not name the checkpoint type: %s", exc)
+    return f"{len(state_dict)} tensors, key groups {top}{guess}"
+
+
+def detect_checkpoint_arch(state_dict: dict[str, torch.Tensor], *, name: str = "checkpoint") -> str:
+    """``sd15`` / ``sd2`` / ``sdxl`` from the keys and shapes of an original-layout state dict.
+
+    Structural tests (which key groups exist, UNet input channels, class-embedding input), not
+    exact widths, so tiny test models are classified like the real ones.
+    """
+    def unsupported(what: str) -> ValueError:
+        return ValueError(f"{name}: unsupported checkpoint architecture: {what} "
+                          f"(found {_describe_keys(state_dict)}). Supported: {SUPPORTED}.")
+
+    conv_in = state_dict.get(_UNET + "input_blocks.0.0.weight")
+    if conv_in is None:
+        if any(k.startswith(("lora_", "lora_unet_", "lora_te")) for k in state_dict):
+            raise unsupported("this is a LoRA file, not a base model")
+        raise unsupported("no SD-style UNet (model.diffusion_model.input_blocks.*)")
+    if conv_in.ndim != 4 or conv_in.shape[1] != 4:
+        raise unsupported(f"UNet takes {conv_in.shape[1] if conv_in.ndim == 4 else '?'} input channels "
+                          "(inpainting / instruct-pix2pix models are not supported, only 4-channel text-to-image)")
+    has_adm = (_UNET + "label_emb.0.0.weight") in state_dict
+    if has_adm:
+        if _has_prefix(state_dict, _SDXL_CLIP_L) and _has_prefix(state_dict, _SDXL_CLIP_G):
+            return "sdxl"
+        if _has_prefix(state_dict, _SDXL_REFINER_CLIP_G):
+            raise unsupported("SDXL refiner (one OpenCLIP-G text encoder)")
+        if _has_prefix(state_dict, _SD2_OPEN_CLIP):
+            raise unsupported("SD2 unCLIP (image-conditioned UNet)")
+        raise unsupported("UNet with a class embedding but no SDXL text encoders (conditioner.embedders.0/1)")
+    if _has_prefix(state_dict, _SD1_CLIP):
+        return "sd15"
+    if _has_prefix(state_dict, _SD2_OPEN_CLIP):
+        return "sd2"
+    raise unsupported("no text encoder weights (cond_stage_model.transformer.* for SD1.x, "
+                      "cond_stage_model.model.* for SD2.x)")
+
+
+def detect_checkpoint_prediction_type(arch: str, state_dict: dict[str, torch.Tensor]) -> tuple[str, str]:
+    """(prediction_type, why) for a single-file checkpoint, mirroring ComfyUI's model detection."""
+    if "edm_vpred.sigma_max" in state_dict or ("edm_mean" in state_dict and "edm_std" in state_dict):
+        raise ValueError("EDM-parameterised checkpoints (Playground v2.5, EDM v-pred) are not supported for LoRA "
+                         f"training. Supported: {SUPPORTED}.")
+    if "v_pred" in state_dict:
+        return "v_prediction", "the checkpoint has a 'v_pred' key"
+    if arch == "sd2":
+        probe = state_dict.get(_SD2_V_PROBE)
+        if probe is None:
+            return "epsilon", ("SD2 checkpoint without ComfyUI's v-prediction probe tensor: assumed epsilon "
+                               "(pass prediction_type='v_prediction' for a 768-v model)")
+        std = float(torch.std(probe.float(), unbiased=False))
+        if std > 0.09:
+            return "v_prediction", f"SD2 heuristic (ComfyUI): norm1 bias std {std:.3f} > 0.09 -> 768-v model"
+        return "epsilon", f"SD2 heuristic (ComfyUI): norm1 bias std {std:.3f} <= 0.09 -> 512-base model"
+    return "epsilon", f"{arch} checkpoint without a 'v_pred' key"
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+
+
+def _check_choice(value: str, allowed: Sequence[str], what: str) -> str:
+    if value != "auto" and value not in allowed:
+        raise ValueError(f"{what}={value!r}: expected 'auto' or one of {', '.join(allowed)}")
+    return value
+
+
+def _resolve_config_dir(arch: str, config_dir: str | os.PathLike | None) -> Path:
+    folder = Path(config_dir) if config_dir is not None else CONFIG_ROOT / arch
+    if not (folder / "unet" / "config.json").is_file():
+        raise FileNotFoundError(f"diffusers configs for {arch} not found in {folder} (expected unet/config.json, "
+                                "vae/config.json, text_encoder/config.json, tokenizer/, scheduler/)")
+    return folder
+
+
+def _training_scheduler(config_dir: Path, prediction_type: str, *, zero_terminal_snr: bool = False):
+    """DDPMScheduler for training from any SD scheduler config (DDIM / PNDM / Euler share the betas)."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_pretrained(str(config_dir), subfolder="scheduler", local_files_only=True)
+    updates: dict[str, Any] = {"prediction_type": prediction_type}
+    if zero_terminal_snr:
+        updates["rescale_betas_zero_snr"] = True
+    if any(scheduler.config.get(k) != v for k, v in updates.items()):
+        scheduler = DDPMScheduler.from_config({**scheduler.config, **updates})
+    return scheduler
+
+
+def _load_single_file(path: Path, arch: str, prediction_type: str, config_dir: str | os.PathLike | None,
+                      torch_dtype: torch.dtype) -> tuple[dict, list[str]]:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    state_dict = read_checkpoint(path)
+    notes = []
+    detected = detect_checkpoint_arch(state_dict, name=str(path))
+    if arch == "auto":
+        arch = detected
+        notes.append(f"architecture {arch} detected from the checkpoint keys")
+    elif arch != detected:
+        raise ValueError(f"{path}: arch={arch!r} was requested but the checkpoint is {detected}")
+    if prediction_type == "auto":
+        prediction_type, why = detect_checkpoint_prediction_type(arch, state_dict)
+        notes.append(f"prediction type {prediction_type}: {why}")
+    folder = _resolve_config_dir(arch, config_dir)
+
+    unet_overrides = {}
+    if config_dir is None and arch == "sd2":
+        # One shipped SD2 config serves both the 512 base (epsilon) and 768-v models; only the
+        # native sample size differs.
+        unet_overrides["sample_size"] = 96 if prediction_type == "v_prediction" else 64
+
+    def component(name: str, load):
+        try:
+            return load()
+        except Exception as exc:  # shape mismatches surface as many error types inside diffusers
+            raise ValueError(
+                f"{path}: its {name} weights do not fit the {arch} config in {folder / name} "
+                f"({type(exc).__name__}: {exc}). The file is damaged or a variant of {arch} these configs do not "
+                "describe; pass config_dir= with matching diffusers configs."
+            ) from exc
+
+    # float32 is diffusers' default; passing it explicitly only triggers a spurious "keep in float32" warning.
+    dtype = None if torch_dtype == torch.float32 else torch_dtype
+    common = {"config": str(folder), "local_files_only": True, "torch_dtype": dtype}
+    unet = component("unet", lambda: UNet2DConditionModel.from_single_file(
+        state_dict, subfolder="unet", **common, **unet_overrides))
+    vae = None
+    if _has_prefix(state_dict, _VAE):
+        vae = component("vae", lambda: AutoencoderKL.from_single_file(state_dict, subfolder="vae", **common))
+    else:
+        notes.append("the checkpoint has no VAE (first_stage_model.*): train from cached latents or add a VAE")
+        logger.warning("%s has no VAE weights (first_stage_model.*)", path)
+    encoder_classes = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
+    text_encoders = [
+        component(name, lambda name=name: create_diffusers_clip_model_from_ldm(
+            encoder_classes[name], state_dict, subfolder=name, config=str(folder),
+            torch_dtype=dtype, local_files_only=True))
+        for name in _TEXT_ENCODER_NAMES[arch]
+    ]
+    tokenizers = [load_clip_tokenizer(folder / name) for name in _TOKENIZER_NAMES[arch]]
+    scheduler = _training_scheduler(folder, prediction_type, zero_terminal_snr="ztsnr" in state_dict)
+    parts = {"arch": arch, "prediction_type": prediction_type, "unet": unet, "vae": vae,
+             "text_encoders": text_encoders, "tokenizers": tokenizers, "noise_scheduler": scheduler,
+             "config_dir": str(folder)}
+    return parts, notes
+
+
+def _folder_arch(folder: Path) -> tuple[str, str]:
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        raise ValueError(f"{folder}: not a diffusers pipeline folder (no model_index.json). Pass a single "
+                         f"checkpoint file or a diffusers folder. Supported: {SUPPORTED}.")
+    index = json.loads(index_file.read_text())
+    class_name = index.get("_class_name", "?")
+    if class_name == "StableDiffusionXLPipeline":
+        if index.get("text_encoder", [None])[0] is None:
+            raise ValueError(f"{folder}: unsupported architecture: SDXL refiner (no first text encoder). "
+                             f"Supported: {SUPPORTED}.")
+        return "sdxl", f"model_index.json: {class_name}"
+    if class_name == "StableDiffusionPipeline":
+        unet_config = json.loads((folder / "unet" / "config.json").read_text())
+        if unet_config.get("in_channels", 4) != 4:
+            raise ValueError(f"{folder}: unsupported architecture: UNet with {unet_config.get('in_channels')} "
+                             f"input channels (inpainting). Supported: {SUPPORTED}.")
+        # SD2.x switched the transformer projections to Linear (ComfyUI tells them apart the same way).
+        arch = "sd2" if unet_config.get("use_linear_projection") else "sd15"
+        return arch, f"model_index.json: {class_name}, use_linear_projection={bool(unet_config.get('use_linear_projection'))}"
+    raise ValueError(f"{folder}: unsupported architecture: pipeline {class_name}. Supported: {SUPPORTED}.")
+
+
+def _weights_variant(component_dir: Path) -> str | None:
+    """``None`` when plain weights exist, else the variant the folder ships (e.g. ``fp16``), so
+    folders downloaded with only ``*.fp16.safetensors`` load too."""
+    weights = [p.name for p in component_dir.glob("*.safetensors")] + [p.name for p in component_dir.glob("*.bin")]
+    plain = [n for n in weights if n.count(".") == 1 or "-of-" in n.split(".")[0]]
+    if plain or not weights:
+        return None
+    variants = sorted({n.split(".")[-2] for n in weights})
+    return "fp16" if "fp16" in variants else variants[0]
+
+
+def _load_folder(folder: Path, arch: str, prediction_type: str, torch_dtype: torch.dtype) -> tuple[dict, list[str]]:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    detected, why = _folder_arch(folder)
+    notes = [f"architecture {detected}: {why}"]
+    if arch not in ("auto", detected):
+        raise ValueError(f"{folder}: arch={arch!r} was requested but the folder holds {detected}")
+    arch = detected
+    for name in ("unet", "scheduler", *_TEXT_ENCODER_NAMES[arch], *_TOKENIZER_NAMES[arch]):
+        if not (folder / name).is_dir():
+            raise FileNotFoundError(f"{folder}: the diffusers folder has no {name}/ sub-folder; copy the complete model")
+    if prediction_type == "auto":
+        scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        prediction_type = scheduler_config.get("prediction_type", "epsilon")
+        notes.append(f"prediction type {prediction_type}: scheduler/scheduler_config.json")
+
+    def component(name: str, cls):
+        try:
+            return cls.from_pretrained(str(folder), subfolder=name, torch_dtype=torch_dtype, local_files_only=True,
+                                       variant=_weights_variant(folder / name))
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise ValueError(f"{folder / name}: cannot load ({type(exc).__name__}: {exc})") from exc
+
+    unet = component("unet", UNet2DConditionModel)
+    vae = component("vae", AutoencoderKL) if (folder / "vae").is_dir() else None
+    encoder_classes = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
+    text_encoders = [component(name, encoder_classes[name]) for name in _TEXT_ENCODER_NAMES[arch]]
+    tokenizers = [load_clip_tokenizer(folder / name) for name in _TOKENIZER_NAMES[arch]]
+    scheduler = _training_scheduler(folder, prediction_type)
+    parts = {"arch": arch, "prediction_type": prediction_type, "unet": unet, "vae": vae,
+             "text_encoders": text_encoders, "tokenizers": tokenizers, "noise_scheduler": scheduler,
+             "config_dir": str(folder)}
+    return parts, notes
+
+
+def load_base_model(
+    path: str | os.PathLike,
+    *,
+    arch: str = "auto",
+    prediction_type: str = "auto",
+    config_dir: str | os.PathLike | None = None,
+    torch_dtype: torch.dtype = torch.float32,
+    compute_hash: bool = True,
+) -> BaseModel:
+    """Load a base model for training from a single-file checkpoint or a diffusers folder.
+
+    Args:
+        path: a ``.safetensors`` (or legacy ``.ckpt``) checkpoint in the original layout, or a
+            diffusers pipeline folder.
+        arch: ``"auto"`` (detect) or one of ``sd15``, ``sd2``, ``sdxl``; a mismatch is an error.
+        prediction_type: ``"auto"`` or ``epsilon`` / ``v_prediction`` / ``sample`` (overrides
+            detection: see the module docstring for how a single file is classified).
+        config_dir: diffusers configs for a single file (``unet/config.json``, ``vae/``,
+            ``text_encoder[_2]/``, ``tokenizer[_2]/``, ``scheduler/``); default: the ones shipped for
+            the detected architecture. Ignored for a folder.
+        torch_dtype: dtype of the loaded modules.
+        compute_hash: hash the source (``source_sha256``); hashing a 7 GB file takes ~15 s.
+
+    Raises:
+        FileNotFoundError: the path (or a required sub-folder) does not exist.
+        ValueError: unsupported architecture, unreadable / damaged file, weights that do not fit
+            the configs, or a bad option value.
+    """
+    _check_choice(arch, ARCHS, "arch")
+    _check_choice(prediction_type, PREDICTION_TYPES, "prediction_type")
+    source = Path(path).expanduser()
+    if source.is_dir():
+        parts, notes = _load_folder(source, arch, prediction_type, torch_dtype)
+        source_format = "diffusers"
+        loaded = ("unet", "vae", "scheduler", *_TEXT_ENCODER_NAMES[parts["arch"]], *_TOKENIZER_NAMES[parts["arch"]])
+        digest = folder_sha256(source, loaded) if compute_hash else ""
+    else:
+        parts, notes = _load_single_file(source, arch, prediction_type, config_dir, torch_dtype)
+        source_format = "single_file"
+        digest = file_sha256(source) if compute_hash else ""
+    for module in (parts["unet"], parts["vae"], *parts["text_encoders"]):
+        if module is not None:
+            module.eval()
+    vae = parts["vae"]
+    vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+    scaling_factor = float(vae.config.scaling_factor) if vae is not None else (
+        0.13025 if parts["arch"] == "sdxl" else 0.18215)
+    for note in notes:
+        logger.info("%s: %s", source.name, note)
+    return BaseModel(
+        **parts,
+        source_sha256=digest,
+        source_path=str(source),
+        source_format=source_format,
+        vae_scaling_factor=scaling_factor,
+        vae_scale_factor=vae_scale_factor,
+        resolution=int(parts["unet"].config.sample_size) * vae_scale_factor,
+        notes=notes,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# conditioning
+
+
+def tokenize_prompts(tokenizer, captions: Sequence[str]) -> torch.Tensor:
+    """Token ids [B, 77] padded / truncated to the tokenizer's max length (SD's fixed context)."""
+    return tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+def _size_rows(value, count: int, default: tuple[int, int], what: str) -> list[tuple[int, int]]:
+    if value is None:
+        return [default] * count
+    if len(value) == 2 and all(isinstance(v, (int, float)) for v in value):
+        return [tuple(value)] * count
+    rows = [tuple(v) for v in value]
+    if len(rows) != count or any(len(r) != 2 for r in rows):
+        raise ValueError(f"{what}: expected one (height, width) pair or {count} pairs, got {value!r}")
+    return rows
+
+
+def sdxl_time_ids(count: int, *, resolution: int, original_sizes=None, crop_top_lefts=None,
+                  target_sizes=None) -> torch.Tensor:
+    """SDXL micro-conditioning [B, 6]: original (h, w) + crop top-left (y, x) + target (h, w)."""
+    originals = _size_rows(original_sizes, count, (resolution, resolution), "original_sizes")
+    crops = _size_rows(crop_top_lefts, count, (0, 0), "crop_top_lefts")
+    targets = _size_rows(target_sizes, count, (resolution, resolution), "target_sizes")
+    return torch.tensor([[*o, *c, *t] for o, c, t in zip(originals, crops, targets)], dtype=torch.float32)
+
+
+def encode_prompts(
+    base: BaseModel,
+    captions: Sequence[str],
+    device: torch.device | str = "cpu",
+    *,
+    original_sizes=None,
+    crop_top_lefts=None,
+    target_sizes=None,
+) -> tuple[torch.Tensor, dict | None]:
+    """``(encoder_hidden_states, added_cond_kwargs)`` for the UNet, as diffusers' training examples
+    build them.
+
+    SD1.x / SD2.x: the text encoder's last hidden state, ``added_cond_kwargs=None``.
+    SDXL (train_text_to_image_lora_sdxl.py): both encoders' penultimate hidden states concatenated
+    on the channel axis, plus ``{"text_embeds": pooled projection of encoder 2, "time_ids": [B, 6]}``.
+    The size arguments (SDXL only) take one ``(h, w)`` pair or one per caption; default: the model
+    resolution, no crop. Gradients flow (no ``no_grad``): wrap the call when encoders are frozen.
+    """
+    captions = list(captions)
+    if not captions:
+        raise ValueError("captions: empty list")
+    if base.arch != "sdxl":
+        encoder = base.text_encoders[0]
+        ids = tokenize_prompts(base.tokenizers[0], captions).to(device)
+        return encoder(ids, return_dict=False)[0], None
+    hidden_states = []
+    pooled = None
+    for tokenizer, encoder in zip(base.tokenizers, base.text_encoders):
+        ids = tokenize_prompts(tokenizer, captions).to(device)
+        outputs = encoder(ids, output_hidden_states=True, return_dict=False)
+        pooled = outputs[0]  # for CLIPTextModelWithProjection (the last encoder): text_embeds
+        hidden_states.append(outputs[-1][-2])
+    encoder_hidden_states = torch.cat(hidden_states, dim=-1)
+    time_ids = sdxl_time_ids(len(captions), resolution=base.resolution, original_sizes=original_sizes,
+                             crop_top_lefts=crop_top_lefts, target_sizes=target_sizes)
+    added = {"text_embeds": pooled.reshape(len(captions), -1),
+             "time_ids": time_ids.to(device=device, dtype=encoder_hidden_states.dtype)}
+    return encoder_hidden_states, added
