@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -119,14 +120,20 @@ class Scorer(ABC):
 
     ``scorer_id`` is stable: stored in every manifest next to ``weights_hash`` (sha256 of the weight
     files, so a score can be traced to the exact model that produced it).
+
+    ``device`` is where the scorer runs. ``offload()`` moves its models to the CPU but keeps
+    ``device``: the next ``score`` / ``score_aspects`` call runs ``prepare()``, which moves them back.
+    Scorers holding modules override ``to`` (move the modules, then call ``super().to``).
     """
 
     scorer_id: str = ""
     aspect: str = ""
     chunk_size: int = 16
+    # True for scorers that read the prompt (alignment): score_aspects then refuses empty prompts.
+    needs_prompts: bool = False
 
-    def __init__(self) -> None:
-        self.device = torch.device("cpu")
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
 
     # -- to implement ------------------------------------------------------------------------
     @abstractmethod
@@ -139,14 +146,28 @@ class Scorer(ABC):
         """sha256 (hex) identifying the weights; ``"none"`` for scorers without weights."""
 
     # -- provided ----------------------------------------------------------------------------
+    def weight_files(self) -> tuple[Path, ...]:
+        """The weight files this scorer was built from (the registry's cache re-checks their size
+        and mtime, so a replaced file is reloaded). Override in scorers that read files."""
+        return ()
+
     def to(self, device: torch.device | str) -> Scorer:
         """Move the scorer's models to ``device`` (override when the scorer holds modules)."""
         self.device = torch.device(device)
         return self
 
     def offload(self) -> Scorer:
-        """Free accelerator memory by moving to the CPU; the next call can move it back."""
-        return self.to("cpu")
+        """Free accelerator memory by moving the models to the CPU; ``device`` is kept, so the
+        next scoring call moves them back (``prepare``)."""
+        target = self.device
+        self.to("cpu")
+        self.device = target
+        return self
+
+    def prepare(self) -> Scorer:
+        """Put the models on ``self.device`` before scoring (undoes ``offload``); cheap when they
+        are there already."""
+        return self.to(self.device)
 
     def describe(self) -> dict[str, str]:
         return {"id": self.scorer_id, "aspect": self.aspect, "weights_hash": self.weights_hash}
@@ -162,6 +183,20 @@ class Scorer(ABC):
     ) -> torch.Tensor:
         return score_aspects({self.aspect or self.scorer_id: self}, images, prompts,
                              chunk_size=chunk_size, progress=progress)[self.aspect or self.scorer_id]
+
+
+def check_prompts_for(scorers: Mapping[str, Scorer], prompts: Sequence[str]) -> None:
+    """Scorers that read the prompt get no empty prompt (a CLIP score of "" means nothing)."""
+    readers = [f"{aspect} ({scorer.scorer_id})" for aspect, scorer in scorers.items() if scorer.needs_prompts]
+    if not readers:
+        return
+    empty = [i for i, prompt in enumerate(prompts) if not prompt.strip()]
+    if empty:
+        raise ImageBatchError(
+            f"prompts: prompt(s) {empty[:10]}{'...' if len(empty) > 10 else ''} are empty, but "
+            f"{', '.join(readers)} score(s) how well an image matches its prompt; give every image the prompt "
+            "it was generated from"
+        )
 
 
 @torch.inference_mode()
@@ -182,13 +217,15 @@ def score_aspects(
     if not scorers:
         raise ValueError("scorers: no scorer given; load at least one aspect's scorer")
     images = check_images(images, prompts)
+    check_prompts_for(scorers, prompts)
     total = images.shape[0]
     size = chunk_size or min(s.chunk_size for s in scorers.values())
     if size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {size}")
-    devices = {s.device for s in scorers.values()}
-    # Chunks go to the (first) scorer device; scorers on another device move what they need.
-    device = next(iter(devices))
+    # Chunks go to the first scorer's device; scorers on another device move what they need.
+    device = next(iter(scorers.values())).device
+    for scorer in scorers.values():
+        scorer.prepare()
     results: dict[str, list[torch.Tensor]] = {aspect: [] for aspect in scorers}
     for start in range(0, total, size):
         chunk = ScoringBatch(images[start:start + size].to(device), prompts[start:start + size])
@@ -197,6 +234,12 @@ def score_aspects(
             if values.shape[0] != len(chunk):
                 raise RuntimeError(
                     f"scorer {scorer.scorer_id!r} returned {values.shape[0]} scores for {len(chunk)} images"
+                )
+            if not bool(torch.isfinite(values).all()):
+                raise RuntimeError(
+                    f"scorer {scorer.scorer_id!r} returned non-finite scores for images "
+                    f"{start}..{start + len(chunk) - 1}; its weights may be corrupt (weights_hash "
+                    f"{scorer.weights_hash[:12]})"
                 )
             results[aspect].append(values)
         if progress is not None:

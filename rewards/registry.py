@@ -5,7 +5,10 @@ registry maps the id to ``module:function``; modules are imported only when a sc
 an optional extra that is not installed (pyiqa, mediapipe) only fails when asked for, with an
 ImportError naming the extra.
 
-Every factory has the signature ``factory(options: ScorerOptions) -> Scorer``.
+Every factory has the signature ``factory(options: ScorerOptions) -> Scorer``; it reads its own
+options from ``options.extra`` (``get_scorer(name, clip_weights=...)``) and refuses unknown ones with
+``options.check_extra``. ``get_scorer`` caches the scorers it builds (see ``cache.py``): asking again
+for the same scorer returns the same object, and scorers on one weight file share one model.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import cache as scorer_cache
 from .base import ASPECTS, Scorer
+from .weights import resolve_search_dirs
 
 
 @dataclass(frozen=True)
@@ -27,6 +32,15 @@ class ScorerOptions:
     device: str = "cpu"
     variant: str | None = None
     extra: dict = field(default_factory=dict)
+
+    def check_extra(self, allowed: Sequence[str], scorer: str) -> None:
+        """Refuse option names ``scorer`` does not know (a typo must not be silently ignored)."""
+        unknown = sorted(set(self.extra) - set(allowed))
+        if unknown:
+            raise ValueError(
+                f"scorer {scorer!r}: unknown option(s) {', '.join(unknown)}; it accepts "
+                + (", ".join(sorted(allowed)) if allowed else "no options")
+            )
 
 
 @dataclass(frozen=True)
@@ -113,17 +127,52 @@ def get_scorer(
     *,
     search_dirs: Sequence[str | Path] = (),
     device: str = "cpu",
+    cache: bool = True,
     **extra,
 ) -> Scorer:
     """Build the scorer called ``name`` (see ``list_scorers()``). Weight files are looked up in
-    ``search_dirs``; a missing file raises ``MissingWeightsError`` naming the file and folders."""
+    ``search_dirs``; a missing file raises ``MissingWeightsError`` naming the file and folders.
+
+    With ``cache`` (the default) the scorer is built once per (name, search dirs, device, options)
+    and returned again on later calls, rebuilt only if one of its weight files changed on disk;
+    scorers on the same weight file (aesthetics, CLIP score and CLIP-IQA on CLIP ViT-L/14) share
+    one loaded model either way. A cached scorer is shared: don't ``.to()`` it to another device,
+    ask for one with that ``device`` instead."""
     scorer_id, variant = split_name(name)
     entry = SCORERS.get(scorer_id)
     if entry is None:
         raise ValueError(f"unknown scorer {name!r}; known scorers: {', '.join(list_scorers())}")
     module_name, _, function_name = entry.factory.partition(":")
-    module = importlib.import_module(module_name, __package__)
     options = ScorerOptions(
-        search_dirs=tuple(Path(d) for d in search_dirs), device=device, variant=variant, extra=dict(extra)
+        search_dirs=resolve_search_dirs(search_dirs), device=str(device), variant=variant, extra=dict(extra)
     )
-    return getattr(module, function_name)(options)
+
+    def build() -> Scorer:
+        module = importlib.import_module(module_name, __package__)
+        return getattr(module, function_name)(options)
+
+    key = _cache_key(scorer_id, options) if cache else None
+    if key is None:
+        return build()
+    return scorer_cache.get_scorer_cached(key, build)
+
+
+def _cache_key(scorer_id: str, options: ScorerOptions) -> tuple | None:
+    """A hashable key for the scorer cache, or None when an option value is not hashable."""
+    key = (scorer_id, options.variant, tuple(str(d) for d in options.search_dirs), options.device,
+           tuple(sorted((k, _freeze(v)) for k, v in options.extra.items())))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _freeze(value):
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    if isinstance(value, Path):
+        return str(value)
+    return value

@@ -1,0 +1,1 @@
+"""Tiny random-weight models built from configs in code, for offline tests and benchmarks."""
