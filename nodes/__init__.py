@@ -14,11 +14,15 @@ from comfy_api.latest import ComfyExtension, io
 from .common import register_model_folders
 
 NODE_MODULES = (
+    # 1. generate
+    "generate_candidates",
     # 2. score, 3. filter + dataset
     "load_scorers",
     "score_images",
     "filter_best_per_prompt",
     "save_training_set",
+    # report
+    "loop_report",
 )
 
 

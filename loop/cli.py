@@ -1,0 +1,158 @@
+"""``versat2i generate`` and ``versat2i report``: the loop's first and last steps from a shell.
+
+    versat2i generate --checkpoint PATH --prompts prompts.txt --k 4 --out DIR
+                      [--seed 0 | --seeds 1,2,3] [--steps 30] [--guidance 7.5] [--scheduler default]
+                      [--width W --height H] [--batch-size 4] [--negative-prompt TEXT]
+                      [--device auto] [--dtype auto] [--save-latents] [--lora FILE[=WEIGHT] ...]
+    accelerate launch -m versat2i.cli generate ...      (several GPUs: the grid is split between them)
+    versat2i report --eval EVAL_DIR --out REPORT_DIR [--base base] [--resamples 2000] [--seed 0]
+
+Thin wrappers: the work happens in ``loop/generate.py`` and ``loop/report.py``. Every input is
+checked before a model loads; a bad one is one error line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
+    generate = subparsers.add_parser(
+        "generate", help="sample K candidates per prompt -> images + candidates.jsonl",
+        description="Sample K candidate images for every prompt of a prompts file with a Stable Diffusion "
+                    "checkpoint (SD1.x, SD2.x, SDXL; single file or diffusers folder) and write them with "
+                    "candidates.jsonl (prompt, seed, indices per image) for `versat2i score`. Under "
+                    "`accelerate launch` the images are split between the processes (GPUs).",
+    )
+    generate.add_argument("--checkpoint", required=True, type=Path,
+                          help="base model: a .safetensors checkpoint or a diffusers folder")
+    generate.add_argument("--config-dir", type=Path, default=None,
+                          help="diffusers configs for a single file whose shapes differ from the real models")
+    generate.add_argument("--prompts", required=True, type=Path,
+                          help="text file, one prompt per line (blank lines and '#' comments skipped)")
+    generate.add_argument("--k", type=int, default=4, help="candidates per prompt (default 4)")
+    generate.add_argument("--out", required=True, type=Path, help="output folder (must not exist unless --overwrite)")
+    seeds = generate.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, default=0,
+                       help="base seed: candidate c of prompt p gets seed + p*k + c (default 0)")
+    seeds.add_argument("--seeds", default=None,
+                       help="explicit seeds, comma-separated: k seeds used for every prompt, or one per image")
+    generate.add_argument("--steps", type=int, default=30, help="sampling steps (default 30)")
+    generate.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    generate.add_argument("--scheduler", default="default",
+                          help="sampler: default (the checkpoint's), ddim, ddpm, pndm, euler, euler_a, heun, lms, "
+                               "dpmpp_2m, dpmpp_2m_karras, unipc")
+    generate.add_argument("--width", type=int, default=None, help="image width, a multiple of 8 (default: native)")
+    generate.add_argument("--height", type=int, default=None, help="image height, a multiple of 8 (default: native)")
+    generate.add_argument("--batch-size", type=int, default=4, help="images sampled at once per process (default 4)")
+    generate.add_argument("--negative-prompt", default="", help="negative prompt for every image")
+    generate.add_argument("--device", default="auto", help="auto (this process's GPU under accelerate), cpu, cuda, ...")
+    generate.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                          help="model dtype (auto: float16 on CUDA, float32 elsewhere)")
+    generate.add_argument("--save-latents", action="store_true",
+                          help="also write <id>.latents.safetensors (the trainer reuses them)")
+    generate.add_argument("--lora", action="append", default=[], metavar="FILE[=WEIGHT]",
+                          help="apply a LoRA (kohya .safetensors) while sampling; repeat to merge several")
+    generate.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    generate.add_argument("--quiet", action="store_true", help="no progress bar")
+    generate.set_defaults(func=run_generate)
+
+    report = subparsers.add_parser(
+        "report", help="evaluation folder -> report.html + plots + report.json",
+        description="Compare every variant of an evaluation folder (base, aspect LoRAs, merge, gated mixture; "
+                    "one sub-folder each with its images and scores.jsonl) with the base: means, paired "
+                    "differences with bootstrap CIs, win rates, the seed-to-seed spread, diversity, sample grids.",
+    )
+    report.add_argument("--eval", required=True, type=Path, dest="eval_dir", help="evaluation folder")
+    report.add_argument("--out", required=True, type=Path, help="report folder (must not exist unless --overwrite)")
+    report.add_argument("--base", default=None, help="base variant name (default: variants.json's, else 'base')")
+    report.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    report.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    report.add_argument("--level", type=float, default=0.95, help="confidence level (default 0.95)")
+    report.add_argument("--unit", default="pairs", choices=["pairs", "prompts"],
+                        help="bootstrap unit: (prompt, seed) pairs, or whole prompts (cluster bootstrap)")
+    report.add_argument("--title", default=None, help="page title")
+    report.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    report.set_defaults(func=run_report)
+
+
+def _parse_seeds(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    seeds = []
+    for token in text.replace(" ", ",").split(","):
+        if not token:
+            continue
+        try:
+            seeds.append(int(token))
+        except ValueError:
+            raise ValueError(f"--seeds: {token!r} is not a whole number; separate seeds with commas") from None
+    if not seeds:
+        raise ValueError("--seeds: no seed given")
+    return seeds
+
+
+def _parse_loras(specs: list[str]) -> tuple[list[Path], list[float]]:
+    paths, weights = [], []
+    for spec in specs:
+        path, sep, weight = spec.rpartition("=") if "=" in spec else (spec, "", "")
+        try:
+            weights.append(float(weight) if sep else 1.0)
+        except ValueError:
+            raise ValueError(f"--lora {spec!r}: the weight after '=' must be a number") from None
+        paths.append(Path(path))
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"--lora: LoRA file {str(path)!r} not found")
+    return paths, weights
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from .generate import (
+        GenerationSettings,
+        LoraAdapters,
+        generate_candidates,
+        plan_candidates,
+        read_prompt_file,
+    )
+
+    # Every check before the model loads.
+    settings = GenerationSettings(steps=args.steps, guidance_scale=args.guidance, scheduler=args.scheduler,
+                                  width=args.width, height=args.height, batch_size=args.batch_size,
+                                  negative_prompt=args.negative_prompt)
+    settings.validate()
+    if not args.checkpoint.exists():
+        raise FileNotFoundError(f"--checkpoint {str(args.checkpoint)!r} not found")
+    prompts = read_prompt_file(args.prompts)
+    seeds = _parse_seeds(args.seeds)
+    plan_candidates(prompts, k=args.k, seeds=seeds, base_seed=args.seed)
+    paths, weights = _parse_loras(args.lora)
+    adapters = LoraAdapters(paths, weights) if paths else None
+    result = generate_candidates(
+        args.checkpoint, prompts, k=args.k, seeds=seeds, base_seed=args.seed, settings=settings, out_dir=args.out,
+        overwrite=args.overwrite, save_latents=args.save_latents, adapters=adapters, device=args.device,
+        dtype=args.dtype, config_dir=args.config_dir, return_images=False, show_progress=not args.quiet,
+    )
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(result.folder)
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from ..safe_io import TargetExistsError
+    from .report import read_report, report_from_eval_dir
+
+    if not args.eval_dir.is_dir():
+        raise FileNotFoundError(f"--eval {str(args.eval_dir)!r} is not a folder")
+    if args.out.exists() and not args.overwrite:
+        raise TargetExistsError(f"--out {str(args.out)!r} already exists; choose another name or pass --overwrite")
+    options = {"resamples": args.resamples, "seed": args.seed, "level": args.level, "unit": args.unit}
+    if args.base is not None:
+        options["base"] = args.base
+    out = report_from_eval_dir(args.eval_dir, args.out, overwrite=args.overwrite, title=args.title, **options)
+    print(read_report(out)["markdown"])
+    print(out / "report.html")
+    return 0

@@ -1,0 +1,180 @@
+"""The evaluation report (loop/report.py) and `versat2i report`, on a small evaluation folder made
+in the test (PNG files, candidates.jsonl, scores.jsonl per variant). No models; offline.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from tiny_models.eval_folder import SCORERS, SEEDS, write_eval_dir
+from versat2i.loop.evaluate import Evaluation, evaluate, grid_from_tables
+from versat2i.loop.report import (
+    REPORT_HTML,
+    REPORT_JSON,
+    load_eval_dir,
+    markdown_table,
+    read_report,
+    report_from_eval_dir,
+    write_report,
+)
+from versat2i.rewards.score_table import ScoreTable
+from versat2i.safe_io import TargetExistsError
+
+
+@pytest.fixture
+def eval_dir(tmp_path) -> Path:
+    return write_eval_dir(tmp_path / "eval")
+
+
+def test_eval_dir_is_read_with_variant_kinds_and_image_files(eval_dir):
+    folder = load_eval_dir(eval_dir)
+    assert list(folder.variants) == ["base", "lora:alignment", "merge"] and folder.base == "base"
+    lora = folder.variants["lora:alignment"]
+    assert (lora.kind, lora.aspect, lora.label) == ("lora", "alignment", "LoRA alignment")
+    assert folder.config == {"round": 1, "k": 4}
+    assert folder.image_files["merge"][("a blue square", 102)] == eval_dir / "merge" / "p00001_c002.png"
+
+
+def test_report_files_exist_and_json_round_trips(eval_dir, tmp_path):
+    out = report_from_eval_dir(eval_dir, tmp_path / "report", resamples=300)
+    report = read_report(out)
+    evaluation = Evaluation.from_dict(report["evaluation"])
+    assert evaluation.to_dict() == report["evaluation"]
+    assert json.loads((out / REPORT_JSON).read_text()) == report
+    # Every number is the evaluation of the same tables.
+    folder = load_eval_dir(eval_dir)
+    direct = evaluate(grid_from_tables(folder.tables), resamples=300)
+    for variant in direct.variants:
+        for aspect in direct.aspects:
+            for key in ("mean", "diff", "diff_ci", "win_rate"):
+                assert evaluation.results[variant][aspect][key] == direct.results[variant][aspect][key]
+    assert report["config"]["round"] == 1 and report["config"]["eval_dir"] == str(eval_dir)
+    assert report["evaluation"]["scorers"] == SCORERS
+    assert report["evaluation"]["seeds"] == [SEEDS] * 3
+    assert report["variants"]["lora:alignment"]["aspect"] == "alignment"
+    lora = report["evaluation"]["results"]["lora:alignment"]
+    assert lora["alignment"]["diff"] == pytest.approx(0.3) and lora["alignment"]["win_rate"] == 1.0
+    assert lora["lowlevel"]["win_rate"] == 0.0
+    # Brighter images in one variant: its diversity is computed from its own files.
+    assert set(report["evaluation"]["diversity"]) == {"base", "lora:alignment", "merge"}
+    assert all(0 < d["pixel"] < 1 for d in report["evaluation"]["diversity"].values())
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+def test_html_references_existing_pngs(eval_dir, tmp_path):
+    out = report_from_eval_dir(eval_dir, tmp_path / "report", resamples=200)
+    page = (out / REPORT_HTML).read_text()
+    sources = re.findall(r"<img src='([^']+)'", page)
+    assert {"plots/differences.png", "plots/distributions.png", "plots/win_rates.png",
+            "plots/diversity.png"} <= set(sources)
+    assert len([s for s in sources if s.startswith("grids/")]) == 3
+    for source in sources:
+        with Image.open(out / source) as image:
+            assert image.format == "PNG" and image.width > 50
+    assert "LoRA alignment" in page and "a blue square" not in page  # prompts are in the grid images, not text
+    report = read_report(out)
+    assert report["files"]["summary_plot"] == "plots/differences.png"
+    grid = Image.open(out / report["files"]["grids"]["base"])
+    assert grid.height >= 3 * 96 and grid.width >= 4 * 96  # 16 px images upscaled for viewing
+
+
+def test_markdown_table_has_one_row_per_variant_and_bolds_clear_effects(eval_dir, tmp_path):
+    out = report_from_eval_dir(eval_dir, tmp_path / "report", resamples=300)
+    report = read_report(out)
+    table = markdown_table(report)
+    assert table == report["markdown"]
+    lines = table.splitlines()
+    assert lines[0] == "| variant | alignment | lowlevel | diversity |"
+    rows = {line.split(" | ")[0].strip("| "): line for line in lines[2:5]}
+    assert set(rows) == {"base", "LoRA alignment", "merge"}
+    assert "**+0.3 [+0.3, +0.3]**" in rows["LoRA alignment"] and "win 100%" in rows["LoRA alignment"]
+    assert "**" not in rows["merge"]
+    assert "seed-to-seed spread" in table.lower() and "12 held-out (prompt, seed) pairs" in table
+    assert markdown_table(Evaluation.from_dict(report["evaluation"])).splitlines()[:2] == [
+        "| variant | alignment | lowlevel | diversity |", "|---|---:|---:|---:|"]
+
+
+def test_existing_report_is_not_overwritten(eval_dir, tmp_path):
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    with pytest.raises(TargetExistsError):
+        report_from_eval_dir(eval_dir, out, resamples=50)
+    assert (out / "mine.txt").read_text() == "keep"
+    report_from_eval_dir(eval_dir, out, resamples=50, overwrite=True)
+    assert (out / REPORT_JSON).is_file() and not (out / "mine.txt").exists()
+
+
+def test_variants_file_written_by_the_helper_is_read_back(eval_dir):
+    from versat2i.loop.report import Variant, write_variants_file
+
+    write_variants_file(eval_dir, [Variant(name="base", dir="base"), {"name": "merge", "dir": "merge"}],
+                        config={"seeds": SEEDS})
+    folder = load_eval_dir(eval_dir)
+    assert list(folder.variants) == ["base", "merge"] and folder.config == {"seeds": SEEDS}
+    assert folder.variants["merge"].kind == "merge"
+    with pytest.raises(ValueError, match="base='x'"):
+        write_variants_file(eval_dir, [{"name": "base"}], base="x")
+
+
+def test_variants_are_found_without_a_variants_file(eval_dir, tmp_path):
+    (eval_dir / "variants.json").unlink()
+    (eval_dir / "merge" / "p00000_c001.png").unlink()  # a missing image: no grid / diversity for merge
+    folder = load_eval_dir(eval_dir)
+    assert list(folder.variants) == ["base", "lora_alignment", "merge"]
+    out = report_from_eval_dir(eval_dir, tmp_path / "report", resamples=50)
+    report = read_report(out)
+    assert set(report["files"]["grids"]) == {"base", "lora_alignment"}
+    assert "merge" not in report["evaluation"]["diversity"]
+
+
+def test_write_report_from_an_evaluation_with_in_memory_images(tmp_path):
+    rng = np.random.default_rng(5)
+    tables = {}
+    for name, shift in (("base", 0.0), ("gated", 0.1)):
+        values = rng.normal(0.5 + shift, 0.1, 6).tolist()
+        tables[name] = ScoreTable.from_scores({"alignment": values}, {"alignment": SCORERS["alignment"]},
+                                              ["a", "a", "a", "b", "b", "b"], seeds=[1, 2, 3, 1, 2, 3])
+    evaluation = evaluate(grid_from_tables(tables), resamples=100)
+    images = {name: [[rng.random((8, 8, 3)) for _ in range(3)] for _ in range(2)] for name in tables}
+    out = write_report(evaluation, tmp_path / "r", images=images, title="demo <run>")
+    page = (out / REPORT_HTML).read_text()
+    assert "demo &lt;run&gt;" in page  # titles are escaped
+    assert set(read_report(out)["files"]["grids"]) == {"base", "gated"}
+    assert read_report(out)["variants"]["gated"]["kind"] == "gated"
+
+
+def test_bad_eval_dirs_are_clear_errors(tmp_path, eval_dir):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_eval_dir(tmp_path / "missing")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="holds no variant"):
+        load_eval_dir(empty)
+    data = json.loads((eval_dir / "variants.json").read_text())
+    data["base"] = "nope"
+    (eval_dir / "variants.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="no base variant 'nope'"):
+        load_eval_dir(eval_dir)
+    with pytest.raises(ValueError, match="not a VersaT2I report"):
+        (tmp_path / "fake.json").write_text(json.dumps({"format": "other"}))
+        read_report(tmp_path / "fake.json")
+
+
+def test_cli_report(eval_dir, tmp_path, capsys):
+    from versat2i.cli import main
+
+    out = tmp_path / "report"
+    assert main(["report", "--eval", str(eval_dir), "--out", str(out), "--resamples", "100", "--unit", "prompts"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("| variant | alignment | lowlevel | diversity |")
+    assert printed.strip().endswith(str(out / REPORT_HTML))
+    assert read_report(out)["evaluation"]["settings"]["unit"] == "prompts"
+    assert main(["report", "--eval", str(eval_dir), "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["report", "--eval", str(tmp_path / "nope"), "--out", str(tmp_path / "r2")]) == 2
