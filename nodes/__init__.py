@@ -21,6 +21,8 @@ NODE_MODULES = (
     "score_images",
     "filter_best_per_prompt",
     "save_training_set",
+    # 4. train
+    "train_aspect_lora",
     # report
     "loop_report",
 )

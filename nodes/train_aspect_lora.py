@@ -1,0 +1,250 @@
+"""Train Aspect LoRA: train one aspect's LoRA on a training set, in a separate process.
+
+The training runs under ``accelerate launch`` in a child process (``trainer/launcher.py``), so it
+gets the GPU after ComfyUI's models are unloaded, it cannot leak memory into ComfyUI, and Cancel
+kills it (its whole process group) while keeping its last checkpoint: queueing the same inputs
+again resumes there. Identical inputs with a finished LoRA return that LoRA without training.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import folder_paths
+import torch
+from comfy_api.latest import io
+
+from ..safe_io import confined_path
+from ..trainer.config import LR_SCHEDULERS, MIXED_PRECISIONS, PREDICTION_TYPES, LoraTrainConfig
+from .common import category, node_id
+
+LORA_SUBFOLDER = "versat2i"  # every LoRA this node writes lives in models/loras/versat2i/
+RUNS_SUBFOLDER = "versat2i/lora_runs"  # checkpoints and logs, under ComfyUI's output folder
+
+
+def loras_root() -> Path:
+    return Path(folder_paths.get_folder_paths("loras")[0])
+
+
+def lora_file_name(dataset: str, aspect: str, lora_name: str) -> str:
+    """``<name>.safetensors`` inside the versat2i loras folder (default: <dataset leaf>_<aspect>)."""
+    name = lora_name.strip() or f"{Path(dataset.replace(chr(92), '/')).name}_{aspect or 'all'}"
+    return name if name.endswith(".safetensors") else name + ".safetensors"
+
+
+def resolve_paths(dataset: str, aspect: str, ckpt_name: str, lora_name: str) -> dict[str, Path]:
+    """dataset folder, checkpoint file and LoRA file, each confined to its ComfyUI folder."""
+    output = Path(folder_paths.get_output_directory())
+    dataset_dir = confined_path(output, dataset, what="dataset")
+    if not dataset_dir.is_dir():
+        raise ValueError(f"dataset {dataset!r}: no such folder in ComfyUI's output folder; connect Save Training "
+                         "Set's dataset_path, or type the folder name it wrote (e.g. 'versat2i/training_set')")
+    if ckpt_name not in folder_paths.get_filename_list("checkpoints"):
+        raise ValueError(f"ckpt_name {ckpt_name!r}: not in models/checkpoints; put the checkpoint there and refresh")
+    checkpoint = Path(folder_paths.get_full_path_or_raise("checkpoints", ckpt_name))
+    lora_file = confined_path(loras_root() / LORA_SUBFOLDER, lora_file_name(dataset, aspect, lora_name),
+                              what="lora_name")
+    return {"dataset": dataset_dir, "checkpoint": checkpoint, "lora": lora_file, "output": output}
+
+
+def single_aspect(dataset_dir: Path, aspect: str) -> str:
+    """``aspect``, or the dataset's only aspect when empty (an error naming them when there are several)."""
+    from ..trainer.kohya_dataset import REPEATS_FOLDER
+
+    if aspect:
+        return aspect
+    found = sorted({m.group(2) for p in dataset_dir.iterdir() if p.is_dir() and (m := REPEATS_FOLDER.match(p.name))})
+    if len(found) > 1:
+        raise ValueError(f"aspect: the dataset has several aspects ({', '.join(found)}); type the one to train")
+    return found[0] if found else ""
+
+
+def build_config(paths: dict[str, Path], aspect: str, settings: dict[str, Any]) -> LoraTrainConfig:
+    root = loras_root().resolve()
+    return LoraTrainConfig(
+        base_model=str(paths["checkpoint"]), dataset_dir=str(paths["dataset"]), aspect=aspect,
+        output_dir=str(root), output_name=paths["lora"].relative_to(root).as_posix(),
+        work_dir=str(paths["output"] / RUNS_SUBFOLDER),  # replaced by a per-fingerprint folder
+        keep_checkpoints=False, **settings)
+
+
+def loss_curve_image(points: list[tuple[int, float]], title: str) -> torch.Tensor:
+    from ..trainer.loss_curve import render_loss_curve
+
+    return torch.from_numpy(render_loss_curve(points, title=title)).float().div(255.0).unsqueeze(0)
+
+
+def train_aspect_lora(dataset: str, aspect: str, ckpt_name: str, lora_name: str, settings: dict[str, Any]):
+    """Train (or reuse) the LoRA; returns (name relative to the loras folder, loss points, reused)."""
+    import comfy.model_management as mm
+    import comfy.utils
+
+    from ..trainer.launcher import LaunchOptions, TrainingFailed
+    from ..trainer.lora_job import train_or_reuse
+
+    paths = resolve_paths(dataset, aspect, ckpt_name, lora_name)
+    aspect = single_aspect(paths["dataset"], aspect)
+    config = build_config(paths, aspect, settings)
+    bar = comfy.utils.ProgressBar(config.max_train_steps)
+
+    def on_event(event: dict) -> None:
+        if event["event"] in ("start", "step"):
+            bar.update_absolute(event.get("step", event.get("start_step", 0)), config.max_train_steps)
+
+    def free_device_memory() -> None:
+        # The child needs the GPU: drop ComfyUI's loaded models first (they reload on demand).
+        mm.unload_all_models()
+        mm.soft_empty_cache()
+
+    def cancelled() -> bool:
+        mm.throw_exception_if_processing_interrupted()  # raises; the launcher kills the child first
+        return False
+
+    try:
+        result = train_or_reuse(
+            config, runs_root=paths["output"] / RUNS_SUBFOLDER,
+            options=LaunchOptions(cpu=mm.cpu_state == mm.CPUState.CPU), on_event=on_event,
+            check_cancel=cancelled, before_launch=free_device_memory)
+    except TrainingFailed as exc:
+        raise RuntimeError(f"Train Aspect LoRA: {exc}") from None
+    bar.update_absolute(config.max_train_steps, config.max_train_steps)
+    return result.lora_path.relative_to(loras_root().resolve()).as_posix(), result.loss_curve, result.reused
+
+
+class TrainAspectLora(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=node_id("TrainAspectLoRA"),
+            display_name="Train Aspect LoRA (VersaT2I)",
+            category=category("train"),
+            description=(
+                "Trains one LoRA for one aspect on a training set from Save Training Set, in a separate process "
+                "(accelerate + diffusers + peft), and saves it in kohya format to models/loras/versat2i/ where the "
+                "stock LoRA loaders find it. ComfyUI's loaded models are unloaded first so training gets the GPU. "
+                "Cancel stops training and keeps the last checkpoint: queue again to resume. Identical inputs "
+                "return the finished LoRA without training again."
+            ),
+            is_output_node=True,
+            inputs=[
+                io.String.Input("dataset", default="versat2i/training_set",
+                                tooltip="Training set folder inside ComfyUI's output folder (connect Save Training "
+                                        "Set's dataset_path)."),
+                io.String.Input("aspect", default="",
+                                tooltip="Aspect to train (its '<repeats>_<aspect>' folder). Empty: the dataset's "
+                                        "only aspect."),
+                io.Combo.Input("ckpt_name", options=folder_paths.get_filename_list("checkpoints"),
+                               tooltip="Base model: an SD1.x, SD2.x or SDXL checkpoint from models/checkpoints."),
+                io.String.Input("lora_name", default="",
+                                tooltip="File name inside models/loras/versat2i/ (sub-folders allowed). Empty: "
+                                        "<dataset>_<aspect>."),
+                io.Int.Input("steps", default=500, min=1, max=1_000_000, tooltip="Optimiser steps."),
+                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-6,
+                               tooltip="AdamW learning rate of the UNet LoRA."),
+                io.Int.Input("rank", default=16, min=1, max=256, tooltip="LoRA rank (dimension)."),
+                io.Float.Input("alpha", default=16.0, min=0.01, max=1024.0, step=0.5,
+                               tooltip="LoRA alpha; the LoRA is scaled by alpha / rank."),
+                io.Int.Input("batch_size", default=1, min=1, max=256, tooltip="Images per step and device."),
+                io.Int.Input("resolution", default=512, min=64, max=4096, step=8,
+                             tooltip="Training resolution (area = resolution^2, aspect-ratio buckets); a multiple "
+                                     "of 8."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                             tooltip="Seed of LoRA init, noise and data order."),
+                io.Combo.Input("lr_scheduler", options=list(LR_SCHEDULERS), default="constant", optional=True,
+                               tooltip="Learning-rate schedule (diffusers)."),
+                io.Int.Input("lr_warmup_steps", default=0, min=0, max=1_000_000, optional=True,
+                             tooltip="Warm-up steps of the schedule."),
+                io.Int.Input("gradient_accumulation_steps", default=1, min=1, max=1024, optional=True,
+                             tooltip="Micro-batches per optimiser step."),
+                io.Boolean.Input("gradient_checkpointing", default=False, optional=True,
+                                 tooltip="Less memory, slower steps."),
+                io.Combo.Input("mixed_precision", options=list(MIXED_PRECISIONS), default="auto", optional=True,
+                               tooltip="auto: bf16 (or fp16) on CUDA, full precision on CPU."),
+                io.Boolean.Input("train_text_encoder", default=False, optional=True,
+                                 tooltip="Also train LoRA layers in the text encoder(s)."),
+                io.Boolean.Input("train_feed_forward", default=False, optional=True,
+                                 tooltip="Also train the feed-forward layers (attention only by default)."),
+                io.Boolean.Input("cache_latents", default=True, optional=True,
+                                 tooltip="Encode each image once before training (faster; reuses latents saved at "
+                                         "generation)."),
+                io.Float.Input("noise_offset", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="Offset noise (0.05-0.1 helps very dark / bright images)."),
+                io.Float.Input("snr_gamma", default=0.0, min=0.0, max=100.0, step=0.5, optional=True,
+                               tooltip="Min-SNR loss weighting gamma (0 = off, 5 is usual)."),
+                io.Float.Input("dropout", default=0.0, min=0.0, max=0.9, step=0.01, optional=True,
+                               tooltip="LoRA dropout."),
+                io.Combo.Input("prediction_type", options=list(PREDICTION_TYPES), default="auto", optional=True,
+                               tooltip="auto: from the checkpoint (v-prediction SD2/SDXL are detected)."),
+                io.Int.Input("checkpoint_every", default=100, min=1, max=1_000_000, optional=True,
+                             tooltip="Save a resumable checkpoint every N steps."),
+                io.Boolean.Input("overwrite", default=False, optional=True,
+                                 tooltip="Replace an existing LoRA of this name trained from other inputs."),
+            ],
+            outputs=[
+                io.String.Output("lora_name", tooltip="The LoRA, relative to the loras folder "
+                                                      "(e.g. versat2i/name.safetensors), as LoRA loaders name it."),
+                io.Image.Output("loss_curve", tooltip="Training loss per step (raw and smoothed)."),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, dataset: str | None = None, ckpt_name: str | None = None, lora_name: str | None = None,
+                        aspect: str | None = None, resolution: int | None = None, lr_scheduler: str | None = None,
+                        mixed_precision: str | None = None, prediction_type: str | None = None) -> bool | str:
+        # ComfyUI 0.3.64 does not check V3 combo values: do it here, when the prompt is queued.
+        if ckpt_name is not None and ckpt_name not in folder_paths.get_filename_list("checkpoints"):
+            return f"ckpt_name {ckpt_name!r}: not in models/checkpoints"
+        for name, value, options in (("lr_scheduler", lr_scheduler, LR_SCHEDULERS),
+                                     ("mixed_precision", mixed_precision, MIXED_PRECISIONS),
+                                     ("prediction_type", prediction_type, PREDICTION_TYPES)):
+            if value is not None and value not in options:
+                return f"{name} {value!r}: must be one of {', '.join(options)}"
+        if resolution is not None and resolution % 8:
+            return f"resolution {resolution}: must be a multiple of 8 (e.g. {round(resolution / 64) * 64})"
+        try:
+            if dataset is not None:
+                confined_path(folder_paths.get_output_directory(), dataset, what="dataset")
+            if lora_name is not None and (lora_name.strip() or dataset is not None):
+                confined_path(loras_root() / LORA_SUBFOLDER, lora_file_name(dataset or "x", aspect or "", lora_name),
+                              what="lora_name")
+        except ValueError as exc:
+            return str(exc)
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, dataset: str, aspect: str, ckpt_name: str, lora_name: str, **settings) -> Any:
+        # ComfyUI caches outputs by inputs; the data, the checkpoint or the LoRA file can change on disk
+        # with the same inputs, so they take part in the cache key.
+        try:
+            from ..trainer.train_lora import lora_run_fingerprint
+
+            paths = resolve_paths(dataset, aspect, ckpt_name, lora_name)
+            config = build_config(paths, single_aspect(paths["dataset"], aspect), _settings(settings))
+            lora = paths["lora"]
+            return (lora_run_fingerprint(config), lora.stat().st_mtime_ns if lora.is_file() else None)
+        except Exception:  # a bad input is reported by execute; re-run to get there
+            return math.nan
+
+    @classmethod
+    def execute(cls, dataset: str, aspect: str, ckpt_name: str, lora_name: str, **settings) -> io.NodeOutput:
+        name, curve, reused = train_aspect_lora(dataset, aspect.strip(), ckpt_name, lora_name, _settings(settings))
+        title = f"{name} ({'reused, ' if reused else ''}{curve[-1][0] if curve else 0} steps)"
+        summary = f"LoRA: {name}" + (" (already trained from these inputs)" if reused else "")
+        return io.NodeOutput(name, loss_curve_image(curve, title), ui={"text": (summary,)})
+
+
+# node input -> LoraTrainConfig field (inputs not listed keep their name)
+_SETTING_FIELDS = {"steps": "max_train_steps", "batch_size": "train_batch_size",
+                   "checkpoint_every": "checkpointing_steps"}
+
+
+def _settings(inputs: dict[str, Any]) -> dict[str, Any]:
+    settings = {_SETTING_FIELDS.get(k, k): v for k, v in inputs.items() if v is not None}
+    if settings.get("mixed_precision") is None:
+        settings.pop("mixed_precision", None)
+    return settings
+
+
+NODES = [TrainAspectLora]

@@ -1,0 +1,151 @@
+"""LoraTrainConfig (TOML/JSON round trip, validation messages, fingerprints) and the event schema."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import pytest
+import tomllib
+from versat2i.trainer.config import LoraTrainConfig, dump_flat_toml
+from versat2i.trainer.events import EventWriter, encode_event, make_event, parse_event_line, read_events
+
+
+def config(tmp_path, **overrides) -> LoraTrainConfig:
+    (tmp_path / "model").mkdir(exist_ok=True)
+    (tmp_path / "data").mkdir(exist_ok=True)
+    settings = dict(base_model=str(tmp_path / "model"), dataset_dir=str(tmp_path / "data"),
+                    output_dir=str(tmp_path / "loras"), output_name="versat2i/x", work_dir=str(tmp_path / "run"))
+    settings.update(overrides)
+    return LoraTrainConfig(**settings)
+
+
+def test_toml_and_json_round_trip_every_field(tmp_path):
+    original = config(tmp_path, aspect="aesthetics", rank=8, alpha=4.5, learning_rate=3e-5, snr_gamma=5.0,
+                      output_name='versat2i/na"me ü', lr_scheduler="cosine", train_text_encoder=True)
+    for suffix in (".toml", ".json"):
+        path = original.save(tmp_path / f"cfg{suffix}")
+        assert LoraTrainConfig.load(path) == original
+    # the hand-written TOML is real TOML
+    assert tomllib.loads(original.to_toml())["output_name"] == 'versat2i/na"me ü'
+
+
+def test_toml_writer_handles_special_values():
+    text = dump_flat_toml({"a": float("inf"), "b": 1e-05, "c": "tab\tdel\x7f", "d": [1, 2], "e": None, "f": True})
+    parsed = tomllib.loads(text)
+    assert parsed == {"a": math.inf, "b": 1e-05, "c": "tab\tdel\x7f", "d": [1, 2], "f": True}
+
+
+def test_unknown_key_is_named_with_a_suggestion(tmp_path):
+    data = {**config(tmp_path).to_dict(), "learning_rat": 1e-4}
+    with pytest.raises(ValueError, match=r"'learning_rat' \(did you mean 'learning_rate'\?\)"):
+        LoraTrainConfig.from_dict(data)
+
+
+def test_wrong_types_and_missing_required_are_named(tmp_path):
+    data = config(tmp_path).to_dict()
+    data["rank"] = "sixteen"
+    data["cache_latents"] = 1
+    del data["base_model"]
+    with pytest.raises(ValueError) as err:
+        LoraTrainConfig.from_dict(data)
+    message = str(err.value)
+    assert "rank: expected an integer" in message
+    assert "cache_latents: expected true/false" in message
+    assert "base_model: required setting is missing" in message
+
+
+def test_ints_are_accepted_for_floats(tmp_path):
+    text = config(tmp_path).to_toml().replace("alpha = 16.0", "alpha = 16")
+    assert LoraTrainConfig.from_toml(text).alpha == 16.0
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({"resolution": 500}, "resolution=500: must be a multiple of 8"),
+    ({"resolution": 32}, "resolution=32"),
+    ({"rank": 0}, "rank=0: must be >= 1"),
+    ({"learning_rate": 0.0}, "learning_rate=0.0: must be a positive number"),
+    ({"dropout": 1.0}, "dropout=1.0"),
+    ({"lr_scheduler": "cosine_warm"}, "lr_scheduler='cosine_warm': must be one of"),
+    ({"mixed_precision": "fp8"}, "mixed_precision='fp8'"),
+    ({"output_name": "../escape"}, "must stay inside the loras folder"),
+    ({"output_name": "/abs/x"}, "not an absolute path"),
+    ({"output_name": "C:\\x"}, "not an absolute path"),
+    ({"output_name": ""}, "output_name: is empty"),
+    ({"random_flip": True, "cache_latents": True}, "random_flip with cache_latents"),
+    ({"cache_text_embeddings": True, "train_text_encoder": True}, "cache_text_embeddings with train_text_encoder"),
+    ({"aspect": "../x"}, "an aspect name, not a path"),
+    ({"bucket_step": 60}, "bucket_step=60: must be a multiple of 8"),
+])
+def test_validate_names_the_field_and_the_fix(tmp_path, overrides, expected):
+    with pytest.raises(ValueError, match=expected.replace("(", r"\(").replace("?", r"\?")):
+        config(tmp_path, **overrides).validate()
+
+
+def test_validate_reports_every_problem_at_once(tmp_path):
+    with pytest.raises(ValueError) as err:
+        config(tmp_path, resolution=100, rank=0).validate()
+    assert "resolution=100" in str(err.value) and "rank=0" in str(err.value)
+
+
+def test_validate_checks_paths_and_existing_output(tmp_path):
+    with pytest.raises(ValueError, match="base_model=.*no such file or folder"):
+        config(tmp_path, base_model=str(tmp_path / "missing.safetensors")).validate()
+    with pytest.raises(ValueError, match="dataset_dir=.*no such folder"):
+        config(tmp_path, dataset_dir=str(tmp_path / "nodata")).validate()
+    existing = config(tmp_path)
+    existing.output_path.parent.mkdir(parents=True)
+    existing.output_path.write_bytes(b"x")
+    with pytest.raises(ValueError, match="already exists; choose another name or set overwrite = true"):
+        existing.validate()
+    existing.replace(overwrite=True).validate()
+    config(tmp_path, base_model="nowhere").validate(check_paths=False)
+
+
+def test_fingerprint_follows_result_settings_only(tmp_path):
+    base = config(tmp_path)
+    assert base.fingerprint() == config(tmp_path).fingerprint()
+    assert base.fingerprint() != base.replace(learning_rate=2e-4).fingerprint()
+    assert base.fingerprint() != base.replace(aspect="other").fingerprint()
+    # where things are stored and how often checkpoints are written do not change the result
+    assert base.fingerprint() == base.replace(work_dir="/elsewhere", checkpointing_steps=7, overwrite=True,
+                                              output_name="versat2i/y", cache_latents=True).fingerprint()
+    assert base.fingerprint(data=[1]) != base.fingerprint(data=[2])
+
+
+def test_output_path_adds_the_suffix_once(tmp_path):
+    assert config(tmp_path, output_name="versat2i/a").output_path.name == "a.safetensors"
+    assert config(tmp_path, output_name="versat2i/a.safetensors").output_path.name == "a.safetensors"
+
+
+# -- events ------------------------------------------------------------------------------------
+
+def test_events_round_trip_and_reject_foreign_lines(tmp_path):
+    event = make_event("step", step=3, total=10, loss=0.5, lr=1e-4, eta_s=2.0, epoch=0)
+    assert parse_event_line(encode_event(event)) == event
+    assert parse_event_line("INFO something {\"event\": \"step\"}") is None
+    assert parse_event_line('{"event": "step", "v": 1, "step": 1}') is None  # missing fields
+    assert parse_event_line('{"event": "bogus", "v": 1}') is None
+    assert parse_event_line("{not json") is None
+    with pytest.raises(ValueError, match="missing loss"):
+        make_event("step", step=1, total=2, lr=0.1, eta_s=1)
+    with pytest.raises(ValueError, match="unknown event kind"):
+        make_event("progress")
+
+
+def test_non_finite_loss_is_written_as_null():
+    line = encode_event(make_event("step", step=1, total=2, loss=float("nan"), lr=0.1, eta_s=1))
+    assert json.loads(line)["loss"] is None
+    assert parse_event_line(line)["loss"] is None
+
+
+def test_event_writer_appends_to_file_and_stream(tmp_path):
+    stream = io.StringIO()
+    log = tmp_path / "sub" / "log.jsonl"
+    with EventWriter(log, stream=stream) as writer:
+        writer.emit("start", total_steps=2, start_step=0, num_examples=4, output="x")
+    with EventWriter(log, stream=None) as writer:
+        writer.emit("done", step=2, lora_path="x")
+    assert [e["event"] for e in read_events(log)] == ["start", "done"]
+    assert parse_event_line(stream.getvalue())["event"] == "start"

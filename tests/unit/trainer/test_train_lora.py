@@ -1,0 +1,243 @@
+"""The LoRA training program under ``accelerate launch`` on a tiny SD1.5-shaped model (CPU, offline).
+
+One uninterrupted run is shared by several tests (it is the reference for the resume test). The
+resume test kills the child with SIGKILL part-way, resumes with ``--resume latest`` and compares the
+final LoRA with the uninterrupted one; meanwhile a thread polls the loras folder to check that the
+final name never holds a partial file.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from tiny_models.lora_training import make_kohya_dataset, tiny_lora_config
+from tiny_models.sd import build_tiny_sd15
+from versat2i.trainer import train_lora
+from versat2i.trainer.events import read_events
+from versat2i.trainer.launcher import LaunchOptions, TrainingFailed, run_training
+
+pytestmark = pytest.mark.skipif(os.name == "nt", reason="kills process groups with POSIX signals")
+
+STEPS = 16
+KILL_AT = 8  # checkpoints every 3 steps -> the resumed run starts at step 6, mid-epoch
+# A config that exercises what resume must restore: lr schedule with warm-up, accumulation across
+# epoch ends, LoRA dropout (global RNG), noise offset and min-SNR (noise generator).
+RESUME_SETTINGS = dict(max_train_steps=STEPS, checkpointing_steps=3, checkpoints_total_limit=2,
+                       gradient_accumulation_steps=2, learning_rate=2e-2, lr_scheduler="constant_with_warmup",
+                       lr_warmup_steps=2,
+                       dropout=0.1, noise_offset=0.05, snr_gamma=5.0)
+
+
+class FolderWatcher:
+    """Polls a folder every few ms and records every time ``name`` is seen, and whether it was complete."""
+
+    def __init__(self, folder: Path, name: str):
+        self.folder, self.name = folder, name
+        self.sightings: list[bool] = []  # True: a complete, loadable safetensors file
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            path = self.folder / self.name
+            if path.exists():
+                try:
+                    with safe_open(str(path), framework="pt") as handle:
+                        for key in handle.keys():
+                            handle.get_tensor(key)
+                    self.sightings.append(True)
+                except Exception:
+                    self.sightings.append(False)
+            time.sleep(0.01)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def launch(config_path: Path, **kwargs):
+    return run_training(["--config", str(config_path), "--resume", "latest"], options=LaunchOptions(cpu=True), **kwargs)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-sd15")
+    return build_tiny_sd15(root), make_kohya_dataset(root / "dataset", images_per_aspect=4)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny, tmp_path_factory):
+    """An uninterrupted run from the diffusers folder."""
+    model, dataset = tiny
+    tmp = tmp_path_factory.mktemp("reference")
+    config = tiny_lora_config(tmp, model.folder, dataset, **RESUME_SETTINGS)
+    config_path = config.save(tmp / "config.toml")
+    with FolderWatcher(config.output_path.parent, config.output_path.name) as watcher:
+        result = launch(config_path)
+    return config, result, watcher
+
+
+def test_training_writes_a_kohya_lora_with_metadata(reference_run):
+    config, result, watcher = reference_run
+    assert result.lora_path == config.output_path
+    tensors = load_file(str(config.output_path))
+    assert tensors and all(key.startswith("lora_unet_") for key in tensors)
+    suffixes = {key.split(".", 1)[1] for key in tensors}
+    assert suffixes == {"lora_down.weight", "lora_up.weight", "alpha"}
+    assert all(float(v) == 4.0 for k, v in tensors.items() if k.endswith(".alpha"))
+    assert any("attn2_to_q" in key for key in tensors) and not any("_ff_" in key for key in tensors)
+    with safe_open(str(config.output_path), framework="pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["versat2i_fingerprint"] == train_lora.lora_run_fingerprint(config)
+    assert metadata["versat2i_aspect"] == "aesthetics" and metadata["ss_network_dim"] == "4"
+    assert metadata["ss_steps"] == str(STEPS) and len(metadata["versat2i_base_model_sha256"]) == 64
+    stored = __import__("json").loads(metadata["versat2i_config"])
+    assert stored["rank"] == 4 and stored["dataset_dir"] == "dataset"  # settings kept, local paths cut
+    assert str(config.dataset_dir) not in str(metadata)
+    assert watcher.sightings and all(watcher.sightings)  # the final name only ever held a complete file
+    assert not [p for p in config.output_path.parent.iterdir() if p.name != config.output_path.name]  # no temp left
+
+
+def test_progress_events_and_log(reference_run):
+    config, result, _ = reference_run
+    kinds = [e["event"] for e in result.events]
+    assert kinds[0] == "start" and kinds[-1] == "done"
+    steps = [e for e in result.events if e["event"] == "step"]
+    assert [e["step"] for e in steps] == list(range(1, STEPS + 1))
+    assert all(e["total"] == STEPS and e["eta_s"] >= 0 and e["lr"] >= 0 for e in steps)
+    assert steps[0]["lr"] < steps[2]["lr"]  # warm-up
+    checkpoints = [e["step"] for e in result.events if e["event"] == "checkpoint"]
+    assert checkpoints == [3, 6, 9, 12, 15]
+    assert [p.name for p in train_lora.checkpoint_dirs(config.work_dir)] == ["checkpoint-12", "checkpoint-15"]
+    assert read_events(Path(config.work_dir) / train_lora.LOG_FILE_NAME) == result.events
+
+
+def test_loss_falls_on_an_overfit_set(reference_run, tiny):
+    """The logged loss falls, and the LoRA (loaded by diffusers from the kohya file) lowers the loss on
+    the training images at fixed noise and timesteps."""
+    from diffusers import StableDiffusionPipeline
+    from versat2i.trainer.kohya_dataset import KohyaDataset, scan_training_set
+
+    config, result, _ = reference_run
+    model, dataset_dir = tiny
+    losses = [loss for _, loss in result.losses]
+    quarter = len(losses) // 4
+    assert sum(losses[-quarter:]) / quarter < 0.9 * sum(losses[:quarter]) / quarter
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(model.folder), safety_checker=None)
+    pipe.load_lora_weights(str(config.output_path))
+    images = scan_training_set(dataset_dir, "aesthetics")
+    data = KohyaDataset(images, resolution=64)
+    pixels = torch.stack([data.load_pixels(i)[0] for i in range(len(data))])
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+        ids = pipe.tokenizer([im.caption for im in images], padding="max_length", max_length=77,
+                             truncation=True, return_tensors="pt").input_ids
+        hidden = pipe.text_encoder(ids)[0]
+        totals = {"lora": 0.0, "base": 0.0}
+        for _ in range(8):
+            noise = torch.randn(latents.shape, generator=generator)
+            timesteps = torch.randint(0, 1000, (latents.shape[0],), generator=generator)
+            noisy = pipe.scheduler.add_noise(latents, noise, timesteps)
+            for which in totals:
+                pipe.enable_lora() if which == "lora" else pipe.disable_lora()
+                prediction = pipe.unet(noisy, timesteps, hidden).sample
+                totals[which] += torch.nn.functional.mse_loss(prediction, noise).item()
+    assert totals["lora"] < 0.9 * totals["base"]
+
+
+def test_killed_run_resumes_to_the_same_lora(reference_run, tiny, tmp_path):
+    reference_config, _, _ = reference_run
+    model, dataset = tiny
+    config = tiny_lora_config(tmp_path, model.folder, dataset, **RESUME_SETTINGS)
+    config_path = config.save(tmp_path / "config.toml")
+    started = {}
+
+    def kill_at_step(event):
+        if event["event"] == "step" and event["step"] == KILL_AT:
+            os.killpg(started["child"].pgid, signal.SIGKILL)  # no clean-up of any kind
+
+    with FolderWatcher(config.output_path.parent, config.output_path.name) as watcher:
+        with pytest.raises(TrainingFailed) as err:
+            launch(config_path, on_event=kill_at_step, on_start=lambda c: started.setdefault("child", c))
+        assert err.value.returncode != 0
+        assert not config.output_path.exists() and watcher.sightings == []
+        assert [p.name for p in train_lora.checkpoint_dirs(config.work_dir)] == ["checkpoint-3", "checkpoint-6"]
+
+        result = launch(config_path)
+    start = next(e for e in result.events if e["event"] == "start")
+    assert start["start_step"] == 6 and start["resumed_from"].endswith("checkpoint-6")
+    assert [e["step"] for e in result.events if e["event"] == "step"] == list(range(7, STEPS + 1))
+    assert all(watcher.sightings)
+
+    resumed, reference = load_file(str(config.output_path)), load_file(str(reference_config.output_path))
+    assert resumed.keys() == reference.keys()
+    worst = max((resumed[k] - reference[k]).abs().max().item() for k in reference)
+    assert worst <= 1e-6
+    # the metadata loss curve spans the whole run, both processes
+    with safe_open(str(config.output_path), framework="pt") as handle:
+        curve = handle.metadata()["versat2i_loss_curve"]
+    assert len(__import__("json").loads(curve)) == STEPS
+
+
+def test_trains_from_a_single_file_checkpoint(tiny, tmp_path):
+    model, dataset = tiny
+    config = tiny_lora_config(tmp_path, model.checkpoint, dataset, max_train_steps=3, checkpointing_steps=100,
+                              model_config_dir=str(model.folder), cache_latents=True, cache_text_embeddings=True,
+                              train_feed_forward=True)
+    result = launch(config.save(tmp_path / "config.toml"))
+    tensors = load_file(str(result.lora_path))
+    assert any("_ff_net_" in key for key in tensors)
+    with safe_open(str(result.lora_path), framework="pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["versat2i_arch"] == "sd15" and metadata["ss_steps"] == "3"
+
+
+def test_a_crash_in_the_child_surfaces_its_error(tiny, tmp_path):
+    model, dataset = tiny
+    config = tiny_lora_config(tmp_path, tmp_path / "model-deleted-after-queueing", dataset)
+    with pytest.raises(TrainingFailed) as err:
+        launch(config.save(tmp_path / "config.toml"))
+    assert err.value.returncode != 0
+    assert "base_model=" in str(err.value) and "no such file or folder" in str(err.value)  # the child's traceback
+    assert not config.output_path.exists()
+
+
+# -- other architectures, in-process (``main`` is what the child runs; no launch overhead) -------
+
+@pytest.mark.parametrize("arch, settings, key_prefixes", [
+    # SDXL: both text encoders trained, non-square buckets (crop / size micro-conditioning), flips
+    ("sdxl", dict(train_text_encoder=True, random_flip=True, bucket_step=8),
+     {"lora_unet_", "lora_te1_", "lora_te2_"}),
+    # SD2 v-prediction: cached latents and text embeddings, min-SNR for v
+    ("sd2", dict(cache_latents=True, cache_text_embeddings=True, snr_gamma=5.0), {"lora_unet_"}),
+])
+def test_other_architectures_train_in_process(tmp_path, capsys, arch, settings, key_prefixes):
+    from tiny_models.sd import build_tiny_model
+
+    model = build_tiny_model(arch, tmp_path / "model")
+    dataset = make_kohya_dataset(tmp_path / "ds", images_per_aspect=2, sizes=[(80, 48), (64, 64)])
+    config = tiny_lora_config(tmp_path, model.folder, dataset, max_train_steps=2, checkpointing_steps=100, **settings)
+    output = train_lora.main(train_lora.parse_args(["--config", str(config.save(tmp_path / "c.toml"))]))
+    tensors = load_file(str(output))
+    assert {prefix for prefix in key_prefixes if any(k.startswith(prefix) for k in tensors)} == key_prefixes
+    with safe_open(str(output), framework="pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["versat2i_arch"] == arch
+    assert metadata["versat2i_prediction_type"] == ("v_prediction" if arch == "sd2" else "epsilon")
+    events = read_events(Path(config.work_dir) / train_lora.LOG_FILE_NAME)
+    assert [e["event"] for e in events] == ["start", "step", "step", "done"]
+    assert all(e["loss"] is not None and e["loss"] > 0 for e in events if e["event"] == "step")

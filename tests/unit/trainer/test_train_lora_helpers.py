@@ -1,0 +1,178 @@
+"""Pieces of the training program that need no child process: loss targets and min-SNR weights,
+checkpoint discovery, LoRA layer placement, loss curves, run fingerprints, the CLI wiring."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import pytest
+import torch
+from tiny_models.lora_training import make_kohya_dataset, tiny_lora_config
+from versat2i.trainer import train_lora
+from versat2i.trainer.config import LoraTrainConfig
+
+
+@pytest.fixture(scope="module")
+def scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    latents, noise, pred = (torch.randn(3, 4, 8, 8, generator=g) for _ in range(3))
+    return pred, latents, noise, torch.tensor([5, 400, 990])
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_loss_targets(scheduler, prediction_type):
+    pred, latents, noise, timesteps = _inputs()
+    target = {"epsilon": noise, "v_prediction": scheduler.get_velocity(latents, noise, timesteps),
+              "sample": latents}[prediction_type]
+    loss = train_lora.compute_loss(pred, latents, noise, timesteps, scheduler, prediction_type, 0.0)
+    assert torch.allclose(loss, ((pred - target) ** 2).mean())
+    assert train_lora.compute_loss(target, latents, noise, timesteps, scheduler, prediction_type, 0.0) == 0
+
+
+def test_min_snr_weights_follow_the_paper(scheduler):
+    pred, latents, noise, timesteps = _inputs()
+    alphas = scheduler.alphas_cumprod[timesteps]
+    snr = alphas / (1 - alphas)
+    per_sample = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
+    expected = (per_sample * torch.clamp(snr, max=5.0) / snr).mean()
+    loss = train_lora.compute_loss(pred, latents, noise, timesteps, scheduler, "epsilon", 5.0)
+    assert torch.allclose(loss, expected, rtol=1e-5)
+    # v-prediction divides by snr + 1; x0 keeps min(snr, gamma)
+    v_target = scheduler.get_velocity(latents, noise, timesteps)
+    v_expected = (((pred - v_target) ** 2).mean(dim=(1, 2, 3)) * torch.clamp(snr, max=5.0) / (snr + 1)).mean()
+    assert torch.allclose(train_lora.compute_loss(pred, latents, noise, timesteps, scheduler, "v_prediction", 5.0),
+                          v_expected, rtol=1e-5)
+
+
+def test_unknown_prediction_type_is_an_error(scheduler):
+    with pytest.raises(ValueError, match="unknown prediction type"):
+        train_lora.compute_loss(*_inputs(), scheduler, "flow", 0.0)
+
+
+def test_checkpoint_discovery_ignores_partial_ones(tmp_path):
+    folder = tmp_path / train_lora.CHECKPOINT_DIR_NAME
+    for name in ("checkpoint-2", "checkpoint-10", ".checkpoint-12.partial", "checkpoint-x", "notes"):
+        (folder / name).mkdir(parents=True)
+    (folder / "checkpoint-10" / train_lora.PROGRESS_FILE).write_text("{}")
+    assert [p.name for p in train_lora.checkpoint_dirs(tmp_path)] == ["checkpoint-2", "checkpoint-10"]
+    assert train_lora.find_resume_checkpoint(tmp_path, "latest").name == "checkpoint-10"
+    assert train_lora.find_resume_checkpoint(tmp_path, None) is None
+    assert train_lora.find_resume_checkpoint(tmp_path / "empty", "latest") is None  # fresh start
+    assert train_lora.find_resume_checkpoint(tmp_path, "checkpoint-10").name == "checkpoint-10"
+    with pytest.raises(ValueError, match="not a checkpoint folder"):
+        train_lora.find_resume_checkpoint(tmp_path, "checkpoint-2")
+
+
+def test_loss_curve_points_are_thinned_means():
+    history = [(step, float(step)) for step in range(1, 1001)]
+    points = train_lora.loss_curve_points(history, max_points=100)
+    assert len(points) == 100 and points[0] == [10, 5.5] and points[-1][0] == 1000
+    assert train_lora.loss_curve_points([(1, None), (2, 2.0)]) == [[2, 2.0]]
+    assert train_lora.loss_curve_points([]) == []
+
+
+def test_lora_layers_go_where_asked(tmp_path):
+    from tiny_models.sd import tiny_sd15_components
+
+    class Base:  # the fields add_lora_adapters uses
+        def __init__(self):
+            parts = tiny_sd15_components()
+            self.unet, self.vae, self.text_encoders = parts["unet"], parts["vae"], [parts["text_encoder"]]
+
+    def lora_modules(module):
+        return {n.rsplit(".lora_A", 1)[0] for n, _ in module.named_parameters() if ".lora_A" in n}
+
+    config = LoraTrainConfig(base_model="m", dataset_dir="d", output_dir="o", output_name="x", work_dir="w", rank=2)
+    base = Base()
+    trainable = train_lora.add_lora_adapters(base, config)
+    assert [name for name, _ in trainable] == ["unet"]
+    unet_layers = lora_modules(base.unet)
+    assert unet_layers and all(n.split(".")[-1] in ("to_q", "to_k", "to_v", "0") for n in unet_layers)
+    assert not lora_modules(base.text_encoders[0])
+    trainable_params = {n for n, p in base.unet.named_parameters() if p.requires_grad}
+    assert trainable_params and all("lora_" in n for n in trainable_params)
+    assert not any(p.requires_grad for p in base.vae.parameters())
+
+    base = Base()
+    full = config.replace(train_text_encoder=True, train_feed_forward=True)
+    assert [name for name, _ in train_lora.add_lora_adapters(base, full)] == ["unet", "text_encoder"]
+    assert any(n.endswith("ff.net.2") for n in lora_modules(base.unet))
+    assert {n.split(".")[-1] for n in lora_modules(base.text_encoders[0])} == {"q_proj", "k_proj", "v_proj",
+                                                                              "out_proj", "fc1", "fc2"}
+
+
+def test_run_fingerprint_sees_data_and_model_changes(tmp_path):
+    dataset = make_kohya_dataset(tmp_path / "ds", images_per_aspect=2)
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"weights")
+    config = tiny_lora_config(tmp_path, model, dataset)
+    first = train_lora.lora_run_fingerprint(config)
+    assert train_lora.lora_run_fingerprint(config.replace(work_dir="elsewhere")) == first
+    caption = dataset / "5_aesthetics" / "p00000_c000.txt"
+    caption.write_text("an edited caption")
+    os.utime(caption, ns=(1, 1))
+    second = train_lora.lora_run_fingerprint(config)
+    assert second != first
+    model.write_bytes(b"other weights")
+    assert train_lora.lora_run_fingerprint(config) != second
+
+
+def test_mixed_precision_auto_is_full_precision_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert train_lora.resolve_mixed_precision("auto") == "no"
+    assert train_lora.resolve_mixed_precision("bf16") == "bf16"
+
+
+def test_parse_args():
+    args = train_lora.parse_args(["--config", "c.toml", "--resume", "latest"])
+    assert (args.config, args.resume, args.log_file) == ("c.toml", "latest", None)
+
+
+# -- the `versat2i train-lora` command ------------------------------------------------------------
+
+def _cli(argv):
+    from versat2i.cli import main
+
+    return main(argv)
+
+
+def test_cli_prints_a_config_that_loads(capsys):
+    assert _cli(["train-lora", "--print-config"]) == 0
+    text = capsys.readouterr().out
+    loaded = LoraTrainConfig.from_toml(text)
+    assert loaded.rank == LoraTrainConfig.__dataclass_fields__["rank"].default
+    assert loaded.output_name == "versat2i/aesthetics"
+
+
+def test_cli_reports_a_bad_config_in_one_line(tmp_path, capsys):
+    dataset = make_kohya_dataset(tmp_path / "ds", images_per_aspect=1)
+    config = tiny_lora_config(tmp_path, dataset, dataset, resolution=100)
+    path = config.save(tmp_path / "c.toml")
+    assert _cli(["train-lora", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "resolution=100: must be a multiple of 8" in err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "loras").exists()
+
+
+def test_cli_reports_an_empty_dataset_before_starting(tmp_path, capsys):
+    dataset = make_kohya_dataset(tmp_path / "ds", images_per_aspect=1)
+    (dataset / "5_aesthetics" / "p00000_c000.png").unlink()
+    path = tiny_lora_config(tmp_path, dataset, dataset).save(tmp_path / "c.toml")
+    assert _cli(["train-lora", "--config", str(path)]) == 2
+    assert "no images" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_subcommand_is_registered():
+    from versat2i.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["train-lora", "--config", "x.toml", "--resume", "latest", "--cpu"])
+    assert isinstance(args, argparse.Namespace) and args.resume == "latest" and args.cpu

@@ -1,0 +1,48 @@
+"""The script ``accelerate launch`` runs: import the pack by its file location, then run a program.
+
+    launch_entry.py trainer.train_lora --config run.toml [--resume latest]
+
+The first argument names a module of the pack (relative to it) with ``parse_args(argv)`` and
+``main(args)``, e.g. ``trainer.train_lora``; the rest are that program's arguments.
+
+ComfyUI-Manager installs only ``requirements.txt``, so the pack is usually not pip-installed, and a
+pip-installed copy may be another version than the one next to this file. This script therefore
+loads *this* folder's pack as the package ``versat2i`` (as ComfyUI loads custom nodes: by file
+location), whatever is installed. The pack's ``__init__.py`` imports nothing heavy, so this is safe.
+"""
+
+import importlib.util
+import logging
+import os
+import re
+import sys
+
+TRAINER_DIR = os.path.dirname(os.path.abspath(__file__))
+PACK_ROOT = os.path.dirname(TRAINER_DIR)
+PACKAGE_NAME = "versat2i"
+
+
+def import_pack():
+    # ``python <script>`` puts the script's folder first on sys.path: trainer/config.py, events.py,
+    # cli.py... would shadow any top-level module of the same name. Take it off.
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != TRAINER_DIR]
+    spec = importlib.util.spec_from_file_location(
+        PACKAGE_NAME, os.path.join(PACK_ROOT, "__init__.py"), submodule_search_locations=[PACK_ROOT])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[PACKAGE_NAME] = package
+    spec.loader.exec_module(package)
+    return package
+
+
+def run(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or not re.fullmatch(r"[a-z_]+(\.[a-z_]+)+", argv[0]):
+        sys.exit("usage: launch_entry.py <pack module, e.g. trainer.train_lora> [program arguments]")
+    import_pack()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    program = importlib.import_module(f"{PACKAGE_NAME}.{argv[0]}")
+    program.main(program.parse_args(argv[1:]))
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,156 @@
+"""Train a LoRA once: reuse the finished file when nothing changed, else run (or resume) the trainer.
+
+This is the Train Aspect LoRA node's logic without ComfyUI, so it is tested directly:
+
+* The inputs' fingerprint (settings + base model and dataset identity, ``train_lora.lora_run_fingerprint``)
+  is stored in the LoRA's metadata. Re-queuing identical inputs finds the file with the same
+  fingerprint and returns it (and its loss curve) without training.
+* Each fingerprint gets its own work folder ``<runs_root>/<name>-<fingerprint[:12]>``, so a cancelled
+  run resumes from its last checkpoint when queued again, and a changed setting never resumes
+  from another run's checkpoints.
+* Everything that can be checked in-process is checked before the child starts (settings, output
+  name, dataset); a failed run that produced no checkpoint leaves no work folder behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import LoraTrainConfig
+from .launcher import LaunchOptions, TrainingFailed, run_training
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE_NAME = "config.toml"
+
+
+@dataclass
+class LoraJobResult:
+    lora_path: Path
+    loss_curve: list[tuple[int, float]]
+    reused: bool
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+
+def read_finished_lora(path: Path) -> tuple[str | None, list[tuple[int, float]]]:
+    """(fingerprint, loss curve) stored in a LoRA file's metadata; (None, []) if absent or unreadable."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except Exception:  # not ours / damaged: treated as "not this run's result"
+        return None, []
+    try:
+        curve = [(int(s), float(v)) for s, v in json.loads(metadata.get("versat2i_loss_curve", "[]"))]
+    except (ValueError, TypeError):
+        curve = []
+    return metadata.get("versat2i_fingerprint"), curve
+
+
+class _LazyStateDict(Mapping):
+    """Keys of a .safetensors file, tensors read only when asked for (architecture detection needs the
+    key names and one or two small tensors, not 2-7 GB of weights)."""
+
+    def __init__(self, handle):
+        self._handle, self._keys = handle, list(handle.keys())
+        self._key_set = set(self._keys)
+
+    def __getitem__(self, key):
+        if key not in self._key_set:
+            raise KeyError(key)
+        return self._handle.get_tensor(key)
+
+    def __contains__(self, key) -> bool:
+        return key in self._key_set
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def check_base_model(config: LoraTrainConfig) -> None:
+    """Refuse an unsupported single-file checkpoint in-process, before a child is started."""
+    path = Path(config.base_model)
+    if not (path.is_file() and path.suffix.lower() == ".safetensors"):
+        return  # diffusers folders and legacy .ckpt files are checked by the loader in the child
+    from safetensors import safe_open
+
+    from .model_loading import detect_checkpoint_arch
+
+    try:
+        handle_context = safe_open(str(path), framework="pt")
+    except Exception as exc:  # safetensors raises its own types for a damaged header
+        raise ValueError(f"base_model {path}: cannot read this checkpoint ({type(exc).__name__}: {exc}); "
+                         "the file is damaged or not a .safetensors model") from exc
+    with handle_context as handle:
+        detected = detect_checkpoint_arch(_LazyStateDict(handle), name=str(path))
+    if config.arch not in ("auto", detected):
+        raise ValueError(f"base_model {path}: arch={config.arch!r} was requested but the checkpoint is {detected}")
+
+
+def prepare_lora_job(config: LoraTrainConfig, runs_root: str | Path | None = None
+                     ) -> tuple[LoraTrainConfig, str, LoraJobResult | None]:
+    """(config with its work folder, fingerprint, finished result or None). Raises ValueError for bad
+    settings or data, and when the output exists from other inputs without ``overwrite``."""
+    from ..safe_io import confined_path
+    from .kohya_dataset import scan_training_set
+    from .train_lora import lora_run_fingerprint
+
+    config.validate(check_paths=False)
+    fingerprint = lora_run_fingerprint(config)
+    output = config.output_path
+    if output.is_file():
+        stored, curve = read_finished_lora(output)
+        if stored == fingerprint:
+            logger.info("%s was trained from these inputs already; not training again", output)
+            return config, fingerprint, LoraJobResult(lora_path=output, loss_curve=curve, reused=True)
+    if runs_root is not None:
+        stem = Path(config.output_name).with_suffix("").as_posix() if config.output_name.endswith(".safetensors") \
+            else config.output_name
+        work_dir = confined_path(runs_root, f"{stem}-{fingerprint[:12]}", what="LoRA name")
+        config = config.replace(work_dir=str(work_dir))
+    config.validate()
+    scan_training_set(config.dataset_dir, config.aspect)  # empty / unreadable data: error now, nothing written
+    check_base_model(config)
+    return config, fingerprint, None
+
+
+def train_or_reuse(config: LoraTrainConfig, *, runs_root: str | Path | None = None,
+                   options: LaunchOptions | None = None, env: Mapping[str, str] | None = None,
+                   on_event: Callable[[dict], None] | None = None, check_cancel: Callable[[], bool] | None = None,
+                   before_launch: Callable[[], None] | None = None, on_start=None) -> LoraJobResult:
+    """The finished LoRA for ``config``: reused when its fingerprint matches, else trained (resuming
+    the latest checkpoint of an earlier, interrupted run with the same inputs)."""
+    config, _fingerprint, finished = prepare_lora_job(config, runs_root)
+    if finished is not None:
+        return finished
+    work_dir = Path(config.work_dir)
+    created = not work_dir.exists()
+    config_path = config.save(work_dir / CONFIG_FILE_NAME)
+    if before_launch is not None:
+        before_launch()
+    try:
+        result = run_training(["--config", str(config_path), "--resume", "latest"], options=options or LaunchOptions(),
+                              env=env,
+                              on_event=on_event, check_cancel=check_cancel, output_log=work_dir / "train_output.log",
+                              on_start=on_start)
+    except BaseException:
+        # Keep a folder with checkpoints (resume); drop one this call created and nothing useful came of.
+        from .train_lora import checkpoint_dirs
+
+        if created and not checkpoint_dirs(work_dir):
+            shutil.rmtree(work_dir, ignore_errors=True)
+        raise
+    return LoraJobResult(lora_path=result.lora_path, loss_curve=result.losses, reused=False, events=result.events)
+
+
+__all__ = ["LoraJobResult", "TrainingFailed", "prepare_lora_job", "read_finished_lora", "train_or_reuse"]
