@@ -23,6 +23,9 @@ NODE_MODULES = (
     "save_training_set",
     # 4. train
     "train_aspect_lora",
+    # 5. mix
+    "train_gate",
+    "gated_multi_lora_loader",
     # report
     "loop_report",
 )

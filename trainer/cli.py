@@ -1,11 +1,16 @@
-"""``versat2i train-lora``: train one aspect LoRA from a TOML/JSON config, from a shell.
+"""``versat2i train-lora``, ``versat2i train-gate`` and ``versat2i mix``: the trainer from a shell.
 
     versat2i train-lora --config run.toml [--resume latest] [--cpu] [--accelerate-config FILE]
     versat2i train-lora --print-config > run.toml     (every setting with its default)
+    versat2i train-gate --config gate.toml [--resume latest]
+    versat2i mix --base-model MODEL --mol aspects.mol.safetensors --prompt "..." --out DIR
 
-The run happens in a child process under ``accelerate launch`` (your accelerate config decides the
-GPUs), exactly as the Train Aspect LoRA node runs it; Ctrl-C stops the whole process group and
-keeps the last checkpoint, so ``--resume latest`` continues.
+Training runs in a child process under ``accelerate launch`` (your accelerate config decides the
+GPUs), exactly as the Train Aspect LoRA / Train Gate nodes run it; Ctrl-C stops the whole process
+group and keeps the last checkpoint, so ``--resume latest`` continues.
+
+Nothing heavy is imported while the parser is built (``versat2i --help`` stays fast): each
+command imports torch and the trainer modules when it runs.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-EXAMPLE_REQUIRED = {
+LORA_EXAMPLE_REQUIRED = {
     "base_model": "models/checkpoints/model.safetensors",
     "dataset_dir": "output/versat2i/training_set",
     "aspect": "aesthetics",
@@ -23,15 +28,25 @@ EXAMPLE_REQUIRED = {
     "output_name": "versat2i/aesthetics",
     "work_dir": "output/versat2i/lora_runs/aesthetics",
 }
+GATE_EXAMPLE_REQUIRED = {
+    "base_model": "models/checkpoints/model.safetensors",
+    "dataset_dir": "output/versat2i/training_set",
+    "loras": ("models/loras/versat2i/aesthetics.safetensors", "models/loras/versat2i/geometry.safetensors"),
+    "output_dir": "models/loras/versat2i",
+    "output_name": "aspects",
+    "work_dir": "output/versat2i/gate_runs/aspects",
+}
+MIX_MODES = ("bake", "dynamic", "equal")  # trainer.mix_diffusers.MODES (a test keeps them equal)
 
 
 def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "train-lora", help="train one aspect LoRA (kohya keys) from a TOML/JSON config",
-        description="Train one aspect LoRA on a training set written by build-dataset / Save Training Set. "
-                    "Runs under `accelerate launch`; progress is printed and logged as JSON lines in work_dir.",
-    )
-    parser.add_argument("--config", type=Path, help="LoraTrainConfig file (.toml or .json)")
+    add_train_lora_subcommand(subparsers)
+    add_train_gate_subcommand(subparsers)
+    add_mix_subcommand(subparsers)
+
+
+def _add_training_arguments(parser: argparse.ArgumentParser, config_name: str) -> None:
+    parser.add_argument("--config", type=Path, help=f"{config_name} file (.toml or .json)")
     parser.add_argument("--resume", default=None, metavar="latest|DIR",
                         help="continue from the newest checkpoint in work_dir ('latest'; a fresh start if there is "
                              "none) or from a checkpoint folder")
@@ -40,52 +55,85 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
                         help="accelerate config file (default: yours from `accelerate config`, else one process)")
     parser.add_argument("--print-config", action="store_true", help="print a config with every default and exit")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_train_lora_subcommand(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train-lora", help="train one aspect LoRA (kohya keys) from a TOML/JSON config",
+        description="Train one aspect LoRA on a training set written by build-dataset / Save Training Set. "
+                    "Runs under `accelerate launch`; progress is printed and logged as JSON lines in work_dir.",
+    )
+    _add_training_arguments(parser, "LoraTrainConfig")
     parser.set_defaults(func=run_train_lora)
+
+
+def add_train_gate_subcommand(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train-gate", help="train a Mixture-of-LoRA gate over aspect LoRAs (writes a .mol.safetensors)",
+        description="Train the gate that mixes aspect LoRAs per layer (MoLE-style, with a balancing loss). "
+                    "Base model and LoRAs stay frozen. Runs under `accelerate launch`; Ctrl-C keeps the last "
+                    "checkpoint for --resume latest.",
+    )
+    _add_training_arguments(parser, "GateTrainConfig")
+    parser.set_defaults(func=run_train_gate)
 
 
 def run_train_lora(args: argparse.Namespace) -> int:
     from .config import LoraTrainConfig
 
+    return _run_training_command(args, "train-lora", LoraTrainConfig, LORA_EXAMPLE_REQUIRED,
+                                 program=None, aspect_of=lambda config: config.aspect,
+                                 result_path=lambda result: result.lora_path)
+
+
+def run_train_gate(args: argparse.Namespace) -> int:
+    from .train_gate import GATE_PROGRAM, GateTrainConfig
+
+    return _run_training_command(args, "train-gate", GateTrainConfig, GATE_EXAMPLE_REQUIRED,
+                                 program=GATE_PROGRAM, aspect_of=lambda config: "",
+                                 result_path=lambda result: result.done["mol_path"])
+
+
+def _run_training_command(args, command, config_class, example_required, *, program, aspect_of, result_path) -> int:
     if args.print_config:
-        example = {f.name: f.default for f in dataclasses.fields(LoraTrainConfig)
-                   if f.default is not dataclasses.MISSING}
-        print(LoraTrainConfig(**{**example, **EXAMPLE_REQUIRED}).to_toml(), end="")
+        example = {f.name: f.default for f in dataclasses.fields(config_class) if f.default is not dataclasses.MISSING}
+        print(config_class(**{**example, **example_required}).to_toml(), end="")
         return 0
     if args.config is None:
-        raise ValueError("--config: give the LoraTrainConfig file (see `versat2i train-lora --print-config`)")
-    config = LoraTrainConfig.load(args.config)
+        raise ValueError(f"--config: give the {config_class.__name__} file (see `versat2i {command} --print-config`)")
+    config = config_class.load(args.config)
     config.validate()  # a bad setting is one error line, before anything starts
     from .kohya_dataset import scan_training_set
 
-    scan_training_set(config.dataset_dir, config.aspect)  # empty / unreadable data fails here, not in the child
+    scan_training_set(config.dataset_dir, aspect_of(config))  # empty / unreadable data fails here, not in the child
 
     from .launcher import LaunchOptions, TrainingFailed, run_training
 
     script_args = ["--config", str(args.config.resolve())]
     if args.resume:
         script_args += ["--resume", args.resume]
-    bar = _ProgressBar(disabled=args.quiet)
+    bar = _ProgressBar(command, disabled=args.quiet)
+    program_kwargs = {"program": program} if program else {}
     try:
         options = LaunchOptions(accelerate_config=args.accelerate_config, cpu=args.cpu)
-        result = run_training(script_args, options=options, on_event=bar.on_event)
+        result = run_training(script_args, options=options, on_event=bar.on_event, **program_kwargs)
     except TrainingFailed as exc:
-        bar.close()
-        print(f"versat2i train-lora: {exc}", file=sys.stderr)
+        print(f"versat2i {command}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        bar.close()
-        print("versat2i train-lora: stopped; continue with --resume latest", file=sys.stderr)
+        print(f"versat2i {command}: stopped; continue with --resume latest", file=sys.stderr)
         return 130
-    bar.close()
-    print(result.lora_path)
+    finally:
+        bar.close()
+    print(result_path(result))
     return 0
 
 
 class _ProgressBar:
-    """tqdm driven by step events."""
+    """tqdm driven by the trainer's step events (gate runs also show each LoRA's gate mass)."""
 
-    def __init__(self, disabled: bool):
-        self.disabled, self.bar = disabled, None
+    def __init__(self, description: str, disabled: bool):
+        self.description, self.disabled, self.bar = description, disabled, None
 
     def on_event(self, event: dict) -> None:
         if self.disabled:
@@ -93,11 +141,15 @@ class _ProgressBar:
         from tqdm import tqdm
 
         if event["event"] == "start":
-            self.bar = tqdm(total=event["total_steps"], initial=event["start_step"], desc="train-lora", unit="step")
+            self.bar = tqdm(total=event["total_steps"], initial=event["start_step"], desc=self.description,
+                            unit="step")
         elif event["event"] == "step" and self.bar is not None:
             self.bar.n = event["step"]
             loss = event["loss"]
-            self.bar.set_postfix(loss=f"{loss:.4f}" if loss is not None else "nan", lr=f"{event['lr']:.2e}")
+            postfix = {"loss": f"{loss:.4f}" if loss is not None else "nan", "lr": f"{event['lr']:.2e}"}
+            if event.get("gate_mass"):
+                postfix["mass"] = "/".join(f"{m:.2f}" for m in event["gate_mass"])
+            self.bar.set_postfix(postfix)
         elif event["event"] == "checkpoint" and self.bar is not None:
             self.bar.write(f"checkpoint: {event['path']}")
 
@@ -105,3 +157,64 @@ class _ProgressBar:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def add_mix_subcommand(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "mix", help="generate images with a MoL file (gated aspect LoRAs) on a diffusers pipeline",
+        description="Apply a Mixture-of-LoRA file to a base model and generate images outside ComfyUI.",
+    )
+    parser.add_argument("--base-model", required=True, help="diffusers folder or single-file checkpoint")
+    parser.add_argument("--model-config-dir", default=None, help="diffusers configs for a single-file checkpoint")
+    parser.add_argument("--mol", required=True, type=Path, help="the .mol.safetensors file (its LoRAs next to it)")
+    parser.add_argument("--prompt", required=True, action="append", help="a prompt (repeat for several images)")
+    parser.add_argument("--negative-prompt", default="")
+    parser.add_argument("--mode", default="dynamic", choices=MIX_MODES,
+                        help="dynamic: gate at run time; bake: gate evaluated once per prompt (prompt gates) or the "
+                             "training mean (token gates) and merged; equal: every LoRA at 1/N")
+    parser.add_argument("--disable-aspects", default="", help="comma-separated aspects to switch off")
+    parser.add_argument("--strength", type=float, default=1.0)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--cfg", type=float, default=7.0)
+    parser.add_argument("--size", type=int, default=None, help="image side (default: the model's native resolution)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scheduler", default="euler", choices=["euler", "ddim", "dpm++"])
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:1...")
+    parser.add_argument("--out", required=True, type=Path, help="output folder for <index>.png")
+    parser.add_argument("--overwrite", action="store_true")
+    parser.set_defaults(func=run_mix)
+
+
+def run_mix(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..safe_io import atomic_file
+    from .mix_diffusers import build_pipeline, load_mixture, prompt_context
+    from .model_loading import load_base_model
+
+    base = load_base_model(args.base_model, config_dir=args.model_config_dir, compute_hash=False)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    pipe = build_pipeline(base, args.scheduler).to(device)
+    disabled = [a.strip() for a in args.disable_aspects.split(",") if a.strip()]
+    mol, mixture = load_mixture(base, args.mol, strength=args.strength)
+    enabled = [a for a in mol.aspects if a not in disabled] if disabled else None
+    mixture.mask = mol.gate.expert_mask(enabled)
+    size = args.size or base.resolution
+    for index, prompt in enumerate(args.prompt):
+        if args.mode == "dynamic":
+            mixture.attach()
+        elif args.mode == "bake":
+            context = prompt_context(base, prompt, device) if mol.gate.granularity == "prompt" else None
+            mixture.bake(mol.gate.merge_weights(context, mixture.mask))
+        else:
+            kept = torch.ones(len(mol.aspects)) if mixture.mask is None else mixture.mask.float()
+            mixture.bake((kept / kept.sum()).expand(len(mol.gate.layers), -1))
+        generator = torch.Generator(device="cpu").manual_seed(args.seed + index)
+        image = pipe(prompt, negative_prompt=args.negative_prompt or None, num_inference_steps=args.steps,
+                     guidance_scale=args.cfg, height=size, width=size, generator=generator).images[0]
+        mixture.remove()
+        final = args.out / f"{index:04d}.png"
+        with atomic_file(final, overwrite=args.overwrite, what="image") as temp:
+            image.save(temp, format="PNG")
+        print(final)
+    return 0

@@ -341,7 +341,7 @@ def tree_identity(path: Path) -> list:
     return rows
 
 
-_tree_identity = tree_identity  # the name train_gate.py first imported
+
 
 
 # -- the program -----------------------------------------------------------------------------------

@@ -1,0 +1,429 @@
+"""Step time of the Mixture-of-LoRA modes against the base model, measured in one run.
+
+Full-size SD1.5 UNet architecture with random weights (speed does not depend on weight values),
+batch 2 (cond + uncond, cfg > 1), 4 aspect LoRAs of rank 16 on all 160 transformer Linears, at
+256 and 512 px. Variants:
+
+* base           the plain model
+* bake           learned gate evaluated once and merged (ModelPatcher weight patches)
+* dynamic        token gate at run time: fused (all A in one matmul, gate-scaled, all B in one)
+* dynamic-prompt prompt gate at run time (per sample), fused
+* loop           token gate at run time, a plain per-expert loop (what a naive runtime LoRA does)
+* hooks          ComfyUI hook keyframes: the 4 LoRAs as weight hooks with a 4-keyframe schedule
+                 (core re-merges every hooked weight at each keyframe change)
+
+With ComfyUI (``COMFYUI_PATH``) the model is ComfyUI's own SD15 model and every variant samples
+through ``comfy.sample.sample`` (KSampler's path, euler); a step is one sampler step. Without
+ComfyUI it falls back to a diffusers ``UNet2DConditionModel`` with SD1.5's config, timing UNet
+forwards (hooks: n/a). The first line says which. Also reports the one-off merge time of bake.
+
+    COMFYUI_PATH=/path/to/ComfyUI OMP_NUM_THREADS=1 python bench/bench_mixture.py --sizes 256 --steps 1
+    COMFYUI_PATH=/path/to/ComfyUI python bench/bench_mixture.py --device cuda --steps 20 --repeats 3
+
+Runs from a plain checkout: the pack is imported from this folder, nothing needs installing but
+torch, safetensors and ComfyUI's core requirements (or diffusers for the fallback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import os
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+ASPECTS = ("aesthetics", "alignment", "geometry", "lowlevel")
+# comfy.model_detection's SD15 unet_config (ComfyUI 0.3.x)
+SD15_UNET = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "adm_in_channels": None, "in_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8,
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+TRANSFORMER_LINEARS = (
+    "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+    "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2",
+)
+
+
+# -- importing the pack from this checkout -------------------------------------------------------------
+
+def import_pack():
+    """``versat2i`` from this folder (installed or not). ``versat2i.nodes`` is registered without
+    running its ``__init__`` (which loads ComfyUI's server-side API and its extra dependencies such
+    as PyAV); the bench needs only ``nodes/model_patching.py`` and comfy core."""
+    if "versat2i" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("versat2i", REPO / "__init__.py", submodule_search_locations=[str(REPO)])
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["versat2i"] = package
+        spec.loader.exec_module(package)
+    if "versat2i.nodes" not in sys.modules:
+        nodes = types.ModuleType("versat2i.nodes")
+        nodes.__path__ = [str(REPO / "nodes")]
+        sys.modules["versat2i.nodes"] = nodes
+
+
+def import_comfy(device: str) -> bool:
+    path = os.environ.get("COMFYUI_PATH", "").strip()
+    if not path:
+        return False
+    if not (Path(path) / "comfy").is_dir():
+        raise SystemExit(f"COMFYUI_PATH={path} is not a ComfyUI checkout (no comfy/ folder)")
+    sys.path.insert(0, path)
+    from comfy.cli_args import args
+
+    args.cpu = device == "cpu"  # before comfy.model_management is imported
+    import comfy.model_management  # noqa: F401
+
+    return True
+
+
+# -- shared pieces ------------------------------------------------------------------------------------
+
+def random_init_(module: torch.nn.Module, seed: int = 0) -> None:
+    """Fill every parameter: norms 1, biases 0, weights N(0, 1/fan_in). ComfyUI's layers skip
+    initialisation (uninitialised memory may hold NaN or denormals, which distort timings)."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for sub in module.modules():
+            for leaf, tensor in sub.named_parameters(recurse=False):
+                if isinstance(sub, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and leaf == "weight":
+                    tensor.fill_(1.0)
+                elif leaf == "bias" or tensor.ndim < 2:
+                    tensor.zero_()
+                else:
+                    values = torch.randn(tensor.shape, generator=generator) / math.sqrt(tensor[0].numel())
+                    tensor.copy_(values.to(tensor.dtype))
+
+
+def make_loras(shapes: dict[str, tuple[int, int]], rank: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """4 kohya LoRAs (``lora_unet_<diffusers path>``) on the given modules."""
+    generator = torch.Generator().manual_seed(seed)
+    loras = []
+    for _ in ASPECTS:
+        lora = {}
+        for name, (out_features, in_features) in shapes.items():
+            lora[f"{name}.lora_down.weight"] = torch.randn(rank, in_features, generator=generator) / math.sqrt(in_features)
+            lora[f"{name}.lora_up.weight"] = torch.randn(out_features, rank, generator=generator) * 0.01
+            lora[f"{name}.alpha"] = torch.tensor(float(rank))
+        loras.append(lora)
+    return loras
+
+
+def make_gate(shapes: dict[str, tuple[int, int]], granularity: str, seed: int = 1):
+    from versat2i.trainer.gate import MixtureGate
+
+    layers = sorted(shapes)
+    gate = MixtureGate(list(ASPECTS), layers, [shapes[n][1] for n in layers], granularity, prompt_features=768)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in gate.named_parameters():
+            if "temperature" not in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator))
+        gate.prior.copy_(torch.softmax(torch.randn(gate.prior.shape, generator=generator), -1))
+    return gate
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+# -- ComfyUI backend -------------------------------------------------------------------------------------
+
+class LoopForward:
+    """Per-expert loop baseline: gate from MixtureGate, then each LoRA as two separate matmuls."""
+
+    def __init__(self, previous, gate, layer, experts):
+        self.previous, self.gate, self.layer = previous, gate, layer
+        self.experts = experts
+        self._device = None
+
+    def __call__(self, x, *args, **kwargs):
+        from versat2i.trainer.gate import ExpertLoRA, reference_delta
+
+        out = self.previous(x, *args, **kwargs)
+        if self._device != (x.device, x.dtype):
+            self.gate.to(x.device)
+            self.experts = [None if e is None else ExpertLoRA(e.down.to(x.device, x.dtype), e.up.to(x.device, x.dtype), e.scale) for e in self.experts]
+            self._device = (x.device, x.dtype)
+        gates = self.gate.token_probabilities(self.layer, x.float()).to(x.dtype)
+        return out + reference_delta(x, self.experts, gates)
+
+
+def comfy_variants(args, dtype):
+    import comfy.hooks
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+    import comfy.utils
+
+    from versat2i.nodes import model_patching
+
+    model_config = comfy.supported_models.SD15(dict(SD15_UNET))
+    model_config.set_inference_dtype(dtype, None)
+    t0 = time.perf_counter()
+    model = model_config.get_model({})
+    random_init_(model)
+    base = comfy.model_patcher.ModelPatcher(
+        model, load_device=comfy.model_management.get_torch_device(), offload_device=comfy.model_management.unet_offload_device()
+    )
+    shapes, keys = {}, {}
+    state = model.state_dict()
+    for diffusers_key, ldm_key in comfy.utils.unet_to_diffusers(model_config.unet_config).items():
+        module = diffusers_key[: -len(".weight")]
+        if diffusers_key.endswith(".weight") and ".transformer_blocks." in module and module.endswith(TRANSFORMER_LINEARS):
+            name = "lora_unet_" + module.replace(".", "_")
+            shapes[name] = tuple(state["diffusion_model." + ldm_key].shape)
+            keys[name] = "diffusion_model." + ldm_key
+    loras = make_loras(shapes, args.rank)
+    aspect_loras = [model_patching.AspectLoRA(a, f"{a}.safetensors", lora) for a, lora in zip(ASPECTS, loras)]
+    token_gate, prompt_gate = make_gate(shapes, "token"), make_gate(shapes, "prompt")
+    print(f"model + {len(loras)} LoRAs x {len(shapes)} layers built in {time.perf_counter() - t0:.1f} s")
+
+    variants = {"base": base}
+    t0 = time.perf_counter()
+    variants["bake"], _ = model_patching.apply_mixture(base, None, aspect_loras, mode="bake", gate=token_gate)
+    bake_build_s = time.perf_counter() - t0
+    variants["dynamic"], _ = model_patching.apply_mixture(base, None, aspect_loras, mode="dynamic", gate=token_gate)
+    variants["dynamic-prompt"], _ = model_patching.apply_mixture(base, None, aspect_loras, mode="dynamic", gate=prompt_gate)
+
+    loop = base.clone()
+    targets = model_patching.collect_targets(base, None, aspect_loras)
+    layer_of_key = model_patching.gate_layer_keys(token_gate, base, None)
+    for key, target in targets.items():
+        name = f"{target.module_path}.forward"
+        loop.add_object_patch(name, LoopForward(loop.get_model_object(name), token_gate, layer_of_key[key], target.experts))
+    variants["loop"] = loop
+
+    hooks = comfy.hooks.HookGroup()
+    for index, lora in enumerate(loras):
+        group = comfy.hooks.create_hook_lora(lora, 1.0 / len(loras), 0.0)
+        keyframes = comfy.hooks.HookKeyframeGroup()
+        for k, start in enumerate((0.0, 0.25, 0.5, 0.75)):
+            keyframes.add(comfy.hooks.HookKeyframe(strength=1.0 + 0.25 * ((k + index) % 4), start_percent=start))
+        group.set_keyframes_on_hooks(keyframes)
+        for hook in group.hooks:
+            hooks.add(hook)
+    variants["hooks"] = (base, hooks)
+
+    # one-off merge time: load the baked clone against loading the base (the transfer alone)
+    def load_time(patcher):
+        comfy.model_management.unload_all_models()
+        sync(args.device)
+        start = time.perf_counter()
+        comfy.model_management.load_models_gpu([patcher])
+        sync(args.device)
+        return time.perf_counter() - start
+
+    base_load = statistics.median(load_time(base) for _ in range(2))
+    bake_load = statistics.median(load_time(variants["bake"]) for _ in range(2))
+    merge = {"build_s": bake_build_s, "load_base_s": base_load, "load_bake_s": bake_load}
+    return variants, merge
+
+
+def comfy_time(variant, size: int, steps: int, args) -> float:
+    import comfy.hooks
+    import comfy.sample
+
+    model, hooks = variant if isinstance(variant, tuple) else (variant, None)
+    generator = torch.Generator().manual_seed(0)
+    positive = [[torch.randn(1, 77, 768, generator=generator), {}]]
+    negative = [[torch.randn(1, 77, 768, generator=generator), {}]]
+    if hooks is not None:
+        positive = comfy.hooks.set_hooks_for_conditioning(positive, hooks)
+        negative = comfy.hooks.set_hooks_for_conditioning(negative, hooks)
+    latent = torch.zeros(1, 4, size // 8, size // 8)
+    noise = comfy.sample.prepare_noise(latent, 0)
+
+    def run(n):
+        return comfy.sample.sample(model, noise, n, 5.0, "euler", "normal", positive, negative, latent, disable_pbar=True, seed=0)
+
+    run(args.warmup_steps)  # loads / merges this variant, warms kernels
+    sync(args.device)
+    start = time.perf_counter()
+    run(steps)
+    sync(args.device)
+    return (time.perf_counter() - start) / steps
+
+
+# -- diffusers fallback ------------------------------------------------------------------------------------
+
+def diffusers_variants(args, dtype):
+    from diffusers import UNet2DConditionModel
+
+    from versat2i.trainer.gate import ExpertLoRA, fused_layer, reference_delta
+
+    unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, sample_size=64)
+    random_init_(unet)
+    unet = unet.to(args.device, dtype).eval()
+    modules = {
+        "lora_unet_" + name.replace(".", "_"): module
+        for name, module in unet.named_modules()
+        if ".transformer_blocks." in name and name.endswith(TRANSFORMER_LINEARS)
+    }
+    shapes = {name: tuple(module.weight.shape) for name, module in modules.items()}
+    loras = make_loras(shapes, args.rank)
+    token_gate, prompt_gate = make_gate(shapes, "token").to(args.device), make_gate(shapes, "prompt").to(args.device)
+    experts = {
+        name: [ExpertLoRA(lora[f"{name}.lora_down.weight"], lora[f"{name}.lora_up.weight"], 1.0) for lora in loras]
+        for name in shapes
+    }
+    handles: list = []
+    state: dict = {}
+
+    def clear():
+        for handle in handles:
+            handle.remove()
+        handles.clear()
+
+    def install(kind):
+        clear()
+        for name, module in modules.items():
+            layer = token_gate.layer_index[name]
+            if kind in ("dynamic", "dynamic-prompt"):
+                gate = token_gate if kind == "dynamic" else None
+                fused = fused_layer(gate, name, experts[name], shapes[name][1], shapes[name][0]).to(args.device, dtype)
+                if kind == "dynamic":
+                    hook = (lambda f: lambda m, i, o: f(i[0], o))(fused)
+                else:
+                    hook = (lambda f, l: lambda m, i, o: f(i[0], o, state["gates"][:, l]))(fused, layer)
+            else:
+                moved = [ExpertLoRA(e.down.to(args.device, dtype), e.up.to(args.device, dtype), e.scale) for e in experts[name]]
+                hook = (lambda ex, l: lambda m, i, o: o + reference_delta(
+                    i[0], ex, token_gate.token_probabilities(l, i[0].float()).to(i[0].dtype)))(moved, layer)
+            handles.append(module.register_forward_hook(hook))
+
+    merged: dict = {}
+
+    def bake():
+        clear()
+        weights = token_gate.static_weights()
+        start = time.perf_counter()
+        with torch.no_grad():
+            for name, module in modules.items():
+                merged[name] = module.weight.detach().clone()
+                layer = token_gate.layer_index[name]
+                for i, e in enumerate(experts[name]):
+                    delta = (e.up.float() @ e.down.float()).to(args.device) * float(weights[layer, i])
+                    module.weight.add_(delta.to(dtype))
+        sync(args.device)
+        return time.perf_counter() - start
+
+    def unbake():
+        with torch.no_grad():
+            for name, weight in merged.items():
+                modules[name].weight.copy_(weight)
+        merged.clear()
+
+    def runner(kind):
+        def prepare():
+            unbake()
+            if kind == "bake":
+                bake()
+            elif kind in ("dynamic", "dynamic-prompt", "loop"):
+                install(kind)
+            else:
+                clear()
+        return prepare
+
+    context = torch.randn(2, 77, 768, device=args.device, dtype=dtype)
+
+    def forward(size):
+        x = torch.randn(2, 4, size // 8, size // 8, device=args.device, dtype=dtype)
+        with torch.no_grad():
+            state["gates"] = prompt_gate.prompt_probabilities(context.float()).to(dtype)
+            unet(x, 500, encoder_hidden_states=context)
+
+    merge_s = bake()
+    unbake()
+    variants = {kind: (runner(kind), forward) for kind in ("base", "bake", "dynamic", "dynamic-prompt", "loop")}
+    return variants, {"merge_s": merge_s}
+
+
+def diffusers_time(variant, size: int, steps: int, args) -> float:
+    prepare, forward = variant
+    prepare()
+    for _ in range(args.warmup_steps):
+        forward(size)
+    sync(args.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        forward(size)
+    sync(args.device)
+    return (time.perf_counter() - start) / steps
+
+
+# -- main --------------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on cuda, fp32 on cpu")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
+    parser.add_argument("--steps", type=int, default=2, help="timed sampler steps per variant and round")
+    parser.add_argument("--warmup-steps", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=1, help="rounds over all variants; the median is reported")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--variants", nargs="+", default=None, help="subset of variants (base is always run)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.device == "cpu":
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype or ("fp16" if args.device == "cuda" else "fp32")]
+    import_pack()
+    with_comfy = import_comfy(args.device)
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    if with_comfy:
+        import comfyui_version
+
+        print(f"backend: ComfyUI {comfyui_version.__version__} SD15 model (random weights), sampled with comfy.sample (euler), "
+              f"{device_name}, {str(dtype).replace('torch.', '')}, batch 2 (cond+uncond), rank {args.rank}")
+        variants, merge = comfy_variants(args, dtype)
+        timer = comfy_time
+    else:
+        print(f"backend: diffusers UNet2DConditionModel, SD1.5 config (random weights; COMFYUI_PATH unset, no hooks variant), "
+              f"{device_name}, {str(dtype).replace('torch.', '')}, batch 2, rank {args.rank}")
+        variants, merge = diffusers_variants(args, dtype)
+        timer = diffusers_time
+    if args.variants:
+        variants = {k: v for k, v in variants.items() if k == "base" or k in args.variants}
+
+    results: dict[int, dict[str, list[float]]] = {}
+    for size in args.sizes:
+        results[size] = {name: [] for name in variants}
+        for _ in range(args.repeats):
+            for name, variant in variants.items():
+                results[size][name].append(timer(variant, size, args.steps, args))
+                print(f"  {size}px {name:15s} {results[size][name][-1] * 1000:9.1f} ms/step", flush=True)
+
+    # Launch-bound GPU steps are noisy (the host's CPU speed varies): the minimum over rounds is the
+    # least disturbed estimate, the median shows the spread. Ratios use the same statistic for both.
+    for label, stat in (("min", min), ("median", statistics.median)):
+        print(f"\nsteady-state step time, {label} of {args.repeats} round(s) x {args.steps} step(s); ratio = variant / base")
+        print("variant         " + "".join(f"{size:>8}px ms   ratio" for size in args.sizes))
+        for name in variants:
+            row = f"{name:15s} "
+            for size in args.sizes:
+                value, base = stat(results[size][name]), stat(results[size]["base"])
+                row += f"{value * 1000:14.1f} {value / base:7.3f}"
+            print(row)
+    print("merge: " + ", ".join(f"{k} {v:.2f} s" for k, v in merge.items()))
+    if "load_bake_s" in merge:
+        print(f"one-off merge cost of bake (load with patches - plain load): {merge['load_bake_s'] - merge['load_base_s']:.2f} s")
+
+
+if __name__ == "__main__":
+    main()

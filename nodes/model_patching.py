@@ -1,0 +1,413 @@
+"""The one module of the pack that touches ``ModelPatcher``: applies a Mixture of LoRA to a MODEL
+(and CLIP) through the patcher's public API, mapping LoRA keys with ComfyUI's own ``comfy.lora``
+functions (the stock LoraLoader's key map, converter and parser), so every LoRA name format the
+stock loader accepts works here too.
+
+Two ways to apply a mixture (both on clones; the input patchers are never modified):
+
+* **merge** (modes bake / equal / manual): per adapted weight, all LoRAs become one rank-sum
+  LoRA whose B blocks are pre-multiplied by their mixture weights, handed to ``add_patches`` as a
+  core ``LoRAAdapter``. ComfyUI merges it when it loads the model (low-VRAM streaming, offload and
+  stacking with other LoRAs work as for any LoRA) and sampling then costs the same as the base.
+* **dynamic** (token gates, or prompt gates evaluated per sample at run time): every adapted
+  Linear's ``forward`` is wrapped through ``add_object_patch`` (state-dict keys stay unchanged, so
+  stock weight patches and low-VRAM casting still apply to the base weight). The wrapper calls the
+  current forward (read with ``get_model_object``, so patches of other packs chain) and adds the
+  fused gated delta. Prompt gates are computed once per UNet call in a ``DIFFUSION_MODEL``
+  wrapper from the cross-attention context; text-encoder layers are merged with their static gate.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import comfy.lora
+import comfy.lora_convert
+import comfy.patcher_extension
+import comfy.utils
+import torch
+from comfy.weight_adapter import LoRAAdapter
+
+from ..trainer.gate import ExpertLoRA, FusedGatedLoRA, MixtureGate, fused_layer, stack_experts
+
+logger = logging.getLogger(__name__)
+
+PATCH_KEY = "versat2i_mixture_of_lora"  # wrapper / callback key on the patcher
+_TEXT_ENCODER_LORA_PREFIXES = ("lora_te", "text_encoder", "text_encoders.", "lora_prior_te")
+
+
+@dataclass
+class AspectLoRA:
+    """One aspect LoRA to mix: its aspect name, a display name for messages, its state dict."""
+
+    aspect: str
+    name: str
+    state_dict: Mapping[str, torch.Tensor]
+
+
+@dataclass
+class LayerTarget:
+    """One adapted weight of the model or the text encoder, with every aspect's factors."""
+
+    key: str  # state-dict key in the patcher's model ("diffusion_model.….weight", "clip_l.….weight")
+    on_clip: bool
+    shape: tuple[int, ...]
+    experts: list[ExpertLoRA | None] = field(default_factory=list)  # one per aspect, None = not adapted
+
+    @property
+    def module_path(self) -> str:
+        return self.key[: -len(".weight")]
+
+
+# -- LoRA keys -> model weights ------------------------------------------------------------------
+
+def lora_key_map(model, clip) -> tuple[dict[str, str], set[str]]:
+    """ComfyUI's LoRA-name -> state-dict-key map (the stock loader's), and the keys on the CLIP."""
+    key_map: dict[str, str] = {}
+    if model is not None:
+        key_map = comfy.lora.model_lora_keys_unet(model.model, key_map)
+    clip_keys: set[str] = set()
+    if clip is not None:
+        clip_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
+        clip_keys = set(clip_map.values())
+        key_map.update(clip_map)
+    return key_map, clip_keys
+
+
+def _is_text_encoder_lora_key(key: str) -> bool:
+    return key.startswith(_TEXT_ENCODER_LORA_PREFIXES)
+
+
+def collect_targets(model, clip, loras: Sequence[AspectLoRA]) -> dict[str, LayerTarget]:
+    """Parse every LoRA with ComfyUI's own parser and group the factors by adapted weight.
+
+    Raises ValueError naming the LoRA when it does not fit this model (keys that map to no layer,
+    factor shapes that don't fit the weight) or uses a LoRA variant a gate can't mix."""
+    key_map, clip_keys = lora_key_map(model, clip)
+    model_sd = model.model_state_dict() if model is not None else {}
+    clip_sd = clip.cond_stage_model.state_dict() if clip is not None else {}
+    targets: dict[str, LayerTarget] = {}
+    for index, lora in enumerate(loras):
+        converted = comfy.lora_convert.convert_lora(dict(lora.state_dict))
+        loaded = comfy.lora.load_lora(converted, key_map, log_missing=False)
+        used: set[str] = set()
+        for adapter in loaded.values():
+            used |= set(getattr(adapter, "loaded_keys", ()))
+        unmatched = [
+            k for k in converted
+            if k not in used and not k.endswith(".alpha") and not (clip is None and _is_text_encoder_lora_key(k))
+        ]
+        if unmatched or not loaded:
+            example = ", ".join(sorted(unmatched)[:3]) or "(no key at all)"
+            raise ValueError(
+                f"LoRA {lora.name!r} (aspect {lora.aspect!r}) does not fit this model: {len(unmatched)} of "
+                f"{len(converted)} tensors match no layer (e.g. {example}). It was probably trained for another "
+                "base model (SD1.5 vs SDXL...); load the checkpoint it was trained on"
+            )
+        for key, adapter in loaded.items():
+            if not isinstance(adapter, LoRAAdapter):
+                raise ValueError(
+                    f"LoRA {lora.name!r}: layer {key} is a {type(adapter).__name__} patch; the gated loader mixes "
+                    "plain LoRA (up/down) factors only. Use the stock LoraLoader for LoHa/LoKr/diff files"
+                )
+            up, down, alpha, mid, dora_scale, reshape = adapter.weights
+            if mid is not None or dora_scale is not None or reshape is not None:
+                raise ValueError(
+                    f"LoRA {lora.name!r}: layer {key} uses LoCon mid weights, DoRA or reshape; the gated loader "
+                    "mixes plain LoRA factors only. Use the stock LoraLoader for this file"
+                )
+            on_clip = key in clip_keys
+            weight = (clip_sd if on_clip else model_sd).get(key)
+            if weight is None:
+                continue  # e.g. a text-encoder layer while no CLIP is connected
+            rank = down.shape[0]
+            if up.shape[0] != weight.shape[0] or down[0].numel() != weight[0].numel() or up.shape[1] != rank:
+                raise ValueError(
+                    f"LoRA {lora.name!r} (aspect {lora.aspect!r}) does not fit this model: layer {key} has weight "
+                    f"{tuple(weight.shape)} but the LoRA factors are up {tuple(up.shape)} / down {tuple(down.shape)}. "
+                    "It was trained for another base model; load the checkpoint it was trained on"
+                )
+            target = targets.get(key)
+            if target is None:
+                target = targets[key] = LayerTarget(key, on_clip, tuple(weight.shape), [None] * len(loras))
+            scale = float(alpha) / rank if alpha is not None else 1.0
+            target.experts[index] = ExpertLoRA(down=down, up=up, scale=scale)
+    return targets
+
+
+def gate_layer_keys(gate: MixtureGate, model, clip) -> dict[str, int]:
+    """state-dict key -> gate layer index for every gate layer present on the connected models."""
+    key_map, clip_keys = lora_key_map(model, clip)
+    keys: dict[str, int] = {}
+    missing = []
+    for index, layer in enumerate(gate.layers):
+        key = key_map.get(layer)
+        if key is None:
+            if clip is None and _is_text_encoder_lora_key(layer):
+                continue
+            missing.append(layer)
+            continue
+        keys[key] = index
+    if missing:
+        raise ValueError(
+            f"the MoL gate covers {len(missing)} layers this model does not have (e.g. {missing[0]}); it was trained "
+            "for another base model. Load the checkpoint the gate and its LoRAs were trained on"
+        )
+    return keys
+
+
+# -- merge (bake / equal / manual) ----------------------------------------------------------------
+
+def merged_adapter(target: LayerTarget, weights: torch.Tensor, strength: float) -> LoRAAdapter | None:
+    """All experts of ``target`` as one core LoRAAdapter of rank sum(r_i): B blocks scaled by
+    ``weight_i * strength * alpha_i / r_i``; alpha None = scale 1 in ComfyUI's LoRA math."""
+    scaled = [
+        None if expert is None or float(weights[i]) == 0.0
+        else ExpertLoRA(down=expert.down, up=expert.up, scale=expert.scale * float(weights[i]) * strength)
+        for i, expert in enumerate(target.experts)
+    ]
+    if all(expert is None for expert in scaled):
+        return None
+    in_features = target.experts[next(i for i, e in enumerate(scaled) if e is not None)].down[0].numel()
+    down, up, _ = stack_experts(scaled, in_features, target.shape[0])
+    return LoRAAdapter(set(), (up, down, None, None, None, None))
+
+
+def apply_merge(model, clip, targets: Mapping[str, LayerTarget], weights_for: Mapping[str, torch.Tensor], strength: float):
+    """Clone MODEL/CLIP and add one merged LoRA patch per adapted weight. ``weights_for`` maps a
+    target key to its ``[N]`` mixture weights."""
+    model_patches, clip_patches = {}, {}
+    for key, target in targets.items():
+        adapter = merged_adapter(target, weights_for[key], strength)
+        if adapter is not None:
+            (clip_patches if target.on_clip else model_patches)[key] = adapter
+    new_model = model.clone() if model is not None else None
+    new_clip = clip.clone() if clip is not None else None
+    if new_model is not None and model_patches:
+        applied = set(new_model.add_patches(model_patches, 1.0))
+        _check_applied(model_patches, applied)
+    if new_clip is not None and clip_patches:
+        applied = set(new_clip.add_patches(clip_patches, 1.0))
+        _check_applied(clip_patches, applied)
+    return new_model, new_clip
+
+
+def _check_applied(patches: Mapping[str, object], applied: set) -> None:
+    missing = [key for key in patches if key not in applied]
+    if missing:
+        raise RuntimeError(f"ComfyUI refused {len(missing)} LoRA patches (e.g. {missing[0]}); please report this")
+
+
+# -- dynamic (runtime gates) -------------------------------------------------------------------------
+
+class PromptGateState:
+    """Per-UNet-call prompt gates, set by the DIFFUSION_MODEL wrapper and read by every gated
+    layer during that call: ``[B, L, N]`` expanded once to each layer's rank space."""
+
+    def __init__(self, gate: MixtureGate, mask: torch.Tensor | None):
+        self.gate = gate
+        self.mask = mask
+        self.rank_indices: dict[tuple[int, ...], torch.Tensor] = {}  # ranks -> expert index per rank
+        self.expanded: dict[tuple[int, ...], torch.Tensor] | None = None
+
+    def register(self, fused: FusedGatedLoRA) -> tuple[int, ...]:
+        self.rank_indices.setdefault(fused.ranks, fused.rank_index.clone())
+        return fused.ranks
+
+    def to(self, device_or_dtype):  # ComfyUI's cast_to_load_options calls .to on wrappers
+        return self
+
+    def __call__(self, executor, x, timesteps=None, context=None, *args, **kwargs):
+        if context is None:
+            raise ValueError("Gated Multi-LoRA Loader (dynamic, prompt gate): the model received no text context")
+        with torch.no_grad():
+            self.gate.to(context.device)
+            gates = self.gate.prompt_probabilities(context.float(), self.mask).to(context.dtype)
+            self.expanded = {
+                ranks: gates.index_select(-1, index.to(gates.device)) for ranks, index in self.rank_indices.items()
+            }
+        try:
+            return executor(x, timesteps, context, *args, **kwargs)
+        finally:
+            self.expanded = None
+
+    def rank_gates(self, layer: int, ranks: tuple[int, ...], ndim: int) -> torch.Tensor:
+        if self.expanded is None:
+            raise RuntimeError(
+                "Gated Multi-LoRA Loader (dynamic, prompt gate): a gated layer ran outside a UNet call; "
+                "this model can only be sampled, not used by nodes that call its layers directly"
+            )
+        gates = self.expanded[ranks][:, layer]
+        return gates.view(gates.shape[0], *([1] * (ndim - 2)), gates.shape[1])
+
+
+class GatedForward:
+    """Object patch for ``<module>.forward``: the previous forward (the layer's own, or another
+    pack's patch) plus the fused gated LoRA delta. A plain object, not an nn.Module: setting a
+    Module as an attribute would register it as a submodule and change the state dict."""
+
+    def __init__(self, previous, fused: FusedGatedLoRA, channels_first: bool, state: PromptGateState | None, layer: int):
+        self.previous = previous
+        self.fused = fused
+        self.channels_first = channels_first  # 1x1 Conv2d: channels at dim 1
+        self.state = state
+        self.layer = layer
+        self.ranks = state.register(fused) if state is not None else None
+
+    def __call__(self, input, *args, **kwargs):
+        out = self.previous(input, *args, **kwargs)
+        if self.channels_first:
+            input, out = input.movedim(1, -1), out.movedim(1, -1)
+        gates = self.state.rank_gates(self.layer, self.ranks, input.ndim) if self.state is not None else None
+        out = self.fused.forward(input, out, gates)  # .forward: skip nn.Module.__call__ overhead
+        return out.movedim(-1, 1) if self.channels_first else out
+
+
+def _module_kind(patcher, target: LayerTarget) -> bool:
+    """True for channels-first (1x1 conv) layers; raises for layers dynamic mode can't wrap."""
+    module = patcher.get_model_object(target.module_path)
+    if isinstance(module, torch.nn.Linear):
+        return False
+    if isinstance(module, torch.nn.Conv2d) and tuple(module.kernel_size) == (1, 1) and module.groups == 1:
+        return True
+    raise ValueError(
+        f"dynamic mode: layer {target.module_path} is a {type(module).__name__}; runtime gating works on Linear and "
+        "1x1 Conv2d layers. Use mode 'bake' for this mixture"
+    )
+
+
+def _follow_device_callbacks(patcher, modules: list[FusedGatedLoRA]) -> None:
+    """Move the gated layers' LoRA factors with the model: to the load device when it loads, back
+    to the offload device when ComfyUI detaches it (they otherwise follow the input lazily)."""
+
+    def on_load(patcher_, device_to, *args, **kwargs):
+        if device_to is not None:
+            for module in modules:
+                module.to(device_to)
+
+    def on_detach(patcher_, unpatch_all):
+        for module in modules:
+            if module.up.device != torch.device(patcher_.offload_device):
+                module.to(patcher_.offload_device)
+
+    patcher.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_LOAD, PATCH_KEY, on_load)
+    patcher.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_DETACH, PATCH_KEY, on_detach)
+
+
+def apply_dynamic(
+    model,
+    clip,
+    targets: Mapping[str, LayerTarget],
+    gate: MixtureGate,
+    layer_of_key: Mapping[str, int],
+    *,
+    mask: torch.Tensor | None,
+    strength: float,
+):
+    """Clone MODEL/CLIP and install runtime-gated layers (see the module docstring)."""
+    gate = gate.float().eval()
+    new_model = model.clone() if model is not None else None
+    new_clip = clip.clone() if clip is not None else None
+    state = None
+    static_merge: dict[str, LayerTarget] = {}
+    if gate.granularity == "prompt":
+        state = PromptGateState(gate, mask)
+        static = gate.static_layer_probabilities(mask).detach()
+    installed = {"model": [], "clip": []}
+    for key, target in targets.items():
+        layer = layer_of_key[key]
+        if gate.granularity == "prompt" and target.on_clip:
+            static_merge[key] = target  # text-encoder layers: static gates, merged below
+            continue
+        patcher = new_clip.patcher if target.on_clip else new_model
+        channels_first = _module_kind(patcher, target)
+        in_features = target.experts[next(i for i, e in enumerate(target.experts) if e is not None)].down[0].numel()
+        fused = fused_layer(gate, gate.layers[layer], target.experts, in_features, target.shape[0], mask=mask, strength=strength)
+        name = f"{target.module_path}.forward"
+        previous = patcher.get_model_object(name)
+        patcher.add_object_patch(name, GatedForward(previous, fused, channels_first, None if target.on_clip else state, layer))
+        installed["clip" if target.on_clip else "model"].append(fused)
+    if state is not None and new_model is not None:
+        new_model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, PATCH_KEY, state)
+    if new_model is not None and installed["model"]:
+        _follow_device_callbacks(new_model, installed["model"])
+    if new_clip is not None and installed["clip"]:
+        _follow_device_callbacks(new_clip.patcher, installed["clip"])
+    if static_merge:
+        weights = {key: static[layer_of_key[key]] for key in static_merge}
+        _, new_clip = apply_merge(None, new_clip, static_merge, weights, strength)
+    return new_model, new_clip
+
+
+# -- entry point ---------------------------------------------------------------------------------------
+
+MODES = ("bake", "dynamic", "equal", "manual")
+
+
+def apply_mixture(
+    model,
+    clip,
+    loras: Sequence[AspectLoRA],
+    *,
+    mode: str,
+    gate: MixtureGate | None = None,
+    enabled: Sequence[str] | None = None,
+    manual_weights: Sequence[float] | None = None,
+    strength: float = 1.0,
+    context: torch.Tensor | None = None,
+):
+    """Apply ``loras`` to clones of MODEL / CLIP (either may be None) and return them.
+
+    mode ``bake`` / ``dynamic`` need ``gate`` (its experts in the same order as ``loras``);
+    ``equal`` weighs each enabled LoRA 1/N, ``manual`` by ``manual_weights``. ``enabled`` lists the
+    aspects kept (None = all); ``context`` ``[1, T, D]`` is the prompt a prompt gate is baked on.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r}: unknown; choose one of {', '.join(MODES)}")
+    if model is None and clip is None:
+        raise ValueError("model / clip: connect at least one of them")
+    aspects = [lora.aspect for lora in loras]
+    if not loras:
+        raise ValueError("loras: nothing to mix")
+    if enabled is not None:
+        unknown = sorted(set(enabled) - set(aspects))
+        if unknown:
+            raise ValueError(f"enabled aspects {unknown}: not in this mixture ({', '.join(aspects)})")
+    mask = None if enabled is None else torch.tensor([a in enabled for a in aspects], dtype=torch.bool)
+    if mask is not None and not bool(mask.any()):
+        raise ValueError("every aspect is switched off; keep at least one enabled")
+    targets = collect_targets(model, clip, loras)
+    if not targets:
+        raise ValueError("the LoRAs adapt no layer of the connected model / clip")
+
+    if mode in ("bake", "dynamic"):
+        if gate is None:
+            raise ValueError(f"mode {mode!r} needs a learned gate (a MoL file); use 'equal' or 'manual' without one")
+        if tuple(gate.experts) != tuple(aspects):
+            raise ValueError(f"the gate mixes {list(gate.experts)} but the LoRAs given are {aspects}")
+        layer_of_key = gate_layer_keys(gate, model, clip)
+        uncovered = [key for key in targets if key not in layer_of_key]
+        if uncovered:
+            raise ValueError(
+                f"the LoRAs adapt {len(uncovered)} layers the gate has no entry for (e.g. {uncovered[0]}); "
+                "the MoL file does not belong to these LoRAs. Retrain the gate on them"
+            )
+        if mode == "dynamic":
+            return apply_dynamic(model, clip, targets, gate, layer_of_key, mask=mask, strength=strength)
+        if context is not None and gate.granularity != "prompt":
+            logger.info("bake: the gate is per token; the conditioning is not used, the training mean gate is merged")
+        layer_weights = gate.float().merge_weights(context, mask)
+        weights_for = {key: layer_weights[layer_of_key[key]] for key in targets}
+    elif mode == "equal":
+        kept = torch.ones(len(loras)) if mask is None else mask.float()
+        weights_for = dict.fromkeys(targets, kept / kept.sum())
+    else:
+        if manual_weights is None or len(manual_weights) != len(loras):
+            raise ValueError(f"manual mode: give one weight per LoRA ({len(loras)}), got {manual_weights!r}")
+        weights = torch.tensor([float(w) for w in manual_weights])
+        if mask is not None:
+            weights = weights * mask.float()
+        weights_for = dict.fromkeys(targets, weights)
+    return apply_merge(model, clip, targets, weights_for, strength)

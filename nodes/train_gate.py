@@ -1,0 +1,211 @@
+"""Train Gate (Mixture of LoRA): learn the per-layer gate that mixes aspect LoRAs, in a separate
+process, and save it as a MoL file next to the LoRAs for the Gated Multi-LoRA Loader.
+
+As for Train Aspect LoRA, the run is a child process under ``accelerate launch`` (it gets the GPU
+after ComfyUI's models are unloaded; Cancel kills its process group and keeps the last
+checkpoint, so queueing again resumes); identical inputs return the finished MoL file.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..safe_io import confined_path
+from ..trainer.config import MIXED_PRECISIONS
+from ..trainer.gate import BALANCE_KINDS, GRANULARITIES
+from ..trainer.mol_file import MOL_SUFFIX
+from .common import category, node_id
+from .train_aspect_lora import loss_curve_image
+
+RUNS_SUBFOLDER = "versat2i/gate_runs"  # checkpoints and logs, under ComfyUI's output folder
+
+
+def resolve_paths(dataset: str, ckpt_name: str, loras: str, mol_name: str) -> dict[str, Any]:
+    """Training set, checkpoint, LoRA files (one per line, relative to the loras folder) and the MoL
+    file, which goes into the LoRAs' common folder (it names them relative to itself)."""
+    output = Path(folder_paths.get_output_directory())
+    dataset_dir = confined_path(output, dataset, what="dataset")
+    if not dataset_dir.is_dir():
+        raise ValueError(f"dataset {dataset!r}: no such folder in ComfyUI's output folder; connect Save Training "
+                         "Set's dataset_path")
+    if ckpt_name not in folder_paths.get_filename_list("checkpoints"):
+        raise ValueError(f"ckpt_name {ckpt_name!r}: not in models/checkpoints; put the checkpoint there and refresh")
+    names = [line.strip() for line in loras.replace(",", "\n").splitlines() if line.strip()]
+    if len(names) < 2:
+        raise ValueError("loras: list at least two aspect LoRAs, one per line (e.g. versat2i/aesthetics.safetensors)")
+    paths = []
+    for name in names:
+        path = folder_paths.get_full_path("loras", name)
+        if path is None:
+            raise ValueError(f"loras: {name!r} is not in models/loras; train it first (Train Aspect LoRA) or fix the name")
+        paths.append(Path(path).resolve())
+    root = Path(os.path.commonpath([p.parent for p in paths]))
+    if not any(root.is_relative_to(Path(d).resolve()) for d in folder_paths.get_folder_paths("loras")):
+        raise ValueError("loras: the LoRAs are in different loras folders; put them in one folder (the MoL file is "
+                         "saved next to them)")
+    stem = mol_name.strip() or "aspects"
+    mol = confined_path(root, stem if stem.endswith(MOL_SUFFIX) else stem + MOL_SUFFIX, what="mol_name")
+    return {"dataset": dataset_dir, "checkpoint": Path(folder_paths.get_full_path_or_raise("checkpoints", ckpt_name)),
+            "loras": paths, "root": root, "mol": mol, "output": output}
+
+
+def build_config(paths: dict[str, Any], settings: dict[str, Any]):
+    from ..trainer.train_gate import GateTrainConfig
+
+    return GateTrainConfig(
+        base_model=str(paths["checkpoint"]), dataset_dir=str(paths["dataset"]),
+        loras=tuple(str(p) for p in paths["loras"]), output_dir=str(paths["root"]),
+        output_name=paths["mol"].relative_to(paths["root"]).as_posix(),
+        work_dir=str(paths["output"] / RUNS_SUBFOLDER), keep_checkpoints=False, **settings)
+
+
+def mol_combo_name(mol: Path) -> str:
+    """The MoL file as the Gated Multi-LoRA Loader's list names it."""
+    for folder in folder_paths.get_folder_paths("loras"):
+        folder = Path(folder).resolve()
+        if mol.resolve().is_relative_to(folder):
+            return mol.resolve().relative_to(folder).as_posix()
+    return mol.name
+
+
+def train_gate(dataset: str, ckpt_name: str, loras: str, mol_name: str, settings: dict[str, Any]):
+    import comfy.model_management as mm
+    import comfy.utils
+
+    from ..trainer.launcher import LaunchOptions, TrainingFailed
+    from ..trainer.train_gate import train_gate_or_reuse
+
+    paths = resolve_paths(dataset, ckpt_name, loras, mol_name)
+    config = build_config(paths, settings)
+    bar = comfy.utils.ProgressBar(config.max_train_steps)
+
+    def on_event(event: dict) -> None:
+        if event["event"] in ("start", "step"):
+            bar.update_absolute(event.get("step", event.get("start_step", 0)), config.max_train_steps)
+
+    def free_device_memory() -> None:
+        mm.unload_all_models()
+        mm.soft_empty_cache()
+
+    def cancelled() -> bool:
+        mm.throw_exception_if_processing_interrupted()  # raises; the launcher kills the child first
+        return False
+
+    try:
+        result = train_gate_or_reuse(config, runs_root=paths["output"] / RUNS_SUBFOLDER,
+                                     options=LaunchOptions(cpu=mm.cpu_state == mm.CPUState.CPU), on_event=on_event,
+                                     check_cancel=cancelled, before_launch=free_device_memory)
+    except TrainingFailed as exc:
+        raise RuntimeError(f"Train Gate: {exc}") from None
+    bar.update_absolute(config.max_train_steps, config.max_train_steps)
+    return mol_combo_name(result.mol_path), result.loss_curve, result.reused
+
+
+class TrainGate(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=node_id("TrainGate"),
+            display_name="Train Gate (Mixture of LoRA)",
+            category=category("mix"),
+            description=(
+                "Learns how to mix aspect LoRAs layer by layer (MoLE-style gate with a balancing loss), with the "
+                "base model and the LoRAs frozen, on the union of the aspects' training images. Saves a "
+                ".mol.safetensors next to the LoRAs for the Gated Multi-LoRA Loader. Runs in a separate process; "
+                "Cancel keeps the last checkpoint (queue again to resume); identical inputs reuse the finished file."
+            ),
+            is_output_node=True,
+            inputs=[
+                io.String.Input("dataset", default="versat2i/training_set",
+                                tooltip="Training set folder inside ComfyUI's output folder (all its aspects are used)."),
+                io.Combo.Input("ckpt_name", options=folder_paths.get_filename_list("checkpoints"),
+                               tooltip="The base model the LoRAs were trained on."),
+                io.String.Input("loras", default="", multiline=True,
+                                tooltip="The aspect LoRAs, one per line, as the LoRA loaders name them "
+                                        "(e.g. versat2i/aesthetics.safetensors). Their aspect names come from "
+                                        "their metadata (else the file name)."),
+                io.String.Input("mol_name", default="aspects",
+                                tooltip="Name of the MoL file, saved in the LoRAs' folder (.mol.safetensors added)."),
+                io.Combo.Input("granularity", options=list(GRANULARITIES), default="token",
+                               tooltip="token: a gate per token from the layer input (MoLE; mode 'dynamic' at run time). "
+                                       "prompt: a gate per prompt from the text embedding (can be baked per prompt)."),
+                io.Combo.Input("balance_loss", options=list(BALANCE_KINDS), default="mole",
+                               tooltip="mole: -log prod(mean gate) over all layers; switch: load balancing per layer; "
+                                       "none."),
+                io.Float.Input("balance_weight", default=0.01, min=0.0, max=100.0, step=0.001,
+                               tooltip="Weight of the balancing loss against the denoising loss."),
+                io.Int.Input("steps", default=200, min=1, max=1_000_000, tooltip="Optimiser steps."),
+                io.Float.Input("learning_rate", default=1e-3, min=1e-7, max=1.0, step=1e-5,
+                               tooltip="AdamW learning rate of the gate."),
+                io.Int.Input("batch_size", default=1, min=1, max=256, tooltip="Images per step and device."),
+                io.Int.Input("resolution", default=512, min=64, max=4096, step=8,
+                             tooltip="Training resolution (a multiple of 8)."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of noise and data order."),
+                io.Combo.Input("mixed_precision", options=list(MIXED_PRECISIONS), default="auto", optional=True,
+                               tooltip="auto: bf16 (or fp16) on CUDA, full precision on CPU."),
+                io.Boolean.Input("cache_latents", default=True, optional=True,
+                                 tooltip="Encode each image once before training."),
+                io.Int.Input("checkpoint_every", default=100, min=1, max=1_000_000, optional=True,
+                             tooltip="Save a resumable checkpoint every N steps."),
+                io.Boolean.Input("overwrite", default=False, optional=True,
+                                 tooltip="Replace an existing MoL file of this name trained from other inputs."),
+            ],
+            outputs=[
+                io.String.Output("mol_file", tooltip="The MoL file as the Gated Multi-LoRA Loader lists it."),
+                io.Image.Output("loss_curve", tooltip="Denoising loss per step."),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, ckpt_name: str | None = None, granularity: str | None = None,
+                        balance_loss: str | None = None, mixed_precision: str | None = None,
+                        dataset: str | None = None) -> bool | str:
+        # ComfyUI 0.3.64 does not check V3 combo values: do it here.
+        if ckpt_name is not None and ckpt_name not in folder_paths.get_filename_list("checkpoints"):
+            return f"ckpt_name {ckpt_name!r}: not in models/checkpoints"
+        for name, value, options in (("granularity", granularity, GRANULARITIES),
+                                     ("balance_loss", balance_loss, BALANCE_KINDS),
+                                     ("mixed_precision", mixed_precision, MIXED_PRECISIONS)):
+            if value is not None and value not in options:
+                return f"{name} {value!r}: must be one of {', '.join(options)}"
+        if dataset is not None:
+            try:
+                confined_path(folder_paths.get_output_directory(), dataset, what="dataset")
+            except ValueError as exc:
+                return str(exc)
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, dataset: str, ckpt_name: str, loras: str, mol_name: str, **settings) -> Any:
+        try:
+            from ..trainer.train_gate import gate_run_fingerprint
+
+            paths = resolve_paths(dataset, ckpt_name, loras, mol_name)
+            mol = paths["mol"]
+            return (gate_run_fingerprint(build_config(paths, _settings(settings))),
+                    mol.stat().st_mtime_ns if mol.is_file() else None)
+        except Exception:  # a bad input is reported by execute; re-run to get there
+            return math.nan
+
+    @classmethod
+    def execute(cls, dataset: str, ckpt_name: str, loras: str, mol_name: str, **settings) -> io.NodeOutput:
+        name, curve, reused = train_gate(dataset, ckpt_name, loras, mol_name, _settings(settings))
+        title = f"{name} ({'reused, ' if reused else ''}{curve[-1][0] if curve else 0} steps)"
+        summary = f"MoL file: {name}" + (" (already trained from these inputs)" if reused else "")
+        return io.NodeOutput(name, loss_curve_image(curve, title), ui={"text": (summary,)})
+
+
+_SETTING_FIELDS = {"steps": "max_train_steps", "batch_size": "train_batch_size", "checkpoint_every": "checkpointing_steps"}
+
+
+def _settings(inputs: dict[str, Any]) -> dict[str, Any]:
+    return {_SETTING_FIELDS.get(k, k): v for k, v in inputs.items() if v is not None}
+
+
+NODES = [TrainGate]

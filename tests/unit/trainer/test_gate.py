@@ -1,0 +1,199 @@
+"""Mixture-of-LoRA gate (trainer/gate.py): fused paths against the per-expert loop, balancing
+losses against hand-computed values, masking. Pure torch, no ComfyUI, runs in about a second."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from versat2i.trainer.gate import (
+    ExpertLoRA,
+    GateUsage,
+    MixtureGate,
+    fused_layer,
+    mixture_delta,
+    reference_delta,
+    renormalise,
+    stack_experts,
+)
+
+IN, OUT, N = 24, 20, 4
+
+
+def make_experts(ranks, generator, missing=()):
+    experts = []
+    for index, rank in enumerate(ranks):
+        if index in missing:
+            experts.append(None)
+            continue
+        down = torch.randn(rank, IN, generator=generator) * 0.1
+        up = torch.randn(OUT, rank, generator=generator) * 0.1
+        experts.append(ExpertLoRA(down=down, up=up, scale=(rank + 1) / rank))
+    return experts
+
+
+def random_token_gate(generator, layers=("lora_unet_a", "lora_unet_b"), temperature=0.7):
+    gate = MixtureGate([f"aspect{i}" for i in range(N)], list(layers), [IN] * len(layers), "token", temperature=temperature)
+    with torch.no_grad():
+        for weight in gate.weights:
+            weight.copy_(torch.randn(weight.shape, generator=generator))
+        gate.bias.copy_(torch.randn(gate.bias.shape, generator=generator))
+        gate.input_scale.copy_(torch.rand(gate.input_scale.shape, generator=generator) * 3 + 0.5)
+    return gate
+
+
+@pytest.mark.parametrize("ranks", [(4, 4, 4, 4), (2, 5, 3, 4)])
+@pytest.mark.parametrize("missing", [(), (2,)])
+def test_fused_token_layer_equals_per_expert_loop(ranks, missing):
+    g = torch.Generator().manual_seed(0)
+    experts = make_experts(ranks, g, missing)
+    gate = random_token_gate(g)
+    hidden = torch.randn(3, 7, IN, generator=g) * 5.0  # unnormalised: the gate must be scale-aware
+    base = torch.randn(3, 7, OUT, generator=g)
+    strength = 0.8
+
+    layer = fused_layer(gate, "lora_unet_b", experts, IN, OUT, strength=strength)
+    fused = layer(hidden, base)
+
+    probabilities = gate.token_probabilities(1, hidden)
+    reference = base + strength * reference_delta(hidden, experts, probabilities)
+    assert (fused - reference).abs().max().item() <= 1e-5
+    # and the training path (separate gate, stacked experts) agrees as well
+    down, up, stacked_ranks = stack_experts(experts, IN, OUT)
+    train_path = base + strength * mixture_delta(hidden, down, up, stacked_ranks, probabilities)
+    assert (train_path - reference).abs().max().item() <= 1e-5
+    # the delta is not trivially zero (the test could not pass on an identity layer)
+    assert (fused - base).abs().max().item() > 1e-2
+
+
+def test_fused_layer_with_per_sample_gates_equals_loop():
+    g = torch.Generator().manual_seed(1)
+    experts = make_experts((3, 3, 3, 3), g)
+    hidden = torch.randn(2, 5, IN, generator=g)
+    base = torch.randn(2, 5, OUT, generator=g)
+    gates = torch.softmax(torch.randn(2, N, generator=g), -1)
+    layer = fused_layer(None, "lora_unet_x", experts, IN, OUT)
+    reference = base + reference_delta(hidden, experts, gates[:, None, :])
+    assert (layer(hidden, base, layer.expand_gates(gates)) - reference).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match="per-sample rank_gates"):
+        layer(hidden, base)
+
+
+def test_prompt_gate_is_per_sample_and_static_on_text_encoder_layers():
+    g = torch.Generator().manual_seed(2)
+    gate = MixtureGate(
+        ["a", "b", "c"], ["lora_unet_x", "lora_te_text_model_encoder_layers_0_mlp_fc1"], [IN, IN], "prompt", prompt_features=16
+    )
+    with torch.no_grad():
+        gate.weight.copy_(torch.randn(gate.weight.shape, generator=g))
+        gate.bias.copy_(torch.randn(gate.bias.shape, generator=g))
+    context = torch.randn(2, 9, 16, generator=g)
+    probabilities = gate.prompt_probabilities(context)
+    assert probabilities.shape == (2, 2, 3)
+    torch.testing.assert_close(probabilities.sum(-1), torch.ones(2, 2))
+    assert (probabilities[0, 0] - probabilities[1, 0]).abs().max() > 1e-3  # UNet layer follows the prompt
+    torch.testing.assert_close(probabilities[0, 1], probabilities[1, 1])  # text-encoder layer does not
+    torch.testing.assert_close(probabilities[0, 1], gate.static_layer_probabilities()[1])
+    # the prompt embedding is the token mean: a context repeated to twice the length gives the same gate
+    torch.testing.assert_close(gate.prompt_probabilities(context.repeat(1, 2, 1)), probabilities)
+    with pytest.raises(ValueError, match="hidden size"):
+        gate.prompt_probabilities(torch.randn(1, 9, 8))
+
+
+def test_untrained_gate_is_uniform():
+    gate = MixtureGate(["a", "b", "c", "d"], ["lora_unet_x"], [IN], "token")
+    probabilities = gate.token_probabilities(0, torch.randn(5, IN))
+    torch.testing.assert_close(probabilities, torch.full((5, 4), 0.25))
+
+
+def test_masking_renormalises_the_rest():
+    g = torch.Generator().manual_seed(3)
+    gate = random_token_gate(g)
+    hidden = torch.randn(6, IN, generator=g)
+    mask = gate.expert_mask(["aspect0", "aspect2", "aspect3"])
+    full = gate.token_probabilities(0, hidden)
+    masked = gate.token_probabilities(0, hidden, mask)
+    expected = full * mask
+    expected = expected / expected.sum(-1, keepdim=True)
+    torch.testing.assert_close(masked, expected, atol=1e-6, rtol=1e-5)
+    assert masked[:, 1].abs().max().item() == 0.0
+
+    # the fused layer with the same mask equals the loop over renormalised gates
+    experts = make_experts((4, 4, 4, 4), g)
+    base = torch.zeros(6, OUT)
+    fused = fused_layer(gate, "lora_unet_a", experts, IN, OUT, mask=mask)(hidden, base)
+    reference = reference_delta(hidden, experts, expected)
+    assert (fused - reference).abs().max().item() <= 1e-5
+
+    # static weights (prior) renormalise the same way
+    with torch.no_grad():
+        gate.prior.copy_(torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25]]))
+    torch.testing.assert_close(gate.static_weights(mask)[0], torch.tensor([0.1, 0.0, 0.3, 0.4]) / 0.8)
+    torch.testing.assert_close(renormalise(torch.tensor([0.5, 0.5]), torch.tensor([False, True])), torch.tensor([0.0, 1.0]))
+
+    with pytest.raises(ValueError, match="keep at least one"):
+        gate.token_probabilities(0, hidden, torch.zeros(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="not in this gate"):
+        gate.expert_mask(["nope"])
+
+
+def test_balancing_losses_match_hand_computed_values():
+    usage = GateUsage(3)
+    usage.record(torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]]))  # layer 1, two tokens
+    usage.record(torch.tensor([[0.2, 0.2, 0.6]]))  # layer 2, one token
+    # q = column means over all three rows = (0.8, 1.1, 1.1) / 3
+    expected_mole = -(math.log(0.8 / 3) + math.log(1.1 / 3) + math.log(1.1 / 3))
+    assert usage.mole_loss().item() == pytest.approx(expected_mole, rel=1e-6)
+    # switch: layer 1: top-1 fractions (1/2, 1/2, 0), mean probs (0.3, 0.45, 0.25) -> 3 * 0.375 = 1.125
+    #         layer 2: fractions (0, 0, 1), mean probs (0.2, 0.2, 0.6) -> 3 * 0.6 = 1.8; mean 1.4625
+    assert usage.switch_loss().item() == pytest.approx(1.4625, rel=1e-6)
+    torch.testing.assert_close(usage.mean_mass(), torch.tensor([0.8, 1.1, 1.1]) / 3)
+
+    uniform = GateUsage(4)
+    uniform.record(torch.full((10, 4), 0.25))
+    assert uniform.mole_loss().item() == pytest.approx(4 * math.log(4), rel=1e-6)  # the minimum, N log N
+    assert uniform.switch_loss().item() == pytest.approx(1.0, rel=1e-6)  # the minimum, 1
+    assert uniform.loss("none").item() == 0.0
+    with pytest.raises(ValueError, match="unknown"):
+        uniform.loss("entropy")
+
+
+def test_balancing_loss_gradient_reaches_only_the_gate():
+    g = torch.Generator().manual_seed(4)
+    gate = random_token_gate(g)
+    experts = make_experts((4, 4, 4, 4), g)
+    down, up, ranks = stack_experts(experts, IN, OUT)
+    gate.usage = GateUsage(N)
+    hidden = torch.randn(8, IN, generator=g)
+    probabilities = gate.token_probabilities(0, hidden)
+    out = mixture_delta(hidden, down, up, ranks, probabilities)
+    loss = out.pow(2).mean() + 0.1 * gate.usage.loss("mole")
+    loss.backward()
+    assert gate.weights[0].grad is not None and gate.weights[0].grad.abs().sum() > 0
+    assert gate.bias.grad is not None and gate.log_temperature.grad is not None
+    assert not down.requires_grad and not up.requires_grad  # frozen LoRAs
+
+
+def test_stack_experts_rejects_mismatched_shapes():
+    bad = [ExpertLoRA(down=torch.zeros(4, IN + 1), up=torch.zeros(OUT, 4), scale=1.0)]
+    with pytest.raises(ValueError, match="another base model"):
+        stack_experts(bad, IN, OUT)
+
+
+def test_input_scale_calibration_normalises_logits():
+    g = torch.Generator().manual_seed(5)
+    gate = random_token_gate(g)
+    hidden = torch.randn(4, 10, IN, generator=g) * 40.0  # a layer with large activations
+    before = gate.token_logits(0, hidden)
+    gate.calibrate_input_scale(0, hidden)
+    assert gate.calibrated == [True, False]
+    assert gate.input_scale[0].item() == pytest.approx(40.0 * IN**0.5, rel=0.1)  # mean L2 norm of the input
+    after = gate.token_logits(0, hidden)
+    assert after.abs().mean() < before.abs().mean() / 5  # logits back to the bias' scale
+    # the fused layer folds the calibrated scale in: still equal to the loop
+    experts = make_experts((4, 4, 4, 4), g)
+    base = torch.zeros(4, 10, OUT)
+    fused = fused_layer(gate, "lora_unet_a", experts, IN, OUT)(hidden, base)
+    assert (fused - reference_delta(hidden, experts, gate.token_probabilities(0, hidden))).abs().max().item() <= 1e-4

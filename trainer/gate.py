@@ -1,0 +1,503 @@
+"""Mixture of LoRA (MoLE-style) gate: pure PyTorch, shared by the gate trainer, the diffusers
+mixer and the ComfyUI Gated Multi-LoRA Loader. No ``comfy`` import.
+
+The model (after MoLE, arXiv 2404.13628): every layer that the aspect LoRAs adapt gets its own
+softmax gate over the N frozen LoRAs ("experts"), with a learnable temperature:
+
+    y = W x + sum_i g_i * s_i * B_i A_i x,      g = softmax((V u + b) / tau)
+
+where ``s_i = alpha_i / rank_i`` is each LoRA's own scale. Two granularities, fixed at training
+time:
+
+* ``token``: ``u`` is the layer's input hidden state, one gate per token. (MoLE routes per token
+  too, but computes its logits from the experts' concatenated outputs; logits from the layer input
+  cost one extra row block in the experts' stacked A matmul instead of N full expert outputs.)
+* ``prompt``: ``u`` is the prompt embedding, the mean over tokens of the text-encoder hidden
+  states that the UNet cross-attends to (``context`` in ComfyUI, ``encoder_hidden_states`` in
+  diffusers: the same tensor on both sides, unlike the CLIP "pooled" output, which ComfyUI and
+  diffusers compute differently). One gate per sample, constant over a sampling run, so it can be
+  merged into the weights once ("bake"). Text-encoder layers can't depend on the prompt embedding
+  they produce: in this granularity their gates are static (``logits = b``).
+
+Gate inputs are normalised to unit length, so that the logits' scale, and so the temperature, is
+comparable across layers (hidden-state magnitudes differ by orders of magnitude between layers),
+and so that one optimiser step moves a logit about as far through the projection ``V`` as through
+the bias (fan-in scaling: with raw inputs, Adam's per-element steps add up over ``in_features``
+elements and the projection's noise swamps the routing signal). The prompt embedding is divided by
+its norm per sample (once per UNet call); each token-gated layer divides its logits by a fixed
+``input_scale``, the mean L2 norm of that layer's input on the first training batch (calibrated
+once, like a frozen normalisation statistic, and saved with the gate). A fixed scale folds into the
+gate projection at inference, so the token gate costs no normalisation pass per layer: on a GPU an
+SD1.5 step is bound by kernel launches, and a per-token norm costs as much as the rest of the
+gated layer.
+
+Masking experts out at inference (MoLE's "flexible composition") sets their logits to -inf, which
+renormalises the softmax over the rest: exactly ``g_i / sum_{j kept} g_j``.
+
+Balancing losses (stop the gate collapsing onto one LoRA):
+
+* ``mole``: MoLE's ``-log prod_i q_i``, ``q_i`` = mean gate value of expert i over every gate
+  evaluation (layers x tokens x batch) of the step. Minimum ``N log N`` at a uniform mean.
+* ``switch``: Switch Transformer's load balancing ``N sum_i f_i P_i`` per layer (``f_i`` = share of
+  tokens whose top expert is i, ``P_i`` = mean gate value), averaged over layers. Minimum 1.
+
+Nothing here is in peft (it has no gated multi-adapter layer over frozen adapters with a learned
+router), hence the hand-written module.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GRANULARITIES = ("token", "prompt")
+BALANCE_KINDS = ("mole", "switch", "none")
+TEXT_ENCODER_PREFIX = "lora_te"  # kohya module names of text-encoder layers: lora_te_, lora_te1_, lora_te2_
+NORM_EPS = 1e-6
+
+
+def is_text_encoder_layer(layer_name: str) -> bool:
+    return layer_name.startswith(TEXT_ENCODER_PREFIX)
+
+
+def inverse_norm(u: torch.Tensor) -> torch.Tensor:
+    """``1 / |u|`` over the last dimension, keepdim: the gate input normalisation."""
+    # One fused reduction in float32 (no float copy of u).
+    norm = torch.linalg.vector_norm(u, dim=-1, keepdim=True, dtype=torch.float32)
+    return torch.reciprocal(norm.clamp_min(NORM_EPS)).to(u.dtype)
+
+
+def prompt_embedding(context: torch.Tensor) -> torch.Tensor:
+    """The prompt gate's input from the cross-attention context ``[B, T, D]`` (or an already pooled
+    ``[B, D]``): the mean over tokens. ComfyUI repeats a shorter context to a common length when it
+    batches conds; a mean is unchanged by that repetition."""
+    if context.ndim == 3:
+        return context.mean(dim=1)
+    if context.ndim == 2:
+        return context
+    raise ValueError(f"prompt context: expected [B, T, D] or [B, D], got shape {tuple(context.shape)}")
+
+
+def masked_bias(mask: torch.Tensor | None, reference: torch.Tensor) -> torch.Tensor | float:
+    """0 for kept experts, -inf for masked ones (added to logits), checked to keep at least one."""
+    if mask is None:
+        return 0.0
+    mask = mask.to(device=reference.device, dtype=torch.bool)
+    if not bool(mask.any()):
+        raise ValueError("expert mask: every LoRA is switched off; keep at least one aspect enabled")
+    zeros = torch.zeros(mask.shape, device=reference.device, dtype=reference.dtype)
+    return zeros.masked_fill(~mask, float("-inf"))
+
+
+def renormalise(weights: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Zero the masked experts' weights (last dim) and rescale the rest to sum to 1."""
+    if mask is None:
+        return weights
+    mask = mask.to(device=weights.device, dtype=torch.bool)
+    if not bool(mask.any()):
+        raise ValueError("expert mask: every LoRA is switched off; keep at least one aspect enabled")
+    kept = weights * mask.to(weights.dtype)
+    return kept / kept.sum(-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+
+
+# -- usage statistics and the balancing losses -----------------------------------------------------
+
+class GateUsage:
+    """Accumulates gate probabilities over one training step for the balancing loss.
+
+    ``record`` keeps per-layer sums of probabilities (differentiable) and top-1 counts (not).
+    """
+
+    def __init__(self, num_experts: int):
+        self.num_experts = num_experts
+        self.prob_sums: list[torch.Tensor] = []  # one [N] per recorded gate evaluation
+        self.top1_counts: list[torch.Tensor] = []
+        self.token_counts: list[int] = []
+        self.layers: list[int | None] = []
+
+    def record(self, probabilities: torch.Tensor, layer: int | None = None) -> None:
+        flat = probabilities.reshape(-1, self.num_experts)
+        self.prob_sums.append(flat.float().sum(0))
+        self.top1_counts.append(torch.bincount(flat.argmax(-1), minlength=self.num_experts).to(flat.device))
+        self.token_counts.append(flat.shape[0])
+        self.layers.append(layer)
+
+    def layer_means(self) -> dict[int, torch.Tensor]:
+        """Detached mean gate value per expert for each recorded layer (for the trainer's prior)."""
+        sums: dict[int, torch.Tensor] = {}
+        counts: dict[int, int] = {}
+        for layer, prob_sum, tokens in zip(self.layers, self.prob_sums, self.token_counts):
+            if layer is None:
+                continue
+            sums[layer] = sums.get(layer, 0) + prob_sum.detach()
+            counts[layer] = counts.get(layer, 0) + tokens
+        return {layer: sums[layer] / counts[layer] for layer in sums}
+
+    def __len__(self) -> int:
+        return len(self.prob_sums)
+
+    def mean_mass(self) -> torch.Tensor:
+        """Mean gate value per expert over everything recorded: MoLE's ``q`` ([N], sums to 1)."""
+        if not self.prob_sums:
+            raise ValueError("gate usage: nothing recorded; run a forward pass with the gate attached first")
+        return torch.stack(self.prob_sums).sum(0) / float(sum(self.token_counts))
+
+    def mole_loss(self) -> torch.Tensor:
+        """MoLE's gate balancing loss ``-log prod_i q_i`` (= ``-sum_i log q_i``)."""
+        return -torch.log(self.mean_mass().clamp_min(1e-12)).sum()
+
+    def switch_loss(self) -> torch.Tensor:
+        """Switch-Transformer load balancing ``N * sum_i f_i * P_i`` per recorded layer, averaged."""
+        if not self.prob_sums:
+            raise ValueError("gate usage: nothing recorded; run a forward pass with the gate attached first")
+        losses = []
+        for prob_sum, counts, tokens in zip(self.prob_sums, self.top1_counts, self.token_counts):
+            fraction = counts.to(prob_sum.dtype) / tokens
+            mean_prob = prob_sum / tokens
+            losses.append(self.num_experts * (fraction * mean_prob).sum())
+        return torch.stack(losses).mean()
+
+    def loss(self, kind: str) -> torch.Tensor:
+        if kind == "mole":
+            return self.mole_loss()
+        if kind == "switch":
+            return self.switch_loss()
+        if kind == "none":
+            return torch.zeros((), device=self.prob_sums[0].device if self.prob_sums else None)
+        raise ValueError(f"balance loss {kind!r}: unknown; choose one of {', '.join(BALANCE_KINDS)}")
+
+
+# -- the gate ---------------------------------------------------------------------------------------
+
+class MixtureGate(nn.Module):
+    """One softmax gate per adapted layer over ``experts`` (aspect names, in LoRA order).
+
+    Parameters (these, and only these, are what the gate trainer updates and the MoL file stores):
+
+    * ``token``: ``weight_<l>`` ``[N, in_features_l]`` per layer (a ParameterList, dims differ).
+    * ``prompt``: ``weight`` ``[L, N, prompt_features]`` (all layers read the same embedding, so
+      all gates come out of one einsum); text-encoder layers are masked to static gates.
+    * ``bias`` ``[L, N]``, ``log_temperature`` ``[L]``.
+    * buffer ``prior`` ``[L, N]``: the mean gate over the training data, written by the trainer;
+      what "bake" merges when it has no prompt to evaluate the gate on.
+
+    Weights start at zero, so an untrained gate is the uniform (equal-weight) mixture.
+    """
+
+    def __init__(
+        self,
+        experts: Sequence[str],
+        layers: Sequence[str],
+        layer_in_features: Sequence[int],
+        granularity: str,
+        prompt_features: int | None = None,
+        temperature: float = 1.0,
+    ):
+        super().__init__()
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity {granularity!r}: unknown; choose one of {', '.join(GRANULARITIES)}")
+        if len(experts) < 1:
+            raise ValueError("experts: a gate needs at least one LoRA")
+        if len(set(experts)) != len(experts):
+            raise ValueError(f"experts {list(experts)}: names must be unique (one LoRA per aspect)")
+        if len(layers) != len(layer_in_features):
+            raise ValueError(f"layers ({len(layers)}) and layer_in_features ({len(layer_in_features)}) differ in length")
+        if granularity == "prompt" and not prompt_features:
+            raise ValueError("prompt_features: required for prompt gates (the text encoder's hidden size, 768 for SD1.5)")
+        if temperature <= 0:
+            raise ValueError(f"temperature {temperature}: must be > 0")
+        self.experts = tuple(experts)
+        self.layers = tuple(layers)
+        self.layer_in_features = tuple(int(d) for d in layer_in_features)
+        self.granularity = granularity
+        self.prompt_features = int(prompt_features) if prompt_features else None
+        self.layer_index = {name: index for index, name in enumerate(self.layers)}
+        n, count = len(self.experts), len(self.layers)
+        if granularity == "token":
+            self.weights = nn.ParameterList([nn.Parameter(torch.zeros(n, d)) for d in self.layer_in_features])
+        else:
+            self.weight = nn.Parameter(torch.zeros(count, n, self.prompt_features))
+            static = torch.tensor([is_text_encoder_layer(name) for name in self.layers], dtype=torch.bool)
+            self.register_buffer("input_mask", (~static).float().view(count, 1, 1), persistent=False)
+        self.bias = nn.Parameter(torch.zeros(count, n))
+        self.log_temperature = nn.Parameter(torch.full((count,), math.log(temperature)))
+        self.register_buffer("prior", torch.full((count, n), 1.0 / n))
+        self.register_buffer("input_scale", torch.ones(count))  # token gates: logits = (V x) / input_scale + b
+        self.calibrated = [False] * count  # set when input_scale was measured (or loaded)
+        self.usage: GateUsage | None = None  # set by the trainer for a step; probabilities are recorded
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    def expert_mask(self, enabled: Sequence[str] | None) -> torch.Tensor | None:
+        """Bool ``[N]`` from the aspect names to keep (None = all)."""
+        if enabled is None:
+            return None
+        unknown = sorted(set(enabled) - set(self.experts))
+        if unknown:
+            raise ValueError(f"aspects {unknown}: not in this gate; it mixes {', '.join(self.experts)}")
+        return torch.tensor([name in enabled for name in self.experts], dtype=torch.bool)
+
+    def temperature(self) -> torch.Tensor:
+        return self.log_temperature.exp()
+
+    # token gates ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def calibrate_input_scale(self, layer: int, hidden: torch.Tensor) -> None:
+        """Set layer ``layer``'s ``input_scale`` to the mean L2 norm of ``hidden``'s tokens (once)."""
+        norm = torch.linalg.vector_norm(hidden.float(), dim=-1).mean()
+        self.input_scale[layer] = norm.clamp_min(NORM_EPS).to(self.input_scale.device)
+        self.calibrated[layer] = True
+
+    def token_logits(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits ``[..., N]`` of layer ``layer`` from its input ``hidden`` ``[..., in_features]``."""
+        if self.granularity != "token":
+            raise ValueError("token_logits: this is a prompt gate; use prompt_probabilities")
+        # clone: calibration writes other entries of the buffer during the same forward pass
+        weight = (self.weights[layer] / self.input_scale[layer].clone()).to(hidden.dtype)
+        return F.linear(hidden, weight, self.bias[layer].to(hidden.dtype))
+
+    def token_probabilities(self, layer: int, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self.token_logits(layer, hidden)
+        logits = logits / self.temperature()[layer].to(logits.dtype) + masked_bias(mask, logits)
+        probabilities = torch.softmax(logits.float(), dim=-1).to(hidden.dtype)
+        if self.usage is not None:
+            self.usage.record(probabilities, layer)
+        return probabilities
+
+    # prompt gates -----------------------------------------------------------------------------
+    def prompt_logits(self, context: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, L, N]`` for every layer from the cross-attention context."""
+        if self.granularity != "prompt":
+            raise ValueError("prompt_logits: this is a token gate; use token_probabilities")
+        embedding = prompt_embedding(context)
+        if embedding.shape[-1] != self.prompt_features:
+            raise ValueError(
+                f"prompt context: hidden size {embedding.shape[-1]} but this gate was trained on "
+                f"{self.prompt_features}; the text encoder does not match the gate's base model"
+            )
+        u = embedding * inverse_norm(embedding)
+        weight = (self.weight * self.input_mask).to(u.dtype)
+        return torch.einsum("bd,lnd->bln", u, weight) + self.bias.to(u.dtype)
+
+    def prompt_probabilities(self, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Gate values ``[B, L, N]`` for every layer, one row per sample."""
+        logits = self.prompt_logits(context)
+        logits = logits / self.temperature().to(logits.dtype).view(1, -1, 1) + masked_bias(mask, logits)
+        probabilities = torch.softmax(logits.float(), dim=-1).to(logits.dtype)
+        if self.usage is not None:
+            for layer in range(probabilities.shape[1]):
+                self.usage.record(probabilities[:, layer], layer)
+        return probabilities
+
+    # static weights for merging -------------------------------------------------------------
+    def static_weights(self, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``[L, N]`` per-layer expert weights with no input: the recorded prior (masked and
+        renormalised). For prompt gates this is what text-encoder layers always use."""
+        return renormalise(self.prior.detach().clone(), mask)
+
+    def static_layer_probabilities(self, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``[L, N]`` softmax of the bias alone: the exact gate of static (text-encoder) layers in
+        prompt granularity, where the weight is masked out."""
+        logits = self.bias / self.temperature().view(-1, 1) + masked_bias(mask, self.bias)
+        return torch.softmax(logits.float(), dim=-1)
+
+    def merge_weights(self, context: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``[L, N]`` weights for a one-off merge (bake). With a prompt gate and a ``context``
+        ``[1, T, D]``: the gate evaluated on that prompt (static layers: their bias gate). Otherwise
+        the recorded prior, renormalised over the kept experts."""
+        if context is not None and self.granularity == "prompt":
+            if prompt_embedding(context).shape[0] != 1:
+                raise ValueError("bake: the prompt conditioning holds several prompts; give one prompt to bake")
+            with torch.no_grad():
+                return self.prompt_probabilities(context.to(self.bias.device).float(), mask)[0]
+        return self.static_weights(mask)
+
+
+# -- LoRA experts of one layer, and the mixed forward --------------------------------------------
+
+@dataclass
+class ExpertLoRA:
+    """One LoRA's factors on one layer: ``delta W = scale * up @ down`` (kohya ``lora_up`` = B
+    ``[out, r]``, ``lora_down`` = A ``[r, in]``, ``scale`` = alpha / r)."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+
+def stack_experts(
+    experts: Sequence[ExpertLoRA | None], in_features: int, out_features: int
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """All experts of a layer as one rank-sum LoRA: ``down`` ``[R, in]`` (A matrices stacked),
+    ``up`` ``[out, R]`` (B matrices side by side, each pre-multiplied by its scale) and the ranks.
+    An expert that does not adapt this layer (None) takes rank 0."""
+    downs, ups, ranks = [], [], []
+    for index, expert in enumerate(experts):
+        if expert is None:
+            ranks.append(0)
+            continue
+        down = expert.down.reshape(expert.down.shape[0], -1).float()
+        up = expert.up.reshape(expert.up.shape[0], -1).float()
+        if down.shape[1] != in_features or up.shape[0] != out_features or up.shape[1] != down.shape[0]:
+            raise ValueError(
+                f"expert {index}: LoRA factors up {tuple(expert.up.shape)} / down {tuple(expert.down.shape)} do not "
+                f"fit a layer of {in_features} -> {out_features} features; the LoRA was made for another base model"
+            )
+        downs.append(down)
+        ups.append(up * float(expert.scale))
+        ranks.append(down.shape[0])
+    if not downs:
+        raise ValueError("stack_experts: no expert adapts this layer")
+    return torch.cat(downs, 0), torch.cat(ups, 1), tuple(ranks)
+
+
+def expand_to_ranks(gates: torch.Tensor, ranks: Sequence[int]) -> torch.Tensor:
+    """Gate values ``[..., N]`` -> ``[..., R]``: each expert's value repeated over its rank."""
+    if len(set(ranks)) == 1:
+        rank = ranks[0]
+        return gates.unsqueeze(-1).expand(*gates.shape, rank).reshape(*gates.shape[:-1], len(ranks) * rank)
+    repeats = torch.tensor(list(ranks), device=gates.device)
+    return torch.repeat_interleave(gates, repeats, dim=-1)
+
+
+def mixture_delta(
+    hidden: torch.Tensor, down: torch.Tensor, up: torch.Tensor, ranks: Sequence[int], gates: torch.Tensor
+) -> torch.Tensor:
+    """``sum_i g_i s_i B_i A_i x`` with all A in one matmul, gate-scaled, all B in one matmul.
+    ``gates`` broadcasts against ``hidden[..., :N]`` (``[..., N]`` per token, ``[B, 1, N]`` per
+    sample). Differentiable in ``gates`` (the trainer's path)."""
+    low = F.linear(hidden, down.to(hidden.dtype))
+    low = low * expand_to_ranks(gates.to(hidden.dtype), ranks)
+    return F.linear(low, up.to(hidden.dtype))
+
+
+def reference_delta(hidden: torch.Tensor, experts: Sequence[ExpertLoRA | None], gates: torch.Tensor) -> torch.Tensor:
+    """The plain per-expert loop ``sum_i g_i * s_i * B_i (A_i x)``: the definition the fused paths
+    are tested against, and the "per-expert loop" in the benchmark."""
+    out = None
+    for index, expert in enumerate(experts):
+        if expert is None:
+            continue
+        down = expert.down.reshape(expert.down.shape[0], -1).to(hidden.dtype)
+        up = expert.up.reshape(expert.up.shape[0], -1).to(hidden.dtype)
+        term = F.linear(F.linear(hidden, down), up) * (gates[..., index : index + 1].to(hidden.dtype) * expert.scale)
+        out = term if out is None else out + term
+    if out is None:
+        raise ValueError("reference_delta: no expert adapts this layer")
+    return out
+
+
+class FusedGatedLoRA(nn.Module):
+    """Inference form of one gated layer: the frozen experts plus (token granularity) the gate,
+    in as few operations as possible (on a GPU each one costs a kernel launch, which at SD1.5 size
+    costs more than its arithmetic):
+
+    * token: the gate projection ``V / (input_scale * tau)`` is appended to the stacked A matrix and
+      ``b / tau`` (and -inf for masked experts) is its bias, so one matmul gives both the rank-space
+      activations and the logits; softmax; gate-scale; one matmul with the stacked B (each LoRA's
+      scale and the global strength folded in); add to the base output.
+    * per-sample gates (prompt granularity, fixed weights): ``forward(..., rank_gates=...)`` with
+      gates already expanded to rank space (``expand_gates``), computed once per UNet call.
+
+    Callers use ``forward`` directly (not ``__call__``): module hooks are never needed here and
+    ``nn.Module.__call__`` adds measurable overhead at 160 layers per step. Buffers follow the
+    input's device and dtype on first use (low-VRAM / offload safe): moved, not copied.
+    """
+
+    def __init__(
+        self,
+        down: torch.Tensor,
+        up: torch.Tensor,
+        ranks: Sequence[int],
+        *,
+        gate_weight: torch.Tensor | None = None,
+        gate_bias: torch.Tensor | None = None,
+        temperature: float = 1.0,
+        input_scale: float = 1.0,
+        mask: torch.Tensor | None = None,
+        strength: float = 1.0,
+    ):
+        super().__init__()
+        self.ranks = tuple(int(r) for r in ranks)
+        self.num_experts = len(self.ranks)
+        self.rank_total = sum(self.ranks)
+        self.out_features = int(up.shape[0])
+        self.equal_ranks = len(set(self.ranks)) == 1
+        self.has_token_gate = gate_weight is not None
+        with torch.no_grad():
+            if self.has_token_gate:
+                inv_tau = 1.0 / float(temperature)
+                bias = (gate_bias if gate_bias is not None else torch.zeros(self.num_experts)).float() * inv_tau
+                bias = bias + masked_bias(mask, bias)
+                down_and_gate = torch.cat([down.float(), gate_weight.float() * (inv_tau / float(input_scale))], dim=0)
+                self.register_buffer("bias", torch.cat([torch.zeros(self.rank_total), bias]))
+            else:
+                down_and_gate = down.float()
+                self.bias = None
+            self.register_buffer("down_and_gate", down_and_gate.contiguous())
+            self.register_buffer("up", (up.float() * strength).contiguous())
+            self.register_buffer("rank_index", torch.repeat_interleave(torch.arange(self.num_experts), torch.tensor(self.ranks)))
+
+    def expand_gates(self, gates: torch.Tensor, ndim: int = 3) -> torch.Tensor:
+        """Per-sample gates ``[B, N]`` -> ``[B, 1, …, R]`` broadcasting over an input of ``ndim`` dims."""
+        expanded = gates.index_select(-1, self.rank_index.to(gates.device))
+        return expanded.view(expanded.shape[0], *([1] * (ndim - 2)), expanded.shape[-1])
+
+    def forward(self, hidden: torch.Tensor, base_out: torch.Tensor, rank_gates: torch.Tensor | None = None) -> torch.Tensor:
+        """``base_out + delta`` for ``hidden`` ``[..., in]``; ``rank_gates`` (``[B, 1.., R]``) is
+        required unless this layer has a token gate."""
+        if self.up.dtype != hidden.dtype or self.up.device != hidden.device:
+            self.to(device=hidden.device, dtype=hidden.dtype)
+        if self.has_token_gate:
+            h = F.linear(hidden, self.down_and_gate, self.bias)
+            g = torch.softmax(h[..., self.rank_total :], dim=-1)
+            low = h[..., : self.rank_total]
+            if self.equal_ranks:
+                low = (low.unflatten(-1, (self.num_experts, self.ranks[0])) * g.unsqueeze(-1)).flatten(-2)
+            else:
+                low = low * g.index_select(-1, self.rank_index)
+        else:
+            if rank_gates is None:
+                raise ValueError("FusedGatedLoRA: this layer has no token gate; pass per-sample rank_gates")
+            low = F.linear(hidden, self.down_and_gate) * rank_gates.to(hidden.dtype)
+        return base_out + F.linear(low, self.up)
+
+
+def fused_layer(
+    gate: MixtureGate | None,
+    layer_name: str,
+    experts: Sequence[ExpertLoRA | None],
+    in_features: int,
+    out_features: int,
+    *,
+    mask: torch.Tensor | None = None,
+    strength: float = 1.0,
+) -> FusedGatedLoRA:
+    """Build the inference layer for ``layer_name``: with a token gate its projection is folded
+    in; otherwise (prompt gates, fixed weights) the caller passes gates at run time."""
+    down, up, ranks = stack_experts(experts, in_features, out_features)
+    if gate is not None and gate.granularity == "token":
+        index = gate.layer_index[layer_name]
+        return FusedGatedLoRA(
+            down,
+            up,
+            ranks,
+            gate_weight=gate.weights[index].detach(),
+            gate_bias=gate.bias[index].detach(),
+            temperature=float(gate.temperature()[index].detach()),
+            input_scale=float(gate.input_scale[index]),
+            mask=mask,
+            strength=strength,
+        )
+    return FusedGatedLoRA(down, up, ranks, strength=strength)

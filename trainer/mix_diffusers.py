@@ -1,0 +1,280 @@
+"""A Mixture of LoRA on diffusers models: the gate trainer's model, and ``versat2i mix``
+(generation with a MoL file outside ComfyUI).
+
+The aspect LoRAs stay frozen factors, never merged into peft layers: every adapted Linear (or 1x1
+Conv2d) gets a forward hook that adds the gated delta to the layer's output, so the base model's
+modules and state dict stay exactly as loaded and ``remove()`` restores it. Prompt gates read the
+UNet's ``encoder_hidden_states`` in a UNet forward pre-hook, once per call. ``bake`` instead adds
+the mixed delta to the weights in place (one merge, no per-step cost) and remembers the originals.
+
+peft can load several adapters and weight them (``set_adapters``), but only with one weight per
+adapter for the whole model; per-layer learned gates over frozen adapters are what MoLE adds, hence
+these hooks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .gate import (
+    ExpertLoRA,
+    MixtureGate,
+    expand_to_ranks,
+    fused_layer,
+    is_text_encoder_layer,
+    mixture_delta,
+    stack_experts,
+)
+
+logger = logging.getLogger(__name__)
+
+MODES = ("bake", "dynamic", "equal")
+
+
+@dataclass
+class MixtureLayer:
+    """One adapted module of a diffusers base model with every aspect LoRA's factors."""
+
+    name: str  # kohya module name (what the MoL file records)
+    key: str  # "unet.<path>" / "text_encoder.<path>" (lora_io.kohya_to_peft's key)
+    module: torch.nn.Module
+    experts: list[ExpertLoRA | None]
+
+    @property
+    def on_text_encoder(self) -> bool:
+        return not self.key.startswith("unet.")
+
+    @property
+    def channels_first(self) -> bool:
+        return isinstance(self.module, torch.nn.Conv2d)
+
+    @property
+    def in_features(self) -> int:
+        return self.module.in_features if isinstance(self.module, torch.nn.Linear) else self.module.in_channels
+
+    @property
+    def out_features(self) -> int:
+        return self.module.out_features if isinstance(self.module, torch.nn.Linear) else self.module.out_channels
+
+
+def mixture_layers(base, loras: Sequence[Mapping[str, torch.Tensor]]) -> list[MixtureLayer]:
+    """Group the kohya LoRAs' factors by module of ``base`` (H5a's ``BaseModel``), sorted by
+    kohya name. Names are mapped by ``lora_io.kohya_to_peft`` (diffusers' converters); its
+    ``LoraWeights`` hold the state dict's own tensors, so each module's kohya name is found by
+    tensor identity."""
+    from .lora_io import get_lora_target, kohya_to_peft
+
+    layers: dict[str, MixtureLayer] = {}
+    for index, state_dict in enumerate(loras):
+        name_of_tensor = {id(t): k.split(".", 1)[0] for k, t in state_dict.items() if k.endswith(".lora_down.weight")}
+        for key, weights in kohya_to_peft(state_dict, base).items():
+            module = get_lora_target(base, key)
+            if isinstance(module, torch.nn.Conv2d) and (tuple(module.kernel_size) != (1, 1) or module.groups != 1):
+                raise ValueError(f"LoRA {index}: layer {key} is a {tuple(module.kernel_size)} convolution; the gated "
+                                 "mixture handles Linear and 1x1 Conv2d layers (attention / feed-forward LoRAs)")
+            layer = layers.get(key)
+            if layer is None:
+                name = name_of_tensor.get(id(weights.down), key)
+                layer = layers[key] = MixtureLayer(name, key, module, [None] * len(loras))
+            layer.experts[index] = ExpertLoRA(down=weights.down, up=weights.up, scale=weights.scale)
+    return sorted(layers.values(), key=lambda layer: layer.name)
+
+
+def gate_for_layers(aspects: Sequence[str], layers: Sequence[MixtureLayer], granularity: str, prompt_features: int,
+                    temperature: float = 1.0) -> MixtureGate:
+    """A fresh (uniform) gate over ``layers``."""
+    return MixtureGate(list(aspects), [layer.name for layer in layers], [layer.in_features for layer in layers],
+                       granularity, prompt_features=prompt_features, temperature=temperature)
+
+
+class _PromptState:
+    def __init__(self):
+        self.gates: torch.Tensor | None = None
+
+
+class DiffusersMixture:
+    """A gate and its layers attached to a diffusers model. ``attach()`` installs the hooks
+    (``train=True``: differentiable gates, the trainer's path; else the fused inference form),
+    ``bake()`` merges once; ``remove()`` undoes either."""
+
+    def __init__(self, gate: MixtureGate, layers: Sequence[MixtureLayer], *, unet: torch.nn.Module | None = None,
+                 mask: torch.Tensor | None = None, strength: float = 1.0):
+        missing = sorted(set(layer.name for layer in layers) - set(gate.layers))
+        if missing:
+            raise ValueError(f"the LoRAs adapt {len(missing)} layers the gate has no entry for (e.g. {missing[0]}); "
+                             "the gate was trained for other LoRAs")
+        self.gate, self.layers, self.unet = gate, list(layers), unet
+        self.mask, self.strength = mask, strength
+        self.state = _PromptState()
+        self._handles: list = []
+        self._baked: dict[int, torch.Tensor] = {}
+
+    # -- hooks -----------------------------------------------------------------------------------------
+    def attach(self, *, train: bool = False) -> DiffusersMixture:
+        self.remove()
+        gate = self.gate
+        if gate.granularity == "prompt":
+            if self.unet is None:
+                raise ValueError("prompt gates need the UNet to read the prompt context from; pass unet=")
+            self._handles.append(self.unet.register_forward_pre_hook(self._read_context, with_kwargs=True))
+        for layer in self.layers:
+            index = gate.layer_index[layer.name]
+            static = gate.granularity == "prompt" and is_text_encoder_layer(layer.name)
+            if train:
+                down, up, ranks = stack_experts(layer.experts, layer.in_features, layer.out_features)
+                hook = _TrainHook(self, index, down, up * self.strength, ranks, layer.channels_first, static)
+            else:
+                fused = fused_layer(gate, layer.name, layer.experts, layer.in_features, layer.out_features,
+                                    mask=self.mask, strength=self.strength)
+                hook = _FusedHook(self, index, fused, layer.channels_first, static)
+            self._handles.append(layer.module.register_forward_hook(hook))
+        return self
+
+    def _read_context(self, module, args, kwargs):
+        context = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+        if context is None:
+            raise ValueError("prompt gate: the UNet was called without encoder_hidden_states")
+        if self.gate.training and torch.is_grad_enabled():
+            self.state.gates = self.gate.prompt_probabilities(context.float(), self.mask)
+        else:
+            with torch.no_grad():
+                self.state.gates = self.gate.prompt_probabilities(context.float(), self.mask)
+        return None
+
+    def sample_gates(self, index: int, static: bool, reference: torch.Tensor) -> torch.Tensor:
+        if static:
+            return self.gate.static_layer_probabilities(self.mask)[index].to(reference.device, reference.dtype)
+        if self.state.gates is None:
+            raise RuntimeError("prompt gate: a gated layer ran before the UNet received its prompt context")
+        return self.state.gates[:, index].to(reference.dtype)
+
+    # -- bake ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def bake(self, weights: torch.Tensor) -> DiffusersMixture:
+        """Add ``sum_i w_i s_i B_i A_i`` (``weights`` ``[L, N]`` in gate layer order) to each weight."""
+        self.remove()
+        for layer in self.layers:
+            row = weights[self.gate.layer_index[layer.name]]
+            down, up, ranks = stack_experts(layer.experts, layer.in_features, layer.out_features)
+            up = up * expand_to_ranks(row.float(), ranks) * self.strength
+            weight = layer.module.weight
+            self._baked[id(layer.module)] = weight.detach().clone()
+            delta = (up.to(weight.device) @ down.to(weight.device)).reshape(weight.shape)
+            weight.add_(delta.to(weight.dtype))
+        return self
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if self._baked:
+            with torch.no_grad():
+                for layer in self.layers:
+                    original = self._baked.pop(id(layer.module), None)
+                    if original is not None:
+                        layer.module.weight.copy_(original)
+        self.state.gates = None
+
+
+class _TrainHook:
+    """Differentiable gated delta (gate parameters train; LoRA factors frozen)."""
+
+    def __init__(self, mixture, index, down, up, ranks, channels_first, static):
+        self.mixture, self.index, self.ranks = mixture, index, ranks
+        self.down, self.up = down, up
+        self.channels_first, self.static = channels_first, static
+
+    def __call__(self, module, inputs, output):
+        hidden = inputs[0]
+        if self.channels_first:
+            hidden, output = hidden.movedim(1, -1), output.movedim(1, -1)
+        if self.down.device != hidden.device:
+            self.down, self.up = self.down.to(hidden.device), self.up.to(hidden.device)
+        gate = self.mixture.gate
+        if gate.granularity == "token":
+            if not gate.calibrated[self.index]:  # first training batch: fix this layer's input scale
+                gate.calibrate_input_scale(self.index, hidden)
+            gates = gate.token_probabilities(self.index, hidden, self.mixture.mask)
+        else:
+            gates = self.mixture.sample_gates(self.index, self.static, hidden)
+            if gates.ndim == 2:
+                gates = gates.view(gates.shape[0], *([1] * (hidden.ndim - 2)), gates.shape[1])
+        out = output + mixture_delta(hidden, self.down, self.up, self.ranks, gates)
+        return out.movedim(-1, 1) if self.channels_first else out
+
+
+class _FusedHook:
+    """Inference: the fused gated layer (gate folded into the stacked A matrix)."""
+
+    def __init__(self, mixture, index, fused, channels_first, static):
+        self.mixture, self.index, self.fused = mixture, index, fused
+        self.channels_first, self.static = channels_first, static
+
+    def __call__(self, module, inputs, output):
+        hidden = inputs[0]
+        if self.channels_first:
+            hidden, output = hidden.movedim(1, -1), output.movedim(1, -1)
+        gates = None
+        if not self.fused.has_token_gate:
+            sample = self.mixture.sample_gates(self.index, self.static, hidden)
+            gates = self.fused.expand_gates(sample.expand(hidden.shape[0], -1) if sample.ndim == 1 else sample, hidden.ndim)
+        with torch.no_grad():
+            out = self.fused.forward(hidden, output, gates)
+        return out.movedim(-1, 1) if self.channels_first else out
+
+
+# -- versat2i mix ------------------------------------------------------------------------------------------
+
+def load_mixture(base, mol_path: str | Path, *, enabled: Sequence[str] | None = None, strength: float = 1.0):
+    """(MolFile, DiffusersMixture) for ``base``: hash-checked LoRAs, layers mapped onto ``base``."""
+    from .lora_io import load_kohya_lora
+    from .mol_file import load_mol
+
+    mol = load_mol(mol_path)
+    loras = [load_kohya_lora(path)[0] for path in mol.lora_paths]
+    layers = mixture_layers(base, loras)
+    gate = mol.gate.float()
+    mask = gate.expert_mask(enabled)
+    unknown = sorted(set(gate.layers) - {layer.name for layer in layers})
+    if unknown:
+        raise ValueError(f"MoL file {mol_path}: {len(unknown)} gate layers are adapted by none of its LoRAs "
+                         f"(e.g. {unknown[0]}); the file is damaged or its LoRAs were replaced")
+    return mol, DiffusersMixture(gate, layers, unet=base.unet, mask=mask, strength=strength)
+
+
+def build_pipeline(base, scheduler: str = "euler"):
+    """A diffusers text-to-image pipeline from H5a's ``BaseModel`` components."""
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+    )
+
+    schedulers = {"euler": EulerDiscreteScheduler, "ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler}
+    if scheduler not in schedulers:
+        raise ValueError(f"scheduler {scheduler!r}: choose one of {', '.join(schedulers)}")
+    if base.vae is None:
+        raise ValueError(f"base model {base.source_path}: has no VAE; `versat2i mix` needs a checkpoint with its VAE")
+    sampler = schedulers[scheduler].from_config(base.noise_scheduler.config)
+    if base.arch == "sdxl":
+        return StableDiffusionXLPipeline(vae=base.vae, text_encoder=base.text_encoders[0], text_encoder_2=base.text_encoders[1],
+                                         tokenizer=base.tokenizers[0], tokenizer_2=base.tokenizers[1], unet=base.unet,
+                                         scheduler=sampler)
+    return StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoders[0], tokenizer=base.tokenizers[0],
+                                   unet=base.unet, scheduler=sampler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def prompt_context(base, prompt: str, device) -> torch.Tensor:
+    from .model_loading import encode_prompts
+
+    with torch.no_grad():
+        hidden, _ = encode_prompts(base, [prompt], device)
+    return hidden

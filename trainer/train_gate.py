@@ -1,0 +1,508 @@
+"""Train a Mixture-of-LoRA gate over frozen aspect LoRAs. Run under ``accelerate launch``.
+
+    python -m accelerate.commands.launch [accelerate options] trainer/launch_entry.py \\
+        trainer.train_gate --config gate.toml [--resume latest]
+
+(``versat2i train-gate`` and the Train Gate node build that command with ``trainer/launcher.py``.)
+The same loop as ``train_lora.py`` (diffusers' training-example shape, the same data pipeline,
+checkpoints, events and resume), with three differences:
+
+* the base model **and the aspect LoRAs** are frozen: the LoRAs are attached as gated forward
+  hooks (``mix_diffusers.DiffusersMixture``), and only the gate's parameters train;
+* the data is the union of every aspect's folders of the training set;
+* the loss is the denoising loss plus ``balance_weight`` times the balancing loss (MoLE's
+  ``-log prod q`` or Switch's load balancing), which keeps the gate from collapsing onto one LoRA.
+
+Output: one MoL file (``trainer/mol_file.py``) next to the LoRAs, written atomically, naming each
+LoRA by file name and sha256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from .config import TrainingRunConfig, _at_least, _choice, _positive_float
+from .events import EventWriter
+from .gate import BALANCE_KINDS, GRANULARITIES, GateUsage
+from .mol_file import MOL_SUFFIX
+
+logger = logging.getLogger(__name__)
+
+GATE_PROGRAM = "trainer.train_gate"
+GATE_STATE_FILE = "gate.safetensors"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GateTrainConfig(TrainingRunConfig):
+    """A gate over ``loras`` (one per aspect), trained on every aspect folder of ``dataset_dir``.
+
+    ``output_dir`` must hold the LoRAs (the MoL file is saved next to them and names them relative
+    to its folder); the result is ``<output_dir>/<output_name>.mol.safetensors``.
+    """
+
+    loras: tuple[str, ...] = ()  # the aspect LoRA files, in gate order
+    aspects: tuple[str, ...] = ()  # their aspect names (empty: each LoRA's versat2i_aspect, else its file stem)
+    granularity: str = "token"  # token | prompt
+    balance_loss: str = "mole"  # mole (-log prod q) | switch | none
+    balance_weight: float = 0.01
+    temperature: float = 1.0  # initial softmax temperature (learned)
+    prior_decay: float = 0.99  # EMA of the mean gate per layer (what bake merges without a prompt)
+    learning_rate: float = 1e-3
+    max_train_steps: int = 200
+    # data (as for LoRA training)
+    resolution: int = 512
+    bucketing: bool = True
+    bucket_step: int = 64
+    bucket_max_aspect: float = 2.0
+    random_flip: bool = False
+    cache_latents: bool = False
+    cache_text_embeddings: bool = False  # only when no LoRA adapts the text encoder
+    keep_checkpoints: bool = True
+
+    NON_RESULT_FIELDS: ClassVar[frozenset[str]] = TrainingRunConfig.NON_RESULT_FIELDS | {
+        "cache_latents", "cache_text_embeddings", "keep_checkpoints"}
+
+    @property
+    def output_path(self) -> Path:
+        name = self.output_name
+        for suffix in (MOL_SUFFIX, ".safetensors"):
+            if name.endswith(suffix):
+                name = name[: -len(suffix)]
+                break
+        return Path(self.output_dir) / (name + MOL_SUFFIX)
+
+    def problems(self, *, check_paths: bool = True) -> list[str]:
+        p = super().problems(check_paths=check_paths)
+        _choice(p, "granularity", self.granularity, GRANULARITIES)
+        _choice(p, "balance_loss", self.balance_loss, BALANCE_KINDS)
+        if not math.isfinite(self.balance_weight) or self.balance_weight < 0:
+            p.append(f"balance_weight={self.balance_weight}: must be >= 0 (0.01 is usual; 0 = no balancing)")
+        _positive_float(p, "temperature", self.temperature)
+        if not 0.0 <= self.prior_decay < 1.0:
+            p.append(f"prior_decay={self.prior_decay}: must be in [0, 1)")
+        if len(self.loras) < 2:
+            p.append(f"loras: {len(self.loras)} given; a mixture needs at least 2 aspect LoRAs")
+        if self.aspects and len(self.aspects) != len(self.loras):
+            p.append(f"aspects: {len(self.aspects)} names for {len(self.loras)} LoRAs; give one per LoRA or none")
+        if self.aspects and len(set(self.aspects)) != len(self.aspects):
+            p.append(f"aspects {list(self.aspects)}: names must be unique")
+        if self.resolution < 64 or self.resolution % 8:
+            p.append(f"resolution={self.resolution}: must be a multiple of 8 and at least 64")
+        if self.bucket_step < 8 or self.bucket_step % 8:
+            p.append(f"bucket_step={self.bucket_step}: must be a multiple of 8 (64 is usual)")
+        _at_least(p, "max_train_steps", self.max_train_steps, 1)
+        if self.cache_latents and self.random_flip:
+            p.append("random_flip with cache_latents: cached latents cannot be flipped; turn one off")
+        if check_paths and self.output_dir.strip():
+            root = Path(self.output_dir).resolve()
+            for lora in self.loras:
+                path = Path(lora)
+                if not path.is_file():
+                    p.append(f"loras: {lora!r} does not exist; give the aspect LoRA files")
+                elif not path.resolve().is_relative_to(root):
+                    p.append(f"loras: {lora!r} is not inside output_dir {self.output_dir!r}; the MoL file is saved "
+                             "next to its LoRAs, so set output_dir to the LoRAs' folder")
+        return p
+
+
+def gate_run_fingerprint(config: GateTrainConfig) -> str:
+    from .train_lora import tree_identity  # (path, size, mtime) rows
+
+    return config.fingerprint(base_model=tree_identity(Path(config.base_model)),
+                              dataset=tree_identity(Path(config.dataset_dir)),
+                              loras=[tree_identity(Path(p)) for p in config.loras])
+
+
+def resolve_aspects(config: GateTrainConfig, metadata: list[dict[str, str]]) -> list[str]:
+    """Aspect names: the config's, else each LoRA's ``versat2i_aspect`` metadata, else its file stem."""
+    if config.aspects:
+        return list(config.aspects)
+    names = []
+    for path, meta in zip(config.loras, metadata):
+        stem = Path(path).name.removesuffix(".safetensors")
+        names.append(meta.get("versat2i_aspect") or stem)
+    if len(set(names)) != len(names):
+        raise ValueError(f"aspects {names}: two LoRAs have the same aspect name; set `aspects` in the config")
+    return names
+
+
+@dataclass
+class GateProgress:
+    global_step: int = 0
+    batches_seen: int = 0
+    fingerprint: str = ""
+
+
+@dataclass
+class GateCheckpointHooks:
+    """accelerate save/load hooks: the gate (safetensors), the noise generator and the progress.
+    The gate is not an accelerate-prepared model (it is called from hooks inside the UNet, not
+    through a forward of its own), so it is saved here rather than by ``save_state``."""
+
+    accelerator: Any
+    gate: torch.nn.Module
+    noise_generator: torch.Generator
+    progress: GateProgress
+    loaded_fingerprint: str = field(default="", init=False)
+
+    def save(self, models, weights, output_dir: str) -> None:
+        from safetensors.torch import save_file
+
+        from .train_lora import PROGRESS_FILE
+
+        out = Path(output_dir)
+        if self.accelerator.is_main_process:
+            state = {k: v.detach().contiguous().cpu() for k, v in self.gate.state_dict().items()}
+            save_file(state, str(out / GATE_STATE_FILE))
+            (out / PROGRESS_FILE).write_text(json.dumps(dataclasses.asdict(self.progress)))
+        save_file({"state": self.noise_generator.get_state()},
+                  str(out / f"noise_rng_{self.accelerator.process_index}.safetensors"))
+
+    def load(self, models, input_dir: str) -> None:
+        from safetensors.torch import load_file
+
+        from .train_lora import PROGRESS_FILE
+
+        folder = Path(input_dir)
+        state = load_file(str(folder / GATE_STATE_FILE))
+        self.gate.load_state_dict({k: v.to(self.gate.bias.device) for k, v in state.items()})
+        self.gate.calibrated = [True] * len(self.gate.calibrated)  # input scales come from the checkpoint
+        saved = json.loads((folder / PROGRESS_FILE).read_text())
+        self.progress.global_step = int(saved["global_step"])
+        self.progress.batches_seen = int(saved["batches_seen"])
+        self.loaded_fingerprint = saved.get("fingerprint", "")
+        rng_file = folder / f"noise_rng_{self.accelerator.process_index}.safetensors"
+        if not rng_file.is_file():
+            rng_file = folder / "noise_rng_0.safetensors"
+        self.noise_generator.set_state(load_file(str(rng_file))["state"])
+
+
+def update_prior(gate, usage: GateUsage, step: int, decay: float) -> None:
+    """EMA of each layer's mean gate (warm-started: the first steps count fully, so the uniform
+    initial value is forgotten quickly)."""
+    rate = min(decay, (1.0 + step) / (10.0 + step))
+    with torch.no_grad():
+        for layer, mean in usage.layer_means().items():
+            gate.prior[layer].mul_(rate).add_(mean.to(gate.prior.device), alpha=1.0 - rate)
+
+
+# -- the program -------------------------------------------------------------------------------------
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Train a Mixture-of-LoRA gate over frozen aspect LoRAs.")
+    parser.add_argument("--config", required=True, help="GateTrainConfig as .toml or .json")
+    parser.add_argument("--resume", default=None, help="'latest' (newest checkpoint in work_dir) or a checkpoint folder")
+    parser.add_argument("--log_file", default=None, help="JSON-lines events (default: <work_dir>/train_log.jsonl)")
+    return parser.parse_args(input_args)
+
+
+def main(args: argparse.Namespace) -> Path | None:
+    from accelerate import Accelerator
+    from accelerate.utils import GradientAccumulationPlugin
+
+    from .train_lora import LOG_FILE_NAME, find_resume_checkpoint, resolve_mixed_precision
+
+    config = GateTrainConfig.load(args.config)
+    resume_from = find_resume_checkpoint(config.work_dir, args.resume) if args.resume else None
+    config.validate()
+    accelerator = Accelerator(
+        mixed_precision=resolve_mixed_precision(config.mixed_precision),
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=config.gradient_accumulation_steps, sync_with_dataloader=False),
+    )
+    work_dir = Path(config.work_dir)
+    events = EventWriter(args.log_file or work_dir / LOG_FILE_NAME if accelerator.is_main_process else None,
+                         stream=sys.stdout if accelerator.is_main_process else None)
+    try:
+        return _train(config, accelerator, events, resume_from)
+    except BaseException as exc:
+        if accelerator.is_main_process and not isinstance(exc, KeyboardInterrupt):
+            events.emit("error", message=f"{type(exc).__name__}: {exc}", error_type=type(exc).__name__)
+        raise
+    finally:
+        events.close()
+
+
+def _train(config: GateTrainConfig, accelerator, events: EventWriter, resume_from: Path | None) -> Path:
+    from accelerate import skip_first_batches
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+
+    from .. import __version__
+    from ..safe_io import confined_path
+    from .kohya_dataset import BucketBatchSampler, KohyaDataset, collate_examples, scan_training_set
+    from .lora_io import load_kohya_lora
+    from .mix_diffusers import DiffusersMixture, gate_for_layers, mixture_layers
+    from .model_loading import encode_prompts, load_base_model
+    from .mol_file import expert_record, save_mol
+    from .train_lora import (
+        CHECKPOINT_DIR_NAME,
+        LOG_FILE_NAME,
+        compute_loss,
+        loss_curve_points,
+        loss_history_from_log,
+        save_checkpoint,
+    )
+
+    work_dir = Path(config.work_dir)
+    output_path = confined_path(config.output_dir, config.output_path.relative_to(config.output_dir).as_posix(),
+                                what="output_name")
+    fingerprint = gate_run_fingerprint(config)
+    set_seed(config.seed)
+    device = accelerator.device
+
+    # ---- 2. data: every aspect's folders ----------------------------------------------------------
+    images = scan_training_set(config.dataset_dir, "")
+    dataset = KohyaDataset(images, resolution=config.resolution, bucketing=config.bucketing,
+                           bucket_step=config.bucket_step, bucket_max_aspect=config.bucket_max_aspect)
+
+    # ---- 3. frozen base model, frozen LoRAs, the gate ---------------------------------------------
+    base = load_base_model(config.base_model, arch=config.arch, prediction_type=config.prediction_type,
+                           config_dir=config.model_config_dir or None)
+    for note in base.notes:
+        logger.info("base model: %s", note)
+    for module in (base.unet, base.vae, *base.text_encoders):
+        if module is not None:
+            module.requires_grad_(False)
+    loaded = [load_kohya_lora(path) for path in config.loras]
+    aspects = resolve_aspects(config, [meta for _, meta in loaded])
+    layers = mixture_layers(base, [state for state, _ in loaded])
+    adapts_text_encoder = any(layer.on_text_encoder for layer in layers)
+    if config.cache_text_embeddings and adapts_text_encoder:
+        raise ValueError("cache_text_embeddings: the LoRAs adapt the text encoder, whose output the gate changes "
+                         "every step; set cache_text_embeddings = false")
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    for module in (base.unet, *base.text_encoders):
+        module.to(device, dtype=weight_dtype if weight_dtype != torch.float32 else None)
+        module.eval()
+    if base.vae is not None:
+        base.vae.to(device)
+    if config.gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing()
+    prompt_features = int(base.unet.config.cross_attention_dim)
+    gate = gate_for_layers(aspects, layers, config.granularity, prompt_features, config.temperature).to(device)
+    gate.train()
+    mixture = DiffusersMixture(gate, layers, unet=base.unet).attach(train=True)
+    logger.info("gate: %s granularity, %d LoRAs (%s) on %d layers, %d parameters", config.granularity, len(aspects),
+                ", ".join(aspects), len(layers), sum(p.numel() for p in gate.parameters()))
+
+    # ---- 4. caches ------------------------------------------------------------------------------------
+    def encode_pixels(pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        latent_dist = base.vae.encode(pixels.to(device, dtype=torch.float32)).latent_dist
+        return latent_dist.sample(generator=generator) * base.vae_scaling_factor
+
+    if config.cache_latents:
+        cache_generator = torch.Generator(device=device).manual_seed(config.seed)
+        dataset.cache_latents(lambda px: encode_pixels(px, cache_generator), vae_sha256=base.source_sha256 or None)
+        if base.vae is not None:
+            base.vae.to("cpu")
+    if config.cache_text_embeddings:
+        def encode_captions(captions: list[str]) -> dict[str, torch.Tensor]:
+            with torch.no_grad():
+                hidden, added = encode_prompts(base, captions, device)
+            out = {"encoder_hidden_states": hidden}
+            if added is not None:
+                out["pooled_text_embeds"] = added["text_embeds"]
+            return out
+
+        dataset.cache_text_embeddings(encode_captions)
+    sampler = BucketBatchSampler(dataset.bucket_of, [im.repeats for im in images], config.train_batch_size,
+                                 seed=config.seed, random_flip=config.random_flip)
+    dataloader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate_examples, num_workers=config.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(config.seed))
+
+    # ---- 5. optimiser: the gate only ---------------------------------------------------------------
+    optimizer = torch.optim.AdamW(gate.parameters(), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                                  weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=config.max_train_steps * accelerator.num_processes)
+    optimizer, dataloader, lr_scheduler = accelerator.prepare(optimizer, dataloader, lr_scheduler)
+
+    # ---- 6. checkpoints, resume --------------------------------------------------------------------
+    noise_generator = torch.Generator(device=device).manual_seed(config.seed + accelerator.process_index)
+    progress = GateProgress(fingerprint=fingerprint)
+    hooks = GateCheckpointHooks(accelerator, gate, noise_generator, progress)
+    accelerator.register_save_state_pre_hook(hooks.save)
+    accelerator.register_load_state_pre_hook(hooks.load)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        if hooks.loaded_fingerprint and hooks.loaded_fingerprint != fingerprint:
+            raise ValueError(f"--resume: {resume_from} was saved by a run with other settings, LoRAs or data; use "
+                             f"another work_dir, or delete {work_dir / CHECKPOINT_DIR_NAME} to start over")
+        logger.info("resumed from %s at step %d", resume_from, progress.global_step)
+    start_step = progress.global_step
+    history = loss_history_from_log(work_dir / LOG_FILE_NAME, start_step) if resume_from else []
+    if accelerator.is_main_process:
+        events.emit("start", total_steps=config.max_train_steps, start_step=start_step,
+                    num_examples=dataset.num_examples, output=str(output_path),
+                    resumed_from=str(resume_from) if resume_from else None,
+                    num_processes=accelerator.num_processes, device=str(device),
+                    mixed_precision=accelerator.mixed_precision, aspects=aspects, layers=len(layers))
+
+    # ---- 7. training loop ----------------------------------------------------------------------------
+    batches_per_epoch = len(dataloader)
+    num_timesteps = base.noise_scheduler.config.num_train_timesteps
+    started_at = time.monotonic()
+    micro_losses: list[torch.Tensor] = []
+    micro_balance: list[torch.Tensor] = []
+    mean_mass = torch.full((len(aspects),), 1.0 / len(aspects))
+    while progress.global_step < config.max_train_steps:
+        epoch, skip = divmod(progress.batches_seen, batches_per_epoch)
+        dataloader.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        epoch_loader = skip_first_batches(dataloader, skip) if skip else dataloader
+        for batch in epoch_loader:
+            with accelerator.accumulate():
+                if "latents" in batch:
+                    latents = batch["latents"].to(device)
+                else:
+                    with torch.no_grad():
+                        latents = encode_pixels(batch["pixel_values"], noise_generator)
+                latents = latents.to(weight_dtype)
+                noise = torch.randn(latents.shape, generator=noise_generator, device=device, dtype=latents.dtype)
+                timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), generator=noise_generator,
+                                          device=device).long()
+                noisy_latents = base.noise_scheduler.add_noise(latents, noise, timesteps)
+                gate.usage = GateUsage(len(aspects))
+                if "encoder_hidden_states" in batch:
+                    hidden = batch["encoder_hidden_states"].to(device, dtype=weight_dtype)
+                    added = {"text_embeds": batch["pooled_text_embeds"].to(device, dtype=weight_dtype)} \
+                        if base.arch == "sdxl" else None
+                else:
+                    # with grad: gated text-encoder layers (if any) train through the prompt encoding
+                    hidden, added = encode_prompts(base, batch["caption"], device)
+                if base.arch == "sdxl":
+                    time_ids = torch.cat([batch["original_size"], batch["crop_top_left"], batch["target_size"]], dim=1)
+                    added = {"text_embeds": added["text_embeds"], "time_ids": time_ids.to(device=device, dtype=hidden.dtype)}
+                model_pred = base.unet(noisy_latents, timesteps, hidden, added_cond_kwargs=added, return_dict=False)[0]
+                denoise = compute_loss(model_pred, latents, noise, timesteps, base.noise_scheduler,
+                                       base.prediction_type, 0.0)
+                balance = gate.usage.loss(config.balance_loss)
+                loss = denoise + config.balance_weight * balance
+                micro_losses.append(accelerator.gather(denoise.detach().reshape(1)).mean())
+                micro_balance.append(balance.detach())
+                accelerator.backward(loss)
+                if accelerator.num_processes > 1:
+                    # The gate is not a DDP-wrapped model (hooks call it), so average its gradients here.
+                    for parameter in gate.parameters():
+                        if parameter.grad is not None:
+                            parameter.grad = accelerator.reduce(parameter.grad, reduction="mean")
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(gate.parameters(), config.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                update_prior(gate, gate.usage, progress.batches_seen, config.prior_decay)
+                mean_mass = gate.usage.mean_mass().detach().cpu()
+                gate.usage = None
+            progress.batches_seen += 1
+
+            if not accelerator.sync_gradients:
+                continue
+            progress.global_step += 1
+            step_loss = float(torch.stack(micro_losses).mean())
+            step_balance = float(torch.stack(micro_balance).mean())
+            micro_losses.clear()
+            micro_balance.clear()
+            history.append((progress.global_step, step_loss))
+            if accelerator.is_main_process:
+                done_now = progress.global_step - start_step
+                eta = (time.monotonic() - started_at) / done_now * (config.max_train_steps - progress.global_step)
+                events.emit("step", step=progress.global_step, total=config.max_train_steps, loss=step_loss,
+                            lr=lr_scheduler.get_last_lr()[0], eta_s=round(eta, 2), epoch=epoch,
+                            balance_loss=step_balance, gate_mass=[round(float(m), 4) for m in mean_mass])
+            if progress.global_step % config.checkpointing_steps == 0 and progress.global_step < config.max_train_steps:
+                path = save_checkpoint(accelerator, work_dir, progress.global_step, config.checkpoints_total_limit)
+                if accelerator.is_main_process:
+                    events.emit("checkpoint", step=progress.global_step, path=str(path))
+            if progress.global_step >= config.max_train_steps:
+                break
+
+    # ---- 8. the MoL file ----------------------------------------------------------------------------------
+    accelerator.wait_for_everyone()
+    mixture.remove()
+    if accelerator.is_main_process:
+        records = [expert_record(aspect, path, output_path.parent) for aspect, path in zip(aspects, config.loras)]
+        training = {
+            "versat2i_version": __version__, "steps": progress.global_step, "fingerprint": fingerprint,
+            "balance_loss": config.balance_loss, "balance_weight": config.balance_weight,
+            "dataset": Path(config.dataset_dir).name, "num_examples": dataset.num_examples,
+            "final_gate_mass": [round(float(m), 6) for m in gate.prior.mean(0)],
+            "loss_curve": loss_curve_points(history), "config": json.loads(config.to_json()),
+        }
+        base_info = {"arch": base.arch, "sha256": base.source_sha256, "name": Path(base.source_path).name,
+                     "prediction_type": base.prediction_type}
+        save_mol(output_path, gate.cpu(), records, training=training, base_model=base_info, overwrite=config.overwrite)
+        if not config.keep_checkpoints:
+            shutil.rmtree(work_dir / CHECKPOINT_DIR_NAME, ignore_errors=True)
+        events.emit("done", step=progress.global_step, lora_path=str(output_path), mol_path=str(output_path),
+                    elapsed_s=round(time.monotonic() - started_at, 2))
+    accelerator.end_training()
+    return output_path
+
+
+# -- train once: reuse a finished MoL, else run / resume (the node's logic, testable without ComfyUI) --
+
+@dataclass
+class GateJobResult:
+    mol_path: Path
+    loss_curve: list[tuple[int, float]]
+    reused: bool
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+
+def read_finished_mol(path: Path) -> tuple[str | None, list[tuple[int, float]]]:
+    """(fingerprint, loss curve) recorded in a MoL file; (None, []) if absent or unreadable."""
+    from .mol_file import read_mol
+
+    try:
+        training = read_mol(path).training
+    except (ValueError, OSError):
+        return None, []
+    curve = [(int(s), float(v)) for s, v in training.get("loss_curve", [])]
+    return training.get("fingerprint"), curve
+
+
+def train_gate_or_reuse(config: GateTrainConfig, *, runs_root: str | Path | None = None, options=None, env=None,
+                        on_event=None, check_cancel=None, before_launch=None, on_start=None) -> GateJobResult:
+    """The finished MoL for ``config``: reused when its recorded fingerprint matches, else trained in
+    a child process, resuming the latest checkpoint of an interrupted run with the same inputs (each
+    fingerprint has its own work folder ``<runs_root>/<name>-<fingerprint[:12]>``)."""
+    from ..safe_io import confined_path
+    from .kohya_dataset import scan_training_set
+    from .launcher import LaunchOptions, run_training
+
+    config.validate(check_paths=False)
+    fingerprint = gate_run_fingerprint(config)
+    if config.output_path.is_file():
+        stored, curve = read_finished_mol(config.output_path)
+        if stored == fingerprint:
+            logger.info("%s was trained from these inputs already; not training again", config.output_path)
+            return GateJobResult(config.output_path, curve, reused=True)
+    if runs_root is not None:
+        stem = config.output_path.name.removesuffix(MOL_SUFFIX)
+        config = config.replace(work_dir=str(confined_path(runs_root, f"{stem}-{fingerprint[:12]}", what="mol_name")))
+    config.validate()
+    scan_training_set(config.dataset_dir, "")
+    work_dir = Path(config.work_dir)
+    config_path = config.save(work_dir / "config.toml")
+    if before_launch is not None:
+        before_launch()
+    result = run_training(["--config", str(config_path), "--resume", "latest"], program=GATE_PROGRAM,
+                          options=options or LaunchOptions(), env=env, on_event=on_event, check_cancel=check_cancel,
+                          output_log=work_dir / "train_output.log", on_start=on_start)
+    return GateJobResult(Path(result.done["mol_path"]), result.losses, reused=False, events=result.events)
