@@ -264,9 +264,10 @@ class LoraTrainConfig(TrainingRunConfig):
             p.append(f"dropout={self.dropout}: must be in [0, 1)")
         if not math.isfinite(self.text_encoder_lr) or self.text_encoder_lr < 0:
             p.append(f"text_encoder_lr={self.text_encoder_lr}: must be >= 0 (0 = learning_rate)")
-        if self.resolution < 64 or self.resolution % 8:
-            p.append(f"resolution={self.resolution}: must be a multiple of 8 and at least 64 "
-                     f"(e.g. {max(64, round(self.resolution / 64) * 64)})")
+        # Multiples of 8 down to 8: the embedded demo world trains at 32 px (its VAE does not downsample).
+        if self.resolution < 8 or self.resolution % 8:
+            p.append(f"resolution={self.resolution}: must be a multiple of 8 "
+                     f"(e.g. {max(8, round(self.resolution / 64) * 64)})")
         if self.bucket_step < 8 or self.bucket_step % 8:
             p.append(f"bucket_step={self.bucket_step}: must be a multiple of 8 (64 is usual)")
         if not math.isfinite(self.bucket_max_aspect) or self.bucket_max_aspect < 1.0:

@@ -63,7 +63,7 @@ def test_ints_are_accepted_for_floats(tmp_path):
 
 @pytest.mark.parametrize("overrides, expected", [
     ({"resolution": 500}, "resolution=500: must be a multiple of 8"),
-    ({"resolution": 32}, "resolution=32"),
+    ({"resolution": 4}, "resolution=4: must be a multiple of 8"),
     ({"rank": 0}, "rank=0: must be >= 1"),
     ({"learning_rate": 0.0}, "learning_rate=0.0: must be a positive number"),
     ({"dropout": 1.0}, "dropout=1.0"),

@@ -1,0 +1,29 @@
+"""The demo loop's settings name real things: LoRA fields the trainer knows, scorers the registry
+builds, the shipped base model, and prompt sets from the world's split."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from versat2i.demo import settings, world
+from versat2i.rewards.registry import get_scorer
+from versat2i.trainer.config import LoraTrainConfig
+
+
+def test_lora_settings_are_lora_train_config_fields():
+    fields = {f.name for f in dataclasses.fields(LoraTrainConfig)}
+    assert set(settings.LORA) <= fields
+
+
+def test_scorers_build_and_cover_every_aspect():
+    for aspect, name in settings.SCORERS.items():
+        assert get_scorer(name).aspect == aspect
+    assert settings.STRONGEST_ASPECT in settings.SCORERS
+
+
+def test_the_loop_uses_the_shipped_model_and_the_world_split():
+    assert (settings.BASE_MODEL_DIR / "model_index.json").is_file()
+    assert settings.loop_prompts() + settings.held_out_prompts() != []
+    assert set(settings.loop_prompts()).isdisjoint(settings.held_out_prompts())
+    assert settings.SAMPLER["height"] == settings.SAMPLER["width"] == world.IMAGE_SIZE
+    assert settings.CANDIDATES_PER_PROMPT >= 2
