@@ -122,7 +122,8 @@ class FilterBestPerPrompt(io.ComfyNode):
             category=category("dataset"),
             description=(
                 "For each scored aspect, keeps the best image of each prompt if its score reaches the aspect's "
-                "threshold; every other image is discarded. Ties go to the earliest candidate."
+                "threshold; every other image is discarded. Ties go to the earliest candidate. Images a scorer "
+                "found nothing to judge in (geometry: no person) are never kept for that aspect."
             ),
             inputs=[
                 Scores.Input("scores", tooltip="The scores from Score Images (VersaT2I)."),

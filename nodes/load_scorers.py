@@ -19,8 +19,8 @@ ASPECT_TOOLTIPS = {
                   "and its MLP weights under models/versat2i).",
     "alignment": "How well the image matches its prompt. Default: CLIP score on CLIP ViT-L/14; hps-v2.1 and "
                  "pickscore-v1 when their weights are installed.",
-    "geometry": "Anatomy / structure plausibility. Default: MediaPipe hand and body landmarks (optional extra "
-                "'geometry'; images without people get a neutral score).",
+    "geometry": "Anatomy plausibility, 0..1. Default: MediaPipe hand and body landmarks (optional extra "
+                "'geometry'). Images without a person score 0 and are never kept for this aspect.",
     "lowlevel": "Low-level quality (noise, blur, artefacts). Default: CLIP-IQA on the shared CLIP backbone; "
                 "pyiqa metrics are an optional, non-commercially licensed extra.",
 }
@@ -32,6 +32,8 @@ def scorer_choices() -> list[str]:
 
 def resolve_device(device: str) -> str:
     """"auto" is the device ComfyUI runs its models on (honours --cpu, --directml...)."""
+    if device not in DEVICES:  # a linked input skips validate_inputs
+        raise ValueError(f"device: {device!r} is not one of {', '.join(DEVICES)}")
     if device == "auto":
         import comfy.model_management
 
@@ -41,7 +43,14 @@ def resolve_device(device: str) -> str:
 
 def load_scorers(choices: Mapping[str, str], *, search_dirs: Sequence[str], device: str) -> dict[str, Scorer]:
     """``{aspect: scorer name}`` -> ``{aspect: Scorer}``, skipping "disabled" aspects. Scorers come
-    from the registry's cache, so a second run (or another Load Scorers node) reuses the models."""
+    from the registry's cache, so a second run (or another Load Scorers node) reuses the models.
+
+    Only listed names and no options reach the registry: node inputs come from a web page, and
+    scorer options can name weight files anywhere on disk (``clip_weights="/abs/path"``)."""
+    known = scorer_choices()
+    for aspect, name in choices.items():
+        if name not in known:  # a linked input skips validate_inputs
+            raise ValueError(f"{aspect}: unknown scorer {name!r}; choose one of: {', '.join(known)}")
     scorers = {aspect: get_scorer(name, search_dirs=search_dirs, device=device)
                for aspect, name in choices.items() if name != DISABLED}
     if not scorers:
@@ -95,9 +104,9 @@ class LoadScorers(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, device: str, **choices: str) -> io.NodeOutput:
-        scorers = load_scorers({aspect: choices[aspect] for aspect in ASPECTS},
-                               search_dirs=model_search_dirs(), device=resolve_device(device))
+    def execute(cls, aesthetics: str, alignment: str, geometry: str, lowlevel: str, device: str) -> io.NodeOutput:
+        choices = {"aesthetics": aesthetics, "alignment": alignment, "geometry": geometry, "lowlevel": lowlevel}
+        scorers = load_scorers(choices, search_dirs=model_search_dirs(), device=resolve_device(device))
         return io.NodeOutput(scorers)
 
 

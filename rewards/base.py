@@ -131,6 +131,10 @@ class Scorer(ABC):
     chunk_size: int = 16
     # True for scorers that read the prompt (alignment): score_aspects then refuses empty prompts.
     needs_prompts: bool = False
+    # The score of an image the scorer found nothing to judge in (the geometry scorer on an image
+    # without a person), or None when every score is a judgement. Selection never keeps such an
+    # image for the scorer's aspect, whatever the threshold (rewards/selection.py).
+    unjudged_score: float | None = None
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
@@ -169,8 +173,14 @@ class Scorer(ABC):
         are there already."""
         return self.to(self.device)
 
-    def describe(self) -> dict[str, str]:
-        return {"id": self.scorer_id, "aspect": self.aspect, "weights_hash": self.weights_hash}
+    def describe(self) -> dict[str, Any]:
+        """What identifies the scores: id, aspect and weights hash, plus whatever else changes them
+        (``unjudged_score``; subclasses add their settings). Everything but ``aspect`` is recorded
+        with every stored score; values are JSON scalars."""
+        described: dict[str, Any] = {"id": self.scorer_id, "aspect": self.aspect, "weights_hash": self.weights_hash}
+        if self.unjudged_score is not None:
+            described["unjudged_score"] = float(self.unjudged_score)
+        return described
 
     @torch.inference_mode()
     def score(

@@ -67,10 +67,6 @@ class ModelCache:
             self._entries[key] = _Entry(stamp, value)
             return value
 
-    def get(self, key: Hashable) -> Any:
-        entry = self.get_entry(key)
-        return None if entry is None else entry[1]
-
     def get_entry(self, key: Hashable) -> tuple[Any, Any] | None:
         """``(stamp, value)`` of ``key``, or None."""
         with self._lock:
@@ -100,10 +96,6 @@ class ModelCache:
     def __len__(self) -> int:
         with self._lock:
             return len(self._entries)
-
-    def __contains__(self, key: Hashable) -> bool:
-        with self._lock:
-            return key in self._entries
 
 
 MODELS = ModelCache("model")

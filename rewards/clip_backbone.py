@@ -22,7 +22,7 @@ import itertools
 import logging
 import pickle
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +98,35 @@ def _pair(size) -> tuple[int, int]:
     return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
+class PromptEmbeddingCache:
+    """Text embeddings per prompt string, least recently used dropped beyond ``size`` entries.
+
+    ``encode(prompt)`` embeds one prompt (a CPU tensor ``[D]``). Each prompt is encoded on its
+    own, never padded with others, so its embedding does not depend on what came with it."""
+
+    def __init__(self, encode: Callable[[str], torch.Tensor], size: int = TEXT_CACHE_SIZE):
+        self.encode = encode
+        self.size = size
+        self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def __call__(self, prompts: Sequence[str], device: torch.device) -> torch.Tensor:
+        """``[len(prompts), D]`` on ``device``."""
+        rows = []
+        for prompt in prompts:
+            embedding = self._entries.get(prompt)
+            if embedding is None:
+                embedding = self._entries[prompt] = self.encode(prompt)
+                while len(self._entries) > self.size:
+                    self._entries.popitem(last=False)
+            else:
+                self._entries.move_to_end(prompt)
+            rows.append(embedding)
+        return torch.stack(rows).to(device)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
 # -- the backbone --------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -128,7 +157,7 @@ class OpenClipBackbone:
         self.weights_path = Path(weights_path)
         self.preprocess = preprocess
         self.feature_key = ("open_clip.image_embedding", next(_backbone_ids))
-        self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._text_cache = PromptEmbeddingCache(self._encode_prompt)
 
     @property
     def device(self) -> torch.device:
@@ -154,19 +183,11 @@ class OpenClipBackbone:
     def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
         """L2-normalised float32 embeddings ``[len(prompts), D]`` on the model's device. Prompts
         longer than the context (77 tokens) are truncated, as CLIP was trained."""
-        rows = []
-        for prompt in prompts:
-            embedding = self._text_cache.get(prompt)
-            if embedding is None:
-                tokens = self.tokenizer([prompt]).to(self.device)
-                embedding = F.normalize(self.model.encode_text(tokens).float(), dim=-1)[0].cpu()
-                self._text_cache[prompt] = embedding
-                while len(self._text_cache) > TEXT_CACHE_SIZE:
-                    self._text_cache.popitem(last=False)
-            else:
-                self._text_cache.move_to_end(prompt)
-            rows.append(embedding)
-        return torch.stack(rows).to(self.device)
+        return self._text_cache(prompts, self.device)
+
+    def _encode_prompt(self, prompt: str) -> torch.Tensor:
+        tokens = self.tokenizer([prompt]).to(self.device)
+        return F.normalize(self.model.encode_text(tokens).float(), dim=-1)[0].cpu()
 
     @property
     def logit_scale(self) -> float:

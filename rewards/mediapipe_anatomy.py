@@ -24,9 +24,10 @@ What the score is (docs/geometry-scorer.md has the user-facing version):
 4. A part (the body, each hand) scores ``0.5 * mean + 0.5 * min`` of its checks, so a single
    broken limb costs at least half of the part's score; the image scores the same combination over
    its parts. Images with nothing to judge (no person, or a face close-up with no usable limb and
-   no hand) score ``no_person_score`` (default 0.0: for the geometry aspect an image without a
-   measurable person never beats one with a plausible person, and a candidate whose person is too
-   mangled to be detected ranks last).
+   no hand) score ``no_person_score`` (default 0.0), which is also the scorer's
+   ``unjudged_score``: the filter never keeps them for the geometry aspect, so a candidate whose
+   person is too mangled to be detected is never picked, and a prompt showing nobody adds no
+   geometry training image.
 
 The band limits are MediaPipe-specific, not anatomy-table values: MediaPipe's landmarks are joint
 estimates (its "PIP to DIP" is not a phalanx bone) and its depth is approximate. They were set by
@@ -382,6 +383,8 @@ class MediaPipeAnatomyScorer(Scorer):
         super().__init__(device)
         self.mediapipe = _import_mediapipe()
         self.no_person_score = float(no_person_score)
+        # Selection never keeps an image with nothing to judge for the geometry aspect.
+        self.unjudged_score = self.no_person_score
         self.min_visibility = float(min_visibility)
         self.min_detection_confidence = float(min_detection_confidence)
         self.max_num_hands = int(max_num_hands)
@@ -398,6 +401,11 @@ class MediaPipeAnatomyScorer(Scorer):
 
     def weight_files(self) -> tuple[Path, ...]:
         return self._model_paths
+
+    def describe(self) -> dict[str, Any]:
+        # The detection settings change the scores, so they are recorded with them.
+        return {**super().describe(), "min_visibility": self.min_visibility,
+                "min_detection_confidence": self.min_detection_confidence, "max_num_hands": self.max_num_hands}
 
     def _graphs(self):
         """Build the two MediaPipe graphs once, on first use (each takes ~0.1 s)."""
@@ -474,8 +482,6 @@ def make_scorer(options: ScorerOptions) -> MediaPipeAnatomyScorer:
     """Factory for ``mediapipe-anatomy``. ``options.extra`` may set ``no_person_score`` (0..1,
     default 0.0), ``min_visibility`` (0..1, 0.5), ``min_detection_confidence`` (0..1, 0.5) and
     ``max_num_hands`` (1..16, 4). MediaPipe runs on the CPU whatever ``options.device`` says."""
-    if options.variant:
-        raise ValueError(f"mediapipe-anatomy has no variants (got ':{options.variant}'); use 'mediapipe-anatomy'")
     options.check_extra(OPTIONS, MediaPipeAnatomyScorer.scorer_id)
     extra = options.extra
     return MediaPipeAnatomyScorer(

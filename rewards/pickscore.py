@@ -19,7 +19,6 @@ is optional. Options: ``pickscore_model``, ``pickscore_processor`` (folder paths
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 
 from .base import Scorer, ScoringBatch
 from .cache import MODELS, stamp_files
-from .clip_backbone import CPU_CHUNK_SIZE, TEXT_CACHE_SIZE, TensorPreprocess, _pair
+from .clip_backbone import CPU_CHUNK_SIZE, PromptEmbeddingCache, TensorPreprocess, _pair
 from .registry import ScorerOptions
 from .weights import (
     PICKSCORE_MODEL,
@@ -56,12 +55,10 @@ class PickScoreModel:
         self.preprocess = preprocess
         self.model_dir = model_dir
         self.processor_dir = processor_dir
-        self.files = tuple(model_dir / name for name in weight_files_in(model_dir)) + tuple(
-            processor_dir / name for name in PROCESSOR_FILES if (processor_dir / name).is_file()
-        )
+        self.files = pickscore_files(model_dir, processor_dir)
         # Hashed at load time: the files may be replaced later, the loaded weights not.
         self.weights_hash = combine_hashes({f"{p.parent.name}/{p.name}": sha256_file(p) for p in self.files})
-        self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._text_cache = PromptEmbeddingCache(self._encode_prompt)
 
     @property
     def device(self) -> torch.device:
@@ -80,20 +77,20 @@ class PickScoreModel:
 
     @torch.inference_mode()
     def text_embeddings(self, prompts) -> torch.Tensor:
-        rows = []
-        for prompt in prompts:
-            embedding = self._text_cache.get(prompt)
-            if embedding is None:
-                tokens = self.tokenizer([prompt], padding=True, truncation=True, max_length=77, return_tensors="pt")
-                tokens = {k: v.to(self.device) for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
-                embedding = F.normalize(_embedding(self.model.get_text_features(**tokens)).float(), dim=-1)[0].cpu()
-                self._text_cache[prompt] = embedding
-                while len(self._text_cache) > TEXT_CACHE_SIZE:
-                    self._text_cache.popitem(last=False)
-            else:
-                self._text_cache.move_to_end(prompt)
-            rows.append(embedding)
-        return torch.stack(rows).to(self.device)
+        """Normalised embeddings ``[len(prompts), D]``; each prompt tokenized alone, truncated to 77 tokens."""
+        return self._text_cache(prompts, self.device)
+
+    def _encode_prompt(self, prompt: str) -> torch.Tensor:
+        tokens = self.tokenizer([prompt], padding=True, truncation=True, max_length=77, return_tensors="pt")
+        tokens = {k: v.to(self.device) for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
+        return F.normalize(_embedding(self.model.get_text_features(**tokens)).float(), dim=-1)[0].cpu()
+
+
+def pickscore_files(model_dir: Path, processor_dir: Path) -> tuple[Path, ...]:
+    """Every file the model is built from: the model's config and weights, the processor's files."""
+    return tuple(model_dir / name for name in weight_files_in(model_dir)) + tuple(
+        processor_dir / name for name in PROCESSOR_FILES if (processor_dir / name).is_file()
+    )
 
 
 def _embedding(output) -> torch.Tensor:
@@ -181,10 +178,9 @@ def find_pickscore_folders(options: ScorerOptions) -> tuple[Path, Path]:
 def make_scorer(options: ScorerOptions) -> PickScoreScorer:
     options.check_extra(("pickscore_model", "pickscore_processor"), PickScoreScorer.scorer_id)
     model_dir, processor_dir = find_pickscore_folders(options)
-    files = [model_dir / name for name in weight_files_in(model_dir)]
     pick = MODELS.get_or_load(
         ("pickscore", str(model_dir.resolve()), str(processor_dir.resolve())),
         lambda: load_pickscore(model_dir, processor_dir),
-        stamp=stamp_files(files),
+        stamp=stamp_files(pickscore_files(model_dir, processor_dir)),  # a replaced tokenizer file reloads too
     )
     return PickScoreScorer(pick, device=options.device)

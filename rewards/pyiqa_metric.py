@@ -50,7 +50,6 @@ score alone equals its score in any batch up to float rounding (~1e-7 relative).
 from __future__ import annotations
 
 import logging
-import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,8 +65,9 @@ from .weights import (
     WeightsFormatError,
     describe_load_failure,
     find_weights,
+    load_state_dict,
     sha256_file,
-    unwrap_state_dict,
+    torch_load_weights_only,
 )
 
 logger = logging.getLogger(__name__)
@@ -171,42 +171,6 @@ def _check_metric(metric: str, configs: Mapping[str, Mapping]) -> None:
     )
 
 
-def read_checkpoint(path: Path, weight_key: str | None, source_hint: str) -> dict[str, torch.Tensor]:
-    """The state dict of a pyiqa ``.pth`` checkpoint, read with ``torch.load(weights_only=True)``.
-
-    Written here rather than with ``weights.load_state_dict`` because pyiqa nests its state dicts
-    under ``"params"``, which that function does not unwrap."""
-    loaded = _safe_torch_load(path, source_hint)
-    if weight_key is not None:
-        if not isinstance(loaded, Mapping) or weight_key not in loaded:
-            keys = list(loaded)[:6] if isinstance(loaded, Mapping) else type(loaded).__name__
-            raise WeightsFormatError(
-                f"weight file {path} has no {weight_key!r} entry (found {keys}); it is not the published "
-                f"pyiqa checkpoint: get it from {source_hint}"
-            )
-        loaded = loaded[weight_key]
-    return unwrap_state_dict(loaded, path)
-
-
-def _safe_torch_load(path: Path, source_hint: str) -> Any:
-    try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "weights_only" in str(exc) or "weights only" in str(exc).lower():
-            raise WeightsFormatError(
-                f"weight file {path} holds pickled objects other than tensors, which are refused for safety "
-                f"(torch.load(weights_only=True)); use the published file from {source_hint}"
-            ) from exc
-        raise WeightsFormatError(
-            f"weight file {path} is truncated or corrupt ({exc}); download it again from {source_hint}"
-        ) from exc
-    except Exception as exc:  # torch's unpickler fails on garbage with IndexError, KeyError, ...
-        raise WeightsFormatError(
-            f"weight file {path} is truncated or corrupt ({type(exc).__name__}: {exc}); download it again "
-            f"from {source_hint}"
-        ) from exc
-
-
 def build_metric(metric: str, path: Path | None) -> torch.nn.Module:
     """pyiqa's inference model for ``metric`` on the CPU, in eval mode, with the weights of
     ``path`` (None for the weight-free metrics). Nothing is downloaded."""
@@ -217,7 +181,8 @@ def build_metric(metric: str, path: Path | None) -> torch.nn.Module:
     logger.info("building pyiqa metric %s%s", metric, f" from {path}" if path else "")
     if recipe.loader == "arch":
         if metric == "brisque":
-            _safe_torch_load(path, spec.source_hint)  # refuse pickled code before pyiqa unpickles it
+            # pyiqa unpickles this file with weights_only=False: refuse pickled code first.
+            torch_load_weights_only(path, source_hint=spec.source_hint)
         options["pretrained_model_path"] = str(path)
     try:
         model = pyiqa.create_metric(metric, device=torch.device("cpu"), **options)
@@ -234,8 +199,8 @@ def build_metric(metric: str, path: Path | None) -> torch.nn.Module:
             raise describe_load_failure(path, f"pyiqa's {metric} parameters", exc, spec.source_hint) from exc
         raise
     if recipe.loader == "state_dict" and path is not None:
-        load_strictly(model.net, read_checkpoint(path, recipe.weight_key, spec.source_hint), path, metric,
-                      spec.source_hint)
+        state = load_state_dict(path, key=recipe.weight_key, source_hint=spec.source_hint)
+        load_strictly(model.net, state, path, metric, spec.source_hint)
     return model.eval().requires_grad_(False)
 
 
@@ -286,7 +251,7 @@ class PyiqaScorer(Scorer):
     def weight_files(self) -> tuple[Path, ...]:
         return () if self.weights_path is None else (self.weights_path,)
 
-    def describe(self) -> dict[str, str]:
+    def describe(self) -> dict[str, Any]:
         return {**super().describe(), "score_transform": self.score_transform}
 
     def to(self, device: torch.device | str) -> PyiqaScorer:

@@ -49,7 +49,10 @@ class ScorerEntry:
     aspect: str  # the aspect this scorer measures by default
     summary: str
     needs: str = ""  # extra / weights it needs, for listings and error messages
-    variants: Sequence[str] = ()  # known variants (free-form variants may still be accepted)
+    # Every variant the factory accepts, listed (Load Scorers offers exactly these). Kept as literal
+    # tuples so importing the registry imports no scorer module; tests check they match the modules'
+    # own tables. An entry without variants refuses any.
+    variants: Sequence[str] = ()
 
 
 SCORERS: dict[str, ScorerEntry] = {
@@ -80,7 +83,8 @@ SCORERS: dict[str, ScorerEntry] = {
         ".pyiqa_metric:make_scorer", "lowlevel",
         "any pyiqa no-reference metric by name, e.g. pyiqa:musiq, pyiqa:topiq_nr (non-commercial licence)",
         needs="extra: pip install 'comfyui-versat2i[iqa]' + the metric's weight file",
-        variants=("musiq", "topiq_nr"),
+        variants=("musiq", "musiq-spaq", "musiq-paq2piq", "musiq-ava", "topiq_nr", "topiq_nr-flive",
+                  "topiq_nr-spaq", "cnniqa", "wadiqam_nr", "niqe", "brisque", "piqe", "entropy"),
     ),
     "mediapipe-anatomy": ScorerEntry(
         ".mediapipe_anatomy:make_scorer", "geometry",
@@ -89,8 +93,9 @@ SCORERS: dict[str, ScorerEntry] = {
     ),
     "analytic": ScorerEntry(
         ".analytic:make_scorer", "lowlevel",
-        "weight-free image statistics: analytic:sharpness, :contrast, :colourfulness, :brightness, :noise",
-        variants=("sharpness", "contrast", "colourfulness", "brightness", "noise"),
+        "weight-free image statistics: analytic:sharpness, :contrast, :colourfulness, :brightness, :exposure, "
+        ":noise",
+        variants=("sharpness", "contrast", "colourfulness", "brightness", "exposure", "noise"),
     ),
     "demo": ScorerEntry(
         "..demo.rewards:make_scorer", "alignment",
@@ -142,6 +147,9 @@ def get_scorer(
     entry = SCORERS.get(scorer_id)
     if entry is None:
         raise ValueError(f"unknown scorer {name!r}; known scorers: {', '.join(list_scorers())}")
+    if variant is not None and not entry.variants:
+        # A variant the factory would ignore must not be recorded as if it meant something.
+        raise ValueError(f"scorer {scorer_id!r} has no variants (got {name!r}); use {scorer_id!r}")
     module_name, _, function_name = entry.factory.partition(":")
     options = ScorerOptions(
         search_dirs=resolve_search_dirs(search_dirs), device=str(device), variant=variant, extra=dict(extra)

@@ -3,7 +3,8 @@ reads and the training-set manifest is built from.
 
 One row per image: its prompt, seed, prompt index, candidate index and optional image id (the CLI
 uses the image's file name), plus one score per aspect. Each aspect also records the scorer that
-produced it (``{"id", "weights_hash"}``), so every stored score traces back to an exact model.
+produced it (``{"id", "weights_hash"}``, plus settings that change its scores, such as
+``score_transform`` or ``unjudged_score``), so every stored score traces back to an exact model.
 Prompts and seeds travel with the scores from generation to the manifest.
 
 Files:
@@ -48,16 +49,31 @@ def prompt_groups(prompts: Sequence[str]) -> tuple[list[int], list[int]]:
     return prompt_indices, candidate_indices
 
 
-def _scorer_record(aspect: str, scorer: Any) -> dict[str, str]:
-    """``{"id", "weights_hash"}`` from a Scorer or from a mapping with those keys."""
+def _scorer_record(aspect: str, scorer: Any) -> dict[str, Any]:
+    """What identifies an aspect's scores: ``{"id", "weights_hash"}`` plus the scorer's other
+    ``describe()`` entries (its settings, ``unjudged_score``), from a Scorer or from a mapping read
+    back from a file. Extra entries that are not JSON scalars are dropped, so a record always
+    round-trips through JSON; ``unjudged_score`` must be a finite number (selection reads it)."""
     if isinstance(scorer, Mapping):
-        record = {"id": scorer.get("id"), "weights_hash": scorer.get("weights_hash")}
+        described = dict(scorer)
+    elif callable(getattr(scorer, "describe", None)):
+        described = dict(scorer.describe())
     else:
-        record = {"id": getattr(scorer, "scorer_id", None), "weights_hash": getattr(scorer, "weights_hash", None)}
+        described = {"id": getattr(scorer, "scorer_id", None), "weights_hash": getattr(scorer, "weights_hash", None)}
+    record = {"id": described.get("id"), "weights_hash": described.get("weights_hash")}
     if not all(isinstance(v, str) and v for v in record.values()):
         raise ValueError(
             f"scorers[{aspect!r}]: expected a Scorer or {{'id': str, 'weights_hash': str}}, got {scorer!r}"
         )
+    unjudged = described.get("unjudged_score")
+    if unjudged is not None and (isinstance(unjudged, bool) or not isinstance(unjudged, (int, float))
+                                 or not math.isfinite(unjudged)):
+        raise ValueError(f"scorers[{aspect!r}]: unjudged_score {unjudged!r} is not a finite number")
+    for key, value in described.items():
+        if key in record or key == "aspect" or not isinstance(key, str):
+            continue
+        if value is None or isinstance(value, (str, bool, int)) or (isinstance(value, float) and math.isfinite(value)):
+            record[key] = value
     return record
 
 
@@ -73,7 +89,7 @@ class ScoreTable:
     candidate_indices: list[int]
     image_ids: list[str | None]
     scores: dict[str, list[float]]
-    scorers: dict[str, dict[str, str]]
+    scorers: dict[str, dict[str, Any]]
 
     def __post_init__(self) -> None:
         self.validate()

@@ -8,12 +8,18 @@ For each aspect independently:
 3. Keep it if its score passes the aspect's threshold, else discard it too. Every other image of the
    prompt is discarded.
 
+Images the aspect's scorer found nothing to judge in (its ``unjudged_score``, recorded with the
+scores: the geometry scorer gives images without a person ``no_person_score``) take no part: they
+are never kept, whatever the threshold, and are left out of percentile pools. A prompt whose
+images are all unjudged keeps nothing for that aspect. So the default settings (no threshold) can't
+put an image without a person into the geometry training set.
+
 Thresholds (``Threshold.parse`` reads the text form used by nodes and the CLI):
 
 * ``none`` — no threshold: the best image of every prompt is kept.
 * an absolute value, e.g. ``5.5`` or ``-0.2`` — keep when ``score >= value``.
 * a percentile, e.g. ``75%`` or ``p75`` (0..100) — the threshold is the q-th percentile of *all*
-  scores of the pool for that aspect (every candidate of every prompt, not only the bests), with
+  judged scores of the pool for that aspect (every candidate of every prompt, not only the bests), with
   linear interpolation between ranks (``numpy.percentile``'s default); keep when ``score >= it``.
   The comparison is inclusive, so ``p0`` keeps every best and ``p100`` keeps only images that
   equal the pool's maximum.
@@ -102,7 +108,8 @@ class AspectSelection:
     resolved: float | None  # the score a best image had to reach; None without a threshold
     kept: tuple[int, ...]  # kept rows, in prompt_index order
     discarded: tuple[int, ...]  # every other row, ascending
-    best: dict[int, int] = field(default_factory=dict)  # prompt_index -> its best row (kept or not)
+    best: dict[int, int] = field(default_factory=dict)  # prompt_index -> its best judged row (kept or not)
+    unjudged: tuple[int, ...] = ()  # rows the scorer found nothing to judge in (all discarded), ascending
 
     @property
     def rejected_best(self) -> tuple[int, ...]:
@@ -129,9 +136,10 @@ class Selection:
         lines = []
         for aspect, s in self.aspects.items():
             resolved = "" if s.resolved is None else f" (>= {s.resolved:.4g})"
+            unjudged = f" ({len(s.unjudged)} with nothing to judge)" if s.unjudged else ""
             lines.append(
                 f"{aspect}: kept {len(s.kept)} of {len(s.best)} prompts, threshold {s.threshold}{resolved}; "
-                f"discarded {len(s.discarded)} of {self.image_count} images"
+                f"discarded {len(s.discarded)} of {self.image_count} images{unjudged}"
             )
         return "\n".join(lines)
 
@@ -143,10 +151,11 @@ def select_aspect(
     threshold: Threshold | str | float | None = None,
     *,
     aspect: str = "scores",
+    unjudged_score: float | None = None,
 ) -> AspectSelection:
     """Best image per prompt for one aspect (rules in the module docstring). ``candidate_indices``
-    break ties (default: row order). Raises ValueError for an empty pool, mismatched lengths,
-    NaN/inf scores or a bad threshold."""
+    break ties (default: row order); rows scoring ``unjudged_score`` are never kept. Raises
+    ValueError for an empty pool, mismatched lengths, NaN/inf scores or a bad threshold."""
     threshold = Threshold.parse(threshold)
     if hasattr(scores, "detach"):
         scores = scores.detach().double().flatten().cpu().tolist()
@@ -165,12 +174,18 @@ def select_aspect(
             f"{aspect}: NaN/inf scores for image(s) {bad[:10]}{'...' if len(bad) > 10 else ''}; "
             "fix or drop those images (a scorer must return a finite score for every image)"
         )
-    resolved = threshold.resolve(scores)
+    unjudged = _rows_scoring(scores, unjudged_score)
+    judged = [row for row in range(count) if row not in unjudged]
+    if threshold.kind == "percentile" and not judged:
+        resolved = None  # no pool to take a percentile of; nothing can be kept anyway
+    else:
+        resolved = threshold.resolve([scores[row] for row in judged])
 
     # (score, -candidate, -row) is largest for the best image: highest score, then lowest candidate
     # index, then earliest row.
     best: dict[int, int] = {}
-    for row, prompt_index in enumerate(prompt_indices):
+    for row in judged:
+        prompt_index = prompt_indices[row]
         current = best.get(prompt_index)
         if current is None or (scores[row], -candidate_indices[row], -row) > (
             scores[current], -candidate_indices[current], -current
@@ -182,7 +197,16 @@ def select_aspect(
     kept_set = set(kept)
     discarded = tuple(row for row in range(count) if row not in kept_set)
     return AspectSelection(aspect=aspect, threshold=threshold, resolved=resolved, kept=kept,
-                           discarded=discarded, best=best)
+                           discarded=discarded, best=best, unjudged=tuple(sorted(unjudged)))
+
+
+def _rows_scoring(scores: Sequence[float], value: float | None) -> set[int]:
+    """Rows whose score is ``value``, compared in float32: scorers return float32 tensors, so the
+    recorded score of an unjudged image is ``value`` rounded to float32 (0.3 -> 0.30000001...)."""
+    if value is None:
+        return set()
+    target = np.float32(value)
+    return {row for row, score in enumerate(scores) if np.float32(score) == target}
 
 
 def select_best_per_prompt(
@@ -213,7 +237,8 @@ def select_best_per_prompt(
         per_aspect = {a: shared for a in aspects}
     return Selection(
         aspects={
-            a: select_aspect(table.scores[a], table.prompt_indices, table.candidate_indices, per_aspect[a], aspect=a)
+            a: select_aspect(table.scores[a], table.prompt_indices, table.candidate_indices, per_aspect[a], aspect=a,
+                             unjudged_score=table.scorers[a].get("unjudged_score"))
             for a in aspects
         },
         image_count=len(table),

@@ -14,8 +14,8 @@ image per prompt), and the same source image has the same id in every aspect tha
 
 Manifest fields: ``id, aspect, file`` (image path relative to the dataset folder), ``caption``,
 ``prompt, seed, prompt_index, candidate_index, score`` (this aspect's), ``scorer {id,
-weights_hash}``, ``scores`` and ``scorers`` (every scored aspect), ``threshold {kind, value,
-resolved}``, ``width, height``, ``latents`` (relative path or null) and ``source`` (the score
+weights_hash, ...settings}`` (the score table's record), ``scores`` and ``scorers`` (every scored
+aspect), ``threshold {kind, value, resolved}``, ``width, height``, ``latents`` (relative path or null) and ``source`` (the score
 table's image id, e.g. the scored file's name, or null).
 
 Pixels: float 0..1 -> uint8 by ``round(x * 255)`` (round half to even) after clamping, so the
@@ -137,9 +137,9 @@ class ManifestEntry:
     prompt_index: int
     candidate_index: int
     score: float
-    scorer: dict[str, str]
+    scorer: dict[str, Any]
     scores: dict[str, float]
-    scorers: dict[str, dict[str, str]]
+    scorers: dict[str, dict[str, Any]]
     threshold: dict[str, Any]
     width: int | None = None
     height: int | None = None

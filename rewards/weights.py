@@ -236,15 +236,15 @@ def combine_hashes(named_hashes: Mapping[str, str]) -> str:
 
 # -- reading ---------------------------------------------------------------------------------------
 
-def load_state_dict(path: str | Path, *, source_hint: str = "") -> dict[str, torch.Tensor]:
+def load_state_dict(path: str | Path, *, key: str | None = None, source_hint: str = "") -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors`` (safetensors) or ``.pt/.pth/.bin/.ckpt``
-    (``torch.load(weights_only=True)``), on the CPU. A ``{"state_dict": ...}`` wrapper (training
-    checkpoints) is unwrapped and a DataParallel ``module.`` prefix dropped. A truncated, corrupt or
-    unsafe file raises WeightsFormatError naming the file."""
+    (``torch.load(weights_only=True)``), on the CPU. ``key``: the state dict sits under this entry
+    of the file (pyiqa nests its checkpoints under ``"params"``); without it a
+    ``{"state_dict": ...}`` wrapper (training checkpoints) is unwrapped. A DataParallel ``module.``
+    prefix is dropped. A truncated, corrupt or unsafe file, or one without ``key``, raises
+    WeightsFormatError naming the file."""
     path = Path(path)
     suffix = path.suffix.lower()
-    again = f"; download it again from {source_hint}" if source_hint else "; download it again"
-    unsafe_fix = f"; use the published file from {source_hint}" if source_hint else ""
     if suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -253,28 +253,51 @@ def load_state_dict(path: str | Path, *, source_hint: str = "") -> dict[str, tor
             loaded = load_file(str(path), device="cpu")
         except (SafetensorError, OSError) as exc:
             raise WeightsFormatError(
-                f"weight file {path} is not a readable safetensors file ({exc}): it is truncated or corrupt{again}"
+                f"weight file {path} is not a readable safetensors file ({exc}): it is truncated or corrupt"
+                f"{_download_again(source_hint)}"
             ) from exc
     elif suffix in PICKLE_SUFFIXES:
-        try:
-            loaded = torch.load(str(path), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            if "weights only" in str(exc).lower() or "weights_only" in str(exc).lower():
-                raise WeightsFormatError(
-                    f"weight file {path} holds pickled objects other than tensors, which are refused for "
-                    f"safety (torch.load(weights_only=True)); convert it to .safetensors{unsafe_fix}"
-                ) from exc
-            raise WeightsFormatError(f"weight file {path} is truncated or corrupt ({exc}){again}") from exc
-        except Exception as exc:  # noqa: BLE001 - torch.load fails in many ways on a damaged file
-            raise WeightsFormatError(
-                f"weight file {path} is truncated or corrupt ({type(exc).__name__}: {exc}){again}"
-            ) from exc
+        loaded = torch_load_weights_only(path, source_hint=source_hint)
     else:
         raise WeightsFormatError(
             f"weight file {path}: unsupported extension {suffix!r}; expected .safetensors, "
             + ", ".join(PICKLE_SUFFIXES)
         )
+    if key is not None:
+        if not isinstance(loaded, Mapping) or key not in loaded:
+            found = list(loaded)[:6] if isinstance(loaded, Mapping) else type(loaded).__name__
+            raise WeightsFormatError(
+                f"weight file {path} has no {key!r} entry (found {found}); it is not the published file"
+                + (f": get it from {source_hint}" if source_hint else "")
+            )
+        loaded = loaded[key]
     return unwrap_state_dict(loaded, path)
+
+
+def _download_again(source_hint: str) -> str:
+    return f"; download it again from {source_hint}" if source_hint else "; download it again"
+
+
+def torch_load_weights_only(path: str | Path, *, source_hint: str = "") -> object:
+    """``torch.load(path, weights_only=True)`` on the CPU: tensors and plain containers only, so a
+    file that would run code when unpickled is refused before anything of it runs. Any failure
+    raises WeightsFormatError naming the file and the fix."""
+    path = Path(path)
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only" in str(exc).lower() or "weights_only" in str(exc).lower():
+            unsafe_fix = f"; use the published file from {source_hint}" if source_hint else ""
+            raise WeightsFormatError(
+                f"weight file {path} holds pickled objects other than tensors, which are refused for "
+                f"safety (torch.load(weights_only=True)); convert it to .safetensors{unsafe_fix}"
+            ) from exc
+        raise WeightsFormatError(f"weight file {path} is truncated or corrupt ({exc}){_download_again(source_hint)}") \
+            from exc
+    except Exception as exc:  # noqa: BLE001 - torch's unpickler fails on garbage with IndexError, KeyError, ...
+        raise WeightsFormatError(
+            f"weight file {path} is truncated or corrupt ({type(exc).__name__}: {exc}){_download_again(source_hint)}"
+        ) from exc
 
 
 def unwrap_state_dict(loaded: object, path: str | Path = "<state dict>") -> dict[str, torch.Tensor]:
@@ -308,14 +331,6 @@ def describe_load_failure(path: str | Path, what: str, exc: BaseException, sourc
     else:
         fix = f"it is truncated, corrupt or not {what}{again}"
     return WeightsFormatError(f"could not load {path} as {what}: {cause}; {fix}")
-
-
-def folder_files_hash(folder: Path, names: Iterable[str]) -> str:
-    """Combined sha256 of the files of ``folder`` whose names are in ``names`` (those present)."""
-    named = {name: sha256_file(folder / name) for name in sorted(set(names)) if (folder / name).is_file()}
-    if not named:
-        raise WeightsFormatError(f"no weight files found in {folder} (looked for {', '.join(sorted(set(names)))})")
-    return combine_hashes(named)
 
 
 def weight_files_in(folder: Path) -> list[str]:

@@ -50,6 +50,22 @@ def with_nan(images: torch.Tensor) -> torch.Tensor:
     return images
 
 
+def with_inf(images: torch.Tensor) -> torch.Tensor:
+    images = images.clone()
+    images[0, 2, 5, 1] = float("inf")
+    return images
+
+
+# The same batch of 4 scored images made unusable in each of the ways the issue lists.
+BAD_IMAGE_BATCHES = {
+    "nan": (lambda: with_nan(textured_images(4)), "NaN"),
+    "inf": (lambda: with_inf(textured_images(4)), "inf"),
+    "rgba": (lambda: torch.rand(4, 24, 24, 4), "RGBA"),
+    "gray": (lambda: torch.rand(4, 24, 24, 1), "grayscale"),
+    "empty": (lambda: torch.rand(0, 24, 24, 3), "empty"),
+}
+
+
 @pytest.fixture
 def nodes(comfy_nodes, comfy_dirs):
     return comfy_nodes
@@ -159,6 +175,7 @@ def test_load_scorers_missing_weights_names_file_and_folder(nodes, comfy_dirs):
     message = str(caught.value)
     assert "sac+logos+ava1-l14-linearMSE.pth" in message or "ViT-L-14" in message
     assert str(comfy_dirs["models"] / "versat2i") in message  # the folder to put it in
+    assert listing(comfy_dirs["models"]) == listing(comfy_dirs["output"]) == listing(comfy_dirs["temp"]) == []
 
 
 # -- Score Images -------------------------------------------------------------------------------------
@@ -225,15 +242,17 @@ def test_score_images_takes_prompts_and_seeds_from_candidates(nodes, scorers):
         ("a\nb", "1 2 3", textured_images(4), "3 seeds for 4 image"),
         ("a", "twelve", textured_images(2), "'twelve' is not a whole number"),
         ("a", "", with_nan(textured_images(2)), "NaN"),
+        ("a", "", with_inf(textured_images(2)), "inf"),
         ("a", "", torch.rand(2, 24, 24, 4), "RGBA"),
         ("a", "", torch.rand(2, 24, 24, 1), "grayscale"),
         ("a", "", torch.rand(0, 24, 24, 3), "empty"),
     ],
-    ids=["prompt-count", "no-prompt", "seed-count", "seed-text", "nan", "rgba", "gray", "empty"],
+    ids=["prompt-count", "no-prompt", "seed-count", "seed-text", "nan", "inf", "rgba", "gray", "empty"],
 )
-def test_score_images_bad_inputs_are_clear_errors(nodes, scorers, prompts, seeds, images, match):
+def test_score_images_bad_inputs_are_clear_errors(nodes, scorers, comfy_dirs, prompts, seeds, images, match):
     with pytest.raises(ValueError, match=match):
         score(nodes, scorers, images, prompts, seeds=seeds)
+    assert listing(comfy_dirs["temp"]) == [] and listing(comfy_dirs["output"]) == [], "no preview may be written"
 
 
 def test_score_images_needs_load_scorers_output(nodes):
@@ -415,3 +434,97 @@ def test_save_bad_inputs_write_nothing(nodes, scorers, comfy_dirs):
     with pytest.raises(ValueError, match="threshold"):
         save.execute(selection=nothing, images=images, name="x", repeats=1, overwrite=False)
     assert listing(comfy_dirs["output"]) == []
+
+
+@pytest.mark.parametrize("case", list(BAD_IMAGE_BATCHES))
+def test_filter_and_save_refuse_bad_images_and_write_nothing(nodes, scorers, comfy_dirs, case):
+    good = textured_images(4)
+    selected = filtered(nodes, scorers, good)
+    make, match = BAD_IMAGE_BATCHES[case]
+    with pytest.raises(ValueError, match=match):
+        nodes[FILTER].execute(scores=selected.table, images=make(), threshold_kind="none", threshold=0.0)
+    with pytest.raises(ValueError, match=match):
+        nodes[SAVE].execute(selection=selected, images=make(), name="bad", repeats=1, overwrite=False)
+    assert listing(comfy_dirs["output"]) == []
+
+
+def test_save_cancelled_mid_write_leaves_nothing(nodes, scorers, comfy_dirs, comfy, monkeypatch):
+    import comfy.model_management as mm
+
+    from versat2i.rewards import training_set
+
+    images = textured_images(6)
+    selected = filtered(nodes, scorers, images)
+    real_save_png, saved = training_set.save_png, []
+
+    def save_then_cancel(pixels, path):  # the user presses Cancel while the second image is written
+        real_save_png(pixels, path)
+        saved.append(path)
+        if len(saved) == 2:
+            mm.interrupt_current_processing(True)
+
+    monkeypatch.setattr(training_set, "save_png", save_then_cancel)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            nodes[SAVE].execute(selection=selected, images=images, name="runs/cancelled", repeats=1, overwrite=False)
+    finally:
+        mm.interrupt_current_processing(False)
+    assert len(saved) == 2  # it stopped at the next progress update, not after all 6
+    assert listing(comfy_dirs["output"]) == [], "a cancelled write must leave no dataset, temp or parent folder"
+
+
+def test_load_scorers_corrupt_weights_name_the_file_and_write_nothing(nodes, comfy_dirs):
+    from versat2i.rewards.weights import WeightsFormatError
+
+    clip = comfy_dirs["models"] / "versat2i" / "clip" / "ViT-L-14-openai.safetensors"
+    clip.parent.mkdir(parents=True)
+    clip.write_bytes(b"<html>404: this download failed</html>")
+    before = listing(comfy_dirs["models"])
+    with pytest.raises(WeightsFormatError) as caught:
+        nodes[LOAD].execute(device="cpu", **{**ANALYTIC, "alignment": "clip-score"})
+    assert str(clip) in str(caught.value) and "truncated, corrupt" in str(caught.value)
+    assert listing(comfy_dirs["models"]) == before
+    assert listing(comfy_dirs["output"]) == [] and listing(comfy_dirs["temp"]) == []
+
+
+def test_load_scorers_takes_no_scorer_options_from_its_inputs(nodes, comfy_dirs):
+    """Node inputs come from a web page; scorer options can name files anywhere (clip_weights=
+    '/abs/path'), so Load Scorers passes none: its inputs are the four aspect choices and the
+    device, each checked against its list even when it arrives through a link."""
+    import inspect
+
+    from versat2i.rewards.base import ASPECTS
+
+    load = nodes[LOAD]
+    assert [i.id for i in load.GET_SCHEMA().inputs] == [*ASPECTS, "device"]
+    assert list(inspect.signature(load.execute).parameters) == [*ASPECTS, "device"]
+    with pytest.raises(TypeError):
+        load.execute(device="cpu", clip_weights="/etc/passwd", **ANALYTIC)
+    for name in ("clip-score:/etc/passwd", "analytic:sharpness,clip_weights=/x", "pyiqa:../../x"):
+        with pytest.raises(ValueError, match="unknown scorer"):
+            load.execute(device="cpu", **{**ANALYTIC, "aesthetics": name})
+    with pytest.raises(ValueError, match="device"):
+        load.execute(device="cuda:7", **ANALYTIC)
+
+
+def test_default_filter_never_keeps_images_without_a_person_for_geometry(nodes, comfy_dirs):
+    pytest.importorskip("mediapipe", reason="mediapipe (extra [geometry]) is not installed")
+    from tiny_models.figures import draw_figure, no_person_images
+
+    from versat2i.rewards.registry import DEFAULT_SCORERS
+
+    assert DEFAULT_SCORERS["geometry"] == "mediapipe-anatomy"
+    scorers = nodes[LOAD].execute(device="auto", **{**ANALYTIC, "geometry": DEFAULT_SCORERS["geometry"]})[0]
+    nobody = no_person_images()
+    images = torch.cat([draw_figure(), nobody[[0, 1, 3]]])  # prompt 0: person + blank; prompt 1: nobody
+    table = score(nodes, scorers, images, "a person waving\nan empty room")[0]
+    assert table.scores["geometry"][0] > 0 and table.scores["geometry"][1:] == [0.0, 0.0, 0.0]
+    defaults = {i.id: getattr(i, "default", None) for i in nodes[FILTER].GET_SCHEMA().inputs}
+    filter_inputs = {k: defaults[k] for k in ("threshold_kind", "threshold")}
+    selected = nodes[FILTER].execute(scores=table, images=images, **filter_inputs)[0]
+    assert selected.selection.aspects["geometry"].kept == (0,)
+    nodes[SAVE].execute(selection=selected, images=images, name="geo", repeats=1, overwrite=False)
+    manifest = [json.loads(line) for line in (comfy_dirs["output"] / "geo" / "manifest.jsonl").read_text().splitlines()]
+    geometry = [e for e in manifest if e["aspect"] == "geometry"]
+    assert [(e["prompt_index"], e["candidate_index"]) for e in geometry] == [(0, 0)]
+    assert geometry[0]["scorer"]["unjudged_score"] == 0.0

@@ -238,3 +238,32 @@ def test_help_lists_defaults_without_importing_torch_at_parser_build(capsys):
     flat = " ".join(text.split())
     assert all(f"{aspect}={name}" in flat for aspect, name in DEFAULT_SCORERS.items())
     assert ".webp" in flat and "@" not in flat
+
+
+def test_geometry_scores_keep_their_unjudged_mark_through_the_scores_file(tmp_path, capsys):
+    """`score` records the geometry scorer's unjudged score in the scores file, and `build-dataset`
+    with its defaults then keeps no image without a person for geometry."""
+    pytest.importorskip("mediapipe", reason="mediapipe (extra [geometry]) is not installed")
+    from tiny_models.figures import draw_figure, no_person_images
+
+    folder = tmp_path / "candidates"
+    folder.mkdir()
+    nobody = no_person_images()
+    for name, image in {"1": draw_figure()[0], "2": nobody[0], "3": nobody[1], "4": nobody[3]}.items():
+        Image.fromarray((image * 255).round().to(torch.uint8).numpy()).save(folder / f"{name}.png")
+    (tmp_path / "p.txt").write_text("a person\na person\na landscape\na landscape\n")
+    scores = tmp_path / "scores.jsonl"
+    code, _out, err = run(capsys, "score", folder, "--prompts", tmp_path / "p.txt", "--aspect", "geometry",
+                          "--aspect", "sharp=analytic:sharpness", "--out", scores, "--quiet")
+    assert code == 0, err
+    table = ScoreTable.load(scores)
+    assert table.scorers["geometry"]["id"] == "mediapipe-anatomy"
+    assert table.scorers["geometry"]["unjudged_score"] == 0.0
+    assert table.scores["geometry"][0] > 0 and table.scores["geometry"][1:] == [0.0, 0.0, 0.0]
+
+    code, out, err = run(capsys, "build-dataset", scores, "--images", folder, "--out", tmp_path / "ds",
+                         "--name", "run")
+    assert code == 0, err
+    assert [e.source for e in read_manifest(tmp_path / "ds" / "run", aspect="geometry")] == ["1.png"]
+    assert len(read_manifest(tmp_path / "ds" / "run", aspect="sharp")) == 2  # every prompt for the other aspect
+    assert "geometry: kept 1 of 1 prompts" in out

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from tiny_models.figures import draw_figure, no_person_images
 from versat2i.rewards import mediapipe_anatomy as anatomy
 from versat2i.rewards.mediapipe_anatomy import (
     BODY_CHECKS,
@@ -207,43 +207,6 @@ needs_mediapipe = pytest.mark.skipif(importlib.util.find_spec("mediapipe") is No
                                      reason="mediapipe (extra [geometry]) is not installed")
 
 
-def draw_figure(size: int = 256) -> torch.Tensor:
-    """A flat drawn person (head, shirt, arms, trousers, shoes) MediaPipe Pose detects."""
-    image = Image.new("RGB", (size, size), (240, 240, 240))
-    draw = ImageDraw.Draw(image)
-    scale = size / 512
-
-    def at(x, y):
-        return (x * scale, y * scale)
-
-    skin, shirt, trousers = (230, 190, 160), (200, 40, 40), (40, 40, 120)
-    draw.ellipse([at(226, 40), at(286, 110)], fill=skin)
-    draw.rectangle([at(248, 105), at(264, 125)], fill=skin)
-    draw.polygon([at(206, 125), at(306, 125), at(296, 260), at(216, 260)], fill=shirt)
-    limbs = [((216, 135), (180, 200), shirt), ((296, 135), (332, 200), shirt),
-             ((180, 200), (160, 260), skin), ((332, 200), (352, 260), skin),
-             ((236, 260), (226, 360), trousers), ((276, 260), (286, 360), trousers),
-             ((226, 360), (222, 455), trousers), ((286, 360), (290, 455), trousers)]
-    for start, end, colour in limbs:
-        draw.line([at(*start), at(*end)], fill=colour, width=int(22 * scale))
-        draw.ellipse([at(end[0] - 11, end[1] - 11), at(end[0] + 11, end[1] + 11)], fill=colour)
-    for x, y in ((160, 260), (352, 260)):
-        draw.ellipse([at(x - 13, y - 8), at(x + 13, y + 18)], fill=skin)
-    for x, y in ((222, 455), (290, 455)):
-        draw.ellipse([at(x - 18, y - 6), at(x + 22, y + 12)], fill=(30, 30, 30))
-    return torch.from_numpy(np.asarray(image).copy()).float().div(255)[None]
-
-
-def no_person_images() -> torch.Tensor:
-    generator = torch.Generator().manual_seed(0)
-    return torch.stack([
-        torch.zeros(256, 256, 3),
-        torch.ones(256, 256, 3),
-        torch.full((256, 256, 3), 0.5),
-        torch.rand(256, 256, 3, generator=generator),
-    ])
-
-
 @pytest.fixture(scope="module")
 def scorer():
     pytest.importorskip("mediapipe", reason="mediapipe (extra [geometry]) is not installed")
@@ -291,7 +254,9 @@ def test_weights_hash_covers_the_bundled_models(scorer):
     assert list(paths) == [root / rel for rel in anatomy.MODEL_FILES]
     assert all(p.is_file() for p in paths) and mediapipe.__version__ == "0.10.14"
     assert scorer.weights_hash == combine_hashes({p.name: sha256_file(p) for p in paths})
-    assert scorer.describe() == {"id": "mediapipe-anatomy", "aspect": "geometry", "weights_hash": scorer.weights_hash}
+    assert scorer.describe() == {"id": "mediapipe-anatomy", "aspect": "geometry", "weights_hash": scorer.weights_hash,
+                                 "unjudged_score": 0.0, "min_visibility": 0.5, "min_detection_confidence": 0.5,
+                                 "max_num_hands": 4}
 
 
 @pytest.mark.parametrize("options, fragment", [
@@ -318,3 +283,25 @@ def test_missing_mediapipe_raises_import_error_naming_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "mediapipe", None)  # what `import mediapipe` sees when absent
     with pytest.raises(ImportError, match=r"pip install 'comfyui-versat2i\[geometry\]'"):
         get_scorer("mediapipe-anatomy", cache=False)
+
+
+@needs_mediapipe
+def test_default_selection_never_keeps_an_image_without_a_person(scorer):
+    # Prompt 0: a drawn person and a blank image; prompt 1: nobody in either image. Scores go
+    # through the scorer record (as Score Images / `versat2i score` store them) to the filter.
+    from versat2i.rewards.score_table import ScoreTable
+    from versat2i.rewards.selection import select_best_per_prompt
+
+    nobody = no_person_images()
+    images = torch.cat([draw_figure(), nobody[[0, 1, 3]]])
+    prompts = ["a person", "a person", "a landscape", "a landscape"]
+    scores = scorer.score(images, prompts)
+    assert scores[0] > 0 and scores[1:].tolist() == [scorer.no_person_score] * 3
+    table = ScoreTable.from_scores({"geometry": scores}, {"geometry": scorer}, prompts)
+    assert table.scorers["geometry"]["unjudged_score"] == 0.0
+    for threshold in ("none", "p0", "p50", 0.0):  # the Filter default is "none"; >= is inclusive
+        chosen = select_best_per_prompt(table, threshold).aspects["geometry"]
+        assert chosen.kept == (0,), threshold
+    lenient = get_scorer("mediapipe-anatomy", no_person_score=0.5, cache=False)
+    table = ScoreTable.from_scores({"geometry": lenient.score(images, prompts)}, {"geometry": lenient}, prompts)
+    assert select_best_per_prompt(table).aspects["geometry"].kept == (0,)

@@ -117,10 +117,13 @@ def test_musiq_ava_checkpoint_loads_into_its_ten_bin_rating_head(tmp_path):
     path = write_pyiqa_checkpoint(tmp_path, "musiq-ava")
     try:
         scorer = get_scorer("pyiqa:musiq-ava", search_dirs=[tmp_path], cache=False)
-        score = float(scorer.score(_images(1), [""])[0])
+        images = _images(2, seed=5)
+        together = scorer.score(images, ["", ""])
+        alone = torch.cat([scorer.score(images[i:i + 1], [""]) for i in range(2)])
     finally:
         path.unlink()  # 110 MB; pytest keeps old tmp dirs
-    assert 1.0 <= score <= 10.0  # the mean of a distribution over ratings 1..10
+    assert all(1.0 <= score <= 10.0 for score in together.tolist())  # means of distributions over ratings 1..10
+    torch.testing.assert_close(together, alone, rtol=1e-6, atol=1e-5)  # the 10-bin head is per image too
 
 
 def test_weights_hash_is_the_files_sha256(models_dir):

@@ -112,3 +112,29 @@ def test_reading_errors_name_the_line(tmp_path, table):
     (tmp_path / "bad.json").write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(ValueError, match="not a versat2i scores file"):
         ScoreTable.load(tmp_path / "bad.json")
+
+
+def test_scorer_records_keep_describe_extras_that_round_trip_through_json(tmp_path):
+    class Described:
+        scorer_id = "pyiqa:niqe"
+        weights_hash = "c" * 64
+
+        def describe(self):
+            return {"id": self.scorer_id, "aspect": "lowlevel", "weights_hash": self.weights_hash,
+                    "score_transform": "negate", "unjudged_score": 0.0, "max_num_hands": 4,
+                    "nested": {"not": "a scalar"}, "tensor_like": object(), "nan": float("nan")}
+
+    table = ScoreTable.from_scores({"lowlevel": [-3.0, -2.0]}, {"lowlevel": Described()}, ["a", "a"])
+    record = {"id": "pyiqa:niqe", "weights_hash": "c" * 64, "score_transform": "negate", "unjudged_score": 0.0,
+              "max_num_hands": 4}
+    assert table.scorers == {"lowlevel": record}  # 'aspect' and non-JSON values dropped
+    for suffix in (".jsonl", ".json"):
+        path = table.save(tmp_path / f"scores{suffix}")
+        assert ScoreTable.load(path).scorers == {"lowlevel": record}
+
+
+@pytest.mark.parametrize("value", ["high", True, float("inf"), [0.0]])
+def test_a_bad_unjudged_score_is_refused(value):
+    scorer = {"id": "mediapipe-anatomy", "weights_hash": "d" * 64, "unjudged_score": value}
+    with pytest.raises(ValueError, match="unjudged_score"):
+        ScoreTable.from_scores({"geometry": [0.5]}, {"geometry": scorer}, ["a"])

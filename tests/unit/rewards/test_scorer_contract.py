@@ -245,9 +245,39 @@ def test_importing_the_package_loads_no_model_library():
         "import sys, versat2i.rewards as r, versat2i.rewards.registry, versat2i.rewards.weights, "
         "versat2i.rewards.cache\n"
         "r.get_scorer; r.Scorer; r.MissingWeightsError\n"
-        "heavy = [m for m in ('open_clip', 'transformers', 'pyiqa', 'mediapipe', 'diffusers') if m in sys.modules]\n"
+        "heavy = [m for m in ('open_clip', 'transformers', 'pyiqa', 'mediapipe', 'diffusers',\n"
+        "                     'versat2i.rewards.pyiqa_metric', 'versat2i.rewards.analytic') if m in sys.modules]\n"
         "print(heavy)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_registry_variants_are_the_scorer_modules_own_tables():
+    # The registry lists variants as literals (importing it imports no scorer module); they must
+    # stay exactly what the factories accept, or Load Scorers would offer a wrong list.
+    from versat2i.rewards import analytic, pyiqa_metric  # neither imports pyiqa at import time
+
+    assert tuple(SCORERS["pyiqa"].variants) == tuple(pyiqa_metric.supported_metrics())
+    assert tuple(SCORERS["analytic"].variants) == tuple(analytic.STATISTICS)
+    assert "analytic:exposure" in list_scorers() and "pyiqa:niqe" in list_scorers()
+
+
+@pytest.mark.parametrize("name", ["clip-score:large", "laion-aesthetic-v2:v3", "mediapipe-anatomy:hands",
+                                  "hps-v2.1:x", "pickscore-v1:x", "clip-iqa:prompts-0123abcd"])
+def test_a_variant_of_a_scorer_without_variants_is_refused_before_any_file_lookup(name, tmp_path):
+    with pytest.raises(ValueError, match="has no variants"):
+        get_scorer(name, search_dirs=[tmp_path / "nothing-here"], cache=False)
+
+
+def test_unjudged_score_is_described_and_recorded():
+    scorer = MeanColourScorer()
+    assert "unjudged_score" not in scorer.describe()
+    scorer.unjudged_score = 0.0
+    assert scorer.describe() == {"id": "test-mean-colour", "aspect": "aesthetics", "weights_hash": "none",
+                                 "unjudged_score": 0.0}
+    from versat2i.rewards.score_table import ScoreTable
+
+    table = ScoreTable.from_scores({"aesthetics": [0.0]}, {"aesthetics": scorer}, ["p"])
+    assert table.scorers["aesthetics"] == {"id": "test-mean-colour", "weights_hash": "none", "unjudged_score": 0.0}

@@ -165,3 +165,47 @@ def test_table_selection_errors():
         select_best_per_prompt(table, {"b": 1.0})
     with pytest.raises(ValueError, match="none selected"):
         select_best_per_prompt(table, aspects=[])
+
+
+# -- images the scorer found nothing to judge in -------------------------------------------------------
+
+def test_unjudged_images_are_never_kept_whatever_the_threshold():
+    # prompt 0: a judged image (0.4) and two unjudged (0.0); prompt 1: unjudged only.
+    scores, prompts = [0.0, 0.4, 0.0, 0.0, 0.0], [0, 0, 0, 1, 1]
+    for threshold in (None, "none", 0.0, "p0", "p50", "p100"):
+        chosen = select_aspect(scores, prompts, threshold=threshold, unjudged_score=0.0)
+        assert chosen.kept == (1,), threshold
+        assert chosen.unjudged == (0, 2, 3, 4) and chosen.best == {0: 1}
+        assert chosen.discarded == (0, 2, 3, 4)
+    # Without the mark, 0.0 is an ordinary score: the default keeps a best of every prompt.
+    assert select_aspect(scores, prompts).kept == (1, 3)
+
+
+def test_percentile_pool_leaves_unjudged_images_out():
+    scores = [0.0, 0.0, 0.0, 0.2, 0.6, 0.8]
+    prompts = [0, 1, 2, 0, 1, 2]
+    marked = select_aspect(scores, prompts, threshold="p50", unjudged_score=0.0)
+    assert marked.resolved == pytest.approx(0.6)  # median of 0.2, 0.6, 0.8, not of all six scores
+    assert marked.kept == (4, 5)
+    unmarked = select_aspect(scores, prompts, threshold="p50")
+    assert unmarked.resolved == pytest.approx(0.1)
+    everything_unjudged = select_aspect([0.5, 0.5], [0, 1], threshold="p50", unjudged_score=0.5)
+    assert everything_unjudged.kept == () and everything_unjudged.resolved is None
+
+
+def test_unjudged_score_is_compared_at_float32_precision():
+    as_recorded = float(np.float32(0.3))  # a float32 score tensor, written to JSON and read back
+    assert as_recorded != 0.3
+    chosen = select_aspect([as_recorded, 0.25], [0, 0], unjudged_score=0.3)
+    assert chosen.kept == (1,) and chosen.unjudged == (0,)
+
+
+def test_table_selection_reads_the_unjudged_score_from_the_scorer_record():
+    geometry = {"id": "mediapipe-anatomy", "weights_hash": "f" * 64, "unjudged_score": 0.0}
+    table = ScoreTable.from_scores({"geometry": [0.0, 0.7, 0.0, 0.0], "lowlevel": [0.0, 0.1, 0.3, 0.0]},
+                                   {"geometry": geometry, "lowlevel": SCORER}, ["a", "a", "b", "b"])
+    selection = select_best_per_prompt(table)
+    assert selection.aspects["geometry"].kept == (1,)  # prompt "b" has no person: nothing kept
+    assert selection.aspects["lowlevel"].kept == (1, 2)  # 0.0 means nothing special there
+    assert "geometry: kept 1 of 1 prompts" in selection.summary()
+    assert "(3 with nothing to judge)" in selection.summary()

@@ -247,3 +247,58 @@ def test_aspect_with_nothing_kept_gets_no_folder(root, table, images):
     assert sorted(p.name for p in written.path.iterdir()) == ["10_lowlevel", "dataset.json", "manifest.jsonl"]
     assert written.summary["aspects"]["aesthetics"]["kept"] == 0
     assert written.summary["aspects"]["aesthetics"]["discarded"] == 6
+
+
+def test_manifest_records_each_scorers_settings(root, images):
+    scorers = {"lowlevel": {"id": "pyiqa:niqe", "weights_hash": "e" * 64, "score_transform": "negate"},
+               "geometry": {"id": "mediapipe-anatomy", "weights_hash": "f" * 64, "unjudged_score": 0.0,
+                            "max_num_hands": 4}}
+    table = ScoreTable.from_scores({"lowlevel": [-5.0, -4.0, -6.0, -3.0, -2.0, -1.0],
+                                    "geometry": [0.0, 0.8, 0.6, 0.0, 0.0, 0.0]}, scorers, PROMPTS, seeds=SEEDS)
+    written = write(root, table, images)
+    lines = [json.loads(line) for line in (written.path / "manifest.jsonl").read_text().splitlines()]
+    assert all(line["scorers"] == scorers for line in lines)
+    assert {line["aspect"]: line["scorer"] for line in lines} == scorers
+    # The car prompt has no person in any candidate: geometry keeps nothing for it.
+    assert [(line["prompt_index"], line["candidate_index"]) for line in lines if line["aspect"] == "geometry"] == [(0, 1)]
+    summary = json.loads((written.path / "dataset.json").read_text())
+    assert summary["aspects"]["geometry"]["scorer"] == scorers["geometry"]
+
+
+def test_process_killed_mid_write_leaves_no_dataset_under_the_final_name(root, tmp_path):
+    """A hard crash (the process dies: no exception handler runs, nothing is cleaned up) part-way
+    through the images: the final name never appears; only a hidden temporary folder remains."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "crash.py"
+    script.write_text(textwrap.dedent(f"""
+        import os
+        import torch
+        from versat2i.rewards import training_set
+        from versat2i.rewards.score_table import ScoreTable
+        from versat2i.rewards.selection import select_best_per_prompt
+
+        table = ScoreTable.from_scores({{"lowlevel": [float(i) for i in range(6)]}},
+                                       {{"lowlevel": {{"id": "analytic:sharpness", "weights_hash": "none"}}}},
+                                       ["a", "a", "a", "b", "b", "b"])
+        real_save, calls = training_set.save_png, []
+
+        def save_then_die(pixels, path):
+            real_save(pixels, path)
+            calls.append(path)
+            if len(calls) == 2:
+                os._exit(9)  # like SIGKILL or a power cut: no cleanup runs
+
+        training_set.save_png = save_then_die
+        training_set.write_training_set({str(root)!r}, "run1", table, select_best_per_prompt(table),
+                                        torch.rand(6, 12, 16, 3), repeats=1)
+    """))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 9, result.stderr
+    left = sorted(p.name for p in root.iterdir())
+    assert "run1" not in left
+    assert len(left) == 1 and left[0].startswith(".run1.tmp-"), left  # hidden, never taken for a dataset
+    with pytest.raises(FileNotFoundError):
+        read_manifest(root / "run1")

@@ -20,6 +20,7 @@ from versat2i.rewards.weights import (
     find_weights,
     load_state_dict,
     sha256_file,
+    torch_load_weights_only,
 )
 
 
@@ -184,3 +185,25 @@ def test_non_tensor_entries_and_unknown_extensions_are_refused(tmp_path):
         load_state_dict(path)
     with pytest.raises(WeightsFormatError, match="unsupported extension '.onnx'"):
         load_state_dict(tmp_path / "model.onnx")
+
+
+def test_load_state_dict_takes_the_state_dict_from_a_named_entry(tmp_path):
+    state = _state()
+    path = tmp_path / "pyiqa_style.pth"
+    torch.save({"params": state, "note": "ignored"}, str(path))
+    loaded = load_state_dict(path, key="params")
+    assert sorted(loaded) == sorted(state) and all(torch.equal(loaded[k], state[k]) for k in state)
+    torch.save(state, str(path))  # no "params" entry: not the file the caller expects
+    with pytest.raises(WeightsFormatError, match=r"has no 'params' entry.*https://example.org/w") as info:
+        load_state_dict(path, key="params", source_hint="https://example.org/w")
+    assert str(path) in str(info.value)
+
+
+def test_torch_load_weights_only_refuses_pickled_objects(tmp_path):
+    path = tmp_path / "tuple.pth"
+    torch.save((torch.zeros(2), torch.ones(3)), str(path))
+    loaded = torch_load_weights_only(path)  # not a state dict, but only tensors: fine
+    assert isinstance(loaded, tuple) and torch.equal(loaded[1], torch.ones(3))
+    torch.save((torch.zeros(2), _Payload()), str(path))
+    with pytest.raises(WeightsFormatError, match="refused for safety"):
+        torch_load_weights_only(path)
