@@ -229,7 +229,38 @@ class TrainingRunConfig(ConfigFile):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class LoraTrainConfig(TrainingRunConfig):
+class ImageTrainingConfig(TrainingRunConfig):
+    """The image/caption data settings of every program that trains on a training set (LoRA, gate)."""
+
+    resolution: int = 512  # training area is resolution^2; sides are multiples of 8
+    bucketing: bool = True  # aspect-ratio buckets (kohya style); off = square center crops
+    bucket_step: int = 64
+    bucket_max_aspect: float = 2.0  # widest bucket: long side / short side
+    random_flip: bool = False
+    cache_latents: bool = False  # encode every image once before training (and reuse generation latents)
+    cache_text_embeddings: bool = False  # encode every caption once (frozen text encoders only)
+    keep_checkpoints: bool = True  # False: delete the checkpoints once the final file is written
+
+    NON_RESULT_FIELDS: ClassVar[frozenset[str]] = TrainingRunConfig.NON_RESULT_FIELDS | {
+        "cache_latents", "cache_text_embeddings", "keep_checkpoints"}
+
+    def problems(self, *, check_paths: bool = True) -> list[str]:
+        p = super().problems(check_paths=check_paths)
+        # Multiples of 8 down to 8: the embedded demo world trains at 32 px (its VAE does not downsample).
+        if self.resolution < 8 or self.resolution % 8:
+            p.append(f"resolution={self.resolution}: must be a multiple of 8 "
+                     f"(e.g. {max(8, round(self.resolution / 64) * 64)})")
+        if self.bucket_step < 8 or self.bucket_step % 8:
+            p.append(f"bucket_step={self.bucket_step}: must be a multiple of 8 (64 is usual)")
+        if not math.isfinite(self.bucket_max_aspect) or self.bucket_max_aspect < 1.0:
+            p.append(f"bucket_max_aspect={self.bucket_max_aspect}: must be >= 1 (long side / short side)")
+        if self.cache_latents and self.random_flip:
+            p.append("random_flip with cache_latents: cached latents cannot be flipped; turn one off")
+        return p
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraTrainConfig(ImageTrainingConfig):
     """One aspect LoRA (kohya keys, peft layers) trained on one aspect's folders of a training set."""
 
     aspect: str = ""  # train on the <repeats>_<aspect> folders of this aspect ("" = every folder)
@@ -240,21 +271,9 @@ class LoraTrainConfig(TrainingRunConfig):
     train_feed_forward: bool = False  # also the transformer feed-forward layers
     train_text_encoder: bool = False  # also the text encoder(s) attention + MLP
     text_encoder_lr: float = 0.0  # 0 = learning_rate
-    # data
-    resolution: int = 512  # training area is resolution^2; sides are multiples of 8
-    bucketing: bool = True  # aspect-ratio buckets (kohya style); off = square center crops
-    bucket_step: int = 64
-    bucket_max_aspect: float = 2.0  # widest bucket: long side / short side
-    random_flip: bool = False
-    cache_latents: bool = False  # encode every image once before training (and reuse generation latents)
-    cache_text_embeddings: bool = False  # encode every caption once (frozen text encoders only)
     # loss
     noise_offset: float = 0.0
     snr_gamma: float = 0.0  # min-SNR weighting gamma (0 = off; 5 is the paper's value)
-    keep_checkpoints: bool = True  # False: delete the checkpoints once the final LoRA is written
-
-    NON_RESULT_FIELDS: ClassVar[frozenset[str]] = TrainingRunConfig.NON_RESULT_FIELDS | {
-        "cache_latents", "cache_text_embeddings", "keep_checkpoints"}
 
     def problems(self, *, check_paths: bool = True) -> list[str]:
         p = super().problems(check_paths=check_paths)
@@ -264,20 +283,10 @@ class LoraTrainConfig(TrainingRunConfig):
             p.append(f"dropout={self.dropout}: must be in [0, 1)")
         if not math.isfinite(self.text_encoder_lr) or self.text_encoder_lr < 0:
             p.append(f"text_encoder_lr={self.text_encoder_lr}: must be >= 0 (0 = learning_rate)")
-        # Multiples of 8 down to 8: the embedded demo world trains at 32 px (its VAE does not downsample).
-        if self.resolution < 8 or self.resolution % 8:
-            p.append(f"resolution={self.resolution}: must be a multiple of 8 "
-                     f"(e.g. {max(8, round(self.resolution / 64) * 64)})")
-        if self.bucket_step < 8 or self.bucket_step % 8:
-            p.append(f"bucket_step={self.bucket_step}: must be a multiple of 8 (64 is usual)")
-        if not math.isfinite(self.bucket_max_aspect) or self.bucket_max_aspect < 1.0:
-            p.append(f"bucket_max_aspect={self.bucket_max_aspect}: must be >= 1 (long side / short side)")
         if not math.isfinite(self.noise_offset) or self.noise_offset < 0:
             p.append(f"noise_offset={self.noise_offset}: must be >= 0 (0.05-0.1 is usual)")
         if not math.isfinite(self.snr_gamma) or self.snr_gamma < 0:
             p.append(f"snr_gamma={self.snr_gamma}: must be >= 0 (0 = off, 5 is usual)")
-        if self.cache_latents and self.random_flip:
-            p.append("random_flip with cache_latents: cached latents cannot be flipped; turn one off")
         if self.cache_text_embeddings and self.train_text_encoder:
             p.append("cache_text_embeddings with train_text_encoder: a trained text encoder changes the "
                      "embeddings every step; turn one off")

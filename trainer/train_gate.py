@@ -29,11 +29,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
-from .config import TrainingRunConfig, _at_least, _choice, _positive_float
+from .config import ImageTrainingConfig, _choice, _positive_float
 from .events import EventWriter
 from .gate import BALANCE_KINDS, GRANULARITIES, GateUsage
 from .mol_file import MOL_SUFFIX
@@ -45,7 +45,7 @@ GATE_STATE_FILE = "gate.safetensors"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class GateTrainConfig(TrainingRunConfig):
+class GateTrainConfig(ImageTrainingConfig):
     """A gate over ``loras`` (one per aspect), trained on every aspect folder of ``dataset_dir``.
 
     ``output_dir`` must hold the LoRAs (the MoL file is saved next to them and names them relative
@@ -61,18 +61,7 @@ class GateTrainConfig(TrainingRunConfig):
     prior_decay: float = 0.99  # EMA of the mean gate per layer (what bake merges without a prompt)
     learning_rate: float = 1e-3
     max_train_steps: int = 200
-    # data (as for LoRA training)
-    resolution: int = 512
-    bucketing: bool = True
-    bucket_step: int = 64
-    bucket_max_aspect: float = 2.0
-    random_flip: bool = False
-    cache_latents: bool = False
-    cache_text_embeddings: bool = False  # only when no LoRA adapts the text encoder
-    keep_checkpoints: bool = True
-
-    NON_RESULT_FIELDS: ClassVar[frozenset[str]] = TrainingRunConfig.NON_RESULT_FIELDS | {
-        "cache_latents", "cache_text_embeddings", "keep_checkpoints"}
+    # cache_text_embeddings (inherited) only when no LoRA adapts the text encoder
 
     @property
     def output_path(self) -> Path:
@@ -98,13 +87,6 @@ class GateTrainConfig(TrainingRunConfig):
             p.append(f"aspects: {len(self.aspects)} names for {len(self.loras)} LoRAs; give one per LoRA or none")
         if self.aspects and len(set(self.aspects)) != len(self.aspects):
             p.append(f"aspects {list(self.aspects)}: names must be unique")
-        if self.resolution < 64 or self.resolution % 8:
-            p.append(f"resolution={self.resolution}: must be a multiple of 8 and at least 64")
-        if self.bucket_step < 8 or self.bucket_step % 8:
-            p.append(f"bucket_step={self.bucket_step}: must be a multiple of 8 (64 is usual)")
-        _at_least(p, "max_train_steps", self.max_train_steps, 1)
-        if self.cache_latents and self.random_flip:
-            p.append("random_flip with cache_latents: cached latents cannot be flipped; turn one off")
         if check_paths and self.output_dir.strip():
             root = Path(self.output_dir).resolve()
             for lora in self.loras:
