@@ -6,9 +6,12 @@
                       [--device auto] [--dtype auto] [--save-latents] [--lora FILE[=WEIGHT] ...]
     accelerate launch -m versat2i.cli generate ...      (several GPUs: the grid is split between them)
     versat2i report --eval EVAL_DIR --out REPORT_DIR [--base base] [--resamples 2000] [--seed 0]
+    versat2i loop --config loop.toml [--overwrite] [--quiet]     (--print-config: an example)
+    versat2i demo [--out versat2i-demo] [--overwrite] [--quiet]
 
-Thin wrappers: the work happens in ``loop/generate.py`` and ``loop/report.py``. Every input is
-checked before a model loads; a bad one is one error line and exit status 2.
+Thin wrappers: the work happens in ``loop/generate.py``, ``loop/report.py``, ``loop/run.py`` and
+``loop/demo.py``. Every input is checked before a model loads; a bad one is one error line and exit
+status 2. ``loop`` / ``demo`` stopped with Ctrl-C resume when run again (exit status 130).
 """
 
 from __future__ import annotations
@@ -75,6 +78,34 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     report.add_argument("--title", default=None, help="page title")
     report.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     report.set_defaults(func=run_report)
+
+    loop = subparsers.add_parser(
+        "loop", help="the whole loop: generate -> score -> filter -> train LoRAs -> gate -> evaluate -> report",
+        description="Run the VersaT2I self-improvement loop described by a TOML config: sample K candidates per "
+                    "prompt, score them per aspect, keep the best per prompt and aspect, train one LoRA per aspect, "
+                    "train the gate that mixes them, evaluate base / LoRAs / merge / mixture on held-out prompts "
+                    "and seeds, and write the report. Every stage is saved as it finishes: running the same command "
+                    "again resumes where it stopped.",
+    )
+    loop.add_argument("--config", type=Path, help="the loop config (.toml; see --print-config)")
+    loop.add_argument("--overwrite", action="store_true",
+                      help="redo finished stages whose settings changed (their outputs are replaced)")
+    loop.add_argument("--check", action="store_true", help="only validate the config and exit")
+    loop.add_argument("--print-config", action="store_true", help="print an example config and exit")
+    loop.add_argument("--quiet", action="store_true", help="no progress bars")
+    loop.set_defaults(func=run_loop_command)
+
+    demo = subparsers.add_parser(
+        "demo", help="the whole loop on the embedded demo world (CPU, offline, a few minutes)",
+        description="Run the whole loop on the embedded demo world: a tiny text-to-image model of coloured "
+                    "shapes, four analytic aspect rewards and real rendered images for replay. Nothing is "
+                    "downloaded. Prints the report's table and the path of its HTML page.",
+    )
+    demo.add_argument("--out", type=Path, default=Path("versat2i-demo"),
+                      help="output folder (default ./versat2i-demo); an earlier run there is resumed")
+    demo.add_argument("--overwrite", action="store_true", help="delete an earlier demo run in --out and start over")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.set_defaults(func=run_demo_command)
 
 
 def _parse_seeds(text: str | None) -> list[int] | None:
@@ -156,3 +187,89 @@ def run_report(args: argparse.Namespace) -> int:
     print(read_report(out)["markdown"])
     print(out / "report.html")
     return 0
+
+
+def _quiet_libraries(args: argparse.Namespace) -> None:
+    """Hide the libraries' notices that say nothing to a loop user (diffusers' float32-module and
+    "no text-encoder LoRA keys" warnings, transformers' weight-loading bars, peft's several-adapters
+    warning for the equal-weight merge). ``-v`` keeps them."""
+    if getattr(args, "verbose", False):
+        return
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+
+
+def _run_stoppable(start) -> int:
+    """Run a loop, turning Ctrl-C and a failed training process into a message and an exit status."""
+    import sys
+
+    from ..trainer.launcher import TrainingFailed
+
+    try:
+        result = start()
+    except KeyboardInterrupt:
+        print("stopped; run the same command again to resume", file=sys.stderr)
+        return 130
+    except TrainingFailed as exc:
+        print(f"training failed: {exc}", file=sys.stderr)
+        return 1
+    from .run import summary_text
+
+    print(summary_text(result))
+    return 0
+
+
+def run_loop_command(args: argparse.Namespace) -> int:
+    from .config import LoopConfig
+    from .run import run_loop
+
+    if args.print_config:
+        print(example_config().to_toml(), end="")
+        return 0
+    if args.config is None:
+        raise ValueError("--config: give the loop config (.toml); `versat2i loop --print-config` prints an example")
+    config = LoopConfig.load(args.config)
+    config.validate()
+    if args.check:
+        print(f"{args.config}: valid")
+        return 0
+    _quiet_libraries(args)
+    return _run_stoppable(lambda: run_loop(config, overwrite=args.overwrite, show_progress=not args.quiet))
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    _quiet_libraries(args)
+    return _run_stoppable(lambda: run_demo(args.out, overwrite=args.overwrite, show_progress=not args.quiet))
+
+
+def example_config():
+    """The config ``--print-config`` prints: SD1.5 with the default learned scorers."""
+    from .config import (
+        EvaluationSection,
+        LoopConfig,
+        ModelSection,
+        PromptsSection,
+        ScoringSection,
+    )
+
+    return LoopConfig(
+        name="my-loop", output_dir="runs/my-loop",
+        model=ModelSection(base_model="models/checkpoints/v1-5-pruned-emaonly.safetensors"),
+        prompts=PromptsSection(train_file="prompts.txt", held_out_file="held_out_prompts.txt",
+                               candidates_per_prompt=8),
+        aspects={"aesthetics": "laion-aesthetic-v2", "alignment": "clip-score", "lowlevel": "clip-iqa"},
+        thresholds={"aesthetics": "none", "alignment": "none", "lowlevel": "p25"},
+        lora={"rank": 16, "max_train_steps": 500, "learning_rate": 1e-4, "resolution": 512},
+        gate={"max_train_steps": 200},
+        scoring=ScoringSection(models_dir=("models/versat2i",)),
+        evaluation=EvaluationSection(seeds_per_prompt=8),
+    )

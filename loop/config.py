@@ -1,0 +1,654 @@
+"""``LoopConfig``: everything one run of the VersaT2I loop needs, as one TOML file.
+
+    versat2i loop --config loop.toml          (``versat2i loop --print-config`` writes an example)
+
+A frozen dataclass made of sections; every section is a ``trainer.config.ConfigFile`` (the same
+strict parsing, unknown-key hints and fingerprints as the trainer's configs), and the LoRA / gate
+sections are overrides of ``LoraTrainConfig`` / ``GateTrainConfig`` fields, checked with those
+classes' own ``problems()``::
+
+    name = "my-loop"                 # a label (report title)
+    output_dir = "runs/my-loop"      # every stage's output, markers and the run log
+    rounds = 1                       # round r > 1 samples its candidates with round r-1's mixture
+    device = "auto"                  # generation / scoring device (auto: the GPU when there is one)
+    dtype = "auto"                   # generation dtype (auto: float16 on CUDA, float32 elsewhere)
+
+    [model]        base_model (file or diffusers folder), arch, prediction_type, model_config_dir
+    [prompts]      train = [...] or train_file; held_out = [...] or held_out_file;
+                   candidates_per_prompt (K >= 2), seed
+    [generation]   loop.generate.GenerationSettings: steps, guidance_scale, scheduler, width, height,
+                   batch_size, negative_prompt
+    [aspects]      aspect = "scorer name" (any rewards.registry scorer; "" = the aspect's default)
+    [thresholds]   aspect = "none" | 5.5 | "p75"   (rewards.selection.Threshold)
+    [scoring]      models_dir = [folders with scorer weights], batch_size
+    [dataset]      repeats, save_latents, replay_dir + replay_fraction (real captioned images mixed
+                   into every aspect's training set, like kohya's regularisation images)
+    [lora]         any LoraTrainConfig field (rank, max_train_steps, learning_rate, resolution...)
+    [gate]         any GateTrainConfig field (granularity, balance_weight, max_train_steps...)
+    [training]     parallel_jobs, threads_per_job, accelerate_config, cpu
+    [evaluation]   seeds_per_prompt, seed, include_train_prompts, variants, gate_mode, bootstrap
+
+Relative paths in a file are relative to that file's folder. ``problems()`` lists every mistake
+(each naming the setting and the fix) without touching the disk beyond reading; ``validate()``
+raises them as one ``ValueError``. The loop validates before it creates anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..trainer.config import (
+    ARCHITECTURES,
+    PREDICTION_TYPES,
+    ConfigFile,
+    LoraTrainConfig,
+    dump_flat_toml,
+)
+from .generate import GenerationSettings
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - python 3.10
+    import tomli as tomllib
+
+VARIANT_KINDS = ("base", "lora", "merge", "gated")
+GATE_MODES = ("dynamic", "bake")
+BOOTSTRAP_UNITS = ("pairs", "prompts")
+# Aspect names become folder names (<repeats>_<aspect>), file names and TOML keys: no dots.
+ASPECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+# LoRA / gate fields the loop sets itself for every job (a value in [lora] / [gate] would be ignored).
+LOOP_OWNED_TRAINING_FIELDS = frozenset({
+    "base_model", "arch", "prediction_type", "model_config_dir", "dataset_dir", "output_dir", "output_name",
+    "work_dir", "overwrite", "aspect", "loras", "aspects"})
+
+
+# -- sections --------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelSection(ConfigFile):
+    base_model: str = ""  # single-file checkpoint (.safetensors) or diffusers folder
+    arch: str = "auto"  # auto | sd15 | sd2 | sdxl
+    prediction_type: str = "auto"  # auto | epsilon | v_prediction | sample
+    model_config_dir: str = ""  # diffusers configs for a single file whose shapes differ from the real models
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PromptsSection(ConfigFile):
+    train: tuple[str, ...] = ()  # the loop's prompts ...
+    train_file: str = ""  # ... or a text file, one per line ('#' comments and blank lines skipped)
+    held_out: tuple[str, ...] = ()  # evaluation-only prompts ...
+    held_out_file: str = ""  # ... or a file
+    candidates_per_prompt: int = 4  # K: images sampled per prompt, the best one per aspect is kept
+    seed: int = 0  # candidate c of prompt p in round r gets seed + (r - 1) * N * K + p * K + c
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig(GenerationSettings, ConfigFile):
+    """``loop.generate.GenerationSettings`` with the config-file methods (it *is* one)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ScoringSection(ConfigFile):
+    models_dir: tuple[str, ...] = ()  # folders searched for scorer weights (clip/, aesthetic/, hps/...)
+    batch_size: int = 64  # images loaded and scored at once (bounds memory, never changes a score)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DatasetSection(ConfigFile):
+    repeats: int = 1  # kohya repeats: folder <repeats>_<aspect>
+    save_latents: bool = False  # keep generation latents next to the images (the trainer reuses them)
+    replay_dir: str = ""  # real captioned images (<name>.png + <name>.txt) ...
+    replay_fraction: float = 0.0  # ... this many per selected image, added to every aspect's set
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainingSection(ConfigFile):
+    parallel_jobs: int = 1  # LoRA trainings run at once (each in its own process)
+    threads_per_job: int = 0  # OMP/torch threads of each training process (0 = inherit the environment)
+    accelerate_config: str = "auto"  # "auto" (the user's default accelerate config, else 1 process) or a file
+    cpu: bool = False  # train on the CPU even when a GPU is present
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvaluationSection(ConfigFile):
+    seeds_per_prompt: int = 8  # S seeds, the same for every evaluation prompt and variant
+    seed: int = 1_000_000_000  # evaluation seeds: seed, seed + 1, ..., seed + S - 1
+    include_train_prompts: bool = False  # also evaluate the loop's prompts (with the evaluation seeds)
+    variants: tuple[str, ...] = ()  # of base, lora (one per aspect), merge, gated; () = every one that applies
+    gate_mode: str = "dynamic"  # dynamic: the gate runs per token; bake: its mean merged once
+    resamples: int = 2000  # bootstrap resamples
+    bootstrap_seed: int = 0
+    level: float = 0.95  # confidence level of the intervals and of the seed-to-seed spread
+    unit: str = "pairs"  # bootstrap unit: (prompt, seed) pairs or whole prompts
+
+
+SECTIONS: dict[str, type[ConfigFile]] = {
+    "model": ModelSection, "prompts": PromptsSection, "generation": GenerationConfig, "scoring": ScoringSection,
+    "dataset": DatasetSection, "training": TrainingSection, "evaluation": EvaluationSection,
+}
+MAPPING_SECTIONS = ("aspects", "thresholds", "lora", "gate")
+TOP_LEVEL = ("name", "output_dir", "rounds", "device", "dtype")
+# Paths resolved against the config file's folder: (section or None, field).
+PATH_FIELDS = ((None, "output_dir"), ("model", "base_model"), ("model", "model_config_dir"),
+               ("prompts", "train_file"), ("prompts", "held_out_file"), ("dataset", "replay_dir"),
+               ("training", "accelerate_config"))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoopConfig(ConfigFile):
+    """One loop run. Build it from TOML (``load``), a dict (``from_dict``) or keywords."""
+
+    name: str = "versat2i-loop"
+    output_dir: str = ""
+    rounds: int = 1
+    device: str = "auto"
+    dtype: str = "auto"
+    model: ModelSection = ModelSection()
+    prompts: PromptsSection = PromptsSection()
+    generation: GenerationConfig = GenerationConfig()
+    aspects: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    thresholds: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    scoring: ScoringSection = ScoringSection()
+    dataset: DatasetSection = DatasetSection()
+    lora: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    gate: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    training: TrainingSection = TrainingSection()
+    evaluation: EvaluationSection = EvaluationSection()
+
+    NON_RESULT_FIELDS: ClassVar[frozenset[str]] = frozenset({"name", "output_dir"})
+
+    # -- dict / TOML ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {name: getattr(self, name) for name in TOP_LEVEL}
+        for name in SECTIONS:
+            data[name] = getattr(self, name).to_dict()
+        for name in MAPPING_SECTIONS:
+            data[name] = dict(getattr(self, name))
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "loop config") -> LoopConfig:
+        """Strict: unknown keys (with a did-you-mean), wrong types and bad section shapes are one
+        ``ValueError`` listing each. Aspects may be a table {aspect: scorer} or a list of aspects
+        (each with its default scorer)."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{source}: expected a table of settings")  # noqa: TRY004 -- a user error
+        known = [*TOP_LEVEL, *SECTIONS, *MAPPING_SECTIONS]
+        problems = [_unknown(key, known, "") for key in data if key not in known]
+        values: dict[str, Any] = {}
+        for name in TOP_LEVEL:
+            if name in data:
+                hint = {"rounds": int}.get(name, str)
+                value = data[name]
+                if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+                    problems.append(f"{name}: expected a whole number, got {value!r}")
+                elif hint is str and not isinstance(value, (str, os.PathLike)):
+                    problems.append(f"{name}: expected text, got {value!r}")
+                else:
+                    values[name] = os.fspath(value) if isinstance(value, os.PathLike) else value
+        for name, section in SECTIONS.items():
+            if name not in data:
+                continue
+            table = data[name]
+            if isinstance(table, ConfigFile):
+                values[name] = table
+                continue
+            if not isinstance(table, Mapping):
+                problems.append(f"[{name}]: expected a table of settings, got {table!r}")
+                continue
+            try:
+                values[name] = section.from_dict(dict(table), source=f"[{name}]")
+            except (TypeError, ValueError) as exc:
+                problems.append(str(exc))
+        if "aspects" in data:
+            aspects = data["aspects"]
+            if isinstance(aspects, (list, tuple)):
+                aspects = {str(a): "" for a in aspects}
+            if not isinstance(aspects, Mapping) or not all(isinstance(v, str) for v in aspects.values()):
+                problems.append('[aspects]: expected a table aspect = "scorer name" (or a list of aspects), '
+                                f"got {data['aspects']!r}")
+            else:
+                values["aspects"] = {str(k): v for k, v in aspects.items()}
+        if "thresholds" in data:
+            thresholds = data["thresholds"]
+            if not isinstance(thresholds, Mapping):
+                problems.append('[thresholds]: expected a table aspect = "none" | number | "p75"')
+            else:
+                values["thresholds"] = {str(k): (v if isinstance(v, str) else _threshold_text(v))
+                                        for k, v in thresholds.items()}
+        for name in ("lora", "gate"):
+            if name in data:
+                if not isinstance(data[name], Mapping):
+                    problems.append(f"[{name}]: expected a table of settings")
+                else:
+                    values[name] = dict(data[name])
+        if problems:
+            raise ValueError(f"{source}:\n  - " + "\n  - ".join(problems))
+        return cls(**values)
+
+    def to_toml(self) -> str:
+        data = self.to_dict()
+        parts = [dump_flat_toml({name: data[name] for name in TOP_LEVEL})]
+        for name in (*SECTIONS, *MAPPING_SECTIONS):
+            table = {k: v for k, v in data[name].items() if v is not None}
+            parts.append(f"\n[{name}]\n" + (dump_flat_toml(table) if table else ""))
+        return "".join(parts)
+
+    @classmethod
+    def from_toml(cls, text: str, *, source: str = "loop config") -> LoopConfig:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"{source}: not valid TOML ({exc})") from exc
+        return cls.from_dict(data, source=source)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> LoopConfig:
+        """Read a ``.toml`` / ``.json`` file; relative paths in it are taken relative to its folder."""
+        path = Path(path)
+        config = super().load(path)
+        return config.resolve_paths(path.resolve().parent)
+
+    def resolve_paths(self, root: str | os.PathLike) -> LoopConfig:
+        """A copy with every relative path made absolute against ``root``; ``~`` expanded."""
+        root = Path(root)
+
+        def absolute(value: str) -> str:
+            if not value or (value == "auto"):
+                return value
+            path = Path(value).expanduser()
+            return str(path if path.is_absolute() else (root / path).resolve())
+
+        changes: dict[str, Any] = {}
+        sections: dict[str, dict[str, Any]] = {}
+        for section, field in PATH_FIELDS:
+            if section is None:
+                changes[field] = absolute(getattr(self, field))
+            else:
+                sections.setdefault(section, {})[field] = absolute(getattr(getattr(self, section), field))
+        for section, fields in sections.items():
+            changes[section] = getattr(self, section).replace(**fields)
+        changes["scoring"] = changes.get("scoring", self.scoring).replace(
+            models_dir=tuple(absolute(d) for d in self.scoring.models_dir))
+        return self.replace(**changes)
+
+    # -- derived values --------------------------------------------------------------------------------
+    def resolved_aspects(self) -> dict[str, str]:
+        """{aspect: scorer name}, the aspect's default scorer where none is named."""
+        from ..rewards.registry import DEFAULT_SCORERS
+
+        return {aspect: (scorer.strip() or DEFAULT_SCORERS.get(aspect, "")) for aspect, scorer in self.aspects.items()}
+
+    def train_prompts(self) -> list[str]:
+        return _prompt_list(self.prompts.train, self.prompts.train_file, "train")
+
+    def held_out_prompts(self) -> list[str]:
+        if not self.prompts.held_out and not self.prompts.held_out_file:
+            return []
+        return _prompt_list(self.prompts.held_out, self.prompts.held_out_file, "held_out")
+
+    def evaluation_prompts(self) -> list[str]:
+        prompts = self.held_out_prompts()
+        return prompts + self.train_prompts() if self.evaluation.include_train_prompts else prompts
+
+    def evaluation_seeds(self) -> list[int]:
+        return [self.evaluation.seed + s for s in range(self.evaluation.seeds_per_prompt)]
+
+    def lora_config(self, *, aspect: str, dataset_dir: str, output_dir: str, work_dir: str,
+                    overwrite: bool = False) -> LoraTrainConfig:
+        """The trainer's config for one aspect's LoRA: [lora] overrides + what the loop decides."""
+        return LoraTrainConfig.from_dict({
+            **self.lora, **self._model_fields(), "dataset_dir": dataset_dir, "aspect": aspect,
+            "output_dir": output_dir, "output_name": aspect, "work_dir": work_dir, "overwrite": overwrite,
+        }, source="[lora]")
+
+    def gate_config(self, *, loras: Sequence[str], aspects: Sequence[str], dataset_dir: str, output_dir: str,
+                    work_dir: str, overwrite: bool = False):
+        from ..trainer.train_gate import GateTrainConfig
+
+        inherited = {k: v for k, v in self.lora.items() if k in GATE_INHERITS_FROM_LORA}
+        return GateTrainConfig.from_dict({
+            **inherited, **self.gate, **self._model_fields(), "dataset_dir": dataset_dir,
+            "loras": [str(p) for p in loras], "aspects": list(aspects), "output_dir": output_dir,
+            "output_name": MIXTURE_NAME, "work_dir": work_dir, "overwrite": overwrite,
+        }, source="[gate]")
+
+    def _model_fields(self) -> dict[str, str]:
+        return {"base_model": self.model.base_model, "arch": self.model.arch,
+                "prediction_type": self.model.prediction_type, "model_config_dir": self.model.model_config_dir}
+
+    def evaluation_variant_kinds(self) -> tuple[str, ...]:
+        """``[evaluation] variants``, or when empty: base and the aspect LoRAs, plus the merge and the
+        gated mixture when there are >= 2 aspects."""
+        if self.evaluation.variants:
+            return tuple(self.evaluation.variants)
+        return VARIANT_KINDS if len(self.aspects) >= 2 else ("base", "lora")
+
+    @property
+    def needs_gate(self) -> bool:
+        """The gate is trained when there are >= 2 aspects and something uses it (the gated
+        variant, or a later round that samples with it)."""
+        return len(self.aspects) >= 2 and ("gated" in self.evaluation_variant_kinds() or self.rounds > 1)
+
+    # -- validation ----------------------------------------------------------------------------------
+    def problems(self, *, check_paths: bool = True) -> list[str]:
+        """Every problem with the config, each naming the setting and the fix (empty = valid)."""
+        p: list[str] = []
+        if not self.name.strip():
+            p.append('name: is empty; give the run a label such as "my-loop"')
+        if not self.output_dir.strip():
+            p.append('output_dir: is empty; give a folder for the run such as "runs/my-loop"')
+        elif check_paths and Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
+            p.append(f"output_dir={self.output_dir!r}: exists and is not a folder")
+        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
+            p.append(f"rounds={self.rounds!r}: must be a whole number >= 1")
+        p += _device_problems(self.device)
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            p.append(f"dtype={self.dtype!r}: use auto, float32, float16 or bfloat16")
+        p += self._model_problems(check_paths)
+        p += self._prompt_problems(check_paths)
+        try:
+            self.generation.validate()
+        except ValueError as exc:
+            p.append(f"[generation] {exc}")
+        p += self._aspect_problems()
+        p += self._dataset_problems(check_paths)
+        p += self._training_problems(check_paths)
+        p += self._evaluation_problems()
+        return p
+
+    def validate(self, *, check_paths: bool = True) -> LoopConfig:
+        problems = self.problems(check_paths=check_paths)
+        if problems:
+            raise ValueError("invalid loop config:\n  - " + "\n  - ".join(problems))
+        return self
+
+    def _model_problems(self, check_paths: bool) -> list[str]:
+        p = []
+        model = self.model
+        if not model.base_model.strip():
+            p.append("[model] base_model: is empty; give a checkpoint file (.safetensors) or a diffusers folder")
+        elif check_paths and not os.path.exists(model.base_model):
+            p.append(f"[model] base_model={model.base_model!r}: no such file or folder; give a checkpoint file "
+                     "(.safetensors) or a diffusers model folder")
+        if model.arch not in ARCHITECTURES:
+            p.append(f"[model] arch={model.arch!r}: use one of {', '.join(ARCHITECTURES)}")
+        if model.prediction_type not in PREDICTION_TYPES:
+            p.append(f"[model] prediction_type={model.prediction_type!r}: use one of {', '.join(PREDICTION_TYPES)}")
+        if model.model_config_dir and check_paths and not os.path.isdir(model.model_config_dir):
+            p.append(f"[model] model_config_dir={model.model_config_dir!r}: no such folder")
+        return p
+
+    def _prompt_problems(self, check_paths: bool) -> list[str]:
+        p = []
+        prompts = self.prompts
+        train: list[str] = []
+        held_out: list[str] = []
+        for name, listed, file in (("train", prompts.train, prompts.train_file),
+                                   ("held_out", prompts.held_out, prompts.held_out_file)):
+            if listed and file:
+                p.append(f"[prompts] {name} and {name}_file: give one of them, not both")
+                continue
+            if file and not check_paths:
+                continue
+            if name == "held_out" and not listed and not file:
+                continue
+            try:
+                (train if name == "train" else held_out).extend(_prompt_list(listed, file, name))
+            except (ValueError, FileNotFoundError) as exc:
+                p.append(f"[prompts] {exc}")
+        overlap = sorted(set(train) & set(held_out))
+        if overlap:
+            p.append(f"[prompts] held_out: {len(overlap)} prompt(s) are also training prompts (e.g. {overlap[0]!r}); "
+                     "held-out prompts must be ones the loop never trains on")
+        k = prompts.candidates_per_prompt
+        if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+            p.append(f"[prompts] candidates_per_prompt={k!r}: must be >= 2 (the loop keeps the best of K "
+                     "candidates per prompt; 4-16 is usual)")
+        elif prompts.seed < 0:
+            p.append(f"[prompts] seed={prompts.seed}: must be >= 0")
+        evaluation = self.evaluation
+        if not held_out and not evaluation.include_train_prompts and not (prompts.held_out or prompts.held_out_file):
+            p.append("[prompts] held_out: no held-out prompt; give held_out / held_out_file, or set "
+                     "[evaluation] include_train_prompts = true to evaluate on the training prompts with new seeds")
+        if train and isinstance(k, int) and k >= 2 and evaluation.include_train_prompts:
+            first, last = prompts.seed, prompts.seed + self.rounds * len(train) * k - 1
+            eval_first, eval_last = evaluation.seed, evaluation.seed + evaluation.seeds_per_prompt - 1
+            if eval_first <= last and first <= eval_last:
+                p.append(f"[evaluation] seed={evaluation.seed}: evaluation seeds {eval_first}..{eval_last} overlap the "
+                         f"candidate seeds {first}..{last}; evaluation must use seeds the loop never trained on")
+        return p
+
+    def _aspect_problems(self) -> list[str]:
+        from ..rewards.registry import (
+            DEFAULT_SCORERS,
+            SCORERS,
+            list_scorers,
+            split_name,
+        )
+
+        p = []
+        if not self.aspects:
+            p.append('[aspects]: no aspect; name at least one, e.g. aesthetics = "laion-aesthetic-v2"')
+        for aspect, scorer in self.aspects.items():
+            if not ASPECT_NAME.match(aspect):
+                p.append(f"[aspects] {aspect!r}: an aspect name uses letters, digits, '_' and '-' only")
+                continue
+            name = scorer.strip()
+            if not name:
+                if aspect not in DEFAULT_SCORERS:
+                    p.append(f"[aspects] unknown aspect {aspect!r} with no scorer: the aspects with a default scorer "
+                             f"are {', '.join(DEFAULT_SCORERS)}; for another aspect name its scorer "
+                             f'({aspect} = "analytic:sharpness", ...)')
+                continue
+            scorer_id, variant = split_name(name)
+            entry = SCORERS.get(scorer_id)
+            if entry is None:
+                close = difflib.get_close_matches(name, list_scorers(), n=1)
+                p.append(f"[aspects] {aspect} = {name!r}: unknown scorer"
+                         + (f" (did you mean {close[0]!r}?)" if close else "")
+                         + f"; known scorers: {', '.join(list_scorers())}")
+            elif entry.variants and scorer_id != "pyiqa" and variant not in entry.variants:
+                p.append(f"[aspects] {aspect} = {name!r}: unknown scorer variant; use one of "
+                         + ", ".join(f"{scorer_id}:{v}" for v in entry.variants))
+        for aspect, spec in self.thresholds.items():
+            if aspect not in self.aspects:
+                p.append(f"[thresholds] {aspect!r}: unknown aspect; the aspects are {', '.join(self.aspects) or 'none'}")
+            try:
+                from ..rewards.selection import Threshold
+
+                Threshold.parse(spec)
+            except ValueError as exc:
+                p.append(f"[thresholds] {aspect}: {exc}")
+        scoring = self.scoring
+        if scoring.batch_size < 1:
+            p.append(f"[scoring] batch_size={scoring.batch_size}: must be >= 1")
+        return p
+
+    def _dataset_problems(self, check_paths: bool) -> list[str]:
+        p = []
+        dataset = self.dataset
+        if dataset.repeats < 1:
+            p.append(f"[dataset] repeats={dataset.repeats}: must be >= 1")
+        fraction = dataset.replay_fraction
+        if not math.isfinite(fraction) or fraction < 0:
+            p.append(f"[dataset] replay_fraction={fraction}: must be >= 0 (0 = no replay; 0.5 = one real image per "
+                     "two selected ones)")
+        elif fraction > 0 and not dataset.replay_dir:
+            p.append("[dataset] replay_fraction > 0 needs replay_dir: a folder of real images with captions "
+                     "(<name>.png + <name>.txt)")
+        elif dataset.replay_dir and fraction == 0:
+            p.append("[dataset] replay_dir is set but replay_fraction = 0; set a fraction (e.g. 0.5) or drop replay_dir")
+        elif dataset.replay_dir and check_paths:
+            if not os.path.isdir(dataset.replay_dir):
+                p.append(f"[dataset] replay_dir={dataset.replay_dir!r}: no such folder")
+            else:
+                from .stages import scan_replay_dir
+
+                try:
+                    found = len(scan_replay_dir(dataset.replay_dir))
+                except ValueError as exc:
+                    p.append(f"[dataset] {exc}")
+                else:
+                    try:
+                        needed = replay_count(fraction, len(self.train_prompts()))
+                    except (ValueError, FileNotFoundError):
+                        needed = 0  # reported with the prompts
+                    if found < needed:
+                        p.append(f"[dataset] replay_dir={dataset.replay_dir!r}: {found} captioned image(s); "
+                                 f"replay_fraction {fraction:g} needs up to {needed} (one per prompt kept x fraction)")
+        return p
+
+    def _training_problems(self, check_paths: bool) -> list[str]:
+        from ..trainer.train_gate import GateTrainConfig
+
+        p = []
+        training = self.training
+        if training.parallel_jobs < 1:
+            p.append(f"[training] parallel_jobs={training.parallel_jobs}: must be >= 1")
+        if training.threads_per_job < 0:
+            p.append(f"[training] threads_per_job={training.threads_per_job}: must be >= 0 (0 = inherit)")
+        if training.accelerate_config not in ("", "auto") and check_paths and \
+                not os.path.isfile(training.accelerate_config):
+            p.append(f"[training] accelerate_config={training.accelerate_config!r}: no such file "
+                     "(or \"auto\")")
+        aspects = list(self.aspects) or ["aspect"]
+        placeholders = {"base_model": "base", "dataset_dir": "dataset", "output_dir": "out", "work_dir": "work"}
+        for section, cls in (("lora", LoraTrainConfig), ("gate", GateTrainConfig)):
+            overrides = dict(getattr(self, section))
+            owned = sorted(set(overrides) & LOOP_OWNED_TRAINING_FIELDS)
+            if owned:
+                p.append(f"[{section}] {', '.join(owned)}: set by the loop for every job (from [model] and the run "
+                         "folder); remove them")
+            fields = {f.name for f in dataclasses.fields(cls)}
+            unknown = [k for k in overrides if k not in fields]
+            p += [f"[{section}] {_unknown(k, sorted(fields - LOOP_OWNED_TRAINING_FIELDS), '')}" for k in unknown]
+            if owned or unknown:
+                continue
+            if section == "gate" and not self.needs_gate:
+                continue
+            try:
+                if section == "lora":
+                    config = self.lora_config(aspect=aspects[0], dataset_dir="dataset", output_dir="out",
+                                              work_dir="work")
+                else:
+                    config = self.gate_config(loras=[f"{a}.safetensors" for a in aspects], aspects=aspects,
+                                              dataset_dir="dataset", output_dir="out", work_dir="work")
+            except ValueError as exc:
+                p.append(str(exc).replace("\n  - ", "; "))
+                continue
+            for problem in config.problems(check_paths=False):
+                if not any(problem.startswith(name) for name in placeholders):
+                    p.append(f"[{section}] {problem}")
+        return p
+
+    def _evaluation_problems(self) -> list[str]:
+        p = []
+        evaluation = self.evaluation
+        if evaluation.seeds_per_prompt < 2:
+            p.append(f"[evaluation] seeds_per_prompt={evaluation.seeds_per_prompt}: must be >= 2 (the seed-to-seed "
+                     "spread is measured by splitting each prompt's seeds in halves; 8 is usual)")
+        if evaluation.seed < 0:
+            p.append(f"[evaluation] seed={evaluation.seed}: must be >= 0")
+        unknown = [v for v in evaluation.variants if v not in VARIANT_KINDS]
+        if unknown:
+            p.append(f"[evaluation] variants {unknown}: use any of {', '.join(VARIANT_KINDS)}")
+        if evaluation.variants and "base" not in evaluation.variants:
+            p.append("[evaluation] variants: must include \"base\" (every variant is compared with it)")
+        if len(set(evaluation.variants)) != len(evaluation.variants):
+            p.append(f"[evaluation] variants {list(evaluation.variants)}: each at most once")
+        if len(self.aspects) < 2:
+            mixed = [v for v in ("merge", "gated") if v in evaluation.variants]
+            if mixed:
+                p.append(f"[evaluation] variants {mixed}: a merge or mixture needs >= 2 aspects; drop them or add "
+                         "an aspect")
+        if evaluation.gate_mode not in GATE_MODES:
+            p.append(f"[evaluation] gate_mode={evaluation.gate_mode!r}: use one of {', '.join(GATE_MODES)}")
+        if evaluation.resamples < 100:
+            p.append(f"[evaluation] resamples={evaluation.resamples}: use >= 100 (2000 is usual)")
+        if not 0.5 <= evaluation.level < 1.0:
+            p.append(f"[evaluation] level={evaluation.level}: a confidence level in [0.5, 1), e.g. 0.95")
+        if evaluation.unit not in BOOTSTRAP_UNITS:
+            p.append(f"[evaluation] unit={evaluation.unit!r}: use one of {', '.join(BOOTSTRAP_UNITS)}")
+        return p
+
+
+MIXTURE_NAME = "mixture"
+# Data settings a gate trains with by default: the LoRAs' own (same images, same resolution).
+GATE_INHERITS_FROM_LORA = frozenset({
+    "resolution", "bucketing", "bucket_step", "bucket_max_aspect", "random_flip", "cache_latents",
+    "cache_text_embeddings", "train_batch_size", "mixed_precision", "gradient_checkpointing", "seed", "checkpointing_steps"})
+
+
+def replay_count(fraction: float, kept: int) -> int:
+    """Real images added to an aspect's training set with ``kept`` selected images."""
+    return math.floor(fraction * kept + 0.5)
+
+
+# -- helpers -----------------------------------------------------------------------------------------
+
+def _threshold_text(value: Any) -> str:
+    from ..rewards.selection import Threshold
+
+    try:
+        return str(Threshold.parse(value))
+    except ValueError:
+        return str(value)  # validate() names it
+
+
+def _unknown(key: str, known: Sequence[str], where: str) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return (f"{where}unknown setting {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+            + f"; known: {', '.join(known)}")
+
+
+def _prompt_list(listed: Sequence[str], file: str, name: str) -> list[str]:
+    from .generate import check_prompts, read_prompt_file
+
+    if file:
+        try:
+            prompts = read_prompt_file(file)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{name}_file={file!r}: no such file; write one prompt per line") from None
+        except ValueError as exc:
+            raise ValueError(f"{name}_file: {exc}") from None
+    else:
+        prompts = list(listed)
+    if not prompts:
+        raise ValueError(f"{name}: zero prompts; give at least one prompt ({name} = [...] or {name}_file)")
+    return check_prompts(prompts, what=name)
+
+
+def _device_problems(device: str) -> list[str]:
+    if device == "auto":
+        return []
+    try:
+        import torch
+
+        torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        return [f"device={device!r}: use auto, cpu, cuda, cuda:1, mps ..."]
+    return []
+
+
+__all__ = [
+    "MIXTURE_NAME",
+    "VARIANT_KINDS",
+    "DatasetSection",
+    "EvaluationSection",
+    "GenerationConfig",
+    "LoopConfig",
+    "ModelSection",
+    "PromptsSection",
+    "ScoringSection",
+    "TrainingSection",
+    "replay_count",
+]

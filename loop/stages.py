@@ -1,0 +1,472 @@
+"""The work of each loop stage, as plain functions over folders (``loop/run.py`` orders them,
+skips finished ones and records what each made).
+
+    generate  ->  score  ->  filter  ->  train  ->  gate  ->  evaluate  ->  report
+    candidates/   scores.jsonl  training_set/  loras/<aspect>.safetensors  loras/mixture.mol.safetensors
+                                                                   eval/<variant>/   report/
+
+Every function writes its output under a temporary name and renames it when complete (through the
+library it calls: ``generate_candidates``, ``ScoreTable.save``, ``safe_io.atomic_dir``, the
+trainers' atomic saves), so a stage interrupted at any point leaves either nothing or its whole
+output under the final name. Each function loads the base model it needs from disk: an evaluation
+variant never inherits rounding left in the weights by an earlier variant's fused LoRA, so every
+output depends only on its own inputs (what makes a resumed run equal an uninterrupted one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+REPLAY_INDEX = "replay.jsonl"
+REPLAY_PREFIX = "replay_"
+
+ProgressCallback = Callable[[int, int], None]  # (done, total)
+TrainEventCallback = Callable[[str, dict], None]  # (job name, trainer event)
+
+
+# -- folders of one round ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RoundPaths:
+    """Where round ``number`` of a loop writes (``<output_dir>/round-<number>/``)."""
+
+    root: Path
+
+    @property
+    def candidates(self) -> Path:
+        return self.root / "candidates"
+
+    @property
+    def scores(self) -> Path:
+        return self.root / "scores.jsonl"
+
+    @property
+    def training_set(self) -> Path:
+        return self.root / "training_set"
+
+    @property
+    def loras(self) -> Path:
+        return self.root / "loras"
+
+    def lora(self, aspect: str) -> Path:
+        return self.loras / f"{aspect}.safetensors"
+
+    @property
+    def mixture(self) -> Path:
+        from ..trainer.mol_file import MOL_SUFFIX
+        from .config import MIXTURE_NAME
+
+        return self.loras / f"{MIXTURE_NAME}{MOL_SUFFIX}"
+
+    @property
+    def runs(self) -> Path:
+        """Training work folders (checkpoints, logs): ``runs/<name>-<fingerprint>/``."""
+        return self.root / "runs"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+
+# -- models and adapters ---------------------------------------------------------------------------------
+
+def load_model(config, *, compute_hash: bool = False):
+    """A fresh ``BaseModel`` of the config's checkpoint in the generation dtype."""
+    from ..trainer.model_loading import load_base_model
+    from .generate import resolve_device, resolve_dtype
+
+    dtype = resolve_dtype(config.dtype, resolve_device(config.device))
+    model = config.model
+    return load_base_model(model.base_model, arch=model.arch, prediction_type=model.prediction_type,
+                           config_dir=model.model_config_dir or None, torch_dtype=dtype, compute_hash=compute_hash)
+
+
+class GatedMixtureAdapters:
+    """``prepare(pipe) -> context manager`` for ``generate_candidates``: the gated Mixture of LoRA
+    of a MoL file applied to ``base`` (whose modules the pipeline shares) inside the ``with`` block.
+
+    ``dynamic``: the gate runs at every step (per token or per prompt, as trained); ``bake``: the
+    gate's training-mean weights are merged once (cheaper, prompt-independent). The hooks or merged
+    weights are removed on exit, restoring the base model exactly.
+    """
+
+    def __init__(self, mol_path: str | os.PathLike, base, *, mode: str = "dynamic"):
+        self.mol_path, self.base, self.mode = Path(mol_path), base, mode
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "gated", "mol": str(self.mol_path), "mode": self.mode}
+
+    @contextlib.contextmanager
+    def __call__(self, pipe) -> Iterator[Any]:
+        from ..trainer.mix_diffusers import load_mixture
+
+        mol, mixture = load_mixture(self.base, self.mol_path)
+        if self.mode == "bake":
+            mixture.bake(mol.gate.merge_weights(None, mixture.mask))
+        else:
+            mixture.attach()
+        try:
+            yield pipe
+        finally:
+            mixture.remove()
+
+
+def round_adapters(kind: str, *, loras: Sequence[Path], mixture: Path | None, gate_mode: str = "dynamic"):
+    """``adapters_for(base)`` for a variant kind: None (base), one LoRA, the equal-weight merge or
+    the gated mixture."""
+    from .generate import equal_weight_merge, single_lora
+
+    if kind == "base":
+        return lambda base: None
+    if kind == "lora":
+        (path,) = loras
+        return lambda base: single_lora(path)
+    if kind == "merge":
+        return lambda base: equal_weight_merge(list(loras))
+    if kind == "gated":
+        if len(loras) == 1 and mixture is None:  # one aspect: its LoRA is the round's whole model
+            return lambda base: single_lora(loras[0])
+        return lambda base: GatedMixtureAdapters(mixture, base, mode=gate_mode)
+    raise ValueError(f"unknown variant kind {kind!r}")
+
+
+# -- generate --------------------------------------------------------------------------------------------
+
+def generate_images(config, out_dir: Path, prompts: Sequence[str], *, k: int | None = None,
+                    seeds: Sequence[int] | None = None, base_seed: int = 0, adapters_for=None,
+                    save_latents: bool = False, progress: ProgressCallback | None = None,
+                    show_progress: bool = True) -> dict[str, Any]:
+    """Sample ``prompts`` x seeds into ``out_dir`` (replacing an unfinished earlier attempt)."""
+    from .generate import generate_candidates
+
+    base = load_model(config, compute_hash=save_latents)
+    adapters = adapters_for(base) if adapters_for is not None else None
+    result = generate_candidates(
+        base, prompts, k=k, seeds=seeds, base_seed=base_seed, settings=config.generation, out_dir=out_dir,
+        overwrite=True, save_latents=save_latents, adapters=adapters, device=config.device, dtype=config.dtype,
+        return_images=False, progress=progress, show_progress=show_progress)
+    return {"images": len(result.records), "prompts": len(prompts)}
+
+
+# -- score -----------------------------------------------------------------------------------------------
+
+def build_scorers(config) -> dict[str, Any]:
+    """{aspect: Scorer}. Errors (missing weights, a missing extra, a bad option) for every aspect are
+    collected into one message."""
+    from ..rewards.registry import get_scorer
+    from .generate import resolve_device
+
+    device = str(resolve_device(config.device))
+    scorers, problems = {}, []
+    for aspect, name in config.resolved_aspects().items():
+        try:
+            scorers[aspect] = get_scorer(name, search_dirs=config.scoring.models_dir, device=device)
+        except (ValueError, FileNotFoundError, ImportError) as exc:
+            problems.append(f"[aspects] {aspect} = {name!r}: {exc}")
+    if problems:
+        raise ValueError("the scorers can't be loaded:\n  - " + "\n  - ".join(problems))
+    return scorers
+
+
+def score_folder(folder: Path, scorers: Mapping[str, Any], out_file: Path, *, batch_size: int = 64,
+                 progress: ProgressCallback | None = None, show_progress: bool = True, desc: str = "score"):
+    """Score every image of a candidates folder (read back from its PNGs, so scores are reproducible
+    from disk) and save the ScoreTable to ``out_file``."""
+    import torch
+
+    from ..rewards.base import score_aspects
+    from ..rewards.score_table import ScoreTable
+    from ..rewards.training_set import load_image_file
+    from .generate import read_candidates
+
+    records, _summary = read_candidates(folder)
+    columns: dict[str, list[torch.Tensor]] = {aspect: [] for aspect in scorers}
+    bar = _bar(len(records), desc, show_progress)
+    for start in range(0, len(records), batch_size):
+        chunk = records[start:start + batch_size]
+        images = torch.stack([torch.from_numpy(load_image_file(folder / r.file)).float() / 255.0 for r in chunk])
+        scores = score_aspects(scorers, images, [r.prompt for r in chunk])
+        for aspect, values in scores.items():
+            columns[aspect].append(values)
+        done = min(start + batch_size, len(records))
+        if bar is not None:
+            bar.update(len(chunk))
+        if progress is not None:
+            progress(done, len(records))
+    if bar is not None:
+        bar.close()
+    table = ScoreTable.from_scores(
+        {aspect: torch.cat(parts) for aspect, parts in columns.items()}, dict(scorers),
+        [r.prompt for r in records], seeds=[r.seed for r in records],
+        prompt_indices=[r.prompt_index for r in records], candidate_indices=[r.candidate_index for r in records],
+        image_ids=[r.file for r in records])
+    table.save(out_file, overwrite=True)
+    return table
+
+
+# -- filter -----------------------------------------------------------------------------------------------
+
+def scan_replay_dir(folder: str | os.PathLike) -> list[tuple[Path, str]]:
+    """(image, caption) pairs of a replay folder: every image with a ``.txt`` caption beside it, in
+    name order. Images without a caption are an error (kohya's regularisation folders work the same)."""
+    from ..rewards.training_set import IMAGE_FILE_EXTENSIONS
+
+    folder = Path(folder)
+    pairs, uncaptioned = [], []
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or path.suffix.lower() not in IMAGE_FILE_EXTENSIONS or path.name.startswith("."):
+            continue
+        caption_file = path.with_suffix(".txt")
+        if not caption_file.is_file():
+            uncaptioned.append(path.name)
+            continue
+        caption = " ".join(caption_file.read_text(encoding="utf-8").split())
+        if not caption:
+            uncaptioned.append(path.name)
+            continue
+        pairs.append((path, caption))
+    if uncaptioned:
+        raise ValueError(f"replay_dir {str(folder)!r}: {len(uncaptioned)} image(s) without a caption "
+                         f"(e.g. {uncaptioned[0]}); put <name>.txt with its caption beside each image")
+    if not pairs:
+        raise ValueError(f"replay_dir {str(folder)!r}: no captioned image (<name>.png + <name>.txt)")
+    return pairs
+
+
+def write_training_set(config, scores_file: Path, candidates: Path, out_dir: Path, *,
+                       progress: ProgressCallback | None = None) -> dict[str, Any]:
+    """Best image per prompt and aspect (above the aspect's threshold) -> a kohya training set, plus
+    the replay images (real captioned images, ``replay_fraction`` per selected image) in every
+    aspect's folder, listed in ``replay.jsonl``."""
+    from safetensors.torch import load_file
+
+    from ..rewards.score_table import ScoreTable
+    from ..rewards.selection import select_best_per_prompt
+    from ..rewards.training_set import write_training_set as write_kohya_set
+    from ..safe_io import atomic_dir
+    from .config import replay_count
+    from .generate import read_candidates
+
+    table = ScoreTable.load(scores_file)
+    thresholds = {aspect: config.thresholds.get(aspect, "none") for aspect in config.aspects}
+    selection = select_best_per_prompt(table, thresholds, aspects=list(config.aspects))
+    empty = [aspect for aspect, chosen in selection.aspects.items() if not chosen.kept]
+    if empty:
+        raise ValueError(f"aspect(s) {empty}: no candidate passed the threshold, so there is nothing to train on; "
+                         "lower [thresholds] for them (\"none\" keeps the best image of every prompt)")
+    images = [candidates / image_id for image_id in table.image_ids]
+    latents, metadata = None, None
+    if config.dataset.save_latents:
+        records, summary = read_candidates(candidates)
+        by_file = {r.file: r.latents for r in records}
+        kept = {row for chosen in selection.aspects.values() for row in chosen.kept}
+        latents = [load_file(str(candidates / by_file[image_id]))["latents"] if row in kept and by_file.get(image_id)
+                   else None for row, image_id in enumerate(table.image_ids)]
+        metadata = {"vae_sha256": summary.get("vae_sha256") or ""}
+    replay = scan_replay_dir(config.dataset.replay_dir) if config.dataset.replay_fraction > 0 else []
+    with atomic_dir(out_dir, overwrite=True, what="training set") as temp:
+        # rewards.training_set publishes its own folder atomically; it is written inside this
+        # temporary folder and its contents moved up, so the replay images join it before the whole
+        # set appears under its final name.
+        written = write_kohya_set(temp, "selected", table, selection, images, repeats=config.dataset.repeats,
+                                  latents=latents, latents_metadata=metadata, progress=progress,
+                                  extra_summary={"replay_fraction": config.dataset.replay_fraction})
+        for child in list(written.path.iterdir()):
+            os.rename(child, temp / child.name)
+        written.path.rmdir()
+        rows = []
+        for aspect, chosen in selection.aspects.items():
+            folder = temp / f"{config.dataset.repeats}_{aspect}"
+            for path, caption in replay[:replay_count(config.dataset.replay_fraction, len(chosen.kept))]:
+                name = f"{REPLAY_PREFIX}{path.stem}"
+                shutil.copyfile(path, folder / f"{name}{path.suffix.lower()}")
+                (folder / f"{name}.txt").write_text(caption, encoding="utf-8")
+                rows.append({"aspect": aspect, "file": f"{folder.name}/{name}{path.suffix.lower()}",
+                             "caption": caption, "source": str(path)})
+        (temp / REPLAY_INDEX).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                                         encoding="utf-8")
+    kept = {aspect: len(chosen.kept) for aspect, chosen in selection.aspects.items()}
+    replayed = {aspect: sum(1 for r in rows if r["aspect"] == aspect) for aspect in selection.aspects}
+    logger.info("training set: kept %s, replay %s", kept, replayed)
+    return {"kept": kept, "replay": replayed,
+            "mean_kept_score": {a: sum(table.scores[a][r] for r in c.kept) / len(c.kept)
+                                for a, c in selection.aspects.items()},
+            "mean_score": {a: sum(v) / len(v) for a, v in table.scores.items()}}
+
+
+# -- train ------------------------------------------------------------------------------------------------
+
+def training_environment(config) -> dict[str, str] | None:
+    """The training processes' environment: this one, with ``threads_per_job`` threads if set."""
+    threads = config.training.threads_per_job
+    if not threads:
+        return None
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
+def launch_options(config):
+    from ..trainer.launcher import LaunchOptions
+    from .generate import resolve_device
+
+    cpu = config.training.cpu or resolve_device(config.device).type == "cpu"
+    return LaunchOptions(accelerate_config=config.training.accelerate_config or "auto", cpu=cpu)
+
+
+def train_lora(config, aspect: str, paths: RoundPaths, *, on_event: TrainEventCallback | None = None,
+               cancelled: threading.Event | None = None) -> dict[str, Any]:
+    """One aspect's LoRA (``train_or_reuse``: a finished LoRA with the same inputs is reused, an
+    interrupted one resumes from its last checkpoint)."""
+    from ..trainer.lora_job import train_or_reuse
+
+    lora_config = config.lora_config(aspect=aspect, dataset_dir=str(paths.training_set), output_dir=str(paths.loras),
+                                     work_dir=str(paths.runs / aspect), overwrite=True)
+    result = train_or_reuse(
+        lora_config, runs_root=paths.runs, options=launch_options(config), env=training_environment(config),
+        on_event=(lambda event: on_event(aspect, event)) if on_event is not None else None,
+        check_cancel=(lambda: cancelled.is_set()) if cancelled is not None else None)
+    final_loss = result.loss_curve[-1][1] if result.loss_curve else None
+    return {"lora": str(result.lora_path), "reused": result.reused, "final_loss": final_loss}
+
+
+def run_parallel(jobs: Sequence[tuple[str, Callable[[threading.Event], Any]]], workers: int) -> dict[str, Any]:
+    """Run ``job(cancelled)`` for every (name, job), ``workers`` at a time. The first failure (or a
+    Ctrl-C here) sets ``cancelled`` so the other jobs stop their training processes, and is re-raised
+    once every job has returned."""
+    cancelled = threading.Event()
+    if workers <= 1 or len(jobs) <= 1:
+        return {name: job(cancelled) for name, job in jobs}
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="versat2i-train") as pool:
+        futures = {name: pool.submit(_unless_cancelled, job, cancelled) for name, job in jobs}
+        try:
+            done, _pending = wait(futures.values(), return_when=FIRST_EXCEPTION)
+        except BaseException:  # Ctrl-C while waiting: stop every job, then re-raise
+            cancelled.set()
+            raise
+        failed = [f for f in futures.values() if f in done and f.exception() is not None]
+        if failed:
+            cancelled.set()
+            wait(futures.values())
+            raise failed[0].exception()  # the cause, not the other jobs' "cancelled"
+    return {name: future.result() for name, future in futures.items()}
+
+
+def _unless_cancelled(job, cancelled: threading.Event):
+    if cancelled.is_set():
+        raise RuntimeError("cancelled: another training job failed")
+    return job(cancelled)
+
+
+def train_gate(config, paths: RoundPaths, loras: Mapping[str, Path], *, on_event: TrainEventCallback | None = None
+               ) -> dict[str, Any]:
+    """The Mixture-of-LoRA gate over this round's aspect LoRAs (``train_gate_or_reuse``)."""
+    from ..trainer.train_gate import train_gate_or_reuse
+
+    gate_config = config.gate_config(loras=[str(p) for p in loras.values()], aspects=list(loras),
+                                     dataset_dir=str(paths.training_set), output_dir=str(paths.loras),
+                                     work_dir=str(paths.runs / "gate"), overwrite=True)
+    result = train_gate_or_reuse(
+        gate_config, runs_root=paths.runs, options=launch_options(config), env=training_environment(config),
+        on_event=(lambda event: on_event("gate", event)) if on_event is not None else None)
+    final_loss = result.loss_curve[-1][1] if result.loss_curve else None
+    return {"mol": str(result.mol_path), "reused": result.reused, "final_loss": final_loss}
+
+
+# -- evaluate ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EvalVariant:
+    """One evaluated model: what ``loop/report.py`` calls a Variant, plus how to build it."""
+
+    name: str  # "base", "lora:<aspect>", "merge", "gated"
+    dir: str
+    kind: str
+    aspect: str | None = None
+    label: str | None = None
+
+    def report_variant(self):
+        from .report import Variant
+
+        return Variant(name=self.name, dir=self.dir, kind=self.kind, aspect=self.aspect, label=self.label)
+
+
+def evaluation_variants(config) -> list[EvalVariant]:
+    """The variants of ``[evaluation] variants`` in report order (one LoRA variant per aspect)."""
+    variants = []
+    for kind in config.evaluation_variant_kinds():
+        if kind == "lora":
+            variants += [EvalVariant(f"lora:{a}", f"lora_{a}", "lora", a, f"LoRA {a}") for a in config.aspects]
+        elif kind == "merge":
+            variants.append(EvalVariant("merge", "merge", "merge", label="equal-weight merge"))
+        elif kind == "gated":
+            variants.append(EvalVariant("gated", "gated", "gated", label="gated mixture"))
+        else:
+            variants.append(EvalVariant("base", "base", "base", label="base model"))
+    return variants
+
+
+def evaluate_variant(config, variant: EvalVariant, paths: RoundPaths, scorers: Mapping[str, Any], *,
+                     progress: ProgressCallback | None = None, show_progress: bool = True) -> dict[str, Any]:
+    """Sample the evaluation grid with one variant and score it: ``eval/<dir>/`` with the images,
+    candidates.jsonl and scores.jsonl (the folder ``versat2i report`` reads)."""
+    loras = [paths.lora(variant.aspect)] if variant.kind == "lora" else [paths.lora(a) for a in config.aspects]
+    mixture = paths.mixture if variant.kind == "gated" and len(config.aspects) > 1 else None
+    adapters_for = round_adapters(variant.kind, loras=loras, mixture=mixture, gate_mode=config.evaluation.gate_mode)
+    folder = paths.eval / variant.dir
+    info = generate_images(config, folder, config.evaluation_prompts(), seeds=config.evaluation_seeds(),
+                           adapters_for=adapters_for, progress=progress, show_progress=show_progress)
+    table = score_folder(folder, scorers, folder / "scores.jsonl", batch_size=config.scoring.batch_size,
+                         show_progress=False)
+    info["mean"] = {aspect: sum(v) / len(v) for aspect, v in table.scores.items()}
+    return info
+
+
+def write_variants(config, paths: RoundPaths, round_number: int) -> Path:
+    from .report import write_variants_file
+
+    return write_variants_file(
+        paths.eval, [v.report_variant() for v in evaluation_variants(config)], base="base",
+        config={"round": round_number, "aspects": config.resolved_aspects(),
+                "evaluation_prompts": len(config.evaluation_prompts()),
+                "seeds_per_prompt": config.evaluation.seeds_per_prompt,
+                "include_train_prompts": config.evaluation.include_train_prompts,
+                "gate_mode": config.evaluation.gate_mode},
+        overwrite=True)
+
+
+# -- report -----------------------------------------------------------------------------------------------
+
+def write_report(config, paths: RoundPaths, round_number: int) -> dict[str, Any]:
+    from .report import read_report, report_from_eval_dir
+
+    title = f"VersaT2I loop {config.name!r}, round {round_number}"
+    evaluation = config.evaluation
+    report_from_eval_dir(paths.eval, paths.report, overwrite=True, title=title,
+                         config={"loop_config": config.to_dict()}, resamples=evaluation.resamples,
+                         seed=evaluation.bootstrap_seed, level=evaluation.level, unit=evaluation.unit)
+    return {"markdown": read_report(paths.report)["markdown"], "html": str(paths.report / "report.html")}
+
+
+# -- helpers ------------------------------------------------------------------------------------------------
+
+def _bar(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=None)

@@ -1,0 +1,228 @@
+"""LoopConfig (loop/config.py): TOML round trip, and every bad config refused before any work.
+
+Offline, no model is loaded: the "checkpoint" is an empty diffusers-looking folder (validation only
+checks that it exists) and the scorers are weight-free analytic ones. Each bad config goes through
+``run_loop`` and the ``versat2i loop`` command, and must fail with a message naming the setting,
+without creating the output folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+from versat2i.cli import main as cli_main
+from versat2i.loop.config import (
+    DatasetSection,
+    EvaluationSection,
+    GenerationConfig,
+    LoopConfig,
+    ModelSection,
+    PromptsSection,
+)
+from versat2i.loop.generate import GenerationSettings
+from versat2i.loop.run import run_loop
+
+
+@pytest.fixture
+def model_dir(tmp_path) -> Path:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    return folder
+
+
+def good_config(tmp_path: Path, model_dir: Path, **changes) -> LoopConfig:
+    config = LoopConfig(
+        name="test", output_dir=str(tmp_path / "run"), device="cpu",
+        model=ModelSection(base_model=str(model_dir)),
+        prompts=PromptsSection(train=("a red circle", "a blue square"), held_out=("a green triangle",),
+                               candidates_per_prompt=4),
+        generation=GenerationConfig(steps=2, guidance_scale=1.0),
+        aspects={"lowlevel": "analytic:sharpness", "aesthetics": "analytic:contrast"},
+        thresholds={"lowlevel": "p25"},
+        lora={"rank": 4, "max_train_steps": 10, "resolution": 64},
+        gate={"max_train_steps": 5},
+        evaluation=EvaluationSection(seeds_per_prompt=4),
+    )
+    return dataclasses.replace(config, **changes)
+
+
+def test_a_good_config_validates_and_round_trips_through_toml(tmp_path, model_dir):
+    config = good_config(tmp_path, model_dir)
+    assert config.problems() == []
+    assert isinstance(config.generation, GenerationSettings)  # what generate_candidates takes
+    text = config.to_toml()
+    again = LoopConfig.from_toml(text)
+    assert again == config
+    assert again.to_toml() == text
+    path = config.save(tmp_path / "loop.toml")
+    assert LoopConfig.load(path) == config  # absolute paths stay as they are
+
+
+def test_relative_paths_are_relative_to_the_config_file(tmp_path, model_dir):
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    (folder / "prompts.txt").write_text("# loop prompts\na red circle\n\na blue square\n")
+    (folder / "loop.toml").write_text(f"""
+name = "relative"
+output_dir = "runs/one"
+[model]
+base_model = "../{model_dir.name}"
+[prompts]
+train_file = "prompts.txt"
+held_out = ["a green triangle"]
+candidates_per_prompt = 2
+[aspects]
+lowlevel = "analytic:sharpness"
+""")
+    config = LoopConfig.load(folder / "loop.toml")
+    assert config.output_dir == str(folder / "runs" / "one")
+    assert config.model.base_model == str(model_dir)
+    assert config.train_prompts() == ["a red circle", "a blue square"]
+    assert config.problems() == []
+
+
+def test_aspects_as_a_list_get_their_default_scorers(tmp_path, model_dir):
+    config = LoopConfig.from_toml('aspects = ["aesthetics", "lowlevel"]\n')
+    assert config.resolved_aspects() == {"aesthetics": "laion-aesthetic-v2", "lowlevel": "clip-iqa"}
+
+
+def test_default_variants_depend_on_the_number_of_aspects(tmp_path, model_dir):
+    two = good_config(tmp_path, model_dir)
+    assert two.evaluation_variant_kinds() == ("base", "lora", "merge", "gated") and two.needs_gate
+    one = good_config(tmp_path, model_dir, aspects={"lowlevel": "analytic:sharpness"}, thresholds={})
+    assert one.evaluation_variant_kinds() == ("base", "lora") and not one.needs_gate
+    assert one.problems() == []
+    no_gate = good_config(tmp_path, model_dir, evaluation=EvaluationSection(variants=("base", "lora", "merge")))
+    assert not no_gate.needs_gate
+    assert dataclasses.replace(no_gate, rounds=2).needs_gate  # round 2 samples with round 1's mixture
+
+
+def test_unknown_keys_are_named_with_a_suggestion():
+    with pytest.raises(ValueError) as err:
+        LoopConfig.from_toml('nmae = "x"\n[lora]\nrank = 4\n[prompts]\ncandidates_per_promt = 4\n')
+    message = str(err.value)
+    assert "'nmae' (did you mean 'name'?)" in message
+    assert "'candidates_per_promt' (did you mean 'candidates_per_prompt'?)" in message
+
+
+BAD_CONFIGS = {
+    "unknown aspect": ({"aspects": {"sparkle": ""}}, "unknown aspect 'sparkle'"),
+    "unknown scorer": ({"aspects": {"aesthetics": "laion-aesthetic-v9"}}, "unknown scorer (did you mean"),
+    "unknown scorer variant": ({"aspects": {"lowlevel": "analytic:crispness"}}, "unknown scorer variant"),
+    "no aspect": ({"aspects": {}}, "[aspects]: no aspect"),
+    "missing checkpoint": ({"model": ModelSection(base_model="/nonexistent/model.safetensors")},
+                           "base_model='/nonexistent/model.safetensors': no such file or folder"),
+    "zero prompts": ({"prompts": PromptsSection(train=(), held_out=("a green triangle",))}, "train: zero prompts"),
+    "K < 2": ({"prompts": PromptsSection(train=("a red circle",), held_out=("a cat",), candidates_per_prompt=1)},
+              "candidates_per_prompt=1: must be >= 2"),
+    "bad threshold": ({"thresholds": {"lowlevel": "p150"}}, "[thresholds] lowlevel: percentile threshold 150.0"),
+    "threshold of an unknown aspect": ({"thresholds": {"alignment": "none"}}, "[thresholds] 'alignment': unknown aspect"),
+    "bad LoRA field": ({"lora": {"rank": 0}}, "[lora] rank=0: must be >= 1"),
+    "misspelt LoRA field": ({"lora": {"rnak": 4}}, "[lora] unknown setting 'rnak' (did you mean 'rank'?)"),
+    "LoRA field the loop sets": ({"lora": {"output_dir": "elsewhere"}}, "[lora] output_dir: set by the loop"),
+    "bad gate field": ({"gate": {"balance_weight": -1.0}}, "[gate] balance_weight=-1.0: must be >= 0"),
+    "merge of one aspect": ({"aspects": {"lowlevel": "analytic:sharpness"}, "thresholds": {},
+                                 "evaluation": EvaluationSection(variants=("base", "lora", "merge"))},
+                            "variants ['merge']: a merge or mixture needs >= 2 aspects"),
+    "one evaluation seed": ({"evaluation": EvaluationSection(seeds_per_prompt=1)}, "seeds_per_prompt=1: must be >= 2"),
+    "no held-out prompt": ({"prompts": PromptsSection(train=("a red circle",), candidates_per_prompt=2)},
+                           "no held-out prompt"),
+    "held-out prompt trained on": ({"prompts": PromptsSection(train=("a red circle",), held_out=("a red circle",))},
+                                   "also training prompts"),
+    "replay without a folder": ({"dataset": DatasetSection(replay_fraction=0.5)}, "replay_fraction > 0 needs replay_dir"),
+    "evaluation seeds used by candidates": (
+        {"evaluation": EvaluationSection(seed=3, include_train_prompts=True)}, "overlap the candidate seeds"),
+    "bad generation setting": ({"generation": GenerationConfig(steps=0)}, "[generation] generation settings: steps=0"),
+    "bad variant": ({"evaluation": EvaluationSection(variants=("base", "lora", "best"))}, "variants ['best']"),
+    "rounds": ({"rounds": 0}, "rounds=0: must be a whole number >= 1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_a_bad_config_is_one_clear_error_before_any_work(case, tmp_path, model_dir):
+    changes, expected = BAD_CONFIGS[case]
+    config = good_config(tmp_path, model_dir, **changes)
+    with pytest.raises(ValueError) as err:
+        run_loop(config, show_progress=False)
+    assert expected in str(err.value)
+    assert str(err.value).startswith("invalid loop config:")
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_problem_is_listed_at_once(tmp_path, model_dir):
+    config = good_config(tmp_path, model_dir, aspects={"sparkle": ""}, model=ModelSection(base_model="/nope"),
+                         prompts=PromptsSection(train=("a",), held_out=("b",), candidates_per_prompt=1))
+    problems = config.problems()
+    assert any("unknown aspect 'sparkle'" in p for p in problems)
+    assert any("base_model='/nope'" in p for p in problems)
+    assert any("candidates_per_prompt=1" in p for p in problems)
+
+
+def test_empty_prompt_file_and_missing_prompt_file(tmp_path, model_dir):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing here\n\n")
+    config = good_config(tmp_path, model_dir, prompts=PromptsSection(train_file=str(empty), held_out=("a cat",)))
+    assert any("has no prompt" in p for p in config.problems())
+    config = good_config(tmp_path, model_dir, prompts=PromptsSection(train_file=str(tmp_path / "missing.txt"),
+                                                                     held_out=("a cat",)))
+    assert any("train_file=" in p and "no such file" in p for p in config.problems())
+
+
+def test_replay_folder_needs_captions_and_enough_images(tmp_path, model_dir):
+    replay = tmp_path / "real"
+    replay.mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(replay / "one.png")
+    config = good_config(tmp_path, model_dir, dataset=DatasetSection(replay_dir=str(replay), replay_fraction=1.0))
+    assert any("without a caption" in p for p in config.problems())
+    (replay / "one.txt").write_text("a red circle")
+    assert any("1 captioned image(s); replay_fraction 1 needs up to 2" in p for p in config.problems())
+    Image.new("RGB", (8, 8)).save(replay / "two.png")
+    (replay / "two.txt").write_text("a blue square")
+    assert config.problems() == []
+
+
+def test_missing_scorer_weights_are_reported_before_any_work(tmp_path, model_dir):
+    """A learned scorer without its weight file: the loop names the file and creates nothing."""
+    config = good_config(tmp_path, model_dir, aspects={"aesthetics": "laion-aesthetic-v2", "lowlevel": ""},
+                         thresholds={})
+    assert config.problems() == []
+    with pytest.raises(ValueError) as err:
+        run_loop(config, show_progress=False)
+    message = str(err.value)
+    assert "the scorers can't be loaded" in message and "aesthetics = 'laion-aesthetic-v2'" in message
+    assert "lowlevel = 'clip-iqa'" in message
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_folder_that_is_not_a_loop_folder_is_refused(tmp_path, model_dir):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "holiday.jpg").write_bytes(b"not ours")
+    with pytest.raises(ValueError, match="holds no loop.toml"):
+        run_loop(good_config(tmp_path, model_dir), show_progress=False)
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["holiday.jpg"]
+
+
+def test_the_command_prints_one_error_line_and_creates_nothing(tmp_path, model_dir, capsys):
+    config = good_config(tmp_path, model_dir, prompts=PromptsSection(train=(), held_out=("a cat",)))
+    path = config.save(tmp_path / "bad.toml")
+    assert cli_main(["loop", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("versat2i loop: error: invalid loop config:") and "train: zero prompts" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_command_checks_and_prints_an_example(tmp_path, model_dir, capsys):
+    path = good_config(tmp_path, model_dir).save(tmp_path / "good.toml")
+    assert cli_main(["loop", "--config", str(path), "--check"]) == 0
+    assert "valid" in capsys.readouterr().out
+    assert not (tmp_path / "run").exists()
+    assert cli_main(["loop", "--print-config"]) == 0
+    example = LoopConfig.from_toml(capsys.readouterr().out)
+    assert example.aspects and example.prompts.train_file == "prompts.txt"
