@@ -190,8 +190,16 @@ class GenerateCandidates(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, k: int | None = None, width: int | None = None, height: int | None = None,
-                        prompts_file: str | None = None, batch_size: int | None = None) -> bool | str:
-        # Checked when the prompt is queued, before any node runs.
+                        prompts_file: str | None = None, batch_size: int | None = None,
+                        sampler_name: str | None = None, scheduler: str | None = None) -> bool | str:
+        # Checked when the prompt is queued, before any node runs. ComfyUI 0.3.64 does not check V3
+        # combo values itself (None = a linked input, checked when sampling).
+        import comfy.samplers
+
+        for name, value, options in (("sampler_name", sampler_name, comfy.samplers.KSampler.SAMPLERS),
+                                     ("scheduler", scheduler, comfy.samplers.KSampler.SCHEDULERS)):
+            if value is not None and value not in options:
+                return f"{name} {value!r}: not one of ComfyUI's {name.split('_')[0]}s ({', '.join(options[:6])}, ...)"
         try:
             if k is not None and k < 1:
                 raise ValueError(f"k={k}: the number of candidates per prompt must be at least 1")

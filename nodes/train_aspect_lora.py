@@ -183,8 +183,9 @@ class TrainAspectLora(io.ComfyNode):
                                  tooltip="Replace an existing LoRA of this name trained from other inputs."),
             ],
             outputs=[
-                io.String.Output("lora_name", tooltip="The LoRA, relative to the loras folder "
-                                                      "(e.g. versat2i/name.safetensors), as LoRA loaders name it."),
+                io.String.Output("lora_file", display_name="lora_name",  # ids must differ from input ids
+                                 tooltip="The LoRA, relative to the loras folder (e.g. versat2i/name.safetensors), "
+                                         "as LoRA loaders name it."),
                 io.Image.Output("loss_curve", tooltip="Training loss per step (raw and smoothed)."),
             ],
         )

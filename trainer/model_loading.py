@@ -10,6 +10,15 @@
   nothing is fetched from a model hub;
 * a diffusers pipeline folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``...).
 
+Configs for a single file, first found wins: ``config_dir=`` when given; else a *sidecar* folder
+``<checkpoint stem>.configs/`` next to the checkpoint (``my_model.safetensors`` ->
+``my_model.configs/``): a diffusers model folder holding only the configs (``unet/config.json``,
+``vae/config.json``, ``text_encoder[_2]/config.json``, ``tokenizer[_2]/``,
+``scheduler/scheduler_config.json``), no weights. It describes checkpoints whose shapes are not the
+standard ones (the nodes name checkpoints by file, so they cannot pass ``config_dir``). Keep weights
+out of it: ComfyUI lists every ``.safetensors`` under models/checkpoints as a checkpoint. Else the
+configs shipped for the detected architecture.
+
 Supported architectures: SD1.x (``sd15``), SD2.x (``sd2``, epsilon or v-prediction) and SDXL base
 (``sdxl``). Anything else (SDXL refiner, inpainting, unCLIP, SD3, Flux...) is a ``ValueError`` naming
 what was found.
@@ -286,6 +295,27 @@ def _check_choice(value: str, allowed: Sequence[str], what: str) -> str:
     return value
 
 
+SIDECAR_CONFIG_SUFFIX = ".configs"
+
+
+def sidecar_config_dir(checkpoint: str | os.PathLike) -> Path | None:
+    """The ``<stem>.configs/`` folder next to a single-file checkpoint, when it holds a UNet config.
+
+    A folder of that name without ``unet/config.json`` is an error rather than silently ignored:
+    whoever made it meant it to describe the checkpoint.
+    """
+    checkpoint = Path(checkpoint)
+    folder = checkpoint.with_name(checkpoint.stem + SIDECAR_CONFIG_SUFFIX)
+    if not folder.is_dir():
+        return None
+    if not (folder / "unet" / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{folder}: this sidecar config folder of {checkpoint.name} has no unet/config.json; it must be a "
+            "diffusers model folder with the configs (unet/, vae/, text_encoder/, tokenizer/, scheduler/), or "
+            "remove it to use the configs shipped for the architecture")
+    return folder
+
+
 def _resolve_config_dir(arch: str, config_dir: str | os.PathLike | None) -> Path:
     folder = Path(config_dir) if config_dir is not None else CONFIG_ROOT / arch
     if not (folder / "unet" / "config.json").is_file():
@@ -324,6 +354,10 @@ def _load_single_file(path: Path, arch: str, prediction_type: str, config_dir: s
     if prediction_type == "auto":
         prediction_type, why = detect_checkpoint_prediction_type(arch, state_dict)
         notes.append(f"prediction type {prediction_type}: {why}")
+    if config_dir is None:
+        config_dir = sidecar_config_dir(path)
+        if config_dir is not None:
+            notes.append(f"configs from the sidecar folder {config_dir.name}/ next to the checkpoint")
     folder = _resolve_config_dir(arch, config_dir)
 
     unet_overrides = {}
@@ -456,7 +490,8 @@ def load_base_model(
         prediction_type: ``"auto"`` or ``epsilon`` / ``v_prediction`` / ``sample`` (overrides
             detection: see the module docstring for how a single file is classified).
         config_dir: diffusers configs for a single file (``unet/config.json``, ``vae/``,
-            ``text_encoder[_2]/``, ``tokenizer[_2]/``, ``scheduler/``); default: the ones shipped for
+            ``text_encoder[_2]/``, ``tokenizer[_2]/``, ``scheduler/``); default: the sidecar folder
+            ``<checkpoint stem>.configs/`` next to the file when it exists, else the ones shipped for
             the detected architecture. Ignored for a folder.
         torch_dtype: dtype of the loaded modules.
         compute_hash: hash the source (``source_sha256``); hashing a 7 GB file takes ~15 s.

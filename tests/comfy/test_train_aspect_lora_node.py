@@ -97,7 +97,9 @@ def children(monkeypatch):
 def test_schema(node):
     schema = node.TrainAspectLora.define_schema()
     assert schema.node_id == "VersaT2I_TrainAspectLoRA" and schema.category == "VersaT2I/train"
-    assert [o.id for o in schema.outputs] == ["lora_name", "loss_curve"]
+    schema.validate()  # what ComfyUI runs when it loads the pack (input and output ids must differ)
+    assert [o.id for o in schema.outputs] == ["lora_file", "loss_curve"]
+    assert schema.outputs[0].display_name == "lora_name"
     assert all(i.tooltip for i in schema.inputs) and all(o.tooltip for o in schema.outputs)
 
 

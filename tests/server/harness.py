@@ -113,22 +113,29 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def make_base_directory(base_dir: Path, pack_dir: Path | None = None, *, link_pack: bool = True,
-                        link_name: str = PACK_LINK_NAME) -> Path | None:
-    """Create ComfyUI's per-server folders under ``base_dir`` and (``link_pack``) link the pack into
-    its ``custom_nodes`` (a symlink, where a user's ``git clone`` would put a folder). Returns the link."""
-    base_dir = Path(base_dir)
-    for name in ("custom_nodes", "models", "input", "output", "temp", "user"):
-        (base_dir / name).mkdir(parents=True, exist_ok=True)
-    if not link_pack:
-        return None
-    link = base_dir / "custom_nodes" / link_name
+def _link_folder(link: Path, target: Path) -> Path:
     if link.is_symlink():
         link.unlink()
     elif link.exists():
         raise ServerError(f"{link} exists and is not a symlink; refusing to replace it")
-    link.symlink_to(Path(pack_dir or pack_root()).resolve(), target_is_directory=True)
+    link.symlink_to(Path(target).resolve(), target_is_directory=True)
     return link
+
+
+def make_base_directory(base_dir: Path, pack_dir: Path | None = None, *, link_pack: bool = True,
+                        link_name: str = PACK_LINK_NAME,
+                        extra_packs: Mapping[str, str | os.PathLike] | None = None) -> Path | None:
+    """Create ComfyUI's per-server folders under ``base_dir`` and (``link_pack``) link the pack into
+    its ``custom_nodes`` (a symlink, where a user's ``git clone`` would put a folder). ``extra_packs``
+    (``{folder name: path}``) are linked beside it, e.g. a test-only node pack. Returns the link."""
+    base_dir = Path(base_dir)
+    for name in ("custom_nodes", "models", "input", "output", "temp", "user"):
+        (base_dir / name).mkdir(parents=True, exist_ok=True)
+    for name, path in (extra_packs or {}).items():
+        _link_folder(base_dir / "custom_nodes" / name, Path(path))
+    if not link_pack:
+        return None
+    return _link_folder(base_dir / "custom_nodes" / link_name, Path(pack_dir or pack_root()))
 
 
 class ComfyServer:
@@ -155,6 +162,7 @@ class ComfyServer:
         *,
         pack_dir: str | os.PathLike | None = None,
         link_pack: bool = True,
+        extra_packs: Mapping[str, str | os.PathLike] | None = None,
         port: int | None = None,
         timeout: float = DEFAULT_START_TIMEOUT_S,
         server_args: Iterable[str] = DEFAULT_SERVER_ARGS,
@@ -163,13 +171,15 @@ class ComfyServer:
         python: str = sys.executable,
     ) -> ComfyServer:
         """Start a server and wait until ``/object_info`` answers. ``link_pack=False`` starts
-        ComfyUI without the pack (a baseline). Raises ServerError with the log tail on failure;
-        the process is stopped then."""
+        ComfyUI without the pack (a baseline); ``extra_packs`` (``{folder name: path}``) are linked
+        into custom_nodes too. Raises ServerError with the log tail on failure; the process is
+        stopped then."""
         comfyui_path = Path(comfyui_path).resolve()
         base_dir = Path(base_dir).resolve()
         if not (comfyui_path / "main.py").is_file():
             raise ServerError(f"{comfyui_path} is not a ComfyUI checkout (no main.py)")
-        make_base_directory(base_dir, Path(pack_dir) if pack_dir else None, link_pack=link_pack)
+        make_base_directory(base_dir, Path(pack_dir) if pack_dir else None, link_pack=link_pack,
+                            extra_packs=extra_packs)
         child_env = dict(os.environ if env is None else env)
         # One thread (2 shared cores), offline model hubs; the server never needs the network.
         child_env.setdefault("OMP_NUM_THREADS", "1")
@@ -424,18 +434,32 @@ def _widget_inputs(spec: Mapping[str, Any]) -> list[tuple[str, str, dict[str, An
     return widgets
 
 
+def has_control_widget(name: str, io_type: str, options: Mapping[str, Any]) -> bool:
+    """Whether the frontend adds a "control after generate" combo after this widget: an INT with
+    ``control_after_generate``, or -- when the option is absent, the frontend's legacy rule -- an INT
+    named ``seed`` or ``noise_seed`` (frontend 1.27 ``useIntWidget``: ``control_after_generate ??
+    ['seed', 'noise_seed'].includes(name)``); a COMBO with ``control_after_generate``."""
+    if io_type == "INT":
+        flag = options.get("control_after_generate")
+        return bool(flag) if flag is not None else name in ("seed", "noise_seed")
+    return io_type == "COMBO" and bool(options.get("control_after_generate"))
+
+
+def has_upload_widget(io_type: str, options: Mapping[str, Any]) -> bool:
+    """Whether the frontend adds an upload button (its saved value: "image") after this combo."""
+    return io_type == "COMBO" and any(options.get(flag) for flag in _UPLOAD_FLAGS)
+
+
 def _skip_frontend_values(name: str, io_type: str, options: Mapping[str, Any], values: list, position: int) -> int:
     """How many frontend-only values follow this widget's value at ``values[position]``: the
-    "control after generate" combo of seeds (INT with control_after_generate, or named seed /
-    noise_seed) and controlled combos, and the upload button's value ("image") of upload combos."""
+    "control after generate" combo of seeds and controlled combos (``has_control_widget``), and the
+    upload button's value ("image") of upload combos."""
     if position >= len(values):
         return 0
-    controlled = (io_type == "INT" and (options.get("control_after_generate") or name in ("seed", "noise_seed"))) or (
-        io_type == "COMBO" and options.get("control_after_generate"))
-    if controlled:  # older saves store True/False ("randomize"/"fixed"), or nothing at all
+    if has_control_widget(name, io_type, options):  # older saves store True/False ("randomize"/"fixed"), or nothing at all
         value = values[position]
         return 1 if isinstance(value, bool) or (isinstance(value, str) and value in _CONTROL_VALUES) else 0
-    if io_type == "COMBO" and any(options.get(flag) for flag in _UPLOAD_FLAGS):
+    if has_upload_widget(io_type, options):
         return 1
     return 0
 
@@ -558,3 +582,330 @@ def workflow_to_api(workflow: Mapping[str, Any], object_info: Mapping[str, Any],
 def load_workflow(path: str | os.PathLike) -> dict[str, Any]:
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
+
+
+# -- node-definition snapshots (tests/data/object_info.json) -------------------------------------------
+
+# What the snapshot keeps of an /object_info entry: what validating a UI-format workflow needs (and
+# the display name the thumbnails show). Tooltips and descriptions are left out, so editing them
+# does not make the snapshot stale.
+_SNAPSHOT_NODE_KEYS = ("name", "display_name", "category", "input", "input_order", "output", "output_is_list",
+                       "output_name", "output_node")
+
+
+def snapshot_node_definition(spec: Mapping[str, Any], dynamic_inputs: Iterable[str] = ()) -> dict[str, Any]:
+    """One /object_info entry reduced to ``_SNAPSHOT_NODE_KEYS``, without tooltips; the choices of
+    ``dynamic_inputs`` (combos listing files, e.g. ``ckpt_name``) are emptied, since they depend on
+    the models folder of whoever runs ComfyUI."""
+    dynamic = set(dynamic_inputs)
+    node: dict[str, Any] = {key: spec[key] for key in _SNAPSHOT_NODE_KEYS if key in spec}
+    inputs: dict[str, Any] = {}
+    for category, entries in (spec.get("input") or {}).items():
+        if category == "hidden":
+            continue
+        inputs[category] = {}
+        for name, definition in entries.items():
+            io_type = definition[0]
+            options = dict(definition[1]) if len(definition) > 1 and isinstance(definition[1], Mapping) else None
+            if options is not None:
+                options.pop("tooltip", None)
+            if name in dynamic:
+                if isinstance(io_type, list):
+                    io_type = []
+                elif options is not None and "options" in options:
+                    options["options"] = []
+                if options is not None and "default" in options:
+                    options.pop("default")
+            inputs[category][name] = [io_type] if options is None else [io_type, options]
+    node["input"] = inputs
+    if "input_order" in node:
+        node["input_order"] = {k: v for k, v in node["input_order"].items() if k != "hidden"}
+    return node
+
+
+def snapshot_definitions(object_info: Mapping[str, Any], node_types: Iterable[str],
+                         dynamic_combos: Mapping[str, Iterable[str]]) -> dict[str, dict[str, Any]]:
+    """``snapshot_node_definition`` of each of ``node_types`` (sorted)."""
+    missing = sorted(set(node_types) - set(object_info))
+    if missing:
+        raise ServerError(f"node types not in /object_info: {missing}")
+    return {kind: snapshot_node_definition(object_info[kind], dynamic_combos.get(kind, ()))
+            for kind in sorted(set(node_types))}
+
+
+# -- UI-format workflow validation against node definitions ---------------------------------------------
+
+_REQUIRED_NODE_MODES = {MODE_ALWAYS, MODE_NEVER, MODE_BYPASS}
+
+
+def types_compatible(received: str, expected: str) -> bool:
+    """ComfyUI's link type rule (``comfy_execution.validation.validate_node_input``, non-strict):
+    equal, either is ``*``, or the comma-separated type sets overlap."""
+    if received == expected or received == "*" or expected == "*":
+        return True
+    received_set = {t.strip() for t in str(received).split(",")}
+    expected_set = {t.strip() for t in str(expected).split(",")}
+    return bool(received_set & expected_set)
+
+
+def _input_definitions(spec: Mapping[str, Any]) -> dict[str, tuple[str, dict[str, Any], bool]]:
+    """name -> (type, options, required) of a node definition's inputs; a V1 combo (list of
+    choices) becomes ``("COMBO", {"options": [...]})``."""
+    found = {}
+    for category in ("required", "optional"):
+        for name, definition in ((spec.get("input") or {}).get(category) or {}).items():
+            io_type = definition[0]
+            options = dict(definition[1]) if len(definition) > 1 and isinstance(definition[1], Mapping) else {}
+            if isinstance(io_type, list):
+                io_type, options = "COMBO", {**options, "options": io_type}
+            found[name] = (io_type, options, category == "required")
+    return found
+
+
+def _widget_value_problem(value: Any, io_type: str, options: Mapping[str, Any], *, dynamic: bool) -> str | None:
+    """Why ``value`` is not a valid value of a widget, or None."""
+    if io_type == "INT":
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"{value!r} is not a whole number"
+    elif io_type == "FLOAT":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"{value!r} is not a number"
+    elif io_type == "STRING":
+        if not isinstance(value, str):
+            return f"{value!r} is not text"
+    elif io_type == "BOOLEAN":
+        if not isinstance(value, bool):
+            return f"{value!r} is not true/false"
+    elif io_type == "COMBO":
+        if not isinstance(value, str) or (not value and dynamic):
+            return f"{value!r} is not a choice"
+        choices = options.get("options") or []
+        if not dynamic and value not in choices:
+            return f"{value!r} is not one of its choices ({', '.join(map(str, choices[:8]))}{'...' if len(choices) > 8 else ''})"
+    if io_type in ("INT", "FLOAT"):
+        if options.get("min") is not None and value < options["min"]:
+            return f"{value!r} is below its minimum {options['min']}"
+        if options.get("max") is not None and value > options["max"]:
+            return f"{value!r} is above its maximum {options['max']}"
+    return None
+
+
+def validate_workflow(workflow: Mapping[str, Any], object_info: Mapping[str, Any], *,
+                      dynamic_combos: Mapping[str, Iterable[str]] | None = None) -> list[str]:
+    """Check a UI-format workflow (format 0.4, as the frontend saves it) against node definitions
+    (``/object_info`` or a snapshot of it) the way the frontend reads it; returns the problems found
+    (empty: valid).
+
+    Checked: every node type exists (or is frontend-only: Note, MarkdownNote, PrimitiveNode,
+    Reroute); inputs and outputs match the definition (names, types, order of outputs); every
+    required socket input is linked; ``widgets_values`` has one value per widget plus the
+    frontend-only values (a seed's "control after generate", an upload button), each of the right
+    type and range, combos one of their choices (except ``dynamic_combos``, whose choices are files
+    on someone's disk, linked widgets, whose value comes from the link, and muted nodes' combos); links are consistent on both ends and their types match the output and the
+    input (ComfyUI's own rule); Primitive nodes feed widget inputs with a valid value; the graph has
+    an active output node; the id counters cover every id.
+    """
+    dynamic = {kind: set(names) for kind, names in (dynamic_combos or {}).items()}
+    problems: list[str] = []
+    nodes_list = workflow.get("nodes")
+    if not isinstance(nodes_list, list):
+        return ["not a UI-format workflow: no 'nodes' list"]
+    nodes: dict[int, Mapping[str, Any]] = {}
+    for node in nodes_list:
+        if node.get("id") in nodes:
+            problems.append(f"node id {node.get('id')} is used twice")
+        nodes[node.get("id")] = node
+
+    def where(node: Mapping[str, Any]) -> str:
+        return f"node {node.get('id')} ({node.get('type')}{' ' + repr(node['title']) if node.get('title') else ''})"
+
+    # -- links: both ends exist and agree ---------------------------------------------------------------
+    links: dict[int, tuple[int, int, int, int, str]] = {}
+    for raw in workflow.get("links") or []:
+        if isinstance(raw, Mapping):
+            entry = (raw.get("id"), raw.get("origin_id"), raw.get("origin_slot"), raw.get("target_id"),
+                     raw.get("target_slot"), raw.get("type"))
+        else:
+            entry = tuple(raw[:6]) if len(raw) >= 6 else None
+        if entry is None or not all(isinstance(v, int) for v in entry[:5]):
+            problems.append(f"link {raw!r}: expected [id, origin id, origin slot, target id, target slot, type]")
+            continue
+        link_id, origin_id, origin_slot, target_id, target_slot, link_type = entry
+        if link_id in links:
+            problems.append(f"link id {link_id} is used twice")
+        links[link_id] = (origin_id, origin_slot, target_id, target_slot, link_type)
+        origin, target = nodes.get(origin_id), nodes.get(target_id)
+        if origin is None or target is None:
+            problems.append(f"link {link_id}: connects node {origin_id} to node {target_id}, which do not both exist")
+            continue
+        outputs, inputs = origin.get("outputs") or [], target.get("inputs") or []
+        if not 0 <= origin_slot < len(outputs) or link_id not in (outputs[origin_slot].get("links") or []):
+            problems.append(f"link {link_id}: {where(origin)} output {origin_slot} does not list it")
+        if not 0 <= target_slot < len(inputs) or inputs[target_slot].get("link") != link_id:
+            problems.append(f"link {link_id}: {where(target)} input {target_slot} does not point back at it")
+    for node in nodes.values():
+        for slot, entry in enumerate(node.get("outputs") or []):
+            for link_id in entry.get("links") or []:
+                if link_id not in links or links[link_id][:2] != (node.get("id"), slot):
+                    problems.append(f"{where(node)}: output {entry.get('name')!r} lists link {link_id}, which does "
+                                    "not start there")
+        for entry in node.get("inputs") or []:
+            if entry.get("link") is not None and entry["link"] not in links:
+                problems.append(f"{where(node)}: input {entry.get('name')!r} points at link {entry['link']}, which "
+                                "does not exist")
+
+    def target_widget_spec(link_id: int) -> tuple[Mapping[str, Any], str, dict[str, Any]] | None:
+        """(target node, type, options) of the widget input a link ends at, if it is one."""
+        _, _, target_id, target_slot, _ = links[link_id]
+        target = nodes.get(target_id)
+        spec = object_info.get(target.get("type")) if target else None
+        inputs = (target or {}).get("inputs") or []
+        if spec is None or not 0 <= target_slot < len(inputs):
+            return None
+        name = (inputs[target_slot].get("widget") or {}).get("name") or inputs[target_slot].get("name")
+        definition = _input_definitions(spec).get(name)
+        return (target, definition[0], definition[1]) if definition else None
+
+    # -- nodes ----------------------------------------------------------------------------------------
+    active_outputs = 0
+    for node in nodes.values():
+        kind = node.get("type")
+        mode = node.get("mode", MODE_ALWAYS)
+        if mode not in _REQUIRED_NODE_MODES:
+            problems.append(f"{where(node)}: mode {mode!r} is not 0 (always), 2 (muted) or 4 (bypassed)")
+        if kind in ("Note", "MarkdownNote"):
+            values = node.get("widgets_values") or []
+            if len(values) != 1 or not isinstance(values[0], str):
+                problems.append(f"{where(node)}: a note holds one text value, found {values!r}")
+            continue
+        if kind == "PrimitiveNode":
+            outputs = node.get("outputs") or []
+            link_ids = [i for o in outputs for i in (o.get("links") or [])]
+            values = node.get("widgets_values") or []
+            if not link_ids:
+                problems.append(f"{where(node)}: a Primitive node that feeds nothing")
+            for link_id in link_ids:
+                if link_id not in links:
+                    continue
+                found = target_widget_spec(link_id)
+                if found is None or not ((found[0].get("inputs") or [])[links[link_id][3]].get("widget")):
+                    problems.append(f"{where(node)}: link {link_id} does not end at a widget input")
+                    continue
+                target, io_type, options = found
+                if outputs and outputs[0].get("type") != io_type:
+                    problems.append(f"{where(node)}: feeds a {io_type} input of {where(target)} but is {outputs[0].get('type')}")
+                name = (target.get("inputs") or [])[links[link_id][3]]["widget"]["name"]
+                problem = _widget_value_problem(values[0] if values else None, io_type, options,
+                                                dynamic=name in dynamic.get(target.get("type"), ()))
+                if problem:
+                    problems.append(f"{where(node)}: value for {where(target)}.{name}: {problem}")
+            if len(values) > 1 and values[1] not in _CONTROL_VALUES:
+                problems.append(f"{where(node)}: control value {values[1]!r} is not one of {sorted(_CONTROL_VALUES)}")
+            continue
+        if kind == "Reroute":
+            continue
+        spec = object_info.get(kind)
+        if spec is None:
+            problems.append(f"{where(node)}: node type {kind!r} does not exist")
+            continue
+        definitions = _input_definitions(spec)
+        widgets = _widget_inputs(spec)
+        widget_names = {w[0] for w in widgets}
+        active = mode == MODE_ALWAYS
+        if spec.get("output_node") and active:
+            active_outputs += 1
+
+        # inputs
+        seen = set()
+        for entry in node.get("inputs") or []:
+            name = entry.get("name")
+            widget_name = (entry.get("widget") or {}).get("name")
+            key = widget_name or name
+            if key in seen:
+                problems.append(f"{where(node)}: input {key!r} listed twice")
+            seen.add(key)
+            if key not in definitions:
+                problems.append(f"{where(node)}: input {key!r} is not an input of {kind} ({', '.join(definitions)})")
+                continue
+            io_type = definitions[key][0]
+            if entry.get("type") != io_type:
+                problems.append(f"{where(node)}: input {key!r} is typed {entry.get('type')!r}, the definition says {io_type!r}")
+            if widget_name and key not in widget_names:
+                problems.append(f"{where(node)}: input {key!r} is marked as a widget but {kind} has no such widget")
+            if not widget_name and key in widget_names:
+                problems.append(f"{where(node)}: input {key!r} is a widget of {kind} but has no 'widget' entry")
+            link_id = entry.get("link")
+            if link_id in links:
+                origin_id, origin_slot, _, _, link_type = links[link_id]
+                origin = nodes.get(origin_id) or {}
+                origin_type = ((origin.get("outputs") or [{}] * (origin_slot + 1))[origin_slot] or {}).get("type") \
+                    if 0 <= origin_slot < len(origin.get("outputs") or []) else None
+                if link_type != origin_type:
+                    problems.append(f"{where(node)}: link {link_id} is typed {link_type!r} but starts at an output "
+                                    f"of type {origin_type!r}")
+                if origin_type is not None and not types_compatible(str(origin_type), str(io_type)):
+                    problems.append(f"{where(node)}: input {key!r} ({io_type}) is linked to a {origin_type} output "
+                                    f"of {where(origin)}")
+        for name, (io_type, options, required) in definitions.items():
+            if name in widget_names:
+                continue
+            listed = [e for e in node.get("inputs") or [] if e.get("name") == name and not e.get("widget")]
+            if not listed:
+                problems.append(f"{where(node)}: socket input {name!r} ({io_type}) is missing from its inputs")
+            elif required and active and listed[0].get("link") is None:
+                problems.append(f"{where(node)}: required input {name!r} ({io_type}) is not connected")
+
+        # outputs
+        outputs = node.get("outputs") or []
+        expected = list(zip(spec.get("output") or [], spec.get("output_name") or spec.get("output") or []))
+        if len(outputs) != len(expected):
+            problems.append(f"{where(node)}: {len(outputs)} outputs, the definition has {len(expected)}")
+        for slot, (entry, (out_type, out_name)) in enumerate(zip(outputs, expected)):
+            if entry.get("type") != out_type or entry.get("name") != out_name:
+                problems.append(f"{where(node)}: output {slot} is {entry.get('name')!r}: {entry.get('type')!r}, the "
+                                f"definition says {out_name!r}: {out_type!r}")
+
+        # widget values, positionally, with the frontend-only values between them
+        values = node.get("widgets_values")
+        if isinstance(values, Mapping):
+            problems.append(f"{where(node)}: widgets_values is an object; the shipped format is a list")
+            continue
+        values = list(values or [])
+        expected_count = sum(1 + has_control_widget(n, t, o) + has_upload_widget(t, o) for n, t, o in widgets)
+        if len(values) != expected_count:
+            names = [n for n, _, _ in widgets]
+            problems.append(f"{where(node)}: {len(values)} widget values, {kind} needs {expected_count} "
+                            f"(widgets {names}, plus a control value after each seed)")
+            continue
+        linked = {(e.get("widget") or {}).get("name") for e in node.get("inputs") or [] if e.get("link") is not None}
+        position = 0
+        for name, io_type, options in widgets:
+            # A linked widget keeps a stale value in the file (the link's value replaces it when
+            # queued, a Primitive's is checked above): only its type must fit.
+            # A muted node is not queued: the files it names need not exist yet.
+            problem = _widget_value_problem(values[position], io_type, {} if name in linked else options,
+                                            dynamic=name in dynamic.get(kind, ()) or name in linked or (
+                                                mode == MODE_NEVER and io_type == "COMBO"))
+            if problem:
+                problems.append(f"{where(node)}: widget {name!r}: {problem}")
+            position += 1
+            if has_control_widget(name, io_type, options):
+                if values[position] not in _CONTROL_VALUES:
+                    problems.append(f"{where(node)}: the control value after {name!r} is {values[position]!r}, not "
+                                    f"one of {sorted(_CONTROL_VALUES)}")
+                position += 1
+            if has_upload_widget(io_type, options):
+                position += 1
+
+    if active_outputs == 0:
+        problems.append("no active output node (ComfyUI refuses a prompt without one)")
+    node_ids = [k for k in nodes if isinstance(k, int)]
+    if node_ids and (not isinstance(workflow.get("last_node_id"), int) or workflow["last_node_id"] < max(node_ids)):
+        problems.append(f"last_node_id {workflow.get('last_node_id')!r} is below the largest node id")
+    if links and (not isinstance(workflow.get("last_link_id"), int) or workflow["last_link_id"] < max(links)):
+        problems.append(f"last_link_id {workflow.get('last_link_id')!r} is below the largest link id")
+    for group in workflow.get("groups") or []:
+        bounding = group.get("bounding")
+        if not (isinstance(bounding, list) and len(bounding) == 4 and all(isinstance(v, (int, float)) for v in bounding)):
+            problems.append(f"group {group.get('title')!r}: bounding {bounding!r} is not [x, y, width, height]")
+    return problems

@@ -1,0 +1,292 @@
+"""The shipped workflows in a real ComfyUI server (skipped without COMFYUI_PATH).
+
+The server gets this pack and a test-only pack (``versat2i_test_nodes``) in its custom_nodes, and a
+tiny SD1.5-shaped checkpoint with its ``.configs/`` sidecar in models/checkpoints. Each shipped
+workflow file is converted with ``harness.workflow_to_api`` against the live /object_info (after
+``harness.validate_workflow`` accepted it against that same /object_info) and queued through the
+HTTP API, as the frontend would queue it. What the tests change, on the UI-format workflow before
+converting, and why:
+
+* the checkpoint name (the Primitive / Load Checkpoint value) -> the tiny checkpoint;
+* sizes, steps and ranks -> tiny values (seconds on a CPU, not hours on a GPU);
+* the reward models -> weight-free analytic scorers (no weight files here);
+* in the converted prompt, ``CheckpointLoaderSimple`` -> ``VersaT2ITest_TinyCheckpointLoader``
+  (same input, same MODEL / CLIP / VAE outputs): ComfyUI's model detection only knows real-size
+  checkpoints. The training nodes load the same file themselves through the sidecar configs.
+
+Every other value and every link is the shipped one. The outputs are checked on disk: the
+training set and its manifest, the kohya LoRA files, the MoL file, the saved images.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from harness import (
+    PromptRejected,
+    _widget_inputs,
+    has_control_widget,
+    snapshot_node_definition,
+    validate_workflow,
+    workflow_to_api,
+)
+from PIL import Image
+from safetensors import safe_open
+from tiny_models.sd import build_tiny_sd15
+
+pytestmark = pytest.mark.server
+
+REPO = Path(__file__).resolve().parents[2]
+WORKFLOWS = REPO / "workflows"
+SNAPSHOT = json.loads((REPO / "tests" / "data" / "object_info.json").read_text())
+TEST_PACK = Path(__file__).resolve().parent / "versat2i_test_nodes"
+TINY_LOADER = "VersaT2ITest_TinyCheckpointLoader"
+CHECKPOINT = "tiny-sd15.safetensors"
+PACK = "ComfyUI-VersaT2I"
+LOOP, INFERENCE, QUICK = "versat2i_self_improvement_loop", "versat2i_gated_inference", "versat2i_quick_loop_one_aspect"
+ASPECTS = ("aesthetics", "alignment", "geometry", "lowlevel")
+K = 2  # candidates per prompt in the tests
+
+ANALYTIC_SCORERS = {"aesthetics": "analytic:contrast", "alignment": "analytic:colourfulness",
+                    "geometry": "analytic:sharpness", "lowlevel": "analytic:exposure"}
+TINY_TRAINING = {"steps": 3, "learning_rate": 2e-2, "rank": 4, "alpha": 4.0, "resolution": 64}
+# node type -> widget values the tests change (see the module docstring)
+TINY_SETTINGS = {
+    "VersaT2I_GenerateCandidates": {"k": K, "steps": 2, "width": 64, "height": 64, "batch_size": 2},
+    "VersaT2I_TrainAspectLoRA": TINY_TRAINING,
+    "VersaT2I_TrainGate": {"steps": 3, "resolution": 64},
+    "EmptyLatentImage": {"width": 64, "height": 64},
+    "KSampler": {"steps": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def server(comfyui_path, tmp_path_factory):
+    """A ComfyUI with the pack, the test pack and a tiny checkpoint (+ configs sidecar)."""
+    from harness import ComfyServer
+
+    base = tmp_path_factory.mktemp("workflows-server")
+    tiny = build_tiny_sd15(tmp_path_factory.mktemp("tiny-sd15"))
+    checkpoints = base / "models" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    shutil.copy(tiny.checkpoint, checkpoints / CHECKPOINT)
+    shutil.copytree(tiny.folder, checkpoints / "tiny-sd15.configs",
+                    ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))  # configs only
+    started = ComfyServer.start(comfyui_path, base, extra_packs={"versat2i-test-nodes": TEST_PACK})
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+def load(name: str) -> dict:
+    return json.loads((WORKFLOWS / f"{name}.json").read_text(encoding="utf-8"))
+
+
+def set_widget(node: dict, name: str, value, object_info: dict) -> None:
+    """Set a widget's value in a UI-format node (positional, skipping control values)."""
+    position = 0
+    for widget, io_type, options in _widget_inputs(object_info[node["type"]]):
+        if widget == name:
+            node["widgets_values"][position] = value
+            return
+        position += 1 + has_control_widget(widget, io_type, options)
+    raise KeyError(f"{node['type']} has no widget {name!r}")
+
+
+def tiny_workflow(name: str, object_info: dict, *, scorers: dict | None = None) -> dict:
+    """The shipped workflow with the test settings (module docstring), still in UI format."""
+    workflow = load(name)
+    for node in workflow["nodes"]:
+        if node["type"] == "PrimitiveNode":  # the workflows' one checkpoint value, shared by every stage
+            node["widgets_values"][0] = CHECKPOINT
+        elif node["type"] == "CheckpointLoaderSimple":
+            set_widget(node, "ckpt_name", CHECKPOINT, object_info)
+        for widget, value in TINY_SETTINGS.get(node["type"], {}).items():
+            set_widget(node, widget, value, object_info)
+        if node["type"] == "VersaT2I_LoadScorers":
+            for aspect in ASPECTS:
+                position = [w[0] for w in _widget_inputs(object_info[node["type"]])].index(aspect)
+                if node["widgets_values"][position] != "disabled":
+                    set_widget(node, aspect, (scorers or ANALYTIC_SCORERS)[aspect], object_info)
+    return workflow
+
+
+def to_prompt(server, workflow: dict) -> dict:
+    """Validate against the live definitions, convert as the frontend would, swap in the tiny loader."""
+    object_info = server.object_info(refresh=True)
+    assert validate_workflow(workflow, object_info) == []
+    graph = workflow_to_api(workflow, object_info, strict=True)
+    for node in graph.values():
+        if node["class_type"] == "CheckpointLoaderSimple":
+            node["class_type"] = TINY_LOADER
+    return graph
+
+
+def run(server, workflow: dict, timeout: float = 600.0) -> dict:
+    return server.run(to_prompt(server, workflow), timeout=timeout)
+
+
+def kohya_lora_keys(path: Path) -> list[str]:
+    with safe_open(str(path), framework="pt") as handle:
+        return list(handle.keys())
+
+
+def saved_images(entry: dict, node_type_outputs: str, server) -> list[Path]:
+    return [server.base_dir / "output" / image["subfolder"] / image["filename"]
+            for image in entry["outputs"].get(node_type_outputs, {}).get("images", [])]
+
+
+# -- definitions and serving ------------------------------------------------------------------------
+
+def test_snapshot_matches_the_live_node_definitions(server):
+    """tests/data/object_info.json (what the offline validation uses) is what this ComfyUI and
+    this pack define; otherwise rerun tests/data/make_object_info.py."""
+    live = server.object_info(refresh=True)
+    ours_live = {k for k in server.nodes_of_pack()}
+    ours_snapshot = {k for k in SNAPSHOT["nodes"] if k.startswith("VersaT2I_")}
+    assert ours_live == ours_snapshot, "node set changed: rerun tests/data/make_object_info.py"
+    stale = [kind for kind, expected in SNAPSHOT["nodes"].items()
+             if snapshot_node_definition(live[kind], SNAPSHOT["dynamic_combos"].get(kind, ())) != expected]
+    assert stale == [], f"definitions changed for {stale}: rerun tests/data/make_object_info.py"
+    # The inputs recorded as file lists are: the tiny checkpoint shows up in them.
+    for kind, names in SNAPSHOT["dynamic_combos"].items():
+        for name in names:
+            if name == "ckpt_name":
+                spec = live[kind]["input"]["required"][name]
+                choices = spec[0] if isinstance(spec[0], list) else spec[1]["options"]
+                assert CHECKPOINT in choices, (kind, choices)
+
+
+def test_comfyui_serves_the_workflows_as_templates_with_thumbnails(server):
+    templates = server.get_json("/workflow_templates")
+    names = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
+    assert sorted(templates.get(PACK, [])) == names, templates
+    for name in names:
+        # The frontend fetches <name>.json and shows <name>.jpg from the pack's template route.
+        with urllib.request.urlopen(f"{server.url}/api/workflow_templates/{PACK}/{name}.json") as response:
+            assert json.load(response) == load(name)
+        with urllib.request.urlopen(f"{server.url}/api/workflow_templates/{PACK}/{name}.jpg") as response:
+            assert response.headers["Content-Type"] == "image/jpeg"
+            assert response.read() == (WORKFLOWS / f"{name}.jpg").read_bytes()
+
+
+# -- the workflows, queued ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def loop_run(server):
+    """The self-improvement loop, queued once (4 LoRAs and the gate train in child processes)."""
+    object_info = server.object_info(refresh=True)
+    entry = run(server, tiny_workflow(LOOP, object_info))
+    return entry
+
+
+@pytest.mark.slow
+def test_the_loop_writes_the_training_set_four_loras_and_the_gate(server, loop_run):
+    output = server.base_dir / "output"
+    loras = server.base_dir / "models" / "loras" / "versat2i"
+    dataset = output / "versat2i" / "loop"
+    manifest = [json.loads(line) for line in (dataset / "manifest.jsonl").read_text().splitlines()]
+    generate = next(n for n in load(LOOP)["nodes"] if n["type"] == "VersaT2I_GenerateCandidates")
+    prompts = [line.strip() for line in generate["widgets_values"][0].splitlines() if line.strip()]
+    assert {e["aspect"] for e in manifest} == set(ASPECTS), "every aspect keeps at least one image"
+    for entry in manifest:
+        assert entry["prompt"] == prompts[entry["prompt_index"]] and entry["caption"] == entry["prompt"]
+        # Generate Candidates' seed rule, carried through Score Images into the manifest.
+        assert entry["seed"] == entry["prompt_index"] * K + entry["candidate_index"]
+        assert entry["scorer"]["id"] == ANALYTIC_SCORERS[entry["aspect"]]
+        image = dataset / entry["file"]
+        assert image.is_file() and image.with_suffix(".txt").read_text() == entry["prompt"]
+        assert Image.open(image).size == (64, 64)
+    per_aspect = {a: [e["prompt_index"] for e in manifest if e["aspect"] == a] for a in ASPECTS}
+    assert all(len(v) == len(set(v)) <= len(prompts) for v in per_aspect.values()), "one image per prompt at most"
+    summary = json.loads((dataset / "dataset.json").read_text())
+    assert summary["images_scored"] == len(prompts) * K
+
+    for aspect in ASPECTS:
+        keys = kohya_lora_keys(loras / f"loop_{aspect}.safetensors")
+        assert keys and all(k.startswith(("lora_unet_", "lora_te")) for k in keys)
+        assert any(k.endswith(".lora_down.weight") for k in keys) and any(k.endswith(".alpha") for k in keys)
+    from versat2i.trainer.mol_file import read_mol
+
+    mol = read_mol(loras / "loop.mol.safetensors")
+    assert list(mol.aspects) == list(ASPECTS)  # the order of the joined LoRA list
+
+    ui = dict(loop_run["outputs"])
+    texts = [t for out in ui.values() for t in out.get("text", []) if isinstance(t, str)]
+    assert any("MoL file: versat2i/loop.mol.safetensors" in t for t in texts), texts
+    assert sum("LoRA: versat2i/loop_" in t for t in texts) == 4, texts
+    loss_previews = [out for out in ui.values() if out.get("images") and all(
+        i.get("type") == "temp" for i in out["images"])]
+    assert len(loss_previews) >= 5, "the four LoRA loss curves, the gate's and the kept images are shown"
+
+
+@pytest.mark.slow
+def test_gated_inference_samples_with_the_trained_mixture(server, loop_run):
+    object_info = server.object_info(refresh=True)
+    workflow = tiny_workflow(INFERENCE, object_info)
+    entry = run(server, workflow)
+    (save_id,) = [i for i, n in to_prompt(server, workflow).items() if n["class_type"] == "SaveImage"]
+    (gated,) = saved_images(entry, save_id, server)
+    assert gated.name.startswith("gated_") and Image.open(gated).size == (64, 64)
+
+    # The same graph at strength 0 is the base model: the mixture must have changed the image.
+    base_workflow = copy.deepcopy(workflow)
+    mixture = next(n for n in base_workflow["nodes"] if n["type"] == "VersaT2I_GatedMultiLoRALoader")
+    set_widget(mixture, "strength", 0.0, object_info)
+    (base,) = saved_images(run(server, base_workflow), save_id, server)
+    difference = np.abs(np.asarray(Image.open(gated), dtype=np.int16) - np.asarray(Image.open(base), dtype=np.int16))
+    assert difference.max() > 0, "the gated LoRA mixture did not change the image"
+
+
+@pytest.mark.slow
+def test_quick_loop_trains_one_lora_then_the_unmuted_group_uses_it(server):
+    object_info = server.object_info(refresh=True)
+    workflow = tiny_workflow(QUICK, object_info)
+    run(server, workflow)
+    output = server.base_dir / "output" / "versat2i" / "quick"
+    assert sorted(p.name for p in output.iterdir() if p.is_dir()) == ["10_aesthetics"]
+    lora = server.base_dir / "models" / "loras" / "versat2i" / "quick_aesthetics.safetensors"
+    stamp = lora.stat().st_mtime_ns
+    assert kohya_lora_keys(lora)
+
+    for node in workflow["nodes"]:  # what the note asks: unmute group 4 and queue again
+        node["mode"] = 0
+    entry = run(server, workflow)
+    (save_id,) = [i for i, n in to_prompt(server, workflow).items() if n["class_type"] == "SaveImage"]
+    (image,) = saved_images(entry, save_id, server)
+    assert image.name.startswith("quick_lora_") and Image.open(image).size == (64, 64)
+    assert lora.stat().st_mtime_ns == stamp, "the finished LoRA was trained again"
+
+
+# -- refused before anything runs ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("workflow_name, node_type, widget, value, error_type", [
+    (LOOP, "VersaT2I_LoadScorers", "aesthetics", "no-such-scorer", "custom_validation_failed"),
+    (INFERENCE, "VersaT2I_GatedMultiLoRALoader", "mode", "blend", "custom_validation_failed"),
+    (QUICK, "VersaT2I_GenerateCandidates", "sampler_name", "euler_fast", "custom_validation_failed"),
+    (INFERENCE, "KSampler", "sampler_name", "euler_fast", "value_not_in_list"),
+])
+def test_a_bad_combo_value_is_refused(server, workflow_name, node_type, widget, value, error_type):
+    object_info = server.object_info(refresh=True)
+    workflow = tiny_workflow(workflow_name, object_info)
+    node = next(n for n in workflow["nodes"] if n["type"] == node_type)
+    set_widget(node, widget, value, object_info)
+    problems = validate_workflow(workflow, object_info, dynamic_combos=SNAPSHOT["dynamic_combos"])
+    assert any(value in p for p in problems), problems  # the offline check sees it too
+    graph = workflow_to_api(workflow, object_info, strict=True)
+    for api_node in graph.values():
+        if api_node["class_type"] == "CheckpointLoaderSimple":
+            api_node["class_type"] = TINY_LOADER
+    history_before = server.get_json("/history")
+    with pytest.raises(PromptRejected) as refused:
+        server.queue(graph)
+    assert error_type in refused.value.error_types(), refused.value.details()
+    assert value in refused.value.details()
+    assert server.get_json("/history").keys() == history_before.keys(), "something ran"
