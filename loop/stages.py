@@ -15,13 +15,12 @@ output depends only on its own inputs (what makes a resumed run equal an uninter
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import shutil
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,36 +96,6 @@ def load_model(config, *, compute_hash: bool = False):
                            config_dir=model.model_config_dir or None, torch_dtype=dtype, compute_hash=compute_hash)
 
 
-class GatedMixtureAdapters:
-    """``prepare(pipe) -> context manager`` for ``generate_candidates``: the gated Mixture of LoRA
-    of a MoL file applied to ``base`` (whose modules the pipeline shares) inside the ``with`` block.
-
-    ``dynamic``: the gate runs at every step (per token or per prompt, as trained); ``bake``: the
-    gate's training-mean weights are merged once (cheaper, prompt-independent). The hooks or merged
-    weights are removed on exit, restoring the base model exactly.
-    """
-
-    def __init__(self, mol_path: str | os.PathLike, base, *, mode: str = "dynamic"):
-        self.mol_path, self.base, self.mode = Path(mol_path), base, mode
-
-    def describe(self) -> dict[str, Any]:
-        return {"kind": "gated", "mol": str(self.mol_path), "mode": self.mode}
-
-    @contextlib.contextmanager
-    def __call__(self, pipe) -> Iterator[Any]:
-        from ..trainer.mix_diffusers import load_mixture
-
-        mol, mixture = load_mixture(self.base, self.mol_path)
-        if self.mode == "bake":
-            mixture.bake(mol.gate.merge_weights(None, mixture.mask))
-        else:
-            mixture.attach()
-        try:
-            yield pipe
-        finally:
-            mixture.remove()
-
-
 def round_adapters(kind: str, *, loras: Sequence[Path], mixture: Path | None, gate_mode: str = "dynamic"):
     """``adapters_for(base)`` for a variant kind: None (base), one LoRA, the equal-weight merge or
     the gated mixture."""
@@ -142,7 +111,9 @@ def round_adapters(kind: str, *, loras: Sequence[Path], mixture: Path | None, ga
     if kind == "gated":
         if len(loras) == 1 and mixture is None:  # one aspect: its LoRA is the round's whole model
             return lambda base: single_lora(loras[0])
-        return lambda base: GatedMixtureAdapters(mixture, base, mode=gate_mode)
+        from ..trainer.mix_diffusers import MixtureAdapters
+
+        return lambda base: MixtureAdapters(mixture, base, mode=gate_mode)
     raise ValueError(f"unknown variant kind {kind!r}")
 
 

@@ -14,10 +14,13 @@ these hooks.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -139,6 +142,8 @@ class DiffusersMixture:
         context = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
         if context is None:
             raise ValueError("prompt gate: the UNet was called without encoder_hidden_states")
+        if self.gate.bias.device != context.device:  # the pipeline moved to another device after load
+            self.gate.to(context.device)
         if self.gate.training and torch.is_grad_enabled():
             self.state.gates = self.gate.prompt_probabilities(context.float(), self.mask)
         else:
@@ -245,6 +250,35 @@ def load_mixture(base, mol_path: str | Path, *, enabled: Sequence[str] | None = 
         raise ValueError(f"MoL file {mol_path}: {len(unknown)} gate layers are adapted by none of its LoRAs "
                          f"(e.g. {unknown[0]}); the file is damaged or its LoRAs were replaced")
     return mol, DiffusersMixture(gate, layers, unet=base.unet, mask=mask, strength=strength)
+
+
+class MixtureAdapters:
+    """``prepare(pipe) -> context manager`` for ``generate_candidates``: the gated Mixture of LoRA
+    of a MoL file applied to ``base`` (whose modules the pipeline shares) inside the ``with`` block.
+
+    ``dynamic``: the gate runs at every step (per token or per prompt, as trained); ``bake``: the
+    gate's training-mean weights are merged once (cheaper, prompt-independent). The hooks or merged
+    weights are removed on exit, restoring the base model exactly. Used by the loop's evaluation
+    (``loop.generate.generate_candidates(adapters=...)``), like ``loop.generate.LoraAdapters``.
+    """
+
+    def __init__(self, mol_path: str | os.PathLike, base, *, mode: str = "dynamic"):
+        self.mol_path, self.base, self.mode = Path(mol_path), base, mode
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "gated", "mol": str(self.mol_path), "mode": self.mode}
+
+    @contextlib.contextmanager
+    def __call__(self, pipe) -> Iterator[Any]:
+        mol, mixture = load_mixture(self.base, self.mol_path)
+        if self.mode == "bake":
+            mixture.bake(mol.gate.merge_weights(None, mixture.mask))
+        else:
+            mixture.attach()
+        try:
+            yield pipe
+        finally:
+            mixture.remove()
 
 
 def build_pipeline(base, scheduler: str = "euler"):

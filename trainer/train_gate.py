@@ -194,7 +194,7 @@ def main(args: argparse.Namespace) -> Path | None:
     from accelerate import Accelerator
     from accelerate.utils import GradientAccumulationPlugin
 
-    from .train_lora import LOG_FILE_NAME, find_resume_checkpoint, resolve_mixed_precision
+    from .train_lora import LOG_FILE_NAME, find_resume_checkpoint, resolve_mixed_precision, work_dir_lock
 
     config = GateTrainConfig.load(args.config)
     resume_from = find_resume_checkpoint(config.work_dir, args.resume) if args.resume else None
@@ -208,7 +208,8 @@ def main(args: argparse.Namespace) -> Path | None:
     events = EventWriter(args.log_file or work_dir / LOG_FILE_NAME if accelerator.is_main_process else None,
                          stream=sys.stdout if accelerator.is_main_process else None)
     try:
-        return _train(config, accelerator, events, resume_from)
+        with work_dir_lock(work_dir, enabled=accelerator.is_main_process):
+            return _train(config, accelerator, events, resume_from)
     except BaseException as exc:
         if accelerator.is_main_process and not isinstance(exc, KeyboardInterrupt):
             events.emit("error", message=f"{type(exc).__name__}: {exc}", error_type=type(exc).__name__)

@@ -22,6 +22,7 @@ checkpoints. What it adds to the example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -42,6 +43,7 @@ from .events import EventWriter, read_events
 
 logger = logging.getLogger(__name__)
 
+LOCK_FILE_NAME = ".train.lock"
 LOG_FILE_NAME = "train_log.jsonl"
 CHECKPOINT_DIR_NAME = "checkpoints"
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -357,6 +359,37 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(input_args)
 
 
+@contextlib.contextmanager
+def work_dir_lock(work_dir: Path, *, enabled: bool = True):
+    """Hold an exclusive lock on ``work_dir`` while training: a second run on the same folder (e.g.
+    a re-run started while an orphaned child of a killed parent still trains) fails at once instead
+    of interleaving checkpoints. POSIX only (fcntl); elsewhere no lock is taken."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        fcntl = None
+    if not enabled or fcntl is None:
+        yield
+        return
+    work_dir.mkdir(parents=True, exist_ok=True)
+    with open(work_dir / LOCK_FILE_NAME, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise RuntimeError(f"work_dir {work_dir}: another training run (pid {holder}) is using this folder; "
+                               "wait for it to finish or stop it, then resume") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def main(args: argparse.Namespace) -> Path | None:
     from accelerate import Accelerator
     from accelerate.utils import GradientAccumulationPlugin, set_seed
@@ -379,7 +412,8 @@ def main(args: argparse.Namespace) -> Path | None:
     events = EventWriter(args.log_file or work_dir / LOG_FILE_NAME if accelerator.is_main_process else None,
                          stream=sys.stdout if accelerator.is_main_process else None)
     try:
-        return _train(config, accelerator, events, resume_from, set_seed)
+        with work_dir_lock(work_dir, enabled=accelerator.is_main_process):
+            return _train(config, accelerator, events, resume_from, set_seed)
     except BaseException as exc:
         if accelerator.is_main_process and not isinstance(exc, KeyboardInterrupt):
             events.emit("error", message=f"{type(exc).__name__}: {exc}", error_type=type(exc).__name__)

@@ -176,3 +176,17 @@ def test_cli_subcommand_is_registered():
     parser = build_parser()
     args = parser.parse_args(["train-lora", "--config", "x.toml", "--resume", "latest", "--cpu"])
     assert isinstance(args, argparse.Namespace) and args.resume == "latest" and args.cpu
+
+
+def test_a_second_run_on_a_locked_work_dir_fails_at_once(tmp_path):
+    """An orphaned training child (its parent was SIGKILLed) keeps the work folder locked; a re-run
+    must refuse it instead of writing checkpoints into the same folder."""
+    from versat2i.trainer.train_lora import work_dir_lock
+
+    work_dir = tmp_path / "run"
+    with work_dir_lock(work_dir):
+        with pytest.raises(RuntimeError, match="another training run .* is using this folder"):
+            with work_dir_lock(work_dir):
+                pass
+    with work_dir_lock(work_dir):  # released: the next run goes ahead
+        pass
