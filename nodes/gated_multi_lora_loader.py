@@ -78,9 +78,10 @@ class GatedMultiLoRALoader(io.ComfyNode):
             display_name="Gated Multi-LoRA Loader (Mixture of LoRA)",
             category=category("mix"),
             description=(
-                "Applies several aspect LoRAs at once, mixed per layer by the gate learned with 'versat2i train-gate' "
-                "(a .mol.safetensors file next to the LoRAs), so the aspects don't fight. Without a MoL file it "
-                "merges a list of LoRAs with equal or manual weights. Works before or after stock LoRA loaders."
+                "Applies several aspect LoRAs at once, mixed per layer by the gate learned with Train Gate (or "
+                "'versat2i train-gate'; a .mol.safetensors file next to the LoRAs), so the aspects don't fight. "
+                "Without a MoL file it merges a list of LoRAs with equal or manual weights. Works before or after "
+                "stock LoRA loaders."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The checkpoint's MODEL (the base the LoRAs were trained on)."),

@@ -158,8 +158,13 @@ class GenerateCandidates(io.ComfyNode):
                                         "to read prompts_file instead."),
                 io.Int.Input("k", default=4, min=1, max=1024,
                              tooltip="Candidates per prompt (the loop keeps the best of them per aspect)."),
-                io.Int.Input("seed", default=0, min=0, max=MAX_SEED, control_after_generate=True,
-                             tooltip="Base seed: candidate c of prompt p gets seed + p*k + c."),
+                # Fixed on purpose: with the frontend's "control after generate" (default "randomize")
+                # every queue would draw new candidates, so scoring, the training set and the LoRAs
+                # downstream would all be redone instead of reused.
+                io.Int.Input("seed", default=0, min=0, max=MAX_SEED, control_after_generate=False,
+                             tooltip="Base seed: candidate c of prompt p gets seed + p*k + c. It stays as typed, so "
+                                     "queueing again gives the same candidates and reuses every finished stage; "
+                                     "type another seed (e.g. seed + N*k) to draw new candidates for a next round."),
                 io.Int.Input("steps", default=20, min=1, max=10000, tooltip="Sampling steps per image."),
                 io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance scale."),

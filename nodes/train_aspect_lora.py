@@ -24,6 +24,20 @@ LORA_SUBFOLDER = "versat2i"  # every LoRA this node writes lives in models/loras
 RUNS_SUBFOLDER = "versat2i/lora_runs"  # checkpoints and logs, under ComfyUI's output folder
 
 
+# What the frontend's "control after generate" box stores after a seed. Before the training seeds
+# dropped that box (0.1.0 development), a saved workflow had one of these right after `seed`; the
+# frontend assigns widget values by position, so in such a save every value after seed moved by one.
+SEED_CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
+
+
+def bad_combo_message(name: str, value: str, options) -> str:
+    message = f"{name} {value!r}: must be one of {', '.join(options)}"
+    if value in SEED_CONTROL_VALUES:
+        message += (f" ('{value}' is a seed's old 'control after generate' value: this node was saved by an older "
+                    "version, so the values after seed moved by one; set them again, or add the node anew)")
+    return message
+
+
 def loras_root() -> Path:
     return Path(folder_paths.get_folder_paths("loras")[0])
 
@@ -140,18 +154,23 @@ class TrainAspectLora(io.ComfyNode):
                 io.String.Input("lora_name", default="",
                                 tooltip="File name inside models/loras/versat2i/ (sub-folders allowed). Empty: "
                                         "<dataset>_<aspect>."),
-                io.Int.Input("steps", default=500, min=1, max=1_000_000, tooltip="Optimiser steps."),
+                io.Int.Input("steps", default=500, min=1, max=1_000_000,
+                             tooltip="Optimiser steps (each sees batch_size x gradient_accumulation_steps images)."),
                 io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-6,
                                tooltip="AdamW learning rate of the UNet LoRA."),
-                io.Int.Input("rank", default=16, min=1, max=256, tooltip="LoRA rank (dimension)."),
+                io.Int.Input("rank", default=16, min=1, max=256,
+                             tooltip="LoRA rank: capacity and file size (4-32 is usual)."),
                 io.Float.Input("alpha", default=16.0, min=0.01, max=1024.0, step=0.5,
                                tooltip="LoRA alpha; the LoRA is scaled by alpha / rank."),
                 io.Int.Input("batch_size", default=1, min=1, max=256, tooltip="Images per step and device."),
                 io.Int.Input("resolution", default=512, min=64, max=4096, step=8,
                              tooltip="Training resolution (area = resolution^2, aspect-ratio buckets); a multiple "
                                      "of 8."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
-                             tooltip="Seed of LoRA init, noise and data order."),
+                # No "control after generate": the frontend's default for a seed is "randomize",
+                # which would change the inputs, and so retrain, on every queue.
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
+                             tooltip="Seed of LoRA init, noise and data order. Stays as typed, so queueing again "
+                                     "reuses the finished LoRA; change it to train a new one."),
                 io.Combo.Input("lr_scheduler", options=list(LR_SCHEDULERS), default="constant", optional=True,
                                tooltip="Learning-rate schedule (diffusers)."),
                 io.Int.Input("lr_warmup_steps", default=0, min=0, max=1_000_000, optional=True,
@@ -159,7 +178,8 @@ class TrainAspectLora(io.ComfyNode):
                 io.Int.Input("gradient_accumulation_steps", default=1, min=1, max=1024, optional=True,
                              tooltip="Micro-batches per optimiser step."),
                 io.Boolean.Input("gradient_checkpointing", default=False, optional=True,
-                                 tooltip="Less memory, slower steps."),
+                                 tooltip="Recompute activations during the backward pass: less memory, "
+                                         "slower steps."),
                 io.Combo.Input("mixed_precision", options=list(MIXED_PRECISIONS), default="auto", optional=True,
                                tooltip="auto: bf16 (or fp16) on CUDA, full precision on CPU."),
                 io.Boolean.Input("train_text_encoder", default=False, optional=True,
@@ -174,7 +194,8 @@ class TrainAspectLora(io.ComfyNode):
                 io.Float.Input("snr_gamma", default=0.0, min=0.0, max=100.0, step=0.5, optional=True,
                                tooltip="Min-SNR loss weighting gamma (0 = off, 5 is usual)."),
                 io.Float.Input("dropout", default=0.0, min=0.0, max=0.9, step=0.01, optional=True,
-                               tooltip="LoRA dropout."),
+                               tooltip="Dropout on the LoRA layers (0 = off; 0.05-0.1 can help small "
+                                       "training sets)."),
                 io.Combo.Input("prediction_type", options=list(PREDICTION_TYPES), default="auto", optional=True,
                                tooltip="auto: from the checkpoint (v-prediction SD2/SDXL are detected)."),
                 io.Int.Input("checkpoint_every", default=100, min=1, max=1_000_000, optional=True,
@@ -186,7 +207,9 @@ class TrainAspectLora(io.ComfyNode):
                 io.String.Output("lora_file", display_name="lora_name",  # ids must differ from input ids
                                  tooltip="The LoRA, relative to the loras folder (e.g. versat2i/name.safetensors), "
                                          "as LoRA loaders name it."),
-                io.Image.Output("loss_curve", tooltip="Training loss per step (raw and smoothed)."),
+                io.Image.Output("loss_curve", display_name="loss_curve",
+                                tooltip="A plot of the training loss per step (raw and smoothed); connect a Preview "
+                                        "Image to see it."),
             ],
         )
 
@@ -201,7 +224,7 @@ class TrainAspectLora(io.ComfyNode):
                                      ("mixed_precision", mixed_precision, MIXED_PRECISIONS),
                                      ("prediction_type", prediction_type, PREDICTION_TYPES)):
             if value is not None and value not in options:
-                return f"{name} {value!r}: must be one of {', '.join(options)}"
+                return bad_combo_message(name, value, options)
         if resolution is not None and resolution % 8:
             return f"resolution {resolution}: must be a multiple of 8 (e.g. {round(resolution / 64) * 64})"
         try:

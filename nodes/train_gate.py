@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +22,40 @@ from ..trainer.config import MIXED_PRECISIONS
 from ..trainer.gate import BALANCE_KINDS, GRANULARITIES
 from ..trainer.mol_file import MOL_SUFFIX
 from .common import category, node_id
-from .train_aspect_lora import loss_curve_image
+from .train_aspect_lora import bad_combo_message, loss_curve_image
 
 RUNS_SUBFOLDER = "versat2i/gate_runs"  # checkpoints and logs, under ComfyUI's output folder
+# Sockets for the LoRA names that Train Aspect LoRA nodes output (the loop's four aspects), so a
+# workflow links them straight in; more LoRAs, or names typed by hand, go in the `loras` box.
+# (ComfyUI 0.3.64 has no public growing input: its AutogrowDynamic is not exported, and frontend
+# 1.27 does not render it.)
+LORA_SOCKETS = ("lora_1", "lora_2", "lora_3", "lora_4")
 
 
-def resolve_paths(dataset: str, ckpt_name: str, loras: str, mol_name: str) -> dict[str, Any]:
-    """Training set, checkpoint, LoRA files (one per line, relative to the loras folder) and the MoL
-    file, which goes into the LoRAs' common folder (it names them relative to itself)."""
+def lora_names(loras: str, linked: Iterable[str | None] = ()) -> list[str]:
+    """The LoRAs in gate order: the linked sockets (lora_1..lora_4), then the ``loras`` box. Each
+    holds names one per line or comma separated; blank lines and lines starting with # are skipped."""
+    names: list[str] = []
+    for text in (*linked, loras):
+        for line in (text or "").replace(",", "\n").splitlines():
+            name = line.strip()
+            if name and not name.startswith("#"):
+                names.append(name)
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ValueError(f"loras: {', '.join(twice)} given twice (lora_1..lora_4 and the loras box are joined); "
+                         "list each aspect LoRA once")
+    if len(names) < 2:
+        raise ValueError("loras: a mixture needs at least two aspect LoRAs; connect Train Aspect LoRA's lora_name "
+                         "outputs to lora_1..lora_4, or list the files in loras, one per line (e.g. "
+                         "versat2i/loop_aesthetics.safetensors)")
+    return names
+
+
+def resolve_paths(dataset: str, ckpt_name: str, loras: str, mol_name: str,
+                  linked: Iterable[str | None] = ()) -> dict[str, Any]:
+    """Training set, checkpoint, LoRA files (``lora_names``, relative to the loras folder) and the
+    MoL file, which goes into the LoRAs' common folder (it names them relative to itself)."""
     output = Path(folder_paths.get_output_directory())
     dataset_dir = confined_path(output, dataset, what="dataset")
     if not dataset_dir.is_dir():
@@ -36,14 +63,14 @@ def resolve_paths(dataset: str, ckpt_name: str, loras: str, mol_name: str) -> di
                          "Set's dataset_path")
     if ckpt_name not in folder_paths.get_filename_list("checkpoints"):
         raise ValueError(f"ckpt_name {ckpt_name!r}: not in models/checkpoints; put the checkpoint there and refresh")
-    names = [line.strip() for line in loras.replace(",", "\n").splitlines() if line.strip()]
-    if len(names) < 2:
-        raise ValueError("loras: list at least two aspect LoRAs, one per line (e.g. versat2i/aesthetics.safetensors)")
     paths = []
-    for name in names:
+    for name in lora_names(loras, linked):
         path = folder_paths.get_full_path("loras", name)
         if path is None:
-            raise ValueError(f"loras: {name!r} is not in models/loras; train it first (Train Aspect LoRA) or fix the name")
+            raise ValueError(f"loras: {name!r} is not in models/loras; train it first (Train Aspect LoRA) or fix the "
+                             "name")
+        if Path(path).resolve() in paths:
+            raise ValueError(f"loras: {name!r} names a LoRA file given already; list each aspect LoRA once")
         paths.append(Path(path).resolve())
     root = Path(os.path.commonpath([p.parent for p in paths]))
     if not any(root.is_relative_to(Path(d).resolve()) for d in folder_paths.get_folder_paths("loras")):
@@ -74,14 +101,15 @@ def mol_combo_name(mol: Path) -> str:
     return mol.name
 
 
-def train_gate(dataset: str, ckpt_name: str, loras: str, mol_name: str, settings: dict[str, Any]):
+def train_gate(dataset: str, ckpt_name: str, loras: str, mol_name: str, settings: dict[str, Any],
+               linked: Iterable[str | None] = ()):
     import comfy.model_management as mm
     import comfy.utils
 
     from ..trainer.launcher import LaunchOptions, TrainingFailed
     from ..trainer.train_gate import train_gate_or_reuse
 
-    paths = resolve_paths(dataset, ckpt_name, loras, mol_name)
+    paths = resolve_paths(dataset, ckpt_name, loras, mol_name, linked)
     config = build_config(paths, settings)
     bar = comfy.utils.ProgressBar(config.max_train_steps)
 
@@ -116,7 +144,8 @@ class TrainGate(io.ComfyNode):
             category=category("mix"),
             description=(
                 "Learns how to mix aspect LoRAs layer by layer (MoLE-style gate with a balancing loss), with the "
-                "base model and the LoRAs frozen, on the union of the aspects' training images. Saves a "
+                "base model and the LoRAs frozen, on the union of the aspects' training images. Connect the Train "
+                "Aspect LoRA nodes to lora_1..lora_4 (list more LoRAs in loras). Saves a "
                 ".mol.safetensors next to the LoRAs for the Gated Multi-LoRA Loader. Runs in a separate process; "
                 "Cancel keeps the last checkpoint (queue again to resume); identical inputs reuse the finished file."
             ),
@@ -127,9 +156,11 @@ class TrainGate(io.ComfyNode):
                 io.Combo.Input("ckpt_name", options=folder_paths.get_filename_list("checkpoints"),
                                tooltip="The base model the LoRAs were trained on."),
                 io.String.Input("loras", default="", multiline=True,
-                                tooltip="The aspect LoRAs, one per line, as the LoRA loaders name them "
-                                        "(e.g. versat2i/aesthetics.safetensors). Their aspect names come from "
-                                        "their metadata (else the file name)."),
+                                placeholder="LoRA files beyond lora_1..lora_4, one per line",
+                                tooltip="Aspect LoRAs typed by hand (or more than four), one per line as the LoRA "
+                                        "loaders name them (e.g. versat2i/loop_aesthetics.safetensors); they follow "
+                                        "lora_1..lora_4 in the gate. Each LoRA's aspect name comes from its "
+                                        "metadata (else the file name)."),
                 io.String.Input("mol_name", default="aspects",
                                 tooltip="Name of the MoL file, saved in the LoRAs' folder (.mol.safetensors added)."),
                 io.Combo.Input("granularity", options=list(GRANULARITIES), default="token",
@@ -140,13 +171,20 @@ class TrainGate(io.ComfyNode):
                                        "none."),
                 io.Float.Input("balance_weight", default=0.01, min=0.0, max=100.0, step=0.001,
                                tooltip="Weight of the balancing loss against the denoising loss."),
-                io.Int.Input("steps", default=200, min=1, max=1_000_000, tooltip="Optimiser steps."),
+                io.Int.Input("steps", default=200, min=1, max=1_000_000,
+                             tooltip="Optimiser steps (only the gate trains; the base model and the LoRAs stay "
+                                     "frozen)."),
                 io.Float.Input("learning_rate", default=1e-3, min=1e-7, max=1.0, step=1e-5,
                                tooltip="AdamW learning rate of the gate."),
                 io.Int.Input("batch_size", default=1, min=1, max=256, tooltip="Images per step and device."),
                 io.Int.Input("resolution", default=512, min=64, max=4096, step=8,
                              tooltip="Training resolution (a multiple of 8)."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of noise and data order."),
+                # No "control after generate" (the frontend would default it to "randomize" and
+                # retrain on every queue).
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
+                             tooltip="Seed of the training noise and data order (the gate starts as the equal mix). "
+                                     "Stays as typed, so queueing again reuses the finished MoL file; change it "
+                                     "to train a new one."),
                 io.Combo.Input("mixed_precision", options=list(MIXED_PRECISIONS), default="auto", optional=True,
                                tooltip="auto: bf16 (or fp16) on CUDA, full precision on CPU."),
                 io.Boolean.Input("cache_latents", default=True, optional=True,
@@ -155,10 +193,18 @@ class TrainGate(io.ComfyNode):
                              tooltip="Save a resumable checkpoint every N steps."),
                 io.Boolean.Input("overwrite", default=False, optional=True,
                                  tooltip="Replace an existing MoL file of this name trained from other inputs."),
+                *(io.String.Input(name, optional=True, force_input=True,
+                                  tooltip=f"Aspect LoRA number {index} of the mixture: connect a Train Aspect "
+                                          "LoRA's lora_name output. The gate mixes lora_1..lora_4 in this order, "
+                                          "then the loras box.")
+                  for index, name in enumerate(LORA_SOCKETS, start=1)),
             ],
             outputs=[
-                io.String.Output("mol_file", tooltip="The MoL file as the Gated Multi-LoRA Loader lists it."),
-                io.Image.Output("loss_curve", tooltip="Denoising loss per step."),
+                io.String.Output("mol_file", display_name="mol_file",
+                                 tooltip="The MoL file, as the Gated Multi-LoRA Loader's mol_file list names it "
+                                         "(e.g. versat2i/loop.mol.safetensors)."),
+                io.Image.Output("loss_curve", display_name="loss_curve",
+                                tooltip="A plot of the denoising loss per step; connect a Preview Image to see it."),
             ],
         )
 
@@ -173,7 +219,7 @@ class TrainGate(io.ComfyNode):
                                      ("balance_loss", balance_loss, BALANCE_KINDS),
                                      ("mixed_precision", mixed_precision, MIXED_PRECISIONS)):
             if value is not None and value not in options:
-                return f"{name} {value!r}: must be one of {', '.join(options)}"
+                return bad_combo_message(name, value, options)
         if dataset is not None:
             try:
                 confined_path(folder_paths.get_output_directory(), dataset, what="dataset")
@@ -182,11 +228,12 @@ class TrainGate(io.ComfyNode):
         return True
 
     @classmethod
-    def fingerprint_inputs(cls, dataset: str, ckpt_name: str, loras: str, mol_name: str, **settings) -> Any:
+    def fingerprint_inputs(cls, dataset: str, ckpt_name: str, loras: str, mol_name: str, **inputs) -> Any:
         try:
             from ..trainer.train_gate import gate_run_fingerprint
 
-            paths = resolve_paths(dataset, ckpt_name, loras, mol_name)
+            linked, settings = _split_linked(inputs)
+            paths = resolve_paths(dataset, ckpt_name, loras, mol_name, linked)
             mol = paths["mol"]
             return (gate_run_fingerprint(build_config(paths, _settings(settings))),
                     mol.stat().st_mtime_ns if mol.is_file() else None)
@@ -194,14 +241,21 @@ class TrainGate(io.ComfyNode):
             return math.nan
 
     @classmethod
-    def execute(cls, dataset: str, ckpt_name: str, loras: str, mol_name: str, **settings) -> io.NodeOutput:
-        name, curve, reused = train_gate(dataset, ckpt_name, loras, mol_name, _settings(settings))
+    def execute(cls, dataset: str, ckpt_name: str, loras: str = "", mol_name: str = "aspects",
+                **inputs) -> io.NodeOutput:
+        linked, settings = _split_linked(inputs)
+        name, curve, reused = train_gate(dataset, ckpt_name, loras, mol_name, _settings(settings), linked)
         title = f"{name} ({'reused, ' if reused else ''}{curve[-1][0] if curve else 0} steps)"
         summary = f"MoL file: {name}" + (" (already trained from these inputs)" if reused else "")
         return io.NodeOutput(name, loss_curve_image(curve, title), ui={"text": (summary,)})
 
 
 _SETTING_FIELDS = {"steps": "max_train_steps", "batch_size": "train_batch_size", "checkpoint_every": "checkpointing_steps"}
+
+
+def _split_linked(inputs: dict[str, Any]) -> tuple[list[str | None], dict[str, Any]]:
+    """(the LoRA sockets' values in order, the other inputs)."""
+    return [inputs.get(name) for name in LORA_SOCKETS], {k: v for k, v in inputs.items() if k not in LORA_SOCKETS}
 
 
 def _settings(inputs: dict[str, Any]) -> dict[str, Any]:

@@ -378,37 +378,31 @@ Results: `output/versat2i/loop/` (training set), `models/loras/versat2i/loop_*.s
         wf.link(checkpoint, "", node, "ckpt_name")
         preview = wf.add("PreviewImage", (index * 400, node.bottom() + 60), width=370, min_height=260,
                          title=f"Loss: {aspect}")
-        wf.link(node, 1, preview, "images")  # loss curve
+        wf.link(node, "loss_curve", preview, "images")
         train_nodes.append(node)
         previews.append(preview)
     wf.group("4. One LoRA per aspect", train_nodes + previews, GROUP_COLORS["train"])
 
     x = len(ASPECTS) * 400 + 40
-    joins = []
-    previous = None
-    for index in range(3):  # the four LoRA names, comma separated, in aspect order
-        join = wf.add("StringConcatenate", (x, top + index * 190), width=300, multiline_height=48,
-                      title="Join LoRA names", values={"string_a": "", "string_b": "", "delimiter": ","})
-        wf.link(previous or train_nodes[0], 0, join, "string_a")
-        wf.link(train_nodes[index + 1], 0, join, "string_b")  # lora_name
-        joins.append(join)
-        previous = join
-    gate = wf.add("VersaT2I_TrainGate", (x + 340, top), width=380, multiline_height=60,
+    gate = wf.add("VersaT2I_TrainGate", (x, top), width=380, multiline_height=60,
                   values={"dataset": "versat2i/loop", "ckpt_name": DEFAULT_CHECKPOINT, "loras": "", "mol_name": "loop",
                           "granularity": "token", "balance_loss": "mole", "balance_weight": 0.01, "steps": 200,
                           "learning_rate": 1e-3, "batch_size": 1, "resolution": 512, "seed": 0})
     wf.link(save, "dataset_path", gate, "dataset")
     wf.link(checkpoint, "", gate, "ckpt_name")
-    wf.link(previous, 0, gate, "loras")
-    gate_loss = wf.add("PreviewImage", (x + 340, gate.bottom() + 60), width=380, min_height=260, title="Loss: gate")
-    wf.link(gate, 1, gate_loss, "images")  # loss curve
-    mix_note = wf.note((x, top + 3 * 190), (300, 250), """
+    for index, node in enumerate(train_nodes, start=1):  # the gate's experts, in aspect order
+        wf.link(node, "lora_name", gate, f"lora_{index}")
+    gate_loss = wf.add("PreviewImage", (x, gate.bottom() + 60), width=380, min_height=260, title="Loss: gate")
+    wf.link(gate, "loss_curve", gate_loss, "images")
+    mix_note = wf.note((x + 420, top), (300, 300), """
 **Mixing.** The gate learns, layer by layer, how much of each aspect LoRA to apply, with a
 balancing loss so no aspect is starved. The base model and the LoRAs stay frozen.
 
+The four LoRAs come in through `lora_1`..`lora_4`; list more (or type names) in `loras`.
+
 Result: `models/loras/versat2i/loop.mol.safetensors`, for the **Gated Multi-LoRA Loader**.
 """)
-    wf.group("5. Learn the mixing gate", joins + [gate, gate_loss, mix_note], GROUP_COLORS["mix"])
+    wf.group("5. Learn the mixing gate", [gate, gate_loss, mix_note], GROUP_COLORS["mix"])
     return wf
 
 
@@ -491,7 +485,7 @@ run again.
     wf.link(save, "dataset_path", train, "dataset")
     wf.link(checkpoint, "", train, "ckpt_name")
     loss = wf.add("PreviewImage", (440, top), width=380, min_height=300, title="Loss: aesthetics")
-    wf.link(train, 1, loss, "images")  # loss curve
+    wf.link(train, "loss_curve", loss, "images")
     wf.group("3. Train the LoRA", [train, loss], GROUP_COLORS["train"])
 
     x = 900

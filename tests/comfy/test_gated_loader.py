@@ -298,8 +298,9 @@ def test_lora_list_without_gate(setup, node, comfy_dirs):
 @pytest.mark.slow
 @pytest.mark.skipif(__import__("os").name == "nt", reason="POSIX process groups")
 def test_train_gate_node_trains_then_reuses(comfy, comfy_dirs, tmp_path, monkeypatch):
-    """Train Gate on a tiny SD1.5-shaped checkpoint (child process under accelerate), then the same
-    inputs again: the finished MoL file is reused, and it is listed for the Gated Multi-LoRA Loader."""
+    """Train Gate on a tiny SD1.5-shaped checkpoint (child process under accelerate), with the LoRAs
+    linked into lora_1 / lora_2, then the same LoRAs typed in the loras list: the finished MoL file
+    is reused, and it is listed for the Gated Multi-LoRA Loader."""
     import shutil
 
     import folder_paths
@@ -330,10 +331,10 @@ def test_train_gate_node_trains_then_reuses(comfy, comfy_dirs, tmp_path, monkeyp
     original = train_gate.build_config  # tiny shapes: point the loader at the tiny configs
     monkeypatch.setattr(train_gate, "build_config", lambda *a, **k: original(*a, **k).replace(model_config_dir=str(tiny.folder)))
 
-    inputs = dict(dataset="versat2i/ds", ckpt_name="tiny.safetensors", mol_name="mix",
-                  loras="versat2i/aesthetics.safetensors\nversat2i/geometry.safetensors", granularity="token",
-                  balance_loss="mole", balance_weight=0.1, steps=3, learning_rate=1e-2, batch_size=2, resolution=64,
-                  seed=0, mixed_precision="no", cache_latents=True, checkpoint_every=2)
+    inputs = dict(dataset="versat2i/ds", ckpt_name="tiny.safetensors", mol_name="mix", loras="",
+                  lora_1="versat2i/aesthetics.safetensors", lora_2="versat2i/geometry.safetensors",
+                  granularity="token", balance_loss="mole", balance_weight=0.1, steps=3, learning_rate=1e-2,
+                  batch_size=2, resolution=64, seed=0, mixed_precision="no", cache_latents=True, checkpoint_every=2)
     first = train_gate.TrainGate.execute(**inputs)
     assert first.result[0] == "versat2i/mix.mol.safetensors"
     mol = read_mol(loras / "mix.mol.safetensors")
@@ -341,12 +342,14 @@ def test_train_gate_node_trains_then_reuses(comfy, comfy_dirs, tmp_path, monkeyp
     folder_paths.filename_list_cache.clear()
     assert "versat2i/mix.mol.safetensors" in gated_multi_lora_loader.mol_file_options()
     stamp = (loras / "mix.mol.safetensors").stat().st_mtime_ns
-    again = train_gate.TrainGate.execute(**inputs)
+    typed = {**inputs, "lora_1": None, "lora_2": None,
+             "loras": "versat2i/aesthetics.safetensors\nversat2i/geometry.safetensors"}
+    again = train_gate.TrainGate.execute(**typed)
     assert "already trained" in again.ui["text"][0]
     assert (loras / "mix.mol.safetensors").stat().st_mtime_ns == stamp
     assert "must be one of" in train_gate.TrainGate.validate_inputs(granularity="word")
     with pytest.raises(ValueError, match="at least two"):
-        train_gate.TrainGate.execute(**{**inputs, "loras": "versat2i/aesthetics.safetensors"})
+        train_gate.TrainGate.execute(**{**typed, "loras": "versat2i/aesthetics.safetensors"})
 
 
 def test_node_schemas_are_valid_for_comfyui(comfy, comfy_dirs):

@@ -148,10 +148,11 @@ def test_workflow_converts_to_an_api_prompt_with_every_required_input(name):
 
 
 @pytest.mark.parametrize("name", SHIPPED)
-def test_every_seed_is_fixed_so_a_requeue_reuses_finished_stages(name):
-    """The frontend adds a "control after generate" value after every seed (the training nodes'
-    too): 'randomize' would change the seed after each queue and retrain everything."""
-    controls = []
+def test_every_seed_stays_fixed_so_a_requeue_reuses_finished_stages(name):
+    """The frontend adds a "control after generate" value (default 'randomize') after a seed unless
+    the definition opts out: 'randomize' would change the seed after each queue, draw new candidates
+    and retrain everything. Our nodes opt out; core seeds (KSampler) are saved as 'fixed'."""
+    seeds = []
     for node in load(name)["nodes"]:
         spec = DEFINITIONS.get(node["type"])
         if spec is None:
@@ -159,11 +160,24 @@ def test_every_seed_is_fixed_so_a_requeue_reuses_finished_stages(name):
         position = 0
         for widget, io_type, options in _widget_inputs(spec):
             position += 1
+            control = None
             if has_control_widget(widget, io_type, options):
-                controls.append((node["type"], node["id"], widget, node["widgets_values"][position]))
+                control = node["widgets_values"][position]
                 position += 1
-    assert controls, "no seed found"
-    assert all(control[-1] == "fixed" for control in controls), controls
+            if io_type == "INT" and (widget in ("seed", "noise_seed") or control is not None):
+                seeds.append((node["type"], node["id"], widget, control))
+    assert seeds, "no seed found"
+    for kind, node_id, widget, control in seeds:
+        if kind.startswith("VersaT2I_"):
+            assert control is None, f"{kind} {node_id}: {widget} gets a control widget"
+        else:
+            assert control == "fixed", (kind, node_id, widget, control)
+
+
+def test_no_input_of_ours_gets_a_control_widget():
+    controlled = [(kind, widget) for kind, spec in DEFINITIONS.items() if kind.startswith("VersaT2I_")
+                  for widget, io_type, options in _widget_inputs(spec) if has_control_widget(widget, io_type, options)]
+    assert controlled == []
 
 
 def test_the_loop_wires_every_stage():
@@ -189,16 +203,12 @@ def test_the_loop_wires_every_stage():
         assert trainer["inputs"]["ckpt_name"] == checkpoint
     (_, gate), = of_type(graph, "VersaT2I_TrainGate").items()
     assert gate["inputs"]["dataset"] == [save_id, 0] and gate["inputs"]["ckpt_name"] == checkpoint
-
-    def lora_sources(value) -> list[str]:  # the Train LoRA nodes feeding the gate's list, in order
-        node_id, _ = value
-        node = graph[node_id]
-        if node["class_type"] == "VersaT2I_TrainAspectLoRA":
-            return [node_id]
-        assert node["class_type"] == "StringConcatenate" and node["inputs"]["delimiter"] in (",", "\n")
-        return lora_sources(node["inputs"]["string_a"]) + lora_sources(node["inputs"]["string_b"])
-
-    assert sorted(lora_sources(gate["inputs"]["loras"])) == sorted(trainers)
+    # The gate's experts: each aspect's LoRA linked into lora_1..lora_4 in aspect order (the order
+    # of the MoL file's aspects); nothing typed in the list, no string-joining nodes in between.
+    by_aspect = {t["inputs"]["aspect"]: node_id for node_id, t in trainers.items()}
+    assert [gate["inputs"][f"lora_{i}"] for i in range(1, 5)] == [[by_aspect[a], 0] for a in ASPECTS]
+    assert gate["inputs"]["loras"] == ""
+    assert not of_type(graph, "StringConcatenate")
 
 
 def test_the_inference_workflow_samples_with_the_mixture_the_loop_trains():
@@ -320,13 +330,14 @@ def test_validator_catches_a_link_between_mismatched_types():
 
 def test_validator_catches_a_missing_control_value_after_a_seed():
     def drop_control(workflow):
-        node = find(workflow, "VersaT2I_TrainAspectLoRA", "Train LoRA: aesthetics")
-        del node["widgets_values"][widget_index("VersaT2I_TrainAspectLoRA", "seed") + 1]
+        node = find(workflow, "KSampler")
+        assert node["widgets_values"][widget_index("KSampler", "seed") + 1] == "fixed"
+        del node["widgets_values"][widget_index("KSampler", "seed") + 1]
 
     # (The converter accepts this, as the frontend does for saves older than the control widget;
     # the shipped files must have it.)
-    problems = mutated(LOOP, drop_control)
-    assert any("widget values, VersaT2I_TrainAspectLoRA needs" in p for p in problems), problems
+    problems = mutated(INFERENCE, drop_control)
+    assert any("widget values, KSampler needs" in p for p in problems), problems
 
 
 def test_validator_and_converter_catch_a_missing_widget_value():

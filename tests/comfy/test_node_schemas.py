@@ -1,0 +1,119 @@
+"""What a ComfyUI user sees of every VersaT2I node, read from the definitions real ComfyUI serves
+(``GET_NODE_INFO_V1``, the ``/object_info`` entry the frontend builds the node from). Skipped
+without COMFYUI_PATH.
+
+Every node explains itself (display name, description), every input and output has a tooltip,
+every output a name of its own, and no node of ours changes its own inputs after a queue: frontend
+1.27 gives an INT a "control after generate" widget defaulting to "randomize" when the definition
+asks for one, or when it says nothing and the input is named ``seed`` / ``noise_seed``
+(``useIntWidget``: ``control_after_generate ?? ['seed', 'noise_seed'].includes(name)``). A
+randomized seed would make every queue train the LoRAs and the gate again and draw new candidates.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.comfy
+
+EXPECTED_NODES = {"VersaT2I_GenerateCandidates", "VersaT2I_LoadScorers", "VersaT2I_ScoreImages",
+                  "VersaT2I_FilterBestPerPrompt", "VersaT2I_SaveTrainingSet", "VersaT2I_TrainAspectLoRA",
+                  "VersaT2I_TrainGate", "VersaT2I_GatedMultiLoRALoader", "VersaT2I_LoopReport"}
+
+
+def node_inputs(info: dict) -> dict[str, tuple]:
+    """name -> (type, options) of every visible input of an /object_info entry."""
+    return {name: (spec[0], spec[1] if len(spec) > 1 else {})
+            for group in ("required", "optional") for name, spec in info["input"].get(group, {}).items()}
+
+
+def gets_control_widget(name: str, io_type, options: dict) -> bool:
+    """The frontend 1.27 rule (module docstring); COMBOs get one only when they ask for it."""
+    if io_type == "INT":
+        flag = options.get("control_after_generate")
+        return bool(flag) if flag is not None else name in ("seed", "noise_seed")
+    return bool(options.get("control_after_generate"))
+
+
+@pytest.fixture(scope="module")
+def infos(comfy_nodes):
+    return {node_id: node.GET_NODE_INFO_V1() for node_id, node in comfy_nodes.items()}
+
+
+def test_every_node_of_the_pack_is_covered(comfy_nodes):
+    assert set(comfy_nodes) == EXPECTED_NODES
+
+
+@pytest.mark.parametrize("node_id", sorted(EXPECTED_NODES))
+def test_node_has_a_display_name_description_and_category(infos, node_id):
+    info = infos[node_id]
+    assert info["display_name"] and info["display_name"] != node_id
+    assert info["category"].startswith("VersaT2I/")
+    assert len(info["description"]) >= 60, f"{node_id}: the description does not say what the node does"
+
+
+@pytest.mark.parametrize("node_id", sorted(EXPECTED_NODES))
+def test_every_input_has_a_tooltip(infos, node_id):
+    inputs = node_inputs(infos[node_id])
+    assert inputs
+    missing = [name for name, (_, options) in inputs.items() if not str(options.get("tooltip") or "").strip()]
+    assert missing == [], f"{node_id}: inputs without a tooltip: {missing}"
+
+
+@pytest.mark.parametrize("node_id", sorted(EXPECTED_NODES))
+def test_every_output_has_a_name_and_a_tooltip(comfy_nodes, infos, node_id):
+    info = infos[node_id]
+    assert info["output"], f"{node_id} has no output"
+    assert len(info["output_tooltips"]) == len(info["output"])
+    missing = [name for name, tip in zip(info["output_name"], info["output_tooltips"]) if not str(tip or "").strip()]
+    assert missing == [], f"{node_id}: outputs without a tooltip: {missing}"
+    # Without a display name the frontend labels an output with its type ("IMAGE", "STRING"): say what it is.
+    unnamed = [o.io_type for o in comfy_nodes[node_id].define_schema().outputs if not o.display_name]
+    assert unnamed == [], f"{node_id}: outputs without a display name: {unnamed}"
+    names = info["output_name"]
+    assert len(set(names)) == len(names), f"{node_id}: two outputs share a name: {names}"
+
+
+@pytest.mark.parametrize("node_id", sorted(EXPECTED_NODES))
+def test_no_input_changes_itself_after_a_queue(infos, node_id):
+    controlled = [name for name, (io_type, options) in node_inputs(infos[node_id]).items()
+                  if gets_control_widget(name, io_type, options)]
+    assert controlled == [], f"{node_id}: the frontend adds 'control after generate' (randomize) to {controlled}"
+
+
+def test_the_rule_above_matches_the_frontend_default_for_a_plain_seed(comfy):
+    """Guard for the test above: a seed that says nothing gets the control widget (this is the core
+    KSampler's case), one that says False does not."""
+    import nodes as comfy_core_nodes
+
+    ksampler = comfy_core_nodes.KSampler.INPUT_TYPES()["required"]["seed"]
+    assert gets_control_widget("seed", ksampler[0], ksampler[1])
+    assert not gets_control_widget("seed", "INT", {"control_after_generate": False})
+    assert not gets_control_widget("steps", "INT", {})
+
+
+def test_train_gate_takes_four_linkable_lora_sockets_and_the_list(infos):
+    info = infos["VersaT2I_TrainGate"]
+    optional = info["input"]["optional"]
+    for name in ("lora_1", "lora_2", "lora_3", "lora_4"):
+        io_type, options = optional[name]
+        # A socket only (no text box): Train Aspect LoRA's lora_name output links into it.
+        assert io_type == "STRING" and options.get("forceInput") is True, (name, options)
+    # The list stays a required text widget in its old place, so saved workflows keep their values.
+    assert info["input_order"]["required"][:3] == ["dataset", "ckpt_name", "loras"]
+    assert info["input"]["required"]["loras"][1].get("multiline") is True
+
+
+@pytest.mark.parametrize("node_id, combo_after_seed", [("VersaT2I_TrainAspectLoRA", "lr_scheduler"),
+                                                       ("VersaT2I_TrainGate", "mixed_precision")])
+def test_a_save_from_before_the_seed_lost_its_control_box_gets_a_hint(comfy_nodes, infos, node_id, combo_after_seed):
+    """The frontend assigns saved widget values by position: in a node saved when its seed still had
+    a control box, the control value ('fixed') lands in the widget after seed, a combo the node
+    checks when queued. The refusal then says what happened."""
+    info = infos[node_id]
+    widgets = [name for group in ("required", "optional") for name in info["input_order"].get(group, [])
+               if not info["input"][group][name][1].get("forceInput")]
+    assert widgets[widgets.index("seed") + 1] == combo_after_seed
+    message = comfy_nodes[node_id].validate_inputs(**{combo_after_seed: "fixed"})
+    assert isinstance(message, str) and "older version" in message and "moved by one" in message
+    assert "older version" not in comfy_nodes[node_id].validate_inputs(**{combo_after_seed: "fast"})

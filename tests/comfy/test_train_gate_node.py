@@ -1,0 +1,97 @@
+"""Train Gate's LoRA inputs in real ComfyUI (skipped without COMFYUI_PATH): the four sockets
+lora_1..lora_4 (what a workflow links Train Aspect LoRA outputs into) and the ``loras`` list (typed
+names, or more than four) are joined in that order into the gate's experts. No training here: the
+node's inputs are resolved against ComfyUI's folders (empty placeholder files), and the run
+fingerprint shows that linking and typing the same LoRAs is the same run. Training through the
+node is in test_gated_loader.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+pytestmark = pytest.mark.comfy
+
+ASPECTS = ("aesthetics", "alignment", "geometry", "lowlevel", "style")
+SETTINGS = {"granularity": "token", "balance_loss": "mole", "balance_weight": 0.01, "steps": 5,
+            "learning_rate": 1e-3, "batch_size": 1, "resolution": 64, "seed": 0}
+
+
+@pytest.fixture
+def train_gate(comfy, comfy_dirs):
+    """The node module, with a checkpoint, five LoRA files and a training set in ComfyUI's folders."""
+    import folder_paths
+    from versat2i.nodes import train_gate
+
+    (comfy_dirs["models"] / "checkpoints").mkdir()
+    (comfy_dirs["models"] / "checkpoints" / "base.safetensors").write_bytes(b"checkpoint")
+    loras = comfy_dirs["models"] / "loras" / "versat2i"
+    loras.mkdir(parents=True)
+    for aspect in ASPECTS:
+        (loras / f"loop_{aspect}.safetensors").write_bytes(aspect.encode())
+    (comfy_dirs["output"] / "versat2i" / "loop" / "10_aesthetics").mkdir(parents=True)
+    folder_paths.filename_list_cache.clear()
+    return train_gate
+
+
+def lora(aspect: str) -> str:
+    return f"versat2i/loop_{aspect}.safetensors"
+
+
+def resolved_names(train_gate, loras: str = "", **sockets) -> list[str]:
+    linked = [sockets.get(name) for name in train_gate.LORA_SOCKETS]
+    paths = train_gate.resolve_paths("versat2i/loop", "base.safetensors", loras, "loop", linked)
+    return [path.name for path in paths["loras"]]
+
+
+def test_sockets_come_first_in_their_order_then_the_list(train_gate):
+    names = resolved_names(train_gate, loras=f"{lora('style')}\n# a comment\n\n",
+                           lora_1=lora("aesthetics"), lora_2=lora("alignment"), lora_4=lora("lowlevel"))
+    # An unconnected socket (lora_3) is skipped; the typed list follows the sockets.
+    assert names == ["loop_aesthetics.safetensors", "loop_alignment.safetensors", "loop_lowlevel.safetensors",
+                     "loop_style.safetensors"]
+
+
+def test_the_list_alone_works_as_before(train_gate):
+    # Saved workflows that join the names into `loras` (newlines or commas) keep working.
+    assert resolved_names(train_gate, loras=f"{lora('geometry')}, {lora('aesthetics')}") == [
+        "loop_geometry.safetensors", "loop_aesthetics.safetensors"]
+
+
+def test_the_mol_file_goes_next_to_the_loras(train_gate, comfy_dirs):
+    linked = [lora("aesthetics"), lora("geometry"), None, None]
+    paths = train_gate.resolve_paths("versat2i/loop", "base.safetensors", "", "loop", linked)
+    assert paths["mol"] == (comfy_dirs["models"] / "loras" / "versat2i" / "loop.mol.safetensors").resolve()
+    assert train_gate.mol_combo_name(paths["mol"]) == "versat2i/loop.mol.safetensors"
+
+
+@pytest.mark.parametrize("loras, sockets, message", [
+    ("", {"lora_1": lora("aesthetics")}, "at least two aspect LoRAs"),
+    ("", {}, "connect Train Aspect LoRA's lora_name"),
+    (lora("aesthetics"), {"lora_1": lora("aesthetics")}, "given twice"),
+    ("", {"lora_1": lora("aesthetics"), "lora_2": "versat2i/missing.safetensors"}, "is not in models/loras"),
+    ("", {"lora_1": lora("aesthetics"), "lora_2": "versat2i//loop_aesthetics.safetensors"},
+     "given already"),
+])
+def test_bad_lora_inputs_name_the_input_and_the_fix(train_gate, loras, sockets, message):
+    with pytest.raises(ValueError, match=message):
+        resolved_names(train_gate, loras=loras, **sockets)
+
+
+def test_linking_or_typing_the_same_loras_is_the_same_run(train_gate):
+    """ComfyUI's cache key (fingerprint_inputs) depends on which LoRAs, in which order, not on
+    whether they were linked or typed: the finished MoL file is reused either way."""
+    node = train_gate.TrainGate
+    linked = node.fingerprint_inputs("versat2i/loop", "base.safetensors", "", "loop",
+                                     lora_1=lora("aesthetics"), lora_2=lora("geometry"), **SETTINGS)
+    typed = node.fingerprint_inputs("versat2i/loop", "base.safetensors", f"{lora('aesthetics')}\n{lora('geometry')}",
+                                    "loop", lora_3=None, **SETTINGS)
+    swapped = node.fingerprint_inputs("versat2i/loop", "base.safetensors", "", "loop",
+                                      lora_1=lora("geometry"), lora_2=lora("aesthetics"), **SETTINGS)
+    assert isinstance(linked, tuple) and linked == typed
+    assert swapped != linked  # the order is the gate's expert order
+    invalid = node.fingerprint_inputs("versat2i/loop", "base.safetensors", "", "loop", lora_1=lora("geometry"),
+                                      **SETTINGS)
+    assert math.isnan(invalid)  # run again, so that execute reports the problem
