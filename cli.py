@@ -23,14 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module_name in SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(module_name, __package__)
-        except ModuleNotFoundError as exc:
-            # An area not built yet must not break the others; a missing *dependency* must.
-            if exc.name and exc.name.startswith((__package__ or "versat2i") + "."):
-                continue
-            raise
-        module.add_subcommands(subparsers)
+        importlib.import_module(module_name, __package__).add_subcommands(subparsers)
     return parser
 
 

@@ -165,28 +165,22 @@ def evaluate(components: dict, device: torch.device, seed: int = 1234) -> dict[s
 
 
 def save(components: dict, folder: Path, overwrite: bool, info: dict) -> None:
-    """Write the pipeline folder atomically (temp name, then rename)."""
-    if folder.exists() and not overwrite:
-        raise FileExistsError(f"{folder} exists; pass --overwrite to replace it")
-    temp = folder.with_name(folder.name + ".tmp")
-    if temp.exists():
-        import shutil
+    """Write the pipeline folder atomically (``safe_io.atomic_dir``: a hidden temporary folder,
+    renamed when complete; an existing folder is replaced only with ``overwrite``)."""
+    from ..safe_io import atomic_dir
 
-        shutil.rmtree(temp)
     pipe = model.build_pipeline({k: (copy.deepcopy(v).to("cpu") if k in ("unet", "vae", "text_encoder") else v)
                                  for k, v in components.items()})
-    pipe.save_pretrained(temp, safe_serialization=True)
-    model.write_slow_tokenizer_files(pipe.tokenizer, temp / "tokenizer")
-    (temp / "training.json").write_text(json.dumps(info, indent=2) + "\n")
-    if folder.exists():
-        import shutil
-
-        shutil.rmtree(folder)
-    temp.rename(folder)
+    with atomic_dir(folder, overwrite=overwrite, what="demo base model") as temp:
+        pipe.save_pretrained(temp, safe_serialization=True)
+        model.write_slow_tokenizer_files(pipe.tokenizer, temp / "tokenizer")
+        (temp / "training.json").write_text(json.dumps(info, indent=2) + "\n")
     logger.info("saved %s", folder)
 
 
 def main(args: argparse.Namespace) -> dict:
+    if args.output.exists() and not args.overwrite:  # before hours of training, not after
+        raise FileExistsError(f"--output {args.output} exists; choose another folder or pass --overwrite to replace it")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(args.seed)

@@ -299,6 +299,10 @@ class LoopConfig(ConfigFile):
         prompts = self.held_out_prompts()
         return prompts + self.train_prompts() if self.evaluation.include_train_prompts else prompts
 
+    def candidate_base_seed(self, round_number: int) -> int:
+        """Seed of round ``round_number``'s first candidate: every round samples with new seeds."""
+        return self.prompts.seed + (round_number - 1) * len(self.train_prompts()) * self.prompts.candidates_per_prompt
+
     def evaluation_seeds(self) -> list[int]:
         return [self.evaluation.seed + s for s in range(self.evaluation.seeds_per_prompt)]
 

@@ -41,7 +41,7 @@ RUN_DIR = "run"
 REPLAY_PER_PROMPT = 1
 GENERATION_BATCH = 64  # images sampled at once (the demo model is tiny; larger batches are faster)
 # Two training processes of one thread each beat one of two threads on these tiny models
-# (H7's timings: 5.5 vs 4.3 steps/s), and the demo targets 2 cores.
+# (measured on 2 cores: 5.5 vs 4.3 steps/s), and the demo targets 2 cores.
 PARALLEL_TRAINING_JOBS = 2
 THREADS_PER_TRAINING_JOB = 1
 # Evaluation: every prompt (the 15 held-out and the 39 loop prompts) gets the same seeds, which the
@@ -70,7 +70,7 @@ def demo_config(out: str | Path) -> LoopConfig:
         aspects=dict(settings.SCORERS),
         dataset=DatasetSection(repeats=1, replay_dir=str(out / REPLAY_DIR), replay_fraction=settings.REPLAY_FRACTION),
         lora=dict(settings.LORA),
-        gate=dict(getattr(settings, "GATE", {})),  # the gate trainer's defaults unless demo/settings.py sets GATE
+        gate=dict(settings.GATE),
         training=TrainingSection(parallel_jobs=PARALLEL_TRAINING_JOBS, threads_per_job=THREADS_PER_TRAINING_JOB,
                                  cpu=True),
         evaluation=EvaluationSection(seeds_per_prompt=EVAL_SEEDS_PER_PROMPT, seed=settings.EVAL_SEED_HELD_OUT_PROMPTS,

@@ -14,7 +14,8 @@ LoRA loaders load them), and each round's report compares that round's variants 
 Resuming: every step (a stage, or one unit of it: one aspect's LoRA, one evaluation variant)
 publishes its output atomically and then writes a marker ``markers/round-<r>/<step>.json`` with the
 fingerprint of its inputs: its settings (``stage_settings``) plus the identity (relative path,
-size, mtime) of the files it read (the upstream outputs, the base model). A re-run skips a step
+size, mtime) of the files it read (the upstream outputs, the base model and its config folder, the
+scorers' weight folders). A re-run skips a step
 whose marker matches and whose outputs exist, and redoes every other step: an unfinished step
 starts over (a LoRA or gate training resumes from its last checkpoint through ``train_or_reuse`` /
 ``train_gate_or_reuse``), and a changed input (settings, a curated training set) redoes that step
@@ -144,6 +145,20 @@ def identity(*paths: Path) -> list:
     from ..trainer.train_lora import tree_identity
 
     return [[path.name, tree_identity(path)] for path in paths]
+
+
+def model_identity(config: LoopConfig) -> list:
+    """The identity of what loading the base model reads: the checkpoint and, for a single file, the
+    config folder in effect (``model_config_dir`` or a ``<stem>.configs/`` sidecar)."""
+    from ..trainer.model_loading import model_source_paths
+
+    return identity(*model_source_paths(config.model.base_model, config.model.model_config_dir or None))
+
+
+def scorer_weights_identity(config: LoopConfig) -> list:
+    """The identity of the folders the scorers load their weights from: a weight file replaced under
+    the same name changes the scores, so the steps that score are redone."""
+    return identity(*(Path(folder) for folder in config.scoring.models_dir))
 
 
 def stage_settings(config: LoopConfig, stage: str) -> dict[str, Any]:
@@ -322,7 +337,7 @@ class LoopRound:
         config, paths, step = self.config, self.paths, self.step("generate")
         prompts = config.train_prompts()
         k = config.prompts.candidates_per_prompt
-        inputs = identity(Path(config.model.base_model))
+        inputs = model_identity(config)
         adapters_for = None
         if self.previous is not None:  # sample with the previous round's mixture
             previous_loras = [self.previous.lora(a) for a in self.aspects]
@@ -330,7 +345,7 @@ class LoopRound:
             adapters_for = round_adapters("gated", loras=previous_loras, mixture=mixture,
                                           gate_mode=config.evaluation.gate_mode)
             inputs += identity(*previous_loras, *([mixture] if mixture else []))
-        base_seed = config.prompts.seed + (self.number - 1) * len(prompts) * k
+        base_seed = config.candidate_base_seed(self.number)
         self.ledger.run(step, settings={**stage_settings(config, "generate"), "base_seed": base_seed}, inputs=inputs,
                         outputs=[paths.candidates], work=lambda: generate_images(
                             config, paths.candidates, prompts, k=k, base_seed=base_seed, adapters_for=adapters_for,
@@ -345,7 +360,8 @@ class LoopRound:
                                  progress=self._progress(step), show_progress=self.show_progress)
             return {"images": len(table), "mean": {a: sum(v) / len(v) for a, v in table.scores.items()}}
 
-        self.ledger.run(step, settings=stage_settings(config, "score"), inputs=identity(paths.candidates),
+        self.ledger.run(step, settings=stage_settings(config, "score"),
+                        inputs=identity(paths.candidates) + scorer_weights_identity(config),
                         outputs=[paths.scores], work=work)
 
     def filter(self) -> None:
@@ -361,7 +377,7 @@ class LoopRound:
         """One LoRA per aspect, ``[training] parallel_jobs`` at a time (each job is its own step)."""
         config, paths = self.config, self.paths
         settings = stage_settings(config, "train")
-        inputs = identity(paths.training_set, Path(config.model.base_model))
+        inputs = identity(paths.training_set) + model_identity(config)
 
         def job(aspect: str):
             def run(cancelled: threading.Event):
@@ -383,7 +399,7 @@ class LoopRound:
         loras = {a: paths.lora(a) for a in self.aspects}
         try:
             self.ledger.run(self.step("gate"), settings=stage_settings(config, "gate"),
-                            inputs=identity(paths.training_set, Path(config.model.base_model), *loras.values()),
+                            inputs=identity(paths.training_set) + model_identity(config) + identity(*loras.values()),
                             outputs=[paths.mixture],
                             work=lambda: train_gate(config, paths, loras, on_event=self._train_event))
         finally:
@@ -393,12 +409,13 @@ class LoopRound:
         """Every variant on the evaluation grid (one step each), then ``variants.json``."""
         config, paths = self.config, self.paths
         settings = stage_settings(config, "evaluate")
-        model = identity(Path(config.model.base_model))
+        read_by_every_variant = model_identity(config) + scorer_weights_identity(config)
         variants = evaluation_variants(config)
         for variant in variants:
             step = self.step(f"evaluate/{variant.dir}")
             self.ledger.run(step, settings={**settings, "variant": variant.name},
-                            inputs=model + identity(*self._variant_files(variant)), outputs=[paths.eval / variant.dir],
+                            inputs=read_by_every_variant + identity(*self._variant_files(variant)),
+                            outputs=[paths.eval / variant.dir],
                             work=lambda v=variant, s=step: evaluate_variant(
                                 config, v, paths, self.scorers(), progress=self._progress(s),
                                 show_progress=self.show_progress))
@@ -487,8 +504,7 @@ def _expected_settings(config: LoopConfig, step: str) -> dict[str, Any] | None:
     stage = _stage_of(step)
     settings = stage_settings(config, stage)
     if stage == "generate":
-        k = config.prompts.candidates_per_prompt
-        settings = {**settings, "base_seed": config.prompts.seed + (int(number) - 1) * len(config.train_prompts()) * k}
+        settings = {**settings, "base_seed": config.candidate_base_seed(int(number))}
     elif stage == "train":
         aspect = rest.split("/", 1)[1] if "/" in rest else None
         if aspect not in config.aspects:

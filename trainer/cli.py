@@ -178,7 +178,9 @@ def add_mix_subcommand(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--cfg", type=float, default=7.0)
     parser.add_argument("--size", type=int, default=None, help="image side (default: the model's native resolution)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--scheduler", default="euler", choices=["euler", "ddim", "dpm++"])
+    parser.add_argument("--scheduler", default="euler",
+                        help="sampler: euler (default), default (the checkpoint's), ddim, ddpm, pndm, euler_a, heun, "
+                             "lms, dpmpp_2m, dpmpp_2m_karras, unipc (as `versat2i generate`)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:1...")
     parser.add_argument("--out", required=True, type=Path, help="output folder for <index>.png")
     parser.add_argument("--overwrite", action="store_true")
@@ -188,13 +190,14 @@ def add_mix_subcommand(subparsers: argparse._SubParsersAction) -> None:
 def run_mix(args: argparse.Namespace) -> int:
     import torch
 
+    from ..loop.generate import build_pipeline, resolve_device
     from ..safe_io import atomic_file
-    from .mix_diffusers import build_pipeline, load_mixture, prompt_context
+    from .mix_diffusers import load_mixture, prompt_context
     from .model_loading import load_base_model
 
     base = load_base_model(args.base_model, config_dir=args.model_config_dir, compute_hash=False)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    pipe = build_pipeline(base, args.scheduler).to(device)
+    device = resolve_device(args.device)
+    pipe = build_pipeline(base, scheduler=args.scheduler, device=device)
     disabled = [a.strip() for a in args.disable_aspects.split(",") if a.strip()]
     mol, mixture = load_mixture(base, args.mol, strength=args.strength)
     enabled = [a for a in mol.aspects if a not in disabled] if disabled else None

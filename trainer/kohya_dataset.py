@@ -174,16 +174,18 @@ class KohyaDataset(torch.utils.data.Dataset):
     """One example per unique image; ``BucketBatchSampler`` applies the repeats.
 
     Items are requested as ``(index, flip)`` pairs. An example is a dict with ``pixel_values``
-    ([3,H,W] in -1..1) or, once cached, ``latents`` ([C,H/8,W/8], scaled), plus ``caption``,
+    ([3,H,W] in -1..1) or, once cached, ``latents`` ([C,H/s,W/s], scaled; ``s = latent_scale``, the
+    VAE's downsampling factor: 8 for Stable Diffusion, 1 for the demo world's), plus ``caption``,
     ``original_size`` (h, w), ``crop_top_left`` (top, left), ``target_size`` (h, w) for SDXL's
     micro-conditioning, and the cached text embeddings when present.
     """
 
     def __init__(self, images: Sequence[TrainingImage], *, resolution: int, bucketing: bool = True,
-                 bucket_step: int = 64, bucket_max_aspect: float = 2.0):
+                 bucket_step: int = 64, bucket_max_aspect: float = 2.0, latent_scale: int = 8):
         if not images:
             raise ValueError("the training set is empty")
         self.images = list(images)
+        self.latent_scale = latent_scale
         if bucketing:
             buckets = make_buckets(resolution, bucket_step, bucket_max_aspect)
             self.bucket_of = [assign_bucket(im.size, buckets) for im in self.images]
@@ -247,7 +249,7 @@ class KohyaDataset(torch.utils.data.Dataset):
             logger.warning("ignoring %s: %s", item.latents_path, exc)
             return None
         width, height = self.bucket_of[index]
-        if latents.ndim != 3 or tuple(latents.shape[1:]) != (height // 8, width // 8):
+        if latents.ndim != 3 or tuple(latents.shape[1:]) != (height // self.latent_scale, width // self.latent_scale):
             return None
         return latents.float()
 

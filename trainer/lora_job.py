@@ -1,6 +1,7 @@
 """Train a LoRA once: reuse the finished file when nothing changed, else run (or resume) the trainer.
 
-This is the Train Aspect LoRA node's logic without ComfyUI, so it is tested directly:
+This is the Train Aspect LoRA node's logic without ComfyUI, so it is tested directly (the gate
+trainer's ``train_gate_or_reuse`` goes through the same steps, with the helpers below):
 
 * The inputs' fingerprint (settings + base model and dataset identity, ``train_lora.lora_run_fingerprint``)
   is stored in the LoRA's metadata. Re-queuing identical inputs finds the file with the same
@@ -97,27 +98,66 @@ def check_base_model(config: LoraTrainConfig) -> None:
         raise ValueError(f"base_model {path}: arch={config.arch!r} was requested but the checkpoint is {detected}")
 
 
+def reuse_finished(output: Path, fingerprint: str, read_finished) -> tuple[Path, list[tuple[int, float]]] | None:
+    """``(output, loss curve)`` when ``output`` exists and records ``fingerprint`` (``read_finished``
+    reads a file's ``(fingerprint, curve)``), else None."""
+    if not output.is_file():
+        return None
+    stored, curve = read_finished(output)
+    if stored != fingerprint:
+        return None
+    logger.info("%s was trained from these inputs already; not training again", output)
+    return output, curve
+
+
+def with_run_folder(config, runs_root: str | Path, run_name: str, fingerprint: str, *, what: str):
+    """``config`` with its work folder ``<runs_root>/<run_name>-<fingerprint[:12]>``: one per set of
+    inputs, so a cancelled run resumes when queued again and a changed setting never resumes another
+    run's checkpoints."""
+    from ..safe_io import confined_path
+
+    return config.replace(work_dir=str(confined_path(runs_root, f"{run_name}-{fingerprint[:12]}", what=what)))
+
+
+def launch_in_work_dir(config, *, program: str, options: LaunchOptions | None = None,
+                       env: Mapping[str, str] | None = None, on_event: Callable[[dict], None] | None = None,
+                       check_cancel: Callable[[], bool] | None = None, before_launch: Callable[[], None] | None = None,
+                       on_start=None):
+    """Save ``config`` into its work folder and run ``program`` on it in a child process, resuming the
+    folder's latest checkpoint. A failed run that produced no checkpoint leaves no work folder behind
+    (a folder with checkpoints is kept: the next run resumes from it)."""
+    from .train_lora import checkpoint_dirs
+
+    work_dir = Path(config.work_dir)
+    created = not work_dir.exists()
+    config_path = config.save(work_dir / CONFIG_FILE_NAME)
+    if before_launch is not None:
+        before_launch()
+    try:
+        return run_training(["--config", str(config_path), "--resume", "latest"], program=program,
+                            options=options or LaunchOptions(), env=env, on_event=on_event, check_cancel=check_cancel,
+                            output_log=work_dir / "train_output.log", on_start=on_start)
+    except BaseException:
+        if created and not checkpoint_dirs(work_dir):
+            shutil.rmtree(work_dir, ignore_errors=True)
+        raise
+
+
 def prepare_lora_job(config: LoraTrainConfig, runs_root: str | Path | None = None
                      ) -> tuple[LoraTrainConfig, str, LoraJobResult | None]:
     """(config with its work folder, fingerprint, finished result or None). Raises ValueError for bad
     settings or data, and when the output exists from other inputs without ``overwrite``."""
-    from ..safe_io import confined_path
     from .kohya_dataset import scan_training_set
     from .train_lora import lora_run_fingerprint
 
     config.validate(check_paths=False)
     fingerprint = lora_run_fingerprint(config)
-    output = config.output_path
-    if output.is_file():
-        stored, curve = read_finished_lora(output)
-        if stored == fingerprint:
-            logger.info("%s was trained from these inputs already; not training again", output)
-            return config, fingerprint, LoraJobResult(lora_path=output, loss_curve=curve, reused=True)
+    finished = reuse_finished(config.output_path, fingerprint, read_finished_lora)
+    if finished is not None:
+        return config, fingerprint, LoraJobResult(*finished, reused=True)
     if runs_root is not None:
-        stem = Path(config.output_name).with_suffix("").as_posix() if config.output_name.endswith(".safetensors") \
-            else config.output_name
-        work_dir = confined_path(runs_root, f"{stem}-{fingerprint[:12]}", what="LoRA name")
-        config = config.replace(work_dir=str(work_dir))
+        name = config.output_name.removesuffix(".safetensors")
+        config = with_run_folder(config, runs_root, name, fingerprint, what="LoRA name")
     config.validate()
     scan_training_set(config.dataset_dir, config.aspect)  # empty / unreadable data: error now, nothing written
     check_base_model(config)
@@ -130,27 +170,15 @@ def train_or_reuse(config: LoraTrainConfig, *, runs_root: str | Path | None = No
                    before_launch: Callable[[], None] | None = None, on_start=None) -> LoraJobResult:
     """The finished LoRA for ``config``: reused when its fingerprint matches, else trained (resuming
     the latest checkpoint of an earlier, interrupted run with the same inputs)."""
+    from .launcher import TRAIN_LORA_PROGRAM
+
     config, _fingerprint, finished = prepare_lora_job(config, runs_root)
     if finished is not None:
         return finished
-    work_dir = Path(config.work_dir)
-    created = not work_dir.exists()
-    config_path = config.save(work_dir / CONFIG_FILE_NAME)
-    if before_launch is not None:
-        before_launch()
-    try:
-        result = run_training(["--config", str(config_path), "--resume", "latest"], options=options or LaunchOptions(),
-                              env=env,
-                              on_event=on_event, check_cancel=check_cancel, output_log=work_dir / "train_output.log",
-                              on_start=on_start)
-    except BaseException:
-        # Keep a folder with checkpoints (resume); drop one this call created and nothing useful came of.
-        from .train_lora import checkpoint_dirs
-
-        if created and not checkpoint_dirs(work_dir):
-            shutil.rmtree(work_dir, ignore_errors=True)
-        raise
+    result = launch_in_work_dir(config, program=TRAIN_LORA_PROGRAM, options=options, env=env, on_event=on_event,
+                                check_cancel=check_cancel, before_launch=before_launch, on_start=on_start)
     return LoraJobResult(lora_path=result.lora_path, loss_curve=result.losses, reused=False, events=result.events)
 
 
-__all__ = ["LoraJobResult", "TrainingFailed", "prepare_lora_job", "read_finished_lora", "train_or_reuse"]
+__all__ = ["LoraJobResult", "TrainingFailed", "launch_in_work_dir", "prepare_lora_job", "read_finished_lora",
+           "reuse_finished", "train_or_reuse", "with_run_folder"]

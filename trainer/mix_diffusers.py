@@ -66,15 +66,12 @@ class MixtureLayer:
 
 
 def mixture_layers(base, loras: Sequence[Mapping[str, torch.Tensor]]) -> list[MixtureLayer]:
-    """Group the kohya LoRAs' factors by module of ``base`` (H5a's ``BaseModel``), sorted by
-    kohya name. Names are mapped by ``lora_io.kohya_to_peft`` (diffusers' converters); its
-    ``LoraWeights`` hold the state dict's own tensors, so each module's kohya name is found by
-    tensor identity."""
+    """Group the kohya LoRAs' factors by module of ``base`` (a ``model_loading.BaseModel``), sorted
+    by kohya name. Names are mapped by ``lora_io.kohya_to_peft`` (diffusers' converters)."""
     from .lora_io import get_lora_target, kohya_to_peft
 
     layers: dict[str, MixtureLayer] = {}
     for index, state_dict in enumerate(loras):
-        name_of_tensor = {id(t): k.split(".", 1)[0] for k, t in state_dict.items() if k.endswith(".lora_down.weight")}
         for key, weights in kohya_to_peft(state_dict, base).items():
             module = get_lora_target(base, key)
             if isinstance(module, torch.nn.Conv2d) and (tuple(module.kernel_size) != (1, 1) or module.groups != 1):
@@ -82,8 +79,7 @@ def mixture_layers(base, loras: Sequence[Mapping[str, torch.Tensor]]) -> list[Mi
                                  "mixture handles Linear and 1x1 Conv2d layers (attention / feed-forward LoRAs)")
             layer = layers.get(key)
             if layer is None:
-                name = name_of_tensor.get(id(weights.down), key)
-                layer = layers[key] = MixtureLayer(name, key, module, [None] * len(loras))
+                layer = layers[key] = MixtureLayer(weights.kohya_name, key, module, [None] * len(loras))
             layer.experts[index] = ExpertLoRA(down=weights.down, up=weights.up, scale=weights.scale)
     return sorted(layers.values(), key=lambda layer: layer.name)
 
@@ -279,31 +275,6 @@ class MixtureAdapters:
             yield pipe
         finally:
             mixture.remove()
-
-
-def build_pipeline(base, scheduler: str = "euler"):
-    """A diffusers text-to-image pipeline from H5a's ``BaseModel`` components."""
-    from diffusers import (
-        DDIMScheduler,
-        DPMSolverMultistepScheduler,
-        EulerDiscreteScheduler,
-        StableDiffusionPipeline,
-        StableDiffusionXLPipeline,
-    )
-
-    schedulers = {"euler": EulerDiscreteScheduler, "ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler}
-    if scheduler not in schedulers:
-        raise ValueError(f"scheduler {scheduler!r}: choose one of {', '.join(schedulers)}")
-    if base.vae is None:
-        raise ValueError(f"base model {base.source_path}: has no VAE; `versat2i mix` needs a checkpoint with its VAE")
-    sampler = schedulers[scheduler].from_config(base.noise_scheduler.config)
-    if base.arch == "sdxl":
-        return StableDiffusionXLPipeline(vae=base.vae, text_encoder=base.text_encoders[0], text_encoder_2=base.text_encoders[1],
-                                         tokenizer=base.tokenizers[0], tokenizer_2=base.tokenizers[1], unet=base.unet,
-                                         scheduler=sampler)
-    return StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoders[0], tokenizer=base.tokenizers[0],
-                                   unet=base.unet, scheduler=sampler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
 
 
 def prompt_context(base, prompt: str, device) -> torch.Tensor:

@@ -316,6 +316,22 @@ def sidecar_config_dir(checkpoint: str | os.PathLike) -> Path | None:
     return folder
 
 
+def model_source_paths(path: str | os.PathLike, config_dir: str | os.PathLike | None = None) -> list[Path]:
+    """What ``load_base_model(path, config_dir=...)`` reads from disk: the checkpoint (file or
+    folder), plus the config folder in effect for a single file (``config_dir``, else a sidecar
+    ``<stem>.configs/``). Fingerprints hash these, so editing a sidecar config retrains like
+    replacing the checkpoint does. Never raises: a broken sidecar is the loader's error to report."""
+    source = Path(path).expanduser()
+    paths = [source]
+    if config_dir:
+        paths.append(Path(config_dir))
+    elif not source.is_dir():
+        sidecar = source.with_name(source.stem + SIDECAR_CONFIG_SUFFIX)
+        if sidecar.is_dir():
+            paths.append(sidecar)
+    return paths
+
+
 def _resolve_config_dir(arch: str, config_dir: str | os.PathLike | None) -> Path:
     folder = Path(config_dir) if config_dir is not None else CONFIG_ROOT / arch
     if not (folder / "unet" / "config.json").is_file():

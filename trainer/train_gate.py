@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,10 +32,25 @@ from typing import Any
 
 import torch
 
-from .config import ImageTrainingConfig, _choice, _positive_float
+from .config import ImageTrainingConfig, require_choice, require_positive
 from .events import EventWriter
 from .gate import BALANCE_KINDS, GRANULARITIES, GateUsage
 from .mol_file import MOL_SUFFIX
+from .train_lora import (
+    CHECKPOINT_DIR_NAME,
+    LOG_FILE_NAME,
+    TrainingProgress,
+    base_model_identity,
+    compute_loss,
+    loss_curve_points,
+    loss_history_from_log,
+    noised_latents,
+    prepare_training_data,
+    run_training_program,
+    save_checkpoint,
+    tree_identity,
+    unet_conditioning,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -74,11 +88,11 @@ class GateTrainConfig(ImageTrainingConfig):
 
     def problems(self, *, check_paths: bool = True) -> list[str]:
         p = super().problems(check_paths=check_paths)
-        _choice(p, "granularity", self.granularity, GRANULARITIES)
-        _choice(p, "balance_loss", self.balance_loss, BALANCE_KINDS)
+        require_choice(p, "granularity", self.granularity, GRANULARITIES)
+        require_choice(p, "balance_loss", self.balance_loss, BALANCE_KINDS)
         if not math.isfinite(self.balance_weight) or self.balance_weight < 0:
             p.append(f"balance_weight={self.balance_weight}: must be >= 0 (0.01 is usual; 0 = no balancing)")
-        _positive_float(p, "temperature", self.temperature)
+        require_positive(p, "temperature", self.temperature)
         if not 0.0 <= self.prior_decay < 1.0:
             p.append(f"prior_decay={self.prior_decay}: must be in [0, 1)")
         if len(self.loras) < 2:
@@ -100,10 +114,7 @@ class GateTrainConfig(ImageTrainingConfig):
 
 
 def gate_run_fingerprint(config: GateTrainConfig) -> str:
-    from .train_lora import tree_identity  # (path, size, mtime) rows
-
-    return config.fingerprint(base_model=tree_identity(Path(config.base_model)),
-                              dataset=tree_identity(Path(config.dataset_dir)),
+    return config.fingerprint(**base_model_identity(config), dataset=tree_identity(Path(config.dataset_dir)),
                               loras=[tree_identity(Path(p)) for p in config.loras])
 
 
@@ -121,13 +132,6 @@ def resolve_aspects(config: GateTrainConfig, metadata: list[dict[str, str]]) -> 
 
 
 @dataclass
-class GateProgress:
-    global_step: int = 0
-    batches_seen: int = 0
-    fingerprint: str = ""
-
-
-@dataclass
 class GateCheckpointHooks:
     """accelerate save/load hooks: the gate (safetensors), the noise generator and the progress.
     The gate is not an accelerate-prepared model (it is called from hooks inside the UNet, not
@@ -136,39 +140,26 @@ class GateCheckpointHooks:
     accelerator: Any
     gate: torch.nn.Module
     noise_generator: torch.Generator
-    progress: GateProgress
+    progress: TrainingProgress
     loaded_fingerprint: str = field(default="", init=False)
 
     def save(self, models, weights, output_dir: str) -> None:
         from safetensors.torch import save_file
 
-        from .train_lora import PROGRESS_FILE
-
         out = Path(output_dir)
         if self.accelerator.is_main_process:
             state = {k: v.detach().contiguous().cpu() for k, v in self.gate.state_dict().items()}
             save_file(state, str(out / GATE_STATE_FILE))
-            (out / PROGRESS_FILE).write_text(json.dumps(dataclasses.asdict(self.progress)))
-        save_file({"state": self.noise_generator.get_state()},
-                  str(out / f"noise_rng_{self.accelerator.process_index}.safetensors"))
+        self.progress.save(out, self.accelerator, self.noise_generator)
 
     def load(self, models, input_dir: str) -> None:
         from safetensors.torch import load_file
-
-        from .train_lora import PROGRESS_FILE
 
         folder = Path(input_dir)
         state = load_file(str(folder / GATE_STATE_FILE))
         self.gate.load_state_dict({k: v.to(self.gate.bias.device) for k, v in state.items()})
         self.gate.calibrated = [True] * len(self.gate.calibrated)  # input scales come from the checkpoint
-        saved = json.loads((folder / PROGRESS_FILE).read_text())
-        self.progress.global_step = int(saved["global_step"])
-        self.progress.batches_seen = int(saved["batches_seen"])
-        self.loaded_fingerprint = saved.get("fingerprint", "")
-        rng_file = folder / f"noise_rng_{self.accelerator.process_index}.safetensors"
-        if not rng_file.is_file():
-            rng_file = folder / "noise_rng_0.safetensors"
-        self.noise_generator.set_state(load_file(str(rng_file))["state"])
+        self.loaded_fingerprint = self.progress.load(folder, self.accelerator, self.noise_generator)
 
 
 def update_prior(gate, usage: GateUsage, step: int, decay: float) -> None:
@@ -191,31 +182,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> Path | None:
-    from accelerate import Accelerator
-    from accelerate.utils import GradientAccumulationPlugin
-
-    from .train_lora import LOG_FILE_NAME, find_resume_checkpoint, resolve_mixed_precision, work_dir_lock
-
-    config = GateTrainConfig.load(args.config)
-    resume_from = find_resume_checkpoint(config.work_dir, args.resume) if args.resume else None
-    config.validate()
-    accelerator = Accelerator(
-        mixed_precision=resolve_mixed_precision(config.mixed_precision),
-        gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=config.gradient_accumulation_steps, sync_with_dataloader=False),
-    )
-    work_dir = Path(config.work_dir)
-    events = EventWriter(args.log_file or work_dir / LOG_FILE_NAME if accelerator.is_main_process else None,
-                         stream=sys.stdout if accelerator.is_main_process else None)
-    try:
-        with work_dir_lock(work_dir, enabled=accelerator.is_main_process):
-            return _train(config, accelerator, events, resume_from)
-    except BaseException as exc:
-        if accelerator.is_main_process and not isinstance(exc, KeyboardInterrupt):
-            events.emit("error", message=f"{type(exc).__name__}: {exc}", error_type=type(exc).__name__)
-        raise
-    finally:
-        events.close()
+    return run_training_program(GateTrainConfig, args, _train)
 
 
 def _train(config: GateTrainConfig, accelerator, events: EventWriter, resume_from: Path | None) -> Path:
@@ -225,19 +192,11 @@ def _train(config: GateTrainConfig, accelerator, events: EventWriter, resume_fro
 
     from .. import __version__
     from ..safe_io import confined_path
-    from .kohya_dataset import BucketBatchSampler, KohyaDataset, collate_examples, scan_training_set
+    from .kohya_dataset import scan_training_set
     from .lora_io import load_kohya_lora
     from .mix_diffusers import DiffusersMixture, gate_for_layers, mixture_layers
-    from .model_loading import encode_prompts, load_base_model
+    from .model_loading import load_base_model
     from .mol_file import expert_record, save_mol
-    from .train_lora import (
-        CHECKPOINT_DIR_NAME,
-        LOG_FILE_NAME,
-        compute_loss,
-        loss_curve_points,
-        loss_history_from_log,
-        save_checkpoint,
-    )
 
     work_dir = Path(config.work_dir)
     output_path = confined_path(config.output_dir, config.output_path.relative_to(config.output_dir).as_posix(),
@@ -248,8 +207,6 @@ def _train(config: GateTrainConfig, accelerator, events: EventWriter, resume_fro
 
     # ---- 2. data: every aspect's folders ----------------------------------------------------------
     images = scan_training_set(config.dataset_dir, "")
-    dataset = KohyaDataset(images, resolution=config.resolution, bucketing=config.bucketing,
-                           bucket_step=config.bucket_step, bucket_max_aspect=config.bucket_max_aspect)
 
     # ---- 3. frozen base model, frozen LoRAs, the gate ---------------------------------------------
     base = load_base_model(config.base_model, arch=config.arch, prediction_type=config.prediction_type,
@@ -281,31 +238,8 @@ def _train(config: GateTrainConfig, accelerator, events: EventWriter, resume_fro
     logger.info("gate: %s granularity, %d LoRAs (%s) on %d layers, %d parameters", config.granularity, len(aspects),
                 ", ".join(aspects), len(layers), sum(p.numel() for p in gate.parameters()))
 
-    # ---- 4. caches ------------------------------------------------------------------------------------
-    def encode_pixels(pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        latent_dist = base.vae.encode(pixels.to(device, dtype=torch.float32)).latent_dist
-        return latent_dist.sample(generator=generator) * base.vae_scaling_factor
-
-    if config.cache_latents:
-        cache_generator = torch.Generator(device=device).manual_seed(config.seed)
-        dataset.cache_latents(lambda px: encode_pixels(px, cache_generator), vae_sha256=base.source_sha256 or None)
-        if base.vae is not None:
-            base.vae.to("cpu")
-    if config.cache_text_embeddings:
-        def encode_captions(captions: list[str]) -> dict[str, torch.Tensor]:
-            with torch.no_grad():
-                hidden, added = encode_prompts(base, captions, device)
-            out = {"encoder_hidden_states": hidden}
-            if added is not None:
-                out["pooled_text_embeds"] = added["text_embeds"]
-            return out
-
-        dataset.cache_text_embeddings(encode_captions)
-    sampler = BucketBatchSampler(dataset.bucket_of, [im.repeats for im in images], config.train_batch_size,
-                                 seed=config.seed, random_flip=config.random_flip)
-    dataloader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=collate_examples, num_workers=config.dataloader_num_workers,
-        generator=torch.Generator().manual_seed(config.seed))
+    # ---- 4. dataset, caches (the VAE encodes in float32) -------------------------------------------
+    dataset, sampler, dataloader = prepare_training_data(config, images, base, device, vae_dtype=torch.float32)
 
     # ---- 5. optimiser: the gate only ---------------------------------------------------------------
     optimizer = torch.optim.AdamW(gate.parameters(), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
@@ -317,7 +251,7 @@ def _train(config: GateTrainConfig, accelerator, events: EventWriter, resume_fro
 
     # ---- 6. checkpoints, resume --------------------------------------------------------------------
     noise_generator = torch.Generator(device=device).manual_seed(config.seed + accelerator.process_index)
-    progress = GateProgress(fingerprint=fingerprint)
+    progress = TrainingProgress(fingerprint=fingerprint)
     hooks = GateCheckpointHooks(accelerator, gate, noise_generator, progress)
     accelerator.register_save_state_pre_hook(hooks.save)
     accelerator.register_load_state_pre_hook(hooks.load)
@@ -338,7 +272,6 @@ def _train(config: GateTrainConfig, accelerator, events: EventWriter, resume_fro
 
     # ---- 7. training loop ----------------------------------------------------------------------------
     batches_per_epoch = len(dataloader)
-    num_timesteps = base.noise_scheduler.config.num_train_timesteps
     started_at = time.monotonic()
     micro_losses: list[torch.Tensor] = []
     micro_balance: list[torch.Tensor] = []
@@ -350,27 +283,13 @@ def _train(config: GateTrainConfig, accelerator, events: EventWriter, resume_fro
         epoch_loader = skip_first_batches(dataloader, skip) if skip else dataloader
         for batch in epoch_loader:
             with accelerator.accumulate():
-                if "latents" in batch:
-                    latents = batch["latents"].to(device)
-                else:
-                    with torch.no_grad():
-                        latents = encode_pixels(batch["pixel_values"], noise_generator)
-                latents = latents.to(weight_dtype)
-                noise = torch.randn(latents.shape, generator=noise_generator, device=device, dtype=latents.dtype)
-                timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), generator=noise_generator,
-                                          device=device).long()
-                noisy_latents = base.noise_scheduler.add_noise(latents, noise, timesteps)
+                latents, noise, timesteps, noisy_latents = noised_latents(
+                    batch, base, device, weight_dtype=weight_dtype, vae_dtype=torch.float32,
+                    noise_generator=noise_generator)
                 gate.usage = GateUsage(len(aspects))
-                if "encoder_hidden_states" in batch:
-                    hidden = batch["encoder_hidden_states"].to(device, dtype=weight_dtype)
-                    added = {"text_embeds": batch["pooled_text_embeds"].to(device, dtype=weight_dtype)} \
-                        if base.arch == "sdxl" else None
-                else:
-                    # with grad: gated text-encoder layers (if any) train through the prompt encoding
-                    hidden, added = encode_prompts(base, batch["caption"], device)
-                if base.arch == "sdxl":
-                    time_ids = torch.cat([batch["original_size"], batch["crop_top_left"], batch["target_size"]], dim=1)
-                    added = {"text_embeds": added["text_embeds"], "time_ids": time_ids.to(device=device, dtype=hidden.dtype)}
+                # with grad through the text encoders when gated layers sit there (the gate trains through them)
+                hidden, added = unet_conditioning(batch, base, device, weight_dtype=weight_dtype,
+                                                  text_grad=adapts_text_encoder)
                 model_pred = base.unet(noisy_latents, timesteps, hidden, added_cond_kwargs=added, return_dict=False)[0]
                 denoise = compute_loss(model_pred, latents, noise, timesteps, base.noise_scheduler,
                                        base.prediction_type, 0.0)
@@ -464,28 +383,22 @@ def train_gate_or_reuse(config: GateTrainConfig, *, runs_root: str | Path | None
                         on_event=None, check_cancel=None, before_launch=None, on_start=None) -> GateJobResult:
     """The finished MoL for ``config``: reused when its recorded fingerprint matches, else trained in
     a child process, resuming the latest checkpoint of an interrupted run with the same inputs (each
-    fingerprint has its own work folder ``<runs_root>/<name>-<fingerprint[:12]>``)."""
-    from ..safe_io import confined_path
+    fingerprint has its own work folder ``<runs_root>/<name>-<fingerprint[:12]>``). The same steps
+    as the LoRA trainer's ``lora_job.train_or_reuse``."""
     from .kohya_dataset import scan_training_set
-    from .launcher import LaunchOptions, run_training
+    from .lora_job import check_base_model, launch_in_work_dir, reuse_finished, with_run_folder
 
     config.validate(check_paths=False)
     fingerprint = gate_run_fingerprint(config)
-    if config.output_path.is_file():
-        stored, curve = read_finished_mol(config.output_path)
-        if stored == fingerprint:
-            logger.info("%s was trained from these inputs already; not training again", config.output_path)
-            return GateJobResult(config.output_path, curve, reused=True)
+    finished = reuse_finished(config.output_path, fingerprint, read_finished_mol)
+    if finished is not None:
+        return GateJobResult(*finished, reused=True)
     if runs_root is not None:
-        stem = config.output_path.name.removesuffix(MOL_SUFFIX)
-        config = config.replace(work_dir=str(confined_path(runs_root, f"{stem}-{fingerprint[:12]}", what="mol_name")))
+        name = config.output_path.name.removesuffix(MOL_SUFFIX)
+        config = with_run_folder(config, runs_root, name, fingerprint, what="mol_name")
     config.validate()
-    scan_training_set(config.dataset_dir, "")
-    work_dir = Path(config.work_dir)
-    config_path = config.save(work_dir / "config.toml")
-    if before_launch is not None:
-        before_launch()
-    result = run_training(["--config", str(config_path), "--resume", "latest"], program=GATE_PROGRAM,
-                          options=options or LaunchOptions(), env=env, on_event=on_event, check_cancel=check_cancel,
-                          output_log=work_dir / "train_output.log", on_start=on_start)
+    scan_training_set(config.dataset_dir, "")  # empty / unreadable data: error now, nothing written
+    check_base_model(config)
+    result = launch_in_work_dir(config, program=GATE_PROGRAM, options=options, env=env, on_event=on_event,
+                                check_cancel=check_cancel, before_launch=before_launch, on_start=on_start)
     return GateJobResult(Path(result.done["mol_path"]), result.losses, reused=False, events=result.events)

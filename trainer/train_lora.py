@@ -145,8 +145,29 @@ class TrainingProgress:
     batches_seen: int = 0  # micro-batches consumed (locates the position inside an epoch)
     fingerprint: str = ""
 
-    def to_json(self) -> str:
-        return json.dumps(self.__dict__)
+    def save(self, folder: Path, accelerator, noise_generator: torch.Generator) -> None:
+        """``progress.json`` (main process) and this process's noise generator state."""
+        from safetensors.torch import save_file
+
+        if accelerator.is_main_process:
+            (folder / PROGRESS_FILE).write_text(json.dumps(self.__dict__))
+        # Every process has its own noise stream.
+        save_file({"state": noise_generator.get_state()},
+                  str(folder / f"noise_rng_{accelerator.process_index}.safetensors"))
+
+    def load(self, folder: Path, accelerator, noise_generator: torch.Generator) -> str:
+        """Restore the step counters and the noise generator; returns the fingerprint the
+        checkpoint was saved with (compared with this run's by the caller)."""
+        from safetensors.torch import load_file
+
+        saved = json.loads((folder / PROGRESS_FILE).read_text())
+        self.global_step = int(saved["global_step"])
+        self.batches_seen = int(saved["batches_seen"])
+        rng_file = folder / f"noise_rng_{accelerator.process_index}.safetensors"
+        if not rng_file.is_file():  # resumed on more processes than saved: fall back to process 0's stream
+            rng_file = folder / "noise_rng_0.safetensors"
+        noise_generator.set_state(load_file(str(rng_file))["state"])
+        return saved.get("fingerprint", "")
 
 
 @dataclass
@@ -172,12 +193,9 @@ class LoraCheckpointHooks:
                 state = get_peft_model_state_dict(self.accelerator.unwrap_model(model))
                 save_file({k: v.detach().contiguous().cpu() for k, v in state.items()},
                           str(out / f"{name}.lora.safetensors"))
-            (out / PROGRESS_FILE).write_text(self.progress.to_json())
         while weights:  # the frozen base weights are not part of a checkpoint
             weights.pop()
-        # Every process has its own noise stream.
-        state = self.noise_generator.get_state()
-        save_file({"state": state}, str(out / f"noise_rng_{self.accelerator.process_index}.safetensors"))
+        self.progress.save(out, self.accelerator, self.noise_generator)
 
     def load(self, models, input_dir: str) -> None:
         from peft.utils import set_peft_model_state_dict
@@ -191,14 +209,7 @@ class LoraCheckpointHooks:
             unexpected = getattr(result, "unexpected_keys", None)
             if unexpected:
                 raise ValueError(f"checkpoint {folder}: unexpected LoRA keys for {name} ({unexpected[:3]}...)")
-        saved = json.loads((folder / PROGRESS_FILE).read_text())
-        self.progress.global_step = int(saved["global_step"])
-        self.progress.batches_seen = int(saved["batches_seen"])
-        self.loaded_fingerprint = saved.get("fingerprint", "")
-        rng_file = folder / f"noise_rng_{self.accelerator.process_index}.safetensors"
-        if not rng_file.is_file():  # resumed on more processes than saved: fall back to process 0's stream
-            rng_file = folder / "noise_rng_0.safetensors"
-        self.noise_generator.set_state(load_file(str(rng_file))["state"])
+        self.loaded_fingerprint = self.progress.load(folder, self.accelerator, self.noise_generator)
 
 
 def save_checkpoint(accelerator, work_dir: Path, step: int, total_limit: int) -> Path:
@@ -220,6 +231,90 @@ def save_checkpoint(accelerator, work_dir: Path, step: int, total_limit: int) ->
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def encode_images(base, pixels: torch.Tensor, device, dtype: torch.dtype,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Scaled latents of ``pixels`` [B,3,H,W] in -1..1: a sample of the VAE's posterior."""
+    latent_dist = base.vae.encode(pixels.to(device, dtype=dtype)).latent_dist
+    return latent_dist.sample(generator=generator) * base.vae_scaling_factor
+
+
+def prepare_training_data(config, images, base, device, *, vae_dtype: torch.dtype):
+    """(dataset, sampler, dataloader) of a training set, with the caches the config asks for filled
+    first (latents, reusing generation latents of this checkpoint; text embeddings). Encoders that
+    the cache made unnecessary go back to the CPU. Shared by the LoRA and gate trainers."""
+    from .kohya_dataset import BucketBatchSampler, KohyaDataset, collate_examples
+    from .model_loading import encode_prompts
+
+    dataset = KohyaDataset(images, resolution=config.resolution, bucketing=config.bucketing,
+                           bucket_step=config.bucket_step, bucket_max_aspect=config.bucket_max_aspect,
+                           latent_scale=base.vae_scale_factor)
+    if config.cache_latents:
+        cache_generator = torch.Generator(device=device).manual_seed(config.seed)
+        reused = dataset.cache_latents(lambda px: encode_images(base, px, device, vae_dtype, cache_generator),
+                                       vae_sha256=base.source_sha256 or None)
+        logger.info("cached latents for %d images (%d reused from generation)", len(dataset), reused)
+        if base.vae is not None:
+            base.vae.to("cpu")  # not needed on the device any more
+    if config.cache_text_embeddings:
+        def encode_captions(captions: list[str]) -> dict[str, torch.Tensor]:
+            hidden, added = encode_prompts(base, captions, device)
+            out = {"encoder_hidden_states": hidden}
+            if added is not None:
+                out["pooled_text_embeds"] = added["text_embeds"]
+            return out
+
+        dataset.cache_text_embeddings(encode_captions)
+        for encoder in base.text_encoders:
+            encoder.to("cpu")
+    sampler = BucketBatchSampler(dataset.bucket_of, [im.repeats for im in images], config.train_batch_size,
+                                 seed=config.seed, random_flip=config.random_flip)
+    # Own generator: creating a DataLoader iterator draws a seed, which must not consume the global RNG
+    # (the resumed run would otherwise see a different random stream).
+    dataloader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate_examples, num_workers=config.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(config.seed))
+    return dataset, sampler, dataloader
+
+
+def noised_latents(batch: dict, base, device, *, weight_dtype: torch.dtype, vae_dtype: torch.dtype,
+                   noise_generator: torch.Generator, noise_offset: float = 0.0):
+    """(latents, noise, timesteps, noisy latents) of one batch: cached latents or the VAE's, noise
+    and uniform timesteps, all drawn from ``noise_generator`` (saved in checkpoints: exact resume)."""
+    if "latents" in batch:
+        latents = batch["latents"].to(device)
+    else:
+        with torch.no_grad():
+            latents = encode_images(base, batch["pixel_values"], device, vae_dtype, noise_generator)
+    latents = latents.to(weight_dtype)
+    noise = torch.randn(latents.shape, generator=noise_generator, device=device, dtype=latents.dtype)
+    if noise_offset:
+        # https://www.crosslabs.org//blog/diffusion-with-offset-noise
+        noise = noise + noise_offset * torch.randn(
+            (latents.shape[0], latents.shape[1], 1, 1), generator=noise_generator, device=device, dtype=latents.dtype)
+    timesteps = torch.randint(0, base.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                              generator=noise_generator, device=device).long()
+    return latents, noise, timesteps, base.noise_scheduler.add_noise(latents, noise, timesteps)
+
+
+def unet_conditioning(batch: dict, base, device, *, weight_dtype: torch.dtype, text_grad: bool):
+    """(encoder_hidden_states, added_cond_kwargs) of one batch: cached embeddings or the text
+    encoders' (with gradients when ``text_grad``), plus SDXL's size / crop micro-conditioning."""
+    from .model_loading import encode_prompts
+
+    if "encoder_hidden_states" in batch:
+        hidden = batch["encoder_hidden_states"].to(device, dtype=weight_dtype)
+        added = None
+        if base.arch == "sdxl":
+            added = {"text_embeds": batch["pooled_text_embeds"].to(device, dtype=weight_dtype)}
+    else:
+        with torch.set_grad_enabled(text_grad):
+            hidden, added = encode_prompts(base, batch["caption"], device)
+    if base.arch == "sdxl":
+        time_ids = torch.cat([batch["original_size"], batch["crop_top_left"], batch["target_size"]], dim=1)
+        added = {"text_embeds": added["text_embeds"], "time_ids": time_ids.to(device=device, dtype=hidden.dtype)}
+    return hidden, added
 
 
 def compute_loss(model_pred: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
@@ -308,22 +403,27 @@ def shareable_settings(config: LoraTrainConfig) -> dict[str, Any]:
     return settings
 
 
-def file_sha256(path: Path) -> str:
-    import hashlib
-
-    if not path.is_file():
-        return ""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def lora_run_fingerprint(config: LoraTrainConfig) -> str:
     """What decides the trained result: the settings plus the identity of the base model and data.
 
     File identity is (relative path, size, mtime) rather than a content hash so that the node can
     recompute it on every queue in milliseconds even for a 7 GB checkpoint.
     """
-    return config.fingerprint(base_model=tree_identity(Path(config.base_model)),
-                              dataset=tree_identity(Path(config.dataset_dir)))
+    return config.fingerprint(**base_model_identity(config), dataset=tree_identity(Path(config.dataset_dir)))
+
+
+def base_model_identity(config) -> dict[str, list]:
+    """Fingerprint entries for what loading the base model reads: the checkpoint and, for a single
+    file, its config folder (``model_config_dir`` or the ``<stem>.configs/`` sidecar: an edited
+    config builds another model from the same weights). No entry when there is no config folder,
+    so fingerprints of plain checkpoints are what they were."""
+    from .model_loading import model_source_paths
+
+    checkpoint, *config_dirs = model_source_paths(config.base_model, config.model_config_dir or None)
+    identity = {"base_model": tree_identity(checkpoint)}
+    if config_dirs:
+        identity["model_configs"] = tree_identity(config_dirs[0])
+    return identity
 
 
 def tree_identity(path: Path) -> list:
@@ -341,9 +441,6 @@ def tree_identity(path: Path) -> list:
         stat = file.stat()
         rows.append([relative, stat.st_size, stat.st_mtime_ns])
     return rows
-
-
-
 
 
 # -- the program -----------------------------------------------------------------------------------
@@ -390,15 +487,16 @@ def work_dir_lock(work_dir: Path, *, enabled: bool = True):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def main(args: argparse.Namespace) -> Path | None:
+def run_training_program(config_class, args: argparse.Namespace, train) -> Path | None:
+    """Phase 1 of every training program (LoRA and gate): read and check the config (and the
+    ``--resume`` folder), start accelerate, open the event log, lock the work folder, then
+    ``train(config, accelerator, events, resume_from)``; an exception is logged as an ``error``
+    event (the launcher shows it) before it propagates."""
     from accelerate import Accelerator
-    from accelerate.utils import GradientAccumulationPlugin, set_seed
+    from accelerate.utils import GradientAccumulationPlugin
 
-    # ---- 1. configuration, accelerator, events -----------------------------------------------
-    config = LoraTrainConfig.load(args.config)
-    resume_from = None
-    if args.resume:
-        resume_from = find_resume_checkpoint(config.work_dir, args.resume)
+    config = config_class.load(args.config)
+    resume_from = find_resume_checkpoint(config.work_dir, args.resume) if args.resume else None
     # The final file may only pre-exist when overwriting; checked before any work (nothing is written).
     config.validate()
     work_dir = Path(config.work_dir)
@@ -413,7 +511,7 @@ def main(args: argparse.Namespace) -> Path | None:
                          stream=sys.stdout if accelerator.is_main_process else None)
     try:
         with work_dir_lock(work_dir, enabled=accelerator.is_main_process):
-            return _train(config, accelerator, events, resume_from, set_seed)
+            return train(config, accelerator, events, resume_from)
     except BaseException as exc:
         if accelerator.is_main_process and not isinstance(exc, KeyboardInterrupt):
             events.emit("error", message=f"{type(exc).__name__}: {exc}", error_type=type(exc).__name__)
@@ -422,15 +520,21 @@ def main(args: argparse.Namespace) -> Path | None:
         events.close()
 
 
-def _train(config: LoraTrainConfig, accelerator, events: EventWriter, resume_from: Path | None, set_seed) -> Path:
+def main(args: argparse.Namespace) -> Path | None:
+    # ---- 1. configuration, accelerator, events (shared with the gate trainer) --------------------
+    return run_training_program(LoraTrainConfig, args, _train)
+
+
+def _train(config: LoraTrainConfig, accelerator, events: EventWriter, resume_from: Path | None) -> Path:
     from accelerate import skip_first_batches
+    from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params
 
     from ..safe_io import confined_path
-    from .kohya_dataset import BucketBatchSampler, KohyaDataset, collate_examples, scan_training_set
+    from .kohya_dataset import scan_training_set
     from .lora_io import save_kohya_lora
-    from .model_loading import encode_prompts, load_base_model
+    from .model_loading import file_sha256, load_base_model
 
     work_dir = Path(config.work_dir)
     output_path = confined_path(config.output_dir, config.output_path.relative_to(config.output_dir).as_posix(),
@@ -440,8 +544,6 @@ def _train(config: LoraTrainConfig, accelerator, events: EventWriter, resume_fro
 
     # ---- 2. data (first: a bad training set fails before the model is loaded) ---------------------
     images = scan_training_set(config.dataset_dir, config.aspect)
-    dataset = KohyaDataset(images, resolution=config.resolution, bucketing=config.bucketing,
-                           bucket_step=config.bucket_step, bucket_max_aspect=config.bucket_max_aspect)
 
     # ---- 3. base model and LoRA layers --------------------------------------------------------------
     base = load_base_model(config.base_model, arch=config.arch, prediction_type=config.prediction_type,
@@ -470,37 +572,8 @@ def _train(config: LoraTrainConfig, accelerator, events: EventWriter, resume_fro
             for encoder in base.text_encoders:
                 encoder.gradient_checkpointing_enable()
 
-    # ---- 4. caches (latents, text embeddings) -------------------------------------------------------
-    def encode_pixels(pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        latent_dist = base.vae.encode(pixels.to(device, dtype=vae_dtype)).latent_dist
-        return latent_dist.sample(generator=generator) * base.vae_scaling_factor
-
-    if config.cache_latents:
-        cache_generator = torch.Generator(device=device).manual_seed(config.seed)
-        reused = dataset.cache_latents(lambda px: encode_pixels(px, cache_generator),
-                                       vae_sha256=base.source_sha256 or None)
-        logger.info("cached latents for %d images (%d reused from generation)", len(dataset), reused)
-        if base.vae is not None:
-            base.vae.to("cpu")  # not needed on the device any more
-    if config.cache_text_embeddings:
-        def encode_captions(captions: list[str]) -> dict[str, torch.Tensor]:
-            hidden, added = encode_prompts(base, captions, device)
-            out = {"encoder_hidden_states": hidden}
-            if added is not None:
-                out["pooled_text_embeds"] = added["text_embeds"]
-            return out
-
-        dataset.cache_text_embeddings(encode_captions)
-        for encoder in base.text_encoders:
-            encoder.to("cpu")
-
-    sampler = BucketBatchSampler(dataset.bucket_of, [im.repeats for im in images], config.train_batch_size,
-                                 seed=config.seed, random_flip=config.random_flip)
-    # Own generator: creating a DataLoader iterator draws a seed, which must not consume the global RNG
-    # (the resumed run would otherwise see a different random stream).
-    dataloader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=collate_examples, num_workers=config.dataloader_num_workers,
-        generator=torch.Generator().manual_seed(config.seed))
+    # ---- 4. dataset, caches (latents, text embeddings) ---------------------------------------------
+    dataset, sampler, dataloader = prepare_training_data(config, images, base, device, vae_dtype=vae_dtype)
 
     # ---- 5. optimiser and schedule -----------------------------------------------------------------
     param_groups = []
@@ -546,7 +619,6 @@ def _train(config: LoraTrainConfig, accelerator, events: EventWriter, resume_fro
     # ---- 7. training loop ------------------------------------------------------------------------------
     batches_per_epoch = len(dataloader)
     prediction_type = base.prediction_type
-    num_timesteps = base.noise_scheduler.config.num_train_timesteps
     started_at = time.monotonic()
     micro_losses: list[torch.Tensor] = []
     for module in models:
@@ -558,35 +630,11 @@ def _train(config: LoraTrainConfig, accelerator, events: EventWriter, resume_fro
         epoch_loader = skip_first_batches(dataloader, skip) if skip else dataloader
         for batch in epoch_loader:
             with accelerator.accumulate(*models):
-                if "latents" in batch:
-                    latents = batch["latents"].to(device)
-                else:
-                    with torch.no_grad():
-                        latents = encode_pixels(batch["pixel_values"], noise_generator)
-                latents = latents.to(weight_dtype)
-                noise = torch.randn(latents.shape, generator=noise_generator, device=device, dtype=latents.dtype)
-                if config.noise_offset:
-                    # https://www.crosslabs.org//blog/diffusion-with-offset-noise
-                    noise = noise + config.noise_offset * torch.randn(
-                        (latents.shape[0], latents.shape[1], 1, 1), generator=noise_generator, device=device,
-                        dtype=latents.dtype)
-                timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), generator=noise_generator,
-                                          device=device).long()
-                noisy_latents = base.noise_scheduler.add_noise(latents, noise, timesteps)
-
-                if "encoder_hidden_states" in batch:
-                    hidden = batch["encoder_hidden_states"].to(device, dtype=weight_dtype)
-                    added = None
-                    if base.arch == "sdxl":
-                        added = {"text_embeds": batch["pooled_text_embeds"].to(device, dtype=weight_dtype)}
-                else:
-                    with torch.set_grad_enabled(config.train_text_encoder):
-                        hidden, added = encode_prompts(base, batch["caption"], device)
-                if base.arch == "sdxl":
-                    time_ids = torch.cat([batch["original_size"], batch["crop_top_left"], batch["target_size"]], dim=1)
-                    added = {"text_embeds": added["text_embeds"],
-                             "time_ids": time_ids.to(device=device, dtype=hidden.dtype)}
-
+                latents, noise, timesteps, noisy_latents = noised_latents(
+                    batch, base, device, weight_dtype=weight_dtype, vae_dtype=vae_dtype,
+                    noise_generator=noise_generator, noise_offset=config.noise_offset)
+                hidden, added = unet_conditioning(batch, base, device, weight_dtype=weight_dtype,
+                                                  text_grad=config.train_text_encoder)
                 model_pred = unet(noisy_latents, timesteps, hidden, added_cond_kwargs=added, return_dict=False)[0]
                 loss = compute_loss(model_pred, latents, noise, timesteps, base.noise_scheduler,
                                     prediction_type, config.snr_gamma)
@@ -622,9 +670,10 @@ def _train(config: LoraTrainConfig, accelerator, events: EventWriter, resume_fro
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         unwrapped = [accelerator.unwrap_model(m) for m in models]
+        manifest = Path(config.dataset_dir) / "manifest.jsonl"
         metadata = lora_metadata(config, base, fingerprint=fingerprint, steps=progress.global_step,
                                  num_examples=dataset.num_examples, loss_curve=loss_curve_points(history),
-                                 manifest_sha256=file_sha256(Path(config.dataset_dir) / "manifest.jsonl"))
+                                 manifest_sha256=file_sha256(manifest) if manifest.is_file() else "")
         save_kohya_lora(output_path, unet=unwrapped[0], text_encoders=unwrapped[1:],
                         metadata=metadata, overwrite=config.overwrite)
         if not config.keep_checkpoints:

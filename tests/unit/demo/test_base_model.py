@@ -91,7 +91,7 @@ def test_train_base_runs_end_to_end_and_writes_a_loadable_folder(tmp_path):
                                   "--batch-size", "4", "--warmup-steps", "1"])
     info = train_base.main(args)
     assert info["steps"] == 2
-    assert not (tmp_path / "base.tmp").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["base"]  # no temporary folder left behind
     pipe = StableDiffusionPipeline.from_pretrained(output, safety_checker=None, local_files_only=True)
     assert pipe.scheduler.config.prediction_type == "sample"
     with pytest.raises(FileExistsError, match="--overwrite"):

@@ -10,9 +10,12 @@ from versat2i.rewards.registry import get_scorer
 from versat2i.trainer.config import LoraTrainConfig
 
 
-def test_lora_settings_are_lora_train_config_fields():
+def test_lora_and_gate_settings_are_trainer_config_fields():
+    from versat2i.trainer.train_gate import GateTrainConfig
+
     fields = {f.name for f in dataclasses.fields(LoraTrainConfig)}
     assert set(settings.LORA) <= fields
+    assert set(settings.GATE) <= {f.name for f in dataclasses.fields(GateTrainConfig)}
 
 
 def test_scorers_build_and_cover_every_aspect():

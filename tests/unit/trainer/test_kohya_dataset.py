@@ -6,7 +6,7 @@ import collections
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tiny_models.lora_training import make_kohya_dataset, shape_image
 from versat2i.trainer.kohya_dataset import (
     BucketBatchSampler,
@@ -153,6 +153,11 @@ def test_generation_latents_are_reused_only_when_they_match(tmp_path):
     assert torch.equal(dataset[(1, False)]["latents"], torch.zeros(4, 8, 8))
     assert "pixel_values" not in dataset[(0, False)]
     assert dataset.cache_latents(encode, vae_sha256=None) == 0  # no hash known: never reuse
+    # The latent size follows the VAE's downsampling (16x here; the demo world's VAE keeps 32 px):
+    # now the 4x4 latents are the ones that fit a 64 px bucket.
+    coarse = KohyaDataset(scan_training_set(root), resolution=64, latent_scale=16)
+    assert coarse.cache_latents(lambda px: torch.zeros(px.shape[0], 4, 4, 4), vae_sha256="abc") == 1
+    assert torch.equal(coarse.latents[2], load_file(str(folder / "p00002_c000.latents.safetensors"))["latents"])
 
 
 def test_text_embedding_cache_is_per_caption(tmp_path):

@@ -121,7 +121,23 @@ def test_run_fingerprint_sees_data_and_model_changes(tmp_path):
     second = train_lora.lora_run_fingerprint(config)
     assert second != first
     model.write_bytes(b"other weights")
-    assert train_lora.lora_run_fingerprint(config) != second
+    third = train_lora.lora_run_fingerprint(config)
+    assert third != second
+    # The config folder of a single file builds the model too: a sidecar appearing or being edited,
+    # or an edited model_config_dir, is another base model.
+    sidecar = tmp_path / "model.configs" / "unet" / "config.json"
+    sidecar.parent.mkdir(parents=True)
+    sidecar.write_text('{"sample_size": 8}')
+    fourth = train_lora.lora_run_fingerprint(config)
+    assert fourth != third
+    sidecar.write_text('{"sample_size": 16}')
+    os.utime(sidecar, ns=(2, 2))  # (a write within the file system's clock tick may keep the mtime)
+    assert train_lora.lora_run_fingerprint(config) != fourth
+    explicit = config.replace(model_config_dir=str(tmp_path / "model.configs"))
+    fifth = train_lora.lora_run_fingerprint(explicit)
+    sidecar.write_text('{"sample_size": 32}')
+    os.utime(sidecar, ns=(3, 3))
+    assert train_lora.lora_run_fingerprint(explicit) != fifth
 
 
 def test_mixed_precision_auto_is_full_precision_without_cuda(monkeypatch):
