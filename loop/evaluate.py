@@ -337,6 +337,10 @@ class Evaluation:
     results: dict[str, dict[str, dict[str, Any]]]
     seed_spread: dict[str, SeedSpread]
     diversity: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    # Head-to-head comparisons other than against the base, e.g. the gated mixture against the
+    # equal-weight merge (VersaT2I's claim that a learned gate mixes aspects better than a plain merge):
+    # {"gated vs merge": {"variant", "reference", "results": {aspect: {diff, diff_ci, win_rate, ...}}}}
+    comparisons: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def variants(self) -> list[str]:
@@ -374,6 +378,7 @@ class Evaluation:
             "seed_spread": {a: {"per_image_sd": s.per_image_sd, "mean_sd": s.mean_sd, "threshold": s.threshold}
                             for a, s in self.seed_spread.items()},
             "diversity": self.diversity,
+            "comparisons": self.comparisons,
             "scores": {v: {a: values.tolist() for a, values in by_aspect.items()}
                        for v, by_aspect in self.grid.scores.items()},
         }
@@ -391,7 +396,8 @@ class Evaluation:
                          scorers={a: dict(r) for a, r in data.get("scorers", {}).items()})
         spread = {a: SeedSpread(**s) for a, s in data["seed_spread"].items()}
         return cls(base=data["base"], grid=grid, settings=dict(data["settings"]), results=data["results"],
-                   seed_spread=spread, diversity=data.get("diversity", {}))
+                   seed_spread=spread, diversity=data.get("diversity", {}),
+                   comparisons=data.get("comparisons", {}))
 
 
 def evaluate(
@@ -406,11 +412,14 @@ def evaluate(
     level: float = 0.95,
     unit: str = "pairs",
     tie_tolerance: float = 0.0,
+    head_to_head: Sequence[tuple[str, str]] = (),
 ) -> Evaluation:
     """All statistics of the module docstring for every variant and aspect.
 
     ``images[variant][p]``: prompt p's images across its seeds ([S,H,W,3], seed order of the grid),
     for the diversity figure (optional; ``embed`` adds an embedding distance).
+    ``head_to_head``: extra ``(variant, reference)`` pairs compared like a variant against the base
+    (same resamples), e.g. ``("gated", "merge")``.
     """
     _check_level(level)
     if base not in grid.scores:
@@ -439,6 +448,19 @@ def evaluate(
                              win_rate_ci=list(comparison.win_rate_ci), significant=comparison.significant,
                              beyond_seed_spread=spread[aspect].exceeded_by(comparison.diff))
             results[variant][aspect] = entry
+    comparisons: dict[str, dict[str, Any]] = {}
+    for variant, reference in head_to_head:
+        for name in (variant, reference):
+            if name not in grid.scores:
+                raise ValueError(f"head_to_head: {name!r} is not among the variants ({', '.join(grid.variants)})")
+        by_aspect = {}
+        for aspect in grid.aspects:
+            comparison = compare_paired(grid.scores[variant][aspect], grid.scores[reference][aspect], indices,
+                                        level=level, tie_tolerance=tie_tolerance)
+            by_aspect[aspect] = {"diff": comparison.diff, "diff_ci": list(comparison.diff_ci),
+                                 "win_rate": comparison.win_rate, "win_rate_ci": list(comparison.win_rate_ci),
+                                 "significant": comparison.significant}
+        comparisons[f"{variant} vs {reference}"] = {"variant": variant, "reference": reference, "results": by_aspect}
     figures: dict[str, dict[str, float | None]] = {}
     for variant, groups in (images or {}).items():
         if variant not in grid.scores:
@@ -449,4 +471,4 @@ def evaluate(
     settings = {"resamples": resamples, "splits": splits, "seed": seed, "level": level, "unit": unit,
                 "tie_tolerance": tie_tolerance, "ci_method": "percentile bootstrap"}
     return Evaluation(base=base, grid=grid, settings=settings, results=results, seed_spread=spread,
-                      diversity=figures)
+                      diversity=figures, comparisons=comparisons)

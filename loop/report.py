@@ -224,8 +224,19 @@ def evaluate_eval_dir(path: str | os.PathLike, *, embed=None, **options) -> tupl
     # Diversity reads every image once per variant (only one variant's images in memory at a time).
     images = {variant: _LazyGroups(rows) for variant, rows in files.items()}
     base = options.pop("base", None) or folder.base
+    if "head_to_head" not in options:
+        options["head_to_head"] = gated_against_merge(folder.variants)
     evaluation = evaluate(grid, base=base, images=images, embed=embed, **options)
     return evaluation, folder, files
+
+
+def gated_against_merge(variants: Mapping[str, Variant]) -> list[tuple[str, str]]:
+    """Each gated-mixture variant against the equal-weight merge, when the folder has both: the
+    comparison behind VersaT2I's claim that a learned gate mixes aspect LoRAs better than a merge."""
+    kinds: dict[str, list[str]] = {}
+    for name, variant in variants.items():
+        kinds.setdefault(variant.with_defaults().kind, []).append(name)
+    return [(gated, merge) for gated in kinds.get("gated", []) for merge in kinds.get("merge", [])]
 
 
 class _LazyGroups(Sequence):
@@ -449,7 +460,29 @@ def markdown_table(report: Any) -> str:
              f"re-rolling seeds alone): {spread}. **Bold**: CI excludes 0 and the change is beyond that spread.")
     if has_diversity:
         notes += " Diversity: mean RMS pixel distance between a prompt's images across seeds (0..1)."
-    return "\n".join(lines) + "\n" + notes + "\n"
+    return "\n".join(lines) + "\n" + notes + "\n" + _markdown_head_to_head(data, variants)
+
+
+def _markdown_head_to_head(data: Mapping[str, Any], variants: Mapping[str, Any]) -> str:
+    """One table row per head-to-head comparison (e.g. gated mixture vs equal-weight merge)."""
+    comparisons = data.get("comparisons") or {}
+    if not comparisons:
+        return ""
+    level = data["settings"].get("level", 0.95)
+    aspects = data["aspects"]
+    lines = ["", "| comparison | " + " | ".join(aspects) + " |", "|---|" + "---:|" * len(aspects)]
+    for comparison in comparisons.values():
+        label = " vs ".join((variants.get(n) or {}).get("label") or n
+                            for n in (comparison["variant"], comparison["reference"]))
+        cells = []
+        for aspect in aspects:
+            result = comparison["results"][aspect]
+            low, high = result["diff_ci"]
+            change = f"{_signed(result['diff'])} [{_signed(low)}, {_signed(high)}]"
+            cells.append(f"{'**' + change + '**' if result['significant'] else change}; win {result['win_rate']:.0%}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return ("\n".join(lines) + f"\n\nHead to head: paired change of the first variant against the second on the same "
+            f"(prompt, seed) pairs, {level:.0%} bootstrap CI; **bold**: CI excludes 0.\n")
 
 
 # -- HTML ------------------------------------------------------------------------------------------
@@ -519,6 +552,24 @@ def _render_html(report: Mapping[str, Any]) -> str:
                  f"{spread_rows}</table><p class='note'>Estimated in this run from disjoint halves of each prompt's "
                  "seeds, rescaled to a full rerun. A change larger than the threshold is beyond what re-rolling "
                  "seeds alone produces.</p>")
+    if data.get("comparisons"):
+        rows = []
+        for comparison in data["comparisons"].values():
+            label = " vs ".join(html.escape((variants.get(n) or {}).get("label") or n)
+                                for n in (comparison["variant"], comparison["reference"]))
+            cells = []
+            for aspect in data["aspects"]:
+                result = comparison["results"][aspect]
+                low, high = result["diff_ci"]
+                css = "up" if low > 0 else "down" if high < 0 else ""
+                cells.append(f"<td class='{css}'>{_signed(result['diff'])} [{_signed(low)}, {_signed(high)}]<br>"
+                             f"win {result['win_rate']:.0%}</td>")
+            rows.append(f"<tr><td>{label}</td>{''.join(cells)}</tr>")
+        head = "".join(f"<th>{html.escape(a)}</th>" for a in data["aspects"])
+        parts.append(f"<h2>Head to head</h2><table><tr><th>comparison</th>{head}</tr>{''.join(rows)}</table>"
+                     "<p class='note'>Paired change of the first variant against the second on the same prompts "
+                     "and seeds. The gated mixture against the equal-weight merge tests whether the learned gate "
+                     "mixes the aspect LoRAs better than weighting them equally.</p>")
     for key, heading in (("differences", "Change vs base"), ("distributions", "Reward distributions"),
                          ("win_rates", "Win rates"), ("diversity", "Diversity")):
         if key in files["plots"]:

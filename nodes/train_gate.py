@@ -174,7 +174,7 @@ class TrainGate(io.ComfyNode):
                 io.Int.Input("steps", default=200, min=1, max=1_000_000,
                              tooltip="Optimiser steps (only the gate trains; the base model and the LoRAs stay "
                                      "frozen)."),
-                io.Float.Input("learning_rate", default=1e-3, min=1e-7, max=1.0, step=1e-5,
+                io.Float.Input("learning_rate", default=1e-2, min=1e-7, max=1.0, step=1e-5,
                                tooltip="AdamW learning rate of the gate."),
                 io.Int.Input("batch_size", default=1, min=1, max=256, tooltip="Images per step and device."),
                 io.Int.Input("resolution", default=512, min=64, max=4096, step=8,

@@ -234,3 +234,21 @@ def test_evaluation_numbers_and_json_round_trip():
 def test_evaluate_rejects_an_unknown_base():
     with pytest.raises(ValueError, match="base='nope'"):
         evaluate(grid({"base": np.ones((2, 2))}), base="nope")
+
+
+def test_head_to_head_equals_evaluating_against_that_reference():
+    """'gated vs merge' is the same paired statistic as the gated variant against a base of merge."""
+    rng = np.random.default_rng(3)
+    base, merge = simulated_world(rng), simulated_world(rng)
+    gated = merge + 0.05 + rng.normal(0, 0.01, merge.shape)
+    scores = {"base": base, "merge": merge, "gated": gated}
+    evaluation = evaluate(grid(scores), resamples=400, head_to_head=[("gated", "merge")])
+    against_merge = evaluate(grid(scores), base="merge", resamples=400).result("gated", "quality")
+    result = evaluation.comparisons["gated vs merge"]["results"]["quality"]
+    assert result["diff"] == pytest.approx(0.05, abs=0.005) and result["significant"]
+    for key in ("diff", "diff_ci", "win_rate", "win_rate_ci", "significant"):
+        assert result[key] == pytest.approx(against_merge[key])
+    data = json.loads(json.dumps(evaluation.to_dict(), allow_nan=False))
+    assert Evaluation.from_dict(data).comparisons == evaluation.comparisons
+    with pytest.raises(ValueError, match="head_to_head: 'nope'"):
+        evaluate(grid(scores), head_to_head=[("gated", "nope")])

@@ -178,3 +178,22 @@ def test_cli_report(eval_dir, tmp_path, capsys):
     assert main(["report", "--eval", str(eval_dir), "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert main(["report", "--eval", str(tmp_path / "nope"), "--out", str(tmp_path / "r2")]) == 2
+
+
+def test_gated_mixture_is_compared_head_to_head_with_the_merge(tmp_path):
+    """With both a merge and a gated variant, the report adds their paired comparison (table + HTML)."""
+    import shutil
+
+    eval_dir = write_eval_dir(tmp_path / "eval")
+    shutil.copytree(eval_dir / "merge", eval_dir / "gated")
+    variants = json.loads((eval_dir / "variants.json").read_text())
+    variants["variants"].append({"name": "gated", "dir": "gated", "kind": "gated"})
+    (eval_dir / "variants.json").write_text(json.dumps(variants))
+    report = read_report(report_from_eval_dir(eval_dir, tmp_path / "report", resamples=200))
+    comparison = report["evaluation"]["comparisons"]["gated vs merge"]
+    assert comparison["results"]["alignment"]["diff"] == 0.0  # identical images and scores
+    assert "| gated vs merge |" in report["markdown"]
+    assert "Head to head" in (tmp_path / "report" / REPORT_HTML).read_text()
+    # without a gated variant there is nothing to compare
+    plain = read_report(report_from_eval_dir(write_eval_dir(tmp_path / "eval2"), tmp_path / "r2", resamples=200))
+    assert plain["evaluation"]["comparisons"] == {} and "| gated vs merge |" not in plain["markdown"]
