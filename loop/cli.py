@@ -17,6 +17,7 @@ status 2. ``loop`` / ``demo`` stopped with Ctrl-C resume when run again (exit st
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 
@@ -204,6 +205,9 @@ def _quiet_libraries(args: argparse.Namespace) -> None:
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+    # bitsandbytes (pulled in by the optional pyiqa extra) warns on import that its CPU 4-bit kernels
+    # are missing; nothing here uses them.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def _run_stoppable(start) -> int:
