@@ -62,3 +62,48 @@ def progress_callback(total: int):
         bar.update_absolute(done, of)
 
     return update
+
+
+
+class TrainingHooks:
+    """Ties a training child to ComfyUI (``launch_kwargs()`` go to ``train_or_reuse`` /
+    ``train_gate_or_reuse``): its step events drive a progress bar, Cancel raises ComfyUI's
+    interruption (the launcher then kills the child's process group and keeps its last checkpoint),
+    ComfyUI's loaded models are dropped before the child starts so it gets the GPU, and a CPU-only
+    ComfyUI trains on the CPU."""
+
+    def __init__(self, total_steps: int):
+        import comfy.utils
+
+        self.total_steps = total_steps
+        self.bar = comfy.utils.ProgressBar(total_steps)
+
+    def on_event(self, event: dict) -> None:
+        if event["event"] in ("start", "step"):
+            self.bar.update_absolute(event.get("step", event.get("start_step", 0)), self.total_steps)
+
+    @staticmethod
+    def free_device_memory() -> None:
+        import comfy.model_management as mm
+
+        mm.unload_all_models()  # they reload on demand
+        mm.soft_empty_cache()
+
+    @staticmethod
+    def cancelled() -> bool:
+        import comfy.model_management as mm
+
+        mm.throw_exception_if_processing_interrupted()  # raises; the launcher kills the child first
+        return False
+
+    def launch_kwargs(self) -> dict:
+        import comfy.model_management as mm
+
+        from ..trainer.launcher import LaunchOptions
+
+        return {"options": LaunchOptions(cpu=mm.cpu_state == mm.CPUState.CPU), "on_event": self.on_event,
+                "check_cancel": self.cancelled, "before_launch": self.free_device_memory}
+
+    def finish(self) -> None:
+        """Fill the bar (also when a finished result was reused and no step ran)."""
+        self.bar.update_absolute(self.total_steps, self.total_steps)

@@ -18,7 +18,7 @@ from comfy_api.latest import io
 
 from ..safe_io import confined_path
 from ..trainer.config import LR_SCHEDULERS, MIXED_PRECISIONS, PREDICTION_TYPES, LoraTrainConfig
-from .common import category, node_id
+from .common import TrainingHooks, category, node_id
 
 LORA_SUBFOLDER = "versat2i"  # every LoRA this node writes lives in models/loras/versat2i/
 RUNS_SUBFOLDER = "versat2i/lora_runs"  # checkpoints and logs, under ComfyUI's output folder
@@ -92,38 +92,18 @@ def loss_curve_image(points: list[tuple[int, float]], title: str) -> torch.Tenso
 
 def train_aspect_lora(dataset: str, aspect: str, ckpt_name: str, lora_name: str, settings: dict[str, Any]):
     """Train (or reuse) the LoRA; returns (name relative to the loras folder, loss points, reused)."""
-    import comfy.model_management as mm
-    import comfy.utils
-
-    from ..trainer.launcher import LaunchOptions, TrainingFailed
+    from ..trainer.launcher import TrainingFailed
     from ..trainer.lora_job import train_or_reuse
 
     paths = resolve_paths(dataset, aspect, ckpt_name, lora_name)
     aspect = single_aspect(paths["dataset"], aspect)
     config = build_config(paths, aspect, settings)
-    bar = comfy.utils.ProgressBar(config.max_train_steps)
-
-    def on_event(event: dict) -> None:
-        if event["event"] in ("start", "step"):
-            bar.update_absolute(event.get("step", event.get("start_step", 0)), config.max_train_steps)
-
-    def free_device_memory() -> None:
-        # The child needs the GPU: drop ComfyUI's loaded models first (they reload on demand).
-        mm.unload_all_models()
-        mm.soft_empty_cache()
-
-    def cancelled() -> bool:
-        mm.throw_exception_if_processing_interrupted()  # raises; the launcher kills the child first
-        return False
-
+    hooks = TrainingHooks(config.max_train_steps)
     try:
-        result = train_or_reuse(
-            config, runs_root=paths["output"] / RUNS_SUBFOLDER,
-            options=LaunchOptions(cpu=mm.cpu_state == mm.CPUState.CPU), on_event=on_event,
-            check_cancel=cancelled, before_launch=free_device_memory)
+        result = train_or_reuse(config, runs_root=paths["output"] / RUNS_SUBFOLDER, **hooks.launch_kwargs())
     except TrainingFailed as exc:
         raise RuntimeError(f"Train Aspect LoRA: {exc}") from None
-    bar.update_absolute(config.max_train_steps, config.max_train_steps)
+    hooks.finish()
     return result.lora_path.relative_to(loras_root().resolve()).as_posix(), result.loss_curve, result.reused
 
 

@@ -21,7 +21,7 @@ from ..safe_io import confined_path
 from ..trainer.config import MIXED_PRECISIONS
 from ..trainer.gate import BALANCE_KINDS, GRANULARITIES
 from ..trainer.mol_file import MOL_SUFFIX
-from .common import category, node_id
+from .common import TrainingHooks, category, node_id
 from .train_aspect_lora import bad_combo_message, loss_curve_image
 
 RUNS_SUBFOLDER = "versat2i/gate_runs"  # checkpoints and logs, under ComfyUI's output folder
@@ -103,35 +103,17 @@ def mol_combo_name(mol: Path) -> str:
 
 def train_gate(dataset: str, ckpt_name: str, loras: str, mol_name: str, settings: dict[str, Any],
                linked: Iterable[str | None] = ()):
-    import comfy.model_management as mm
-    import comfy.utils
-
-    from ..trainer.launcher import LaunchOptions, TrainingFailed
+    from ..trainer.launcher import TrainingFailed
     from ..trainer.train_gate import train_gate_or_reuse
 
     paths = resolve_paths(dataset, ckpt_name, loras, mol_name, linked)
     config = build_config(paths, settings)
-    bar = comfy.utils.ProgressBar(config.max_train_steps)
-
-    def on_event(event: dict) -> None:
-        if event["event"] in ("start", "step"):
-            bar.update_absolute(event.get("step", event.get("start_step", 0)), config.max_train_steps)
-
-    def free_device_memory() -> None:
-        mm.unload_all_models()
-        mm.soft_empty_cache()
-
-    def cancelled() -> bool:
-        mm.throw_exception_if_processing_interrupted()  # raises; the launcher kills the child first
-        return False
-
+    hooks = TrainingHooks(config.max_train_steps)
     try:
-        result = train_gate_or_reuse(config, runs_root=paths["output"] / RUNS_SUBFOLDER,
-                                     options=LaunchOptions(cpu=mm.cpu_state == mm.CPUState.CPU), on_event=on_event,
-                                     check_cancel=cancelled, before_launch=free_device_memory)
+        result = train_gate_or_reuse(config, runs_root=paths["output"] / RUNS_SUBFOLDER, **hooks.launch_kwargs())
     except TrainingFailed as exc:
         raise RuntimeError(f"Train Gate: {exc}") from None
-    bar.update_absolute(config.max_train_steps, config.max_train_steps)
+    hooks.finish()
     return mol_combo_name(result.mol_path), result.loss_curve, result.reused
 
 
