@@ -119,8 +119,12 @@ class TrainingSection(ConfigFile):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EvaluationSection(ConfigFile):
-    seeds_per_prompt: int = 8  # S seeds, the same for every evaluation prompt and variant
-    seed: int = 1_000_000_000  # evaluation seeds: seed, seed + 1, ..., seed + S - 1
+    seeds_per_prompt: int = 8  # S seeds per evaluation prompt, the same for every variant
+    # Evaluation prompt p gets seeds seed + p*S .. seed + p*S + S - 1: every (prompt, seed) pair has
+    # its own noise, so pairs are independent draws (what the bootstrap CIs and the seed-to-seed
+    # spread assume; with one seed list shared by every prompt, a lucky noise draw would lift all
+    # prompts at once and both would understate the run-to-run spread).
+    seed: int = 1_000_000_000
     include_train_prompts: bool = False  # also evaluate the loop's prompts (with the evaluation seeds)
     variants: tuple[str, ...] = ()  # of base, lora (one per aspect), merge, gated; () = every one that applies
     gate_mode: str = "dynamic"  # dynamic: the gate runs per token; bake: its mean merged once
@@ -304,7 +308,9 @@ class LoopConfig(ConfigFile):
         return self.prompts.seed + (round_number - 1) * len(self.train_prompts()) * self.prompts.candidates_per_prompt
 
     def evaluation_seeds(self) -> list[int]:
-        return [self.evaluation.seed + s for s in range(self.evaluation.seeds_per_prompt)]
+        """One seed per evaluation image, prompt-major (``EvaluationSection.seed``)."""
+        count = len(self.evaluation_prompts()) * self.evaluation.seeds_per_prompt
+        return [self.evaluation.seed + i for i in range(count)]
 
     def lora_config(self, *, aspect: str, dataset_dir: str, output_dir: str, work_dir: str,
                     overwrite: bool = False) -> LoraTrainConfig:
@@ -425,7 +431,8 @@ class LoopConfig(ConfigFile):
                      "[evaluation] include_train_prompts = true to evaluate on the training prompts with new seeds")
         if train and isinstance(k, int) and k >= 2 and evaluation.include_train_prompts:
             first, last = prompts.seed, prompts.seed + self.rounds * len(train) * k - 1
-            eval_first, eval_last = evaluation.seed, evaluation.seed + evaluation.seeds_per_prompt - 1
+            evaluated = len(train) + len(held_out)
+            eval_first, eval_last = evaluation.seed, evaluation.seed + evaluated * evaluation.seeds_per_prompt - 1
             if eval_first <= last and first <= eval_last:
                 p.append(f"[evaluation] seed={evaluation.seed}: evaluation seeds {eval_first}..{eval_last} overlap the "
                          f"candidate seeds {first}..{last}; evaluation must use seeds the loop never trained on")

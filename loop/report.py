@@ -453,14 +453,21 @@ def markdown_table(report: Any) -> str:
             cells.append("" if figure.get("pixel") is None else _plain(figure["pixel"]))
         lines.append("| " + " | ".join(cells) + " |")
     spread = ", ".join(f"{a} ±{data['seed_spread'][a]['threshold']:.3g}" for a in aspects)
-    notes = (f"\nMean reward over {data['pairs']} held-out (prompt, seed) pairs ({len(data['prompts'])} prompts × "
-             f"{len(data['seeds'][0])} seeds); in brackets the paired change vs {base} with its {level:.0%} bootstrap "
+    notes = (f"\nMean reward over {data['pairs']} (prompt, seed) pairs ({len(data['prompts'])} prompts × "
+             f"{len(data['seeds'][0])} seeds{_seed_layout(data['seeds'])}); in brackets the paired change vs {base} with its {level:.0%} bootstrap "
              f"CI ({data['settings']['resamples']} resamples of {data['settings']['unit']}); win = share of pairs "
              f"scoring above {base} (ties count half). Seed-to-seed spread ({level:.0%} of the mean changes from "
              f"re-rolling seeds alone): {spread}. **Bold**: CI excludes 0 and the change is beyond that spread.")
     if has_diversity:
         notes += " Diversity: mean RMS pixel distance between a prompt's images across seeds (0..1)."
     return "\n".join(lines) + "\n" + notes + "\n" + _markdown_head_to_head(data, variants)
+
+
+def _seed_layout(seeds: Sequence[Sequence[int]]) -> str:
+    """How the grid's seeds are laid out, for the notes: shared by every prompt, or each prompt its own."""
+    if len(seeds) > 1 and all(list(row) == list(seeds[0]) for row in seeds):
+        return ", every prompt with the same seeds"
+    return ", each pair its own seed" if len({s for row in seeds for s in row}) == sum(map(len, seeds)) else ""
 
 
 def _markdown_head_to_head(data: Mapping[str, Any], variants: Mapping[str, Any]) -> str:
@@ -539,8 +546,9 @@ def _render_html(report: Mapping[str, Any]) -> str:
     title = html.escape(report.get("title") or "VersaT2I evaluation report")
     parts = [(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title><style>{_CSS}</style>"
               f"</head><body><h1>{title}</h1>"),
-             (f"<p class='note'>Created {html.escape(report['created'])}. {len(data['prompts'])} held-out prompts × "
-              f"{len(data['seeds'][0])} seeds = {data['pairs']} pairs per variant; base: "
+             (f"<p class='note'>Created {html.escape(report['created'])}. {len(data['prompts'])} prompts × "
+              f"{len(data['seeds'][0])} seeds{html.escape(_seed_layout(data['seeds']))} = {data['pairs']} pairs per "
+              "variant; base: "
               f"<code>{html.escape(data['base'])}</code>.</p>"),
              "<h2>Rewards</h2>", _html_table(data, variants)]
     spread_rows = "".join(
@@ -583,7 +591,8 @@ def _render_html(report: Mapping[str, Any]) -> str:
                      f"{rows}</table><p class='note'>Mean distance between the images of one prompt across seeds; "
                      "a drop against the base is a sign of over-optimisation (mode collapse).</p>")
     if files.get("grids"):
-        parts.append("<h2>Samples</h2><p class='note'>Rows: prompts; columns: seeds (the same in every grid).</p>")
+        parts.append("<h2>Samples</h2><p class='note'>Rows: prompts; columns: seeds (a cell has the same prompt "
+                     "and seed in every variant's grid).</p>")
         for name, grid in files["grids"].items():
             label = html.escape((variants.get(name) or {}).get("label") or name)
             parts.append(f"<h3>{label}</h3><img src='{html.escape(grid)}' alt='{label} samples'>")
@@ -639,7 +648,11 @@ def write_report(
         if images:
             (temp / "grids").mkdir()
             prompts = evaluation.grid.prompts[:grid_prompts]
-            seeds = evaluation.grid.seeds[0][:grid_seeds]
+            seed_rows = [row[:grid_seeds] for row in evaluation.grid.seeds[:grid_prompts]]
+            if all(row == seed_rows[0] for row in seed_rows):
+                columns = [f"seed {s}" for s in seed_rows[0]]
+            else:  # every prompt has its own seeds: a column is the prompt's n-th seed
+                columns = [f"seed #{c + 1}" for c in range(len(seed_rows[0]))]
             used: set[str] = set()
             for name in evaluation.variants:
                 if name not in images:
@@ -650,7 +663,7 @@ def write_report(
                     slug += "_"
                 used.add(slug)
                 grids[name] = f"grids/{slug}.png"
-                sample_grid(rows, temp / grids[name], row_labels=prompts, column_labels=[f"seed {s}" for s in seeds])
+                sample_grid(rows, temp / grids[name], row_labels=prompts, column_labels=columns)
         report = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,

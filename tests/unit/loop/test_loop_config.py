@@ -136,6 +136,12 @@ BAD_CONFIGS = {
     "replay without a folder": ({"dataset": DatasetSection(replay_fraction=0.5)}, "replay_fraction > 0 needs replay_dir"),
     "evaluation seeds used by candidates": (
         {"evaluation": EvaluationSection(seed=3, include_train_prompts=True)}, "overlap the candidate seeds"),
+    # candidates use 10..17; the 3 evaluated prompts x 4 seeds use 5..16 (the first prompt's 5..8 alone would not)
+    "a later prompt's evaluation seeds used by candidates": (
+        {"prompts": PromptsSection(train=("a red circle", "a blue square"), held_out=("a green triangle",),
+                                   candidates_per_prompt=4, seed=10),
+         "evaluation": EvaluationSection(seed=5, seeds_per_prompt=4, include_train_prompts=True)},
+        "evaluation seeds 5..16 overlap the candidate seeds 10..17"),
     "bad generation setting": ({"generation": GenerationConfig(steps=0)}, "[generation] generation settings: steps=0"),
     "bad variant": ({"evaluation": EvaluationSection(variants=("base", "lora", "best"))}, "variants ['best']"),
     "rounds": ({"rounds": 0}, "rounds=0: must be a whole number >= 1"),
@@ -151,6 +157,16 @@ def test_a_bad_config_is_one_clear_error_before_any_work(case, tmp_path, model_d
     assert expected in str(err.value)
     assert str(err.value).startswith("invalid loop config:")
     assert not (tmp_path / "run").exists()
+
+
+def test_every_evaluation_image_has_its_own_seed(tmp_path, model_dir):
+    """Evaluation prompt p gets seeds seed + p*S ... : no two (prompt, seed) pairs share their noise,
+    which the pair bootstrap and the seed-to-seed spread assume (loop/evaluate.py)."""
+    config = good_config(tmp_path, model_dir, evaluation=EvaluationSection(seed=100, seeds_per_prompt=3,
+                                                                           include_train_prompts=True))
+    prompts = config.evaluation_prompts()
+    assert len(prompts) == 3
+    assert config.evaluation_seeds() == list(range(100, 109))  # prompt-major: prompt 1 has 103, 104, 105
 
 
 def test_every_problem_is_listed_at_once(tmp_path, model_dir):
