@@ -44,9 +44,9 @@ GENERATION_BATCH = 64  # images sampled at once (the demo model is tiny; larger 
 # (measured on 2 cores: 5.5 vs 4.3 steps/s), and the demo targets 2 cores.
 PARALLEL_TRAINING_JOBS = 2
 THREADS_PER_TRAINING_JOB = 1
-# Evaluation: every prompt (the 15 held-out and the 39 loop prompts) gets the same seeds, which the
-# paired statistics need (loop/evaluate.py): 54 x 4 = 216 images per variant, 7 variants. The seed
-# range is demo/settings.py's held-out one, far from every candidate seed.
+# Evaluation: the 15 held-out and the 39 loop prompts, 4 seeds each, every (prompt, seed) its own
+# noise (loop/config.py): 54 x 4 = 216 images per variant, 7 variants. The seed range is
+# demo/settings.py's EVAL_SEED, far from every candidate seed.
 EVAL_SEEDS_PER_PROMPT = 4
 
 
@@ -73,7 +73,7 @@ def demo_config(out: str | Path) -> LoopConfig:
         gate=dict(settings.GATE),
         training=TrainingSection(parallel_jobs=PARALLEL_TRAINING_JOBS, threads_per_job=THREADS_PER_TRAINING_JOB,
                                  cpu=True),
-        evaluation=EvaluationSection(seeds_per_prompt=EVAL_SEEDS_PER_PROMPT, seed=settings.EVAL_SEED_HELD_OUT_PROMPTS,
+        evaluation=EvaluationSection(seeds_per_prompt=EVAL_SEEDS_PER_PROMPT, seed=settings.EVAL_SEED,
                                      include_train_prompts=True),
     )
 
@@ -98,7 +98,7 @@ def write_replay_images(folder: Path, prompts: list[str], count: int) -> Path:
 
 def run_demo(out: str | Path = DEFAULT_OUT, *, overwrite: bool = False, show_progress: bool = True):
     """Run (or resume) the demo loop under ``out``; returns ``loop.run.LoopResult``."""
-    from .run import CONFIG_FILE, run_loop
+    from .run import CONFIG_FILE, check_output_dir, run_loop
 
     out = Path(out)
     config = demo_config(out)
@@ -106,6 +106,8 @@ def run_demo(out: str | Path = DEFAULT_OUT, *, overwrite: bool = False, show_pro
     run_dir = Path(config.output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} exists and is not a folder")
+    if not overwrite:
+        check_output_dir(run_dir)  # before the replay images are written: a wrong --out gets nothing
     if overwrite and run_dir.exists():
         if not (run_dir / CONFIG_FILE).is_file():
             raise ValueError(f"--overwrite: {str(run_dir)!r} is not a loop folder (no {CONFIG_FILE}); "

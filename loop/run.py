@@ -473,10 +473,8 @@ def preflight(config: LoopConfig, *, overwrite: bool = False) -> Ledger:
     finished steps of an earlier run. Raises one ValueError listing what is wrong; writes nothing."""
     config.validate()
     output_dir = Path(config.output_dir)
+    check_output_dir(output_dir)
     ledger = Ledger(output_dir)
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not (output_dir / CONFIG_FILE).is_file():
-        raise ValueError(f"output_dir {str(output_dir)!r} is not empty and holds no {CONFIG_FILE} (not a loop folder); "
-                         "choose a new or empty folder so nothing of yours is replaced")
     changed = []
     for step, marker in ledger.existing_markers().items():
         match = re.fullmatch(r"round-(\d+)/(.+)", step)
@@ -495,6 +493,15 @@ def preflight(config: LoopConfig, *, overwrite: bool = False) -> Ledger:
             f"{', '.join(changed)} would be redone and their outputs replaced. Re-run with overwrite "
             "(--overwrite) to do that, or choose another output_dir.")
     return ledger
+
+
+def check_output_dir(output_dir: Path) -> None:
+    """A loop writes only into a new or empty folder, or into a loop folder of its own."""
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not (output_dir / CONFIG_FILE).is_file():
+        raise ValueError(f"output_dir {str(output_dir)!r} is not empty and holds no {CONFIG_FILE} (not a loop folder); "
+                         "choose a new or empty folder so nothing of yours is replaced")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"output_dir {str(output_dir)!r} exists and is not a folder; choose another output_dir")
 
 
 def _expected_settings(config: LoopConfig, step: str) -> dict[str, Any] | None:

@@ -42,8 +42,17 @@ def test_the_demo_loop_improves_the_strongest_aspect_beyond_the_seed_spread(tmp_
 
     report_dir = tmp_path / "demo" / "run" / "round-1" / "report"
     report = read_report(report_dir)
-    assert (report_dir / "report.html").is_file()
+    assert (report_dir / "report.html").is_file() and (report_dir / "report.json").is_file()
     assert report["markdown"] in printed and str(report_dir / "report.html") in printed
+    # every variant the demo promises is in the report, with its plots and sample grid on disk
+    variants = ["base", *(f"lora:{a}" for a in settings.SCORERS), "merge", "gated"]
+    assert list(report["evaluation"]["variants"]) == variants
+    assert sorted(report["files"]["grids"]) == sorted(variants)
+    for relative in [*report["files"]["plots"].values(), *report["files"]["grids"].values()]:
+        assert (report_dir / relative).is_file(), relative
+    assert set(report["evaluation"]["diversity"]) == set(variants)
+    comparisons = report["evaluation"]["comparisons"].values()
+    assert [(c["variant"], c["reference"]) for c in comparisons] == [("gated", "merge")]
 
     evaluation = Evaluation.from_dict(report["evaluation"])
     aspect = settings.STRONGEST_ASPECT
@@ -53,6 +62,7 @@ def test_the_demo_loop_improves_the_strongest_aspect_beyond_the_seed_spread(tmp_
         print(f"\n{printed}\nwall time {seconds:.0f} s\n{aspect}: LoRA - base = {result['diff']:+.4f} "
               f"{result['diff_ci']}, seed-to-seed spread {spread.threshold:.4f}")
     assert evaluation.aspects == list(settings.SCORERS)
+    assert result["diff_ci"][0] > 0, f"the {aspect} LoRA's 95 % CI {result['diff_ci']} includes 0"
     assert result["diff"] > spread.threshold, (
         f"the {aspect} LoRA changed {aspect} by {result['diff']:+.4f}, within the seed-to-seed spread "
         f"{spread.threshold:.4f}")
