@@ -397,3 +397,35 @@ def test_two_processes_split_the_grid_and_write_one_folder(tiny, tmp_path):
         b = np.asarray(Image.open(tmp_path / "single" / record.file), dtype=np.int16)
         assert np.abs(a - b).max() <= 1  # float rounding of a different batch composition, at most 1 level
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+@pytest.mark.slow
+def test_accelerate_launch_of_the_cli_splits_a_single_file_checkpoint_between_two_processes(tiny, tmp_path):
+    """What the README documents for several GPUs: ``accelerate launch ... -m versat2i.cli generate``
+    (here two CPU processes, gloo) on a single-file checkpoint, against the plain command."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\na cow\n")
+    arguments = ["-m", "versat2i.cli", "generate", "--checkpoint", str(tiny.checkpoint), "--config-dir",
+                 str(tiny.folder), "--prompts", str(prompts), "--k", "3", "--steps", "2", "--device", "cpu",
+                 "--batch-size", "2", "--quiet"]
+    # HF_HOME: no accelerate config of the user's changes the launch
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")}
+    launched = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         *arguments, "--out", str(tmp_path / "split")],
+        capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert launched.returncode == 0, launched.stdout[-2000:] + launched.stderr[-3000:]
+    plain = subprocess.run([sys.executable, *arguments, "--out", str(tmp_path / "plain")],
+                           capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    summary = json.loads((tmp_path / "split" / SUMMARY_NAME).read_text())
+    assert summary["processes"] == 2 and summary["model"]["source_format"] != "diffusers"
+    split_records, _ = read_candidates(tmp_path / "split")
+    plain_records, _ = read_candidates(tmp_path / "plain")
+    assert [r.to_dict() for r in split_records] == [r.to_dict() for r in plain_records]
+    assert len(split_records) == 9
+    for record in split_records:
+        a = np.asarray(Image.open(tmp_path / "split" / record.file), dtype=np.int16)
+        b = np.asarray(Image.open(tmp_path / "plain" / record.file), dtype=np.int16)
+        assert np.abs(a - b).max() <= 1  # float rounding of a different batch composition, at most 1 level
