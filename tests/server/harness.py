@@ -586,6 +586,17 @@ def load_workflow(path: str | os.PathLike) -> dict[str, Any]:
 
 # -- node-definition snapshots (tests/data/object_info.json) -------------------------------------------
 
+def node_sources_sha256(repo: Path) -> str:
+    """sha256 over the pack's ``nodes/*.py`` (names and bytes): recorded in the snapshot so a test
+    without ComfyUI sees that a node file changed after the snapshot was made."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted((Path(repo) / "nodes").glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 # What the snapshot keeps of an /object_info entry: what validating a UI-format workflow needs (and
 # the display name the thumbnails show). Tooltips and descriptions are left out, so editing them
 # does not make the snapshot stale.
