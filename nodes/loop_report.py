@@ -20,6 +20,9 @@ from ..safe_io import confined_path
 from .common import category, node_id
 
 REPORT_SUBFOLDER = "report"
+# Where `versat2i loop` writes round 1's evaluation when its output_dir is output/versat2i/my-loop
+# (the name `versat2i loop --print-config` uses): no node of the pack evaluates, the loop does.
+DEFAULT_FOLDER = "versat2i/my-loop/round-1/eval"
 
 
 def resolve_report(folder: str, *, overwrite: bool = False) -> Path:
@@ -31,7 +34,7 @@ def resolve_report(folder: str, *, overwrite: bool = False) -> Path:
         return path
     if not path.is_dir():
         raise ValueError(f"folder {folder!r}: not found in ComfyUI's output folder; give the evaluation or report "
-                         "folder of a loop run, e.g. 'versat2i/loop/eval'")
+                         f"folder of a loop run, e.g. {DEFAULT_FOLDER!r}")
     report_dir = confined_path(root, f"{folder.rstrip('/')}/{REPORT_SUBFOLDER}", what="folder")
     if (report_dir / REPORT_JSON).is_file() and not overwrite:
         return report_dir
@@ -63,9 +66,11 @@ class LoopReport(io.ComfyNode):
             ),
             is_output_node=True,
             inputs=[
-                io.String.Input("folder", default="versat2i/loop/eval",
+                io.String.Input("folder", default=DEFAULT_FOLDER,
                                 tooltip="A report folder (with report.json) or an evaluation folder, relative to "
-                                        "ComfyUI's output folder. Absolute paths and '..' are refused."),
+                                        "ComfyUI's output folder, e.g. round-1/eval of a `versat2i loop` run whose "
+                                        "output_dir is <ComfyUI>/output/versat2i/my-loop. Absolute paths and '..' "
+                                        "are refused."),
                 io.Boolean.Input("overwrite", default=False,
                                  tooltip="Rewrite <folder>/report from the evaluation even if it exists."),
             ],
