@@ -162,12 +162,14 @@ def score_folder(folder: Path, scorers: Mapping[str, Any], out_file: Path, *, ba
     import torch
 
     from ..rewards.base import score_aspects
-    from ..rewards.score_table import ScoreTable
+    from ..rewards.score_table import ScoreTable, image_fingerprints
     from ..rewards.training_set import load_image_file
     from .generate import read_candidates
 
     records, _summary = read_candidates(folder)
     columns: dict[str, list[torch.Tensor]] = {aspect: [] for aspect in scorers}
+    judged: dict[str, list[torch.Tensor]] = {aspect: [] for aspect in scorers}
+    fingerprints: list[str] = []
     bar = _bar(len(records), desc, show_progress)
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]
@@ -175,6 +177,8 @@ def score_folder(folder: Path, scorers: Mapping[str, Any], out_file: Path, *, ba
         scores = score_aspects(scorers, images, [r.prompt for r in chunk])
         for aspect, values in scores.items():
             columns[aspect].append(values)
+            judged[aspect].append(scores.judged[aspect])
+        fingerprints += image_fingerprints(images)
         done = min(start + batch_size, len(records))
         if bar is not None:
             bar.update(len(chunk))
@@ -186,7 +190,8 @@ def score_folder(folder: Path, scorers: Mapping[str, Any], out_file: Path, *, ba
         {aspect: torch.cat(parts) for aspect, parts in columns.items()}, dict(scorers),
         [r.prompt for r in records], seeds=[r.seed for r in records],
         prompt_indices=[r.prompt_index for r in records], candidate_indices=[r.candidate_index for r in records],
-        image_ids=[r.file for r in records])
+        image_ids=[r.file for r in records], judged={aspect: torch.cat(parts) for aspect, parts in judged.items()},
+        fingerprints=fingerprints)
     table.save(out_file, overwrite=True)
     return table
 

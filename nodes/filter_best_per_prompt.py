@@ -48,13 +48,23 @@ def parse_aspect_thresholds(text: str, known_aspects: Sequence[str] = ASPECTS) -
     """``"aesthetics = p75\\nlowlevel = 0.3"`` (lines, or entries separated by ';' or ',') ->
     ``{aspect: Threshold}``. A spec is "none", a score (absolute) or "p75" / "75%" (percentile)."""
     thresholds: dict[str, Threshold] = {}
-    for entry in re.split(r"[\n;,]", text or ""):
-        entry = entry.strip()
+    parts = re.split(r"([\n;,])", text or "")
+    entries, separators = [part.strip() for part in parts[0::2]], [None, *parts[1::2]]
+    for index, (entry, separator) in enumerate(zip(entries, separators, strict=True)):
         if not entry:
             continue
         match = re.fullmatch(r"([^=:\s]+)\s*[=:]\s*(.*)", entry)
         if not match:
-            raise ValueError(f"aspect_thresholds: {entry!r} is not 'aspect = threshold' (e.g. 'aesthetics = p75')")
+            previous = entries[index - 1] if index else ""
+            if separator == "," and re.fullmatch(r"\d+%?", entry) and re.search(r"\d$", previous):
+                raise ValueError(
+                    f"aspect_thresholds: {previous + ',' + entry!r} uses a decimal comma, but ',' separates entries "
+                    f"(like new lines and ';'); write a decimal point: {previous + '.' + entry!r}"
+                )
+            raise ValueError(
+                f"aspect_thresholds: {entry!r} is not 'aspect = threshold'; write one 'aspect = threshold' per line "
+                "(or separate them with ';' or ','), e.g. 'aesthetics = 5.5' or 'alignment = p75'"
+            )
         aspect, spec = match.groups()
         if aspect not in known_aspects:
             raise ValueError(f"aspect_thresholds: unknown aspect {aspect!r}; use one of {', '.join(known_aspects)}")
@@ -190,9 +200,7 @@ class FilterBestPerPrompt(io.ComfyNode):
                 aspect_thresholds: str = "", images_for: str = ALL_ASPECTS) -> io.NodeOutput:
         table = check_table(scores)
         images = check_images(images)
-        if images.shape[0] != len(table):
-            raise ValueError(f"images: {images.shape[0]} images but {len(table)} were scored; connect the batch "
-                             "that went into Score Images")
+        table.check_images_match(images)  # the count, and each image's pixels where the table has them
         thresholds = thresholds_for(table.aspects, threshold_kind, threshold, aspect_thresholds)
         selection = select_best_per_prompt(table, thresholds)
         kept_rows, discarded_rows = preview_rows(selection, images_for)

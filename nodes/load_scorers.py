@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from comfy_api.latest import io
 
 from ..rewards.base import ASPECTS, Scorer
+from ..rewards.cache import stamp_files
 from ..rewards.registry import DEFAULT_SCORERS, get_scorer, list_scorers
 from .common import Scorers, category, model_search_dirs, node_id
 
@@ -102,6 +103,28 @@ class LoadScorers(io.ComfyNode):
         if all(inputs.get(aspect) == DISABLED for aspect in ASPECTS):
             return "every aspect is 'disabled'; choose a scorer for at least one aspect"
         return True
+
+    @classmethod
+    def fingerprint_inputs(cls, aesthetics: str | None = None, alignment: str | None = None,
+                           geometry: str | None = None, lowlevel: str | None = None,
+                           device: str | None = None) -> tuple:
+        """ComfyUI reuses this node's cached output while its inputs and this value stay the same,
+        so the value is the (path, size, mtime) of every weight file the chosen scorers read: a
+        replaced file makes ComfyUI run the node again, and the registry then loads the new weights.
+        The scorers come from the registry's cache (loaded here on the first run; ``execute`` then
+        reuses them), so this costs a few ``stat`` calls per run. Linked inputs arrive as None and
+        are left out. A failure propagates: ComfyUI logs it, runs the node, and ``execute`` reports
+        the error."""
+        if device is None:
+            return ("device input linked",)
+        names = (aesthetics, alignment, geometry, lowlevel)
+        chosen = {aspect: name for aspect, name in zip(ASPECTS, names, strict=True)
+                  if name is not None and name != DISABLED}
+        if not chosen:
+            return ()
+        scorers = load_scorers(chosen, search_dirs=model_search_dirs(), device=resolve_device(device))
+        return tuple((aspect, scorer.scorer_id, stamp_files(scorer.weight_files()))
+                     for aspect, scorer in sorted(scorers.items()))
 
     @classmethod
     def execute(cls, aesthetics: str, alignment: str, geometry: str, lowlevel: str, device: str) -> io.NodeOutput:

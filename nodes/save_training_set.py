@@ -28,7 +28,8 @@ DEFAULT_NAME = "versat2i/training_set"
 def save_training_set(selection: FilteredScores, images: torch.Tensor, name: str, *, repeats: int,
                       overwrite: bool) -> tuple[str, TrainingSet]:
     """Write the training set under ComfyUI's output folder; returns (its path relative to the
-    output folder, the written set)."""
+    output folder, the written set). ``images`` must be the scored batch: write_training_set
+    compares each image with the pixel fingerprint Score Images recorded, not only the count."""
     if not isinstance(selection, FilteredScores):  # a wrongly wired input: a user error (ValueError)
         raise ValueError(  # noqa: TRY004
             "selection: expected the 'selection' output of Filter Best Per Prompt (VersaT2I)")

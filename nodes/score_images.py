@@ -28,7 +28,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..rewards.base import ASPECTS, Scorer, check_images, score_aspects
-from ..rewards.score_table import ScoreTable
+from ..rewards.score_table import UNJUDGED_CELL, ScoreTable, image_fingerprints
 from .common import Candidates, Scorers, Scores, category, node_id, progress_callback
 
 
@@ -128,7 +128,9 @@ def check_scorers(scorers: Any) -> dict[str, Scorer]:
 def score_images(images: torch.Tensor, scorers: Mapping[str, Scorer], info: ImageInfo, *,
                  offload: bool = True) -> ScoreTable:
     """Score a batch for every aspect (with a ComfyUI progress bar that honours Cancel) and
-    return the table; scorers are moved off the accelerator afterwards when ``offload``."""
+    return the table, with each image's judged flags and pixel fingerprint (Filter and Save check
+    that they get these same images); scorers are moved off the accelerator afterwards when
+    ``offload``."""
     try:
         scores = score_aspects(scorers, images, info.prompts, progress=progress_callback(images.shape[0]))
     finally:
@@ -136,7 +138,8 @@ def score_images(images: torch.Tensor, scorers: Mapping[str, Scorer], info: Imag
             for scorer in scorers.values():
                 scorer.offload()
     return ScoreTable.from_scores(scores, scorers, info.prompts, seeds=info.seeds, prompt_indices=info.prompt_indices,
-                                  candidate_indices=info.candidate_indices, image_ids=info.image_ids)
+                                  candidate_indices=info.candidate_indices, image_ids=info.image_ids,
+                                  fingerprints=image_fingerprints(images))
 
 
 # -- preview ----------------------------------------------------------------------------------------
@@ -163,7 +166,8 @@ def label_images(images: torch.Tensor, table: ScoreTable) -> torch.Tensor:
         if scale > 1:
             image = image.resize((width * scale, height * scale), Image.Resampling.NEAREST)
         lines = [f"#{i}  prompt {table.prompt_indices[i]}  cand {table.candidate_indices[i]}"]
-        lines += [f"{aspect} {table.scores[aspect][i]:.4g}" for aspect in table.aspects]
+        lines += [f"{aspect} {table.scores[aspect][i]:.4g}" if table.judged[aspect][i] else f"{aspect} {UNJUDGED_CELL}"
+                  for aspect in table.aspects]
         text = "\n".join(lines)
         draw = ImageDraw.Draw(image, "RGBA")
         _, _, right, bottom = draw.multiline_textbbox((4, 4), text, font=font, spacing=2)

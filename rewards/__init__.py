@@ -7,6 +7,7 @@ open_clip and transformers, load only when a scorer is built)::
     scorers = {"aesthetics": get_scorer("laion-aesthetic-v2", search_dirs=[models_dir]),
                "alignment": get_scorer("clip-score", search_dirs=[models_dir])}
     scores = score_aspects(scorers, images, prompts)   # {aspect: float32 tensor [B]}
+    scores.judged                                      # {aspect: bool tensor [B]}: False = nothing to judge
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import importlib
 _EXPORTS = {
     # the contract
     "ASPECTS": ".base",
+    "AspectScores": ".base",
     "ImageBatchError": ".base",
     "Scorer": ".base",
     "ScoringBatch": ".base",

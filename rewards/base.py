@@ -8,6 +8,12 @@ image scored alone equals its score inside any batch. Higher is better for every
 Scorers that share a backbone (aesthetics and CLIP score on one CLIP ViT-L/14) get the backbone's
 image embedding once per chunk through ``ScoringBatch.feature``: ``score_aspects`` hands the same
 ``ScoringBatch`` to every scorer of the chunk.
+
+Some scorers may find nothing to judge in an image (the geometry scorer on an image without a
+person). They set ``may_leave_unjudged`` and implement ``judge_batch``, which returns the scores
+and a per-image *judged* mask; the score of an unjudged image is only a placeholder. The mask, not
+the score, says which images were judged: ``score_aspects`` returns it as ``.judged``, the score
+table stores it per image, and selection never keeps an unjudged image.
 """
 
 from __future__ import annotations
@@ -131,10 +137,10 @@ class Scorer(ABC):
     chunk_size: int = 16
     # True for scorers that read the prompt (alignment): score_aspects then refuses empty prompts.
     needs_prompts: bool = False
-    # The score of an image the scorer found nothing to judge in (the geometry scorer on an image
-    # without a person), or None when every score is a judgement. Selection never keeps such an
-    # image for the scorer's aspect, whatever the threshold (rewards/selection.py).
-    unjudged_score: float | None = None
+    # True for scorers that may find nothing to judge in an image (the geometry scorer on an image
+    # without a person); they implement ``judge_batch``. Selection never keeps an unjudged image for
+    # the scorer's aspect, whatever the threshold (rewards/selection.py).
+    may_leave_unjudged: bool = False
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
@@ -148,6 +154,13 @@ class Scorer(ABC):
     @abstractmethod
     def weights_hash(self) -> str:
         """sha256 (hex) identifying the weights; ``"none"`` for scorers without weights."""
+
+    def judge_batch(self, batch: ScoringBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores ``[len(batch)]`` and a bool mask ``[len(batch)]``: True where the score is a
+        judgement, False where the scorer found nothing to judge (the score there is a finite
+        placeholder, shown in tables and previews but never selected). Scorers with
+        ``may_leave_unjudged`` override this; by default every image is judged."""
+        return self.score_batch(batch), torch.ones(len(batch), dtype=torch.bool)
 
     # -- provided ----------------------------------------------------------------------------
     def weight_files(self) -> tuple[Path, ...]:
@@ -175,12 +188,9 @@ class Scorer(ABC):
 
     def describe(self) -> dict[str, Any]:
         """What identifies the scores: id, aspect and weights hash, plus whatever else changes them
-        (``unjudged_score``; subclasses add their settings). Everything but ``aspect`` is recorded
-        with every stored score; values are JSON scalars."""
-        described: dict[str, Any] = {"id": self.scorer_id, "aspect": self.aspect, "weights_hash": self.weights_hash}
-        if self.unjudged_score is not None:
-            described["unjudged_score"] = float(self.unjudged_score)
-        return described
+        (subclasses add their settings). Everything but ``aspect`` is recorded with every stored
+        score; values are JSON scalars."""
+        return {"id": self.scorer_id, "aspect": self.aspect, "weights_hash": self.weights_hash}
 
     @torch.inference_mode()
     def score(
@@ -209,6 +219,17 @@ def check_prompts_for(scorers: Mapping[str, Scorer], prompts: Sequence[str]) -> 
         )
 
 
+class AspectScores(dict):
+    """What ``score_aspects`` returns: ``{aspect: float32 CPU tensor [B]}`` (an ordinary dict to a
+    caller that only wants the scores), plus ``judged``: ``{aspect: bool CPU tensor [B]}``, False
+    where the aspect's scorer found nothing to judge (``Scorer.judge_batch``). Pass it to
+    ``ScoreTable.from_scores`` as is: the table takes the mask along."""
+
+    def __init__(self, scores: Mapping[str, torch.Tensor], judged: Mapping[str, torch.Tensor]):
+        super().__init__(scores)
+        self.judged = dict(judged)
+
+
 @torch.inference_mode()
 def score_aspects(
     scorers: Mapping[str, Scorer],
@@ -217,8 +238,9 @@ def score_aspects(
     *,
     chunk_size: int | None = None,
     progress: ProgressCallback | None = None,
-) -> dict[str, torch.Tensor]:
-    """Score every image for every aspect; returns ``{aspect: float32 CPU tensor [B]}``.
+) -> AspectScores:
+    """Score every image for every aspect; returns ``{aspect: float32 CPU tensor [B]}`` with the
+    judged masks as ``.judged`` (``AspectScores``).
 
     Images are validated once, then scored in chunks; within a chunk every scorer sees the same
     ``ScoringBatch`` so shared backbone features are computed once. Chunking never changes a
@@ -237,13 +259,21 @@ def score_aspects(
     for scorer in scorers.values():
         scorer.prepare()
     results: dict[str, list[torch.Tensor]] = {aspect: [] for aspect in scorers}
+    judged: dict[str, list[torch.Tensor]] = {aspect: [] for aspect in scorers}
     for start in range(0, total, size):
         chunk = ScoringBatch(images[start:start + size].to(device), prompts[start:start + size])
         for aspect, scorer in scorers.items():
-            values = scorer.score_batch(chunk).detach().float().flatten().cpu()
+            values, mask = scorer.judge_batch(chunk)
+            values = values.detach().float().flatten().cpu()
+            mask = torch.as_tensor(mask).detach().flatten().cpu()
             if values.shape[0] != len(chunk):
                 raise RuntimeError(
                     f"scorer {scorer.scorer_id!r} returned {values.shape[0]} scores for {len(chunk)} images"
+                )
+            if mask.shape[0] != len(chunk) or mask.dtype != torch.bool:
+                raise RuntimeError(
+                    f"scorer {scorer.scorer_id!r} returned {mask.shape[0]} judged flags ({mask.dtype}) for "
+                    f"{len(chunk)} images; judge_batch must return one bool per image"
                 )
             if not bool(torch.isfinite(values).all()):
                 raise RuntimeError(
@@ -252,6 +282,8 @@ def score_aspects(
                     f"{scorer.weights_hash[:12]})"
                 )
             results[aspect].append(values)
+            judged[aspect].append(mask)
         if progress is not None:
             progress(min(start + size, total), total)
-    return {aspect: torch.cat(parts) for aspect, parts in results.items()}
+    return AspectScores({aspect: torch.cat(parts) for aspect, parts in results.items()},
+                        {aspect: torch.cat(parts) for aspect, parts in judged.items()})

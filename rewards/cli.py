@@ -1,7 +1,8 @@
 """``versat2i score`` and ``versat2i build-dataset``: the score and filter steps from a shell.
 
     versat2i score IMAGES_DIR [--prompts prompts.txt|prompts.jsonl] [--aspect ASPECT[=SCORER] ...]
-                   [--models-dir DIR ...] [--device auto] [--chunk-size N] [--out scores.jsonl]
+                   [--models-dir DIR ...] [--scorer-option ASPECT.KEY=VALUE ...] [--device auto]
+                   [--chunk-size N] [--out scores.jsonl]
     versat2i build-dataset SCORES --images IMAGES_DIR --out ROOT --name NAME
                    [--threshold [ASPECT=]SPEC ...] [--repeats [ASPECT=]N ...] [--aspects a,b] [--overwrite]
 
@@ -61,6 +62,15 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     score.add_argument("--models-dir", action="append", default=[], type=Path, metavar="DIR",
                        help="folder with the scorers' weight files (sub-folders clip/, aesthetic/, hps/, ...); "
                        "repeatable")
+    score.add_argument(
+        "--scorer-option", action="append", default=[], metavar="ASPECT.KEY=VALUE",
+        help="an option of one aspect's scorer, e.g. an explicit weight file instead of the one in --models-dir: "
+        "'aesthetics.aesthetic_weights=~/sac+logos+ava1-l14-linearMSE.pth', 'aesthetics.clip_weights=FILE', "
+        "'lowlevel.weights=FILE' (pyiqa), or a setting: 'geometry.no_person_score=0.5'. File options (names "
+        "ending in 'weights', '_model' or '_processor') are paths, relative ones to the current folder; other "
+        "values are read as JSON when they parse (numbers, lists), else as text. Each scorer's options: "
+        "docs/scorers.md; repeatable",
+    )
     score.add_argument("--device", default="auto",
                        help="torch device: auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
     score.add_argument("--chunk-size", type=int, default=None, metavar="N",
@@ -222,6 +232,50 @@ def parse_aspects(specs: Sequence[str]) -> dict[str, str]:
     return aspects
 
 
+def parse_scorer_options(specs: Sequence[str], aspects: Sequence[str], *,
+                         cwd: Path | None = None) -> dict[str, dict[str, object]]:
+    """``["aesthetics.aesthetic_weights=/w/mlp.pth", "geometry.no_person_score=0.5"]`` ->
+    ``{aspect: {option: value}}``. File options (``registry.is_path_option``) become absolute paths
+    (relative ones from ``cwd``, default the current folder) and must exist; other values are JSON
+    when they parse, else text. Whether the scorer knows the option is its own check."""
+    from .registry import is_path_option
+
+    options: dict[str, dict[str, object]] = {}
+    for spec in specs:
+        target, sep, value = spec.partition("=")
+        aspect, dot, key = target.strip().partition(".")
+        aspect, key = aspect.strip(), key.strip()
+        if not sep or not dot or not aspect or not key:
+            raise ValueError(
+                f"--scorer-option {spec!r}: expected ASPECT.KEY=VALUE, "
+                "e.g. 'aesthetics.aesthetic_weights=/path/file.pth'"
+            )
+        if aspect not in aspects:
+            raise ValueError(
+                f"--scorer-option {spec!r}: aspect {aspect!r} is not scored; scored aspects: {', '.join(aspects)}"
+            )
+        if key in options.get(aspect, {}):
+            raise ValueError(f"--scorer-option {spec!r}: {aspect}.{key} is given twice")
+        value = value.strip()
+        if is_path_option(key):
+            path = Path(value).expanduser()
+            if not path.is_absolute():
+                path = (cwd or Path.cwd()) / path
+            if not value or not path.exists():
+                raise FileNotFoundError(
+                    f"--scorer-option {spec!r}: weight file {str(path)!r} not found; give the path of the file "
+                    "(or folder) to use"
+                )
+            parsed: object = str(path)
+        else:
+            try:
+                parsed = json.loads(value)
+            except ValueError:
+                parsed = value
+        options.setdefault(aspect, {})[key] = parsed
+    return options
+
+
 def _pick_device(device: str) -> str:
     import torch
 
@@ -256,14 +310,6 @@ def _tqdm_progress(total: int, description: str) -> tuple[Callable[[int, int], N
     return update, bar.close
 
 
-def _load_rgb(path: Path):
-    import torch
-
-    from .training_set import load_image_file
-
-    return torch.from_numpy(load_image_file(path)).float().div_(255.0)
-
-
 def score_folder(
     images: Sequence[Path],
     prompts: Sequence[str],
@@ -272,20 +318,30 @@ def score_folder(
     chunk_size: int | None = None,
     device: str = "cpu",
     progress: Callable[[int, int], None] | None = None,
-) -> dict:
+) -> tuple[dict, list[str]]:
     """Score image files chunk by chunk (only one chunk is in memory); images of different sizes
-    are scored in separate calls, which never changes a score (scorers are batch-independent)."""
+    are scored in separate calls, which never changes a score (scorers are batch-independent).
+    Returns the scores (``AspectScores``, with the judged masks) and each file's
+    ``pixels_sha256``."""
     import torch
 
-    from .base import score_aspects
+    from .base import AspectScores, score_aspects
+    from .score_table import pixels_sha256
+    from .training_set import load_image_file
 
     size = chunk_size or min(s.chunk_size for s in scorers.values())
     if size < 1:
         raise ValueError(f"--chunk-size must be >= 1, got {size}")
     results = {aspect: torch.empty(len(images)) for aspect in scorers}
+    judged = {aspect: torch.ones(len(images), dtype=torch.bool) for aspect in scorers}
+    fingerprints: list[str] = []
     for start in range(0, len(images), size):
         rows = list(range(start, min(start + size, len(images))))
-        loaded = {row: _load_rgb(images[row]) for row in rows}
+        loaded = {}
+        for row in rows:
+            pixels = load_image_file(images[row])
+            fingerprints.append(pixels_sha256(pixels))
+            loaded[row] = torch.from_numpy(pixels).float().div_(255.0)
         by_size: dict[tuple[int, int], list[int]] = {}
         for row, pixels in loaded.items():
             by_size.setdefault(tuple(pixels.shape[:2]), []).append(row)
@@ -294,9 +350,10 @@ def score_folder(
             scores = score_aspects(scorers, batch, [prompts[row] for row in group], chunk_size=size)
             for aspect, values in scores.items():
                 results[aspect][group] = values
+                judged[aspect][group] = scores.judged[aspect]
         if progress is not None:
             progress(rows[-1] + 1, len(images))
-    return results
+    return AspectScores(results, judged), fingerprints
 
 
 # -- commands -------------------------------------------------------------------------------------
@@ -313,6 +370,7 @@ def run_score(args: argparse.Namespace) -> int:
     images = list_images(args.images)
     inputs = read_prompts(images, args.images, args.prompts)
     aspect_scorers = parse_aspects(args.aspect)
+    scorer_options = parse_scorer_options(args.scorer_option, list(aspect_scorers))
     for models_dir in args.models_dir:
         if not models_dir.is_dir():
             raise FileNotFoundError(f"--models-dir {str(models_dir)!r} is not a folder")
@@ -326,22 +384,24 @@ def run_score(args: argparse.Namespace) -> int:
         check_image_file(path)
     device = _pick_device(args.device)
 
-    built: dict[str, object] = {}
+    built: dict[tuple, object] = {}
     scorers = {}
     for aspect, name in aspect_scorers.items():
-        if name not in built:
-            built[name] = get_scorer(name, search_dirs=args.models_dir, device=device)
-        scorers[aspect] = built[name]
+        options = scorer_options.get(aspect, {})
+        key = (name, json.dumps(options, sort_keys=True))
+        if key not in built:
+            built[key] = get_scorer(name, search_dirs=args.models_dir, device=device, **options)
+        scorers[aspect] = built[key]
 
     update, close = _tqdm_progress(len(images), "scoring")
     try:
-        results = score_folder(images, inputs["prompts"], scorers, chunk_size=args.chunk_size,
-                               device=device, progress=update)
+        results, fingerprints = score_folder(images, inputs["prompts"], scorers, chunk_size=args.chunk_size,
+                                             device=device, progress=update)
     finally:
         close()
     table = ScoreTable.from_scores(
         results, scorers, inputs["prompts"], seeds=inputs["seeds"], prompt_indices=inputs["prompt_indices"],
-        candidate_indices=inputs["candidate_indices"], image_ids=inputs["image_ids"],
+        candidate_indices=inputs["candidate_indices"], image_ids=inputs["image_ids"], fingerprints=fingerprints,
     )
     if not args.quiet:
         print(table.to_text())

@@ -194,6 +194,25 @@ class OpenClipBackbone:
         return float(self.model.logit_scale.exp())
 
 
+# The first open_clip release whose create_model takes weights_only (2.29-2.32 call it
+# load_weights_only; older ones have neither, and pass unknown keywords on to the model's constructor).
+OPEN_CLIP_MIN_VERSION = "3.0"
+
+
+def check_open_clip_version(open_clip) -> None:
+    """Refuse an open_clip whose ``create_model`` can't be told to load with ``weights_only=True``
+    (an ImportError naming the installed version and the fix, instead of a TypeError from deep
+    inside the model's constructor)."""
+    import inspect
+
+    if "weights_only" not in inspect.signature(open_clip.create_model).parameters:
+        version = getattr(open_clip, "__version__", "unknown")
+        raise ImportError(
+            f"open_clip_torch {version} is too old for the CLIP scorers: they need >= {OPEN_CLIP_MIN_VERSION} "
+            f"(create_model(weights_only=True)); upgrade it: pip install 'open_clip_torch>={OPEN_CLIP_MIN_VERSION}'"
+        )
+
+
 def load_open_clip_backbone(architecture: str, path: Path, *, resize_mode: str = "shortest",
                             source_hint: str = "") -> OpenClipBackbone:
     """Build ``architecture`` with open_clip and load the weight file ``path`` (open_clip state
@@ -206,10 +225,12 @@ def load_open_clip_backbone(architecture: str, path: Path, *, resize_mode: str =
         raise ValueError(
             f"unknown open_clip architecture {architecture!r}; known: {', '.join(open_clip.list_models())}"
         )
+    check_open_clip_version(open_clip)
     logger.info("loading open_clip %s from %s", architecture, path)
     try:
         model = open_clip.create_model(architecture, pretrained=str(path), device="cpu", weights_only=True)
-    except (RuntimeError, OSError, ValueError, EOFError, KeyError, pickle.UnpicklingError, SafetensorError) as exc:
+    except (RuntimeError, OSError, ValueError, EOFError, KeyError, TypeError, pickle.UnpicklingError,
+            SafetensorError) as exc:  # TypeError: torch's unpickler on some garbage files
         raise describe_load_failure(path, f"open_clip {architecture} weights", exc, source_hint) from exc
     # Hash now, not when a manifest asks: the file may be replaced later, the loaded weights not.
     weights_hash = sha256_file(path)

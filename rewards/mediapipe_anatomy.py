@@ -24,10 +24,11 @@ What the score is (docs/geometry-scorer.md has the user-facing version):
 4. A part (the body, each hand) scores ``0.5 * mean + 0.5 * min`` of its checks, so a single
    broken limb costs at least half of the part's score; the image scores the same combination over
    its parts. Images with nothing to judge (no person, or a face close-up with no usable limb and
-   no hand) score ``no_person_score`` (default 0.0), which is also the scorer's
-   ``unjudged_score``: the filter never keeps them for the geometry aspect, so a candidate whose
-   person is too mangled to be detected is never picked, and a prompt showing nobody adds no
-   geometry training image.
+   no hand) are marked *not judged* (``judge_batch``'s mask, stored per image in the score
+   table) and get the placeholder score ``no_person_score`` (default 0.0): the filter never keeps
+   them for the geometry aspect, so a candidate whose person is too mangled to be detected is
+   never picked, and a prompt showing nobody adds no geometry training image. A judged image
+   whose score happens to equal ``no_person_score`` is an ordinary judged image.
 
 The band limits are MediaPipe-specific, not anatomy-table values: MediaPipe's landmarks are joint
 estimates (its "PIP to DIP" is not a phalanx bone) and its depth is approximate. They were set by
@@ -370,6 +371,7 @@ class MediaPipeAnatomyScorer(Scorer):
     scorer_id = "mediapipe-anatomy"
     aspect = "geometry"
     chunk_size = 16
+    may_leave_unjudged = True
 
     def __init__(
         self,
@@ -382,13 +384,14 @@ class MediaPipeAnatomyScorer(Scorer):
     ) -> None:
         super().__init__(device)
         self.mediapipe = _import_mediapipe()
+        # The placeholder score of an image with nothing to judge (judge_batch marks it unjudged).
         self.no_person_score = float(no_person_score)
-        # Selection never keeps an image with nothing to judge for the geometry aspect.
-        self.unjudged_score = self.no_person_score
         self.min_visibility = float(min_visibility)
         self.min_detection_confidence = float(min_detection_confidence)
         self.max_num_hands = int(max_num_hands)
         self._model_paths = bundled_model_paths(Path(self.mediapipe.__file__).parent)
+        # Hashed now, with the files the graphs will read, not when a manifest asks.
+        self._weights_hash = combine_hashes({path.name: sha256_file(path) for path in self._model_paths})
         # MediaPipe graphs are not thread-safe; ComfyUI runs one prompt at a time, the lock
         # covers a CLI or server that scores from several threads.
         self._lock = threading.Lock()
@@ -397,14 +400,15 @@ class MediaPipeAnatomyScorer(Scorer):
 
     @property
     def weights_hash(self) -> str:
-        return combine_hashes({path.name: sha256_file(path) for path in self._model_paths})
+        return self._weights_hash
 
     def weight_files(self) -> tuple[Path, ...]:
         return self._model_paths
 
     def describe(self) -> dict[str, Any]:
-        # The detection settings change the scores, so they are recorded with them.
-        return {**super().describe(), "min_visibility": self.min_visibility,
+        # The detection settings change the scores (and no_person_score the placeholders), so they are
+        # recorded with them.
+        return {**super().describe(), "no_person_score": self.no_person_score, "min_visibility": self.min_visibility,
                 "min_detection_confidence": self.min_detection_confidence, "max_num_hands": self.max_num_hands}
 
     def _graphs(self):
@@ -456,12 +460,17 @@ class MediaPipeAnatomyScorer(Scorer):
             )
         return anatomy_report(body, hand_values, no_person_score=self.no_person_score)
 
-    def score_batch(self, batch: ScoringBatch) -> torch.Tensor:
+    def judge_batch(self, batch: ScoringBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores, and True for the images with a person (a body or hand with enough evidence)."""
         # MediaPipe takes one uint8 RGB image at a time. Rounding (not truncating) to 8 bits makes
         # an image loaded from a PNG (k / 255) come back as exactly k.
         pixels = (batch.images.detach().float().cpu().clamp(0, 1) * 255.0).round().to(torch.uint8).numpy()
-        scores = [self.report(np.ascontiguousarray(image)).score for image in pixels]
-        return torch.tensor(scores, dtype=torch.float32)
+        reports = [self.report(np.ascontiguousarray(image)) for image in pixels]
+        return (torch.tensor([r.score for r in reports], dtype=torch.float32),
+                torch.tensor([r.person_found for r in reports], dtype=torch.bool))
+
+    def score_batch(self, batch: ScoringBatch) -> torch.Tensor:
+        return self.judge_batch(batch)[0]
 
 
 def _option(extra: Mapping[str, Any], name: str, default: float, low: float, high: float, *,
@@ -480,8 +489,9 @@ OPTIONS = ("no_person_score", "min_visibility", "min_detection_confidence", "max
 
 def make_scorer(options: ScorerOptions) -> MediaPipeAnatomyScorer:
     """Factory for ``mediapipe-anatomy``. ``options.extra`` may set ``no_person_score`` (0..1,
-    default 0.0), ``min_visibility`` (0..1, 0.5), ``min_detection_confidence`` (0..1, 0.5) and
-    ``max_num_hands`` (1..16, 4). MediaPipe runs on the CPU whatever ``options.device`` says."""
+    default 0.0: the placeholder score of an unjudged image), ``min_visibility`` (0..1, 0.5),
+    ``min_detection_confidence`` (0..1, 0.5) and ``max_num_hands`` (1..16, 4). MediaPipe runs on
+    the CPU whatever ``options.device`` says."""
     options.check_extra(OPTIONS, MediaPipeAnatomyScorer.scorer_id)
     extra = options.extra
     return MediaPipeAnatomyScorer(

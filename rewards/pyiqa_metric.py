@@ -38,8 +38,11 @@ How weights load: the network is built by pyiqa with every download switched off
 weights are inside the published checkpoint anyway), then the checkpoint is read with
 ``torch.load(weights_only=True)`` and loaded strictly (every key and shape must match). pyiqa's own
 loader would unpickle with ``weights_only=False``. NIQE's ``.mat`` and BRISQUE's tuple of tensors
-are not state dicts, so pyiqa reads those files itself: the BRISQUE file is first read with
-``weights_only=True`` to make sure it holds nothing but tensors.
+are not state dicts, and pyiqa's architectures only take them as a file path (BRISQUE unpickles it
+with ``weights_only=False``). So the file is read once: its bytes are hashed, the BRISQUE bytes are
+checked with ``weights_only=True`` to hold nothing but tensors, and pyiqa is handed a private copy
+of exactly those bytes: a file replaced in the meantime can neither run code nor be recorded in
+place of the one used. The weights hash is taken when the weights are read, never later.
 
 Batch independence: every supported network works per image in eval mode (MUSIQ builds its
 multi-scale patches and masks per image, TOPIQ's ResNet-50 batch norms are frozen, NIQE / BRISQUE
@@ -49,7 +52,9 @@ score alone equals its score in any batch up to float rounding (~1e-7 relative).
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,19 +178,45 @@ def _check_metric(metric: str, configs: Mapping[str, Mapping]) -> None:
 
 def build_metric(metric: str, path: Path | None) -> torch.nn.Module:
     """pyiqa's inference model for ``metric`` on the CPU, in eval mode, with the weights of
-    ``path`` (None for the weight-free metrics). Nothing is downloaded."""
+    ``path`` (None for the weight-free metrics). Nothing is downloaded. The model's
+    ``weights_sha256`` is the sha256 of the bytes its weights were read from ("none" without a
+    file)."""
     pyiqa = import_pyiqa()
     recipe = RECIPES[metric]
     spec = weight_file(metric)
     options = dict(recipe.build)
     logger.info("building pyiqa metric %s%s", metric, f" from {path}" if path else "")
     if recipe.loader == "arch":
+        # pyiqa's architecture reads the file itself, and only from a path: read it once here, check
+        # and hash those bytes, and give pyiqa a private copy of them (module docstring).
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise describe_load_failure(path, f"pyiqa's {metric} parameters", exc, spec.source_hint) from exc
+        weights_sha256 = hashlib.sha256(data).hexdigest()
         if metric == "brisque":
             # pyiqa unpickles this file with weights_only=False: refuse pickled code first.
-            torch_load_weights_only(path, source_hint=spec.source_hint)
-        options["pretrained_model_path"] = str(path)
+            torch_load_weights_only(path, source_hint=spec.source_hint, data=data)
+        with tempfile.TemporaryDirectory(prefix="versat2i-pyiqa-") as private:
+            copy = Path(private) / path.name
+            copy.write_bytes(data)
+            options["pretrained_model_path"] = str(copy)
+            model = _create_metric(pyiqa, metric, options, path, spec)
+    else:
+        model = _create_metric(pyiqa, metric, options, path, spec)
+        weights_sha256 = "none"
+        if path is not None:
+            state = load_state_dict(path, key=recipe.weight_key, source_hint=spec.source_hint)
+            load_strictly(model.net, state, path, metric, spec.source_hint)
+            weights_sha256 = sha256_file(path)  # now, not when a manifest asks: the file may be replaced later
+    model.weights_sha256 = weights_sha256
+    return model.eval().requires_grad_(False)
+
+
+def _create_metric(pyiqa, metric: str, options: Mapping[str, Any], path: Path | None,
+                   spec: WeightFile | None) -> torch.nn.Module:
     try:
-        model = pyiqa.create_metric(metric, device=torch.device("cpu"), **options)
+        return pyiqa.create_metric(metric, device=torch.device("cpu"), **options)
     except KeyError as exc:
         if "registry" in str(exc):
             # pyiqa drops architectures whose module fails to import (TOPIQ needs facexlib).
@@ -195,13 +226,9 @@ def build_metric(metric: str, path: Path | None) -> torch.nn.Module:
             ) from exc
         raise
     except Exception as exc:
-        if recipe.loader == "arch":
+        if RECIPES[metric].loader == "arch":
             raise describe_load_failure(path, f"pyiqa's {metric} parameters", exc, spec.source_hint) from exc
         raise
-    if recipe.loader == "state_dict" and path is not None:
-        state = load_state_dict(path, key=recipe.weight_key, source_hint=spec.source_hint)
-        load_strictly(model.net, state, path, metric, spec.source_hint)
-    return model.eval().requires_grad_(False)
 
 
 def load_strictly(net: torch.nn.Module, state: Mapping[str, torch.Tensor], path: Path, metric: str,
@@ -240,13 +267,15 @@ class PyiqaScorer(Scorer):
         self.scorer_id = f"pyiqa:{metric}"
         self.model = model
         self.weights_path = weights_path
+        # Of the weights as read (build_metric), not of whatever the file holds when a manifest asks.
+        self._weights_hash = "none" if weights_path is None else model.weights_sha256
         self.lower_better = bool(lower_better)
         self.score_transform = "negate" if self.lower_better else "identity"
         self.min_side = RECIPES[metric].min_side
 
     @property
     def weights_hash(self) -> str:
-        return "none" if self.weights_path is None else sha256_file(self.weights_path)
+        return self._weights_hash
 
     def weight_files(self) -> tuple[Path, ...]:
         return () if self.weights_path is None else (self.weights_path,)

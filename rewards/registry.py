@@ -7,8 +7,10 @@ ImportError naming the extra.
 
 Every factory has the signature ``factory(options: ScorerOptions) -> Scorer``; it reads its own
 options from ``options.extra`` (``get_scorer(name, clip_weights=...)``) and refuses unknown ones with
-``options.check_extra``. ``get_scorer`` caches the scorers it builds (see ``cache.py``): asking again
-for the same scorer returns the same object, and scorers on one weight file share one model.
+``options.check_extra``. Options that name a weight file or folder are called ``weights`` or end in
+``_weights``, ``_model`` or ``_processor`` (``is_path_option``; the CLI resolves those as paths).
+``get_scorer`` caches the scorers it builds (see ``cache.py``): asking again for the same scorer
+returns the same object, and scorers on one weight file share one model.
 """
 
 from __future__ import annotations
@@ -113,6 +115,14 @@ DEFAULT_SCORERS: dict[str, str] = {
     "lowlevel": "clip-iqa",
 }
 assert set(DEFAULT_SCORERS) == set(ASPECTS)
+
+
+PATH_OPTION_SUFFIXES = ("weights", "_model", "_processor")
+
+
+def is_path_option(key: str) -> bool:
+    """Whether a scorer option names a weight file or folder (naming convention above)."""
+    return key.endswith(PATH_OPTION_SUFFIXES)
 
 
 def split_name(name: str) -> tuple[str, str | None]:

@@ -4,16 +4,30 @@ reads and the training-set manifest is built from.
 One row per image: its prompt, seed, prompt index, candidate index and optional image id (the CLI
 uses the image's file name), plus one score per aspect. Each aspect also records the scorer that
 produced it (``{"id", "weights_hash"}``, plus settings that change its scores, such as
-``score_transform`` or ``unjudged_score``), so every stored score traces back to an exact model.
+``score_transform`` or ``no_person_score``), so every stored score traces back to an exact model.
 Prompts and seeds travel with the scores from generation to the manifest.
+
+Two more per-image columns:
+
+* ``judged`` (``{aspect: bool}``): False where the aspect's scorer found nothing to judge (the
+  geometry scorer on an image without a person). The score there is only the scorer's
+  placeholder (``no_person_score``); selection never keeps such an image and leaves it out of
+  percentile pools. Every other score is a judgement, whatever its value.
+* ``pixels_sha256``: sha256 (hex) of the image's 8-bit RGB pixels as scored (``[H,W,3]`` uint8,
+  row-major, ``round(x * 255)``, the bytes its PNG decodes to), or null when unknown. Filter and
+  Save Training Set compare it with the images they are given, so pixels can't be written under
+  another image's scores.
 
 Files:
 
 * JSONL (``.jsonl``): one self-contained object per image, in table order::
 
     {"image_id": "img_0001.png", "prompt": "a red fox", "seed": 42, "prompt_index": 0,
-     "candidate_index": 1, "scores": {"aesthetics": 5.93, ...},
+     "candidate_index": 1, "scores": {"aesthetics": 5.93, "geometry": 0.0},
+     "judged": {"aesthetics": true, "geometry": false}, "pixels_sha256": "3f0c...",
      "scorers": {"aesthetics": {"id": "laion-aesthetic-v2", "weights_hash": "9a1b..."}, ...}}
+
+  (``judged`` may be left out when every image was judged, ``pixels_sha256`` when unknown.)
 
 * JSON (``.json``): ``{"format": "versat2i-scores", "version": 1, "aspects": [...],
   "scorers": {...}, "images": [rows without "scorers"]}``.
@@ -21,10 +35,12 @@ Files:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +48,24 @@ from ..safe_io import atomic_write_text
 
 FORMAT_NAME = "versat2i-scores"
 FORMAT_VERSION = 1
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+UNJUDGED_CELL = "n/a"  # what tables and previews show for a score that is no judgement
+
+
+def pixels_sha256(pixels) -> str:
+    """sha256 (hex) of one image's 8-bit RGB pixels, a ``[H,W,3]`` uint8 numpy array."""
+    return hashlib.sha256(pixels.tobytes()).hexdigest()
+
+
+def image_fingerprints(images) -> list[str]:
+    """``pixels_sha256`` of each image of a ComfyUI IMAGE batch ``[B,H,W,3]`` (0..1), rounded to
+    8 bits the way the training set writes its PNGs (so a fingerprint is also the one of the PNG
+    the image becomes). Cheap next to scoring: ~15 ms per 512 px image on one CPU thread, mostly
+    the 8-bit conversion."""
+    import torch
+
+    pixels = images.detach().float().clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8).cpu().numpy()
+    return [pixels_sha256(pixels[i]) for i in range(pixels.shape[0])]
 
 
 def prompt_groups(prompts: Sequence[str]) -> tuple[list[int], list[int]]:
@@ -51,9 +85,10 @@ def prompt_groups(prompts: Sequence[str]) -> tuple[list[int], list[int]]:
 
 def _scorer_record(aspect: str, scorer: Any) -> dict[str, Any]:
     """What identifies an aspect's scores: ``{"id", "weights_hash"}`` plus the scorer's other
-    ``describe()`` entries (its settings, ``unjudged_score``), from a Scorer or from a mapping read
-    back from a file. Extra entries that are not JSON scalars are dropped, so a record always
-    round-trips through JSON; ``unjudged_score`` must be a finite number (selection reads it)."""
+    ``describe()`` entries (its settings), from a Scorer or from a mapping read back from a file.
+    Extra entries that are not JSON scalars are dropped, so a record always round-trips through
+    JSON. A record with ``unjudged_score`` (written before the per-image ``judged`` flags, when an
+    unjudged image was told by its score) is refused: its judged images can't be told apart."""
     if isinstance(scorer, Mapping):
         described = dict(scorer)
     elif callable(getattr(scorer, "describe", None)):
@@ -65,10 +100,12 @@ def _scorer_record(aspect: str, scorer: Any) -> dict[str, Any]:
         raise ValueError(
             f"scorers[{aspect!r}]: expected a Scorer or {{'id': str, 'weights_hash': str}}, got {scorer!r}"
         )
-    unjudged = described.get("unjudged_score")
-    if unjudged is not None and (isinstance(unjudged, bool) or not isinstance(unjudged, (int, float))
-                                 or not math.isfinite(unjudged)):
-        raise ValueError(f"scorers[{aspect!r}]: unjudged_score {unjudged!r} is not a finite number")
+    if "unjudged_score" in described:
+        raise ValueError(
+            f"scorers[{aspect!r}]: 'unjudged_score' comes from an older versat2i that marked images with nothing "
+            "to judge by their score, which can't tell them from judged images scoring the same; score the "
+            "images again (the scores then carry a per-image 'judged' flag)"
+        )
     for key, value in described.items():
         if key in record or key == "aspect" or not isinstance(key, str):
             continue
@@ -90,8 +127,18 @@ class ScoreTable:
     image_ids: list[str | None]
     scores: dict[str, list[float]]
     scorers: dict[str, dict[str, Any]]
+    # {aspect: [bool per image]}: False where the scorer found nothing to judge; an aspect left out
+    # is judged on every image.
+    judged: dict[str, list[bool]] = field(default_factory=dict)
+    # sha256 of each image's 8-bit pixels as scored (``image_fingerprints``), None where unknown.
+    fingerprints: list[str | None] | None = None
 
     def __post_init__(self) -> None:
+        count = len(self.prompts)
+        self.judged = {str(aspect): list(values) for aspect, values in (self.judged or {}).items()}
+        for aspect in self.scores:
+            self.judged.setdefault(aspect, [True] * count)
+        self.fingerprints = [None] * count if self.fingerprints is None else list(self.fingerprints)
         self.validate()
 
     # -- construction --------------------------------------------------------------------------
@@ -106,10 +153,17 @@ class ScoreTable:
         prompt_indices: Sequence[int] | None = None,
         candidate_indices: Sequence[int] | None = None,
         image_ids: Sequence[str | None] | None = None,
+        judged: Mapping[str, Any] | None = None,
+        fingerprints: Sequence[str | None] | None = None,
     ) -> ScoreTable:
         """Build from ``score_aspects(...)``'s ``{aspect: tensor [B]}`` and the scorers used
         (``{aspect: Scorer}`` or ``{aspect: {"id", "weights_hash"}}``). Prompt/candidate indices
-        default to ``prompt_groups(prompts)``; seeds and image ids default to None."""
+        default to ``prompt_groups(prompts)``; seeds and image ids default to None.
+
+        ``judged``: ``{aspect: bools}`` (default: the ``.judged`` of ``score_aspects``' result;
+        aspects without one are judged on every image, which a Scorer with
+        ``may_leave_unjudged`` refuses). ``fingerprints``: ``image_fingerprints(images)`` of the
+        scored batch, checked later against the images handed to Filter and Save."""
         if isinstance(prompts, str):
             raise ValueError("prompts: expected one prompt per image (a list), got a single string")
         prompts = list(prompts)
@@ -129,6 +183,22 @@ class ScoreTable:
                 f"scores and scorers cover different aspects ({sorted(missing)}); "
                 "give the scorer of every scored aspect"
             )
+        masks = dict(getattr(scores, "judged", None) or {}) if judged is None else dict(judged)
+        unknown = sorted(set(masks) - set(columns))
+        if unknown:
+            raise ValueError(f"judged: flags for aspect(s) {unknown} that have no scores")
+        judged_columns = {}
+        for aspect, flags in masks.items():
+            if hasattr(flags, "detach"):
+                flags = flags.detach().flatten().cpu()
+            judged_columns[str(aspect)] = flags.tolist() if hasattr(flags, "tolist") else list(flags)
+        for aspect, scorer in scorers.items():
+            if getattr(scorer, "may_leave_unjudged", False) and aspect not in judged_columns:
+                raise ValueError(
+                    f"judged: scorer {getattr(scorer, 'scorer_id', aspect)!r} ({aspect}) may find nothing to judge in "
+                    "an image, but no judged flags were given for it; pass score_aspects' result as the scores "
+                    "(it carries them as .judged) or judged={aspect: flags}"
+                )
         return cls(
             prompts=prompts,
             seeds=list(seeds) if seeds is not None else [None] * count,
@@ -137,6 +207,8 @@ class ScoreTable:
             image_ids=list(image_ids) if image_ids is not None else [None] * count,
             scores=columns,
             scorers={aspect: _scorer_record(aspect, scorers[aspect]) for aspect in columns},
+            judged=judged_columns,
+            fingerprints=list(fingerprints) if fingerprints is not None else None,
         )
 
     def validate(self) -> None:
@@ -197,6 +269,52 @@ class ScoreTable:
                     f"for image(s) {bad[:10]}{'...' if len(bad) > 10 else ''}; check the scorer and those images"
                 )
             _scorer_record(aspect, self.scorers[aspect])
+        if set(self.judged) != set(self.scores):
+            raise ValueError(
+                f"score table: judged flags for aspects {sorted(self.judged)} differ from the scored aspects "
+                f"{sorted(self.scores)}"
+            )
+        for aspect, flags in self.judged.items():
+            if len(flags) != count:
+                raise ValueError(
+                    f"score table: {len(flags)} {aspect!r} judged flags for {count} images; give one per image"
+                )
+            bad = [i for i, flag in enumerate(flags) if not isinstance(flag, bool)]
+            if bad:
+                raise ValueError(
+                    f"score table: aspect {aspect!r} has judged flags that are not true/false for image(s) {bad[:10]}"
+                )
+        if len(self.fingerprints) != count:
+            raise ValueError(
+                f"score table: {len(self.fingerprints)} pixels_sha256 for {count} images; give one per image"
+            )
+        bad = [i for i, value in enumerate(self.fingerprints)
+               if value is not None and not (isinstance(value, str) and _SHA256.match(value))]
+        if bad:
+            raise ValueError(
+                f"score table: pixels_sha256 of image(s) {bad[:10]} is not a sha256 (64 lowercase hex digits) or null"
+            )
+
+    def check_images_match(self, images: Any, *, name: str = "images") -> None:
+        """Refuse an IMAGE batch that is not the one scored: a different count, or (where the table
+        has ``pixels_sha256``) different pixels at some row. ``images``: a validated ``[B,H,W,3]``
+        tensor. Cheap next to writing PNGs (one sha256 per image)."""
+        if images.shape[0] != len(self):
+            raise ValueError(
+                f"{name}: {images.shape[0]} images but {len(self)} were scored; connect the batch that went into "
+                "Score Images"
+            )
+        rows = [row for row, value in enumerate(self.fingerprints) if value is not None]
+        if not rows:
+            return
+        given = image_fingerprints(images[rows])
+        differ = [row for row, value in zip(rows, given, strict=True) if value != self.fingerprints[row]]
+        if differ:
+            raise ValueError(
+                f"{name}: image(s) {differ[:10]}{'...' if len(differ) > 10 else ''} are not the images that were "
+                f"scored (their pixels differ from the ones Score Images scored); connect the same batch that went "
+                "into Score Images, in the same order"
+            )
 
     # -- access --------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -215,6 +333,8 @@ class ScoreTable:
             "prompt_index": self.prompt_indices[index],
             "candidate_index": self.candidate_indices[index],
             "scores": {aspect: self.scores[aspect][index] for aspect in self.scores},
+            "judged": {aspect: self.judged[aspect][index] for aspect in self.scores},
+            "pixels_sha256": self.fingerprints[index],
             "scorers": {aspect: dict(self.scorers[aspect]) for aspect in self.scores},
         }
 
@@ -232,9 +352,10 @@ class ScoreTable:
         aspects: list[str] | None = None
         shared = {aspect: _scorer_record(aspect, s) for aspect, s in scorers.items()} if scorers is not None else None
         columns: dict[str, list[Any]] = {
-            key: [] for key in ("prompt", "seed", "prompt_index", "candidate_index", "image_id")
+            key: [] for key in ("prompt", "seed", "prompt_index", "candidate_index", "image_id", "pixels_sha256")
         }
         scores: dict[str, list[float]] = {}
+        judged: dict[str, list[Any]] = {}
         for line, row in enumerate(rows, start=1):
             where = f"{source}, image {line}"
             if not isinstance(row, Mapping):
@@ -248,8 +369,17 @@ class ScoreTable:
             if aspects is None:
                 aspects = list(row_scores)
                 scores = {aspect: [] for aspect in aspects}
+                judged = {aspect: [] for aspect in aspects}
             elif set(row_scores) != set(aspects):
                 raise ValueError(f"{where}: scores for {sorted(row_scores)}, earlier images have {sorted(aspects)}")
+            row_judged = row.get("judged", {})
+            if not isinstance(row_judged, Mapping) or set(row_judged) - set(aspects):
+                raise ValueError(
+                    f"{where}: 'judged' must be an object {{aspect: true/false}} over the scored aspects "
+                    f"({', '.join(aspects)}), got {row_judged!r}"
+                )
+            for aspect in aspects:
+                judged[aspect].append(row_judged.get(aspect, True))  # validate() names a non-bool
             if "scorers" in row:
                 row_scorers = {aspect: _scorer_record(aspect, s) for aspect, s in dict(row["scorers"]).items()}
                 if shared is None:
@@ -274,7 +404,8 @@ class ScoreTable:
         return cls(
             prompts=columns["prompt"], seeds=columns["seed"], prompt_indices=columns["prompt_index"],
             candidate_indices=columns["candidate_index"], image_ids=columns["image_id"],
-            scores=scores, scorers={aspect: shared[aspect] for aspect in scores},
+            scores=scores, scorers={aspect: shared[aspect] for aspect in scores}, judged=judged,
+            fingerprints=columns["pixels_sha256"],
         )
 
     # -- files -----------------------------------------------------------------------------------
@@ -349,7 +480,8 @@ class ScoreTable:
             if len(text) > max_prompt_chars:
                 text = text[: max_prompt_chars - 1] + "…"
             scores = [
-                _format_score(self.scores[a][i]) + ("*" if i in kept_sets.get(a, ()) else (" " if kept_sets else ""))
+                (_format_score(self.scores[a][i]) if self.judged[a][i] else UNJUDGED_CELL)
+                + ("*" if i in kept_sets.get(a, ()) else (" " if kept_sets else ""))
                 for a in self.aspects
             ]
             seed = self.seeds[i]
@@ -361,6 +493,8 @@ class ScoreTable:
             lines.append("  ".join([*numeric, row[-1]]).rstrip())
         if kept_sets:
             lines.append("* = kept (best of its prompt and above the aspect's threshold)")
+        if not all(all(flags) for flags in self.judged.values()):
+            lines.append(f"{UNJUDGED_CELL} = the scorer found nothing to judge (geometry: no person); never kept")
         return "\n".join(lines)
 
 

@@ -8,11 +8,12 @@ For each aspect independently:
 3. Keep it if its score passes the aspect's threshold, else discard it too. Every other image of the
    prompt is discarded.
 
-Images the aspect's scorer found nothing to judge in (its ``unjudged_score``, recorded with the
-scores: the geometry scorer gives images without a person ``no_person_score``) take no part: they
-are never kept, whatever the threshold, and are left out of percentile pools. A prompt whose
-images are all unjudged keeps nothing for that aspect. So the default settings (no threshold) can't
-put an image without a person into the geometry training set.
+Images the aspect's scorer found nothing to judge in (the score table's per-image ``judged`` flag
+is False: the geometry scorer on an image without a person) take no part: they are never kept,
+whatever the threshold, and are left out of percentile pools. A prompt whose images are all
+unjudged keeps nothing for that aspect. So the default settings (no threshold) can't put an image
+without a person into the geometry training set. Only the flag counts, never the score: a judged
+image scoring exactly the placeholder of an unjudged one is an ordinary candidate.
 
 Thresholds (``Threshold.parse`` reads the text form used by nodes and the CLI):
 
@@ -151,11 +152,12 @@ def select_aspect(
     threshold: Threshold | str | float | None = None,
     *,
     aspect: str = "scores",
-    unjudged_score: float | None = None,
+    judged: Sequence[bool] | None = None,
 ) -> AspectSelection:
     """Best image per prompt for one aspect (rules in the module docstring). ``candidate_indices``
-    break ties (default: row order); rows scoring ``unjudged_score`` are never kept. Raises
-    ValueError for an empty pool, mismatched lengths, NaN/inf scores or a bad threshold."""
+    break ties (default: row order); rows whose ``judged`` flag is False are never kept (default:
+    every row judged). Raises ValueError for an empty pool, mismatched lengths, NaN/inf scores or
+    a bad threshold."""
     threshold = Threshold.parse(threshold)
     if hasattr(scores, "detach"):
         scores = scores.detach().double().flatten().cpu().tolist()
@@ -174,17 +176,26 @@ def select_aspect(
             f"{aspect}: NaN/inf scores for image(s) {bad[:10]}{'...' if len(bad) > 10 else ''}; "
             "fix or drop those images (a scorer must return a finite score for every image)"
         )
-    unjudged = _rows_scoring(scores, unjudged_score)
-    judged = [row for row in range(count) if row not in unjudged]
-    if threshold.kind == "percentile" and not judged:
+    if judged is None:
+        judged = [True] * count
+    if hasattr(judged, "detach"):
+        judged = judged.detach().flatten().cpu().tolist()
+    judged = list(judged)
+    if len(judged) != count:
+        raise ValueError(f"{aspect}: {count} scores but {len(judged)} judged flags; give one per image")
+    if any(not isinstance(flag, bool) for flag in judged):
+        raise ValueError(f"{aspect}: judged flags must be True or False")
+    unjudged = [row for row in range(count) if not judged[row]]
+    judged_rows = [row for row in range(count) if judged[row]]
+    if threshold.kind == "percentile" and not judged_rows:
         resolved = None  # no pool to take a percentile of; nothing can be kept anyway
     else:
-        resolved = threshold.resolve([scores[row] for row in judged])
+        resolved = threshold.resolve([scores[row] for row in judged_rows])
 
     # (score, -candidate, -row) is largest for the best image: highest score, then lowest candidate
     # index, then earliest row.
     best: dict[int, int] = {}
-    for row in judged:
+    for row in judged_rows:
         prompt_index = prompt_indices[row]
         current = best.get(prompt_index)
         if current is None or (scores[row], -candidate_indices[row], -row) > (
@@ -197,16 +208,7 @@ def select_aspect(
     kept_set = set(kept)
     discarded = tuple(row for row in range(count) if row not in kept_set)
     return AspectSelection(aspect=aspect, threshold=threshold, resolved=resolved, kept=kept,
-                           discarded=discarded, best=best, unjudged=tuple(sorted(unjudged)))
-
-
-def _rows_scoring(scores: Sequence[float], value: float | None) -> set[int]:
-    """Rows whose score is ``value``, compared in float32: scorers return float32 tensors, so the
-    recorded score of an unjudged image is ``value`` rounded to float32 (0.3 -> 0.30000001...)."""
-    if value is None:
-        return set()
-    target = np.float32(value)
-    return {row for row, score in enumerate(scores) if np.float32(score) == target}
+                           discarded=discarded, best=best, unjudged=tuple(unjudged))
 
 
 def select_best_per_prompt(
@@ -238,7 +240,7 @@ def select_best_per_prompt(
     return Selection(
         aspects={
             a: select_aspect(table.scores[a], table.prompt_indices, table.candidate_indices, per_aspect[a], aspect=a,
-                             unjudged_score=table.scorers[a].get("unjudged_score"))
+                             judged=table.judged[a])
             for a in aspects
         },
         image_count=len(table),

@@ -15,8 +15,15 @@ image per prompt), and the same source image has the same id in every aspect tha
 Manifest fields: ``id, aspect, file`` (image path relative to the dataset folder), ``caption``,
 ``prompt, seed, prompt_index, candidate_index, score`` (this aspect's), ``scorer {id,
 weights_hash, ...settings}`` (the score table's record), ``scores`` and ``scorers`` (every scored
-aspect), ``threshold {kind, value, resolved}``, ``width, height``, ``latents`` (relative path or null) and ``source`` (the score
-table's image id, e.g. the scored file's name, or null).
+aspect), ``judged`` (every scored aspect: false where that aspect's scorer found nothing to judge,
+e.g. geometry on an image without a person, so ``scores`` holds only its placeholder there; always
+true for the entry's own aspect), ``threshold {kind, value, resolved}``, ``width, height``,
+``latents`` (relative path or null), ``source`` (the score table's image id, e.g. the scored file's
+name, or null) and ``pixels_sha256`` (sha256 of the PNG's decoded 8-bit RGB pixels).
+
+The images must be the ones scored: where the score table has ``pixels_sha256`` (Score Images and
+``versat2i score`` record it), each kept image's pixels are compared with it, and a different image
+is refused before anything is written under the final name.
 
 Pixels: float 0..1 -> uint8 by ``round(x * 255)`` (round half to even) after clamping, so the
 float -> PNG -> float error is at most 0.5/255. (ComfyUI's SaveImage truncates instead, so a
@@ -44,7 +51,7 @@ import torch
 
 from ..safe_io import atomic_dir, confined_path
 from .base import ProgressCallback, check_images
-from .score_table import ScoreTable
+from .score_table import ScoreTable, pixels_sha256
 from .selection import Selection
 
 logger = logging.getLogger(__name__)
@@ -145,6 +152,8 @@ class ManifestEntry:
     height: int | None = None
     latents: str | None = None
     source: str | None = None
+    judged: dict[str, bool] | None = None  # None in manifests written before the flag existed
+    pixels_sha256: str | None = None
     dataset_dir: Path | None = field(default=None, compare=False)
 
     REQUIRED = ("id", "aspect", "file", "caption", "prompt", "seed", "prompt_index", "candidate_index",
@@ -262,12 +271,20 @@ def write_training_set(
             if not 0 <= row < count:
                 raise ValueError(f"selection for {aspect!r} keeps image {row}, but the table has {count} images")
     repeats_of = _repeats_per_aspect(repeats, aspects)
+    for aspect in aspects:
+        unjudged = [row for row in selection.aspects[aspect].kept if not table.judged[aspect][row]]
+        if unjudged:
+            raise ValueError(
+                f"selection for {aspect!r} keeps image(s) {unjudged[:10]} that its scorer found nothing to judge in; "
+                "filter these scores with select_best_per_prompt"
+            )
     if isinstance(images, torch.Tensor):
         check_images(images, name="images")
         if images.shape[0] != count:
             raise ValueError(
                 f"images: {images.shape[0]} images for {count} scored rows; pass the images that were scored"
             )
+        table.check_images_match(images, name="images")
     else:
         if isinstance(images, (str, Path)):
             raise ValueError("images: expected one image (tensor or file path) per scored row, got a single path")
@@ -300,8 +317,18 @@ def write_training_set(
     def pixels_of(row: int) -> np.ndarray:
         source = images[row]
         if isinstance(source, torch.Tensor):  # validated above
-            return to_uint8(source)
-        return load_image_file(source, what=f"images[{row}]")
+            pixels = to_uint8(source)
+        else:
+            pixels = load_image_file(source, what=f"images[{row}]")
+        expected = table.fingerprints[row]
+        if expected is not None and pixels_sha256(pixels) != expected:
+            # Inside the temporary folder: raising here leaves nothing under the final name.
+            raise ValueError(
+                f"images[{row}]{f' ({str(source)!r})' if isinstance(source, (str, Path)) else ''} is not the image "
+                "that was scored (its pixels differ from the scored ones); pass the images that were scored, or "
+                "score them again"
+            )
+        return pixels
 
     # -- write ----------------------------------------------------------------------------------
     from safetensors.torch import save_file
@@ -338,6 +365,7 @@ def write_training_set(
                     scorers={a: dict(table.scorers[a]) for a in table.aspects},
                     threshold=chosen.threshold_record(), width=int(pixels.shape[1]), height=int(pixels.shape[0]),
                     latents=latents_file, source=table.image_ids[row],
+                    judged={a: table.judged[a][row] for a in table.aspects}, pixels_sha256=pixels_sha256(pixels),
                 ))
                 done += 1
                 if progress is not None:

@@ -29,6 +29,7 @@ files that would run code when unpickled.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import pickle
@@ -113,7 +114,8 @@ class MissingWeightsError(FileNotFoundError):
         else:
             lines.append(
                 f"No model folder was given: pass one (ComfyUI: models/versat2i; CLI: --models-dir) "
-                f"and put the {what} at <folder>/{relative_path}"
+                f"and put the {what} at <folder>/{relative_path}, or name the {what} itself (CLI: "
+                "--scorer-option ASPECT.<option>=PATH)"
             )
         if required_files:
             lines.append(f"The folder must contain: {', '.join(required_files)}")
@@ -278,13 +280,14 @@ def _download_again(source_hint: str) -> str:
     return f"; download it again from {source_hint}" if source_hint else "; download it again"
 
 
-def torch_load_weights_only(path: str | Path, *, source_hint: str = "") -> object:
+def torch_load_weights_only(path: str | Path, *, source_hint: str = "", data: bytes | None = None) -> object:
     """``torch.load(path, weights_only=True)`` on the CPU: tensors and plain containers only, so a
-    file that would run code when unpickled is refused before anything of it runs. Any failure
-    raises WeightsFormatError naming the file and the fix."""
+    file that would run code when unpickled is refused before anything of it runs. ``data``: the
+    file's bytes, already read (they are loaded instead of the file; ``path`` names it in errors).
+    Any failure raises WeightsFormatError naming the file and the fix."""
     path = Path(path)
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(data) if data is not None else str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "weights only" in str(exc).lower() or "weights_only" in str(exc).lower():
             unsafe_fix = f"; use the published file from {source_hint}" if source_hint else ""

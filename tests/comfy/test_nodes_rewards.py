@@ -527,4 +527,105 @@ def test_default_filter_never_keeps_images_without_a_person_for_geometry(nodes, 
     manifest = [json.loads(line) for line in (comfy_dirs["output"] / "geo" / "manifest.jsonl").read_text().splitlines()]
     geometry = [e for e in manifest if e["aspect"] == "geometry"]
     assert [(e["prompt_index"], e["candidate_index"]) for e in geometry] == [(0, 0)]
-    assert geometry[0]["scorer"]["unjudged_score"] == 0.0
+    assert table.judged["geometry"] == [True, False, False, False]
+    assert geometry[0]["judged"]["geometry"] is True
+    # Images kept for another aspect say their geometry score is no judgement.
+    others = [e for e in manifest if e["aspect"] != "geometry" and (e["prompt_index"], e["candidate_index"]) != (0, 0)]
+    assert others and all(e["judged"]["geometry"] is False for e in others)
+
+
+# -- the same images all the way --------------------------------------------------------------------------
+
+def test_filter_and_save_refuse_another_batch_of_the_same_size(nodes, scorers, comfy_dirs):
+    """Score Images records each image's pixels (sha256 of the 8-bit image): Filter and Save refuse
+    a batch that is not the scored one, even with the same number of images."""
+    images = textured_images(4)
+    selected = filtered(nodes, scorers, images)
+    for other in (textured_images(4, seed=1), images.flip(0)):
+        with pytest.raises(ValueError, match="not the images that were scored"):
+            nodes[FILTER].execute(scores=selected.table, images=other, threshold_kind="none", threshold=0.0)
+        with pytest.raises(ValueError, match="not the images that were scored"):
+            nodes[SAVE].execute(selection=selected, images=other, name="wrong", repeats=1, overwrite=False)
+    assert listing(comfy_dirs["output"]) == []
+    nodes[SAVE].execute(selection=selected, images=images, name="right", repeats=1, overwrite=False)
+    assert (comfy_dirs["output"] / "right" / "manifest.jsonl").is_file()
+
+
+def test_filter_threshold_text_errors_say_what_format_is_expected(nodes):
+    message = nodes[FILTER].validate_inputs(aspect_thresholds="lowlevel = 5,5")
+    assert "decimal comma" in message and "'lowlevel = 5.5'" in message, message
+    message = nodes[FILTER].validate_inputs(aspect_thresholds="lowlevel 3")
+    assert "'aspect = threshold'" in message and "aesthetics = 5.5" in message, message
+    assert nodes[FILTER].validate_inputs(aspect_thresholds="lowlevel = 5.5, aesthetics = p75") is True
+
+
+# -- weight files: fingerprints and extra model folders ------------------------------------------------------
+
+def _stat_bumped(path: Path) -> None:
+    """Move a rewritten file's mtime on by a second (a rewrite within the clock's resolution)."""
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+
+
+def test_load_scorers_fingerprint_follows_the_weight_files(nodes, comfy_dirs):
+    """ComfyUI reuses Load Scorers' cached output while its fingerprint_inputs value is the same:
+    the value must stay put for unchanged files and change when a weight file is replaced."""
+    pytest.importorskip("pyiqa", reason="pyiqa (extra [iqa]) is not installed")
+    import hashlib
+
+    from comfy_api.internal import first_real_override
+    from tiny_models.iqa import write_pyiqa_checkpoint
+
+    load = nodes[LOAD]
+    assert first_real_override(load, "fingerprint_inputs") is not None  # what ComfyUI's execution looks for
+    path = write_pyiqa_checkpoint(comfy_dirs["models"] / "versat2i", "cnniqa", seed=0)
+    inputs = {**ANALYTIC, "lowlevel": "pyiqa:cnniqa", "device": "cpu"}
+    first = load.fingerprint_inputs(**inputs)
+    assert load.fingerprint_inputs(**inputs) == first
+    scorers = load.execute(**inputs)[0]
+    assert scorers["lowlevel"].weights_hash == hashlib.sha256(path.read_bytes()).hexdigest()
+
+    write_pyiqa_checkpoint(comfy_dirs["models"] / "versat2i", "cnniqa", seed=1)
+    _stat_bumped(path)
+    changed = load.fingerprint_inputs(**inputs)
+    assert changed != first, "a replaced weight file must make ComfyUI run Load Scorers again"
+    again = load.execute(**inputs)[0]
+    assert again["lowlevel"] is not scorers["lowlevel"]
+    new_hash = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert again["lowlevel"].weights_hash == new_hash != scorers["lowlevel"].weights_hash
+    assert load.fingerprint_inputs(**inputs) == changed
+    # Weight-free scorers have no files: a stable value, so ComfyUI keeps reusing the output.
+    weight_free = {**ANALYTIC, "device": "cpu"}
+    assert load.fingerprint_inputs(**weight_free) == load.fingerprint_inputs(**weight_free)
+
+
+def test_load_scorers_finds_weights_in_a_folder_added_by_extra_model_paths(nodes, comfy_dirs, comfyui_path, tmp_path):
+    """A second `versat2i` folder registered the way ComfyUI reads extra_model_paths.yaml (its own
+    loader, utils/extra_config.py, which calls folder_paths.add_model_folder_path) is searched too:
+    a weight file that only exists there is found and loaded."""
+    pytest.importorskip("pyiqa", reason="pyiqa (extra [iqa]) is not installed")
+    import importlib.util
+
+    import folder_paths
+    from tiny_models.iqa import write_pyiqa_checkpoint
+
+    # By file path: another library's top-level `utils` module may already sit in sys.modules.
+    spec = importlib.util.spec_from_file_location("comfyui_extra_config", comfyui_path / "utils" / "extra_config.py")
+    extra_config = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(extra_config)
+    load_extra_path_config = extra_config.load_extra_path_config
+
+    extra_root = tmp_path / "shared-models"
+    path = write_pyiqa_checkpoint(extra_root / "versat2i", "cnniqa", seed=0)
+    config = tmp_path / "extra_model_paths.yaml"
+    config.write_text(f"shared:\n  base_path: {extra_root}\n  versat2i: versat2i\n", encoding="utf-8")
+    inputs = {**ANALYTIC, "lowlevel": "pyiqa:cnniqa", "device": "cpu"}
+    from versat2i.rewards.weights import MissingWeightsError
+
+    with pytest.raises(MissingWeightsError):  # not in the default folder
+        nodes[LOAD].execute(**inputs)
+    load_extra_path_config(str(config))
+    assert str(extra_root / "versat2i") in folder_paths.get_folder_paths("versat2i")
+    scorers = nodes[LOAD].execute(**inputs)[0]
+    assert scorers["lowlevel"].weight_files() == (path,)
+    assert not (comfy_dirs["models"] / "versat2i").exists() or listing(comfy_dirs["models"] / "versat2i") == []

@@ -105,6 +105,48 @@ def test_pyproject_has_project_and_comfy_registry_tables():
     assert not listed & {"torch", "torchvision", "torchaudio"}, "requirements.txt must not pin torch"
 
 
+def test_comfy_registry_icon_is_an_image_shipped_in_the_repository():
+    # ComfyUI's registry shows [tool.comfy] Icon: an https URL of an image. Ours is the raw GitHub
+    # URL of a file in this repository (under [project.urls] Homepage), so the file must exist here.
+    from PIL import Image
+
+    meta = tomllib.loads((PACK_ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    icon = meta["tool"]["comfy"]["Icon"]
+    assert icon.startswith("https://"), f"Icon {icon!r} must be an https URL"
+    assert icon.lower().endswith((".png", ".jpg", ".jpeg", ".webp", ".gif", ".svg")), f"Icon {icon!r} is not an image"
+    homepage = meta["project"]["urls"]["Homepage"]
+    repository = homepage.removeprefix("https://github.com/").rstrip("/")
+    prefix = f"https://raw.githubusercontent.com/{repository}/main/"
+    assert icon.startswith(prefix), f"Icon {icon!r} is not a file of the Homepage repository ({prefix}...)"
+    path = PACK_ROOT / icon[len(prefix):]
+    assert path.is_file(), f"Icon names {path}, which is not in the repository"
+    assert path.stat().st_size < 30_000
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        assert 64 <= image.width == image.height <= 512, image.size
+
+
+def test_open_clip_floor_is_the_version_the_clip_loader_needs():
+    # The CLIP loader calls open_clip.create_model(weights_only=True), which exists from 3.0 on.
+    from versat2i.rewards.clip_backbone import OPEN_CLIP_MIN_VERSION
+
+    meta = tomllib.loads((PACK_ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    requirements = (PACK_ROOT / "requirements.txt").read_text(encoding="utf-8").splitlines()
+    for source, lines in (("pyproject.toml", meta["project"]["dependencies"]), ("requirements.txt", requirements)):
+        pins = [line.split("#")[0].strip() for line in lines if line.strip().lower().startswith("open_clip_torch")]
+        assert pins == [f"open_clip_torch>={OPEN_CLIP_MIN_VERSION}"], f"{source}: {pins}"
+
+
+def test_build_system_setuptools_reads_the_spdx_licence():
+    # An SPDX `license = "..."` string and `license-files` (PEP 639) need setuptools >= 77.
+    meta = tomllib.loads((PACK_ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert isinstance(meta["project"]["license"], str) and meta["project"]["license-files"]
+    floors = [re.fullmatch(r"setuptools\s*>=\s*(\d+)(?:\.\d+)*", r.strip()) for r in meta["build-system"]["requires"]]
+    floors = [int(m.group(1)) for m in floors if m]
+    assert floors and floors[0] >= 77, meta["build-system"]["requires"]
+
+
 def test_console_command_runs_help(tmp_path):
     script = Path(sys.executable).with_name("versat2i")
     command = [str(script)] if script.exists() else ([shutil.which("versat2i")] if shutil.which("versat2i") else None)

@@ -241,8 +241,8 @@ def test_help_lists_defaults_without_importing_torch_at_parser_build(capsys):
 
 
 def test_geometry_scores_keep_their_unjudged_mark_through_the_scores_file(tmp_path, capsys):
-    """`score` records the geometry scorer's unjudged score in the scores file, and `build-dataset`
-    with its defaults then keeps no image without a person for geometry."""
+    """`score` records which images the geometry scorer judged in the scores file, and
+    `build-dataset` with its defaults then keeps no image without a person for geometry."""
     pytest.importorskip("mediapipe", reason="mediapipe (extra [geometry]) is not installed")
     from tiny_models.figures import draw_figure, no_person_images
 
@@ -258,8 +258,11 @@ def test_geometry_scores_keep_their_unjudged_mark_through_the_scores_file(tmp_pa
     assert code == 0, err
     table = ScoreTable.load(scores)
     assert table.scorers["geometry"]["id"] == "mediapipe-anatomy"
-    assert table.scorers["geometry"]["unjudged_score"] == 0.0
     assert table.scores["geometry"][0] > 0 and table.scores["geometry"][1:] == [0.0, 0.0, 0.0]
+    assert table.judged["geometry"] == [True, False, False, False]
+    assert table.judged["sharp"] == [True] * 4
+    rows = [json.loads(line) for line in scores.read_text().splitlines()]
+    assert [row["judged"]["geometry"] for row in rows] == [True, False, False, False]
 
     code, out, err = run(capsys, "build-dataset", scores, "--images", folder, "--out", tmp_path / "ds",
                          "--name", "run")
@@ -267,3 +270,76 @@ def test_geometry_scores_keep_their_unjudged_mark_through_the_scores_file(tmp_pa
     assert [e.source for e in read_manifest(tmp_path / "ds" / "run", aspect="geometry")] == ["1.png"]
     assert len(read_manifest(tmp_path / "ds" / "run", aspect="sharp")) == 2  # every prompt for the other aspect
     assert "geometry: kept 1 of 1 prompts" in out
+
+
+# -- explicit weight files -----------------------------------------------------------------------------
+
+def test_scorer_options_name_explicit_weight_files(tmp_path, capsys, monkeypatch):
+    """--scorer-option gives a scorer its weight files directly (no --models-dir): relative paths
+    are read from the current folder. The scores and the recorded hash are those of these files."""
+    from tiny_models.clip import TINY_CLIP, build_open_clip, write_laion_mlp, write_open_clip_weights
+
+    weights = tmp_path / "my weights"  # not laid out like a model folder
+    paths = {"clip": write_open_clip_weights(weights / "clip.safetensors", build_open_clip(TINY_CLIP)),
+             "aesthetic": write_laion_mlp(weights / "mlp.pth")}
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    arrays = [texture(seed, blur) for seed, blur in ((1, 0), (2, 2), (3, 1))]
+    for i, array in enumerate(arrays):
+        Image.fromarray(array).save(folder / f"{i}.png")
+    (tmp_path / "p.txt").write_text("a\nb\nc\n")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "s.jsonl"
+    clip_relative = paths["clip"].relative_to(tmp_path)
+    code, _out, err = run(capsys, "score", folder, "--prompts", "p.txt", "--aspect", "aesthetics", "--quiet",
+                          "--scorer-option", f"aesthetics.clip_architecture={TINY_CLIP}",
+                          "--scorer-option", f"aesthetics.clip_weights={clip_relative}",
+                          "--scorer-option", f"aesthetics.aesthetic_weights={paths['aesthetic']}", "--out", out)
+    assert code == 0, err
+    table = ScoreTable.load(out)
+    reference = get_scorer("laion-aesthetic-v2", clip_architecture=TINY_CLIP, clip_weights=str(paths["clip"]),
+                           aesthetic_weights=str(paths["aesthetic"]))
+    expected = reference.score(torch.stack([torch.from_numpy(a).float() / 255 for a in arrays]), ["a", "b", "c"])
+    assert table.scores["aesthetics"] == pytest.approx(expected.tolist(), rel=1e-5)
+    assert len(set(table.scores["aesthetics"])) == 3
+    assert table.scorers["aesthetics"]["weights_hash"] == reference.weights_hash
+
+
+def test_scorer_option_errors_name_the_missing_file_and_write_nothing(folder, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(["p"] * 6))
+    out = tmp_path / "out.jsonl"
+    missing = tmp_path / "weights" / "sac+logos+ava1-l14-linearMSE.pth"
+    base = ["score", folder, "--prompts", prompts, "--aspect", "aesthetics", "--aspect", "sharp=analytic:sharpness",
+            "--out", out]
+    sharp_only = ["score", folder, "--prompts", prompts, "--aspect", "sharp=analytic:sharpness", "--out", out]
+    cases = [
+        ([*base, "--scorer-option", f"aesthetics.aesthetic_weights={missing}"], str(missing)),
+        ([*base, "--scorer-option", "aesthetics.aesthetic_weights=nope/mlp.pth"], str(Path.cwd() / "nope" / "mlp.pth")),
+        ([*base, "--scorer-option", "aesthetic_weights=x.pth"], "ASPECT.KEY=VALUE"),
+        ([*base, "--scorer-option", "style.weights=x.pth"], "aspect 'style' is not scored"),
+        ([*base, "--scorer-option", "sharp.aspect=a", "--scorer-option", "sharp.aspect=b"], "given twice"),
+        ([*sharp_only, "--scorer-option", "sharp.radius=3"], "unknown option(s) radius"),
+    ]
+    before = listing(tmp_path)
+    for argv, fragment in cases:
+        code, stdout, err = run(capsys, *argv)
+        assert code == 2, (argv, err)
+        assert err.startswith("versat2i score: error:") and fragment in err, (argv, err)
+        assert len(err.strip().splitlines()) == 1 and stdout == ""
+        assert listing(tmp_path) == before, argv
+
+
+def test_build_dataset_refuses_an_image_file_replaced_after_scoring(folder, tmp_path, capsys):
+    """The scores file records each image's pixel hash; a file replaced since (same name, other
+    pixels) would put its pixels under another image's scores: refused, nothing written."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(["fox"] * 3 + ["car"] * 3))
+    scores = tmp_path / "scores.jsonl"
+    assert run(capsys, "score", folder, "--prompts", prompts, *ASPECTS, "--out", scores, "--quiet")[0] == 0
+    assert all(ScoreTable.load(scores).fingerprints)
+    Image.fromarray(texture(99, 0)).save(folder / "img2.png")  # the sharpest 'fox' candidate, kept by 'sharp'
+    out_root = tmp_path / "ds"
+    code, _out, err = run(capsys, "build-dataset", scores, "--images", folder, "--out", out_root, "--name", "r")
+    assert code == 2 and "img2.png" in err and "not the image that was scored" in err, err
+    assert not out_root.exists() or listing(out_root) == []

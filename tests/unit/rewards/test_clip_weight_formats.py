@@ -216,3 +216,17 @@ def test_a_replaced_weight_file_is_loaded_again(copy_of_models):
     assert second is not first and second.backbone is not first.backbone
     assert not torch.allclose(second.score(images, PROMPTS[:2]), before)
     assert second.weights_hash != first.weights_hash
+
+
+def test_an_open_clip_without_weights_only_is_a_clear_error(copy_of_models, monkeypatch):
+    # open_clip 2.x's create_model has no weights_only (2.29-2.32 call it load_weights_only) and
+    # hands unknown keywords to the model's constructor, which fails with a TypeError.
+    import open_clip
+
+    def create_model_2_24(model_name, pretrained=None, precision="fp32", device="cpu", jit=False, **model_kwargs):
+        raise TypeError(f"CLIP.__init__() got an unexpected keyword argument {next(iter(model_kwargs))!r}")
+
+    monkeypatch.setattr(open_clip, "create_model", create_model_2_24)
+    monkeypatch.setattr(open_clip, "__version__", "2.24.0")
+    with pytest.raises(ImportError, match=r"open_clip_torch 2\.24\.0 is too old.*pip install 'open_clip_torch>=3\.0'"):
+        build("clip-score", copy_of_models)

@@ -255,7 +255,7 @@ def test_weights_hash_covers_the_bundled_models(scorer):
     assert all(p.is_file() for p in paths) and mediapipe.__version__ == "0.10.14"
     assert scorer.weights_hash == combine_hashes({p.name: sha256_file(p) for p in paths})
     assert scorer.describe() == {"id": "mediapipe-anatomy", "aspect": "geometry", "weights_hash": scorer.weights_hash,
-                                 "unjudged_score": 0.0, "min_visibility": 0.5, "min_detection_confidence": 0.5,
+                                 "no_person_score": 0.0, "min_visibility": 0.5, "min_detection_confidence": 0.5,
                                  "max_num_hands": 4}
 
 
@@ -292,16 +292,42 @@ def test_default_selection_never_keeps_an_image_without_a_person(scorer):
     from versat2i.rewards.score_table import ScoreTable
     from versat2i.rewards.selection import select_best_per_prompt
 
+    from versat2i.rewards.base import score_aspects
+
     nobody = no_person_images()
     images = torch.cat([draw_figure(), nobody[[0, 1, 3]]])
     prompts = ["a person", "a person", "a landscape", "a landscape"]
-    scores = scorer.score(images, prompts)
-    assert scores[0] > 0 and scores[1:].tolist() == [scorer.no_person_score] * 3
-    table = ScoreTable.from_scores({"geometry": scores}, {"geometry": scorer}, prompts)
-    assert table.scorers["geometry"]["unjudged_score"] == 0.0
+    scores = score_aspects({"geometry": scorer}, images, prompts)
+    assert scores["geometry"][0] > 0 and scores["geometry"][1:].tolist() == [scorer.no_person_score] * 3
+    assert scores.judged["geometry"].tolist() == [True, False, False, False]
+    table = ScoreTable.from_scores(scores, {"geometry": scorer}, prompts)
+    assert table.judged["geometry"] == [True, False, False, False]
     for threshold in ("none", "p0", "p50", 0.0):  # the Filter default is "none"; >= is inclusive
         chosen = select_best_per_prompt(table, threshold).aspects["geometry"]
         assert chosen.kept == (0,), threshold
     lenient = get_scorer("mediapipe-anatomy", no_person_score=0.5, cache=False)
-    table = ScoreTable.from_scores({"geometry": lenient.score(images, prompts)}, {"geometry": lenient}, prompts)
+    lenient_scores = score_aspects({"geometry": lenient}, images, prompts)
+    table = ScoreTable.from_scores(lenient_scores, {"geometry": lenient}, prompts)
     assert select_best_per_prompt(table).aspects["geometry"].kept == (0,)
+
+
+@needs_mediapipe
+def test_a_person_scoring_exactly_the_no_person_score_is_still_judged(scorer):
+    # Set the placeholder to the drawn person's own score: person and empty images then score the
+    # same, and only the judged flag tells them apart. The person is kept, the empty ones never.
+    from versat2i.rewards.base import score_aspects
+    from versat2i.rewards.score_table import ScoreTable
+    from versat2i.rewards.selection import select_best_per_prompt
+
+    images = torch.cat([draw_figure(), no_person_images()[[0, 1]]])
+    person_score = float(scorer.score(images[:1], [""])[0])
+    assert 0.0 < person_score <= 1.0
+    same = get_scorer("mediapipe-anatomy", no_person_score=person_score, cache=False)
+    prompts = ["a person", "a person", "a room"]
+    scores = score_aspects({"geometry": same}, images, prompts)
+    assert len(set(scores["geometry"].tolist())) == 1  # every image scores the same number
+    assert scores.judged["geometry"].tolist() == [True, False, False]
+    table = ScoreTable.from_scores(scores, {"geometry": same}, prompts)
+    for threshold in ("none", "p0", "p100", person_score):
+        chosen = select_best_per_prompt(table, threshold).aspects["geometry"]
+        assert chosen.kept == (0,) and chosen.unjudged == (1, 2), threshold

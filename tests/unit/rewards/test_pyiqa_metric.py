@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import builtins
 import hashlib
+import os
 import pickle
 import shutil
 import socket
@@ -89,13 +90,33 @@ def test_published_checkpoint_loads_and_its_weights_are_used(models_dir, metric,
     assert not torch.allclose(scores, before, rtol=1e-3, atol=1e-4), "other weights score the same: test is blind"
 
 
+def _varied_images(height: int = 112, width: int = 128) -> torch.Tensor:
+    """Four images of clearly different content: a smooth gradient, coarse blobs, fine noise and
+    stripes, so a metric that mixed images up (or ignored them) would give different scores."""
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, height), torch.linspace(0, 1, width), indexing="ij")
+    generator = torch.Generator().manual_seed(3)
+    gradient = torch.stack([xx, yy, 1 - xx], dim=-1)
+    blobs = torch.nn.functional.interpolate(torch.rand(1, 3, 4, 4, generator=generator), size=(height, width),
+                                            mode="bicubic", align_corners=False)[0].permute(1, 2, 0)
+    noise = torch.rand(height, width, 3, generator=generator)
+    stripes = (0.5 + 0.5 * torch.sin(xx * 60))[..., None].repeat(1, 1, 3) * torch.tensor([1.0, 0.6, 0.2])
+    return torch.stack([gradient, blobs, noise, stripes]).clamp(0, 1).contiguous()
+
+
 @pytest.mark.parametrize("metric", BIG_METRICS)
 def test_default_metrics_are_batch_independent(models_dir, metric):
     scorer = get_scorer(f"pyiqa:{metric}", search_dirs=[models_dir])
-    images = _images(2, seed=3)
-    together = scorer.score(images, ["", ""])
-    alone = torch.cat([scorer.score(images[i:i + 1], [""]) for i in range(2)])
-    torch.testing.assert_close(together, alone, rtol=1e-6, atol=1e-5)
+    images = _varied_images()
+    prompts = [""] * 4
+    together = scorer.score(images, prompts)
+    alone = torch.cat([scorer.score(images[i:i + 1], [""]) for i in range(4)])
+    reversed_order = scorer.score(images.flip(0), prompts).flip(0)
+    chunked = scorer.score(images, prompts, chunk_size=3)
+    for other in (alone, reversed_order, chunked):
+        torch.testing.assert_close(together, other, rtol=1e-6, atol=1e-5)
+    # The images must score differently, well beyond the tolerance, or a mix-up would go unseen.
+    values = sorted(together.tolist())
+    assert min(b - a for a, b in zip(values, values[1:])) > 1e-3, values
 
 
 @pytest.mark.parametrize("metric", CHEAP_METRICS + ("piqe", "entropy"))
@@ -134,6 +155,44 @@ def test_weights_hash_is_the_files_sha256(models_dir):
     assert scorer.describe() == {"id": "pyiqa:cnniqa", "aspect": "lowlevel",
                                  "weights_hash": scorer.weights_hash, "score_transform": "identity"}
     assert get_scorer("pyiqa:entropy").weights_hash == "none"
+
+
+@pytest.mark.parametrize("metric", ["cnniqa", "brisque"])  # a state dict, and a file pyiqa reads itself
+def test_weights_hash_is_taken_when_the_weights_are_read(tmp_path, metric):
+    # A file replaced after loading must not be recorded as the weights that produced the scores.
+    path = write_pyiqa_checkpoint(tmp_path, metric, seed=0)
+    loaded = hashlib.sha256(path.read_bytes()).hexdigest()
+    scorer = get_scorer(f"pyiqa:{metric}", search_dirs=[tmp_path], cache=False)
+    write_pyiqa_checkpoint(tmp_path, metric, seed=1)
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    replaced = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert replaced != loaded
+    assert scorer.weights_hash == loaded
+    assert get_scorer(f"pyiqa:{metric}", search_dirs=[tmp_path], cache=False).weights_hash == replaced
+
+
+def test_brisque_file_swapped_while_pyiqa_builds_can_not_run_code(tmp_path, monkeypatch):
+    """pyiqa's BRISQUE unpickles its file with weights_only=False. Swap the file for pickled code
+    after it was checked, right before pyiqa reads it: pyiqa must still get the checked bytes."""
+    import pyiqa
+
+    path = write_pyiqa_checkpoint(tmp_path, "brisque", seed=0)
+    checked = path.read_bytes()
+    sv_coef, _sv = torch.load(path, weights_only=True)
+    marker = tmp_path / "code-ran"
+    real_create_metric = pyiqa.create_metric
+
+    def swap_then_create(*args, **kwargs):
+        with open(path, "wb") as handle:  # the attacker's file, in place of the checked one
+            pickle.dump((_RunsCode(marker), torch.zeros(1)), handle, protocol=2)
+        return real_create_metric(*args, **kwargs)
+
+    monkeypatch.setattr(pyiqa, "create_metric", swap_then_create)
+    scorer = get_scorer("pyiqa:brisque", search_dirs=[tmp_path], cache=False)
+    assert not marker.exists(), "pyiqa unpickled the swapped file"
+    torch.testing.assert_close(scorer.model.net.sv_coef, sv_coef)
+    assert scorer.weights_hash == hashlib.sha256(checked).hexdigest()
 
 
 def test_weights_option_takes_a_path_outside_the_model_folders(models_dir, tmp_path):

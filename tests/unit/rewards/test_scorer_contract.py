@@ -271,13 +271,46 @@ def test_a_variant_of_a_scorer_without_variants_is_refused_before_any_file_looku
         get_scorer(name, search_dirs=[tmp_path / "nothing-here"], cache=False)
 
 
-def test_unjudged_score_is_described_and_recorded():
-    scorer = MeanColourScorer()
-    assert "unjudged_score" not in scorer.describe()
-    scorer.unjudged_score = 0.0
-    assert scorer.describe() == {"id": "test-mean-colour", "aspect": "aesthetics", "weights_hash": "none",
-                                 "unjudged_score": 0.0}
+class SometimesBlindScorer(MeanColourScorer):
+    """Judges only images whose red mean is above 0.5; the others get the placeholder 0.0."""
+
+    scorer_id = "test-sometimes-blind"
+    aspect = "geometry"
+    may_leave_unjudged = True
+
+    def judge_batch(self, batch):
+        scores = self.score_batch(batch)
+        judged = batch.images[..., 0].mean(dim=(1, 2)) > 0.5
+        return torch.where(judged, scores, torch.zeros_like(scores)), judged
+
+
+def test_judged_masks_travel_from_the_scorer_to_the_score_table():
     from versat2i.rewards.score_table import ScoreTable
 
-    table = ScoreTable.from_scores({"aesthetics": [0.0]}, {"aesthetics": scorer}, ["p"])
-    assert table.scorers["aesthetics"] == {"id": "test-mean-colour", "weights_hash": "none", "unjudged_score": 0.0}
+    images = _images(7)
+    images[[1, 4], ..., 0] = 0.0  # nothing to judge in these two
+    images[[0, 2, 3, 5, 6], ..., 0] = 1.0
+    scorers = {"geometry": SometimesBlindScorer(), "aesthetics": MeanColourScorer()}
+    result = score_aspects(scorers, images, ["p"] * 7)
+    expected = [True, False, True, True, False, True, True]
+    assert result.judged["geometry"].tolist() == expected
+    assert result.judged["aesthetics"].tolist() == [True] * 7  # a scorer without judge_batch judges everything
+    alone = [score_aspects(scorers, images[i:i + 1], ["p"]).judged["geometry"].item() for i in range(7)]
+    assert alone == expected  # per image, like the scores
+    table = ScoreTable.from_scores(result, scorers, ["p"] * 7)
+    assert table.judged["geometry"] == expected and table.judged["aesthetics"] == [True] * 7
+    assert table.scorers["geometry"] == {"id": "test-sometimes-blind", "weights_hash": "none"}
+    # The plain scores of a scorer that may leave images unjudged lose the mask: refused.
+    with pytest.raises(ValueError, match="no judged flags were given"):
+        ScoreTable.from_scores(dict(result), scorers, ["p"] * 7)
+    # The simple contract is unchanged: score() returns the scores.
+    assert torch.equal(scorers["geometry"].score(images, ["p"] * 7), result["geometry"])
+
+
+def test_a_bad_judged_mask_is_caught():
+    class WrongMask(SometimesBlindScorer):
+        def judge_batch(self, batch):
+            return self.score_batch(batch), torch.ones(len(batch))  # floats, not bools
+
+    with pytest.raises(RuntimeError, match="judge_batch must return one bool per image"):
+        score_aspects({"geometry": WrongMask()}, _images(3), ["x"] * 3)

@@ -170,40 +170,57 @@ def test_table_selection_errors():
 # -- images the scorer found nothing to judge in -------------------------------------------------------
 
 def test_unjudged_images_are_never_kept_whatever_the_threshold():
-    # prompt 0: a judged image (0.4) and two unjudged (0.0); prompt 1: unjudged only.
-    scores, prompts = [0.0, 0.4, 0.0, 0.0, 0.0], [0, 0, 0, 1, 1]
+    # prompt 0: a judged image (0.4) and two unjudged; prompt 1: unjudged only.
+    scores, prompts = [0.0, 0.4, 0.0, 0.9, 0.0], [0, 0, 0, 1, 1]
+    judged = [False, True, False, False, False]  # row 3 (0.9, the pool's best) is unjudged: a placeholder
     for threshold in (None, "none", 0.0, "p0", "p50", "p100"):
-        chosen = select_aspect(scores, prompts, threshold=threshold, unjudged_score=0.0)
+        chosen = select_aspect(scores, prompts, threshold=threshold, judged=judged)
         assert chosen.kept == (1,), threshold
         assert chosen.unjudged == (0, 2, 3, 4) and chosen.best == {0: 1}
         assert chosen.discarded == (0, 2, 3, 4)
-    # Without the mark, 0.0 is an ordinary score: the default keeps a best of every prompt.
+    # Without flags every score is a judgement: the default keeps a best of every prompt.
     assert select_aspect(scores, prompts).kept == (1, 3)
 
 
+def test_a_judged_image_scoring_the_placeholder_value_is_an_ordinary_candidate():
+    # The geometry scorer's placeholder for "no person" is 0.0 by default; a person judged at
+    # exactly 0.0 is still judged: kept as its prompt's best, and part of the percentile pool.
+    scores, prompts = [0.0, 0.0, 0.0, 0.6], [0, 0, 1, 1]
+    judged = [False, True, True, True]
+    chosen = select_aspect(scores, prompts, threshold="none", judged=judged)
+    assert chosen.kept == (1, 3) and chosen.unjudged == (0,)
+    # The pool is the three judged scores (0.0, 0.0, 0.6): its median is 0.0, which row 1 reaches.
+    # (Told apart by value, the pool would be [0.6] alone, and prompt 0 would keep nothing.)
+    pooled = select_aspect(scores, prompts, threshold="p50", judged=judged)
+    assert pooled.resolved == pytest.approx(0.0) and pooled.kept == (1, 3)
+    assert select_aspect(scores, prompts, threshold="p75", judged=judged).resolved == pytest.approx(0.3)
+
+
 def test_percentile_pool_leaves_unjudged_images_out():
-    scores = [0.0, 0.0, 0.0, 0.2, 0.6, 0.8]
+    scores = [0.9, 0.9, 0.9, 0.2, 0.6, 0.8]
     prompts = [0, 1, 2, 0, 1, 2]
-    marked = select_aspect(scores, prompts, threshold="p50", unjudged_score=0.0)
+    judged = [False, False, False, True, True, True]
+    marked = select_aspect(scores, prompts, threshold="p50", judged=judged)
     assert marked.resolved == pytest.approx(0.6)  # median of 0.2, 0.6, 0.8, not of all six scores
     assert marked.kept == (4, 5)
     unmarked = select_aspect(scores, prompts, threshold="p50")
-    assert unmarked.resolved == pytest.approx(0.1)
-    everything_unjudged = select_aspect([0.5, 0.5], [0, 1], threshold="p50", unjudged_score=0.5)
+    assert unmarked.resolved == pytest.approx(0.85)
+    everything_unjudged = select_aspect([0.5, 0.5], [0, 1], threshold="p50", judged=[False, False])
     assert everything_unjudged.kept == () and everything_unjudged.resolved is None
 
 
-def test_unjudged_score_is_compared_at_float32_precision():
-    as_recorded = float(np.float32(0.3))  # a float32 score tensor, written to JSON and read back
-    assert as_recorded != 0.3
-    chosen = select_aspect([as_recorded, 0.25], [0, 0], unjudged_score=0.3)
-    assert chosen.kept == (1,) and chosen.unjudged == (0,)
+def test_judged_flags_must_match_the_scores():
+    with pytest.raises(ValueError, match="2 scores but 1 judged flags"):
+        select_aspect([0.1, 0.2], [0, 0], judged=[True])
+    with pytest.raises(ValueError, match="True or False"):
+        select_aspect([0.1, 0.2], [0, 0], judged=[1, 0])
 
 
-def test_table_selection_reads_the_unjudged_score_from_the_scorer_record():
-    geometry = {"id": "mediapipe-anatomy", "weights_hash": "f" * 64, "unjudged_score": 0.0}
+def test_table_selection_reads_the_judged_flags_of_the_table():
+    geometry = {"id": "mediapipe-anatomy", "weights_hash": "f" * 64, "no_person_score": 0.0}
     table = ScoreTable.from_scores({"geometry": [0.0, 0.7, 0.0, 0.0], "lowlevel": [0.0, 0.1, 0.3, 0.0]},
-                                   {"geometry": geometry, "lowlevel": SCORER}, ["a", "a", "b", "b"])
+                                   {"geometry": geometry, "lowlevel": SCORER}, ["a", "a", "b", "b"],
+                                   judged={"geometry": [False, True, False, False]})
     selection = select_best_per_prompt(table)
     assert selection.aspects["geometry"].kept == (1,)  # prompt "b" has no person: nothing kept
     assert selection.aspects["lowlevel"].kept == (1, 2)  # 0.0 means nothing special there

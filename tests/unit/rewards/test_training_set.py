@@ -3,6 +3,7 @@ bad inputs (each refused with nothing written)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -81,6 +82,8 @@ def test_layout_and_manifest_contents(root, table, images):
         "scores": {"aesthetics": 3.0, "lowlevel": 40.0}, "scorers": SCORERS,
         "threshold": {"kind": "absolute", "value": 15.0, "resolved": 15.0},
         "width": 16, "height": 12, "latents": None, "source": None,
+        "judged": {"aesthetics": True, "lowlevel": True},
+        "pixels_sha256": hashlib.sha256((images[3] * 255).round().to(torch.uint8).numpy().tobytes()).hexdigest(),
     }
     fox = by_key[("aesthetics", "p00000_c001")]
     assert (fox["seed"], fox["score"], fox["scorer"], fox["threshold"]) == (
@@ -251,18 +254,53 @@ def test_aspect_with_nothing_kept_gets_no_folder(root, table, images):
 
 def test_manifest_records_each_scorers_settings(root, images):
     scorers = {"lowlevel": {"id": "pyiqa:niqe", "weights_hash": "e" * 64, "score_transform": "negate"},
-               "geometry": {"id": "mediapipe-anatomy", "weights_hash": "f" * 64, "unjudged_score": 0.0,
+               "geometry": {"id": "mediapipe-anatomy", "weights_hash": "f" * 64, "no_person_score": 0.0,
                             "max_num_hands": 4}}
+    judged = [False, True, True, False, False, False]
     table = ScoreTable.from_scores({"lowlevel": [-5.0, -4.0, -6.0, -3.0, -2.0, -1.0],
-                                    "geometry": [0.0, 0.8, 0.6, 0.0, 0.0, 0.0]}, scorers, PROMPTS, seeds=SEEDS)
+                                    "geometry": [0.0, 0.8, 0.6, 0.0, 0.0, 0.0]}, scorers, PROMPTS, seeds=SEEDS,
+                                   judged={"geometry": judged})
     written = write(root, table, images)
     lines = [json.loads(line) for line in (written.path / "manifest.jsonl").read_text().splitlines()]
     assert all(line["scorers"] == scorers for line in lines)
     assert {line["aspect"]: line["scorer"] for line in lines} == scorers
     # The car prompt has no person in any candidate: geometry keeps nothing for it.
     assert [(line["prompt_index"], line["candidate_index"]) for line in lines if line["aspect"] == "geometry"] == [(0, 1)]
+    # Every entry says which of its scores are judgements: the car kept for lowlevel (row 5) had
+    # nothing to judge for geometry, so its geometry score is only the placeholder.
+    rows = {(line["prompt_index"], line["candidate_index"]): line for line in lines}
+    for (prompt_index, candidate_index), line in rows.items():
+        assert line["judged"] == {"lowlevel": True, "geometry": judged[prompt_index * 3 + candidate_index]}
+    assert rows[(1, 2)]["judged"]["geometry"] is False and rows[(1, 2)]["aspect"] == "lowlevel"
+    assert {e.judged["geometry"] for e in read_manifest(written.path)} == {True, False}
     summary = json.loads((written.path / "dataset.json").read_text())
     assert summary["aspects"]["geometry"]["scorer"] == scorers["geometry"]
+
+
+def test_images_other_than_the_scored_ones_are_refused_and_nothing_is_written(root, images, tmp_path):
+    """The same number of images is not enough: where the table recorded each image's pixels
+    (Score Images and `versat2i score` do), a different batch or order is refused up front."""
+    from versat2i.rewards.score_table import image_fingerprints
+
+    table = ScoreTable.from_scores(
+        {"aesthetics": [5.0, 6.5, 4.0, 3.0, 5.5, 5.5], "lowlevel": [10.0, 30.0, 20.0, 40.0, 5.0, 1.0]},
+        SCORERS, PROMPTS, seeds=SEEDS, fingerprints=image_fingerprints(images))
+    other = torch.rand(6, 12, 16, 3, generator=torch.Generator().manual_seed(99))
+    for wrong, rows in ((other, "0, 1, 2, 3, 4, 5"), (images.flip(0), "0, 1, 2, 3, 4, 5"),
+                        (torch.cat([images[:4], images[5:], images[4:5]]), "4, 5")):
+        with pytest.raises(ValueError, match=rf"image\(s\) \[{rows}\] are not the images that were scored"):
+            write(root, table, wrong)
+        assert listing(root) == []
+    # Per-row sources are checked too (files are compared when they are read, inside the temp folder).
+    files = []
+    for row in range(6):
+        path = tmp_path / f"{row}.png"
+        Image.fromarray(training_set.to_uint8(images[row if row != 1 else 0])).save(path)
+        files.append(path)
+    with pytest.raises(ValueError, match=r"images\[1\].*1.png.*is not the image that was scored"):
+        write(root, table, files)
+    assert listing(root) == []
+    assert write(root, table, images).entries  # the scored images themselves are accepted
 
 
 def test_process_killed_mid_write_leaves_no_dataset_under_the_final_name(root, tmp_path):
