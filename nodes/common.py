@@ -96,12 +96,17 @@ class TrainingHooks:
         mm.throw_exception_if_processing_interrupted()  # raises; the launcher kills the child first
         return False
 
-    def launch_kwargs(self) -> dict:
+    @staticmethod
+    def cpu_only() -> bool:
+        """ComfyUI runs on the CPU (``--cpu``): the child trains there too."""
         import comfy.model_management as mm
 
+        return mm.cpu_state == mm.CPUState.CPU
+
+    def launch_kwargs(self) -> dict:
         from ..trainer.launcher import LaunchOptions
 
-        return {"options": LaunchOptions(cpu=mm.cpu_state == mm.CPUState.CPU), "on_event": self.on_event,
+        return {"options": LaunchOptions(cpu=self.cpu_only()), "on_event": self.on_event,
                 "check_cancel": self.cancelled, "before_launch": self.free_device_memory}
 
     def finish(self) -> None:

@@ -227,7 +227,8 @@ class TrainAspectLora(io.ComfyNode):
             paths = resolve_paths(dataset, aspect, ckpt_name, lora_name)
             config = build_config(paths, single_aspect(paths["dataset"], aspect), _settings(settings))
             lora = paths["lora"]
-            return (lora_run_fingerprint(config), lora.stat().st_mtime_ns if lora.is_file() else None)
+            return (lora_run_fingerprint(config, cpu=TrainingHooks.cpu_only() or None),
+                    lora.stat().st_mtime_ns if lora.is_file() else None)
         except Exception:  # a bad input is reported by execute; re-run to get there
             return math.nan
 

@@ -113,15 +113,14 @@ class ConfigFile:
             return cls.from_json(text, source=str(path))
         return cls.from_toml(text, source=str(path))
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write ``.toml`` or ``.json`` (by extension), atomically (temp name, then rename)."""
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write ``.toml`` or ``.json`` (by extension), atomically (``safe_io``: a hidden temporary,
+        removed if the write fails, then a rename). An existing file is replaced only with ``overwrite``."""
+        from ..safe_io import atomic_write_text
+
         path = Path(path)
         text = self.to_json() if path.suffix.lower() == ".json" else self.to_toml()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        return atomic_write_text(path, text, overwrite=overwrite, what="config file")
 
     # -- identity --------------------------------------------------------------------------------
     def fingerprint(self, **extra: Any) -> str:
@@ -221,6 +220,12 @@ class TrainingRunConfig(ConfigFile):
                          "name or set overwrite = true")
         return p
 
+    def with_resolved_precision(self, *, cpu: bool | None = None):
+        """This config with ``mixed_precision`` as the trainer will use it (``auto`` resolved by
+        ``resolve_mixed_precision``): what fingerprints compare, so that "auto" on a CPU and "auto"
+        on a GPU are different runs while "auto" and "no" on a CPU are the same one."""
+        return self.replace(mixed_precision=resolve_mixed_precision(self.mixed_precision, cpu=cpu))
+
     def validate(self, *, check_paths: bool = True):
         problems = self.problems(check_paths=check_paths)
         if problems:
@@ -241,8 +246,11 @@ class ImageTrainingConfig(TrainingRunConfig):
     cache_text_embeddings: bool = False  # encode every caption once (frozen text encoders only)
     keep_checkpoints: bool = True  # False: delete the checkpoints once the final file is written
 
+    # cache_latents is not among them: a cached latent is one posterior sample drawn before training
+    # (a fresh one every step otherwise), and the noise stream shifts without the per-step VAE
+    # samples. Cached text embeddings are the same numbers the frozen encoders give every step.
     NON_RESULT_FIELDS: ClassVar[frozenset[str]] = TrainingRunConfig.NON_RESULT_FIELDS | {
-        "cache_latents", "cache_text_embeddings", "keep_checkpoints"}
+        "cache_text_embeddings", "keep_checkpoints"}
 
     def problems(self, *, check_paths: bool = True) -> list[str]:
         p = super().problems(check_paths=check_paths)
@@ -296,6 +304,26 @@ class LoraTrainConfig(ImageTrainingConfig):
 
 
 # -- helpers -------------------------------------------------------------------------------------
+
+def resolve_mixed_precision(choice: str, *, cpu: bool | None = None) -> str:
+    """``auto``: bf16 on CUDA devices that support it, else fp16 on CUDA, else no (CPU, MPS).
+
+    ``cpu``: the run is forced onto the CPU (``accelerate launch --cpu``); None reads what
+    ``accelerate launch`` tells the training process (``ACCELERATE_USE_CPU``), so the launcher
+    (which knows its options) and the child resolve ``auto`` alike.
+    """
+    if choice != "auto":
+        return choice
+    if cpu is None:
+        cpu = os.environ.get("ACCELERATE_USE_CPU", "").strip().lower() in ("1", "true", "t", "yes", "y", "on")
+    if cpu:
+        return "no"
+    import torch
+
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
 
 def output_name_problem(name: str) -> str | None:
     """Why ``name`` cannot be a LoRA name relative to a loras folder (None if it can)."""

@@ -21,6 +21,7 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any, TextIO
 
 SCHEMA_VERSION = 1
@@ -82,6 +83,7 @@ class EventWriter:
 
     def __init__(self, log_path: str | os.PathLike | None, stream: TextIO | None = sys.stdout):
         self.stream = stream
+        self.log_path = Path(log_path) if log_path is not None else None  # where a resumed run reads its history
         self._file = None
         if log_path is not None:
             os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)

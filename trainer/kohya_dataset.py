@@ -325,12 +325,19 @@ class BucketBatchSampler(torch.utils.data.Sampler):
 
     The last batch of a bucket may be smaller (kohya keeps it). ``len()`` does not depend on the
     shuffle, so the number of optimiser steps per epoch is known in advance.
+
+    ``batch_size`` is None on purpose: it is what accelerate's ``BatchSamplerShard`` (several
+    processes) reads to tell batches of varying size (deal them out as they are) from fixed-size
+    ones, which it tops up with indices from the epoch's first batches, i.e. from other buckets
+    (images of another size in one batch), and drops when short. ``images_per_batch`` is the size.
     """
+
+    batch_size = None
 
     def __init__(self, bucket_of: Sequence[tuple[int, int]], repeats: Sequence[int], batch_size: int,
                  *, seed: int = 0, random_flip: bool = False):
         self.bucket_of, self.repeats = list(bucket_of), list(repeats)
-        self.batch_size, self.seed, self.random_flip = batch_size, seed, random_flip
+        self.images_per_batch, self.seed, self.random_flip = batch_size, seed, random_flip
         self.epoch = 0
         self._members: dict[tuple[int, int], list[int]] = {}
         for index, bucket in enumerate(self.bucket_of):
@@ -340,7 +347,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return sum(math.ceil(len(m) / self.batch_size) for m in self._members.values())
+        return sum(math.ceil(len(m) / self.images_per_batch) for m in self._members.values())
 
     def batches(self, epoch: int) -> list[list[tuple[int, bool]]]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
@@ -350,7 +357,8 @@ class BucketBatchSampler(torch.utils.data.Sampler):
             order = torch.randperm(len(members), generator=generator).tolist()
             flips = (torch.rand(len(members), generator=generator) < 0.5).tolist() if self.random_flip else None
             pairs = [(members[i], bool(flips[i]) if flips else False) for i in order]
-            batches += [pairs[s:s + self.batch_size] for s in range(0, len(pairs), self.batch_size)]
+            size = self.images_per_batch
+            batches += [pairs[s:s + size] for s in range(0, len(pairs), size)]
         batch_order = torch.randperm(len(batches), generator=generator).tolist()
         return [batches[i] for i in batch_order]
 

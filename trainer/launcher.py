@@ -5,7 +5,10 @@
   interpreter.
 * The child runs in its own process group (session): cancelling kills the group, i.e. the
   accelerate launcher *and* every training process it started, SIGTERM then SIGKILL, within
-  ``CANCEL_TIMEOUT_S``.
+  ``CANCEL_TIMEOUT_S``. Processes that left the group are killed too: with several processes
+  accelerate runs torchrun, which starts each worker in a session of its own
+  (``start_new_session=True``), so the child's descendants are collected (psutil) before any signal
+  and signalled one by one; after the launcher dies they would be orphans no group kill reaches.
 * stdout/stderr are merged and read live: lines that are events (``trainer/events.py``) go to
   ``on_event``; the last lines are kept, so a failed run raises ``TrainingFailed`` carrying them.
   A run that exits 0 without a ``done`` event is a failure too.
@@ -29,6 +32,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
+
+import psutil  # a dependency of accelerate (and of ComfyUI)
 
 from .events import parse_event_line
 
@@ -119,6 +124,7 @@ class TrainingProcess:
             env=child_environment(env), text=True, encoding="utf-8", errors="replace", bufsize=1,
             **popen_kwargs)
         self.pgid = self.process.pid  # == the group id (setsid)
+        self._descendants: list[psutil.Process] = []  # filled by kill()
         self._reader = threading.Thread(target=self._read, name="versat2i-train-output", daemon=True)
         self._reader.start()
 
@@ -149,6 +155,7 @@ class TrainingProcess:
             yield line
 
     def group_alive(self) -> bool:
+        """True while a live process remains in the child's process group."""
         if os.name == "nt":
             return self.process.poll() is None
         try:
@@ -159,26 +166,56 @@ class TrainingProcess:
             return True
         return _group_has_live_members(self.pgid)
 
+    def alive(self) -> bool:
+        """True while the group or any descendant collected by ``kill`` (e.g. a torchrun worker in a
+        session of its own) is alive."""
+        return self.group_alive() or bool(_live(self._descendants))
+
+    def _collect_descendants(self) -> None:
+        """Add the child's current descendants (recursive, whatever their group or session) to the
+        processes ``kill`` signals. psutil's objects remember each process's start time, so a pid
+        reused after the process died is never signalled."""
+        try:
+            found = psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.Error:  # the child is gone: its orphans were collected while it lived, or never existed
+            return
+        known = set(self._descendants)
+        self._descendants += [proc for proc in found if proc not in known]
+
+    def _signal_all(self, sig: int) -> None:
+        _signal_group(self.pgid, sig)
+        for proc in _live(self._descendants):
+            try:
+                proc.send_signal(sig)
+            except psutil.Error:
+                pass
+
     def kill(self, timeout: float = CANCEL_TIMEOUT_S) -> None:
-        """SIGTERM the whole group, SIGKILL what is left after a grace period; waits up to ``timeout``."""
+        """SIGTERM the whole group and every descendant, SIGKILL what is left after a grace period;
+        waits up to ``timeout``."""
         deadline = time.monotonic() + timeout
         if os.name == "nt":
             subprocess.run(["taskkill", "/F", "/T", "/PID", str(self.process.pid)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
         else:
-            _signal_group(self.pgid, signal.SIGTERM)
+            # Collected before any signal: once the child dies its descendants are re-parented and
+            # can no longer be found from it.
+            self._collect_descendants()
+            self._signal_all(signal.SIGTERM)
             grace_end = min(deadline, time.monotonic() + TERM_GRACE_S)
-            while time.monotonic() < grace_end and self.group_alive():
+            while time.monotonic() < grace_end and self.alive():
+                self._collect_descendants()  # started while shutting down (e.g. a restarted worker)
                 self._reap()
                 time.sleep(0.05)
-            if self.group_alive():
-                _signal_group(self.pgid, signal.SIGKILL)
-        while time.monotonic() < deadline and (self.process.poll() is None or self.group_alive()):
+            if self.alive():
+                self._collect_descendants()
+                self._signal_all(signal.SIGKILL)
+        while time.monotonic() < deadline and (self.process.poll() is None or self.alive()):
             self._reap()
             time.sleep(0.05)
         self._reap()
-        if self.group_alive():
-            logger.warning("training process group %s still alive %.1f s after the kill", self.pgid, timeout)
+        if self.alive():
+            logger.warning("training processes of group %s still alive %.1f s after the kill", self.pgid, timeout)
 
     def _reap(self) -> None:
         try:
@@ -207,10 +244,6 @@ def _signal_group(pgid: int, sig: int) -> None:
 def _group_has_live_members(pgid: int) -> bool:
     """True when a process of the group is alive and not a zombie (an orphaned zombie can linger
     until its new parent reaps it, and ``kill(0)`` still reports it)."""
-    try:
-        import psutil
-    except ImportError:  # pragma: no cover - psutil ships with the ComfyUI requirements
-        return True
     for proc in psutil.process_iter(["pid", "status"]):
         try:
             if os.getpgid(proc.info["pid"]) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
@@ -218,6 +251,18 @@ def _group_has_live_members(pgid: int) -> bool:
         except (ProcessLookupError, PermissionError, psutil.Error):
             continue
     return False
+
+
+def _live(processes: list[psutil.Process]) -> list[psutil.Process]:
+    """The processes still running (zombies count as dead: they only wait to be reaped)."""
+    live = []
+    for proc in processes:
+        try:
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                live.append(proc)
+        except psutil.Error:
+            continue
+    return live
 
 
 @dataclass

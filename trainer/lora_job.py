@@ -130,7 +130,8 @@ def launch_in_work_dir(config, *, program: str, options: LaunchOptions | None = 
 
     work_dir = Path(config.work_dir)
     created = not work_dir.exists()
-    config_path = config.save(work_dir / CONFIG_FILE_NAME)
+    # Rewritten on every launch: a folder is one fingerprint, so a resumed run gets the same settings.
+    config_path = config.save(work_dir / CONFIG_FILE_NAME, overwrite=True)
     if before_launch is not None:
         before_launch()
     try:
@@ -143,14 +144,18 @@ def launch_in_work_dir(config, *, program: str, options: LaunchOptions | None = 
         raise
 
 
-def prepare_lora_job(config: LoraTrainConfig, runs_root: str | Path | None = None
+def prepare_lora_job(config: LoraTrainConfig, runs_root: str | Path | None = None, *, cpu: bool | None = None
                      ) -> tuple[LoraTrainConfig, str, LoraJobResult | None]:
-    """(config with its work folder, fingerprint, finished result or None). Raises ValueError for bad
-    settings or data, and when the output exists from other inputs without ``overwrite``."""
+    """(config with its work folder and ``mixed_precision`` resolved, fingerprint, finished result or
+    None). ``cpu``: the child will be forced onto the CPU (``LaunchOptions.cpu``). Raises ValueError
+    for bad settings or data, and when the output exists from other inputs without ``overwrite``."""
     from .kohya_dataset import scan_training_set
     from .train_lora import lora_run_fingerprint
 
     config.validate(check_paths=False)
+    # Resolved here, where the launch options are known, and handed to the child as given: both
+    # sides then fingerprint the precision the run really uses.
+    config = config.with_resolved_precision(cpu=cpu)
     fingerprint = lora_run_fingerprint(config)
     finished = reuse_finished(config.output_path, fingerprint, read_finished_lora)
     if finished is not None:
@@ -172,7 +177,7 @@ def train_or_reuse(config: LoraTrainConfig, *, runs_root: str | Path | None = No
     the latest checkpoint of an earlier, interrupted run with the same inputs)."""
     from .launcher import TRAIN_LORA_PROGRAM
 
-    config, _fingerprint, finished = prepare_lora_job(config, runs_root)
+    config, _fingerprint, finished = prepare_lora_job(config, runs_root, cpu=True if options and options.cpu else None)
     if finished is not None:
         return finished
     result = launch_in_work_dir(config, program=TRAIN_LORA_PROGRAM, options=options, env=env, on_event=on_event,

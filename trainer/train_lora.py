@@ -38,7 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .config import LoraTrainConfig
+from .config import LoraTrainConfig, resolve_mixed_precision
 from .events import EventWriter, read_events
 
 logger = logging.getLogger(__name__)
@@ -58,15 +58,6 @@ BASE_MODEL_VERSION = {"sd15": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-
-def resolve_mixed_precision(choice: str) -> str:
-    """``auto``: bf16 on CUDA devices that support it, else fp16 on CUDA, else no (CPU, MPS)."""
-    if choice != "auto":
-        return choice
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "no"
-
 
 def add_lora_adapters(base, config: LoraTrainConfig) -> list[tuple[str, torch.nn.Module]]:
     """Freeze the base model and add peft LoRA layers; returns the (name, module) pairs that train."""
@@ -346,13 +337,30 @@ def compute_loss(model_pred: torch.Tensor, latents: torch.Tensor, noise: torch.T
     return loss.mean()
 
 
+def legacy_model_hash(path: str | os.PathLike) -> str | None:
+    """A1111's old short model hash, which kohya's sd-scripts store as ``ss_sd_model_hash``: the first
+    8 hex digits of the SHA-256 of the 64 KiB at offset 1 MiB of the file (``train_util.model_hash``;
+    written here because no library we use exports it). None for a diffusers folder, which has no
+    such hash."""
+    import hashlib
+
+    path = Path(path)
+    if not path.is_file():
+        return None
+    with open(path, "rb") as handle:
+        handle.seek(0x100000)
+        return hashlib.sha256(handle.read(0x10000)).hexdigest()[:8]
+
+
 def lora_metadata(config: LoraTrainConfig, base, *, fingerprint: str, steps: int, num_examples: int,
                   loss_curve: list[list[float]], manifest_sha256: str) -> dict[str, str]:
     """safetensors metadata: kohya ``ss_*`` fields other tools read, plus ``versat2i_*`` fields."""
     from .. import __version__
 
     dataset = Path(config.dataset_dir)
+    legacy_hash = legacy_model_hash(base.source_path)
     return {
+        **({"ss_sd_model_hash": legacy_hash} if legacy_hash else {}),
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(config.rank),
         "ss_network_alpha": str(config.alpha),
@@ -403,13 +411,15 @@ def shareable_settings(config: LoraTrainConfig) -> dict[str, Any]:
     return settings
 
 
-def lora_run_fingerprint(config: LoraTrainConfig) -> str:
-    """What decides the trained result: the settings plus the identity of the base model and data.
+def lora_run_fingerprint(config: LoraTrainConfig, *, cpu: bool | None = None) -> str:
+    """What decides the trained result: the settings (``mixed_precision`` as it will be used, see
+    ``resolve_mixed_precision``; ``cpu`` as there) plus the identity of the base model and data.
 
     File identity is (relative path, size, mtime) rather than a content hash so that the node can
     recompute it on every queue in milliseconds even for a 7 GB checkpoint.
     """
-    return config.fingerprint(**base_model_identity(config), dataset=tree_identity(Path(config.dataset_dir)))
+    return config.with_resolved_precision(cpu=cpu).fingerprint(
+        **base_model_identity(config), dataset=tree_identity(Path(config.dataset_dir)))
 
 
 def base_model_identity(config) -> dict[str, list]:
@@ -570,7 +580,9 @@ def _train(config: LoraTrainConfig, accelerator, events: EventWriter, resume_fro
         base.unet.enable_gradient_checkpointing()
         if config.train_text_encoder:
             for encoder in base.text_encoders:
-                encoder.gradient_checkpointing_enable()
+                # transformers 5 renamed it (the old name warns, and goes in v6); 4.x has only the old one.
+                enable = getattr(encoder, "activation_checkpointing_enable", None) or encoder.gradient_checkpointing_enable
+                enable()
 
     # ---- 4. dataset, caches (latents, text embeddings) ---------------------------------------------
     dataset, sampler, dataloader = prepare_training_data(config, images, base, device, vae_dtype=vae_dtype)
@@ -608,7 +620,9 @@ def _train(config: LoraTrainConfig, accelerator, events: EventWriter, resume_fro
                              f"use another work_dir, or delete {work_dir / CHECKPOINT_DIR_NAME} to start over")
         logger.info("resumed from %s at step %d", resume_from, progress.global_step)
     start_step = progress.global_step
-    history = loss_history_from_log(work_dir / LOG_FILE_NAME, start_step) if resume_from else []
+    # The steps logged before the resume point, read from the file this run's events go to
+    # (``--log_file`` or the work folder's log); only the main process writes, keeps and saves them.
+    history = loss_history_from_log(events.log_path, start_step) if resume_from and events.log_path else []
     if accelerator.is_main_process:
         events.emit("start", total_steps=config.max_train_steps, start_step=start_step,
                     num_examples=dataset.num_examples, output=str(output_path),
@@ -638,7 +652,12 @@ def _train(config: LoraTrainConfig, accelerator, events: EventWriter, resume_fro
                 model_pred = unet(noisy_latents, timesteps, hidden, added_cond_kwargs=added, return_dict=False)[0]
                 loss = compute_loss(model_pred, latents, noise, timesteps, base.noise_scheduler,
                                     prediction_type, config.snr_gamma)
-                micro_losses.append(accelerator.gather(loss.detach().repeat(latents.shape[0])).mean())
+                # The logged loss is the mean over every process's images. Bucket batches differ in size
+                # across processes and all_gather needs one shape everywhere, so each process sends
+                # [loss * images, images] rather than one entry per image.
+                batch_images = torch.tensor(float(latents.shape[0]), device=loss.device)
+                gathered = accelerator.gather(torch.stack([loss.detach().float() * batch_images, batch_images])[None])
+                micro_losses.append(gathered[:, 0].sum() / gathered[:, 1].sum())
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_([p for m in models for p in m.parameters() if p.requires_grad],

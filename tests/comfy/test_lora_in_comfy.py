@@ -211,3 +211,62 @@ def test_shipped_text_encoder_configs_match_comfyui(comfyui_path):
         assert {f: ours[f] for f in fields} == {f: theirs[f] for f in fields}, ours_dir
         # SD2 conditions on the penultimate layer: diffusers keeps 23 of the 24 layers ComfyUI builds.
         assert ours["num_hidden_layers"] == theirs["num_hidden_layers"] - (1 if "sd2" in str(ours_dir) else 0)
+
+
+def test_a_lora_the_trainer_wrote_loads_in_comfyui_like_in_diffusers(comfy, tmp_path, caplog, capsys):
+    """The trainer's own file (not one built by hand): a few CPU steps on the tiny SD1.5 single file
+    with LoRA layers on the UNet (attention + feed-forward) and the text encoder, alpha != rank. ComfyUI
+    maps every key, and its patched UNet gives what diffusers gives with the same file loaded through
+    its kohya converter into peft layers."""
+    import comfy.lora
+    import comfy.model_management
+    import comfy.sd
+    from diffusers import StableDiffusionPipeline
+    from peft.tuners.lora import LoraLayer
+    from tiny_models.lora_training import make_kohya_dataset, tiny_lora_config
+    from versat2i.trainer import train_lora
+
+    tiny = build_tiny_model("sd15", tmp_path)
+    dataset = make_kohya_dataset(tmp_path / "ds", images_per_aspect=2)
+    config = tiny_lora_config(tmp_path, tiny.checkpoint, dataset, model_config_dir=str(tiny.folder),
+                              max_train_steps=4, checkpointing_steps=100, learning_rate=5e-2, alpha=2.0,
+                              train_text_encoder=True, train_feed_forward=True)
+    path = train_lora.main(train_lora.parse_args(["--config", str(config.save(tmp_path / "c.toml"))]))
+    lora, _ = load_kohya_lora(path)
+    modules = {key.split(".")[0] for key in lora}
+    assert {m.split("_")[1] for m in modules} == {"unet", "te"}
+
+    patcher, clip = comfy_models("sd15", diffusers_to_ldm_state_dict("sd15", tiny.components))
+    key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, comfy.lora.model_lora_keys_unet(patcher.model, {}))
+    with caplog.at_level(logging.WARNING):
+        patches = comfy.lora.load_lora(lora, key_map)
+        model_lora, clip_lora = comfy.sd.load_lora_for_models(patcher, clip, lora, 1.0, 1.0)
+    assert [r.getMessage() for r in caplog.records if "not loaded" in r.getMessage().lower()] == []
+    assert len(patches) == len(modules) and set(patches) <= set(model_lora.patches) | set(clip_lora.patcher.patches)
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny.folder), safety_checker=None)
+    inputs = unet_inputs("sd15")
+    with torch.no_grad():
+        base_out = pipe.unet(**inputs).sample
+        pipe.load_lora_weights(str(path))
+        expected = pipe.unet(**inputs).sample
+        got = _comfy_unet_output(model_lora, pipe.unet, inputs)
+    effect, max_diff = (expected - base_out).abs().max().item(), (got - expected).abs().max().item()
+    logging.getLogger(__name__).info("trained LoRA: effect %.3g, ComfyUI vs diffusers+peft max abs diff %.3g "
+                                     "over %d modules", effect, max_diff, len(modules))
+    assert effect > 1e-3  # the trained LoRA matters
+    assert max_diff <= 1e-4
+
+    comfy.model_management.load_models_gpu([clip_lora.patcher], force_full_load=True)
+    try:
+        comfy_sd = clip_lora.cond_stage_model.state_dict()
+        checked = 0
+        for name, layer in pipe.text_encoder.named_modules():
+            if isinstance(layer, LoraLayer):
+                merged = layer.base_layer.weight + layer.get_delta_weight(layer.active_adapters[0])
+                name = name if name.startswith("text_model.") else "text_model." + name
+                assert (comfy_sd[f"clip_l.transformer.{name}.weight"] - merged).abs().max() <= 1e-5, name
+                checked += 1
+        assert checked == len([m for m in modules if m.startswith("lora_te_")])
+    finally:
+        comfy.model_management.unload_all_models()

@@ -140,6 +140,36 @@ def test_trains_a_lora_the_loaders_list_then_reuses_it(node, comfy_dirs, progres
     assert len(children) == 1
 
 
+def test_comfyuis_loaded_models_are_freed_before_the_child_starts(node, comfy_dirs, monkeypatch):
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    from versat2i.trainer import launcher
+
+    model = comfy.model_patcher.ModelPatcher(torch.nn.Linear(64, 64), load_device=torch.device("cpu"),
+                                             offload_device=torch.device("cpu"))
+    mm.load_models_gpu([model])
+    assert [m.model for m in mm.current_loaded_models] == [model]  # what a workflow's earlier nodes leave loaded
+
+    class Stop(Exception):
+        """Stops the launch once the state is recorded (the trainer itself runs in the tests above)."""
+
+    at_start = {}
+
+    def record(self, command, **kwargs):
+        at_start["loaded"] = list(mm.current_loaded_models)
+        at_start["command"] = command
+        raise Stop()
+
+    monkeypatch.setattr(launcher.TrainingProcess, "__init__", record)
+    try:
+        with pytest.raises(Stop):
+            run_node(node)
+    finally:
+        mm.unload_all_models()
+    assert at_start["loaded"] == []
+    assert at_start["command"][:3] == [launcher.sys.executable, "-m", "accelerate.commands.launch"]
+
+
 def test_cancel_kills_the_child_and_keeps_a_checkpoint(node, comfy_dirs, progress, children):
     import comfy.model_management as mm
 

@@ -131,6 +131,25 @@ def test_sampler_is_deterministic_per_epoch_and_applies_repeats():
     assert list(sampler) == sampler.batches(2)
 
 
+def test_accelerate_deals_bucket_batches_out_to_processes_as_they_are():
+    """Several processes: accelerate's BatchSamplerShard (what ``accelerator.prepare`` wraps the sampler
+    in) must hand each process whole batches of one bucket, the same number to each process."""
+    from accelerate.data_loader import BatchSamplerShard
+
+    bucket_of = [(64, 64), (64, 64), (128, 32), (64, 64), (128, 32)]
+    repeats = [3, 1, 2, 1, 1]
+    sampler = BucketBatchSampler(bucket_of, repeats, batch_size=2, seed=5)
+    for epoch in range(4):
+        sampler.set_epoch(epoch)
+        shards = [list(BatchSamplerShard(sampler, num_processes=2, process_index=rank)) for rank in (0, 1)]
+        assert len(shards[0]) == len(shards[1]) == len(BatchSamplerShard(sampler, num_processes=2))
+        dealt = [batch for pair in zip(*shards) for batch in pair]
+        batches = sampler.batches(epoch)
+        assert dealt[:len(batches)] == batches  # every batch once, in order, none cut or topped up
+        assert dealt[len(batches):] == batches[:len(dealt) - len(batches)]  # the odd one out: filled from the start
+        assert all(len({bucket_of[i] for i, _ in batch}) == 1 for batch in dealt)
+
+
 def test_generation_latents_are_reused_only_when_they_match(tmp_path):
     root = make_kohya_dataset(tmp_path / "ds", images_per_aspect=3)
     folder = root / "5_aesthetics"

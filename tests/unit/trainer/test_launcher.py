@@ -132,6 +132,47 @@ def test_cancel_kills_the_whole_process_group_within_5_s():
     assert time.monotonic() - t0 < 30
 
 
+def test_cancel_kills_workers_started_in_a_session_of_their_own():
+    # As torchrun starts each worker (several processes, or GPUs): start_new_session=True puts the
+    # grandchild outside the child's process group, so a group kill alone would orphan it.
+    family = script(
+        "grandchild = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True)",
+        "print('grandchild', grandchild.pid, flush=True)",
+        event("start", total_steps=9, start_step=0, num_examples=1, output="o"),
+        "time.sleep(60)",
+    )
+    started, seen = {}, {}
+
+    def check_cancel() -> bool:
+        tail = list(started["child"].tail)
+        if not any(line.startswith("{") for line in tail):
+            return False
+        seen["grandchild"] = int(next(line.split()[1] for line in tail if line.startswith("grandchild")))
+        seen["session"] = os.getsid(seen["grandchild"])
+        return True
+
+    try:
+        with pytest.raises(TrainingCancelled):
+            run_command(family, check_cancel=check_cancel, on_start=lambda c: started.setdefault("child", c))
+        cancelled_at = time.monotonic()
+        assert seen["session"] == seen["grandchild"] != started["child"].pgid  # really outside the group
+        survivors = [pid for pid in (started["child"].process.pid, seen["grandchild"]) if _alive(pid)]
+        while survivors and time.monotonic() - cancelled_at < launcher.CANCEL_TIMEOUT_S:
+            time.sleep(0.05)
+            survivors = [pid for pid in survivors if _alive(pid)]
+        assert survivors == []
+    finally:
+        if "grandchild" in seen and _alive(seen["grandchild"]):  # a failed kill: leave no orphan behind
+            psutil.Process(seen["grandchild"]).kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def test_an_exception_in_a_callback_kills_the_child_too():
     started = {}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from pathlib import Path
 
 import pytest
 import tomllib
@@ -110,8 +111,35 @@ def test_fingerprint_follows_result_settings_only(tmp_path):
     assert base.fingerprint() != base.replace(aspect="other").fingerprint()
     # where things are stored and how often checkpoints are written do not change the result
     assert base.fingerprint() == base.replace(work_dir="/elsewhere", checkpointing_steps=7, overwrite=True,
-                                              output_name="versat2i/y", cache_latents=True).fingerprint()
+                                              output_name="versat2i/y", cache_text_embeddings=True).fingerprint()
+    # cached latents do: one posterior sample drawn up front instead of a fresh one every step
+    assert base.fingerprint() != base.replace(cache_latents=True).fingerprint()
     assert base.fingerprint(data=[1]) != base.fingerprint(data=[2])
+
+
+def test_save_is_atomic_and_refuses_to_overwrite_unless_asked(tmp_path, monkeypatch):
+    first, second = config(tmp_path, rank=4), config(tmp_path, rank=8)
+    path = first.save(tmp_path / "sub" / "c.toml")
+    with pytest.raises(FileExistsError, match="already exists"):
+        second.save(path)
+    assert LoraTrainConfig.load(path) == first
+    second.save(path, overwrite=True)
+    assert LoraTrainConfig.load(path) == second
+
+    real_write_bytes = Path.write_bytes
+
+    def half_write(self, data, *args, **kwargs):  # the disk fills up half-way through the write
+        real_write_bytes(self, (data if isinstance(data, bytes) else data.encode())[: len(data) // 2])
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", half_write)
+    monkeypatch.setattr(Path, "write_text", half_write)
+    with pytest.raises(OSError, match="No space left"):
+        first.save(path, overwrite=True)
+    with pytest.raises(OSError, match="No space left"):
+        first.save(tmp_path / "new.toml")
+    assert LoraTrainConfig.load(path) == second  # the old file is untouched
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["c.toml"]  # no temporary left behind
 
 
 def test_output_path_adds_the_suffix_once(tmp_path):

@@ -8,8 +8,11 @@ final name never holds a partial file.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -22,12 +25,21 @@ from tiny_models.lora_training import make_kohya_dataset, tiny_lora_config
 from tiny_models.sd import build_tiny_sd15
 from versat2i.trainer import train_lora
 from versat2i.trainer.events import read_events
-from versat2i.trainer.launcher import LaunchOptions, TrainingFailed, run_training
+from versat2i.trainer.launcher import (
+    LaunchOptions,
+    TrainingFailed,
+    run_command,
+    run_training,
+)
 
 pytestmark = pytest.mark.skipif(os.name == "nt", reason="kills process groups with POSIX signals")
 
 STEPS = 16
-KILL_AT = 8  # checkpoints every 3 steps -> the resumed run starts at step 6, mid-epoch
+# The training set: 3 images x 3 repeats in batches of 2 -> 5 batches per epoch (the last of one image).
+# An odd count, so with 2 micro-batches per optimiser step the accumulation groups run across epoch
+# ends (steps 3, 8, 13: batches 4+5, 14+15, 24+25).
+IMAGES, REPEATS = 3, 3
+KILL_AFTER_CHECKPOINT = 6  # step 6 = 12 batches: the resumed run starts mid-epoch (epoch 2, batch 2)
 # A config that exercises what resume must restore: lr schedule with warm-up, accumulation across
 # epoch ends, LoRA dropout (global RNG), noise offset and min-SNR (noise generator).
 RESUME_SETTINGS = dict(max_train_steps=STEPS, checkpointing_steps=3, checkpoints_total_limit=2,
@@ -74,7 +86,8 @@ def launch(config_path: Path, **kwargs):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-sd15")
-    return build_tiny_sd15(root), make_kohya_dataset(root / "dataset", images_per_aspect=4)
+    return build_tiny_sd15(root), make_kohya_dataset(root / "dataset", aspects={"aesthetics": REPEATS},
+                                                     images_per_aspect=IMAGES)
 
 
 @pytest.fixture(scope="module")
@@ -101,9 +114,10 @@ def test_training_writes_a_kohya_lora_with_metadata(reference_run):
     with safe_open(str(config.output_path), framework="pt") as handle:
         metadata = handle.metadata()
     assert metadata["versat2i_fingerprint"] == train_lora.lora_run_fingerprint(config)
+    assert "ss_sd_model_hash" not in metadata  # a diffusers folder has no A1111 short hash
     assert metadata["versat2i_aspect"] == "aesthetics" and metadata["ss_network_dim"] == "4"
     assert metadata["ss_steps"] == str(STEPS) and len(metadata["versat2i_base_model_sha256"]) == 64
-    stored = __import__("json").loads(metadata["versat2i_config"])
+    stored = json.loads(metadata["versat2i_config"])
     assert stored["rank"] == 4 and stored["dataset_dir"] == "dataset"  # settings kept, local paths cut
     assert str(config.dataset_dir) not in str(metadata)
     assert watcher.sightings and all(watcher.sightings)  # the final name only ever held a complete file
@@ -159,28 +173,47 @@ def test_loss_falls_on_an_overfit_set(reference_run, tiny):
     assert totals["lora"] < 0.9 * totals["base"]
 
 
+def test_batches_per_epoch_are_odd_so_accumulation_spans_epoch_ends(tiny):
+    from versat2i.trainer.kohya_dataset import BucketBatchSampler, scan_training_set
+
+    images = scan_training_set(tiny[1], "aesthetics")
+    sampler = BucketBatchSampler([(64, 64)] * len(images), [im.repeats for im in images], 2)
+    assert len(sampler) % 2 == 1 and RESUME_SETTINGS["gradient_accumulation_steps"] == 2
+
+
 def test_killed_run_resumes_to_the_same_lora(reference_run, tiny, tmp_path):
     reference_config, _, _ = reference_run
     model, dataset = tiny
     config = tiny_lora_config(tmp_path, model.folder, dataset, **RESUME_SETTINGS)
     config_path = config.save(tmp_path / "config.toml")
-    started = {}
+    started, killed = {}, {}
 
-    def kill_at_step(event):
-        if event["event"] == "step" and event["step"] == KILL_AT:
-            os.killpg(started["child"].pgid, signal.SIGKILL)  # no clean-up of any kind
+    def kill_after_checkpoint(event):
+        # SIGKILL (no clean-up of any kind) as soon as the step-6 checkpoint is complete (the event
+        # follows its rename). The child trains on meanwhile, so on a loaded machine a later
+        # checkpoint may complete before the signal lands: what resumes is read from disk below.
+        if event["event"] == "checkpoint" and event["step"] == KILL_AFTER_CHECKPOINT:
+            os.killpg(started["child"].pgid, signal.SIGKILL)
+            killed["at"] = event["step"]
 
     with FolderWatcher(config.output_path.parent, config.output_path.name) as watcher:
         with pytest.raises(TrainingFailed) as err:
-            launch(config_path, on_event=kill_at_step, on_start=lambda c: started.setdefault("child", c))
-        assert err.value.returncode != 0
+            launch(config_path, on_event=kill_after_checkpoint, on_start=lambda c: started.setdefault("child", c))
+        assert killed == {"at": KILL_AFTER_CHECKPOINT} and err.value.returncode == -signal.SIGKILL
         assert not config.output_path.exists() and watcher.sightings == []
-        assert [p.name for p in train_lora.checkpoint_dirs(config.work_dir)] == ["checkpoint-3", "checkpoint-6"]
+        left = [int(p.name.removeprefix("checkpoint-")) for p in train_lora.checkpoint_dirs(config.work_dir)]
+        assert left and left[-1] in range(KILL_AFTER_CHECKPOINT, STEPS, 3)
+        if left[-1] == KILL_AFTER_CHECKPOINT:  # the usual case: the kill landed before checkpoint 9
+            assert left == [3, 6]
+        logged = [e["step"] for e in read_events(Path(config.work_dir) / train_lora.LOG_FILE_NAME)
+                  if e["event"] == "step"]
+        assert logged == list(range(1, logged[-1] + 1)) and left[-1] <= logged[-1] < STEPS
 
         result = launch(config_path)
+    resumed_from = left[-1]
     start = next(e for e in result.events if e["event"] == "start")
-    assert start["start_step"] == 6 and start["resumed_from"].endswith("checkpoint-6")
-    assert [e["step"] for e in result.events if e["event"] == "step"] == list(range(7, STEPS + 1))
+    assert start["start_step"] == resumed_from and start["resumed_from"].endswith(f"checkpoint-{resumed_from}")
+    assert [e["step"] for e in result.events if e["event"] == "step"] == list(range(resumed_from + 1, STEPS + 1))
     assert all(watcher.sightings)
 
     resumed, reference = load_file(str(config.output_path)), load_file(str(reference_config.output_path))
@@ -190,7 +223,7 @@ def test_killed_run_resumes_to_the_same_lora(reference_run, tiny, tmp_path):
     # the metadata loss curve spans the whole run, both processes
     with safe_open(str(config.output_path), framework="pt") as handle:
         curve = handle.metadata()["versat2i_loss_curve"]
-    assert len(__import__("json").loads(curve)) == STEPS
+    assert [step for step, _ in json.loads(curve)] == list(range(1, STEPS + 1))
 
 
 def test_trains_from_a_single_file_checkpoint(tiny, tmp_path):
@@ -211,6 +244,11 @@ def test_trains_from_a_single_file_checkpoint(tiny, tmp_path):
     with safe_open(str(result.lora_path), framework="pt") as handle:
         metadata = handle.metadata()
     assert metadata["versat2i_arch"] == "sd15" and metadata["ss_steps"] == str(STEPS)
+    # kohya's / A1111's short model hash: SHA-256 of the 64 KiB at 1 MiB into the checkpoint, 8 digits
+    data = model.checkpoint.read_bytes()
+    assert len(data) > 0x110000
+    assert metadata["ss_sd_model_hash"] == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+    assert metadata["ss_new_sd_model_hash"] == hashlib.sha256(data).hexdigest()
 
 
 def test_a_crash_in_the_child_surfaces_its_error(tiny, tmp_path):
@@ -248,3 +286,101 @@ def test_other_architectures_train_in_process(tmp_path, capsys, arch, settings, 
     events = read_events(Path(config.work_dir) / train_lora.LOG_FILE_NAME)
     assert [e["event"] for e in events] == ["start", "step", "step", "done"]
     assert all(e["loss"] is not None and e["loss"] > 0 for e in events if e["event"] == "step")
+
+
+def test_a_resumed_run_reads_its_loss_history_from_the_log_file_it_writes(tiny, tmp_path, capsys):
+    """With --log_file the events go there, not to the work folder: the loss history a resumed run
+    puts in the LoRA's curve must come from that same file."""
+    model, dataset = tiny
+    config = tiny_lora_config(tmp_path, model.folder, dataset, max_train_steps=4, checkpointing_steps=2,
+                              overwrite=True)
+    log_file = tmp_path / "elsewhere" / "events.jsonl"
+    args = ["--config", str(config.save(tmp_path / "c.toml")), "--log_file", str(log_file)]
+    train_lora.main(train_lora.parse_args(args))
+    first_run = {e["step"]: e["loss"] for e in read_events(log_file) if e["event"] == "step"}
+    assert sorted(first_run) == [1, 2, 3, 4] and not (Path(config.work_dir) / train_lora.LOG_FILE_NAME).exists()
+
+    output = train_lora.main(train_lora.parse_args([*args, "--resume", "checkpoint-2"]))  # steps 3 and 4 again
+    with safe_open(str(output), framework="pt") as handle:
+        curve = json.loads(handle.metadata()["versat2i_loss_curve"])
+    assert [step for step, _ in curve] == [1, 2, 3, 4]
+    assert curve[:2] == [[1, round(first_run[1], 6)], [2, round(first_run[2], 6)]]  # read back from the file
+
+
+def test_gradient_checkpointing_runs_and_leaves_the_result_unchanged(tiny, tmp_path, monkeypatch, capsys):
+    """Recomputing activations in the backward pass must not change the maths: same seed, same LoRA."""
+    import torch.utils.checkpoint
+
+    model, dataset = tiny
+    recomputed = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+
+    def counting_checkpoint(function, *args, **kwargs):
+        recomputed.append(getattr(function, "__qualname__", repr(function)))
+        return checkpoint(function, *args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting_checkpoint)
+    loras = {}
+    for enabled in (False, True):
+        run = tmp_path / f"checkpointing-{enabled}"
+        config = tiny_lora_config(run, model.folder, dataset, max_train_steps=3, checkpointing_steps=100,
+                                  gradient_checkpointing=enabled, dropout=0.1, train_text_encoder=True)
+        output = train_lora.main(train_lora.parse_args(["--config", str(config.save(run / "c.toml"))]))
+        loras[enabled] = load_file(str(output))
+        assert bool(recomputed) == enabled  # diffusers' UNet blocks went through activation checkpointing
+    assert loras[True].keys() == loras[False].keys()
+    assert any(k.startswith("lora_te_") for k in loras[True])
+    worst = max((loras[True][k] - loras[False][k]).abs().max().item() for k in loras[False])
+    assert worst <= 1e-6
+    changed = max((loras[True][k]).abs().max().item() for k in loras[True] if "lora_up" in k)
+    assert changed > 0  # the LoRA trained (lora_up starts at zero)
+
+
+# -- several processes ---------------------------------------------------------------------------------
+
+TWO_PROCESS_SCRIPT = """
+import json, os, sys
+from pathlib import Path
+from versat2i.trainer import train_lora
+
+sizes = []
+compute_loss = train_lora.compute_loss
+
+def recording_compute_loss(model_pred, latents, *args, **kwargs):  # the images this process trains per batch
+    sizes.append(latents.shape[0])
+    return compute_loss(model_pred, latents, *args, **kwargs)
+
+train_lora.compute_loss = recording_compute_loss
+try:
+    train_lora.main(train_lora.parse_args(["--config", sys.argv[1]]))
+finally:
+    Path(sys.argv[2] + ".rank" + os.environ["RANK"]).write_text(json.dumps(sizes))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_with_uneven_bucket_batches_finish(tiny, tmp_path):
+    """Two CPU processes (gloo, as torchrun starts them under accelerate): one bucket of two images
+    and one of a single image, batch 2, so the processes train batches of different sizes at the
+    same step (gathering one loss per image would give all_gather tensors of different shapes)."""
+    model, _ = tiny
+    dataset = make_kohya_dataset(tmp_path / "ds", aspects={"aesthetics": 1}, images_per_aspect=3,
+                                 sizes=[(80, 48), (64, 64)])
+    steps = 4
+    config = tiny_lora_config(tmp_path, model.folder, dataset, max_train_steps=steps, checkpointing_steps=2,
+                              bucket_step=8)
+    script = tmp_path / "two_processes.py"
+    script.write_text(TWO_PROCESS_SCRIPT)
+    deadline = time.monotonic() + 300  # a collective that waits forever must fail the test, not hang it
+    result = run_command(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+         str(config.save(tmp_path / "config.toml")), str(tmp_path / "sizes")],
+        env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"},
+        check_cancel=lambda: time.monotonic() > deadline)
+    sizes = [json.loads((tmp_path / f"sizes.rank{rank}").read_text()) for rank in (0, 1)]
+    assert len(sizes[0]) == len(sizes[1]) == steps  # both processes ran every step
+    assert any(a != b for a, b in zip(*sizes))  # and some step had batches of different sizes
+    assert set(sizes[0]) | set(sizes[1]) == {1, 2}  # a bucket's short batch is trained as it is
+    assert [e["step"] for e in result.events if e["event"] == "step"] == list(range(1, steps + 1))
+    assert all(e["loss"] is not None and e["loss"] > 0 for e in result.events if e["event"] == "step")
+    assert set(load_file(str(config.output_path))) == set(load_file(str(result.lora_path)))

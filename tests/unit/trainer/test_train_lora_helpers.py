@@ -141,9 +141,42 @@ def test_run_fingerprint_sees_data_and_model_changes(tmp_path):
 
 
 def test_mixed_precision_auto_is_full_precision_without_cuda(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert train_lora.resolve_mixed_precision("auto") == "no"
     assert train_lora.resolve_mixed_precision("bf16") == "bf16"
+
+
+def test_mixed_precision_auto_follows_the_device_the_run_uses(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert train_lora.resolve_mixed_precision("auto") == "bf16"
+    assert train_lora.resolve_mixed_precision("auto", cpu=True) == "no"  # accelerate launch --cpu
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")  # what accelerate launch --cpu tells the child
+    assert train_lora.resolve_mixed_precision("auto") == "no"
+    assert train_lora.resolve_mixed_precision("fp16") == "fp16"
+
+
+def test_run_fingerprint_uses_the_resolved_precision_and_cached_latents(tmp_path, monkeypatch):
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    dataset = make_kohya_dataset(tmp_path / "ds", images_per_aspect=1)
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"weights")
+    auto = tiny_lora_config(tmp_path, model, dataset, mixed_precision="auto")
+    fingerprint = train_lora.lora_run_fingerprint
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    on_cpu = fingerprint(auto)
+    assert on_cpu == fingerprint(auto.replace(mixed_precision="no"))  # the same run
+    assert on_cpu == fingerprint(auto, cpu=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    on_gpu = fingerprint(auto)
+    assert on_gpu != on_cpu  # bf16 on the GPU is another result than fp32 on the CPU
+    assert on_gpu == fingerprint(auto.replace(mixed_precision="bf16"))
+    assert fingerprint(auto, cpu=True) == on_cpu  # ComfyUI --cpu on a machine with a GPU
+    assert fingerprint(auto.replace(cache_latents=True)) != on_gpu
 
 
 def test_parse_args():
@@ -206,3 +239,15 @@ def test_a_second_run_on_a_locked_work_dir_fails_at_once(tmp_path):
                 pass
     with work_dir_lock(work_dir):  # released: the next run goes ahead
         pass
+
+
+def test_legacy_model_hash_is_kohyas_short_hash(tmp_path):
+    import hashlib
+
+    data = bytes(range(256)) * 5000  # 1.2 MiB: the hashed window is bytes 1 MiB .. 1 MiB + 64 KiB
+    (tmp_path / "model.safetensors").write_bytes(data)
+    expected = hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+    assert train_lora.legacy_model_hash(tmp_path / "model.safetensors") == expected
+    (tmp_path / "small.safetensors").write_bytes(b"x" * 1000)  # shorter than 1 MiB: the hash of nothing
+    assert train_lora.legacy_model_hash(tmp_path / "small.safetensors") == hashlib.sha256(b"").hexdigest()[:8]
+    assert train_lora.legacy_model_hash(tmp_path) is None  # a diffusers folder
