@@ -13,12 +13,19 @@ batch 2 (cond + uncond, cfg > 1), 4 aspect LoRAs of rank 16 on all 160 transform
                  (core re-merges every hooked weight at each keyframe change)
 
 With ComfyUI (``COMFYUI_PATH``) the model is ComfyUI's own SD15 model and every variant samples
-through ``comfy.sample.sample`` (KSampler's path, euler); a step is one sampler step. Without
-ComfyUI it falls back to a diffusers ``UNet2DConditionModel`` with SD1.5's config, timing UNet
-forwards (hooks: n/a). The first line says which. Also reports the one-off merge time of bake.
+through ``comfy.sample.sample`` (KSampler's path, euler); a step is one sampler step, and each
+timed run has ``--steps`` steps (at least 4, so the hooks variant crosses all its keyframes, at
+0, 0.25, 0.5 and 0.75 of the run). Without ComfyUI it falls back to a diffusers
+``UNet2DConditionModel`` with SD1.5's config, timing UNet forwards (hooks: n/a). The first line
+says which. Also reports the one-off merge time of bake, and PASS / FAIL against the goals at
+512 px (bake <= 1.02x base, dynamic <= 1.05x base; minimum over rounds).
 
-    COMFYUI_PATH=/path/to/ComfyUI OMP_NUM_THREADS=1 python bench/bench_mixture.py --sizes 256 --steps 1
+``--tiny`` swaps in a tiny SD1.5-shaped UNet (width 32, two levels, context 64) at 64 px with
+rank-4 LoRAs: a smoke run of every code path in seconds (its ratios mean nothing).
+
+    COMFYUI_PATH=/path/to/ComfyUI OMP_NUM_THREADS=1 python bench/bench_mixture.py --sizes 256
     COMFYUI_PATH=/path/to/ComfyUI python bench/bench_mixture.py --device cuda --steps 20 --repeats 3
+    python bench/bench_mixture.py --tiny
 
 Runs from a plain checkout: the pack is imported from this folder, nothing needs installing but
 torch, safetensors and ComfyUI's core requirements (or diffusers for the fallback).
@@ -49,6 +56,14 @@ SD15_UNET = {
     "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
     "use_temporal_attention": False, "use_temporal_resblock": False,
 }
+# a tiny SD1.5-shaped UNet for --tiny (the test suite's tiny model)
+TINY_UNET = {
+    **SD15_UNET, "model_channels": 32, "num_res_blocks": [1, 1], "transformer_depth": [1, 1], "channel_mult": [1, 2],
+    "context_dim": 64, "num_heads": 4, "transformer_depth_output": [1, 1, 1, 1],
+}
+HOOK_KEYFRAMES = (0.0, 0.25, 0.5, 0.75)  # start percents of the hooks variant's strength changes
+GOAL_SIZE = 512
+GOALS = {"bake": 1.02, "dynamic": 1.05, "dynamic-prompt": 1.05}  # step time / base at GOAL_SIZE px
 TRANSFORMER_LINEARS = (
     "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
     "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2",
@@ -119,11 +134,11 @@ def make_loras(shapes: dict[str, tuple[int, int]], rank: int, seed: int = 0) -> 
     return loras
 
 
-def make_gate(shapes: dict[str, tuple[int, int]], granularity: str, seed: int = 1):
+def make_gate(shapes: dict[str, tuple[int, int]], granularity: str, context_dim: int, seed: int = 1):
     from versat2i.trainer.gate import MixtureGate
 
     layers = sorted(shapes)
-    gate = MixtureGate(list(ASPECTS), layers, [shapes[n][1] for n in layers], granularity, prompt_features=768)
+    gate = MixtureGate(list(ASPECTS), layers, [shapes[n][1] for n in layers], granularity, prompt_features=context_dim)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in gate.named_parameters():
@@ -141,23 +156,36 @@ def sync(device: str) -> None:
 # -- ComfyUI backend -------------------------------------------------------------------------------------
 
 class LoopForward:
-    """Per-expert loop baseline: gate from MixtureGate, then each LoRA as two separate matmuls."""
+    """Per-expert loop baseline, what a plain runtime LoRA mixture does: the token gate (one
+    matmul and a softmax), then each LoRA as two separate matmuls, scaled by its gate and added,
+    all in the input's dtype (factors cast once per device and dtype, as the fused layer does)."""
 
     def __init__(self, previous, gate, layer, experts):
-        self.previous, self.gate, self.layer = previous, gate, layer
+        self.previous = previous
+        with torch.no_grad():
+            temperature = gate.temperature()[layer]
+            self.gate_weight = (gate.weights[layer] / (gate.input_scale[layer] * temperature)).detach()
+            self.gate_bias = (gate.bias[layer] / temperature).detach()
         self.experts = experts
-        self._device = None
+        self._cast_for = None
 
     def __call__(self, x, *args, **kwargs):
-        from versat2i.trainer.gate import ExpertLoRA, reference_delta
+        return self.mix(x, self.previous(x, *args, **kwargs))
 
-        out = self.previous(x, *args, **kwargs)
-        if self._device != (x.device, x.dtype):
-            self.gate.to(x.device)
-            self.experts = [None if e is None else ExpertLoRA(e.down.to(x.device, x.dtype), e.up.to(x.device, x.dtype), e.scale) for e in self.experts]
-            self._device = (x.device, x.dtype)
-        gates = self.gate.token_probabilities(self.layer, x.float()).to(x.dtype)
-        return out + reference_delta(x, self.experts, gates)
+    def mix(self, x, out):
+        if self._cast_for != (x.device, x.dtype):
+            self.weight = self.gate_weight.to(x.device, x.dtype)
+            self.bias = self.gate_bias.to(x.device, x.dtype)
+            self.cast = [None if e is None else (e.down.to(x.device, x.dtype), e.up.to(x.device, x.dtype), e.scale)
+                         for e in self.experts]
+            self._cast_for = (x.device, x.dtype)
+        gates = torch.softmax(torch.nn.functional.linear(x, self.weight, self.bias), dim=-1)
+        for index, expert in enumerate(self.cast):
+            if expert is not None:
+                down, up, scale = expert
+                delta = torch.nn.functional.linear(torch.nn.functional.linear(x, down), up)
+                out = out + delta * (gates[..., index : index + 1] * scale)
+        return out
 
 
 def comfy_variants(args, dtype):
@@ -169,7 +197,7 @@ def comfy_variants(args, dtype):
 
     from versat2i.nodes import model_patching
 
-    model_config = comfy.supported_models.SD15(dict(SD15_UNET))
+    model_config = comfy.supported_models.SD15(dict(TINY_UNET if args.tiny else SD15_UNET))
     model_config.set_inference_dtype(dtype, None)
     t0 = time.perf_counter()
     model = model_config.get_model({})
@@ -187,7 +215,7 @@ def comfy_variants(args, dtype):
             keys[name] = "diffusion_model." + ldm_key
     loras = make_loras(shapes, args.rank)
     aspect_loras = [model_patching.AspectLoRA(a, f"{a}.safetensors", lora) for a, lora in zip(ASPECTS, loras)]
-    token_gate, prompt_gate = make_gate(shapes, "token"), make_gate(shapes, "prompt")
+    token_gate, prompt_gate = make_gate(shapes, "token", args.context_dim), make_gate(shapes, "prompt", args.context_dim)
     print(f"model + {len(loras)} LoRAs x {len(shapes)} layers built in {time.perf_counter() - t0:.1f} s")
 
     variants = {"base": base}
@@ -209,7 +237,7 @@ def comfy_variants(args, dtype):
     for index, lora in enumerate(loras):
         group = comfy.hooks.create_hook_lora(lora, 1.0 / len(loras), 0.0)
         keyframes = comfy.hooks.HookKeyframeGroup()
-        for k, start in enumerate((0.0, 0.25, 0.5, 0.75)):
+        for k, start in enumerate(HOOK_KEYFRAMES):
             keyframes.add(comfy.hooks.HookKeyframe(strength=1.0 + 0.25 * ((k + index) % 4), start_percent=start))
         group.set_keyframes_on_hooks(keyframes)
         for hook in group.hooks:
@@ -237,8 +265,8 @@ def comfy_time(variant, size: int, steps: int, args) -> float:
 
     model, hooks = variant if isinstance(variant, tuple) else (variant, None)
     generator = torch.Generator().manual_seed(0)
-    positive = [[torch.randn(1, 77, 768, generator=generator), {}]]
-    negative = [[torch.randn(1, 77, 768, generator=generator), {}]]
+    positive = [[torch.randn(1, 77, args.context_dim, generator=generator), {}]]
+    negative = [[torch.randn(1, 77, args.context_dim, generator=generator), {}]]
     if hooks is not None:
         positive = comfy.hooks.set_hooks_for_conditioning(positive, hooks)
         negative = comfy.hooks.set_hooks_for_conditioning(negative, hooks)
@@ -261,9 +289,16 @@ def comfy_time(variant, size: int, steps: int, args) -> float:
 def diffusers_variants(args, dtype):
     from diffusers import UNet2DConditionModel
 
-    from versat2i.trainer.gate import ExpertLoRA, fused_layer, reference_delta
+    from versat2i.trainer.gate import ExpertLoRA, fused_layer
 
-    unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, sample_size=64)
+    if args.tiny:
+        unet = UNet2DConditionModel(
+            sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=args.context_dim,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            attention_head_dim=4,
+        )
+    else:
+        unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, sample_size=64)
     random_init_(unet)
     unet = unet.to(args.device, dtype).eval()
     modules = {
@@ -273,7 +308,8 @@ def diffusers_variants(args, dtype):
     }
     shapes = {name: tuple(module.weight.shape) for name, module in modules.items()}
     loras = make_loras(shapes, args.rank)
-    token_gate, prompt_gate = make_gate(shapes, "token").to(args.device), make_gate(shapes, "prompt").to(args.device)
+    token_gate = make_gate(shapes, "token", args.context_dim).to(args.device)
+    prompt_gate = make_gate(shapes, "prompt", args.context_dim).to(args.device)
     experts = {
         name: [ExpertLoRA(lora[f"{name}.lora_down.weight"], lora[f"{name}.lora_up.weight"], 1.0) for lora in loras]
         for name in shapes
@@ -292,15 +328,15 @@ def diffusers_variants(args, dtype):
             layer = token_gate.layer_index[name]
             if kind in ("dynamic", "dynamic-prompt"):
                 gate = token_gate if kind == "dynamic" else None
-                fused = fused_layer(gate, name, experts[name], shapes[name][1], shapes[name][0]).to(args.device, dtype)
+                # float32 masters on the device; the input's dtype is cast once inside
+                fused = fused_layer(gate, name, experts[name], shapes[name][1], shapes[name][0]).to(args.device)
                 if kind == "dynamic":
-                    hook = (lambda f: lambda m, i, o: f(i[0], o))(fused)
+                    hook = (lambda f: lambda m, i, o: f.forward(i[0], o))(fused)
                 else:
-                    hook = (lambda f, l: lambda m, i, o: f(i[0], o, state["gates"][:, l]))(fused, layer)
+                    hook = (lambda f, l: lambda m, i, o: f.forward(
+                        i[0], o, f.expand_gates(state["gates"][:, l], i[0].ndim)))(fused, layer)
             else:
-                moved = [ExpertLoRA(e.down.to(args.device, dtype), e.up.to(args.device, dtype), e.scale) for e in experts[name]]
-                hook = (lambda ex, l: lambda m, i, o: o + reference_delta(
-                    i[0], ex, token_gate.token_probabilities(l, i[0].float()).to(i[0].dtype)))(moved, layer)
+                hook = (lambda loop: lambda m, i, o: loop.mix(i[0], o))(LoopForward(None, token_gate, layer, experts[name]))
             handles.append(module.register_forward_hook(hook))
 
     merged: dict = {}
@@ -336,7 +372,7 @@ def diffusers_variants(args, dtype):
                 clear()
         return prepare
 
-    context = torch.randn(2, 77, 768, device=args.device, dtype=dtype)
+    context = torch.randn(2, 77, args.context_dim, device=args.device, dtype=dtype)
 
     def forward(size):
         x = torch.randn(2, 4, size // 8, size // 8, device=args.device, dtype=dtype)
@@ -369,13 +405,42 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on cuda, fp32 on cpu")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
-    parser.add_argument("--steps", type=int, default=2, help="timed sampler steps per variant and round")
+    parser.add_argument("--sizes", type=int, nargs="+", default=None, help="image sides in px (default: 256 512; --tiny: 64)")
+    parser.add_argument("--steps", type=int, default=len(HOOK_KEYFRAMES),
+                        help=f"timed sampler steps per variant and round (>= {len(HOOK_KEYFRAMES)}: the hooks variant "
+                             "must cross all its keyframes)")
     parser.add_argument("--warmup-steps", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=1, help="rounds over all variants; the median is reported")
-    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--rank", type=int, default=None, help="LoRA rank (default: 16; --tiny: 4)")
     parser.add_argument("--variants", nargs="+", default=None, help="subset of variants (base is always run)")
-    return parser.parse_args(argv)
+    parser.add_argument("--tiny", action="store_true",
+                        help="a tiny SD1.5-shaped UNet at 64 px: a smoke run of every path in seconds (ratios meaningless)")
+    args = parser.parse_args(argv)
+    args.sizes = args.sizes or ([64] if args.tiny else [256, GOAL_SIZE])
+    args.rank = args.rank or (4 if args.tiny else 16)
+    args.context_dim = TINY_UNET["context_dim"] if args.tiny else SD15_UNET["context_dim"]
+    with_hooks = args.variants is None or "hooks" in args.variants
+    if args.steps < len(HOOK_KEYFRAMES) and with_hooks:
+        parser.error(f"--steps {args.steps}: the hooks variant needs >= {len(HOOK_KEYFRAMES)} steps to cross its "
+                     f"keyframes at {', '.join(map(str, HOOK_KEYFRAMES))} (or leave hooks out with --variants)")
+    if args.steps < 1 or args.warmup_steps < 1 or args.repeats < 1:
+        parser.error("--steps, --warmup-steps and --repeats must be >= 1")
+    return args
+
+
+def goal_lines(results: dict[int, dict[str, list[float]]]) -> list[str]:
+    """PASS / FAIL of each goal at GOAL_SIZE px on the minimum over rounds (the least disturbed)."""
+    if GOAL_SIZE not in results:
+        measured = ", ".join(f"{size}" for size in results)
+        return [f"goals (at {GOAL_SIZE} px): n/a, {GOAL_SIZE} px not measured (measured: {measured} px)"]
+    lines = []
+    base = min(results[GOAL_SIZE]["base"])
+    for name, goal in GOALS.items():
+        if name not in results[GOAL_SIZE]:
+            continue
+        ratio = min(results[GOAL_SIZE][name]) / base
+        lines.append(f"goal {name} <= {goal:.2f}x base at {GOAL_SIZE} px: {ratio:.3f}x {'PASS' if ratio <= goal else 'FAIL'}")
+    return lines
 
 
 def main(argv=None) -> None:
@@ -386,16 +451,17 @@ def main(argv=None) -> None:
     import_pack()
     with_comfy = import_comfy(args.device)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    shape = "tiny SD1.5-shaped" if args.tiny else "SD15"
     if with_comfy:
         import comfyui_version
 
-        print(f"backend: ComfyUI {comfyui_version.__version__} SD15 model (random weights), sampled with comfy.sample (euler), "
-              f"{device_name}, {str(dtype).replace('torch.', '')}, batch 2 (cond+uncond), rank {args.rank}")
+        print(f"backend: ComfyUI {comfyui_version.__version__} {shape} model (random weights), sampled with comfy.sample "
+              f"(euler), {device_name}, {str(dtype).replace('torch.', '')}, batch 2 (cond+uncond), rank {args.rank}")
         variants, merge = comfy_variants(args, dtype)
         timer = comfy_time
     else:
-        print(f"backend: diffusers UNet2DConditionModel, SD1.5 config (random weights; COMFYUI_PATH unset, no hooks variant), "
-              f"{device_name}, {str(dtype).replace('torch.', '')}, batch 2, rank {args.rank}")
+        print(f"backend: diffusers UNet2DConditionModel, {shape} config (random weights; COMFYUI_PATH unset, no hooks "
+              f"variant), {device_name}, {str(dtype).replace('torch.', '')}, batch 2, rank {args.rank}")
         variants, merge = diffusers_variants(args, dtype)
         timer = diffusers_time
     if args.variants:
@@ -423,6 +489,9 @@ def main(argv=None) -> None:
     print("merge: " + ", ".join(f"{k} {v:.2f} s" for k, v in merge.items()))
     if "load_bake_s" in merge:
         print(f"one-off merge cost of bake (load with patches - plain load): {merge['load_bake_s'] - merge['load_base_s']:.2f} s")
+    print()
+    for line in goal_lines(results):
+        print(line)
 
 
 if __name__ == "__main__":

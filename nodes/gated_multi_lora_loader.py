@@ -4,6 +4,7 @@ of LoRAs with manual / equal weights, to MODEL and CLIP."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..trainer.mol_file import MOL_SUFFIX, load_mol
+from ..trainer.mol_file import MOL_SUFFIX, file_identity, load_mol, read_mol, resolve_loras
 from . import model_patching
 from .common import category, node_id
 
@@ -21,8 +22,8 @@ logger = logging.getLogger(__name__)
 NO_MOL_FILE = "none (use the LoRA list)"
 MODES = ("bake", "dynamic", "equal", "manual")
 MODE_HELP = (
-    "bake: evaluate the learned gate once (on the optional conditioning for prompt gates, else the mean gate "
-    "recorded at training) and merge it into the weights: sampling costs the same as the base model. "
+    "bake: evaluate the learned gate once (prompt gates: on the optional prompt, else the mean gate recorded at "
+    "training) and merge it into the weights: sampling costs the same as the base model. "
     "dynamic: compute the gate at run time (per token, or per prompt for every sample, uncond included): "
     "a small cost per step. equal: every enabled LoRA at weight 1/N (the naive merge baseline). "
     "manual: the weights typed in the LoRA list."
@@ -110,8 +111,17 @@ class GatedMultiLoRALoader(io.ComfyNode):
                 io.Clip.Input("clip", optional=True, tooltip="The checkpoint's CLIP; its text-encoder LoRA layers are mixed too."),
                 io.Conditioning.Input(
                     "conditioning", optional=True,
-                    tooltip="bake with a prompt gate: the prompt (CLIP Text Encode) to evaluate the gate on. Without it "
-                    "bake uses the mean gate recorded at training.",
+                    tooltip="bake with a prompt gate: a CLIP Text Encode of one prompt to evaluate the gate on, taken as "
+                    "it is. It can only come from a CLIP upstream of this node, i.e. encoded WITHOUT the mixed "
+                    "text-encoder LoRAs: when the LoRAs adapt the text encoder, the baked gate then differs from what "
+                    "dynamic mode and training compute. Prefer the prompt input.",
+                ),
+                io.String.Input(
+                    "prompt", default="", multiline=True, optional=True,
+                    tooltip="bake with a prompt gate: the prompt to evaluate the gate on (normally your positive "
+                    "prompt), encoded with this node's own mixed CLIP, as dynamic mode and gate training see it (so "
+                    "bake equals dynamic at cfg 1). Needs the clip input. Empty: the conditioning input if connected, "
+                    "else the mean gate recorded at training. Ignored by token gates and other modes.",
                 ),
             ],
             outputs=[
@@ -132,15 +142,48 @@ class GatedMultiLoRALoader(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, model, mol_file, mode, strength, disabled_aspects="", loras="", clip=None, conditioning=None) -> io.NodeOutput:
+    def fingerprint_inputs(cls, mol_file, loras="", **inputs):
+        # ComfyUI reuses the last output while the inputs are unchanged; the files on disk are
+        # inputs too: a LoRA or MoL file retrained or swapped under the same name must re-run the
+        # node (and so hit the sha256 check). Linked inputs are keyed by ComfyUI itself.
+        try:
+            return tuple(file_identity(path) for path in mixture_files(mol_file, loras or ""))
+        except Exception:  # a bad input is reported by execute: re-run to get there
+            return math.nan
+
+    @classmethod
+    def execute(cls, model, mol_file, mode, strength, disabled_aspects="", loras="", clip=None, conditioning=None,
+                prompt="") -> io.NodeOutput:
         gate, aspect_loras, manual = resolve_mixture(mol_file, mode, loras or "")
         enabled = enabled_aspects([lora.aspect for lora in aspect_loras], disabled_aspects or "")
-        context = conditioning_context(conditioning) if (conditioning is not None and mode == "bake") else None
+        prompt = (prompt or "").strip() or None
+        context = None
+        if mode == "bake" and conditioning is not None:
+            if prompt is not None:
+                raise ValueError("bake: both prompt and conditioning are given; use one (prompt encodes with the mixed "
+                                 "CLIP, as dynamic mode does)")
+            context = conditioning_context(conditioning)
         new_model, new_clip = model_patching.apply_mixture(
             model, clip, aspect_loras, mode=mode, gate=gate, enabled=enabled, manual_weights=manual,
-            strength=strength, context=context,
+            strength=strength, context=context, prompt=prompt if mode == "bake" else None,
         )
         return io.NodeOutput(new_model, new_clip)
+
+
+def mixture_files(mol_file: str, loras_text: str) -> list[Path]:
+    """The files a run of the node reads: the MoL file and its LoRAs (found as ``load_mol`` finds
+    them, not hashed), or the LoRAs of the list."""
+    if mol_file != NO_MOL_FILE:
+        mol_path = folder_paths.get_full_path_or_raise("loras", mol_file)
+        mol = resolve_loras(read_mol(mol_path), folder_paths.get_folder_paths("loras"), check_hashes=False)
+        return [Path(mol_path), *mol.lora_paths]
+    files = []
+    for name, _ in parse_weight_lines(loras_text, what="loras"):
+        path = folder_paths.get_full_path("loras", name)
+        if path is None:
+            raise FileNotFoundError(name)
+        files.append(Path(path))
+    return files
 
 
 def resolve_mixture(mol_file: str, mode: str, loras_text: str):

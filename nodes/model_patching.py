@@ -9,12 +9,15 @@ Two ways to apply a mixture (both on clones; the input patchers are never modifi
   LoRA whose B blocks are pre-multiplied by their mixture weights, handed to ``add_patches`` as a
   core ``LoRAAdapter``. ComfyUI merges it when it loads the model (low-VRAM streaming, offload and
   stacking with other LoRAs work as for any LoRA) and sampling then costs the same as the base.
+  A prompt gate is baked on a prompt encoded with the mixed CLIP (``bake_on_prompt``): the context
+  dynamic mode and gate training evaluate it on.
 * **dynamic** (token gates, or prompt gates evaluated per sample at run time): every adapted
   Linear's ``forward`` is wrapped through ``add_object_patch`` (state-dict keys stay unchanged, so
   stock weight patches and low-VRAM casting still apply to the base weight). The wrapper calls the
   current forward (read with ``get_model_object``, so patches of other packs chain) and adds the
   fused gated delta. Prompt gates are computed once per UNet call in a ``DIFFUSION_MODEL``
   wrapper from the cross-attention context; text-encoder layers are merged with their static gate.
+  The fused factors count in the patcher's ``model_size()`` (see ``_count_factor_memory``).
 """
 
 from __future__ import annotations
@@ -119,9 +122,24 @@ def collect_targets(model, clip, loras: Sequence[AspectLoRA]) -> dict[str, Layer
                     "mixes plain LoRA factors only. Use the stock LoraLoader for this file"
                 )
             on_clip = key in clip_keys
-            weight = (clip_sd if on_clip else model_sd).get(key)
+            weight = (clip_sd if on_clip else model_sd).get(key) if isinstance(key, str) else None
             if weight is None:
-                continue  # e.g. a text-encoder layer while no CLIP is connected
+                # (adapter.loaded_keys is shared by all of a file's adapters: find the name by the key map)
+                lora_key = next((name for name, mapped in key_map.items() if mapped == key
+                                 and any(k.startswith(name + ".") for k in converted)), "?")
+                if clip is None and _is_text_encoder_lora_key(lora_key):
+                    continue  # a text-encoder layer while no CLIP is connected
+                if not isinstance(key, str):
+                    raise ValueError(
+                        f"LoRA {lora.name!r} (aspect {lora.aspect!r}): {lora_key} maps to a slice of the fused weight "
+                        f"{key[0]!r}; the gated loader mixes whole weights only (SD1.x / SD2.x / SDXL layers). Use the "
+                        "stock LoraLoader for this model"
+                    )
+                raise ValueError(
+                    f"LoRA {lora.name!r} (aspect {lora.aspect!r}): {lora_key} maps to {key!r}, a weight this "
+                    f"{'CLIP' if on_clip else 'model'} does not have; the LoRA was made for another base model (or "
+                    "the checkpoint is pruned). Load the checkpoint the LoRA was trained on"
+                )
             rank = down.shape[0]
             if up.shape[0] != weight.shape[0] or down[0].numel() != weight[0].numel() or up.shape[1] != rank:
                 raise ValueError(
@@ -296,6 +314,23 @@ def _follow_device_callbacks(patcher, modules: list[FusedGatedLoRA]) -> None:
     patcher.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_DETACH, PATCH_KEY, on_detach)
 
 
+def factor_bytes(modules: Sequence[FusedGatedLoRA]) -> int:
+    """Bytes of the gated layers' float32 factors (what moves to the load device with the model)."""
+    return sum(buffer.numel() * buffer.element_size() for module in modules for buffer in module.buffers())
+
+
+def _count_factor_memory(patcher, modules: Sequence[FusedGatedLoRA]) -> None:
+    """Add the factors to the patcher's ``model_size()``, the figure ComfyUI's model management
+    frees and budgets VRAM with (``LoadedModel.model_memory``): the object patches are plain
+    objects, outside the module tree whose state dict ComfyUI measures, and ``_follow_device_callbacks``
+    moves them to the load device with the model. ``size`` is the patcher's own constructor
+    argument for this figure, and clones inherit it (so do stock LoRA loaders after this node).
+    Not counted: the transient rank-space activations of each gated layer (``[tokens, R + N]``,
+    small next to the attention activations ComfyUI's ``memory_required`` reserves), and half-
+    precision copies of the factors, made on the first call in that dtype (half the float32 size)."""
+    patcher.size = patcher.model_size() + factor_bytes(modules)
+
+
 def apply_dynamic(
     model,
     clip,
@@ -333,11 +368,38 @@ def apply_dynamic(
         new_model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, PATCH_KEY, state)
     if new_model is not None and installed["model"]:
         _follow_device_callbacks(new_model, installed["model"])
+        _count_factor_memory(new_model, installed["model"])
     if new_clip is not None and installed["clip"]:
         _follow_device_callbacks(new_clip.patcher, installed["clip"])
+        _count_factor_memory(new_clip.patcher, installed["clip"])
     if static_merge:
         weights = {key: static[layer_of_key[key]] for key in static_merge}
         _, new_clip = apply_merge(None, new_clip, static_merge, weights, strength)
+    return new_model, new_clip
+
+
+def encode_context(clip, prompt: str) -> torch.Tensor:
+    """The cross-attention context ``[1, T, D]`` of ``prompt``, encoded as CLIP Text Encode does."""
+    conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
+    return conditioning[0][0]
+
+
+def bake_on_prompt(model, clip, targets: Mapping[str, LayerTarget], gate: MixtureGate, layer_of_key: Mapping[str, int],
+                   prompt: str, *, mask: torch.Tensor | None, strength: float):
+    """Bake a prompt gate on ``prompt`` as dynamic mode would evaluate it: the text-encoder layers
+    are merged first (in prompt granularity their gates are static: the bias softmax, the same in
+    both modes), the prompt is encoded with that mixed CLIP (the UNet's context in dynamic sampling,
+    and during gate training), and the gate evaluated on it is merged into the UNet layers."""
+    if clip is None:
+        raise ValueError("prompt: connect the CLIP; the prompt is encoded with the mixed CLIP to bake the gate on")
+    gate = gate.float()
+    static = gate.static_layer_probabilities(mask).detach()
+    clip_targets = {key: target for key, target in targets.items() if target.on_clip}
+    model_targets = {key: target for key, target in targets.items() if not target.on_clip}
+    _, new_clip = apply_merge(None, clip, clip_targets, {key: static[layer_of_key[key]] for key in clip_targets}, strength)
+    layer_weights = gate.merge_weights(encode_context(new_clip, prompt), mask)
+    weights_for = {key: layer_weights[layer_of_key[key]] for key in model_targets}
+    new_model, _ = apply_merge(model, None, model_targets, weights_for, strength)
     return new_model, new_clip
 
 
@@ -357,12 +419,15 @@ def apply_mixture(
     manual_weights: Sequence[float] | None = None,
     strength: float = 1.0,
     context: torch.Tensor | None = None,
+    prompt: str | None = None,
 ):
     """Apply ``loras`` to clones of MODEL / CLIP (either may be None) and return them.
 
     mode ``bake`` / ``dynamic`` need ``gate`` (its experts in the same order as ``loras``);
     ``equal`` weighs each enabled LoRA 1/N, ``manual`` by ``manual_weights``. ``enabled`` lists the
-    aspects kept (None = all); ``context`` ``[1, T, D]`` is the prompt a prompt gate is baked on.
+    aspects kept (None = all). A prompt gate is baked on ``prompt`` (text, encoded with the mixed
+    CLIP: what dynamic mode sees; see ``bake_on_prompt``) or on ``context`` ``[1, T, D]`` (a
+    cross-attention context made elsewhere, taken as it is), else on the training mean gate.
     """
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}: unknown; choose one of {', '.join(MODES)}")
@@ -396,8 +461,13 @@ def apply_mixture(
             )
         if mode == "dynamic":
             return apply_dynamic(model, clip, targets, gate, layer_of_key, mask=mask, strength=strength)
-        if context is not None and gate.granularity != "prompt":
-            logger.info("bake: the gate is per token; the conditioning is not used, the training mean gate is merged")
+        if prompt is not None and context is not None:
+            raise ValueError("bake: give the prompt to bake on once, as prompt text or as a conditioning, not both")
+        if (context is not None or prompt is not None) and gate.granularity != "prompt":
+            logger.info("bake: the gate is per token; the prompt is not used, the training mean gate is merged")
+            context = prompt = None
+        if prompt is not None:
+            return bake_on_prompt(model, clip, targets, gate, layer_of_key, prompt, mask=mask, strength=strength)
         layer_weights = gate.float().merge_weights(context, mask)
         weights_for = {key: layer_weights[layer_of_key[key]] for key in targets}
     elif mode == "equal":

@@ -194,21 +194,32 @@ def run_mix(args: argparse.Namespace) -> int:
     from ..safe_io import atomic_file
     from .mix_diffusers import load_mixture, prompt_context
     from .model_loading import load_base_model
+    from .mol_file import read_mol
 
+    # the aspects first (a header read): a misspelt name fails before the base model loads
+    aspects = read_mol(args.mol).aspects
+    disabled = [a.strip() for a in args.disable_aspects.split(",") if a.strip()]
+    unknown = sorted(set(disabled) - set(aspects))
+    if unknown:
+        raise ValueError(f"--disable-aspects: {', '.join(unknown)} not in {args.mol.name}; its aspects are "
+                         f"{', '.join(aspects)}")
+    enabled = [a for a in aspects if a not in disabled] if disabled else None
+    if enabled == []:
+        raise ValueError(f"--disable-aspects: every aspect of {args.mol.name} is switched off; keep at least one")
     base = load_base_model(args.base_model, config_dir=args.model_config_dir, compute_hash=False)
     device = resolve_device(args.device)
     pipe = build_pipeline(base, scheduler=args.scheduler, device=device)
-    disabled = [a.strip() for a in args.disable_aspects.split(",") if a.strip()]
     mol, mixture = load_mixture(base, args.mol, strength=args.strength)
-    enabled = [a for a in mol.aspects if a not in disabled] if disabled else None
     mixture.mask = mol.gate.expert_mask(enabled)
     size = args.size or base.resolution
     for index, prompt in enumerate(args.prompt):
         if args.mode == "dynamic":
             mixture.attach()
+        elif args.mode == "bake" and mol.gate.granularity == "prompt":
+            # the context through the mixed text encoder, as dynamic mode and training see it
+            mixture.bake_on_prompt(lambda prompt=prompt: prompt_context(base, prompt, device))
         elif args.mode == "bake":
-            context = prompt_context(base, prompt, device) if mol.gate.granularity == "prompt" else None
-            mixture.bake(mol.gate.merge_weights(context, mixture.mask))
+            mixture.bake(mol.gate.merge_weights(None, mixture.mask))  # token gates: the training mean
         else:
             kept = torch.ones(len(mol.aspects)) if mixture.mask is None else mixture.mask.float()
             mixture.bake((kept / kept.sum()).expand(len(mol.gate.layers), -1))

@@ -127,16 +127,20 @@ class GateUsage:
         self.token_counts.append(flat.shape[0])
         self.layers.append(layer)
 
-    def layer_means(self) -> dict[int, torch.Tensor]:
-        """Detached mean gate value per expert for each recorded layer (for the trainer's prior)."""
-        sums: dict[int, torch.Tensor] = {}
-        counts: dict[int, int] = {}
+    def layer_totals(self) -> dict[int, tuple[torch.Tensor, int]]:
+        """Detached (sum of gate values ``[N]``, gate evaluations) per recorded layer: what several
+        processes add up before taking the mean."""
+        totals: dict[int, tuple[torch.Tensor, int]] = {}
         for layer, prob_sum, tokens in zip(self.layers, self.prob_sums, self.token_counts):
             if layer is None:
                 continue
-            sums[layer] = sums.get(layer, 0) + prob_sum.detach()
-            counts[layer] = counts.get(layer, 0) + tokens
-        return {layer: sums[layer] / counts[layer] for layer in sums}
+            total, count = totals.get(layer, (0, 0))
+            totals[layer] = (total + prob_sum.detach(), count + tokens)
+        return totals
+
+    def layer_means(self) -> dict[int, torch.Tensor]:
+        """Detached mean gate value per expert for each recorded layer (for the trainer's prior)."""
+        return {layer: total / count for layer, (total, count) in self.layer_totals().items()}
 
     def __len__(self) -> int:
         return len(self.prob_sums)
@@ -403,16 +407,22 @@ class FusedGatedLoRA(nn.Module):
     in as few operations as possible (on a GPU each one costs a kernel launch, which at SD1.5 size
     costs more than its arithmetic):
 
-    * token: the gate projection ``V / (input_scale * tau)`` is appended to the stacked A matrix and
-      ``b / tau`` (and -inf for masked experts) is its bias, so one matmul gives both the rank-space
-      activations and the logits; softmax; gate-scale; one matmul with the stacked B (each LoRA's
-      scale and the global strength folded in); add to the base output.
+    * token: the gate projection ``V / (input_scale * tau)`` is appended to the stacked A matrix, so
+      one matmul gives both the rank-space activations and the gate's projection; ``b / tau`` (and
+      -inf for masked experts) is added and the softmax taken in float32; gate-scale; one matmul
+      with the stacked B (each LoRA's scale and the global strength folded in); add to the base
+      output.
     * per-sample gates (prompt granularity, fixed weights): ``forward(..., rank_gates=...)`` with
       gates already expanded to rank space (``expand_gates``), computed once per UNet call.
 
     Callers use ``forward`` directly (not ``__call__``): module hooks are never needed here and
-    ``nn.Module.__call__`` adds measurable overhead at 160 layers per step. Buffers follow the
-    input's device and dtype on first use (low-VRAM / offload safe): moved, not copied.
+    ``nn.Module.__call__`` adds measurable overhead at 160 layers per step.
+
+    The buffers are float32 masters and stay float32 (move the module with ``.to(device)``, never
+    to another dtype). They follow the input's device on first use (low-VRAM / offload safe: moved,
+    not copied); an input of another dtype (fp16 / bf16 sampling) is served by a copy cast once per
+    (device, dtype) and cached until the masters move again, so a half-precision call never rounds
+    the masters and a later float32 call is still exact.
     """
 
     def __init__(
@@ -435,12 +445,14 @@ class FusedGatedLoRA(nn.Module):
         self.out_features = int(up.shape[0])
         self.equal_ranks = len(set(self.ranks)) == 1
         self.has_token_gate = gate_weight is not None
+        self._cast: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, ...]] = {}
         with torch.no_grad():
             if self.has_token_gate:
                 inv_tau = 1.0 / float(temperature)
                 bias = (gate_bias if gate_bias is not None else torch.zeros(self.num_experts)).float() * inv_tau
                 bias = bias + masked_bias(mask, bias)
                 down_and_gate = torch.cat([down.float(), gate_weight.float() * (inv_tau / float(input_scale))], dim=0)
+                # [R + N]: zeros over the rank rows, so float32 inputs take the bias inside the one matmul
                 self.register_buffer("bias", torch.cat([torch.zeros(self.rank_total), bias]))
             else:
                 down_and_gate = down.float()
@@ -448,6 +460,31 @@ class FusedGatedLoRA(nn.Module):
             self.register_buffer("down_and_gate", down_and_gate.contiguous())
             self.register_buffer("up", (up.float() * strength).contiguous())
             self.register_buffer("rank_index", torch.repeat_interleave(torch.arange(self.num_experts), torch.tensor(self.ranks)))
+
+    def _apply(self, fn, recurse=True):
+        self._cast.clear()  # the cast copies belong to the masters' old place
+        result = super()._apply(fn, recurse)
+        if self.up.dtype != torch.float32:
+            raise TypeError(
+                "FusedGatedLoRA keeps float32 factors; move it with .to(device) only (each call uses the input's dtype)"
+            )
+        return result
+
+    def factors(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(stacked A [+ gate projection], stacked B, the bias for float32 inputs) on ``like``'s
+        device in its dtype."""
+        key = (like.device, like.dtype)
+        cached = self._cast.get(key)
+        if cached is not None:
+            return cached
+        if self.up.device != like.device:
+            self.to(like.device)  # the masters follow the input (clears the cache)
+        if like.dtype == torch.float32:
+            cached = (self.down_and_gate, self.up, self.bias)
+        else:  # (no cast bias: forward adds the float32 one)
+            cached = (self.down_and_gate.to(like.dtype), self.up.to(like.dtype), None)
+        self._cast[key] = cached
+        return cached
 
     def expand_gates(self, gates: torch.Tensor, ndim: int = 3) -> torch.Tensor:
         """Per-sample gates ``[B, N]`` -> ``[B, 1, …, R]`` broadcasting over an input of ``ndim`` dims."""
@@ -457,11 +494,18 @@ class FusedGatedLoRA(nn.Module):
     def forward(self, hidden: torch.Tensor, base_out: torch.Tensor, rank_gates: torch.Tensor | None = None) -> torch.Tensor:
         """``base_out + delta`` for ``hidden`` ``[..., in]``; ``rank_gates`` (``[B, 1.., R]``) is
         required unless this layer has a token gate."""
-        if self.up.dtype != hidden.dtype or self.up.device != hidden.device:
-            self.to(device=hidden.device, dtype=hidden.dtype)
+        down_and_gate, up, bias = self.factors(hidden)
         if self.has_token_gate:
-            h = F.linear(hidden, self.down_and_gate, self.bias)
-            g = torch.softmax(h[..., self.rank_total :], dim=-1)
+            if hidden.dtype == torch.float32:
+                h = F.linear(hidden, down_and_gate, bias)
+                logits = h[..., self.rank_total :]
+            else:
+                # The shared matmul runs in the input's dtype (a GPU GEMM accumulates in float32 and
+                # rounds only its output, like every other activation of the layer); the bias, the
+                # masking -inf and the softmax are float32 (the add promotes to float32).
+                h = F.linear(hidden, down_and_gate)
+                logits = h[..., self.rank_total :] + self.bias[self.rank_total :]
+            g = torch.softmax(logits, dim=-1, dtype=torch.float32).to(hidden.dtype)
             low = h[..., : self.rank_total]
             if self.equal_ranks:
                 low = (low.unflatten(-1, (self.num_experts, self.ranks[0])) * g.unsqueeze(-1)).flatten(-2)
@@ -470,8 +514,8 @@ class FusedGatedLoRA(nn.Module):
         else:
             if rank_gates is None:
                 raise ValueError("FusedGatedLoRA: this layer has no token gate; pass per-sample rank_gates")
-            low = F.linear(hidden, self.down_and_gate) * rank_gates.to(hidden.dtype)
-        return base_out + F.linear(low, self.up)
+            low = F.linear(hidden, down_and_gate) * rank_gates.to(hidden.dtype)
+        return base_out + F.linear(low, up)
 
 
 def fused_layer(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,7 +159,26 @@ class DiffusersMixture:
     def bake(self, weights: torch.Tensor) -> DiffusersMixture:
         """Add ``sum_i w_i s_i B_i A_i`` (``weights`` ``[L, N]`` in gate layer order) to each weight."""
         self.remove()
-        for layer in self.layers:
+        self._merge(self.layers, weights)
+        return self
+
+    @torch.no_grad()
+    def bake_on_prompt(self, encode: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Bake a prompt gate on a prompt as dynamic mode (and training) evaluates it: the
+        text-encoder layers are merged first (in prompt granularity their gates are static, the
+        bias softmax), then ``encode()`` runs the prompt through that mixed text encoder, and the
+        gate evaluated on its context is merged into the UNet layers. Returns the context (the
+        UNet's ``encoder_hidden_states`` for this prompt)."""
+        if self.gate.granularity != "prompt":
+            raise ValueError("bake_on_prompt: this is a token gate; bake its training mean with bake(merge_weights(None))")
+        self.remove()
+        self._merge([layer for layer in self.layers if layer.on_text_encoder], self.gate.static_layer_probabilities(self.mask))
+        context = encode()
+        self._merge([layer for layer in self.layers if not layer.on_text_encoder], self.gate.merge_weights(context, self.mask))
+        return context
+
+    def _merge(self, layers: Sequence[MixtureLayer], weights: torch.Tensor) -> None:
+        for layer in layers:
             row = weights[self.gate.layer_index[layer.name]]
             down, up, ranks = stack_experts(layer.experts, layer.in_features, layer.out_features)
             up = up * expand_to_ranks(row.float(), ranks) * self.strength
@@ -167,7 +186,6 @@ class DiffusersMixture:
             self._baked[id(layer.module)] = weight.detach().clone()
             delta = (up.to(weight.device) @ down.to(weight.device)).reshape(weight.shape)
             weight.add_(delta.to(weight.dtype))
-        return self
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -91,14 +91,22 @@ class MolFile:
 
 # -- hashing and LoRA descriptions ------------------------------------------------------------------
 
-_HASH_CACHE: dict[tuple[str, int, int], str] = {}
+FileIdentity = tuple[str, int, int, int, int]
+_HASH_CACHE: dict[FileIdentity, str] = {}
+
+
+def file_identity(path: str | os.PathLike) -> FileIdentity:
+    """(resolved path, size, mtime_ns, inode, ctime_ns): changes whenever the file is replaced
+    (a new inode, even with the same size and a preserved mtime) or rewritten in place (the
+    kernel sets ctime on every write or metadata change, and it cannot be set back by hand)."""
+    path = Path(path)
+    stat = path.stat()
+    return (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns)
 
 
 def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file; cached per (path, size, mtime) so a graph re-run doesn't rehash."""
-    path = Path(path)
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    """Hex sha256 of a file; cached per ``file_identity`` so a graph re-run doesn't rehash."""
+    key = file_identity(path)
     cached = _HASH_CACHE.get(key)
     if cached is not None:
         return cached

@@ -165,13 +165,38 @@ class GateCheckpointHooks:
         self.loaded_fingerprint = self.progress.load(folder, self.accelerator, self.noise_generator)
 
 
-def update_prior(gate, usage: GateUsage, step: int, decay: float) -> None:
+def update_prior(gate, usage: GateUsage, step: int, decay: float, reduce_sum=None) -> None:
     """EMA of each layer's mean gate (warm-started: the first steps count fully, so the uniform
-    initial value is forgotten quickly)."""
+    initial value is forgotten quickly). ``reduce_sum`` (several processes: a sum over them, e.g.
+    ``accelerator.reduce``) makes the mean one over every process's batch, so that every process
+    keeps the same prior (only the main process's is saved)."""
     rate = min(decay, (1.0 + step) / (10.0 + step))
+    sums = torch.zeros_like(gate.prior)
+    counts = torch.zeros(gate.prior.shape[0], device=gate.prior.device)
+    for layer, (total, count) in usage.layer_totals().items():
+        sums[layer] += total.to(sums.device)
+        counts[layer] += count
+    if reduce_sum is not None:
+        sums, counts = reduce_sum(sums), reduce_sum(counts)
     with torch.no_grad():
-        for layer, mean in usage.layer_means().items():
-            gate.prior[layer].mul_(rate).add_(mean.to(gate.prior.device), alpha=1.0 - rate)
+        for layer in torch.nonzero(counts > 0).flatten().tolist():
+            gate.prior[layer].mul_(rate).add_(sums[layer] / counts[layer], alpha=1.0 - rate)
+
+
+@torch.no_grad()
+def calibrate_input_scales(gate, accelerator, run_forward) -> None:
+    """Token gates fix each layer's input scale on the first batch (a frozen normalisation
+    statistic, see ``gate.py``): measure it in a no-grad pass (``run_forward()``, before the first
+    training forward), then average it over the processes, so every process trains the same gate
+    (each would otherwise measure its own share of the data)."""
+    usage, gate.usage = gate.usage, None
+    try:
+        run_forward()
+    finally:
+        gate.usage = usage
+    if accelerator.num_processes > 1:
+        gate.input_scale.copy_(accelerator.reduce(gate.input_scale.detach().clone(), reduction="mean"))
+    gate.calibrated = [True] * len(gate.calibrated)  # a layer the forward never reaches keeps scale 1 (unused)
 
 
 # -- the program -------------------------------------------------------------------------------------
@@ -274,6 +299,8 @@ def _train(config: GateTrainConfig, accelerator, events: EventWriter, resume_fro
                     mixed_precision=accelerator.mixed_precision, aspects=aspects, layers=len(layers))
 
     # ---- 7. training loop ----------------------------------------------------------------------------
+    # The gate is not an accelerate-prepared model, so its buffers are synchronised here too.
+    reduce_sum = (lambda t: accelerator.reduce(t, reduction="sum")) if accelerator.num_processes > 1 else None
     batches_per_epoch = len(dataloader)
     started_at = time.monotonic()
     micro_losses: list[torch.Tensor] = []
@@ -289,6 +316,12 @@ def _train(config: GateTrainConfig, accelerator, events: EventWriter, resume_fro
                 latents, noise, timesteps, noisy_latents = noised_latents(
                     batch, base, device, weight_dtype=weight_dtype, vae_dtype=torch.float32,
                     noise_generator=noise_generator)
+                if config.granularity == "token" and not all(gate.calibrated):
+                    def calibration_forward(batch=batch, noisy_latents=noisy_latents, timesteps=timesteps):
+                        hidden, added = unet_conditioning(batch, base, device, weight_dtype=weight_dtype, text_grad=False)
+                        base.unet(noisy_latents, timesteps, hidden, added_cond_kwargs=added, return_dict=False)
+
+                    calibrate_input_scales(gate, accelerator, calibration_forward)
                 gate.usage = GateUsage(len(aspects))
                 # with grad through the text encoders when gated layers sit there (the gate trains through them)
                 hidden, added = unet_conditioning(batch, base, device, weight_dtype=weight_dtype,
@@ -311,7 +344,7 @@ def _train(config: GateTrainConfig, accelerator, events: EventWriter, resume_fro
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                update_prior(gate, gate.usage, progress.batches_seen, config.prior_decay)
+                update_prior(gate, gate.usage, progress.batches_seen, config.prior_decay, reduce_sum=reduce_sum)
                 mean_mass = gate.usage.mean_mass().detach().cpu()
                 gate.usage = None
             progress.batches_seen += 1

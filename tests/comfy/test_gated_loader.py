@@ -49,13 +49,15 @@ def close(a, b, tol=2e-5):
     return (a - b).abs().max().item() <= tol * scale
 
 
-def write_loras(setup, folder, *, with_clip=True, ranks=(4, 4, 4, 4)):
+def write_loras(setup, folder, *, with_clip=True, ranks=(4, 4, 4, 4), modules=None):
+    """One tiny LoRA per aspect; ``modules`` maps an aspect index to the only layers its LoRA adapts."""
     from tiny_models.comfy import make_kohya_lora
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for index, (aspect, rank) in enumerate(zip(ASPECTS, ranks)):
-        lora = make_kohya_lora(setup["model"], setup["clip"] if with_clip else None, seed=10 + index, rank=rank, alpha=rank / 2)
+        lora = make_kohya_lora(setup["model"], setup["clip"] if with_clip else None, seed=10 + index, rank=rank,
+                               alpha=rank / 2, modules=(modules or {}).get(index))
         path = folder / f"{aspect}.safetensors"
         save_file(lora, str(path))
         paths.append(path)
@@ -83,12 +85,12 @@ def random_gate(setup, granularity, aspects=ASPECTS, seed=0, scale=2.0, with_cli
     return gate
 
 
-def write_mol(setup, comfy_dirs, granularity, name="mix", **kwargs):
+def write_mol(setup, comfy_dirs, granularity, name="mix", *, with_clip=True, ranks=(4, 4, 4, 4), modules=None, **kwargs):
     from versat2i.trainer.mol_file import expert_record, save_mol
 
     folder = comfy_dirs["models"] / "loras" / "versat2i"
-    paths = write_loras(setup, folder)
-    gate = random_gate(setup, granularity, **kwargs)
+    paths = write_loras(setup, folder, with_clip=with_clip, ranks=ranks, modules=modules)
+    gate = random_gate(setup, granularity, with_clip=with_clip, **kwargs)
     records = [expert_record(a, p, folder) for a, p in zip(ASPECTS, paths)]
     save_mol(folder / f"{name}.mol.safetensors", gate, records)
     return f"versat2i/{name}.mol.safetensors", gate, paths
@@ -100,8 +102,18 @@ def run_node(node, setup, mol_file, mode, **kwargs):
 
 
 def base_snapshot(setup):
-    model_sd = {k: v.clone() for k, v in setup["model"].model.state_dict().items()}
-    clip_sd = {k: v.clone() for k, v in setup["clip"].cond_stage_model.state_dict().items()}
+    """The base weights as built (a fresh model and CLIP from the same seeds), not read from the live
+    ones, which an earlier test could have left holding merged weights; the live ones must match."""
+    import comfy.model_management
+
+    from tiny_models.comfy import build_tiny_clip, build_tiny_sd15
+
+    model_sd = {k: v.clone() for k, v in build_tiny_sd15(seed=0).model.state_dict().items()}
+    clip_sd = {k: v.clone() for k, v in build_tiny_clip(seed=0).cond_stage_model.state_dict().items()}
+    comfy.model_management.unload_all_models()
+    for module_tree, fresh in ((setup["model"].model, model_sd), (setup["clip"].cond_stage_model, clip_sd)):
+        live = module_tree.state_dict()
+        assert not [k for k in fresh if not torch.equal(live[k], fresh[k])], "an earlier test changed the base"
     return model_sd, clip_sd
 
 
@@ -170,23 +182,45 @@ def test_dynamic_with_one_lora_equals_stock_lora_loader(setup, comfy_dirs):
     assert not close(dynamic, base, tol=1e-3)
 
 
-def test_bake_equals_dynamic_for_prompt_gates(setup, node, comfy_dirs):
-    mol_file, _, _ = write_mol(setup, comfy_dirs, "prompt", scale=3.0)
-    positive = setup["positive"]
-    # cfg 1: ComfyUI evaluates only the positive prompt, the one the bake is evaluated on
-    baked_model, baked_clip = run_node(node, setup, mol_file, "bake", conditioning=positive)
-    dynamic_model, dynamic_clip = run_node(node, setup, mol_file, "dynamic")
+def test_bake_on_the_prompt_equals_dynamic_for_prompt_gates(setup, node, comfy_dirs):
+    """The LoRAs adapt the text encoder: dynamic mode evaluates the gate on the context of the
+    *mixed* CLIP, so bake must too (the node's prompt input)."""
     from tiny_models.comfy import encode
 
+    mol_file, _, _ = write_mol(setup, comfy_dirs, "prompt", scale=3.0)
+    text = "a photo of a cat"
+    baked_model, baked_clip = run_node(node, setup, mol_file, "bake", prompt=text)
+    dynamic_model, dynamic_clip = run_node(node, setup, mol_file, "dynamic")
+    positive = encode(dynamic_clip, text)  # CLIP Text Encode on the node's CLIP output, as a workflow has it
+    assert not close(positive[0][0], setup["positive"][0][0], tol=1e-3)  # the text-encoder LoRAs act
     # text-encoder layers: both modes merge the same static gate
-    assert close(encode(baked_clip, "a photo of a cat")[0][0], encode(dynamic_clip, "a photo of a cat")[0][0])
+    assert close(encode(baked_clip, text)[0][0], positive[0][0])
+    # cfg 1: ComfyUI evaluates only the positive prompt, the one the bake is evaluated on
+    baked = sample(baked_model, encode(baked_clip, text), setup["negative"], cfg=1.0)
+    dynamic = sample(dynamic_model, positive, setup["negative"], cfg=1.0)
+    assert close(baked, dynamic), (baked - dynamic).abs().max()
+    # the conditioning input comes from the base CLIP upstream: another context, another gate
+    from_base, _ = run_node(node, setup, mol_file, "bake", conditioning=setup["positive"])
+    assert not close(sample(from_base, positive, setup["negative"], cfg=1.0), dynamic, tol=1e-4)
+    # and baking on another prompt gives another model
+    baked_other, _ = run_node(node, setup, mol_file, "bake", prompt="an oil painting of a mountain lake at dawn")
+    assert not close(sample(baked_other, positive, setup["negative"], cfg=1.0), baked, tol=1e-4)
+    with pytest.raises(ValueError, match="use one"):
+        run_node(node, setup, mol_file, "bake", prompt=text, conditioning=setup["positive"])
+    with pytest.raises(ValueError, match="connect the CLIP"):
+        node.execute(setup["model"], mol_file, "bake", 1.0, prompt=text)
+
+
+def test_bake_on_a_conditioning_equals_dynamic_when_the_text_encoder_is_not_adapted(setup, node, comfy_dirs):
+    mol_file, _, _ = write_mol(setup, comfy_dirs, "prompt", scale=3.0, with_clip=False)
+    positive = setup["positive"]  # the base CLIP's: the same as the mixed one, which has no LoRA layers
+    baked_model, _ = run_node(node, setup, mol_file, "bake", conditioning=positive)
+    dynamic_model, _ = run_node(node, setup, mol_file, "dynamic")
     baked = sample(baked_model, positive, setup["negative"], cfg=1.0)
     dynamic = sample(dynamic_model, positive, setup["negative"], cfg=1.0)
     assert close(baked, dynamic), (baked - dynamic).abs().max()
-    # and baking on another prompt gives another model
-    other = encode(setup["clip"], "an oil painting of a mountain lake at dawn")
-    baked_other, _ = run_node(node, setup, mol_file, "bake", conditioning=other)
-    assert not close(sample(baked_other, positive, setup["negative"], cfg=1.0), baked, tol=1e-4)
+    prompt_baked, _ = run_node(node, setup, mol_file, "bake", prompt="a photo of a cat")
+    assert close(sample(prompt_baked, positive, setup["negative"], cfg=1.0), baked)
 
 
 @pytest.mark.parametrize("mode", ["bake", "dynamic"])
@@ -218,35 +252,80 @@ def test_stock_lora_loader_before_and_after(setup, node, comfy_dirs, mode):
     assert not close(outs["after"], outs["stock"], tol=1e-3)  # and so did the mixture
 
 
-@pytest.mark.parametrize("mode", ["bake", "dynamic"])
-def test_low_vram_streaming_matches_full_load(setup, node, comfy_dirs, mode):
+def gated_modules(patcher):
+    from versat2i.nodes.model_patching import GatedForward
+
+    return {name[: -len(".forward")]: patch for name, patch in patcher.object_patches.items() if isinstance(patch, GatedForward)}
+
+
+@pytest.mark.parametrize(("granularity", "mode"), [("token", "bake"), ("token", "dynamic"), ("prompt", "dynamic")])
+def test_low_vram_streaming_matches_full_load(setup, node, comfy_dirs, granularity, mode):
     """Partial (low-VRAM) loading casts weights per layer and applies weight patches on the fly;
     the mixture must come out the same as with the model fully loaded."""
     import comfy.model_management
+    import comfy.utils
 
-    mol_file, _, _ = write_mol(setup, comfy_dirs, "token")
+    mol_file, _, _ = write_mol(setup, comfy_dirs, granularity)
     model, _ = run_node(node, setup, mol_file, mode)
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     sigma = torch.tensor([3.0, 3.0])
     context = torch.cat([setup["positive"][0][0], setup["negative"][0][0]])
+    gated = gated_modules(model)
+    assert bool(gated) == (mode == "dynamic")
 
-    def forward(lowvram_bytes):
+    def forward(patcher, lowvram_bytes):
         comfy.model_management.unload_all_models()
-        model.patch_model(device_to=model.load_device, lowvram_model_memory=lowvram_bytes)
+        patcher.patch_model(device_to=patcher.load_device, lowvram_model_memory=lowvram_bytes)
         try:
-            with torch.no_grad():
-                return model.model.apply_model(x, sigma, c_crossattn=context)
+            state = {
+                "lowvram": patcher.model.model_lowvram,
+                "weight_patches_streamed": patcher.lowvram_patch_counter(),
+                "gated_cast": [comfy.utils.get_attr(patcher.model, path).comfy_cast_weights for path in gated],
+            }
+            with torch.no_grad():  # the patcher's wrappers (the prompt gate's), as the sampler passes them
+                out = patcher.model.apply_model(x, sigma, c_crossattn=context, transformer_options={"wrappers": patcher.wrappers})
+            return out, state
         finally:
-            model.unpatch_model(model.offload_device)
+            patcher.unpatch_model(patcher.offload_device)
 
-    full = forward(0)
-    streamed = forward(1)  # 1 byte: every layer streamed, LowVramPatch applies the weight patches
+    full, full_state = forward(model, 0)
+    streamed, streamed_state = forward(model, 1)  # 1 byte: every layer streamed
+    assert full_state["lowvram"] is False and not any(full_state["gated_cast"])
+    assert streamed_state["lowvram"] is True  # it did stream
+    if mode == "bake":  # the merged mixture is applied per layer by LowVramPatch, one per patched weight
+        assert streamed_state["weight_patches_streamed"] == len(model.patches) > 0
+    else:  # the gated layers' own weights are cast per call; the object patches still add the mixture
+        assert streamed_state["gated_cast"] and all(streamed_state["gated_cast"])
     assert model.model.model_lowvram is False  # unpatched again
     assert close(full, streamed), (full - streamed).abs().max()
     comfy.model_management.unload_all_models()
     with torch.no_grad():
         base = setup["model"].model.apply_model(x, sigma, c_crossattn=context)
     assert not close(full, base, tol=1e-3)  # the mixture is in both
+
+
+@pytest.mark.parametrize("granularity", ["token", "prompt"])
+def test_dynamic_factors_count_in_comfyui_memory_estimate(setup, node, comfy_dirs, granularity):
+    """ComfyUI budgets VRAM with ModelPatcher.model_size(); the gated layers' factors move to the
+    load device with the model, so they count there (and in clones, e.g. a stock LoRA after)."""
+    import folder_paths
+    from nodes import LoraLoader
+
+    from tiny_models.comfy import make_kohya_lora
+
+    mol_file, _, _ = write_mol(setup, comfy_dirs, granularity)
+    model, clip = run_node(node, setup, mol_file, "dynamic")
+    for patcher, base in ((model, setup["model"]), (clip.patcher, setup["clip"].patcher)):
+        factors = sum(b.numel() * b.element_size() for patch in gated_modules(patcher).values() for b in patch.fused.buffers())
+        if patcher is clip.patcher and granularity == "prompt":
+            assert factors == 0  # text-encoder layers are merged (static gates)
+        else:
+            assert factors > 0
+        assert patcher.model_size() == base.model_size() + factors
+    save_file(make_kohya_lora(setup["model"], setup["clip"], seed=77, rank=2), str(comfy_dirs["models"] / "loras" / "extra.safetensors"))
+    folder_paths.filename_list_cache.clear()
+    after, _ = LoraLoader().load_lora(model, clip, "extra.safetensors", 0.8, 0.8)
+    assert after.model_size() == model.model_size()
 
 
 def test_changed_lora_is_refused_by_the_node(setup, node, comfy_dirs):
@@ -272,6 +351,161 @@ def test_lora_for_another_architecture_is_a_clear_error(setup, comfy):
     garbage = {"lora_unet_not_a_layer.lora_down.weight": torch.zeros(2, 8), "lora_unet_not_a_layer.lora_up.weight": torch.zeros(8, 2)}
     with pytest.raises(ValueError, match="does not fit this model"):
         apply_mixture(setup["model"], None, [AspectLoRA("a", "junk.safetensors", garbage)], mode="equal")
+
+
+def test_lora_key_for_a_weight_the_model_lacks_is_a_clear_error(setup, comfy, monkeypatch):
+    """A key map entry naming a weight the loaded model does not have (a pruned checkpoint, a key
+    map written for a sibling architecture) must not drop the LoRA's layer silently."""
+    import comfy.lora
+
+    from tiny_models.comfy import make_kohya_lora
+
+    from versat2i.nodes.model_patching import AspectLoRA, apply_mixture
+
+    real = comfy.lora.model_lora_keys_unet
+
+    def with_ghost(model, key_map):
+        key_map = real(model, key_map)
+        key_map["lora_unet_ghost_layer"] = "diffusion_model.ghost_layer.weight"
+        return key_map
+
+    monkeypatch.setattr(comfy.lora, "model_lora_keys_unet", with_ghost)
+    lora = make_kohya_lora(setup["model"], None, seed=4)
+    lora.update({"lora_unet_ghost_layer.lora_down.weight": torch.zeros(4, 8),
+                 "lora_unet_ghost_layer.lora_up.weight": torch.zeros(8, 4)})
+    with pytest.raises(ValueError, match="does not have") as excinfo:
+        apply_mixture(setup["model"], None, [AspectLoRA("a", "ghost.safetensors", lora)], mode="equal")
+    assert "'ghost.safetensors'" in str(excinfo.value) and "lora_unet_ghost_layer" in str(excinfo.value)
+
+    # text-encoder layers while no CLIP is connected are skipped on purpose
+    monkeypatch.setattr(comfy.lora, "model_lora_keys_unet", real)
+    with_text_encoder = make_kohya_lora(setup["model"], setup["clip"], seed=4)
+    unet_only = {k: v for k, v in with_text_encoder.items() if k.startswith("lora_unet_")}
+    assert len(with_text_encoder) > len(unet_only)
+    model, clip = apply_mixture(setup["model"], None, [AspectLoRA("a", "te.safetensors", with_text_encoder)], mode="equal")
+    reference, _ = apply_mixture(setup["model"], None, [AspectLoRA("a", "unet.safetensors", unet_only)], mode="equal")
+    assert clip is None
+    assert close(sample(model, setup["positive"], setup["negative"]), sample(reference, setup["positive"], setup["negative"]))
+
+
+def test_fingerprint_follows_the_files_on_disk(setup, node, comfy_dirs):
+    """ComfyUI reuses a node's last output while its fingerprint is unchanged: swapping a LoRA or
+    the MoL file on disk (same name, even same size and mtime) must change it, so the node runs
+    again and the sha256 check refuses the swapped LoRA."""
+    import math
+    import os
+
+    from tiny_models.comfy import make_kohya_lora
+
+    from versat2i.trainer.mol_file import LoRAHashMismatchError, expert_record, save_mol
+
+    mol_file, gate, paths = write_mol(setup, comfy_dirs, "token")
+    fingerprint = node.fingerprint_inputs(mol_file=mol_file, mode="bake", strength=1.0)
+    assert isinstance(fingerprint, tuple) and len(fingerprint) == 1 + len(ASPECTS)
+    assert node.fingerprint_inputs(mol_file=mol_file, mode="bake", strength=1.0) == fingerprint  # stable
+    run_node(node, setup, mol_file, "bake")
+
+    target = paths[2]
+    before = target.stat()
+    swapped = target.with_name("swapped.tmp")
+    save_file(make_kohya_lora(setup["model"], setup["clip"], seed=999, rank=4, alpha=2.0), str(swapped))
+    assert swapped.stat().st_size == before.st_size
+    os.replace(swapped, target)
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert node.fingerprint_inputs(mol_file=mol_file, mode="bake", strength=1.0) != fingerprint
+    with pytest.raises(LoRAHashMismatchError, match="geometry"):
+        run_node(node, setup, mol_file, "bake")
+
+    # a retrained MoL file under the same name
+    folder = target.parent
+    save_mol(folder / "mix.mol.safetensors", gate, [expert_record(a, p, folder) for a, p in zip(ASPECTS, paths)],
+             overwrite=True)
+    refreshed = node.fingerprint_inputs(mol_file=mol_file, mode="bake", strength=1.0)
+    assert refreshed[0] != fingerprint[0]
+    # the LoRA list without a gate: its files
+    listed = node.fingerprint_inputs(mol_file="none (use the LoRA list)", mode="equal",
+                                     loras="versat2i/aesthetics.safetensors\nversat2i/geometry.safetensors")
+    assert [entry[0] for entry in listed] == [str(paths[0].resolve()), str(paths[2].resolve())]
+    # a bad input: run again, so that execute reports it
+    assert math.isnan(node.fingerprint_inputs(mol_file="versat2i/missing.mol.safetensors", mode="bake"))
+
+
+def loop_reference_patches(patcher, names, loras, gate, *, strength=1.0):
+    """Object patches with the plain per-expert loop (MixtureGate.token_probabilities, then
+    reference_delta): the definition the fused dynamic path must match. ``names`` maps kohya
+    module names to the patcher's weight keys (only those present are patched)."""
+    from versat2i.trainer.gate import ExpertLoRA, reference_delta
+
+    class LoopForward:
+        def __init__(self, previous, layer, experts, channels_first):
+            self.previous, self.layer, self.experts, self.channels_first = previous, layer, experts, channels_first
+
+        def __call__(self, x, *args, **kwargs):
+            out = self.previous(x, *args, **kwargs)
+            h, o = (x.movedim(1, -1), out.movedim(1, -1)) if self.channels_first else (x, out)
+            o = o + strength * reference_delta(h, self.experts, gate.token_probabilities(self.layer, h))
+            return o.movedim(-1, 1) if self.channels_first else o
+
+    for name, key in names.items():
+        experts = []
+        for lora in loras:
+            if f"{name}.lora_down.weight" not in lora:
+                experts.append(None)
+                continue
+            down, up = lora[f"{name}.lora_down.weight"], lora[f"{name}.lora_up.weight"]
+            experts.append(ExpertLoRA(down=down, up=up, scale=float(lora[f"{name}.alpha"]) / down.shape[0]))
+        path = key[: -len(".weight")] + ".forward"
+        module = patcher.get_model_object(key[: -len(".weight")])
+        patcher.add_object_patch(path, LoopForward(patcher.get_model_object(path), gate.layer_index[name], experts,
+                                                   isinstance(module, torch.nn.Conv2d)))
+
+
+def test_unequal_ranks_and_partial_coverage_match_references(setup, node, comfy_dirs):
+    """Ranks 2, 4, 4, 8, the geometry LoRA skipping every attn1 layer and the text encoder's MLPs:
+    dynamic (token gate) against the per-expert loop, bake against ComfyUI's own LoRA patches
+    weighted by the recorded mean gate per layer."""
+    import comfy.lora
+    from comfy.utils import load_torch_file
+
+    from tiny_models.comfy import clip_lora_module_names, encode, unet_lora_module_names
+
+    names = {**unet_lora_module_names(setup["model"]), **clip_lora_module_names(setup["clip"])}
+    partial = sorted(n for n in names if "attn1" not in n and "mlp" not in n)
+    assert 0 < len(partial) < len(names)
+    strength = 0.9
+    mol_file, gate, paths = write_mol(setup, comfy_dirs, "token", ranks=(2, 4, 4, 8), modules={2: partial})
+    loras = [load_torch_file(str(p)) for p in paths]
+    assert {loras[2][f"{n}.lora_down.weight"].shape[0] for n in partial} == {4}
+    gate = gate.eval()
+    text = "a photo of a cat"
+
+    # dynamic vs the per-expert loop
+    model, clip = run_node(node, setup, mol_file, "dynamic", strength=strength)
+    ref_model, ref_clip = setup["model"].clone(), setup["clip"].clone()
+    unet_names = unet_lora_module_names(setup["model"])
+    loop_reference_patches(ref_model, unet_names, loras, gate, strength=strength)
+    loop_reference_patches(ref_clip.patcher, clip_lora_module_names(setup["clip"]), loras, gate, strength=strength)
+    with torch.no_grad():
+        positive, ref_positive = encode(clip, text), encode(ref_clip, text)
+        assert close(positive[0][0], ref_positive[0][0]), (positive[0][0] - ref_positive[0][0]).abs().max()
+        dynamic = sample(model, positive, setup["negative"])
+        reference = sample(ref_model, ref_positive, setup["negative"])
+    assert close(dynamic, reference), (dynamic - reference).abs().max()
+    assert not close(dynamic, sample(setup["model"], setup["positive"], setup["negative"]), tol=1e-3)
+
+    # bake vs stock LoRA patches, one per (LoRA, layer) at strength prior[layer, i] * strength
+    baked_model, baked_clip = run_node(node, setup, mol_file, "bake", strength=strength)
+    stock_model, stock_clip = setup["model"].clone(), setup["clip"].clone()
+    key_map = comfy.lora.model_lora_keys_clip(setup["clip"].cond_stage_model, comfy.lora.model_lora_keys_unet(setup["model"].model, {}))
+    clip_keys = set(clip_lora_module_names(setup["clip"]).values())
+    for index, lora in enumerate(loras):
+        for key, adapter in comfy.lora.load_lora(lora, key_map, log_missing=False).items():
+            name = next(n for n, k in names.items() if k == key)
+            weight = float(gate.prior[gate.layer_index[name], index]) * strength
+            (stock_clip if key in clip_keys else stock_model).add_patches({key: adapter}, weight)
+    baked = sample(baked_model, encode(baked_clip, text), setup["negative"])
+    stock = sample(stock_model, encode(stock_clip, text), setup["negative"])
+    assert close(baked, stock), (baked - stock).abs().max()
 
 
 def test_lora_list_without_gate(setup, node, comfy_dirs):

@@ -51,6 +51,9 @@ UNET_TRANSFORMER_LINEARS = (
     "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
     "ff.net.0.proj", "ff.net.2",
 )
+# The transformers' input / output projections: 1x1 Conv2d in SD1.5 (use_linear_in_transformer False),
+# which kohya SD1.5 LoRAs commonly include (weights [out, in, 1, 1]).
+UNET_TRANSFORMER_CONVS = ("proj_in", "proj_out")
 CLIP_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
 
 
@@ -110,18 +113,20 @@ def encode(clip, text: str):
     return clip.encode_from_tokens_scheduled(tokens)
 
 
-def unet_lora_module_names(model_patcher) -> dict[str, str]:
+def unet_lora_module_names(model_patcher, *, convs: bool = True) -> dict[str, str]:
     """kohya module name (diffusers-style, as the trainer writes) -> ComfyUI weight key, for every
-    transformer Linear of the UNet."""
+    transformer Linear of the UNet, and (``convs``) every transformer's proj_in / proj_out."""
     import comfy.utils
 
     names = {}
     unet_config = model_patcher.model.model_config.unet_config
     for diffusers_key, ldm_key in comfy.utils.unet_to_diffusers(unet_config).items():
-        if not diffusers_key.endswith(".weight") or ".transformer_blocks." not in diffusers_key:
+        if not diffusers_key.endswith(".weight") or ".attentions." not in diffusers_key:
             continue
         module = diffusers_key[: -len(".weight")]
-        if module.endswith(UNET_TRANSFORMER_LINEARS):
+        linear = ".transformer_blocks." in module and module.endswith(UNET_TRANSFORMER_LINEARS)
+        conv = convs and module.rsplit(".", 1)[-1] in UNET_TRANSFORMER_CONVS
+        if linear or conv:
             names["lora_unet_" + module.replace(".", "_")] = "diffusion_model." + ldm_key
     return names
 
@@ -149,8 +154,9 @@ def make_kohya_lora(
     modules: list[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """A kohya-format LoRA (``lora_unet_…`` / ``lora_te_…`` with ``.lora_down/.lora_up/.alpha``)
-    on the UNet's transformer Linears (and the text encoder's when ``clip`` is given). Non-zero up
-    weights, so it visibly changes the model."""
+    on the UNet's transformer Linears and 1x1-conv proj_in / proj_out (kohya's 4-d factors
+    ``[r, in, 1, 1]`` / ``[out, r, 1, 1]``), and the text encoder's Linears when ``clip`` is given;
+    ``modules`` keeps only the named ones. Non-zero up weights, so it visibly changes the model."""
     generator = torch.Generator().manual_seed(seed)
     names = unet_lora_module_names(model_patcher)
     weights = dict(model_patcher.model.state_dict())
@@ -161,8 +167,12 @@ def make_kohya_lora(
     for name in sorted(names):
         if modules is not None and name not in modules:
             continue
-        out_features, in_features = weights[names[name]].shape[:2]
-        lora[f"{name}.lora_down.weight"] = torch.randn(rank, in_features, generator=generator) / math.sqrt(in_features)
-        lora[f"{name}.lora_up.weight"] = torch.randn(out_features, rank, generator=generator) * magnitude / math.sqrt(rank)
+        weight = weights[names[name]]
+        out_features, in_features = weight.shape[:2]
+        kernel = tuple(weight.shape[2:])  # (1, 1) for the convs
+        down = torch.randn(rank, in_features, generator=generator) / math.sqrt(in_features)
+        up = torch.randn(out_features, rank, generator=generator) * magnitude / math.sqrt(rank)
+        lora[f"{name}.lora_down.weight"] = down.reshape(rank, in_features, *kernel)
+        lora[f"{name}.lora_up.weight"] = up.reshape(out_features, rank, *([1] * len(kernel)))
         lora[f"{name}.alpha"] = torch.tensor(float(alpha if alpha is not None else rank))
     return lora

@@ -493,3 +493,55 @@ def unet_inputs(arch: str, *, batch: int = 2, seed: int = 1) -> dict:
             "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * batch),
         }
     return inputs
+
+
+# --------------------------------------------------------------------------------------------
+# kohya LoRAs for the tiny models
+
+# SD1.5 kohya LoRAs commonly cover the attention Linears and each transformer's proj_in / proj_out,
+# which are 1x1 Conv2d in SD1.5 (use_linear_projection False; kohya writes [r, in, 1, 1] factors).
+UNET_LORA_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out")
+# The trainer's attention set plus fc1. (Text-encoder attention LoRAs without out_proj, e.g. q/v
+# only, are not read by lora_io.kohya_to_peft: diffusers' converter cannot infer their format.)
+TEXT_ENCODER_LORA_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1")
+
+
+def make_kohya_lora(arch: str, path: Path, *, seed: int, rank: int = 4, alpha: float | None = None,
+                    unet_modules=UNET_LORA_MODULES, text_encoder_modules=TEXT_ENCODER_LORA_MODULES,
+                    exclude: tuple[str, ...] = (), magnitude: float = 0.3, metadata: dict | None = None) -> Path:
+    """A random kohya LoRA file for the tiny ``arch`` model, written as the LoRA trainer writes
+    them (peft adapters -> ``lora_io.save_kohya_lora``). ``text_encoder_modules=()``: UNet only;
+    ``exclude``: module paths containing any of these substrings are left out (a LoRA that skips
+    some layers). Up weights are non-zero, so the LoRA visibly changes the model."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from versat2i.trainer.lora_io import save_kohya_lora
+
+    with torch.random.fork_rng():
+        components = COMPONENT_BUILDERS[arch](0)  # the architecture only: LoRA factors depend on shapes
+    unet = components["unet"]
+    encoders = [components[name] for name in ("text_encoder", "text_encoder_2") if name in components]
+
+    def targets(module: torch.nn.Module, suffixes) -> list[str]:
+        return [name for name, sub in module.named_modules()
+                if isinstance(sub, (torch.nn.Linear, torch.nn.Conv2d)) and name.endswith(tuple(suffixes))
+                and not any(part in name for part in exclude)]
+
+    lora_alpha = alpha if alpha is not None else rank
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=lora_alpha, target_modules=targets(unet, unet_modules)))
+    adapted = []
+    for encoder in encoders if text_encoder_modules else ():
+        names = targets(encoder, text_encoder_modules)
+        if names:
+            inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=lora_alpha, target_modules=names), encoder,
+                                    adapter_name="default")
+            adapted.append(encoder)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in (unet, *adapted):
+            for name, parameter in module.named_parameters():
+                if "lora_A" in name:
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) / parameter[0].numel() ** 0.5)
+                elif "lora_B" in name:
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * magnitude / rank ** 0.5)
+    return save_kohya_lora(path, unet=unet, text_encoders=adapted, metadata=metadata or {}, overwrite=True)

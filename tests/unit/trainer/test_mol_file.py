@@ -4,6 +4,8 @@ tiny tensors, well under a second."""
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from versat2i.trainer.gate import MixtureGate
 from versat2i.trainer.mol_file import (
     LoRAHashMismatchError,
     expert_record,
+    file_identity,
     load_mol,
     read_mol,
     save_mol,
@@ -138,3 +141,46 @@ def test_record_escaping_its_folder_is_refused(lora_dir):
     path = save_mol(lora_dir / "mix.mol.safetensors", gate, bad)
     with pytest.raises(ValueError, match=r"'\.\.' is not allowed"):
         load_mol(path)
+
+
+def _restore_times(path, stat_before):
+    os.utime(path, ns=(stat_before.st_atime_ns, stat_before.st_mtime_ns))
+
+
+@pytest.mark.parametrize("how", ["replaced", "rewritten in place"])
+def test_same_size_swap_with_preserved_mtime_is_still_caught(lora_dir, how):
+    """A LoRA swapped for another of the same size with its mtime restored (cp -p, rsync -t, an
+    unpacked archive) must not pass on a cached hash."""
+    gate = trained_gate("token")
+    path = save_mol(lora_dir / "mix.mol.safetensors", gate, records(lora_dir, gate))
+    load_mol(path)  # hashes (and caches) every LoRA
+    target = lora_dir / "geometry.safetensors"
+    before = target.stat()
+    other = write_lora(lora_dir.parent / "other.safetensors", seed=99)
+    assert other.stat().st_size == before.st_size
+    if how == "replaced":
+        os.replace(other, target)  # a new inode under the old name
+    else:
+        target.write_bytes(other.read_bytes())  # same inode
+    _restore_times(target, before)
+    for _ in range(500):  # ctime has the kernel clock's tick: make sure it moved past the hash
+        if target.stat().st_ctime_ns != before.st_ctime_ns:
+            break
+        time.sleep(0.002)
+        _restore_times(target, before)  # utime sets ctime to now
+    after = target.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    with pytest.raises(LoRAHashMismatchError, match="geometry"):
+        load_mol(path)
+
+
+def test_file_identity_changes_with_the_file(tmp_path):
+    path = tmp_path / "a.bin"
+    path.write_bytes(b"first")
+    first = file_identity(path)
+    assert file_identity(path) == first
+    replacement = tmp_path / "b.bin"
+    replacement.write_bytes(b"other")
+    os.replace(replacement, path)
+    os.utime(path, ns=(first[2], first[2]))
+    assert file_identity(path)[:3] == first[:3] and file_identity(path) != first  # the inode tells

@@ -144,16 +144,17 @@ def test_diffusers_bake_equals_dynamic_for_prompt_gates(tiny, prompt_mol):
     from versat2i.trainer.model_loading import load_base_model
 
     base = load_base_model(tiny[0].folder, compute_hash=False)
-    mol, mixture = load_mixture(base, prompt_mol, enabled=["aesthetics", "lowlevel"], strength=0.8)
-    context = prompt_context(base, "a picture of shape number 1", "cpu")
+    _, mixture = load_mixture(base, prompt_mol, enabled=["aesthetics", "lowlevel"], strength=0.8)
+    text = "a picture of shape number 1"
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
+        context = prompt_context(base, text, "cpu")
         plain = base.unet(latents, 500, context).sample
         mixture.attach()
-        dynamic = base.unet(latents, 500, context).sample
+        dynamic = base.unet(latents, 500, prompt_context(base, text, "cpu")).sample
         mixture.remove()
-        mixture.bake(mol.gate.merge_weights(context, mixture.mask))
-        baked = base.unet(latents, 500, context).sample
+        baked_context = mixture.bake_on_prompt(lambda: prompt_context(base, text, "cpu"))
+        baked = base.unet(latents, 500, baked_context).sample
         mixture.remove()
         restored = base.unet(latents, 500, context).sample
     assert (dynamic - plain).abs().max() > 1e-3
@@ -161,23 +162,255 @@ def test_diffusers_bake_equals_dynamic_for_prompt_gates(tiny, prompt_mol):
     assert torch.equal(restored, plain)  # remove() undoes the merge exactly
 
 
-def test_mix_command_writes_images(tiny, prompt_mol, tmp_path):
+# -- LoRAs that adapt the text encoder and the 1x1-conv proj_in / proj_out, unequal ranks -------------
+
+MIXED_RANKS = (2, 4, 4, 8)
+MIXED_ASPECTS = ("aesthetics", "alignment", "geometry", "lowlevel")
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """A tiny SD1.5 model, four random kohya LoRAs on the UNet attention, proj_in / proj_out (1x1
+    Conv2d) and the text encoder, ranks 2/4/4/8 (geometry skips every attn1 layer), and a random
+    token and prompt MoL file over them."""
+    from tiny_models.sd import make_kohya_lora
+
+    from versat2i.trainer.lora_io import load_kohya_lora
+    from versat2i.trainer.mix_diffusers import gate_for_layers, mixture_layers
+    from versat2i.trainer.model_loading import load_base_model
+    from versat2i.trainer.mol_file import expert_record, save_mol
+
+    root = tmp_path_factory.mktemp("mixed")
+    model = build_tiny_sd15(root)
+    folder = root / "loras"
+    folder.mkdir()
+    paths = [make_kohya_lora("sd15", folder / f"{aspect}.safetensors", seed=20 + i, rank=rank, alpha=rank / 2,
+                             exclude=("attn1",) if aspect == "geometry" else ())
+             for i, (aspect, rank) in enumerate(zip(MIXED_ASPECTS, MIXED_RANKS))]
+    base = load_base_model(model.folder, compute_hash=False)
+    layers = mixture_layers(base, [load_kohya_lora(p)[0] for p in paths])
+    mols = {}
+    for seed, granularity in enumerate(("token", "prompt")):
+        gate = gate_for_layers(MIXED_ASPECTS, layers, granularity, int(base.unet.config.cross_attention_dim))
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, parameter in gate.named_parameters():
+                if "temperature" not in name:
+                    parameter.copy_(torch.randn(parameter.shape, generator=g) * 2.0)
+            gate.prior.copy_(torch.softmax(torch.randn(gate.prior.shape, generator=g), -1))
+            gate.input_scale.copy_(torch.rand(gate.input_scale.shape, generator=g) * 4 + 0.5)
+        records = [expert_record(a, p, folder) for a, p in zip(MIXED_ASPECTS, paths)]
+        mols[granularity] = save_mol(folder / f"{granularity}.mol.safetensors", gate, records)
+    return model, paths, mols, layers
+
+
+def test_mixed_loras_cover_convs_and_the_text_encoder(mixed):
+    _, _, _, layers = mixed
+    convs = [layer for layer in layers if layer.channels_first]
+    assert convs and all(tuple(layer.module.kernel_size) == (1, 1) for layer in convs)
+    assert any(layer.on_text_encoder for layer in layers)
+    skipped = [layer for layer in layers if layer.experts[2] is None]
+    assert skipped and all("attn1" in layer.key for layer in skipped)
+    assert {e.rank for layer in layers for e in layer.experts if e is not None} == set(MIXED_RANKS)
+
+
+def test_diffusers_bake_on_prompt_equals_dynamic_when_the_loras_adapt_the_text_encoder(mixed):
+    """Dynamic mode (and training) evaluates the prompt gate on the context the *mixed* text
+    encoder makes; bake_on_prompt must do the same. Baking on the base text encoder's context
+    (what `versat2i mix --mode bake` did) gives another gate."""
+    from versat2i.trainer.mix_diffusers import load_mixture, prompt_context
+    from versat2i.trainer.model_loading import load_base_model
+
+    model, _, mols, _ = mixed
+    base = load_base_model(model.folder, compute_hash=False)
+    mol, mixture = load_mixture(base, mols["prompt"], enabled=["aesthetics", "geometry", "lowlevel"], strength=0.8)
+    text = "a red disc on a blue ground"
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base_context = prompt_context(base, text, "cpu")
+        mixture.attach()
+        dynamic_context = prompt_context(base, text, "cpu")  # through the gated text-encoder layers
+        dynamic = base.unet(latents, 500, dynamic_context).sample
+        mixture.remove()
+        assert (dynamic_context - base_context).abs().max() > 1e-3  # the LoRAs adapt the text encoder
+        baked_context = mixture.bake_on_prompt(lambda: prompt_context(base, text, "cpu"))
+        baked = base.unet(latents, 500, baked_context).sample
+        mixture.remove()
+        torch.testing.assert_close(baked_context, dynamic_context, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(baked, dynamic, rtol=1e-4, atol=1e-5)
+        # the old way: the gate evaluated on the base encoder's context
+        mixture.bake(mol.gate.merge_weights(base_context, mixture.mask))
+        old_way = base.unet(latents, 500, prompt_context(base, text, "cpu")).sample
+        mixture.remove()
+    assert (old_way - dynamic).abs().max() > 1e-3
+
+
+def test_diffusers_fused_token_gates_equal_the_training_path(mixed):
+    """The inference hooks (gate folded into the stacked A) against the trainer's differentiable
+    path (separate gate, mixture_delta), on Linear and 1x1-conv layers with unequal ranks."""
+    from versat2i.trainer.mix_diffusers import load_mixture, prompt_context
+    from versat2i.trainer.model_loading import load_base_model
+
+    model, _, mols, _ = mixed
+    base = load_base_model(model.folder, compute_hash=False)
+    mol, mixture = load_mixture(base, mols["token"], enabled=["aesthetics", "alignment", "geometry"], strength=0.7)
+    mol.gate.eval()
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    outputs = {}
+    with torch.no_grad():
+        plain = base.unet(latents, 300, prompt_context(base, "a disc", "cpu").expand(2, -1, -1)).sample
+        for train in (False, True):
+            mixture.attach(train=train)
+            context = prompt_context(base, "a disc", "cpu").expand(2, -1, -1)
+            outputs[train] = base.unet(latents, 300, context).sample
+            mixture.remove()
+    assert (outputs[False] - plain).abs().max() > 1e-3
+    torch.testing.assert_close(outputs[False], outputs[True], rtol=1e-4, atol=1e-5)
+
+
+def test_diffusers_dynamic_with_one_lora_equals_diffusers_lora_loading(mixed):
+    """One LoRA (text encoder, attention, 1x1 convs) under a one-expert gate (fixed at 1) against
+    diffusers' own load_lora_weights at the same weight."""
+    from versat2i.loop.generate import LoraAdapters, build_pipeline
+    from versat2i.trainer.gate import MixtureGate
+    from versat2i.trainer.lora_io import load_kohya_lora
+    from versat2i.trainer.mix_diffusers import DiffusersMixture, mixture_layers, prompt_context
+    from versat2i.trainer.model_loading import load_base_model
+
+    model, paths, _, _ = mixed
+    base = load_base_model(model.folder, compute_hash=False)
+    pipe = build_pipeline(base, device="cpu")
+    layers = mixture_layers(base, [load_kohya_lora(paths[3])[0]])
+    gate = MixtureGate(["only"], [l.name for l in layers], [l.in_features for l in layers], "token")
+    with torch.no_grad():
+        for weight in gate.weights:
+            weight.normal_()
+    mixture = DiffusersMixture(gate, layers, unet=base.unet, strength=0.7)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    text = "a green square"
+    with torch.no_grad():
+        plain = base.unet(latents, 400, prompt_context(base, text, "cpu")).sample
+        mixture.attach()
+        context = prompt_context(base, text, "cpu")
+        dynamic = base.unet(latents, 400, context).sample
+        mixture.remove()
+        with LoraAdapters([paths[3]], weights=[0.7], fuse=False)(pipe):
+            stock_context = prompt_context(base, text, "cpu")
+            stock = base.unet(latents, 400, stock_context).sample
+    torch.testing.assert_close(context, stock_context, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dynamic, stock, rtol=1e-4, atol=1e-5)
+    assert (dynamic - plain).abs().max() > 1e-3
+
+
+def mix_args(parser, model, mol, out, *extra):
+    return parser.parse_args(["mix", "--base-model", str(model.folder), "--mol", str(mol), "--prompt", "a disc",
+                              "--steps", "2", "--device", "cpu", "--out", str(out), *extra])
+
+
+def test_mix_command_writes_images(mixed, tmp_path):
     import argparse
 
+    import numpy as np
+    from PIL import Image
+
+    from versat2i.loop.generate import build_pipeline
     from versat2i.trainer.cli import MIX_MODES, add_mix_subcommand
     from versat2i.trainer.mix_diffusers import MODES
+    from versat2i.trainer.model_loading import load_base_model
 
     assert MIX_MODES == MODES  # the CLI's choices (kept torch-free) follow the library's modes
+    model, _, mols, _ = mixed
     parser = argparse.ArgumentParser()
     add_mix_subcommand(parser.add_subparsers(dest="command"))
-    for mode in ("dynamic", "bake", "equal"):
-        args = parser.parse_args(["mix", "--base-model", str(tiny[0].folder), "--mol", str(prompt_mol), "--prompt", "a disc",
-                                  "--steps", "2", "--device", "cpu", "--out", str(tmp_path / mode), "--mode", mode,
-                                  "--disable-aspects", "geometry"])
+
+    def mix(name, *extra, mol=mols["prompt"]):
+        args = mix_args(parser, model, mol, tmp_path / name, *extra)
         assert args.func(args) == 0
-        assert (tmp_path / mode / "0000.png").is_file()
+        return np.asarray(Image.open(tmp_path / name / "0000.png"), dtype=np.int16)
+
+    base = load_base_model(model.folder, compute_hash=False)  # the same call as the command's, no mixture
+    pipe = build_pipeline(base, scheduler="euler", device="cpu")
+    plain = np.asarray(pipe("a disc", negative_prompt=None, num_inference_steps=2, guidance_scale=7.0,
+                            height=base.resolution, width=base.resolution,
+                            generator=torch.Generator(device="cpu").manual_seed(0)).images[0], dtype=np.int16)
+    for mode in MIX_MODES:
+        mixed_image = mix(mode, "--mode", mode, "--disable-aspects", "geometry")
+        off = mix(f"{mode}-off", "--mode", mode, "--disable-aspects", "geometry", "--strength", "0")
+        assert np.array_equal(off, plain), mode  # strength 0 is the base model
+        assert np.abs(mixed_image - off).max() > 2, mode  # the mixture changes the image
+    # cfg 1 (no uncond): a prompt gate baked on the prompt gives dynamic mode's image
+    baked = mix("bake-cfg1", "--mode", "bake", "--cfg", "1")
+    dynamic = mix("dynamic-cfg1", "--mode", "dynamic", "--cfg", "1")
+    assert np.abs(baked - dynamic).max() <= 1
     with pytest.raises(ValueError, match="already exists"):
-        args.func(args)
+        mix("bake-cfg1", "--mode", "bake", "--cfg", "1")
+    with pytest.raises(ValueError, match="--disable-aspects: geometri not in prompt.mol.safetensors") as excinfo:
+        mix("typo", "--disable-aspects", "geometri")
+    assert "aesthetics, alignment, geometry, lowlevel" in str(excinfo.value)
+    assert not (tmp_path / "typo").exists()
+    with pytest.raises(ValueError, match="keep at least one"):
+        mix("none", "--disable-aspects", ",".join(MIXED_ASPECTS))
+
+
+# -- several processes ----------------------------------------------------------------------------------
+
+DISTRIBUTED_SCRIPT = """
+import os, sys
+import torch
+torch.set_num_threads(1)
+from safetensors.torch import save_file
+import versat2i.trainer.mix_diffusers as mix_diffusers
+from versat2i.trainer import train_gate
+
+made = []
+build = mix_diffusers.gate_for_layers
+def capture(*args, **kwargs):  # the gate _train builds, to read its buffers at the end
+    made.append(build(*args, **kwargs))
+    return made[-1]
+mix_diffusers.gate_for_layers = capture
+train_gate.main(train_gate.parse_args(["--config", sys.argv[1]]))
+gate = made[0]
+# One file per process (the main process's gate is what the MoL file holds).
+save_file({"input_scale": gate.input_scale.detach().cpu().contiguous(), "prior": gate.prior.detach().cpu().contiguous()},
+          f"{sys.argv[2]}.rank{os.environ['RANK']}.safetensors")
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_train_one_gate(mixed, tmp_path):
+    """Under torch.distributed (2 CPU processes, gloo) each process sees its own share of the data;
+    the gate's calibrated input scales and its prior (the mean gate bake merges) must still end
+    the same in both, since only the main process's are saved."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    model, paths, _, _ = mixed
+    dataset = make_kohya_dataset(tmp_path / "dataset", aspects={a: 1 for a in MIXED_ASPECTS}, images_per_aspect=2)
+    config = train_gate.GateTrainConfig(
+        base_model=str(model.folder), dataset_dir=str(dataset), loras=tuple(str(p) for p in paths),
+        output_dir=str(paths[0].parent), output_name="two-processes", work_dir=str(tmp_path / "run"),
+        resolution=TINY_SIZE, bucket_step=TINY_SIZE, train_batch_size=2, max_train_steps=3, learning_rate=0.1,
+        checkpointing_steps=100, mixed_precision="no", seed=3, cache_latents=True, cache_text_embeddings=False,
+        granularity="token", overwrite=True,
+    ).save(tmp_path / "gate.toml")
+    script = tmp_path / "train.py"
+    script.write_text(DISTRIBUTED_SCRIPT)
+    # ACCELERATE_USE_CPU: what `accelerate launch --cpu` sets; accelerate then runs gloo on the CPU
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    completed = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(script), str(config), str(tmp_path / "buffers")],
+        capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-3000:]
+    ranks = [load_file(str(tmp_path / f"buffers.rank{rank}.safetensors")) for rank in (0, 1)]
+    assert (ranks[0]["input_scale"] != 1.0).all()  # calibrated
+    assert not torch.allclose(ranks[0]["prior"], torch.full_like(ranks[0]["prior"], 0.25))  # updated
+    for name in ("input_scale", "prior"):
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+    saved = load_mol(paths[0].parent / "two-processes.mol.safetensors").gate
+    assert torch.equal(saved.input_scale, ranks[0]["input_scale"]) and torch.equal(saved.prior, ranks[0]["prior"])
 
 
 def test_print_config_round_trips(capsys):

@@ -1,0 +1,87 @@
+"""bench/bench_mixture.py: a smoke run of every variant on the tiny UNet (``--tiny``, seconds), and
+its goal verdicts on made-up timings. No timing is asserted: the bench prints ratios; the lead
+runs it full size on a quiet machine."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH = REPO / "bench" / "bench_mixture.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_mixture", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_bench(*args: str, comfyui_path: Path | None = None) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "COMFYUI_PATH"}
+    env["OMP_NUM_THREADS"] = "1"
+    if comfyui_path is not None:
+        env["COMFYUI_PATH"] = str(comfyui_path)
+    completed = subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, env=env,
+                               timeout=300, check=False)
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-3000:]
+    return completed.stdout
+
+
+def table_rows(output: str) -> dict[str, list[str]]:
+    """variant -> its rows in the two result tables (min, median)."""
+    rows: dict[str, list[str]] = {}
+    for line in output.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and not line.startswith(" "):
+            rows.setdefault(parts[0], []).append(line)
+    return rows
+
+
+def test_tiny_run_without_comfyui_times_every_variant():
+    output = run_bench("--tiny")
+    assert output.startswith("backend: diffusers")
+    rows = table_rows(output)
+    for variant in ("base", "bake", "dynamic", "dynamic-prompt", "loop"):
+        assert len(rows.get(variant, [])) == 2, (variant, output)
+    assert "goals (at 512 px): n/a" in output
+
+
+@pytest.mark.comfy
+def test_tiny_run_through_comfyui_times_every_variant(comfyui_path):
+    output = run_bench("--tiny", comfyui_path=comfyui_path)
+    assert output.startswith("backend: ComfyUI")
+    rows = table_rows(output)
+    for variant in ("base", "bake", "dynamic", "dynamic-prompt", "loop", "hooks"):
+        assert len(rows.get(variant, [])) == 2, (variant, output)
+    assert "one-off merge cost of bake" in output
+
+
+def test_goal_verdicts():
+    bench = load_bench()
+    results = {256: {"base": [1.0], "bake": [5.0]},
+               512: {"base": [1.0, 1.2], "bake": [1.019, 1.5], "dynamic": [1.06, 1.0], "dynamic-prompt": [1.2, 1.04]}}
+    lines = bench.goal_lines(results)
+    # the minimum over rounds, against the base's minimum
+    assert lines == [
+        "goal bake <= 1.02x base at 512 px: 1.019x PASS",
+        "goal dynamic <= 1.05x base at 512 px: 1.000x PASS",
+        "goal dynamic-prompt <= 1.05x base at 512 px: 1.040x PASS",
+    ]
+    results[512]["dynamic"] = [1.051, 1.08]
+    assert "goal dynamic <= 1.05x base at 512 px: 1.051x FAIL" in bench.goal_lines(results)
+    assert bench.goal_lines({64: {"base": [1.0]}}) == ["goals (at 512 px): n/a, 512 px not measured (measured: 64 px)"]
+
+
+def test_steps_must_cross_every_hook_keyframe():
+    bench = load_bench()
+    assert bench.parse_args([]).steps >= len(bench.HOOK_KEYFRAMES) == 4
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--steps", "3"])
+    assert bench.parse_args(["--steps", "1", "--variants", "bake"]).steps == 1  # no hooks variant: fine
