@@ -253,6 +253,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dataset-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.resolution = args.resolution or (64 if args.model == "tiny" else 512)
+    if args.images < args.batch:  # the reference drops the last partial batch: it would never take a step
+        parser.error(f"--images {args.images} < --batch {args.batch}: give at least one full batch of images")
     args.mixed_precision = args.mixed_precision or ("bf16" if args.device == "cuda" else "no")
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
