@@ -26,11 +26,13 @@ and never mistaken for a finished result.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import re
 import secrets
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -254,3 +256,37 @@ def atomic_write_text(
     final: str | os.PathLike, text: str, *, overwrite: bool = False, what: str = "file", encoding: str = "utf-8"
 ) -> Path:
     return atomic_write_bytes(final, text.encode(encoding), overwrite=overwrite, what=what)
+
+
+# -- file identity and hashing -------------------------------------------------------------------
+
+FileIdentity = tuple[str, int, int, int, int]
+_HASH_CACHE: dict[FileIdentity, str] = {}
+_HASH_LOCK = threading.Lock()
+
+
+def file_identity(path: str | os.PathLike) -> FileIdentity:
+    """(resolved path, size, mtime_ns, inode, ctime_ns): changes whenever the file is replaced
+    (a new inode, even with the same size and a preserved mtime) or rewritten in place (the
+    kernel sets ctime on every write or metadata change, and it cannot be set back by hand)."""
+    resolved = Path(path).resolve()
+    stat = resolved.stat()
+    return str(resolved), stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """sha256 (hex) of a file, cached per ``file_identity`` so a multi-GB file (about 1 s per GB)
+    is hashed once per process and a graph re-run doesn't rehash."""
+    key = file_identity(path)
+    with _HASH_LOCK:
+        cached = _HASH_CACHE.get(key)
+    if cached is not None:
+        return cached
+    digest = hashlib.sha256()
+    with open(key[0], "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    value = digest.hexdigest()
+    with _HASH_LOCK:
+        _HASH_CACHE[key] = value
+    return value

@@ -13,7 +13,8 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..trainer.mol_file import MOL_SUFFIX, file_identity, load_mol, read_mol, resolve_loras
+from ..safe_io import file_identity
+from ..trainer.mol_file import MOL_SUFFIX, load_mol, read_mol, resolve_loras
 from . import model_patching
 from .common import category, node_id
 

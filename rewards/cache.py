@@ -24,15 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .weights import file_stamp
+from ..safe_io import file_identity
 
 logger = logging.getLogger(__name__)
 
 
 def stamp_files(paths: Sequence[str | Path]) -> tuple | None:
-    """The (path, size, mtime_ns) of each file; None when one is gone (the entry is then stale)."""
+    """The ``safe_io.file_identity`` of each file; None when one is gone (the entry is then stale)."""
     try:
-        return tuple(file_stamp(path) for path in paths)
+        return tuple(file_identity(path) for path in paths)
     except OSError:
         return None
 

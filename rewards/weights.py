@@ -33,12 +33,13 @@ import io
 import logging
 import os
 import pickle
-import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from ..safe_io import sha256_file  # noqa: F401 - re-exported for the scorers
 
 logger = logging.getLogger(__name__)
 
@@ -197,35 +198,6 @@ def _check_relative(relative_path: str) -> None:
 
 
 # -- hashing ---------------------------------------------------------------------------------------
-
-_HASH_CACHE: dict[tuple[str, int, int], str] = {}
-_HASH_LOCK = threading.Lock()
-
-
-def file_stamp(path: str | Path) -> tuple[str, int, int]:
-    """(resolved path, size, mtime_ns): changes whenever the file is replaced or rewritten."""
-    resolved = Path(path).resolve()
-    stat = resolved.stat()
-    return str(resolved), stat.st_size, stat.st_mtime_ns
-
-
-def sha256_file(path: str | Path) -> str:
-    """sha256 (hex) of a file, cached per (path, size, mtime_ns) so a multi-GB file is hashed once
-    per process (about 1 s per GB)."""
-    stamp = file_stamp(path)
-    with _HASH_LOCK:
-        cached = _HASH_CACHE.get(stamp)
-    if cached is not None:
-        return cached
-    digest = hashlib.sha256()
-    with open(stamp[0], "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    value = digest.hexdigest()
-    with _HASH_LOCK:
-        _HASH_CACHE[stamp] = value
-    return value
-
 
 def combine_hashes(named_hashes: Mapping[str, str]) -> str:
     """One sha256 for a model made of several files: the hash of ``name:hash`` lines, sorted by

@@ -21,7 +21,6 @@ under the same name would silently make the learned gate meaningless.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -34,7 +33,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..safe_io import atomic_file, confined_path
+from ..safe_io import atomic_file, confined_path, sha256_file
 from .gate import MixtureGate
 
 logger = logging.getLogger(__name__)
@@ -90,33 +89,6 @@ class MolFile:
 
 
 # -- hashing and LoRA descriptions ------------------------------------------------------------------
-
-FileIdentity = tuple[str, int, int, int, int]
-_HASH_CACHE: dict[FileIdentity, str] = {}
-
-
-def file_identity(path: str | os.PathLike) -> FileIdentity:
-    """(resolved path, size, mtime_ns, inode, ctime_ns): changes whenever the file is replaced
-    (a new inode, even with the same size and a preserved mtime) or rewritten in place (the
-    kernel sets ctime on every write or metadata change, and it cannot be set back by hand)."""
-    path = Path(path)
-    stat = path.stat()
-    return (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns)
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file; cached per ``file_identity`` so a graph re-run doesn't rehash."""
-    key = file_identity(path)
-    cached = _HASH_CACHE.get(key)
-    if cached is not None:
-        return cached
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    _HASH_CACHE[key] = digest.hexdigest()
-    return _HASH_CACHE[key]
-
 
 def describe_lora(path: str | os.PathLike) -> tuple[int, float | None]:
     """(rank, alpha) of a kohya/peft LoRA file, read from its headers and alpha scalars. The rank

@@ -12,11 +12,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from versat2i.safe_io import file_identity
 from versat2i.trainer.gate import MixtureGate
 from versat2i.trainer.mol_file import (
     LoRAHashMismatchError,
     expert_record,
-    file_identity,
     load_mol,
     read_mol,
     save_mol,
