@@ -217,7 +217,7 @@ class TrainGate(io.ComfyNode):
             linked, settings = _split_linked(inputs)
             paths = resolve_paths(dataset, ckpt_name, loras, mol_name, linked)
             mol = paths["mol"]
-            return (gate_run_fingerprint(build_config(paths, _settings(settings))),
+            return (gate_run_fingerprint(build_config(paths, _settings(settings)), cpu=TrainingHooks.cpu_only() or None),
                     mol.stat().st_mtime_ns if mol.is_file() else None)
         except Exception:  # a bad input is reported by execute; re-run to get there
             return math.nan

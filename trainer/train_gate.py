@@ -38,7 +38,6 @@ from .gate import BALANCE_KINDS, GRANULARITIES, GateUsage
 from .mol_file import MOL_SUFFIX
 from .train_lora import (
     CHECKPOINT_DIR_NAME,
-    LOG_FILE_NAME,
     TrainingProgress,
     base_model_identity,
     compute_loss,
@@ -116,9 +115,12 @@ class GateTrainConfig(ImageTrainingConfig):
         return p
 
 
-def gate_run_fingerprint(config: GateTrainConfig) -> str:
-    return config.fingerprint(**base_model_identity(config), dataset=tree_identity(Path(config.dataset_dir)),
-                              loras=[tree_identity(Path(p)) for p in config.loras])
+def gate_run_fingerprint(config: GateTrainConfig, *, cpu: bool | None = None) -> str:
+    """What decides the trained gate: as ``lora_run_fingerprint`` (the precision as it will be used),
+    plus the identity of every LoRA file."""
+    return config.with_resolved_precision(cpu=cpu).fingerprint(
+        **base_model_identity(config), dataset=tree_identity(Path(config.dataset_dir)),
+        loras=[tree_identity(Path(p)) for p in config.loras])
 
 
 def resolve_aspects(config: GateTrainConfig, metadata: list[dict[str, str]]) -> list[str]:
@@ -290,7 +292,7 @@ def _train(config: GateTrainConfig, accelerator, events: EventWriter, resume_fro
                              f"another work_dir, or delete {work_dir / CHECKPOINT_DIR_NAME} to start over")
         logger.info("resumed from %s at step %d", resume_from, progress.global_step)
     start_step = progress.global_step
-    history = loss_history_from_log(work_dir / LOG_FILE_NAME, start_step) if resume_from else []
+    history = loss_history_from_log(events.log_path, start_step) if resume_from and events.log_path else []
     if accelerator.is_main_process:
         events.emit("start", total_steps=config.max_train_steps, start_step=start_step,
                     num_examples=dataset.num_examples, output=str(output_path),
@@ -425,6 +427,9 @@ def train_gate_or_reuse(config: GateTrainConfig, *, runs_root: str | Path | None
     from .lora_job import check_base_model, launch_in_work_dir, reuse_finished, with_run_folder
 
     config.validate(check_paths=False)
+    # Resolved here, where the launch options are known, and handed to the child as given (as
+    # lora_job.prepare_lora_job does): both sides fingerprint the precision the run really uses.
+    config = config.with_resolved_precision(cpu=getattr(options, "cpu", None) or None)
     fingerprint = gate_run_fingerprint(config)
     finished = reuse_finished(config.output_path, fingerprint, read_finished_mol)
     if finished is not None:

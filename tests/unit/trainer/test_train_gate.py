@@ -439,6 +439,20 @@ def test_config_errors_are_clear(tiny, tmp_path):
     assert config.output_path == tmp_path / "x.mol.safetensors"
 
 
+def test_gate_fingerprint_uses_the_resolved_precision(tiny, tmp_path, monkeypatch):
+    """As the LoRA's: 'auto' on the CPU is the same run as 'no'; on a bf16 GPU another run."""
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    auto = train_gate.GateTrainConfig.load(gate_config(tmp_path, tiny, "fp", mixed_precision="auto"))
+    fingerprint = train_gate.gate_run_fingerprint
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    on_cpu = fingerprint(auto)
+    assert on_cpu == fingerprint(auto.replace(mixed_precision="no")) == fingerprint(auto, cpu=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert fingerprint(auto) == fingerprint(auto.replace(mixed_precision="bf16")) != on_cpu
+    assert fingerprint(auto, cpu=True) == on_cpu  # ComfyUI --cpu on a machine with a GPU
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(os.name == "nt", reason="kills process groups with POSIX signals")
 def test_killed_run_resumes_to_the_same_gate(tiny, tmp_path):
