@@ -34,10 +34,48 @@ def import_pack():
     return package
 
 
+PARENT_ENV = "VERSAT2I_PARENT"  # set by trainer/launcher.py: "<pid>:<start time>" of the launching process
+PARENT_POLL_S = 0.2  # a psutil lookup: cheap, and a dead launcher stops the run within a step or so
+
+
+def parent_is_alive(token):
+    """Whether the process named by ``token`` (``launcher.parent_token``) still runs."""
+    import psutil
+
+    pid, _, started = token.partition(":")
+    try:
+        process = psutil.Process(int(pid))
+        return f"{process.create_time():.3f}" == started and process.status() != psutil.STATUS_ZOMBIE
+    except (psutil.Error, ValueError):
+        return False
+
+
+def exit_when_parent_dies(token, poll_s=PARENT_POLL_S):
+    """Watch the launching process from a daemon thread; when it is gone without having cancelled
+    this run (killed -9, crashed), stop at once. Checkpoints are written atomically, so the last one
+    stays usable and the next run resumes from it."""
+    import threading
+    import time
+
+    if not parent_is_alive(token):
+        return  # a token from elsewhere (e.g. a copied environment): nothing to watch
+
+    def watch():
+        while parent_is_alive(token):
+            time.sleep(poll_s)
+        print(f"the process that launched this training ({token.partition(':')[0]}) is gone; stopping "
+              "(the last checkpoint is kept: the next run resumes from it)", file=sys.stderr, flush=True)
+        os._exit(3)
+
+    threading.Thread(target=watch, name="versat2i-parent-watch", daemon=True).start()
+
+
 def run(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or not re.fullmatch(r"[a-z_]+(\.[a-z_]+)+", argv[0]):
         sys.exit("usage: launch_entry.py <pack module, e.g. trainer.train_lora> [program arguments]")
+    if os.environ.get(PARENT_ENV):
+        exit_when_parent_dies(os.environ[PARENT_ENV])
     import_pack()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     program = importlib.import_module(f"{PACKAGE_NAME}.{argv[0]}")

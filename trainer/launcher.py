@@ -100,7 +100,23 @@ def child_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
     env["PYTHONUNBUFFERED"] = "1"  # events must arrive as they happen, not when a buffer fills
     env.setdefault("PYTHONIOENCODING", "utf-8")
+    # The training processes stop by themselves when this process dies without cancelling them
+    # (ComfyUI or `versat2i loop` killed -9): they run in sessions of their own, so no signal
+    # reaches them then. Their next write into our dead pipe would fail, but loading a model or
+    # caching latents can be silent for minutes while holding the GPU and the work folder's lock;
+    # launch_entry.py watches this process instead.
+    env[PARENT_ENV] = parent_token()
     return env
+
+
+PARENT_ENV = "VERSAT2I_PARENT"
+
+
+def parent_token(pid: int | None = None) -> str:
+    """``<pid>:<start time>`` of a process: the start time tells it from a later process that got
+    the same pid."""
+    process = psutil.Process(pid)
+    return f"{process.pid}:{process.create_time():.3f}"
 
 
 # -- the child process ---------------------------------------------------------------------------------

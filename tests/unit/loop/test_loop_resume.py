@@ -6,8 +6,9 @@ LoRA and gate trainings of 6 steps with a checkpoint at step 3 (real training pr
 as in production, the two LoRAs side by side). A reference run goes through uninterrupted. A second run folder is then
 interrupted inside every stage in turn (Ctrl-C = ``KeyboardInterrupt`` from the loop's event
 callback: mid-generation, mid-scoring, mid-dataset, right after a LoRA checkpoint, right after a
-gate checkpoint, between evaluation variants, as the report starts) and once by SIGKILL of a
-``versat2i loop`` process in the middle of an evaluation variant; each time it is run again. The
+gate checkpoint, between evaluation variants, as the report starts) and twice by SIGKILL of a
+``versat2i loop`` process: while its LoRA trainings run (they must then stop by themselves) and in
+the middle of an evaluation variant; each time it is run again. The
 finished folder must equal the reference: images bit for bit, scores and report numbers to 1e-6,
 LoRA and gate tensors to 1e-6. Every step must finish exactly once over all the runs (the run log),
 markers of finished steps are never rewritten, and interrupted trainings resume from their
@@ -179,12 +180,12 @@ def at(step: str, kind: str, *, done: int | None = None, train_event: str | None
     return match
 
 
+FIRST_LORA_CHECKPOINT = at("train/aesthetics", "train", train_event="checkpoint")
 INTERRUPTIONS = [  # (name, when, the final output of the interrupted step that must not exist yet)
     ("generate, after 2 of 9 images", at("generate", "progress", done=2), "round-1/candidates"),
     ("score, after 2 of 9 images", at("score", "progress", done=2), "round-1/scores.jsonl"),
     ("filter, while copying images", at("filter", "progress", done=2), "round-1/training_set"),
-    ("first LoRA, after its checkpoint", at("train/aesthetics", "train", train_event="checkpoint"),
-     "round-1/loras/aesthetics.safetensors"),
+    ("first LoRA, after its checkpoint", FIRST_LORA_CHECKPOINT, "round-1/loras/aesthetics.safetensors"),
     ("gate, after its checkpoint", at("gate", "train", train_event="checkpoint"), "round-1/loras/mixture.mol.safetensors"),
     ("evaluation, starting the LoRA variants", at("evaluate/lora_aesthetics", "start"), "round-1/eval/lora_aesthetics"),
 ]
@@ -236,11 +237,69 @@ def _kill_when(process: subprocess.Popen, log, appears: Path, pattern: str, time
             process.wait(timeout=30)
 
 
+def training_events(out: Path, kind: str) -> int:
+    """How many events of ``kind`` ('start', 'done') the round's training processes have logged."""
+    from versat2i.trainer.events import read_events
+    from versat2i.trainer.train_lora import LOG_FILE_NAME
+
+    return sum(1 for log in (out / "round-1" / "runs").glob(f"*/{LOG_FILE_NAME}")
+               for event in read_events(log) if event["event"] == kind)
+
+
+def processes_using(folder: Path) -> list:
+    """Live processes whose command line names ``folder`` (the training processes of a run there)."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["pid", "cmdline", "status"]):
+        try:
+            if process.info["status"] != psutil.STATUS_ZOMBIE and str(folder) in " ".join(process.info["cmdline"] or ()):
+                found.append(process)
+        except psutil.Error:
+            continue
+    return found
+
+
+def sigkill_loop_while_training(config_path: Path, out: Path, timeout: float = 120.0) -> None:
+    """SIGKILL ``versat2i loop`` as soon as a training process it launched has started. Nothing
+    cancels the trainings then, and they run in sessions of their own: they must stop by themselves
+    within a few seconds, without finishing (here the write of their next event into the dead loop's
+    pipe fails first; trainer/launch_entry.py's watch of the launching process covers the silent
+    stretches, such as loading a model or caching latents, and has its own test in test_launcher.py)."""
+    before, done_before = training_events(out, "start"), training_events(out, "done")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with open(config_path.with_suffix(".train-kill.log"), "w+b") as log:
+        process = subprocess.Popen([sys.executable, "-m", "versat2i.cli", "loop", "--config", str(config_path),
+                                    "--quiet"], env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        try:
+            while training_events(out, "start") == before:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    pytest.fail("versat2i loop started no training:\n" + log.read().decode(errors="replace")[-3000:])
+                time.sleep(0.02)
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=30)
+    assert processes_using(out), "the training processes were expected to outlive the loop's process group"
+    deadline = time.monotonic() + 10
+    while processes_using(out) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = processes_using(out)
+    assert left == [], f"training processes still running after the loop was killed: {left}"
+    # they stopped, rather than ran to the end (a tiny training would also be over in 10 s)
+    assert training_events(out, "done") == done_before, "a training finished after its loop was killed"
+
+
 def test_interrupted_anywhere_then_resumed_equals_the_uninterrupted_run(tiny, reference, tmp_path):
     reference_dir, reference_result = reference
     assert all(record.status == "ran" for record in reference_result.steps)
     out = tmp_path / "run"
     config = make_config(tiny.folder, out)
+    config_path = config.save(tmp_path / "loop.toml")
     finished_markers: dict[str, int] = {}
     train_starts: dict[str, int] = {}
 
@@ -251,6 +310,10 @@ def test_interrupted_anywhere_then_resumed_equals_the_uninterrupted_run(tiny, re
         assert callback.fired, name
         train_starts.update({k: v for k, v in callback.train_starts.items() if k not in train_starts or v})
         assert not (out / unfinished).exists(), f"{name}: {unfinished} is visible after the interruption"
+        if when is FIRST_LORA_CHECKPOINT:
+            # and once more while the LoRAs train, by SIGKILL of the whole loop: no clean-up at all
+            sigkill_loop_while_training(config_path, out)
+            assert not (out / unfinished).exists()
         stamps = marker_stamps(out)
         for marker, stamp in finished_markers.items():
             assert stamps.get(marker) == stamp, f"{name}: the marker {marker} of a finished step was rewritten"
@@ -263,7 +326,6 @@ def test_interrupted_anywhere_then_resumed_equals_the_uninterrupted_run(tiny, re
     assert train_starts["round-1/gate"] == 3
 
     # SIGKILL in the middle of an evaluation variant (no clean-up of any kind), then resume
-    config_path = config.save(tmp_path / "loop.toml")
     sigkill_loop_when(config_path, out / "round-1" / "eval", ".merge.tmp-*")
     assert not (out / "round-1" / "eval" / "merge").exists()
     assert list((out / "round-1" / "eval").glob(".merge.tmp-*")), "the killed write should have left its temp folder"
@@ -282,7 +344,7 @@ def test_interrupted_anywhere_then_resumed_equals_the_uninterrupted_run(tiny, re
 
     # Every step finished exactly once over all the runs; a finished step was only ever skipped later.
     runs = log_runs(out)
-    assert len(runs) == len(INTERRUPTIONS) + 3
+    assert len(runs) == len(INTERRUPTIONS) + 4
     done_counts: dict[str, int] = {}
     for lines in runs:
         for line in lines:

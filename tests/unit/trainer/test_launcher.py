@@ -233,3 +233,46 @@ def test_entry_script_imports_the_pack_next_to_it_not_an_installed_one(tmp_path)
 def test_entry_script_refuses_a_malformed_program_name():
     out = subprocess.run([sys.executable, str(ENTRY_SCRIPT), "../../etc"], capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "usage" in out.stderr
+
+
+def test_a_training_whose_launcher_died_stops_by_itself(tmp_path):
+    """ComfyUI or `versat2i loop` killed -9 cancels nothing, and the training processes run in
+    sessions of their own, so no signal reaches them: launch_entry watches the launching process
+    (named in the environment by child_environment) and stops when it is gone."""
+    pack = tmp_path / "ComfyUI-VersaT2I"
+    (pack / "trainer").mkdir(parents=True)
+    shutil.copy(ENTRY_SCRIPT.parents[1] / "__init__.py", pack / "__init__.py")
+    shutil.copy(ENTRY_SCRIPT, pack / "trainer" / "launch_entry.py")
+    (pack / "trainer" / "__init__.py").write_text("")
+    (pack / "trainer" / "wait.py").write_text(textwrap.dedent("""
+        import time
+        def parse_args(argv):
+            return argv
+        def main(args):
+            print("training", flush=True)
+            time.sleep(60)
+    """))
+    parent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        env = {**os.environ, launcher.PARENT_ENV: launcher.parent_token(parent.pid)}
+        child = subprocess.Popen([sys.executable, str(pack / "trainer" / "launch_entry.py"), "trainer.wait"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                 start_new_session=True)
+        assert child.stdout.readline().strip() == "training"
+        time.sleep(1.5)
+        assert child.poll() is None  # the launcher lives: the training goes on
+        parent.kill()
+        parent.wait()
+        t0 = time.monotonic()
+        assert child.wait(timeout=10) == 3
+        assert time.monotonic() - t0 < 5
+        assert "the process that launched this training" in child.stderr.read()
+    finally:
+        for process in (parent, locals().get("child")):
+            if process is not None and process.poll() is None:
+                process.kill()
+
+
+def test_the_child_environment_names_this_process_as_the_parent():
+    token = launcher.child_environment({})[launcher.PARENT_ENV]
+    assert token == launcher.parent_token() and token.startswith(f"{os.getpid()}:")
