@@ -425,7 +425,7 @@ Applies the four aspect LoRAs of a loop run **at once**, mixed layer by layer by
     loader = wf.add("CheckpointLoaderSimple", (0, 500), width=380, values={"ckpt_name": DEFAULT_CHECKPOINT})
     mixture = wf.add("VersaT2I_GatedMultiLoRALoader", (420, 40), width=400, multiline_height=60,
                      values={"mol_file": "versat2i/loop.mol.safetensors", "mode": "bake", "strength": 1.0,
-                             "disabled_aspects": "", "loras": ""})
+                             "disabled_aspects": "", "loras": "", "prompt": ""})
     wf.link(loader, "MODEL", mixture, "model")
     wf.link(loader, "CLIP", mixture, "clip")
     wf.group("1. Base model + gated LoRA mix", [intro, loader, mixture], GROUP_COLORS["mix"])
