@@ -264,7 +264,8 @@ def comfy_variants(args, dtype):
     return variants, merge
 
 
-def comfy_time(variant, size: int, steps: int, args) -> float:
+def comfy_time(variant, size: int, steps: int, args) -> tuple[float, float | None]:
+    """(seconds per sampler step, seconds the sample call spent before its first step)."""
     import comfy.hooks
     import comfy.sample
 
@@ -278,15 +279,27 @@ def comfy_time(variant, size: int, steps: int, args) -> float:
     latent = torch.zeros(1, 4, size // 8, size // 8)
     noise = comfy.sample.prepare_noise(latent, 0)
 
+    stamps: list[float] = []
+
+    def step_done(step, x0, x, total_steps):
+        sync(args.device)
+        stamps.append(time.perf_counter())
+
     def run(n):
-        return comfy.sample.sample(model, noise, n, 5.0, "euler", "normal", positive, negative, latent, disable_pbar=True, seed=0)
+        return comfy.sample.sample(model, noise, n, 5.0, "euler", "normal", positive, negative, latent,
+                                   disable_pbar=True, seed=0, callback=step_done)
 
     run(args.warmup_steps)  # loads / merges this variant, warms kernels
     sync(args.device)
+    stamps.clear()
     start = time.perf_counter()
     run(steps)
-    sync(args.device)
-    return (time.perf_counter() - start) / steps
+    # A step is the time between the ends of consecutive sampler steps: what a longer sampling run
+    # pays per step. Loading the model (and merging weight patches: ComfyUI on a CPU re-merges a
+    # patched model at every sample call) happens before the first step and is reported apart;
+    # hook keyframes switching at later steps are inside the measured steps.
+    per_step = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+    return per_step, stamps[0] - start - per_step
 
 
 # -- diffusers fallback ------------------------------------------------------------------------------------
@@ -391,7 +404,8 @@ def diffusers_variants(args, dtype):
     return variants, {"merge_s": merge_s}
 
 
-def diffusers_time(variant, size: int, steps: int, args) -> float:
+def diffusers_time(variant, size: int, steps: int, args) -> tuple[float, float | None]:
+    """(seconds per UNet forward, None: nothing is loaded inside the timing)."""
     prepare, forward = variant
     prepare()
     for _ in range(args.warmup_steps):
@@ -401,7 +415,7 @@ def diffusers_time(variant, size: int, steps: int, args) -> float:
     for _ in range(steps):
         forward(size)
     sync(args.device)
-    return (time.perf_counter() - start) / steps
+    return (time.perf_counter() - start) / steps, None
 
 
 # -- main --------------------------------------------------------------------------------------------------
@@ -428,8 +442,9 @@ def parse_args(argv=None):
     if args.steps < len(HOOK_KEYFRAMES) and with_hooks:
         parser.error(f"--steps {args.steps}: the hooks variant needs >= {len(HOOK_KEYFRAMES)} steps to cross its "
                      f"keyframes at {', '.join(map(str, HOOK_KEYFRAMES))} (or leave hooks out with --variants)")
-    if args.steps < 1 or args.warmup_steps < 1 or args.repeats < 1:
-        parser.error("--steps, --warmup-steps and --repeats must be >= 1")
+    if args.steps < 2 or args.warmup_steps < 1 or args.repeats < 1:
+        parser.error("--steps must be >= 2 (a step is timed from the end of one to the end of the next); "
+                     "--warmup-steps and --repeats >= 1")
     return args
 
 
@@ -476,12 +491,19 @@ def main(argv=None) -> None:
         variants = {k: v for k, v in variants.items() if k == "base" or k in args.variants}
 
     results: dict[int, dict[str, list[float]]] = {}
+    before_first_step: dict[int, dict[str, list[float]]] = {}
     for size in args.sizes:
         results[size] = {name: [] for name in variants}
+        before_first_step[size] = {name: [] for name in variants}
         for _ in range(args.repeats):
             for name, variant in variants.items():
-                results[size][name].append(timer(variant, size, args.steps, args))
-                print(f"  {size}px {name:15s} {results[size][name][-1] * 1000:9.1f} ms/step", flush=True)
+                per_step, overhead = timer(variant, size, args.steps, args)
+                results[size][name].append(per_step)
+                note = ""
+                if overhead is not None:
+                    before_first_step[size][name].append(overhead)
+                    note = f"   (+{overhead * 1000:.0f} ms in the sample call before its first step)"
+                print(f"  {size}px {name:15s} {per_step * 1000:9.1f} ms/step{note}", flush=True)
 
     # Launch-bound GPU steps are noisy (the host's CPU speed varies): the minimum over rounds is the
     # least disturbed estimate, the median shows the spread. Ratios use the same statistic for both.
@@ -494,6 +516,10 @@ def main(argv=None) -> None:
                 value, base = stat(results[size][name]), stat(results[size]["base"])
                 row += f"{value * 1000:14.1f} {value / base:7.3f}"
             print(row)
+    for size, by_variant in before_first_step.items():
+        if any(by_variant.values()):
+            print(f"{size}px, time a sample call spends before its first step (loading; merging patches), median: "
+                  + ", ".join(f"{name} {statistics.median(v):.2f} s" for name, v in by_variant.items() if v))
     print("merge: " + ", ".join(f"{k} {v:.2f} s" for k, v in merge.items()))
     if "load_bake_s" in merge:
         print(f"one-off merge cost of bake (load with patches - plain load): {merge['load_bake_s'] - merge['load_base_s']:.2f} s")

@@ -84,4 +84,6 @@ def test_steps_must_cross_every_hook_keyframe():
     assert bench.parse_args([]).steps >= len(bench.HOOK_KEYFRAMES) == 4
     with pytest.raises(SystemExit):
         bench.parse_args(["--steps", "3"])
-    assert bench.parse_args(["--steps", "1", "--variants", "bake"]).steps == 1  # no hooks variant: fine
+    assert bench.parse_args(["--steps", "2", "--variants", "bake"]).steps == 2  # no hooks variant: fine
+    with pytest.raises(SystemExit):  # a step is timed between two step ends
+        bench.parse_args(["--steps", "1", "--variants", "bake"])
