@@ -156,6 +156,13 @@ def test_score_bad_inputs(folder, tmp_path, capsys):
         (["score", folder, "--prompts", bad_seed, *ASPECTS, "--out", out], "seeds"),
         ([*with_prompts, *ASPECTS, "--models-dir", tmp_path / "none", "--out", out], "models-dir"),
     ]
+    assert_score_refuses(capsys, cases, tmp_path)
+    assert existing.read_text() == "keep me"
+
+
+def assert_score_refuses(capsys, cases, tmp_path) -> None:
+    """Each (argv, fragment): `versat2i score` exits 2 with one error line containing fragment, and
+    writes nothing under tmp_path."""
     before = listing(tmp_path)
     for argv, fragment in cases:
         code, stdout, err = run(capsys, *argv)
@@ -163,7 +170,6 @@ def test_score_bad_inputs(folder, tmp_path, capsys):
         assert err.startswith("versat2i score: error:") and fragment in err, (argv, err)
         assert len(err.strip().splitlines()) == 1 and stdout == ""
         assert listing(tmp_path) == before, argv  # nothing written
-    assert existing.read_text() == "keep me"
 
 
 def test_build_dataset_bad_inputs(folder, tmp_path, capsys):
@@ -321,13 +327,7 @@ def test_scorer_option_errors_name_the_missing_file_and_write_nothing(folder, tm
         ([*base, "--scorer-option", "sharp.aspect=a", "--scorer-option", "sharp.aspect=b"], "given twice"),
         ([*sharp_only, "--scorer-option", "sharp.radius=3"], "unknown option(s) radius"),
     ]
-    before = listing(tmp_path)
-    for argv, fragment in cases:
-        code, stdout, err = run(capsys, *argv)
-        assert code == 2, (argv, err)
-        assert err.startswith("versat2i score: error:") and fragment in err, (argv, err)
-        assert len(err.strip().splitlines()) == 1 and stdout == ""
-        assert listing(tmp_path) == before, argv
+    assert_score_refuses(capsys, cases, tmp_path)
 
 
 def test_build_dataset_refuses_an_image_file_replaced_after_scoring(folder, tmp_path, capsys):
