@@ -295,9 +295,9 @@ def comfy_time(variant, size: int, steps: int, args) -> tuple[float, float | Non
     start = time.perf_counter()
     run(steps)
     # A step is the time between the ends of consecutive sampler steps: what a longer sampling run
-    # pays per step. Loading the model (and merging weight patches: ComfyUI on a CPU re-merges a
-    # patched model at every sample call) happens before the first step and is reported apart;
-    # hook keyframes switching at later steps are inside the measured steps.
+    # pays per step. Whatever the sample call does before its first step (loading the model,
+    # merging weight patches when they changed) is reported apart; hook keyframes switching at
+    # later steps are inside the measured steps.
     per_step = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
     return per_step, stamps[0] - start - per_step
 

@@ -6,8 +6,8 @@ grid with a diffusers pipeline (``StableDiffusionPipeline`` for SD1.x / SD2.x an
 modules, so a ComfyUI single-file checkpoint, a diffusers folder or an already loaded model all work.
 
 Seeds: candidate ``c`` of prompt ``p`` gets ``seeds[c]`` when an explicit list of K seeds is given
-(the same seeds for every prompt, what held-out evaluation wants), one seed per image when N x K
-seeds are given, else ``base_seed + p * k + c`` (every image of the run has its own seed). Each
+(the same seeds for every prompt), one seed per image when N x K seeds are given (the loop's
+evaluation: every (prompt, seed) pair its own noise), else ``base_seed + p * k + c`` (every image of the run has its own seed). Each
 image's starting noise (and a stochastic scheduler's per-step noise) comes from its own
 ``torch.Generator`` seeded with its seed, on the CPU: an image depends only on its prompt and seed,
 never on its batch-mates, the batch size or the number of GPUs.

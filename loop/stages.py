@@ -404,8 +404,9 @@ def evaluate_variant(config, variant: EvalVariant, paths: RoundPaths, scorers: M
     mixture = paths.mixture if variant.kind == "gated" and len(config.aspects) > 1 else None
     adapters_for = round_adapters(variant.kind, loras=loras, mixture=mixture, gate_mode=config.evaluation.gate_mode)
     folder = paths.eval / variant.dir
-    info = generate_images(config, folder, config.evaluation_prompts(), seeds=config.evaluation_seeds(),
-                           adapters_for=adapters_for, progress=progress, show_progress=show_progress)
+    info = generate_images(config, folder, config.evaluation_prompts(), k=config.evaluation.seeds_per_prompt,
+                           seeds=config.evaluation_seeds(), adapters_for=adapters_for, progress=progress,
+                           show_progress=show_progress)
     table = score_folder(folder, scorers, folder / "scores.jsonl", batch_size=config.scoring.batch_size,
                          show_progress=False)
     info["mean"] = {aspect: sum(v) / len(v) for aspect, v in table.scores.items()}

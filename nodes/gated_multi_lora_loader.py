@@ -160,9 +160,6 @@ class GatedMultiLoRALoader(io.ComfyNode):
         prompt = (prompt or "").strip() or None
         context = None
         if mode == "bake" and conditioning is not None:
-            if prompt is not None:
-                raise ValueError("bake: both prompt and conditioning are given; use one (prompt encodes with the mixed "
-                                 "CLIP, as dynamic mode does)")
             context = conditioning_context(conditioning)
         new_model, new_clip = model_patching.apply_mixture(
             model, clip, aspect_loras, mode=mode, gate=gate, enabled=enabled, manual_weights=manual,

@@ -109,7 +109,7 @@ class LoadScorers(io.ComfyNode):
                            geometry: str | None = None, lowlevel: str | None = None,
                            device: str | None = None) -> tuple:
         """ComfyUI reuses this node's cached output while its inputs and this value stay the same,
-        so the value is the (path, size, mtime) of every weight file the chosen scorers read: a
+        so the value is the identity (path, size, mtime, inode, ctime) of every weight file the chosen scorers read: a
         replaced file makes ComfyUI run the node again, and the registry then loads the new weights.
         The scorers come from the registry's cache (loaded here on the first run; ``execute`` then
         reuses them), so this costs a few ``stat`` calls per run. Linked inputs arrive as None and

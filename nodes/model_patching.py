@@ -127,8 +127,6 @@ def collect_targets(model, clip, loras: Sequence[AspectLoRA]) -> dict[str, Layer
                 # (adapter.loaded_keys is shared by all of a file's adapters: find the name by the key map)
                 lora_key = next((name for name, mapped in key_map.items() if mapped == key
                                  and any(k.startswith(name + ".") for k in converted)), "?")
-                if clip is None and _is_text_encoder_lora_key(lora_key):
-                    continue  # a text-encoder layer while no CLIP is connected
                 if not isinstance(key, str):
                     raise ValueError(
                         f"LoRA {lora.name!r} (aspect {lora.aspect!r}): {lora_key} maps to a slice of the fused weight "

@@ -16,7 +16,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..safe_io import confined_path
+from ..safe_io import confined_path, file_identity
 from ..trainer.config import LR_SCHEDULERS, MIXED_PRECISIONS, PREDICTION_TYPES, LoraTrainConfig
 from .common import TrainingHooks, category, node_id
 
@@ -228,7 +228,7 @@ class TrainAspectLora(io.ComfyNode):
             config = build_config(paths, single_aspect(paths["dataset"], aspect), _settings(settings))
             lora = paths["lora"]
             return (lora_run_fingerprint(config, cpu=TrainingHooks.cpu_only() or None),
-                    lora.stat().st_mtime_ns if lora.is_file() else None)
+                    file_identity(lora) if lora.is_file() else None)
         except Exception:  # a bad input is reported by execute; re-run to get there
             return math.nan
 

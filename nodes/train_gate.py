@@ -17,7 +17,7 @@ from typing import Any
 import folder_paths
 from comfy_api.latest import io
 
-from ..safe_io import confined_path
+from ..safe_io import confined_path, file_identity
 from ..trainer.config import MIXED_PRECISIONS
 from ..trainer.gate import BALANCE_KINDS, GRANULARITIES
 from ..trainer.mol_file import MOL_SUFFIX
@@ -218,7 +218,7 @@ class TrainGate(io.ComfyNode):
             paths = resolve_paths(dataset, ckpt_name, loras, mol_name, linked)
             mol = paths["mol"]
             return (gate_run_fingerprint(build_config(paths, _settings(settings)), cpu=TrainingHooks.cpu_only() or None),
-                    mol.stat().st_mtime_ns if mol.is_file() else None)
+                    file_identity(mol) if mol.is_file() else None)
         except Exception:  # a bad input is reported by execute; re-run to get there
             return math.nan
 

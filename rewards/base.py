@@ -164,8 +164,8 @@ class Scorer(ABC):
 
     # -- provided ----------------------------------------------------------------------------
     def weight_files(self) -> tuple[Path, ...]:
-        """The weight files this scorer was built from (the registry's cache re-checks their size
-        and mtime, so a replaced file is reloaded). Override in scorers that read files."""
+        """The weight files this scorer was built from (the registry's cache re-checks their identity:
+        size, mtime, inode, ctime, so a replaced file is reloaded). Override in scorers that read files."""
         return ()
 
     def to(self, device: torch.device | str) -> Scorer:

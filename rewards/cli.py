@@ -258,10 +258,13 @@ def parse_scorer_options(specs: Sequence[str], aspects: Sequence[str], *,
             raise ValueError(f"--scorer-option {spec!r}: {aspect}.{key} is given twice")
         value = value.strip()
         if is_path_option(key):
+            if not value:
+                raise ValueError(f"--scorer-option {spec!r}: {aspect}.{key} is empty; give the path of the file "
+                                 "(or folder) to use")
             path = Path(value).expanduser()
             if not path.is_absolute():
                 path = (cwd or Path.cwd()) / path
-            if not value or not path.exists():
+            if not path.exists():
                 raise FileNotFoundError(
                     f"--scorer-option {spec!r}: weight file {str(path)!r} not found; give the path of the file "
                     "(or folder) to use"

@@ -34,7 +34,10 @@ def import_pack():
     return package
 
 
-PARENT_ENV = "VERSAT2I_PARENT"  # set by trainer/launcher.py: "<pid>:<start time>" of the launching process
+# Set by trainer/launcher.py (its PARENT_ENV, the same name: this script runs before the pack is
+# imported): "<pid>:<start time>" of the launching process. A launcher already gone when this
+# process starts (killed while we imported) stops the run at once too.
+PARENT_ENV = "VERSAT2I_PARENT"
 PARENT_POLL_S = 0.2  # a psutil lookup: cheap, and a dead launcher stops the run within a step or so
 
 
@@ -56,9 +59,6 @@ def exit_when_parent_dies(token, poll_s=PARENT_POLL_S):
     stays usable and the next run resumes from it."""
     import threading
     import time
-
-    if not parent_is_alive(token):
-        return  # a token from elsewhere (e.g. a copied environment): nothing to watch
 
     def watch():
         while parent_is_alive(token):

@@ -109,7 +109,7 @@ def child_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-PARENT_ENV = "VERSAT2I_PARENT"
+PARENT_ENV = "VERSAT2I_PARENT"  # read by launch_entry.py (which defines it again: it runs before the pack loads)
 
 
 def parent_token(pid: int | None = None) -> str:

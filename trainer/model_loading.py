@@ -52,7 +52,6 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 CONFIG_ROOT = Path(__file__).resolve().parent / "model_configs"
 SUPPORTED = "SD1.x, SD2.x (epsilon or v-prediction) and SDXL base, as a single .safetensors checkpoint or a diffusers folder"
 _SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
-_HASH_CHUNK = 1 << 24
 
 # Prefixes of the original (ldm / sgm) single-file layout.
 _UNET = "model.diffusion_model."
@@ -108,11 +107,11 @@ class BaseModel:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """sha256 (hex) of a file, cached per file identity (``safe_io.sha256_file``): a multi-GB
+    checkpoint is hashed once per process."""
+    from ..safe_io import sha256_file
+
+    return sha256_file(path)
 
 
 def folder_sha256(folder: str | os.PathLike, components: Sequence[str] | None = None) -> str:

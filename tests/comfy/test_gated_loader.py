@@ -205,7 +205,7 @@ def test_bake_on_the_prompt_equals_dynamic_for_prompt_gates(setup, node, comfy_d
     # and baking on another prompt gives another model
     baked_other, _ = run_node(node, setup, mol_file, "bake", prompt="an oil painting of a mountain lake at dawn")
     assert not close(sample(baked_other, positive, setup["negative"], cfg=1.0), baked, tol=1e-4)
-    with pytest.raises(ValueError, match="use one"):
+    with pytest.raises(ValueError, match="not both"):
         run_node(node, setup, mol_file, "bake", prompt=text, conditioning=setup["positive"])
     with pytest.raises(ValueError, match="connect the CLIP"):
         node.execute(setup["model"], mol_file, "bake", 1.0, prompt=text)

@@ -362,6 +362,21 @@ def test_interrupted_anywhere_then_resumed_equals_the_uninterrupted_run(tiny, re
     assert marker_stamps(out) == stamps and again.markdown == result.markdown
 
 
+def test_every_evaluation_image_has_its_own_seed(tiny, reference):
+    """Each variant samples S seeds per evaluation prompt, and no two images share a seed (the
+    pairs the report's bootstrap resamples are independent draws)."""
+    from versat2i.loop.generate import read_candidates
+
+    reference_dir, _ = reference
+    config = make_config(tiny.folder, reference_dir)
+    prompts, per_prompt = config.evaluation_prompts(), config.evaluation.seeds_per_prompt
+    for variant in ("base", "gated"):
+        records, _ = read_candidates(reference_dir / "round-1" / "eval" / variant)
+        assert len(records) == len(prompts) * per_prompt
+        assert sorted({r.prompt for r in records}) == sorted(prompts)
+        assert sorted(r.seed for r in records) == config.evaluation_seeds()  # all distinct
+
+
 def test_changed_settings_need_overwrite_and_redo_only_what_they_change(tiny, reference, tmp_path):
     import shutil
 
