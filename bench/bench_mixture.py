@@ -429,7 +429,9 @@ def parse_args(argv=None):
                         help=f"timed sampler steps per variant and round (>= {len(HOOK_KEYFRAMES)}: the hooks variant "
                              "must cross all its keyframes)")
     parser.add_argument("--warmup-steps", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=1, help="rounds over all variants; the minimum over rounds (least disturbed) decides PASS / FAIL, the median is reported beside it")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds over all variants; the minimum over rounds (least disturbed) decides "
+                             "PASS / FAIL, the median is reported beside it")
     parser.add_argument("--rank", type=int, default=None, help="LoRA rank (default: 16; --tiny: 4)")
     parser.add_argument("--variants", nargs="+", default=None, help="subset of variants (base is always run)")
     parser.add_argument("--tiny", action="store_true",
