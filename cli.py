@@ -1,6 +1,7 @@
 """The ``versat2i`` command: one subcommand per loop stage, each a thin wrapper over a library call.
 
-Each area owns its subcommands (``rewards/cli.py``, ``trainer/cli.py``, ``loop/cli.py``); this file
+Each area owns its subcommands (``rewards/cli.py``, ``training_set/cli.py``, ``trainer/cli.py``,
+``loop/cli.py``); this file
 only wires them together, and imports them lazily so ``versat2i --help`` stays fast.
 """
 
@@ -12,7 +13,7 @@ import logging
 import sys
 
 # area module -> its ``add_subcommands(subparsers)``; relative to this package.
-SUBCOMMAND_MODULES = (".rewards.cli", ".trainer.cli", ".loop.cli")
+SUBCOMMAND_MODULES = (".rewards.cli", ".training_set.cli", ".trainer.cli", ".loop.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # The command line knows the demo world's scorers (``demo:<aspect>``), so `versat2i score` and a
+    # loop config of the demo world can name them; inside ComfyUI they stay out of the lists.
+    # Imported here, after parsing: it loads torch, and `versat2i --help` must stay fast.
+    from .demo.rewards import register_scorers as register_demo_scorers
+
+    register_demo_scorers()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",

@@ -10,7 +10,7 @@ model folder, images, captions, rank, batch, precision and optimiser, once as is
 cached latents and text embeddings. Each variant runs in its own process (clean peak memory and
 no shared caches); step times are medians after warm-up. Weights are random (speed does not
 depend on their values); ``--model sd15`` builds the full-size SD1.5 architecture from the configs
-shipped in ``trainer/model_configs``.
+shipped in ``models/configs``.
 
 Goals: ours <= 1.0x the reference; ours with caches <= 0.6x.
 """
@@ -49,7 +49,7 @@ def build_model(kind: str, folder: Path) -> Path:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    configs = REPO / "trainer" / "model_configs" / "sd15"
+    configs = REPO / "models" / "configs" / "sd15"
     out = folder / "sd15-random"
     torch.manual_seed(0)
     UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(configs / "unet")).save_pretrained(out / "unet")
@@ -181,7 +181,7 @@ def run_reference(args, model: Path, dataset: Path) -> list[float]:
 
 def run_ours(args, model: Path, dataset: Path, cached: bool) -> list[float]:
     _import_pack()
-    from versat2i.trainer import train_lora
+    from versat2i.trainer import train_lora, training_loop
     from versat2i.trainer.config import LoraTrainConfig
     from versat2i.trainer.events import read_events
 
@@ -199,7 +199,7 @@ def run_ours(args, model: Path, dataset: Path, cached: bool) -> list[float]:
             train_lora.main(train_lora.parse_args(["--config", str(config_path)]))
         finally:
             sys.stdout = stdout
-    events = read_events(work / "run" / train_lora.LOG_FILE_NAME)
+    events = read_events(work / "run" / training_loop.LOG_FILE_NAME)
     start = next(e["time"] for e in events if e["event"] == "start")
     stamps = [start] + [e["time"] for e in events if e["event"] == "step"]
     return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]

@@ -44,9 +44,9 @@ import types
 from pathlib import Path
 
 import torch
+from versat2i.aspects import ASPECTS
 
 REPO = Path(__file__).resolve().parents[1]
-ASPECTS = ("aesthetics", "alignment", "geometry", "lowlevel")
 # comfy.model_detection's SD15 unet_config (ComfyUI 0.3.x)
 SD15_UNET = {
     "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
@@ -199,7 +199,6 @@ def comfy_variants(args, dtype):
     import comfy.model_patcher
     import comfy.supported_models
     import comfy.utils
-
     from versat2i.nodes import model_patching
 
     model_config = comfy.supported_models.SD15(dict(TINY_UNET if args.tiny else SD15_UNET))
@@ -306,7 +305,6 @@ def comfy_time(variant, size: int, steps: int, args) -> tuple[float, float | Non
 
 def diffusers_variants(args, dtype):
     from diffusers import UNet2DConditionModel
-
     from versat2i.trainer.gate import ExpertLoRA, fused_layer
 
     if args.tiny:

@@ -61,7 +61,7 @@ def parse_args(argv=None):
 
 
 def write_models(models_dir: Path, architecture: str) -> None:
-    from tiny_models.clip import CLIP_FILE, AESTHETIC_FILE, build_open_clip, write_laion_mlp, write_open_clip_weights
+    from tiny_models.clip import AESTHETIC_FILE, CLIP_FILE, build_open_clip, write_laion_mlp, write_open_clip_weights
 
     write_open_clip_weights(models_dir / CLIP_FILE, build_open_clip(architecture, seed=0))
     write_laion_mlp(models_dir / AESTHETIC_FILE, seed=0)
@@ -134,7 +134,6 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     from tiny_models.clip import random_images, register_tiny_open_clip
-
     from versat2i.rewards import cache
     from versat2i.rewards.base import score_aspects
     from versat2i.rewards.registry import get_scorer

@@ -33,8 +33,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..rewards.base import ASPECTS, ImageBatchError, Scorer, ScoringBatch
-from ..rewards.registry import ScorerOptions
+from ..aspects import ASPECTS
+from ..rewards.base import ImageBatchError, Scorer, ScoringBatch
+from ..rewards.registry import ScorerEntry, ScorerOptions, register_scorer
 from . import world
 
 # Foreground: pixels whose colour differs from the background estimate by more than this (RGB
@@ -304,3 +305,16 @@ def make_scorer(options: ScorerOptions) -> DemoScorer:
             "scorer 'demo' needs an aspect: use one of " + ", ".join(f"demo:{name}" for name in ASPECT_COMPONENTS)
         )
     return DemoScorer(options.variant).to(options.device)
+
+
+DEMO_SCORER_ID = "demo"
+
+
+def register_scorers() -> None:
+    """Make ``demo:<aspect>`` known to the scorer registry (the loop's demo and ``versat2i`` call this;
+    ComfyUI's Load Scorers never does, so the demo's stand-ins stay out of its lists)."""
+    register_scorer(DEMO_SCORER_ID, ScorerEntry(
+        make_scorer, "alignment",
+        "the embedded demo world's analytic rewards: demo:alignment, :geometry, :aesthetics, :lowlevel",
+        variants=tuple(ASPECT_COMPONENTS),
+    ))

@@ -34,7 +34,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..safe_io import atomic_dir
 from . import model, world
+from .rewards import ASPECT_COMPONENTS, analyse
+from .rewards import components as reward_components
 
 logger = logging.getLogger("versat2i.demo.train_base")
 
@@ -144,8 +147,6 @@ def ema_update(ema_modules, modules, decay: float) -> None:
 @torch.no_grad()
 def evaluate(components: dict, device: torch.device, seed: int = 1234) -> dict[str, float]:
     """Mean demo rewards of 96 samples (all captions, fixed seeds; DDIM 20 steps, guidance 1 and 3)."""
-    from .rewards import ASPECT_COMPONENTS, analyse
-    from .rewards import components as reward_components
 
     pipe = model.build_pipeline(components).to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -167,7 +168,6 @@ def evaluate(components: dict, device: torch.device, seed: int = 1234) -> dict[s
 def save(components: dict, folder: Path, overwrite: bool, info: dict) -> None:
     """Write the pipeline folder atomically (``safe_io.atomic_dir``: a hidden temporary folder,
     renamed when complete; an existing folder is replaced only with ``overwrite``)."""
-    from ..safe_io import atomic_dir
 
     pipe = model.build_pipeline({k: (copy.deepcopy(v).to("cpu") if k in ("unet", "vae", "text_encoder") else v)
                                  for k, v in components.items()})

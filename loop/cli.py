@@ -141,13 +141,8 @@ def _parse_loras(specs: list[str]) -> tuple[list[Path], list[float]]:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from .generate import (
-        GenerationSettings,
-        LoraAdapters,
-        generate_candidates,
-        plan_candidates,
-        read_prompt_file,
-    )
+    from ..models.pipelines import LoraAdapters
+    from .generate import GenerationSettings, generate_candidates, plan_candidates, read_prompt_file
 
     # Every check before the model loads.
     settings = GenerationSettings(steps=args.steps, guidance_scale=args.guidance, scheduler=args.scheduler,

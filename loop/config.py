@@ -39,31 +39,28 @@ import dataclasses
 import difflib
 import math
 import os
-import re
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..trainer.config import (
-    ARCHITECTURES,
-    PREDICTION_TYPES,
-    ConfigFile,
-    LoraTrainConfig,
-    dump_flat_toml,
-)
-from .generate import GenerationSettings
+from ..aspects import aspect_name_problem
+from ..config_file import ConfigFile, dump_flat_toml
+from ..rewards.registry import DEFAULT_SCORERS, SCORERS, list_scorers, split_name
+from ..rewards.selection import Threshold
+from ..trainer.config import ARCH_CHOICES, PREDICTION_TYPES, LoraTrainConfig
+from ..trainer.train_gate import GateTrainConfig
+from ..training_set.folders import scan_replay_dir
+from .generate import GenerationSettings, check_prompts, read_prompt_file
 
 if sys.version_info >= (3, 11):
-    import tomllib
+    pass
 else:  # pragma: no cover - python 3.10
-    import tomli as tomllib
+    pass
 
 VARIANT_KINDS = ("base", "lora", "merge", "gated")
 GATE_MODES = ("dynamic", "bake")
 BOOTSTRAP_UNITS = ("pairs", "prompts")
-# Aspect names become folder names (<repeats>_<aspect>), file names and TOML keys: no dots.
-ASPECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 # LoRA / gate fields the loop sets itself for every job (a value in [lora] / [gate] would be ignored).
 LOOP_OWNED_TRAINING_FIELDS = frozenset({
     "base_model", "arch", "prediction_type", "model_config_dir", "dataset_dir", "output_dir", "output_name",
@@ -75,7 +72,7 @@ LOOP_OWNED_TRAINING_FIELDS = frozenset({
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelSection(ConfigFile):
     base_model: str = ""  # single-file checkpoint (.safetensors) or diffusers folder
-    arch: str = "auto"  # auto | sd15 | sd2 | sdxl
+    arch: str = "auto"  # auto (detect) or a family of models/architectures.py
     prediction_type: str = "auto"  # auto | epsilon | v_prediction | sample
     model_config_dir: str = ""  # diffusers configs for a single file whose shapes differ from the real models
 
@@ -247,14 +244,6 @@ class LoopConfig(ConfigFile):
         return "".join(parts)
 
     @classmethod
-    def from_toml(cls, text: str, *, source: str = "loop config") -> LoopConfig:
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"{source}: not valid TOML ({exc})") from exc
-        return cls.from_dict(data, source=source)
-
-    @classmethod
     def load(cls, path: str | os.PathLike) -> LoopConfig:
         """Read a ``.toml`` / ``.json`` file; relative paths in it are taken relative to its folder."""
         path = Path(path)
@@ -287,7 +276,6 @@ class LoopConfig(ConfigFile):
     # -- derived values --------------------------------------------------------------------------------
     def resolved_aspects(self) -> dict[str, str]:
         """{aspect: scorer name}, the aspect's default scorer where none is named."""
-        from ..rewards.registry import DEFAULT_SCORERS
 
         return {aspect: (scorer.strip() or DEFAULT_SCORERS.get(aspect, "")) for aspect, scorer in self.aspects.items()}
 
@@ -322,8 +310,6 @@ class LoopConfig(ConfigFile):
 
     def gate_config(self, *, loras: Sequence[str], aspects: Sequence[str], dataset_dir: str, output_dir: str,
                     work_dir: str, overwrite: bool = False):
-        from ..trainer.train_gate import GateTrainConfig
-
         inherited = {k: v for k, v in self.lora.items() if k in GATE_INHERITS_FROM_LORA}
         return GateTrainConfig.from_dict({
             **inherited, **self.gate, **self._model_fields(), "dataset_dir": dataset_dir,
@@ -389,8 +375,8 @@ class LoopConfig(ConfigFile):
         elif check_paths and not os.path.exists(model.base_model):
             p.append(f"[model] base_model={model.base_model!r}: no such file or folder; give a checkpoint file "
                      "(.safetensors) or a diffusers model folder")
-        if model.arch not in ARCHITECTURES:
-            p.append(f"[model] arch={model.arch!r}: use one of {', '.join(ARCHITECTURES)}")
+        if model.arch not in ARCH_CHOICES:
+            p.append(f"[model] arch={model.arch!r}: use one of {', '.join(ARCH_CHOICES)}")
         if model.prediction_type not in PREDICTION_TYPES:
             p.append(f"[model] prediction_type={model.prediction_type!r}: use one of {', '.join(PREDICTION_TYPES)}")
         if model.model_config_dir and check_paths and not os.path.isdir(model.model_config_dir):
@@ -439,19 +425,13 @@ class LoopConfig(ConfigFile):
         return p
 
     def _aspect_problems(self) -> list[str]:
-        from ..rewards.registry import (
-            DEFAULT_SCORERS,
-            SCORERS,
-            list_scorers,
-            split_name,
-        )
-
         p = []
         if not self.aspects:
             p.append('[aspects]: no aspect; name at least one, e.g. aesthetics = "laion-aesthetic-v2"')
         for aspect, scorer in self.aspects.items():
-            if not ASPECT_NAME.match(aspect):
-                p.append(f"[aspects] {aspect!r}: an aspect name uses letters, digits, '_' and '-' only")
+            problem = aspect_name_problem(aspect, what="[aspects]")
+            if problem:
+                p.append(problem)
                 continue
             name = scorer.strip()
             if not name:
@@ -474,8 +454,6 @@ class LoopConfig(ConfigFile):
             if aspect not in self.aspects:
                 p.append(f"[thresholds] {aspect!r}: unknown aspect; the aspects are {', '.join(self.aspects) or 'none'}")
             try:
-                from ..rewards.selection import Threshold
-
                 Threshold.parse(spec)
             except ValueError as exc:
                 p.append(f"[thresholds] {aspect}: {exc}")
@@ -502,8 +480,6 @@ class LoopConfig(ConfigFile):
             if not os.path.isdir(dataset.replay_dir):
                 p.append(f"[dataset] replay_dir={dataset.replay_dir!r}: no such folder")
             else:
-                from .stages import scan_replay_dir
-
                 try:
                     found = len(scan_replay_dir(dataset.replay_dir))
                 except ValueError as exc:
@@ -519,8 +495,6 @@ class LoopConfig(ConfigFile):
         return p
 
     def _training_problems(self, check_paths: bool) -> list[str]:
-        from ..trainer.train_gate import GateTrainConfig
-
         p = []
         training = self.training
         if training.parallel_jobs < 1:
@@ -607,8 +581,6 @@ def replay_count(fraction: float, kept: int) -> int:
 # -- helpers -----------------------------------------------------------------------------------------
 
 def _threshold_text(value: Any) -> str:
-    from ..rewards.selection import Threshold
-
     try:
         return str(Threshold.parse(value))
     except ValueError:
@@ -622,8 +594,6 @@ def _unknown(key: str, known: Sequence[str], where: str) -> str:
 
 
 def _prompt_list(listed: Sequence[str], file: str, name: str) -> list[str]:
-    from .generate import check_prompts, read_prompt_file
-
     if file:
         try:
             prompts = read_prompt_file(file)

@@ -22,6 +22,10 @@ import logging
 import shutil
 from pathlib import Path
 
+from ..demo import rewards as demo_rewards
+from ..demo import settings, world
+from ..image_files import save_png, to_uint8
+from ..safe_io import atomic_dir
 from .config import (
     DatasetSection,
     EvaluationSection,
@@ -31,6 +35,7 @@ from .config import (
     PromptsSection,
     TrainingSection,
 )
+from .run import CONFIG_FILE, check_output_dir, run_loop
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +57,7 @@ EVAL_SEEDS_PER_PROMPT = 4
 
 def demo_config(out: str | Path) -> LoopConfig:
     """The demo's loop config (``demo/settings.py``'s measured settings), writing under ``out``."""
-    from ..demo import settings
+    demo_rewards.register_scorers()  # the config names demo:<aspect> scorers
 
     out = Path(out).resolve()
     sampler = settings.SAMPLER
@@ -82,9 +87,6 @@ def write_replay_images(folder: Path, prompts: list[str], count: int) -> Path:
     """Render ``count`` real images of ``prompts`` (``demo.world.replay_images``) with their captions
     into ``folder``, atomically. An existing complete folder is kept as is: rendering is
     deterministic, and keeping it keeps the files' identity (so a resumed run redoes nothing)."""
-    from ..demo import world
-    from ..rewards.training_set import save_png, to_uint8
-    from ..safe_io import atomic_dir
 
     if folder.is_dir() and len(list(folder.glob("*.png"))) == count:
         return folder
@@ -98,7 +100,6 @@ def write_replay_images(folder: Path, prompts: list[str], count: int) -> Path:
 
 def run_demo(out: str | Path = DEFAULT_OUT, *, overwrite: bool = False, show_progress: bool = True):
     """Run (or resume) the demo loop under ``out``; returns ``loop.run.LoopResult``."""
-    from .run import CONFIG_FILE, check_output_dir, run_loop
 
     out = Path(out)
     config = demo_config(out)

@@ -2,7 +2,7 @@
 
 ``generate_candidates(model, prompts, k=4, out_dir=...)`` samples every (prompt, seed) pair of the
 grid with a diffusers pipeline (``StableDiffusionPipeline`` for SD1.x / SD2.x and the demo world,
-``StableDiffusionXLPipeline`` for SDXL) built from ``trainer.model_loading.load_base_model``'s
+``StableDiffusionXLPipeline`` for SDXL) built from ``models.loading.load_base_model``'s
 modules, so a ComfyUI single-file checkpoint, a diffusers folder or an already loaded model all work.
 
 Seeds: candidate ``c`` of prompt ``p`` gets ``seeds[c]`` when an explicit list of K seeds is given
@@ -43,7 +43,6 @@ import json
 import logging
 import math
 import os
-import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
@@ -52,7 +51,22 @@ from typing import Any
 
 import torch
 
-from ..safe_io import atomic_dir
+from ..image_files import save_png, to_uint8
+from ..models.loading import BaseModel
+from ..models.pipelines import (
+    SCHEDULERS,
+    PipelineAdapter,
+    build_pipeline,
+    describe_adapters,
+    load_pipeline,
+    make_scheduler,
+    pipeline_denoiser,
+    process_state,
+    resolve_device,
+    resolve_dtype,
+)
+from ..safe_io import TargetExistsError, atomic_dir
+from ..training_set.layout import LATENTS_SUFFIX, entry_id
 
 logger = logging.getLogger(__name__)
 
@@ -60,32 +74,8 @@ INDEX_NAME = "candidates.jsonl"
 SUMMARY_NAME = "generation.json"
 FORMAT_NAME = "versat2i-candidates"
 FORMAT_VERSION = 1
-LATENTS_SUFFIX = ".latents.safetensors"
 DEFAULT_K = 4
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed accepts 0 .. 2**64 - 1 (ComfyUI's seed range too)
-
-# Sampling schedulers by name: diffusers class + config overrides. Every one is built from the
-# checkpoint's own scheduler config (betas, timestep spacing) with its prediction type kept, so a
-# v-prediction or x0-prediction model samples correctly with any of them. "default" is the
-# checkpoint's own scheduler class.
-SCHEDULERS: dict[str, tuple[str | None, dict[str, Any]]] = {
-    "default": (None, {}),
-    "ddim": ("DDIMScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
-    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-}
-DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-PipelineAdapter = Callable[[Any], contextlib.AbstractContextManager]
-"""``prepare(pipe)`` returns a context manager; the pipeline is adapted inside the ``with`` block
-and restored when it exits (also on an error)."""
 
 ProgressCallback = Callable[[int, int], None]  # (images done, images total)
 
@@ -172,11 +162,6 @@ def candidates_info(records: Sequence[CandidateRecord]) -> dict[str, list]:
     }
 
 
-def image_id_for(prompt_index: int, candidate_index: int) -> str:
-    """Same id scheme as the training set (``rewards.training_set.entry_id``)."""
-    return f"p{prompt_index:05d}_c{candidate_index:03d}"
-
-
 def check_prompts(prompts: Any, *, what: str = "prompts") -> list[str]:
     """A list of distinct, non-empty prompts (surrounding whitespace removed)."""
     if isinstance(prompts, str) or not isinstance(prompts, Sequence):
@@ -257,119 +242,9 @@ def plan_candidates(prompts: Sequence[str], *, k: int | None = None, seeds: Sequ
             raise ValueError(f"seeds: prompt {p} would get the same seed twice ({own}); give distinct seeds")
     return [
         CandidateRecord(prompt=prompts[p], seed=per_image[p * k + c], prompt_index=p, candidate_index=c,
-                        image_id=image_id_for(p, c))
+                        image_id=entry_id(p, c))
         for p in range(count) for c in range(k)
     ]
-
-
-# -- pipeline ------------------------------------------------------------------------------------
-
-def process_state(device: str | torch.device | None = "auto"):
-    """accelerate's ``PartialState`` of this process (one process unless started by ``accelerate
-    launch`` / ``torchrun``). An explicit CPU device (or ``ACCELERATE_USE_CPU``) makes a multi-process
-    launch split the work between CPU processes (gloo) instead of looking for GPUs."""
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
-    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or (
-        device not in (None, "auto") and torch.device(device).type == "cpu")
-    return PartialState(cpu=cpu)
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``auto``: this process's accelerator under ``accelerate launch`` (else cuda, mps, cpu)."""
-    if device is None or device == "auto":
-        from accelerate import PartialState
-
-        return torch.device(PartialState().device)
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
-    """``auto``/None: float16 on CUDA, float32 elsewhere."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r}: use one of {', '.join(DTYPES)}")
-    if DTYPES[dtype] is not None:
-        return DTYPES[dtype]
-    return torch.float16 if device.type == "cuda" else torch.float32
-
-
-def make_scheduler(name: str, config: Mapping[str, Any], *, prediction_type: str | None = None,
-                   default_class: str | None = None):
-    """A sampling scheduler from a checkpoint's scheduler config, keeping its prediction type."""
-    import diffusers
-
-    if name not in SCHEDULERS:
-        raise ValueError(f"scheduler={name!r}: use one of {', '.join(SCHEDULERS)}")
-    class_name, overrides = SCHEDULERS[name]
-    class_name = class_name or default_class or config.get("_class_name") or "DDIMScheduler"
-    scheduler_class = getattr(diffusers, class_name, None)
-    if scheduler_class is None:
-        raise ValueError(f"scheduler class {class_name!r} (from the checkpoint config) is not in diffusers")
-    updates = dict(overrides)
-    if prediction_type is not None:
-        updates["prediction_type"] = prediction_type
-    return scheduler_class.from_config({**dict(config), **updates})
-
-
-def _checkpoint_scheduler_config(base) -> tuple[dict[str, Any], str | None]:
-    """The checkpoint's sampling scheduler config (class included) from its config folder; the
-    training DDPMScheduler's config when that folder has none."""
-    config_file = Path(base.config_dir or "") / "scheduler" / "scheduler_config.json"
-    config = dict(base.noise_scheduler.config)
-    default_class = None
-    if base.config_dir and config_file.is_file():
-        saved = json.loads(config_file.read_text())
-        default_class = saved.get("_class_name")
-        # The training scheduler carries what loading decided (prediction type, zero-SNR rescale).
-        config = {**saved, **{k: v for k, v in config.items() if k in ("prediction_type", "rescale_betas_zero_snr")}}
-    return config, default_class
-
-
-def build_pipeline(base, *, scheduler: str = "default", device: str | torch.device | None = None,
-                   dtype: torch.dtype | None = None):
-    """A diffusers pipeline over ``base``'s modules (shared, not copied: moving / casting the
-    pipeline moves / casts ``base``'s modules). ``base`` is a ``trainer.model_loading.BaseModel``."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    if base.vae is None:
-        raise ValueError(
-            f"{base.source_path}: the checkpoint has no VAE (first_stage_model.*), so images can't be decoded; "
-            "use a checkpoint with a baked-in VAE"
-        )
-    config, default_class = _checkpoint_scheduler_config(base)
-    sampler = make_scheduler(scheduler, config, prediction_type=base.prediction_type, default_class=default_class)
-    if base.arch == "sdxl":
-        pipe = StableDiffusionXLPipeline(
-            vae=base.vae, text_encoder=base.text_encoders[0], text_encoder_2=base.text_encoders[1],
-            tokenizer=base.tokenizers[0], tokenizer_2=base.tokenizers[1], unet=base.unet, scheduler=sampler,
-            force_zeros_for_empty_prompt=True, add_watermarker=False,
-        )
-    else:
-        pipe = StableDiffusionPipeline(
-            vae=base.vae, text_encoder=base.text_encoders[0], tokenizer=base.tokenizers[0], unet=base.unet,
-            scheduler=sampler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
-    pipe.set_progress_bar_config(disable=True)  # our own bar counts images across the whole grid
-    if device is not None or dtype is not None:
-        pipe.to(device=device, dtype=dtype)
-    return pipe
-
-
-def load_pipeline(checkpoint: str | os.PathLike, *, config_dir: str | os.PathLike | None = None,
-                  scheduler: str = "default", device: str | torch.device | None = "auto",
-                  dtype: str | torch.dtype | None = "auto", prediction_type: str = "auto",
-                  compute_hash: bool = True):
-    """``(pipeline, base)`` for a checkpoint file or diffusers folder, on ``device`` in ``dtype``."""
-    from ..trainer.model_loading import load_base_model
-
-    device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, device)
-    base = load_base_model(checkpoint, config_dir=config_dir, prediction_type=prediction_type,
-                           torch_dtype=torch_dtype, compute_hash=compute_hash)
-    return build_pipeline(base, scheduler=scheduler, device=device), base
 
 
 @contextlib.contextmanager
@@ -383,107 +258,6 @@ def _scheduler_swapped(pipe, name: str) -> Iterator[None]:
         yield
     finally:
         pipe.scheduler = original
-
-
-# -- adapters ------------------------------------------------------------------------------------
-
-def _adapter_name(index: int, path: Path) -> str:
-    # peft adapter names become attribute keys: no '.'.
-    return f"versat2i_{index}_" + re.sub(r"[^A-Za-z0-9_]", "_", path.stem)[:40]
-
-
-class LoraAdapters:
-    """Apply LoRA files (kohya keys, as our trainer writes them) to a diffusers pipeline for the
-    duration of a ``with`` block, with diffusers' ``load_lora_weights`` + ``set_adapters``.
-
-    ``LoraAdapters([a])``: one LoRA at weight 1; ``LoraAdapters([a, b, c], weights=[...])``: a
-    weighted merge; ``equal_weight_merge(paths)``: weights 1/n each. ``fuse=True`` merges the
-    weights into the base layers while sampling (an unmerged LoRA costs ~40 % more time per step)
-    and unmerges them on exit.
-    """
-
-    def __init__(self, paths: Sequence[str | os.PathLike], weights: Sequence[float] | None = None, *,
-                 fuse: bool = True, label: str | None = None):
-        self.paths = [Path(p) for p in paths]
-        if not self.paths:
-            raise ValueError("LoRA adapters: no LoRA file given")
-        for path in self.paths:
-            if not path.is_file():
-                raise FileNotFoundError(f"LoRA file {str(path)!r} not found")
-        self.weights = [1.0] * len(self.paths) if weights is None else [float(w) for w in weights]
-        if len(self.weights) != len(self.paths):
-            raise ValueError(f"LoRA weights: {len(self.weights)} weights for {len(self.paths)} LoRA files")
-        if not all(math.isfinite(w) for w in self.weights):
-            raise ValueError(f"LoRA weights must be finite numbers, got {self.weights}")
-        self.fuse = fuse
-        self.label = label
-
-    def describe(self) -> dict[str, Any]:
-        return {"kind": "lora", "label": self.label, "fuse": self.fuse,
-                "loras": [{"path": str(p), "weight": w} for p, w in zip(self.paths, self.weights)]}
-
-    @contextlib.contextmanager
-    def __call__(self, pipe) -> Iterator[Any]:
-        from ..trainer.lora_io import load_kohya_lora
-
-        had_adapters = bool(_list_adapters(pipe))
-        previously_active = list(pipe.get_active_adapters()) if had_adapters else []
-        names = [_adapter_name(i, path) for i, path in enumerate(self.paths)]
-        loaded: list[str] = []
-        fused = False
-        try:
-            for name, path in zip(names, self.paths):
-                state_dict, _metadata = load_kohya_lora(path)
-                try:
-                    pipe.load_lora_weights(dict(state_dict), adapter_name=name)
-                except ValueError as exc:
-                    hint = ""
-                    if "infer state dict type" in str(exc):
-                        # diffusers recognises a kohya text-encoder LoRA by its out_proj keys.
-                        hint = ("; its text-encoder part must include the attention out_proj layers (train the "
-                                "text encoder on q/k/v/out_proj + fc1/fc2, as our trainer does)")
-                    raise ValueError(f"LoRA file {str(path)!r}: diffusers can't load it ({exc}){hint}") from exc
-                loaded.append(name)
-            pipe.set_adapters(names, adapter_weights=self.weights)
-            if self.fuse:
-                pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
-                fused = True
-            yield pipe
-        finally:
-            if fused:
-                pipe.unfuse_lora()
-            if loaded:
-                if had_adapters:
-                    pipe.delete_adapters(loaded)
-                    if previously_active:
-                        pipe.set_adapters(previously_active)
-                else:
-                    pipe.unload_lora_weights()  # back to the plain modules (no peft wrappers left)
-
-
-def _list_adapters(pipe) -> list[str]:
-    try:
-        return sorted({name for names in pipe.get_list_adapters().values() for name in names})
-    except (AttributeError, ValueError):
-        return []
-
-
-def single_lora(path: str | os.PathLike, weight: float = 1.0, *, fuse: bool = True) -> LoraAdapters:
-    return LoraAdapters([path], [weight], fuse=fuse, label=Path(path).stem)
-
-
-def equal_weight_merge(paths: Sequence[str | os.PathLike], *, fuse: bool = True) -> LoraAdapters:
-    """The naive baseline of VersaT2I's mixture: every LoRA at weight 1/n (so the weights sum to 1,
-    like the gate's)."""
-    paths = list(paths)
-    return LoraAdapters(paths, [1.0 / max(len(paths), 1)] * len(paths), fuse=fuse, label="equal-weight merge")
-
-
-def describe_adapters(adapters: PipelineAdapter | None) -> Any:
-    if adapters is None:
-        return None
-    describe = getattr(adapters, "describe", None)
-    return describe() if callable(describe) else {"kind": "custom", "repr": repr(adapters)}
 
 
 # -- generation ----------------------------------------------------------------------------------
@@ -531,7 +305,6 @@ def _write_images(folder: Path, records: Sequence[CandidateRecord], images: torc
                   *, save_latents: bool, vae_sha256: str | None) -> None:
     from safetensors.torch import save_file
 
-    from ..rewards.training_set import save_png, to_uint8
 
     for record, image, latent in zip(records, images, latents):
         save_png(to_uint8(image), folder / record.file)
@@ -590,7 +363,6 @@ def generate_candidates(
                 for r in plan]
         out_dir = Path(out_dir)
         if out_dir.exists() and not overwrite:  # fail before the model loads
-            from ..safe_io import TargetExistsError
 
             raise TargetExistsError(f"output folder {str(out_dir)!r} already exists; choose another name, or "
                                     "allow overwriting (overwrite=True / --overwrite)")
@@ -602,7 +374,7 @@ def generate_candidates(
     if save_latents and not vae_sha256:
         logger.warning("latents are written without a vae_sha256 (the checkpoint was not hashed): the trainer "
                        "will not reuse them")
-    native = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    native = int(pipeline_denoiser(pipe).config.sample_size) * int(pipe.vae_scale_factor)
     width, height = settings.width or native, settings.height or native
     resolved = replace(settings, width=width, height=height)
 
@@ -655,8 +427,6 @@ def generate_candidates(
 
 
 def _resolve_pipeline(model: Any, *, device, dtype, config_dir):
-    from ..trainer.model_loading import BaseModel
-
     if isinstance(model, (str, os.PathLike)):
         # The checkpoint's own scheduler here; generate_candidates swaps in settings.scheduler.
         pipe, base = load_pipeline(model, config_dir=config_dir, device=device, dtype=dtype)
@@ -666,7 +436,7 @@ def _resolve_pipeline(model: Any, *, device, dtype, config_dir):
     if isinstance(model, BaseModel):
         pipe = build_pipeline(model, device=target, dtype=explicit_dtype)
         return pipe, _model_info(model)
-    if hasattr(model, "unet") and hasattr(model, "vae") and callable(model):
+    if pipeline_denoiser(model) is not None and hasattr(model, "vae") and callable(model):
         model.to(device=target, dtype=explicit_dtype)
         model.set_progress_bar_config(disable=True)
         return model, {"pipeline": type(model).__name__}

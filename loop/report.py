@@ -45,8 +45,11 @@ from typing import Any
 
 import numpy as np
 
-from ..safe_io import atomic_dir
+from ..image_files import load_image_file
+from ..rewards.score_table import ScoreTable
+from ..safe_io import atomic_dir, atomic_write_text
 from .evaluate import Evaluation, evaluate, grid_from_tables
+from .generate import read_candidates
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +116,6 @@ def write_variants_file(eval_dir: str | os.PathLike, variants: Sequence[Variant 
                         overwrite: bool = True) -> Path:
     """Write ``<eval_dir>/variants.json`` (atomically): the variants in report order, which one is
     the base, and a free-form config recorded in the report."""
-    from ..safe_io import atomic_write_text
 
     entries = [(v if isinstance(v, Variant) else Variant.from_dict(v)).to_dict() for v in variants]
     names = [entry["name"] for entry in entries]
@@ -135,8 +137,6 @@ def _scores_file(folder: Path) -> Path | None:
 
 def load_eval_dir(path: str | os.PathLike) -> EvalFolder:
     """Read an evaluation folder (layout in the module docstring)."""
-    from ..rewards.score_table import ScoreTable
-    from .generate import read_candidates
 
     path = Path(path)
     if not path.is_dir():
@@ -191,7 +191,6 @@ def load_eval_dir(path: str | os.PathLike) -> EvalFolder:
 
 def load_image(path: Path) -> np.ndarray:
     """[H,W,3] float32 in 0..1."""
-    from ..rewards.training_set import load_image_file
 
     return load_image_file(path).astype(np.float32) / 255.0
 

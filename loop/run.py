@@ -47,6 +47,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ..models.loading import model_source_paths
+from ..safe_io import atomic_write_text
+from ..trainer.training_loop import tree_identity
 from .config import LoopConfig
 from .stages import (
     EvalVariant,
@@ -142,7 +145,6 @@ def _digest(value: Any) -> str:
 def identity(*paths: Path) -> list:
     """What a step read: (relative path, size, mtime) rows of each file or folder (hidden files of
     unfinished writers left out). Cheap enough to compute on every run, even for big checkpoints."""
-    from ..trainer.train_lora import tree_identity
 
     return [[path.name, tree_identity(path)] for path in paths]
 
@@ -150,7 +152,6 @@ def identity(*paths: Path) -> list:
 def model_identity(config: LoopConfig) -> list:
     """The identity of what loading the base model reads: the checkpoint and, for a single file, the
     config folder in effect (``model_config_dir`` or a ``<stem>.configs/`` sidecar)."""
-    from ..trainer.model_loading import model_source_paths
 
     return identity(*model_source_paths(config.model.base_model, config.model.model_config_dir or None))
 
@@ -235,7 +236,6 @@ class Ledger:
             work: Callable[[], dict[str, Any] | None]) -> StepRecord:
         """Skip ``step`` when its marker matches (settings + inputs) and its outputs exist; else
         clear what an interrupted attempt left, run ``work()`` and write the marker."""
-        from ..safe_io import atomic_write_text
 
         config_fingerprint = _digest({"step": _stage_of(step), "settings": settings})
         fingerprint = _digest({"config": config_fingerprint, "inputs": inputs})
@@ -539,7 +539,6 @@ def run_loop(config: LoopConfig, *, overwrite: bool = False, show_progress: bool
     ``on_event``: called with a ``LoopEvent`` at each step's start / skip / end, on progress and for
     every trainer event; raising from it stops the loop (what finished stays finished).
     """
-    from ..safe_io import atomic_write_text
 
     started = time.monotonic()
     config = config.resolve_paths(Path.cwd())  # the training processes get absolute paths

@@ -26,6 +26,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..image_files import load_image_file
+from ..models.loading import load_base_model
+from ..models.pipelines import equal_weight_merge, resolve_device, resolve_dtype, single_lora
+from ..rewards.base import score_aspects
+from ..rewards.registry import get_scorer
+from ..rewards.score_table import ScoreTable, image_fingerprints
+from ..rewards.selection import select_best_per_prompt
+from ..safe_io import atomic_dir
+from ..trainer.launcher import LaunchOptions
+from ..trainer.lora_job import train_or_reuse
+from ..trainer.mix_diffusers import MixtureAdapters
+from ..trainer.mol_file import MOL_SUFFIX
+from ..trainer.train_gate import train_gate_or_reuse
+from ..training_set.folders import scan_replay_dir
+from ..training_set.writer import write_training_set as write_kohya_set
+from .config import MIXTURE_NAME, replay_count
+from .generate import generate_candidates, read_candidates
+from .report import Variant, read_report, report_from_eval_dir, write_variants_file
+
 logger = logging.getLogger(__name__)
 
 REPLAY_INDEX = "replay.jsonl"
@@ -64,9 +83,6 @@ class RoundPaths:
 
     @property
     def mixture(self) -> Path:
-        from ..trainer.mol_file import MOL_SUFFIX
-        from .config import MIXTURE_NAME
-
         return self.loras / f"{MIXTURE_NAME}{MOL_SUFFIX}"
 
     @property
@@ -87,8 +103,6 @@ class RoundPaths:
 
 def load_model(config, *, compute_hash: bool = False):
     """A fresh ``BaseModel`` of the config's checkpoint in the generation dtype."""
-    from ..trainer.model_loading import load_base_model
-    from .generate import resolve_device, resolve_dtype
 
     dtype = resolve_dtype(config.dtype, resolve_device(config.device))
     model = config.model
@@ -99,7 +113,6 @@ def load_model(config, *, compute_hash: bool = False):
 def round_adapters(kind: str, *, loras: Sequence[Path], mixture: Path | None, gate_mode: str = "dynamic"):
     """``adapters_for(base)`` for a variant kind: None (base), one LoRA, the equal-weight merge or
     the gated mixture."""
-    from .generate import equal_weight_merge, single_lora
 
     if kind == "base":
         return lambda base: None
@@ -111,7 +124,6 @@ def round_adapters(kind: str, *, loras: Sequence[Path], mixture: Path | None, ga
     if kind == "gated":
         if len(loras) == 1 and mixture is None:  # one aspect: its LoRA is the round's whole model
             return lambda base: single_lora(loras[0])
-        from ..trainer.mix_diffusers import MixtureAdapters
 
         return lambda base: MixtureAdapters(mixture, base, mode=gate_mode)
     raise ValueError(f"unknown variant kind {kind!r}")
@@ -124,7 +136,6 @@ def generate_images(config, out_dir: Path, prompts: Sequence[str], *, k: int | N
                     save_latents: bool = False, progress: ProgressCallback | None = None,
                     show_progress: bool = True) -> dict[str, Any]:
     """Sample ``prompts`` x seeds into ``out_dir`` (replacing an unfinished earlier attempt)."""
-    from .generate import generate_candidates
 
     base = load_model(config, compute_hash=save_latents)
     adapters = adapters_for(base) if adapters_for is not None else None
@@ -140,8 +151,6 @@ def generate_images(config, out_dir: Path, prompts: Sequence[str], *, k: int | N
 def build_scorers(config) -> dict[str, Any]:
     """{aspect: Scorer}. Errors (missing weights, a missing extra, a bad option) for every aspect are
     collected into one message."""
-    from ..rewards.registry import get_scorer
-    from .generate import resolve_device
 
     device = str(resolve_device(config.device))
     scorers, problems = {}, []
@@ -161,10 +170,6 @@ def score_folder(folder: Path, scorers: Mapping[str, Any], out_file: Path, *, ba
     from disk) and save the ScoreTable to ``out_file``."""
     import torch
 
-    from ..rewards.base import score_aspects
-    from ..rewards.score_table import ScoreTable, image_fingerprints
-    from ..rewards.training_set import load_image_file
-    from .generate import read_candidates
 
     records, _summary = read_candidates(folder)
     columns: dict[str, list[torch.Tensor]] = {aspect: [] for aspect in scorers}
@@ -198,33 +203,6 @@ def score_folder(folder: Path, scorers: Mapping[str, Any], out_file: Path, *, ba
 
 # -- filter -----------------------------------------------------------------------------------------------
 
-def scan_replay_dir(folder: str | os.PathLike) -> list[tuple[Path, str]]:
-    """(image, caption) pairs of a replay folder: every image with a ``.txt`` caption beside it, in
-    name order. Images without a caption are an error (kohya's regularisation folders work the same)."""
-    from ..rewards.training_set import IMAGE_FILE_EXTENSIONS
-
-    folder = Path(folder)
-    pairs, uncaptioned = [], []
-    for path in sorted(folder.iterdir()):
-        if not path.is_file() or path.suffix.lower() not in IMAGE_FILE_EXTENSIONS or path.name.startswith("."):
-            continue
-        caption_file = path.with_suffix(".txt")
-        if not caption_file.is_file():
-            uncaptioned.append(path.name)
-            continue
-        caption = " ".join(caption_file.read_text(encoding="utf-8").split())
-        if not caption:
-            uncaptioned.append(path.name)
-            continue
-        pairs.append((path, caption))
-    if uncaptioned:
-        raise ValueError(f"replay_dir {str(folder)!r}: {len(uncaptioned)} image(s) without a caption "
-                         f"(e.g. {uncaptioned[0]}); put <name>.txt with its caption beside each image")
-    if not pairs:
-        raise ValueError(f"replay_dir {str(folder)!r}: no captioned image (<name>.png + <name>.txt)")
-    return pairs
-
-
 def write_training_set(config, scores_file: Path, candidates: Path, out_dir: Path, *,
                        progress: ProgressCallback | None = None) -> dict[str, Any]:
     """Best image per prompt and aspect (above the aspect's threshold) -> a kohya training set, plus
@@ -232,12 +210,6 @@ def write_training_set(config, scores_file: Path, candidates: Path, out_dir: Pat
     aspect's folder, listed in ``replay.jsonl``."""
     from safetensors.torch import load_file
 
-    from ..rewards.score_table import ScoreTable
-    from ..rewards.selection import select_best_per_prompt
-    from ..rewards.training_set import write_training_set as write_kohya_set
-    from ..safe_io import atomic_dir
-    from .config import replay_count
-    from .generate import read_candidates
 
     table = ScoreTable.load(scores_file)
     thresholds = {aspect: config.thresholds.get(aspect, "none") for aspect in config.aspects}
@@ -257,7 +229,7 @@ def write_training_set(config, scores_file: Path, candidates: Path, out_dir: Pat
         metadata = {"vae_sha256": summary.get("vae_sha256") or ""}
     replay = scan_replay_dir(config.dataset.replay_dir) if config.dataset.replay_fraction > 0 else []
     with atomic_dir(out_dir, overwrite=True, what="training set") as temp:
-        # rewards.training_set publishes its own folder atomically; it is written inside this
+        # training_set.writer publishes its own folder atomically; it is written inside this
         # temporary folder and its contents moved up, so the replay images join it before the whole
         # set appears under its final name.
         written = write_kohya_set(temp, "selected", table, selection, images, repeats=config.dataset.repeats,
@@ -297,9 +269,6 @@ def training_environment(config) -> dict[str, str] | None:
 
 
 def launch_options(config):
-    from ..trainer.launcher import LaunchOptions
-    from .generate import resolve_device
-
     cpu = config.training.cpu or resolve_device(config.device).type == "cpu"
     return LaunchOptions(accelerate_config=config.training.accelerate_config or "auto", cpu=cpu)
 
@@ -308,7 +277,6 @@ def train_lora(config, aspect: str, paths: RoundPaths, *, on_event: TrainEventCa
                cancelled: threading.Event | None = None) -> dict[str, Any]:
     """One aspect's LoRA (``train_or_reuse``: a finished LoRA with the same inputs is reused, an
     interrupted one resumes from its last checkpoint)."""
-    from ..trainer.lora_job import train_or_reuse
 
     lora_config = config.lora_config(aspect=aspect, dataset_dir=str(paths.training_set), output_dir=str(paths.loras),
                                      work_dir=str(paths.runs / aspect), overwrite=True)
@@ -351,7 +319,6 @@ def _unless_cancelled(job, cancelled: threading.Event):
 def train_gate(config, paths: RoundPaths, loras: Mapping[str, Path], *, on_event: TrainEventCallback | None = None
                ) -> dict[str, Any]:
     """The Mixture-of-LoRA gate over this round's aspect LoRAs (``train_gate_or_reuse``)."""
-    from ..trainer.train_gate import train_gate_or_reuse
 
     gate_config = config.gate_config(loras=[str(p) for p in loras.values()], aspects=list(loras),
                                      dataset_dir=str(paths.training_set), output_dir=str(paths.loras),
@@ -376,8 +343,6 @@ class EvalVariant:
     label: str | None = None
 
     def report_variant(self):
-        from .report import Variant
-
         return Variant(name=self.name, dir=self.dir, kind=self.kind, aspect=self.aspect, label=self.label)
 
 
@@ -414,8 +379,6 @@ def evaluate_variant(config, variant: EvalVariant, paths: RoundPaths, scorers: M
 
 
 def write_variants(config, paths: RoundPaths, round_number: int) -> Path:
-    from .report import write_variants_file
-
     return write_variants_file(
         paths.eval, [v.report_variant() for v in evaluation_variants(config)], base="base",
         config={"round": round_number, "aspects": config.resolved_aspects(),
@@ -429,8 +392,6 @@ def write_variants(config, paths: RoundPaths, round_number: int) -> Path:
 # -- report -----------------------------------------------------------------------------------------------
 
 def write_report(config, paths: RoundPaths, round_number: int) -> dict[str, Any]:
-    from .report import read_report, report_from_eval_dir
-
     title = f"VersaT2I loop {config.name!r}, round {round_number}"
     evaluation = config.evaluation
     report_from_eval_dir(paths.eval, paths.report, overwrite=True, title=title,

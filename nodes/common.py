@@ -10,6 +10,8 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
+from ..trainer.launcher import LaunchOptions
+
 NODE_ID_PREFIX = "VersaT2I_"
 CATEGORY = "VersaT2I"
 
@@ -104,8 +106,6 @@ class TrainingHooks:
         return mm.cpu_state == mm.CPUState.CPU
 
     def launch_kwargs(self) -> dict:
-        from ..trainer.launcher import LaunchOptions
-
         return {"options": LaunchOptions(cpu=self.cpu_only()), "on_event": self.on_event,
                 "check_cancel": self.cancelled, "before_launch": self.free_device_memory}
 

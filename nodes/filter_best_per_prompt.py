@@ -21,7 +21,8 @@ import torch
 from comfy_api.latest import io
 from comfy_execution.graph_utils import ExecutionBlocker
 
-from ..rewards.base import ASPECTS, check_images
+from ..aspects import ASPECTS
+from ..rewards.base import check_images
 from ..rewards.score_table import ScoreTable
 from ..rewards.selection import (
     THRESHOLD_KINDS,

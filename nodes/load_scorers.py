@@ -7,7 +7,8 @@ from collections.abc import Mapping, Sequence
 
 from comfy_api.latest import io
 
-from ..rewards.base import ASPECTS, Scorer
+from ..aspects import ASPECTS
+from ..rewards.base import Scorer
 from ..rewards.cache import stamp_files
 from ..rewards.registry import DEFAULT_SCORERS, get_scorer, list_scorers
 from .common import Scorers, category, model_search_dirs, node_id

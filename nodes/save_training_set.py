@@ -17,8 +17,10 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..rewards.training_set import DEFAULT_REPEATS, TrainingSet, write_training_set
 from ..safe_io import confined_path
+from ..training_set.layout import DEFAULT_REPEATS
+from ..training_set.manifest import TrainingSet
+from ..training_set.writer import write_training_set
 from .common import Selection, category, node_id, progress_callback
 from .filter_best_per_prompt import FilteredScores
 

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from comfy_api.latest import io, ui
 
-from ..rewards.base import ASPECTS, Scorer, check_images, score_aspects
+from ..aspects import ASPECTS
+from ..rewards.base import Scorer, check_images, score_aspects
 from ..rewards.score_table import UNJUDGED_CELL, ScoreTable, image_fingerprints
 from .common import Candidates, Scorers, Scores, category, node_id, progress_callback
 

@@ -18,6 +18,11 @@ from comfy_api.latest import io
 
 from ..safe_io import confined_path, file_identity
 from ..trainer.config import LR_SCHEDULERS, MIXED_PRECISIONS, PREDICTION_TYPES, LoraTrainConfig
+from ..trainer.launcher import TrainingFailed
+from ..trainer.lora_job import train_or_reuse
+from ..trainer.loss_curve import render_loss_curve
+from ..trainer.train_lora import lora_run_fingerprint
+from ..training_set.layout import REPEATS_FOLDER
 from .common import TrainingHooks, category, node_id
 
 LORA_SUBFOLDER = "versat2i"  # every LoRA this node writes lives in models/loras/versat2i/
@@ -65,7 +70,6 @@ def resolve_paths(dataset: str, aspect: str, ckpt_name: str, lora_name: str) -> 
 
 def single_aspect(dataset_dir: Path, aspect: str) -> str:
     """``aspect``, or the dataset's only aspect when empty (an error naming them when there are several)."""
-    from ..trainer.kohya_dataset import REPEATS_FOLDER
 
     if aspect:
         return aspect
@@ -85,15 +89,11 @@ def build_config(paths: dict[str, Path], aspect: str, settings: dict[str, Any]) 
 
 
 def loss_curve_image(points: list[tuple[int, float]], title: str) -> torch.Tensor:
-    from ..trainer.loss_curve import render_loss_curve
-
     return torch.from_numpy(render_loss_curve(points, title=title)).float().div(255.0).unsqueeze(0)
 
 
 def train_aspect_lora(dataset: str, aspect: str, ckpt_name: str, lora_name: str, settings: dict[str, Any]):
     """Train (or reuse) the LoRA; returns (name relative to the loras folder, loss points, reused)."""
-    from ..trainer.launcher import TrainingFailed
-    from ..trainer.lora_job import train_or_reuse
 
     paths = resolve_paths(dataset, aspect, ckpt_name, lora_name)
     aspect = single_aspect(paths["dataset"], aspect)
@@ -222,8 +222,6 @@ class TrainAspectLora(io.ComfyNode):
         # ComfyUI caches outputs by inputs; the data, the checkpoint or the LoRA file can change on disk
         # with the same inputs, so they take part in the cache key.
         try:
-            from ..trainer.train_lora import lora_run_fingerprint
-
             paths = resolve_paths(dataset, aspect, ckpt_name, lora_name)
             config = build_config(paths, single_aspect(paths["dataset"], aspect), _settings(settings))
             lora = paths["lora"]

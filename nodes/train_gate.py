@@ -20,7 +20,9 @@ from comfy_api.latest import io
 from ..safe_io import confined_path, file_identity
 from ..trainer.config import MIXED_PRECISIONS
 from ..trainer.gate import BALANCE_KINDS, GRANULARITIES
+from ..trainer.launcher import TrainingFailed
 from ..trainer.mol_file import MOL_SUFFIX
+from ..trainer.train_gate import GateTrainConfig, gate_run_fingerprint, train_gate_or_reuse
 from .common import TrainingHooks, category, node_id
 from .train_aspect_lora import bad_combo_message, loss_curve_image
 
@@ -83,8 +85,6 @@ def resolve_paths(dataset: str, ckpt_name: str, loras: str, mol_name: str,
 
 
 def build_config(paths: dict[str, Any], settings: dict[str, Any]):
-    from ..trainer.train_gate import GateTrainConfig
-
     return GateTrainConfig(
         base_model=str(paths["checkpoint"]), dataset_dir=str(paths["dataset"]),
         loras=tuple(str(p) for p in paths["loras"]), output_dir=str(paths["root"]),
@@ -103,9 +103,6 @@ def mol_combo_name(mol: Path) -> str:
 
 def train_gate(dataset: str, ckpt_name: str, loras: str, mol_name: str, settings: dict[str, Any],
                linked: Iterable[str | None] = ()):
-    from ..trainer.launcher import TrainingFailed
-    from ..trainer.train_gate import train_gate_or_reuse
-
     paths = resolve_paths(dataset, ckpt_name, loras, mol_name, linked)
     config = build_config(paths, settings)
     hooks = TrainingHooks(config.max_train_steps)
@@ -212,8 +209,6 @@ class TrainGate(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, dataset: str, ckpt_name: str, loras: str, mol_name: str, **inputs) -> Any:
         try:
-            from ..trainer.train_gate import gate_run_fingerprint
-
             linked, settings = _split_linked(inputs)
             paths = resolve_paths(dataset, ckpt_name, loras, mol_name, linked)
             mol = paths["mol"]

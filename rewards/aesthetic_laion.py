@@ -17,18 +17,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..safe_io import sha256_file
 from .base import ScoringBatch
 from .cache import MODELS, stamp_files
 from .clip_backbone import OpenClipBackbone, OpenClipScorer, backbone_from_options
 from .registry import ScorerOptions
-from .weights import (
-    LAION_AESTHETIC_MLP,
-    WeightsFormatError,
-    describe_load_failure,
-    find_weights,
-    load_state_dict,
-    sha256_file,
-)
+from .weights import LAION_AESTHETIC_MLP, WeightsFormatError, describe_load_failure, find_weights, load_state_dict
 
 
 class AestheticMLP(nn.Module):

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-ASPECTS = ("aesthetics", "alignment", "geometry", "lowlevel")
+from ..aspects import ASPECTS  # noqa: F401  (re-exported: scorers name their aspect)
 
 ProgressCallback = Callable[[int, int], None]  # (images done, images total)
 

@@ -19,6 +19,8 @@ import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ..aspects import aspect_name_problem
+
 logger = logging.getLogger(__name__)
 
 PROMPT_SOURCES_HELP = (
@@ -80,27 +82,6 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     score.add_argument("--quiet", action="store_true", help="don't print the table")
     score.set_defaults(func=run_score)
 
-    build = subparsers.add_parser(
-        "build-dataset", help="scores + images -> kohya-style training set, best image per prompt and aspect",
-        description="Keep the best image of each prompt for each aspect (if it passes the aspect's "
-        "threshold) and write <out>/<name>/<repeats>_<aspect>/<id>.png + .txt, manifest.jsonl and dataset.json.",
-    )
-    build.add_argument("scores", type=Path, help="scores file written by `versat2i score --out` (.jsonl or .json)")
-    build.add_argument("--images", type=Path, required=True, help="the folder that was scored")
-    build.add_argument("--out", type=Path, required=True, help="folder that receives the training set folder")
-    build.add_argument("--name", required=True, help="training set folder name inside --out (sub-folders allowed)")
-    build.add_argument(
-        "--threshold", action="append", default=[], metavar="[ASPECT=]SPEC",
-        help="keep a prompt's best image only if it passes: 'none' (default: always keep), a score "
-        "('5.5', kept when >=), or a percentile of all the aspect's scores ('p75' or '75%%', kept when "
-        ">=). Without ASPECT= it applies to every aspect; repeatable",
-    )
-    build.add_argument("--repeats", action="append", default=[], metavar="[ASPECT=]N",
-                       help="kohya repeats per aspect folder (default 10); repeatable")
-    build.add_argument("--aspects", help="comma-separated aspects to build (default: every scored aspect)")
-    build.add_argument("--overwrite", action="store_true", help="replace an existing training set of that name")
-    build.set_defaults(func=run_build_dataset)
-
 
 def _default_scorers() -> dict[str, str]:
     from .registry import DEFAULT_SCORERS
@@ -109,7 +90,7 @@ def _default_scorers() -> dict[str, str]:
 
 
 def _image_extensions() -> tuple[str, ...]:
-    from .training_set import IMAGE_FILE_EXTENSIONS
+    from ..image_files import IMAGE_FILE_EXTENSIONS
 
     return IMAGE_FILE_EXTENSIONS
 
@@ -213,8 +194,9 @@ def parse_aspects(specs: Sequence[str]) -> dict[str, str]:
     for spec in specs:
         aspect, _, scorer = spec.partition("=")
         aspect, scorer = aspect.strip(), scorer.strip()
-        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", aspect):
-            raise ValueError(f"--aspect {spec!r}: the aspect name must be letters, digits, '_', '-' or '.'")
+        problem = aspect_name_problem(aspect, what=f"--aspect {spec!r}: aspect")
+        if problem:
+            raise ValueError(problem)
         if aspect in aspects:
             raise ValueError(f"--aspect {spec!r}: aspect {aspect!r} given twice")
         if not scorer:
@@ -302,7 +284,7 @@ def _check_out(out: Path | None, overwrite: bool) -> None:
         raise TargetExistsError(f"--out {str(out)!r} already exists; choose another name or pass --overwrite")
 
 
-def _tqdm_progress(total: int, description: str) -> tuple[Callable[[int, int], None], Callable[[], None]]:
+def tqdm_progress(total: int, description: str) -> tuple[Callable[[int, int], None], Callable[[], None]]:
     from tqdm import tqdm
 
     bar = tqdm(total=total, unit="img", desc=description, disable=None)  # None: off when not a terminal
@@ -328,9 +310,9 @@ def score_folder(
     ``pixels_sha256``."""
     import torch
 
+    from ..image_files import load_image_file
     from .base import AspectScores, score_aspects
     from .score_table import pixels_sha256
-    from .training_set import load_image_file
 
     size = chunk_size or min(s.chunk_size for s in scorers.values())
     if size < 1:
@@ -362,9 +344,9 @@ def score_folder(
 # -- commands -------------------------------------------------------------------------------------
 
 def run_score(args: argparse.Namespace) -> int:
+    from ..image_files import check_image_file
     from .registry import get_scorer
     from .score_table import ScoreTable
-    from .training_set import check_image_file
 
     # Cheap checks first, so a typo fails before any model loads.
     _check_out(args.out, args.overwrite)
@@ -396,7 +378,7 @@ def run_score(args: argparse.Namespace) -> int:
             built[key] = get_scorer(name, search_dirs=args.models_dir, device=device, **options)
         scorers[aspect] = built[key]
 
-    update, close = _tqdm_progress(len(images), "scoring")
+    update, close = tqdm_progress(len(images), "scoring")
     try:
         results, fingerprints = score_folder(images, inputs["prompts"], scorers, chunk_size=args.chunk_size,
                                              device=device, progress=update)
@@ -411,86 +393,4 @@ def run_score(args: argparse.Namespace) -> int:
     if args.out is not None:
         table.save(args.out, overwrite=args.overwrite)
         logger.info("wrote %d image scores to %s", len(table), args.out)
-    return 0
-
-
-def _split_specs(specs: Sequence[str], flag: str) -> tuple[str | None, dict[str, str]]:
-    """``["p50", "aesthetics=5.5"]`` -> (default "p50", {"aesthetics": "5.5"})."""
-    default, per_aspect = None, {}
-    for spec in specs:
-        aspect, sep, value = spec.partition("=")
-        if not sep:
-            if default is not None:
-                raise ValueError(f"{flag} {spec!r}: a value for every aspect was already given ({default!r})")
-            default = spec.strip()
-        else:
-            if aspect.strip() in per_aspect:
-                raise ValueError(f"{flag} {spec!r}: aspect {aspect.strip()!r} given twice")
-            per_aspect[aspect.strip()] = value.strip()
-    return default, per_aspect
-
-
-def run_build_dataset(args: argparse.Namespace) -> int:
-    from ..safe_io import confined_path
-    from .score_table import ScoreTable
-    from .selection import Threshold, select_best_per_prompt
-    from .training_set import DEFAULT_REPEATS, write_training_set
-
-    table = ScoreTable.load(args.scores)
-    aspects = table.aspects
-    if args.aspects:
-        aspects = [a.strip() for a in args.aspects.split(",") if a.strip()]
-        unknown = [a for a in aspects if a not in table.scores]
-        if unknown or not aspects:
-            raise ValueError(
-                f"--aspects {args.aspects!r}: not scored: {unknown}; scored aspects: {', '.join(table.aspects)}"
-            )
-
-    default_threshold, per_aspect_threshold = _split_specs(args.threshold, "--threshold")
-    default_repeats, per_aspect_repeats = _split_specs(args.repeats, "--repeats")
-    for flag, given in (("--threshold", per_aspect_threshold), ("--repeats", per_aspect_repeats)):
-        unknown = [a for a in given if a not in aspects]
-        if unknown:
-            raise ValueError(f"{flag}: aspect(s) {unknown} are not being built; aspects: {', '.join(aspects)}")
-    thresholds = {a: Threshold.parse(per_aspect_threshold.get(a, default_threshold)) for a in aspects}
-
-    def whole_number(text: str, aspect: str) -> int:
-        try:
-            return int(text)
-        except ValueError:
-            raise ValueError(f"--repeats for {aspect!r}: {text!r} is not a whole number") from None
-
-    repeats = {
-        a: whole_number(per_aspect_repeats.get(a, default_repeats or str(DEFAULT_REPEATS)), a) for a in aspects
-    }
-
-    if not args.images.is_dir():
-        raise FileNotFoundError(f"--images folder {str(args.images)!r} not found")
-    needed = set()
-    selection = select_best_per_prompt(table, thresholds, aspects=aspects)
-    for chosen in selection.aspects.values():
-        needed.update(chosen.kept)
-    paths: list[Path | None] = [None] * len(table)
-    for row, image_id in enumerate(table.image_ids):
-        if image_id is None:
-            raise ValueError(
-                f"{args.scores}: image {row} has no image_id (file name); build-dataset needs scores written by "
-                "`versat2i score`"
-            )
-        paths[row] = confined_path(args.images, image_id, what=f"{args.scores}: image_id of image {row}")
-        if row in needed and not paths[row].is_file():
-            raise FileNotFoundError(
-                f"image {image_id!r} (from {args.scores}) not found in --images {str(args.images)!r}"
-            )
-
-    update, close = _tqdm_progress(sum(len(s.kept) for s in selection.aspects.values()), "writing")
-    try:
-        written = write_training_set(
-            args.out, args.name, table, selection, paths, repeats=repeats, overwrite=args.overwrite,
-            extra_summary={"scores_file": str(args.scores)}, progress=update,
-        )
-    finally:
-        close()
-    print(selection.summary())
-    print(f"training set: {written.path} ({len(written.entries)} images)")
     return 0

@@ -29,10 +29,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..safe_io import sha256_file
 from . import weights
 from .base import Scorer, ScoringBatch
 from .cache import MODELS, stamp_files
-from .weights import WeightFile, combine_hashes, describe_load_failure, find_weights, sha256_file
+from .weights import WeightFile, combine_hashes, describe_load_failure, find_weights
 
 logger = logging.getLogger(__name__)
 

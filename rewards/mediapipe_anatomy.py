@@ -58,9 +58,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..safe_io import sha256_file
 from .base import Scorer, ScoringBatch
 from .registry import ScorerOptions
-from .weights import combine_hashes, sha256_file
+from .weights import combine_hashes
 
 logger = logging.getLogger(__name__)
 

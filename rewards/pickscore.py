@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..safe_io import sha256_file
 from .base import Scorer, ScoringBatch
 from .cache import MODELS, stamp_files
 from .clip_backbone import CPU_CHUNK_SIZE, PromptEmbeddingCache, TensorPreprocess, _pair
@@ -35,7 +36,6 @@ from .weights import (
     combine_hashes,
     describe_load_failure,
     find_weights,
-    sha256_file,
     weight_files_in,
 )
 
@@ -99,9 +99,8 @@ def _embedding(output) -> torch.Tensor:
 
 
 def load_pickscore(model_dir: Path, processor_dir: Path) -> PickScoreModel:
-    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
-
     from safetensors import SafetensorError
+    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
     try:
         model = CLIPModel.from_pretrained(str(model_dir), local_files_only=True)

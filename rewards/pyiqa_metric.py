@@ -62,6 +62,7 @@ from typing import Any
 
 import torch
 
+from ..safe_io import sha256_file
 from .base import ImageBatchError, Scorer, ScoringBatch
 from .cache import MODELS, stamp_files
 from .registry import ScorerOptions
@@ -71,7 +72,6 @@ from .weights import (
     describe_load_failure,
     find_weights,
     load_state_dict,
-    sha256_file,
     torch_load_weights_only,
 )
 

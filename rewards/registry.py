@@ -11,17 +11,21 @@ options from ``options.extra`` (``get_scorer(name, clip_weights=...)``) and refu
 ``_weights``, ``_model`` or ``_processor`` (``is_path_option``; the CLI resolves those as paths).
 ``get_scorer`` caches the scorers it builds (see ``cache.py``): asking again for the same scorer
 returns the same object, and scorers on one weight file share one model.
+
+Scorers outside this package (the embedded demo world's, a user's own) join with
+``register_scorer``; this module names none of them.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..aspects import ASPECTS
 from . import cache as scorer_cache
-from .base import ASPECTS, Scorer
+from .base import Scorer
 from .weights import resolve_search_dirs
 
 
@@ -47,7 +51,9 @@ class ScorerOptions:
 
 @dataclass(frozen=True)
 class ScorerEntry:
-    factory: str  # "module:function", relative to this package
+    # "module:function" relative to this package (imported when the scorer is built), or the factory
+    # itself for scorers registered from outside the package
+    factory: str | Callable[[ScorerOptions], Scorer]
     aspect: str  # the aspect this scorer measures by default
     summary: str
     needs: str = ""  # extra / weights it needs, for listings and error messages
@@ -99,11 +105,6 @@ SCORERS: dict[str, ScorerEntry] = {
         ":noise",
         variants=("sharpness", "contrast", "colourfulness", "brightness", "exposure", "noise"),
     ),
-    "demo": ScorerEntry(
-        "..demo.rewards:make_scorer", "alignment",
-        "the embedded demo world's analytic rewards: demo:alignment, :geometry, :aesthetics, :lowlevel",
-        variants=("alignment", "geometry", "aesthetics", "lowlevel"),
-    ),
 }
 
 # The scorer used for an aspect when none is named. Low-level quality defaults to the permissively
@@ -128,6 +129,17 @@ def is_path_option(key: str) -> bool:
 def split_name(name: str) -> tuple[str, str | None]:
     base, _, variant = name.strip().partition(":")
     return base, (variant or None)
+
+
+def register_scorer(scorer_id: str, entry: ScorerEntry) -> None:
+    """Add a scorer family under ``scorer_id`` (e.g. the demo world's ``demo:<aspect>``). Registering
+    the same entry again is a no-op; another entry under a taken id is an error."""
+    if ":" in scorer_id or not scorer_id.strip():
+        raise ValueError(f"scorer id {scorer_id!r}: a non-empty name without ':'")
+    existing = SCORERS.get(scorer_id)
+    if existing is not None and existing != entry:
+        raise ValueError(f"scorer id {scorer_id!r} is already registered to another scorer")
+    SCORERS[scorer_id] = entry
 
 
 def list_scorers() -> list[str]:
@@ -160,14 +172,16 @@ def get_scorer(
     if variant is not None and not entry.variants:
         # A variant the factory would ignore must not be recorded as if it meant something.
         raise ValueError(f"scorer {scorer_id!r} has no variants (got {name!r}); use {scorer_id!r}")
-    module_name, _, function_name = entry.factory.partition(":")
     options = ScorerOptions(
         search_dirs=resolve_search_dirs(search_dirs), device=str(device), variant=variant, extra=dict(extra)
     )
 
     def build() -> Scorer:
-        module = importlib.import_module(module_name, __package__)
-        return getattr(module, function_name)(options)
+        factory = entry.factory
+        if isinstance(factory, str):
+            module_name, _, function_name = factory.partition(":")
+            factory = getattr(importlib.import_module(module_name, __package__), function_name)
+        return factory(options)
 
     key = _cache_key(scorer_id, options) if cache else None
     if key is None:

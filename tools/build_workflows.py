@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from versat2i.aspects import ASPECTS
+
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = REPO / "workflows"
 SNAPSHOT = REPO / "tests" / "data" / "object_info.json"
@@ -297,7 +299,6 @@ a lighthouse on a cliff above a stormy sea
 a cosy reading corner with a green armchair"""
 
 NEGATIVE = "blurry, low quality, watermark, text"
-ASPECTS = ("aesthetics", "alignment", "geometry", "lowlevel")
 TRAINING = {"steps": 500, "learning_rate": 1e-4, "rank": 16, "alpha": 16.0, "batch_size": 1, "resolution": 512,
             "seed": 0}
 

@@ -103,7 +103,7 @@ def _run_training_command(args, command, config_class, example_required, *, prog
         raise ValueError(f"--config: give the {config_class.__name__} file (see `versat2i {command} --print-config`)")
     config = config_class.load(args.config)
     config.validate()  # a bad setting is one error line, before anything starts
-    from .kohya_dataset import scan_training_set
+    from ..training_set.folders import scan_training_set
 
     scan_training_set(config.dataset_dir, aspect_of(config))  # empty / unreadable data fails here, not in the child
 
@@ -190,10 +190,10 @@ def add_mix_subcommand(subparsers: argparse._SubParsersAction) -> None:
 def run_mix(args: argparse.Namespace) -> int:
     import torch
 
-    from ..loop.generate import build_pipeline, resolve_device
+    from ..models.loading import load_base_model
+    from ..models.pipelines import build_pipeline, resolve_device
     from ..safe_io import atomic_file
     from .mix_diffusers import load_mixture, prompt_context
-    from .model_loading import load_base_model
     from .mol_file import read_mol
 
     # the aspects first (a header read): a misspelt name fails before the base model loads

@@ -12,124 +12,21 @@ and the fix, so a user edits the file once.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import hashlib
-import json
 import math
 import os
-import sys
-import typing
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, ClassVar, TypeVar
+from typing import ClassVar
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - python 3.10
-    import tomli as tomllib
+from ..aspects import aspect_name_problem
+from ..config_file import ConfigFile, require_at_least, require_choice, require_positive
+from ..models.architectures import ARCHITECTURE_NAMES
 
-ConfigT = TypeVar("ConfigT", bound="ConfigFile")
-
-ARCHITECTURES = ("auto", "sd15", "sd2", "sdxl")
+ARCH_CHOICES = ("auto", *ARCHITECTURE_NAMES)
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction", "sample")
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 # diffusers.optimization.SchedulerType values (kept here so validation needs no diffusers import).
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 LORA_FILE_SUFFIX = ".safetensors"
-
-
-class ConfigFile:
-    """TOML/JSON I/O, strict parsing and fingerprints for the frozen config dataclasses below."""
-
-    # Fields that change where or how a run is stored, not what it learns (left out of fingerprints).
-    NON_RESULT_FIELDS: ClassVar[frozenset[str]] = frozenset()
-
-    # -- dict ------------------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-    @classmethod
-    def from_dict(cls: type[ConfigT], data: dict[str, Any], *, source: str = "config") -> ConfigT:
-        """Build from a mapping; unknown keys and wrong types are errors that name the key."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(fields))
-        if unknown:
-            hints = []
-            for key in unknown:
-                close = difflib.get_close_matches(key, list(fields), n=1)
-                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise ValueError(f"{source}: unknown setting(s) {', '.join(hints)}; known settings: {', '.join(fields)}")
-        hints_by_name = typing.get_type_hints(cls)
-        values, problems = {}, []
-        for name, value in data.items():
-            try:
-                values[name] = _coerce(value, hints_by_name[name])
-            except (TypeError, ValueError) as exc:
-                problems.append(f"{name}: {exc}")
-        missing = [
-            name for name, f in fields.items()
-            if name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        ]
-        problems += [f"{name}: required setting is missing" for name in missing]
-        if problems:
-            raise ValueError(f"{source}: " + "; ".join(problems))
-        return cls(**values)
-
-    def replace(self: ConfigT, **changes: Any) -> ConfigT:
-        return dataclasses.replace(self, **changes)
-
-    # -- files -----------------------------------------------------------------------------------
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
-
-    @classmethod
-    def from_json(cls: type[ConfigT], text: str, *, source: str = "config") -> ConfigT:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{source}: not valid JSON ({exc})") from exc
-        if not isinstance(data, dict):
-            raise ValueError(f"{source}: expected a JSON object of settings")
-        return cls.from_dict(data, source=source)
-
-    def to_toml(self) -> str:
-        return dump_flat_toml(self.to_dict())
-
-    @classmethod
-    def from_toml(cls: type[ConfigT], text: str, *, source: str = "config") -> ConfigT:
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"{source}: not valid TOML ({exc})") from exc
-        return cls.from_dict(data, source=source)
-
-    @classmethod
-    def load(cls: type[ConfigT], path: str | os.PathLike) -> ConfigT:
-        """Read ``.toml`` or ``.json`` (by extension)."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        text = path.read_text(encoding="utf-8")
-        if path.suffix.lower() == ".json":
-            return cls.from_json(text, source=str(path))
-        return cls.from_toml(text, source=str(path))
-
-    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        """Write ``.toml`` or ``.json`` (by extension), atomically (``safe_io``: a hidden temporary,
-        removed if the write fails, then a rename). An existing file is replaced only with ``overwrite``."""
-        from ..safe_io import atomic_write_text
-
-        path = Path(path)
-        text = self.to_json() if path.suffix.lower() == ".json" else self.to_toml()
-        return atomic_write_text(path, text, overwrite=overwrite, what="config file")
-
-    # -- identity --------------------------------------------------------------------------------
-    def fingerprint(self, **extra: Any) -> str:
-        """sha256 over the fields that change the trained result (plus ``extra``, e.g. file hashes)."""
-        payload = {k: v for k, v in self.to_dict().items() if k not in self.NON_RESULT_FIELDS}
-        payload["__class__"] = type(self).__name__
-        payload.update({f"extra:{k}": v for k, v in extra.items()})
-        blob = json.dumps(payload, sort_keys=True, default=str).encode("utf-8")
-        return hashlib.sha256(blob).hexdigest()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -138,7 +35,7 @@ class TrainingRunConfig(ConfigFile):
 
     # what to start from and learn on
     base_model: str  # diffusers folder or single-file checkpoint (.safetensors)
-    arch: str = "auto"  # auto | sd15 | sd2 | sdxl
+    arch: str = "auto"  # auto (detect) or a family of models/architectures.py
     prediction_type: str = "auto"  # auto (from the model) | epsilon | v_prediction | sample
     model_config_dir: str = ""  # diffusers configs for a single-file checkpoint ("" = the shipped ones)
     dataset_dir: str  # <root>/<name> written by Save Training Set
@@ -182,17 +79,17 @@ class TrainingRunConfig(ConfigFile):
     def problems(self, *, check_paths: bool = True) -> list[str]:
         """Every problem with the settings, each naming the field and the fix (empty = valid)."""
         p: list[str] = []
-        _choice(p, "arch", self.arch, ARCHITECTURES)
-        _choice(p, "prediction_type", self.prediction_type, PREDICTION_TYPES)
-        _choice(p, "mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
-        _choice(p, "lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
+        require_choice(p, "arch", self.arch, ARCH_CHOICES)
+        require_choice(p, "prediction_type", self.prediction_type, PREDICTION_TYPES)
+        require_choice(p, "mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
+        require_choice(p, "lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
         for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"):
-            _at_least(p, name, getattr(self, name), 1)
+            require_at_least(p, name, getattr(self, name), 1)
         for name in ("lr_warmup_steps", "dataloader_num_workers", "checkpoints_total_limit", "seed"):
-            _at_least(p, name, getattr(self, name), 0)
-        _positive_float(p, "learning_rate", self.learning_rate)
-        _positive_float(p, "adam_epsilon", self.adam_epsilon)
-        _positive_float(p, "max_grad_norm", self.max_grad_norm)
+            require_at_least(p, name, getattr(self, name), 0)
+        require_positive(p, "learning_rate", self.learning_rate)
+        require_positive(p, "adam_epsilon", self.adam_epsilon)
+        require_positive(p, "max_grad_norm", self.max_grad_norm)
         for name in ("adam_beta1", "adam_beta2"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
@@ -285,8 +182,8 @@ class LoraTrainConfig(ImageTrainingConfig):
 
     def problems(self, *, check_paths: bool = True) -> list[str]:
         p = super().problems(check_paths=check_paths)
-        _at_least(p, "rank", self.rank, 1)
-        _positive_float(p, "alpha", self.alpha)
+        require_at_least(p, "rank", self.rank, 1)
+        require_positive(p, "alpha", self.alpha)
         if not 0.0 <= self.dropout < 1.0:
             p.append(f"dropout={self.dropout}: must be in [0, 1)")
         if not math.isfinite(self.text_encoder_lr) or self.text_encoder_lr < 0:
@@ -298,8 +195,10 @@ class LoraTrainConfig(ImageTrainingConfig):
         if self.cache_text_embeddings and self.train_text_encoder:
             p.append("cache_text_embeddings with train_text_encoder: a trained text encoder changes the "
                      "embeddings every step; turn one off")
-        if any(c in self.aspect for c in "/\\") or self.aspect in (".", ".."):
-            p.append(f"aspect={self.aspect!r}: an aspect name, not a path")
+        if self.aspect:
+            problem = aspect_name_problem(self.aspect, what="aspect=")
+            if problem:
+                p.append(problem)
         return p
 
 
@@ -341,89 +240,3 @@ def output_name_problem(name: str) -> str | None:
     return None
 
 
-def _choice(p: list[str], name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        p.append(f"{name}={value!r}: must be one of {', '.join(choices)}")
-
-
-def _at_least(p: list[str], name: str, value: int, minimum: int) -> None:
-    if value < minimum:
-        p.append(f"{name}={value}: must be >= {minimum}")
-
-
-def _positive_float(p: list[str], name: str, value: float) -> None:
-    if not math.isfinite(value) or value <= 0:
-        p.append(f"{name}={value}: must be a positive number")
-
-
-# Public names for configs that subclass TrainingRunConfig (the gate trainer's).
-require_choice, require_at_least, require_positive = _choice, _at_least, _positive_float
-
-
-def _coerce(value: Any, hint: Any) -> Any:
-    """Strict scalar coercion for settings read from TOML/JSON (ints are accepted for floats)."""
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise TypeError(f"expected true/false, got {value!r}")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise TypeError(f"expected an integer, got {value!r}")
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)  # "1e-4" written as a string
-            except ValueError:
-                pass
-        raise TypeError(f"expected a number, got {value!r}")
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, os.PathLike):
-            return os.fspath(value)
-        raise TypeError(f"expected a string, got {value!r}")
-    origin = typing.get_origin(hint)
-    if origin in (tuple, list):
-        (item,) = set(typing.get_args(hint)) - {Ellipsis} or {str}
-        if not isinstance(value, (list, tuple)):
-            raise TypeError(f"expected a list, got {value!r}")
-        return origin(_coerce(v, item) for v in value)
-    return value
-
-
-def dump_flat_toml(data: dict[str, Any]) -> str:
-    """TOML for a flat table of scalars and lists of scalars; ``None`` values are left out.
-
-    Written by hand because the standard library only reads TOML (``tomllib``) and a writer
-    dependency for ~20 lines of flat keys is not worth it; ``from_toml`` round-trips it (tested).
-    """
-    lines = []
-    for key, value in data.items():
-        if value is None:
-            continue
-        lines.append(f"{key} = {_toml_value(value)}")
-    return "\n".join(lines) + "\n"
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, (str, os.PathLike)):
-        # JSON string escapes are valid TOML basic-string escapes; TOML also forbids a raw DEL.
-        return json.dumps(os.fspath(value), ensure_ascii=False).replace("\x7f", "\\u007f")
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML: {value!r}")

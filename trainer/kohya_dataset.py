@@ -19,114 +19,16 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import re
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ..image_files import load_image_file
+from ..training_set.folders import TrainingImage
+
 logger = logging.getLogger(__name__)
-
-# kohya's folder convention: "<repeats>_<name>", e.g. "10_aesthetics".
-REPEATS_FOLDER = re.compile(r"^(\d+)_(.+)$")
-GENERATION_LATENTS_SUFFIX = ".latents.safetensors"
-
-
-@dataclass(frozen=True)
-class TrainingImage:
-    id: str
-    image_path: Path
-    caption: str
-    aspect: str
-    repeats: int
-    size: tuple[int, int]  # (width, height) of the file
-    latents_path: Path | None = None  # generation-time latents next to the image, if any
-
-
-# -- reading the folder ----------------------------------------------------------------------------
-
-def scan_training_set(dataset_dir: str | os.PathLike, aspect: str = "") -> list[TrainingImage]:
-    """Every image of ``aspect`` (all aspects when empty) with its caption and repeat count.
-
-    Raises ValueError naming the folder or file for: a missing folder, no ``<repeats>_<aspect>``
-    folder, no images, an unreadable image, or an image with neither a ``.txt`` caption nor a
-    manifest caption.
-    """
-    root = Path(dataset_dir)
-    if not root.is_dir():
-        raise ValueError(f"dataset {root}: no such folder; give the folder Save Training Set wrote")
-    folders = []
-    for child in sorted(root.iterdir()):
-        match = REPEATS_FOLDER.match(child.name)
-        if child.is_dir() and match:
-            folders.append((child, int(match.group(1)), match.group(2)))
-    if not folders:
-        raise ValueError(f"dataset {root}: no '<repeats>_<aspect>' folders (e.g. '10_aesthetics'); "
-                         "is this a training-set folder?")
-    known_aspects = sorted({name for _, _, name in folders})
-    if aspect:
-        folders = [f for f in folders if f[2] == aspect]
-        if not folders:
-            raise ValueError(f"dataset {root}: no folder for aspect {aspect!r}; it has {', '.join(known_aspects)}")
-    manifest_captions = _manifest_captions(root)
-    from ..rewards.training_set import IMAGE_FILE_EXTENSIONS
-
-    images: list[TrainingImage] = []
-    for folder, repeats, folder_aspect in folders:
-        if repeats < 1:
-            logger.warning("skipping %s: 0 repeats", folder)
-            continue
-        for path in sorted(folder.iterdir()):
-            if path.suffix.lower() not in IMAGE_FILE_EXTENSIONS or not path.is_file():
-                continue
-            caption = _read_caption(path, manifest_captions)
-            images.append(TrainingImage(
-                id=path.stem, image_path=path, caption=caption, aspect=folder_aspect, repeats=repeats,
-                size=_checked_image_size(path),
-                latents_path=_existing(path.with_name(path.stem + GENERATION_LATENTS_SUFFIX)),
-            ))
-    if not images:
-        where = ", ".join(str(f[0].name) for f in folders)
-        raise ValueError(f"dataset {root}: no images ({'/'.join(IMAGE_FILE_EXTENSIONS)}) in {where}; the training set "
-                         "is empty (did every candidate fall below the threshold?)")
-    return images
-
-
-def _manifest_captions(root: Path) -> dict[str, str]:
-    """image path (relative, '/'-separated) -> caption from manifest.jsonl (empty if there is none)."""
-    from ..rewards.training_set import MANIFEST_NAME, read_manifest
-
-    if not (root / MANIFEST_NAME).is_file():
-        return {}
-    return {Path(entry.file).as_posix(): entry.caption for entry in read_manifest(root)}
-
-
-def _read_caption(image_path: Path, manifest_captions: dict[str, str]) -> str:
-    caption_path = image_path.with_suffix(".txt")
-    if caption_path.is_file():
-        return caption_path.read_text(encoding="utf-8").strip()
-    relative = f"{image_path.parent.name}/{image_path.name}"  # as the manifest's "file" field
-    if relative in manifest_captions:
-        return manifest_captions[relative].strip()
-    raise ValueError(f"image {image_path}: no caption; add {caption_path.name} next to it (kohya layout)")
-
-
-def _checked_image_size(path: Path) -> tuple[int, int]:
-    """(width, height), after decoding the whole file once: a damaged image fails here, before
-    anything is written, not hours into training."""
-    from ..rewards.training_set import load_image_file
-
-    height, width = load_image_file(path, what="training image").shape[:2]
-    return width, height
-
-
-def _existing(path: Path) -> Path | None:
-    return path if path.is_file() else None
-
 
 # -- buckets ---------------------------------------------------------------------------------------
 
@@ -203,8 +105,6 @@ class KohyaDataset(torch.utils.data.Dataset):
         return sum(im.repeats for im in self.images)
 
     def load_pixels(self, index: int, flip: bool = False) -> tuple[torch.Tensor, tuple[int, int]]:
-        from ..rewards.training_set import load_image_file
-
         item = self.images[index]
         image = Image.fromarray(load_image_file(item.image_path, what="training image"))
         image, crop_top_left = fit_to_bucket(image, self.bucket_of[index])

@@ -23,8 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..models.loading import detect_checkpoint_architecture
+from ..safe_io import confined_path
+from ..training_set.folders import scan_training_set
 from .config import LoraTrainConfig
-from .launcher import LaunchOptions, TrainingFailed, run_training
+from .launcher import TRAIN_LORA_PROGRAM, LaunchOptions, TrainingFailed, run_training
+from .train_lora import lora_run_fingerprint
+from .training_loop import checkpoint_dirs
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +90,6 @@ def check_base_model(config: LoraTrainConfig) -> None:
         return  # diffusers folders and legacy .ckpt files are checked by the loader in the child
     from safetensors import safe_open
 
-    from .model_loading import detect_checkpoint_arch
 
     try:
         handle_context = safe_open(str(path), framework="pt")
@@ -93,7 +97,7 @@ def check_base_model(config: LoraTrainConfig) -> None:
         raise ValueError(f"base_model {path}: cannot read this checkpoint ({type(exc).__name__}: {exc}); "
                          "the file is damaged or not a .safetensors model") from exc
     with handle_context as handle:
-        detected = detect_checkpoint_arch(_LazyStateDict(handle), name=str(path))
+        detected = detect_checkpoint_architecture(_LazyStateDict(handle), name=str(path)).name
     if config.arch not in ("auto", detected):
         raise ValueError(f"base_model {path}: arch={config.arch!r} was requested but the checkpoint is {detected}")
 
@@ -114,7 +118,6 @@ def with_run_folder(config, runs_root: str | Path, run_name: str, fingerprint: s
     """``config`` with its work folder ``<runs_root>/<run_name>-<fingerprint[:12]>``: one per set of
     inputs, so a cancelled run resumes when queued again and a changed setting never resumes another
     run's checkpoints."""
-    from ..safe_io import confined_path
 
     return config.replace(work_dir=str(confined_path(runs_root, f"{run_name}-{fingerprint[:12]}", what=what)))
 
@@ -126,7 +129,6 @@ def launch_in_work_dir(config, *, program: str, options: LaunchOptions | None = 
     """Save ``config`` into its work folder and run ``program`` on it in a child process, resuming the
     folder's latest checkpoint. A failed run that produced no checkpoint leaves no work folder behind
     (a folder with checkpoints is kept: the next run resumes from it)."""
-    from .train_lora import checkpoint_dirs
 
     work_dir = Path(config.work_dir)
     created = not work_dir.exists()
@@ -149,8 +151,6 @@ def prepare_lora_job(config: LoraTrainConfig, runs_root: str | Path | None = Non
     """(config with its work folder and ``mixed_precision`` resolved, fingerprint, finished result or
     None). ``cpu``: the child will be forced onto the CPU (``LaunchOptions.cpu``). Raises ValueError
     for bad settings or data, and when the output exists from other inputs without ``overwrite``."""
-    from .kohya_dataset import scan_training_set
-    from .train_lora import lora_run_fingerprint
 
     config.validate(check_paths=False)
     # Resolved here, where the launch options are known, and handed to the child as given: both
@@ -175,7 +175,6 @@ def train_or_reuse(config: LoraTrainConfig, *, runs_root: str | Path | None = No
                    before_launch: Callable[[], None] | None = None, on_start=None) -> LoraJobResult:
     """The finished LoRA for ``config``: reused when its fingerprint matches, else trained (resuming
     the latest checkpoint of an earlier, interrupted run with the same inputs)."""
-    from .launcher import TRAIN_LORA_PROGRAM
 
     config, _fingerprint, finished = prepare_lora_job(config, runs_root, cpu=True if options and options.cpu else None)
     if finished is not None:

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from ..models.loading import encode_prompts
+from ..models.lora_files import KOHYA_DENOISER, get_lora_target, kohya_to_peft, load_kohya_lora
 from .gate import (
     ExpertLoRA,
     MixtureGate,
@@ -33,6 +35,7 @@ from .gate import (
     mixture_delta,
     stack_experts,
 )
+from .mol_file import load_mol
 
 logger = logging.getLogger(__name__)
 
@@ -44,13 +47,13 @@ class MixtureLayer:
     """One adapted module of a diffusers base model with every aspect LoRA's factors."""
 
     name: str  # kohya module name (what the MoL file records)
-    key: str  # "unet.<path>" / "text_encoder.<path>" (lora_io.kohya_to_peft's key)
+    key: str  # "unet.<path>" / "text_encoder.<path>" (models.lora_files.kohya_to_peft's key)
     module: torch.nn.Module
     experts: list[ExpertLoRA | None]
 
     @property
     def on_text_encoder(self) -> bool:
-        return not self.key.startswith("unet.")
+        return not self.key.startswith(KOHYA_DENOISER + ".")
 
     @property
     def channels_first(self) -> bool:
@@ -66,9 +69,8 @@ class MixtureLayer:
 
 
 def mixture_layers(base, loras: Sequence[Mapping[str, torch.Tensor]]) -> list[MixtureLayer]:
-    """Group the kohya LoRAs' factors by module of ``base`` (a ``model_loading.BaseModel``), sorted
-    by kohya name. Names are mapped by ``lora_io.kohya_to_peft`` (diffusers' converters)."""
-    from .lora_io import get_lora_target, kohya_to_peft
+    """Group the kohya LoRAs' factors by module of ``base`` (a ``models.loading.BaseModel``), sorted
+    by kohya name. Names are mapped by ``models.lora_files.kohya_to_peft`` (diffusers' converters)."""
 
     layers: dict[str, MixtureLayer] = {}
     for index, state_dict in enumerate(loras):
@@ -101,13 +103,13 @@ class DiffusersMixture:
     (``train=True``: differentiable gates, the trainer's path; else the fused inference form),
     ``bake()`` merges once; ``remove()`` undoes either."""
 
-    def __init__(self, gate: MixtureGate, layers: Sequence[MixtureLayer], *, unet: torch.nn.Module | None = None,
+    def __init__(self, gate: MixtureGate, layers: Sequence[MixtureLayer], *, denoiser: torch.nn.Module | None = None,
                  mask: torch.Tensor | None = None, strength: float = 1.0):
         missing = sorted(set(layer.name for layer in layers) - set(gate.layers))
         if missing:
             raise ValueError(f"the LoRAs adapt {len(missing)} layers the gate has no entry for (e.g. {missing[0]}); "
                              "the gate was trained for other LoRAs")
-        self.gate, self.layers, self.unet = gate, list(layers), unet
+        self.gate, self.layers, self.denoiser = gate, list(layers), denoiser
         self.mask, self.strength = mask, strength
         self.state = _PromptState()
         self._handles: list = []
@@ -118,9 +120,9 @@ class DiffusersMixture:
         self.remove()
         gate = self.gate
         if gate.granularity == "prompt":
-            if self.unet is None:
-                raise ValueError("prompt gates need the UNet to read the prompt context from; pass unet=")
-            self._handles.append(self.unet.register_forward_pre_hook(self._read_context, with_kwargs=True))
+            if self.denoiser is None:
+                raise ValueError("prompt gates need the denoiser to read the prompt context from; pass denoiser=")
+            self._handles.append(self.denoiser.register_forward_pre_hook(self._read_context, with_kwargs=True))
         for layer in self.layers:
             index = gate.layer_index[layer.name]
             static = gate.granularity == "prompt" and is_text_encoder_layer(layer.name)
@@ -251,8 +253,6 @@ class _FusedHook:
 
 def load_mixture(base, mol_path: str | Path, *, enabled: Sequence[str] | None = None, strength: float = 1.0):
     """(MolFile, DiffusersMixture) for ``base``: hash-checked LoRAs, layers mapped onto ``base``."""
-    from .lora_io import load_kohya_lora
-    from .mol_file import load_mol
 
     mol = load_mol(mol_path)
     loras = [load_kohya_lora(path)[0] for path in mol.lora_paths]
@@ -263,7 +263,7 @@ def load_mixture(base, mol_path: str | Path, *, enabled: Sequence[str] | None = 
     if unknown:
         raise ValueError(f"MoL file {mol_path}: {len(unknown)} gate layers are adapted by none of its LoRAs "
                          f"(e.g. {unknown[0]}); the file is damaged or its LoRAs were replaced")
-    return mol, DiffusersMixture(gate, layers, unet=base.unet, mask=mask, strength=strength)
+    return mol, DiffusersMixture(gate, layers, denoiser=base.denoiser, mask=mask, strength=strength)
 
 
 class MixtureAdapters:
@@ -296,8 +296,6 @@ class MixtureAdapters:
 
 
 def prompt_context(base, prompt: str, device) -> torch.Tensor:
-    from .model_loading import encode_prompts
-
     with torch.no_grad():
         hidden, _ = encode_prompts(base, [prompt], device)
     return hidden

@@ -4,7 +4,7 @@
         trainer.train_gate --config gate.toml [--resume latest]
 
 (``versat2i train-gate`` and the Train Gate node build that command with ``trainer/launcher.py``.)
-The same loop as ``train_lora.py`` (diffusers' training-example shape, the same data pipeline,
+The loop of ``training_loop.py`` that ``train_lora.py`` also runs (the same data pipeline,
 checkpoints, events and resume), with three differences:
 
 * the base model **and the aspect LoRAs** are frozen: the LoRAs are attached as gated forward
@@ -19,36 +19,39 @@ LoRA by file name and sha256.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
 import math
-import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import ImageTrainingConfig, require_choice, require_positive
+from .. import __version__
+from ..config_file import require_choice, require_positive
+from ..models.lora_files import load_kohya_lora
+from ..training_set.folders import scan_training_set
+from .config import ImageTrainingConfig
 from .events import EventWriter
 from .gate import BALANCE_KINDS, GRANULARITIES, GateUsage
-from .mol_file import MOL_SUFFIX
-from .train_lora import (
-    CHECKPOINT_DIR_NAME,
+from .lora_job import check_base_model, launch_in_work_dir, reuse_finished, with_run_folder
+from .mix_diffusers import DiffusersMixture, gate_for_layers, mixture_layers
+from .mol_file import MOL_SUFFIX, expert_record, read_mol, save_mol
+from .objective import compute_loss, denoiser_conditioning, noised_latents
+from .training_loop import (
+    CheckpointHooks,
+    TrainingProgram,
     TrainingProgress,
+    TrainingRun,
+    TrainingStep,
     base_model_identity,
-    compute_loss,
+    load_run_base_model,
     loss_curve_points,
-    loss_history_from_log,
-    noised_latents,
     prepare_training_data,
-    run_training_program,
-    save_checkpoint,
+    run_output_path,
     tree_identity,
-    unet_conditioning,
 )
 
 logger = logging.getLogger(__name__)
@@ -137,34 +140,26 @@ def resolve_aspects(config: GateTrainConfig, metadata: list[dict[str, str]]) -> 
 
 
 @dataclass
-class GateCheckpointHooks:
-    """accelerate save/load hooks: the gate (safetensors), the noise generator and the progress.
-    The gate is not an accelerate-prepared model (it is called from hooks inside the UNet, not
-    through a forward of its own), so it is saved here rather than by ``save_state``."""
+class GateCheckpointHooks(CheckpointHooks):
+    """A checkpoint's trained part: the gate (safetensors). The gate is not an accelerate-prepared
+    model (hooks inside the denoiser call it, not a forward of its own), so it is saved here rather
+    than by ``save_state``."""
 
-    accelerator: Any
-    gate: torch.nn.Module
-    noise_generator: torch.Generator
-    progress: TrainingProgress
-    loaded_fingerprint: str = field(default="", init=False)
+    gate: torch.nn.Module | None = None
 
-    def save(self, models, weights, output_dir: str) -> None:
+    def save_weights(self, models, weights, folder: Path) -> None:
         from safetensors.torch import save_file
 
-        out = Path(output_dir)
         if self.accelerator.is_main_process:
             state = {k: v.detach().contiguous().cpu() for k, v in self.gate.state_dict().items()}
-            save_file(state, str(out / GATE_STATE_FILE))
-        self.progress.save(out, self.accelerator, self.noise_generator)
+            save_file(state, str(folder / GATE_STATE_FILE))
 
-    def load(self, models, input_dir: str) -> None:
+    def load_weights(self, models, folder: Path) -> None:
         from safetensors.torch import load_file
 
-        folder = Path(input_dir)
         state = load_file(str(folder / GATE_STATE_FILE))
         self.gate.load_state_dict({k: v.to(self.gate.bias.device) for k, v in state.items()})
         self.gate.calibrated = [True] * len(self.gate.calibrated)  # input scales come from the checkpoint
-        self.loaded_fingerprint = self.progress.load(folder, self.accelerator, self.noise_generator)
 
 
 def update_prior(gate, usage: GateUsage, step: int, decay: float, reduce_sum=None) -> None:
@@ -203,34 +198,13 @@ def calibrate_input_scales(gate, accelerator, run_forward) -> None:
 
 # -- the program -------------------------------------------------------------------------------------
 
-def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Train a Mixture-of-LoRA gate over frozen aspect LoRAs.")
-    parser.add_argument("--config", required=True, help="GateTrainConfig as .toml or .json")
-    parser.add_argument("--resume", default=None, help="'latest' (newest checkpoint in work_dir) or a checkpoint folder")
-    parser.add_argument("--log_file", default=None, help="JSON-lines events (default: <work_dir>/train_log.jsonl)")
-    return parser.parse_args(input_args)
-
-
-def main(args: argparse.Namespace) -> Path | None:
-    return run_training_program(GateTrainConfig, args, _train)
-
-
 def _train(config: GateTrainConfig, accelerator, events: EventWriter, resume_from: Path | None) -> Path:
-    from accelerate import skip_first_batches
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
 
-    from .. import __version__
-    from ..safe_io import confined_path
-    from .kohya_dataset import scan_training_set
-    from .lora_io import load_kohya_lora
-    from .mix_diffusers import DiffusersMixture, gate_for_layers, mixture_layers
-    from .model_loading import load_base_model
-    from .mol_file import expert_record, save_mol
 
     work_dir = Path(config.work_dir)
-    output_path = confined_path(config.output_dir, config.output_path.relative_to(config.output_dir).as_posix(),
-                                what="output_name")
+    output_path = run_output_path(config)
     fingerprint = gate_run_fingerprint(config)
     set_seed(config.seed)
     device = accelerator.device
@@ -239,11 +213,8 @@ def _train(config: GateTrainConfig, accelerator, events: EventWriter, resume_fro
     images = scan_training_set(config.dataset_dir, "")
 
     # ---- 3. frozen base model, frozen LoRAs, the gate ---------------------------------------------
-    base = load_base_model(config.base_model, arch=config.arch, prediction_type=config.prediction_type,
-                           config_dir=config.model_config_dir or None)
-    for note in base.notes:
-        logger.info("base model: %s", note)
-    for module in (base.unet, base.vae, *base.text_encoders):
+    base = load_run_base_model(config)
+    for module in (base.denoiser, base.vae, *base.text_encoders):
         if module is not None:
             module.requires_grad_(False)
     loaded = [load_kohya_lora(path) for path in config.loras]
@@ -254,17 +225,17 @@ def _train(config: GateTrainConfig, accelerator, events: EventWriter, resume_fro
         raise ValueError("cache_text_embeddings: the LoRAs adapt the text encoder, whose output the gate changes "
                          "every step; set cache_text_embeddings = false")
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    for module in (base.unet, *base.text_encoders):
+    for module in (base.denoiser, *base.text_encoders):
         module.to(device, dtype=weight_dtype if weight_dtype != torch.float32 else None)
         module.eval()
     if base.vae is not None:
         base.vae.to(device)
     if config.gradient_checkpointing:
-        base.unet.enable_gradient_checkpointing()
-    prompt_features = int(base.unet.config.cross_attention_dim)
+        base.denoiser.enable_gradient_checkpointing()
+    prompt_features = base.architecture.gate_prompt_features(base.denoiser.config)
     gate = gate_for_layers(aspects, layers, config.granularity, prompt_features, config.temperature).to(device)
     gate.train()
-    mixture = DiffusersMixture(gate, layers, unet=base.unet).attach(train=True)
+    mixture = DiffusersMixture(gate, layers, denoiser=base.denoiser).attach(train=True)
     logger.info("gate: %s granularity, %d LoRAs (%s) on %d layers, %d parameters", config.granularity, len(aspects),
                 ", ".join(aspects), len(layers), sum(p.numel() for p in gate.parameters()))
 
@@ -281,118 +252,75 @@ def _train(config: GateTrainConfig, accelerator, events: EventWriter, resume_fro
 
     # ---- 6. checkpoints, resume --------------------------------------------------------------------
     noise_generator = torch.Generator(device=device).manual_seed(config.seed + accelerator.process_index)
-    progress = TrainingProgress(fingerprint=fingerprint)
-    hooks = GateCheckpointHooks(accelerator, gate, noise_generator, progress)
-    accelerator.register_save_state_pre_hook(hooks.save)
-    accelerator.register_load_state_pre_hook(hooks.load)
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        if hooks.loaded_fingerprint and hooks.loaded_fingerprint != fingerprint:
-            raise ValueError(f"--resume: {resume_from} was saved by a run with other settings, LoRAs or data; use "
-                             f"another work_dir, or delete {work_dir / CHECKPOINT_DIR_NAME} to start over")
-        logger.info("resumed from %s at step %d", resume_from, progress.global_step)
-    start_step = progress.global_step
-    history = loss_history_from_log(events.log_path, start_step) if resume_from and events.log_path else []
-    if accelerator.is_main_process:
-        events.emit("start", total_steps=config.max_train_steps, start_step=start_step,
-                    num_examples=dataset.num_examples, output=str(output_path),
-                    resumed_from=str(resume_from) if resume_from else None,
-                    num_processes=accelerator.num_processes, device=str(device),
-                    mixed_precision=accelerator.mixed_precision, aspects=aspects, layers=len(layers))
+    run = TrainingRun(config, accelerator, events, work_dir, TrainingProgress(fingerprint=fingerprint))
+    run.resume(GateCheckpointHooks(accelerator, noise_generator, run.progress, gate=gate), resume_from,
+               inputs="settings, LoRAs or data")
+    run.emit_start(num_examples=dataset.num_examples, output=output_path, resumed_from=resume_from,
+                   aspects=aspects, layers=len(layers))
 
     # ---- 7. training loop ----------------------------------------------------------------------------
-    # The gate is not an accelerate-prepared model, so its buffers are synchronised here too.
+    # The gate is not an accelerate-prepared model, so its buffers and gradients are synchronised here.
     reduce_sum = (lambda t: accelerator.reduce(t, reduction="sum")) if accelerator.num_processes > 1 else None
-    batches_per_epoch = len(dataloader)
-    started_at = time.monotonic()
-    micro_losses: list[torch.Tensor] = []
-    micro_balance: list[torch.Tensor] = []
     mean_mass = torch.full((len(aspects),), 1.0 / len(aspects))
-    while progress.global_step < config.max_train_steps:
-        epoch, skip = divmod(progress.batches_seen, batches_per_epoch)
-        dataloader.set_epoch(epoch)
-        sampler.set_epoch(epoch)
-        epoch_loader = skip_first_batches(dataloader, skip) if skip else dataloader
-        for batch in epoch_loader:
-            with accelerator.accumulate():
-                latents, noise, timesteps, noisy_latents = noised_latents(
-                    batch, base, device, weight_dtype=weight_dtype, vae_dtype=torch.float32,
-                    noise_generator=noise_generator)
-                if config.granularity == "token" and not all(gate.calibrated):
-                    def calibration_forward(batch=batch, noisy_latents=noisy_latents, timesteps=timesteps):
-                        hidden, added = unet_conditioning(batch, base, device, weight_dtype=weight_dtype, text_grad=False)
-                        base.unet(noisy_latents, timesteps, hidden, added_cond_kwargs=added, return_dict=False)
 
-                    calibrate_input_scales(gate, accelerator, calibration_forward)
-                gate.usage = GateUsage(len(aspects))
-                # with grad through the text encoders when gated layers sit there (the gate trains through them)
-                hidden, added = unet_conditioning(batch, base, device, weight_dtype=weight_dtype,
-                                                  text_grad=adapts_text_encoder)
-                model_pred = base.unet(noisy_latents, timesteps, hidden, added_cond_kwargs=added, return_dict=False)[0]
-                denoise = compute_loss(model_pred, latents, noise, timesteps, base.noise_scheduler,
-                                       base.prediction_type, 0.0)
-                balance = gate.usage.loss(config.balance_loss)
-                loss = denoise + config.balance_weight * balance
-                micro_losses.append(accelerator.gather(denoise.detach().reshape(1)).mean())
-                micro_balance.append(balance.detach())
-                accelerator.backward(loss)
-                if accelerator.num_processes > 1:
-                    # The gate is not a DDP-wrapped model (hooks call it), so average its gradients here.
-                    for parameter in gate.parameters():
-                        if parameter.grad is not None:
-                            parameter.grad = accelerator.reduce(parameter.grad, reduction="mean")
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(gate.parameters(), config.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                update_prior(gate, gate.usage, progress.batches_seen, config.prior_decay, reduce_sum=reduce_sum)
-                mean_mass = gate.usage.mean_mass().detach().cpu()
-                gate.usage = None
-            progress.batches_seen += 1
+    def forward(batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        latents, noise, timesteps, noisy_latents = noised_latents(
+            batch, base, device, weight_dtype=weight_dtype, vae_dtype=torch.float32, noise_generator=noise_generator)
+        if config.granularity == "token" and not all(gate.calibrated):
+            def calibration_forward():
+                hidden, added = denoiser_conditioning(batch, base, device, weight_dtype=weight_dtype, text_grad=False)
+                base.denoiser(noisy_latents, timesteps, hidden, added_cond_kwargs=added, return_dict=False)
 
-            if not accelerator.sync_gradients:
-                continue
-            progress.global_step += 1
-            step_loss = float(torch.stack(micro_losses).mean())
-            step_balance = float(torch.stack(micro_balance).mean())
-            micro_losses.clear()
-            micro_balance.clear()
-            history.append((progress.global_step, step_loss))
-            if accelerator.is_main_process:
-                done_now = progress.global_step - start_step
-                eta = (time.monotonic() - started_at) / done_now * (config.max_train_steps - progress.global_step)
-                events.emit("step", step=progress.global_step, total=config.max_train_steps, loss=step_loss,
-                            lr=lr_scheduler.get_last_lr()[0], eta_s=round(eta, 2), epoch=epoch,
-                            balance_loss=step_balance, gate_mass=[round(float(m), 4) for m in mean_mass])
-            if progress.global_step % config.checkpointing_steps == 0 and progress.global_step < config.max_train_steps:
-                path = save_checkpoint(accelerator, work_dir, progress.global_step, config.checkpoints_total_limit)
-                if accelerator.is_main_process:
-                    events.emit("checkpoint", step=progress.global_step, path=str(path))
-            if progress.global_step >= config.max_train_steps:
-                break
+            calibrate_input_scales(gate, accelerator, calibration_forward)
+        gate.usage = GateUsage(len(aspects))
+        # with grad through the text encoders when gated layers sit there (the gate trains through them)
+        hidden, added = denoiser_conditioning(batch, base, device, weight_dtype=weight_dtype,
+                                              text_grad=adapts_text_encoder)
+        model_pred = base.denoiser(noisy_latents, timesteps, hidden, added_cond_kwargs=added, return_dict=False)[0]
+        denoise = compute_loss(model_pred, latents, noise, timesteps, base.noise_scheduler, base.prediction_type, 0.0)
+        balance = gate.usage.loss(config.balance_loss)
+        return (denoise + config.balance_weight * balance,
+                {"loss": accelerator.gather(denoise.detach().reshape(1)).mean(), "balance_loss": balance.detach()})
+
+    def average_gate_gradients() -> None:  # the gate is not a DDP-wrapped model (hooks call it)
+        for parameter in gate.parameters():
+            if parameter.grad is not None:
+                parameter.grad = accelerator.reduce(parameter.grad, reduction="mean")
+
+    def after_update(batches_seen: int) -> None:
+        nonlocal mean_mass
+        update_prior(gate, gate.usage, batches_seen, config.prior_decay, reduce_sum=reduce_sum)
+        mean_mass = gate.usage.mean_mass().detach().cpu()
+        gate.usage = None
+
+    run.train(TrainingStep(forward=forward, parameters=gate.parameters,
+                           after_backward=average_gate_gradients if accelerator.num_processes > 1 else None,
+                           after_update=after_update,
+                           event_fields=lambda: {"gate_mass": [round(float(m), 4) for m in mean_mass]}),
+              dataloader=dataloader, sampler=sampler, optimizer=optimizer, lr_scheduler=lr_scheduler)
+    mixture.remove()
 
     # ---- 8. the MoL file ----------------------------------------------------------------------------------
-    accelerator.wait_for_everyone()
-    mixture.remove()
-    if accelerator.is_main_process:
+    def write_mol() -> dict[str, str]:
         records = [expert_record(aspect, path, output_path.parent) for aspect, path in zip(aspects, config.loras)]
         training = {
-            "versat2i_version": __version__, "steps": progress.global_step, "fingerprint": fingerprint,
+            "versat2i_version": __version__, "steps": run.progress.global_step, "fingerprint": fingerprint,
             "balance_loss": config.balance_loss, "balance_weight": config.balance_weight,
             "dataset": Path(config.dataset_dir).name, "num_examples": dataset.num_examples,
             "final_gate_mass": [round(float(m), 6) for m in gate.prior.mean(0)],
-            "loss_curve": loss_curve_points(history), "config": json.loads(config.to_json()),
+            "loss_curve": loss_curve_points(run.history), "config": json.loads(config.to_json()),
         }
         base_info = {"arch": base.arch, "sha256": base.source_sha256, "name": Path(base.source_path).name,
                      "prediction_type": base.prediction_type}
         save_mol(output_path, gate.cpu(), records, training=training, base_model=base_info, overwrite=config.overwrite)
-        if not config.keep_checkpoints:
-            shutil.rmtree(work_dir / CHECKPOINT_DIR_NAME, ignore_errors=True)
-        events.emit("done", step=progress.global_step, lora_path=str(output_path), mol_path=str(output_path),
-                    elapsed_s=round(time.monotonic() - started_at, 2))
-    accelerator.end_training()
+        return {"lora_path": str(output_path), "mol_path": str(output_path)}
+
+    run.finish(write_mol)
     return output_path
+
+
+PROGRAM = TrainingProgram("Train a Mixture-of-LoRA gate over frozen aspect LoRAs.", GateTrainConfig, _train)
+parse_args, main = PROGRAM.parse_args, PROGRAM.main
 
 
 # -- train once: reuse a finished MoL, else run / resume (the node's logic, testable without ComfyUI) --
@@ -407,7 +335,6 @@ class GateJobResult:
 
 def read_finished_mol(path: Path) -> tuple[str | None, list[tuple[int, float]]]:
     """(fingerprint, loss curve) recorded in a MoL file; (None, []) if absent or unreadable."""
-    from .mol_file import read_mol
 
     try:
         training = read_mol(path).training
@@ -423,8 +350,6 @@ def train_gate_or_reuse(config: GateTrainConfig, *, runs_root: str | Path | None
     a child process, resuming the latest checkpoint of an interrupted run with the same inputs (each
     fingerprint has its own work folder ``<runs_root>/<name>-<fingerprint[:12]>``). The same steps
     as the LoRA trainer's ``lora_job.train_or_reuse``."""
-    from .kohya_dataset import scan_training_set
-    from .lora_job import check_base_model, launch_in_work_dir, reuse_finished, with_run_folder
 
     config.validate(check_paths=False)
     # Resolved here, where the launch options are known, and handed to the child as given (as

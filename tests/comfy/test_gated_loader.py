@@ -66,7 +66,6 @@ def write_loras(setup, folder, *, with_clip=True, ranks=(4, 4, 4, 4), modules=No
 
 def random_gate(setup, granularity, aspects=ASPECTS, seed=0, scale=2.0, with_clip=True):
     from tiny_models.comfy import clip_lora_module_names, unet_lora_module_names
-
     from versat2i.trainer.gate import MixtureGate
 
     names = unet_lora_module_names(setup["model"])
@@ -105,7 +104,6 @@ def base_snapshot(setup):
     """The base weights as built (a fresh model and CLIP from the same seeds), not read from the live
     ones, which an earlier test could have left holding merged weights; the live ones must match."""
     import comfy.model_management
-
     from tiny_models.comfy import build_tiny_clip, build_tiny_sd15
 
     model_sd = {k: v.clone() for k, v in build_tiny_sd15(seed=0).model.state_dict().items()}
@@ -119,7 +117,6 @@ def base_snapshot(setup):
 
 def assert_base_untouched(setup, snapshot):
     import comfy.model_management
-
     from versat2i.nodes.model_patching import GatedForward
 
     comfy.model_management.unload_all_models()
@@ -158,9 +155,7 @@ def test_node_samples_and_leaves_the_base_untouched(setup, node, comfy_dirs, gra
 
 def test_dynamic_with_one_lora_equals_stock_lora_loader(setup, comfy_dirs):
     import comfy.sd
-
     from tiny_models.comfy import make_kohya_lora
-
     from versat2i.nodes.model_patching import AspectLoRA, apply_mixture
     from versat2i.trainer.gate import MixtureGate
 
@@ -226,9 +221,9 @@ def test_bake_on_a_conditioning_equals_dynamic_when_the_text_encoder_is_not_adap
 @pytest.mark.parametrize("mode", ["bake", "dynamic"])
 def test_stock_lora_loader_before_and_after(setup, node, comfy_dirs, mode):
     import folder_paths
-    from nodes import LoraLoader  # ComfyUI's own node
-
     from tiny_models.comfy import make_kohya_lora
+
+    from nodes import LoraLoader  # ComfyUI's own node
 
     mol_file, _, _ = write_mol(setup, comfy_dirs, "token")
     save_file(make_kohya_lora(setup["model"], setup["clip"], seed=77, rank=2), str(comfy_dirs["models"] / "loras" / "extra.safetensors"))
@@ -309,9 +304,9 @@ def test_dynamic_factors_count_in_comfyui_memory_estimate(setup, node, comfy_dir
     """ComfyUI budgets VRAM with ModelPatcher.model_size(); the gated layers' factors move to the
     load device with the model, so they count there (and in clones, e.g. a stock LoRA after)."""
     import folder_paths
-    from nodes import LoraLoader
-
     from tiny_models.comfy import make_kohya_lora
+
+    from nodes import LoraLoader
 
     mol_file, _, _ = write_mol(setup, comfy_dirs, granularity)
     model, clip = run_node(node, setup, mol_file, "dynamic")
@@ -330,7 +325,6 @@ def test_dynamic_factors_count_in_comfyui_memory_estimate(setup, node, comfy_dir
 
 def test_changed_lora_is_refused_by_the_node(setup, node, comfy_dirs):
     from tiny_models.comfy import make_kohya_lora
-
     from versat2i.trainer.mol_file import LoRAHashMismatchError
 
     mol_file, _, paths = write_mol(setup, comfy_dirs, "token")
@@ -341,7 +335,6 @@ def test_changed_lora_is_refused_by_the_node(setup, node, comfy_dirs):
 
 def test_lora_for_another_architecture_is_a_clear_error(setup, comfy):
     from tiny_models.comfy import TINY_UNET_CONFIG, build_tiny_sd15, make_kohya_lora
-
     from versat2i.nodes.model_patching import AspectLoRA, apply_mixture
 
     wider = build_tiny_sd15(seed=1, unet_config={**TINY_UNET_CONFIG, "model_channels": 64})
@@ -357,9 +350,7 @@ def test_lora_key_for_a_weight_the_model_lacks_is_a_clear_error(setup, comfy, mo
     """A key map entry naming a weight the loaded model does not have (a pruned checkpoint, a key
     map written for a sibling architecture) must not drop the LoRA's layer silently."""
     import comfy.lora
-
     from tiny_models.comfy import make_kohya_lora
-
     from versat2i.nodes.model_patching import AspectLoRA, apply_mixture
 
     real = comfy.lora.model_lora_keys_unet
@@ -396,7 +387,6 @@ def test_fingerprint_follows_the_files_on_disk(setup, node, comfy_dirs):
     import os
 
     from tiny_models.comfy import make_kohya_lora
-
     from versat2i.trainer.mol_file import LoRAHashMismatchError, expert_record, save_mol
 
     mol_file, gate, paths = write_mol(setup, comfy_dirs, "token")
@@ -466,7 +456,6 @@ def test_unequal_ranks_and_partial_coverage_match_references(setup, node, comfy_
     weighted by the recorded mean gate per layer."""
     import comfy.lora
     from comfy.utils import load_torch_file
-
     from tiny_models.comfy import clip_lora_module_names, encode, unet_lora_module_names
 
     names = {**unet_lora_module_names(setup["model"]), **clip_lora_module_names(setup["clip"])}
@@ -539,13 +528,11 @@ def test_train_gate_node_trains_then_reuses(comfy, comfy_dirs, tmp_path, monkeyp
 
     import folder_paths
     from peft import LoraConfig
-
     from tiny_models.lora_training import make_kohya_dataset
     from tiny_models.sd import build_tiny_sd15
-
+    from versat2i.models.loading import load_base_model
+    from versat2i.models.lora_files import save_kohya_lora
     from versat2i.nodes import gated_multi_lora_loader, train_gate
-    from versat2i.trainer.lora_io import save_kohya_lora
-    from versat2i.trainer.model_loading import load_base_model
     from versat2i.trainer.mol_file import read_mol
 
     tiny = build_tiny_sd15(tmp_path / "tiny")
@@ -555,12 +542,12 @@ def test_train_gate_node_trains_then_reuses(comfy, comfy_dirs, tmp_path, monkeyp
     loras = comfy_dirs["models"] / "loras" / "versat2i"
     for seed, aspect in enumerate(("aesthetics", "geometry")):
         base = load_base_model(tiny.folder, compute_hash=False)
-        base.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v"]))
+        base.denoiser.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v"]))
         with torch.no_grad():
-            for name, parameter in base.unet.named_parameters():
+            for name, parameter in base.denoiser.named_parameters():
                 if "lora_" in name:
                     parameter.copy_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(seed)) * 0.1)
-        save_kohya_lora(loras / f"{aspect}.safetensors", unet=base.unet, metadata={"versat2i_aspect": aspect})
+        save_kohya_lora(loras / f"{aspect}.safetensors", denoiser=base.denoiser, metadata={"versat2i_aspect": aspect})
     folder_paths.filename_list_cache.clear()
     original = train_gate.build_config  # tiny shapes: point the loader at the tiny configs
     monkeypatch.setattr(train_gate, "build_config", lambda *a, **k: original(*a, **k).replace(model_config_dir=str(tiny.folder)))

@@ -22,8 +22,8 @@ from tiny_models.sd import (
     diffusers_to_ldm_state_dict,
     unet_inputs,
 )
-from versat2i.trainer.lora_io import load_kohya_lora, save_kohya_lora
-from versat2i.trainer.model_loading import CONFIG_ROOT, load_base_model
+from versat2i.models.loading import CONFIG_ROOT, load_base_model
+from versat2i.models.lora_files import load_kohya_lora, save_kohya_lora
 
 pytestmark = pytest.mark.comfy
 
@@ -80,11 +80,11 @@ def comfy_models(arch: str, ldm_state_dict: dict):
 def add_lora(base, seed=0):
     from peft import LoraConfig, inject_adapter_in_model
 
-    base.unet.add_adapter(LoraConfig(r=4, lora_alpha=2, target_modules=UNET_TARGETS))
+    base.denoiser.add_adapter(LoraConfig(r=4, lora_alpha=2, target_modules=UNET_TARGETS))
     for encoder in base.text_encoders:
         inject_adapter_in_model(LoraConfig(r=8, lora_alpha=4, target_modules=TE_TARGETS), encoder)
     generator = torch.Generator().manual_seed(seed)
-    for module in (base.unet, *base.text_encoders):
+    for module in (base.denoiser, *base.text_encoders):
         for name, param in module.named_parameters():
             if "lora_B" in name:
                 param.data = torch.randn(param.shape, generator=generator) * 0.05
@@ -118,12 +118,12 @@ def test_comfyui_loads_every_key_and_matches_diffusers(comfy, tmp_path, caplog, 
     base = load_base_model(tiny.checkpoint, config_dir=tiny.folder)
     inputs = unet_inputs(arch)
     with torch.no_grad():
-        base_out = base.unet(**inputs).sample
-        comfy_base_out = _comfy_unet_output(patcher, base.unet, inputs)
+        base_out = base.denoiser(**inputs).sample
+        comfy_base_out = _comfy_unet_output(patcher, base.denoiser, inputs)
     assert (comfy_base_out - base_out).abs().max() <= 1e-4  # same model on both sides before any LoRA
 
     add_lora(base)
-    path = save_kohya_lora(tmp_path / "aspect.safetensors", unet=base.unet, text_encoders=base.text_encoders,
+    path = save_kohya_lora(tmp_path / "aspect.safetensors", denoiser=base.denoiser, text_encoders=base.text_encoders,
                            metadata={"versat2i_aspect": "test"})
     lora, _ = load_kohya_lora(path)
     modules = {key.split(".")[0] for key in lora}
@@ -143,8 +143,8 @@ def test_comfyui_loads_every_key_and_matches_diffusers(comfy, tmp_path, caplog, 
     assert te_prefixes == ({"te"} if arch == "sd15" else {"te1", "te2"})
 
     with torch.no_grad():
-        expected = base.unet(**inputs).sample
-        got = _comfy_unet_output(model_lora, base.unet, inputs)
+        expected = base.denoiser(**inputs).sample
+        got = _comfy_unet_output(model_lora, base.denoiser, inputs)
     assert (expected - base_out).abs().max() > 1e-3  # the LoRA matters
     max_diff = (got - expected).abs().max().item()
     logging.getLogger(__name__).info("%s: ComfyUI vs diffusers+peft max abs diff %.3g over %d modules",

@@ -450,8 +450,7 @@ def test_filter_and_save_refuse_bad_images_and_write_nothing(nodes, scorers, com
 
 def test_save_cancelled_mid_write_leaves_nothing(nodes, scorers, comfy_dirs, comfy, monkeypatch):
     import comfy.model_management as mm
-
-    from versat2i.rewards import training_set
+    from versat2i.training_set import writer as training_set
 
     images = textured_images(6)
     selected = filtered(nodes, scorers, images)
@@ -493,7 +492,7 @@ def test_load_scorers_takes_no_scorer_options_from_its_inputs(nodes, comfy_dirs)
     device, each checked against its list even when it arrives through a link."""
     import inspect
 
-    from versat2i.rewards.base import ASPECTS
+    from versat2i.aspects import ASPECTS
 
     load = nodes[LOAD]
     assert [i.id for i in load.GET_SCHEMA().inputs] == [*ASPECTS, "device"]
@@ -510,7 +509,6 @@ def test_load_scorers_takes_no_scorer_options_from_its_inputs(nodes, comfy_dirs)
 def test_default_filter_never_keeps_images_without_a_person_for_geometry(nodes, comfy_dirs):
     pytest.importorskip("mediapipe", reason="mediapipe (extra [geometry]) is not installed")
     from tiny_models.figures import draw_figure, no_person_images
-
     from versat2i.rewards.registry import DEFAULT_SCORERS
 
     assert DEFAULT_SCORERS["geometry"] == "mediapipe-anatomy"

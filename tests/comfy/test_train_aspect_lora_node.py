@@ -198,7 +198,7 @@ def test_cancel_kills_the_child_and_keeps_a_checkpoint(node, comfy_dirs, progres
         assert alive_members(children[0].pgid) == []
     finally:
         mm.interrupt_current_processing(False)
-    from versat2i.trainer.train_lora import find_resume_checkpoint
+    from versat2i.trainer.training_loop import find_resume_checkpoint
 
     run_dir = next((comfy_dirs["output"] / "versat2i" / "lora_runs" / "versat2i").iterdir())
     assert find_resume_checkpoint(run_dir, "latest") is not None  # queueing again resumes from here

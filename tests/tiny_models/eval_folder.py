@@ -17,15 +17,16 @@ SCORERS = {"alignment": {"id": "demo:alignment", "weights_hash": "analytic"},
 def write_variant(folder: Path, scores: dict[str, np.ndarray], *, seed: int, brightness: float = 0.5) -> None:
     """One variant: PNGs, candidates.jsonl and scores.jsonl on the PROMPTS x SEEDS grid."""
     from PIL import Image
-    from versat2i.loop.generate import INDEX_NAME, CandidateRecord, image_id_for
+    from versat2i.loop.generate import INDEX_NAME, CandidateRecord
     from versat2i.rewards.score_table import ScoreTable
+    from versat2i.training_set.layout import entry_id
 
     folder.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     records = []
     for p, prompt in enumerate(PROMPTS):
         for c, image_seed in enumerate(SEEDS):
-            image_id = image_id_for(p, c)
+            image_id = entry_id(p, c)
             pixels = np.clip(brightness + rng.normal(0, 0.2, (16, 16, 3)), 0, 1)
             Image.fromarray((pixels * 255).round().astype(np.uint8)).save(folder / f"{image_id}.png")
             records.append(CandidateRecord(prompt=prompt, seed=image_seed, prompt_index=p, candidate_index=c,

@@ -502,7 +502,7 @@ def unet_inputs(arch: str, *, batch: int = 2, seed: int = 1) -> dict:
 # which are 1x1 Conv2d in SD1.5 (use_linear_projection False; kohya writes [r, in, 1, 1] factors).
 UNET_LORA_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out")
 # The trainer's attention set plus fc1. (Text-encoder attention LoRAs without out_proj, e.g. q/v
-# only, are not read by lora_io.kohya_to_peft: diffusers' converter cannot infer their format.)
+# only, are not read by models.lora_files.kohya_to_peft: diffusers' converter cannot infer their format.)
 TEXT_ENCODER_LORA_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1")
 
 
@@ -510,12 +510,11 @@ def make_kohya_lora(arch: str, path: Path, *, seed: int, rank: int = 4, alpha: f
                     unet_modules=UNET_LORA_MODULES, text_encoder_modules=TEXT_ENCODER_LORA_MODULES,
                     exclude: tuple[str, ...] = (), magnitude: float = 0.3, metadata: dict | None = None) -> Path:
     """A random kohya LoRA file for the tiny ``arch`` model, written as the LoRA trainer writes
-    them (peft adapters -> ``lora_io.save_kohya_lora``). ``text_encoder_modules=()``: UNet only;
+    them (peft adapters -> ``models.lora_files.save_kohya_lora``). ``text_encoder_modules=()``: UNet only;
     ``exclude``: module paths containing any of these substrings are left out (a LoRA that skips
     some layers). Up weights are non-zero, so the LoRA visibly changes the model."""
     from peft import LoraConfig, inject_adapter_in_model
-
-    from versat2i.trainer.lora_io import save_kohya_lora
+    from versat2i.models.lora_files import save_kohya_lora
 
     with torch.random.fork_rng():
         components = COMPONENT_BUILDERS[arch](0)  # the architecture only: LoRA factors depend on shapes
@@ -544,4 +543,4 @@ def make_kohya_lora(arch: str, path: Path, *, seed: int, rank: int = 4, alpha: f
                     parameter.copy_(torch.randn(parameter.shape, generator=generator) / parameter[0].numel() ** 0.5)
                 elif "lora_B" in name:
                     parameter.copy_(torch.randn(parameter.shape, generator=generator) * magnitude / rank ** 0.5)
-    return save_kohya_lora(path, unet=unet, text_encoders=adapted, metadata=metadata or {}, overwrite=True)
+    return save_kohya_lora(path, denoiser=unet, text_encoders=adapted, metadata=metadata or {}, overwrite=True)

@@ -8,7 +8,7 @@ cannot go through CheckpointLoaderSimple. ``VersaT2ITest_TinyCheckpointLoader`` 
 in the converted API prompt. It loads the very file the trainer nodes train on, with ComfyUI's own
 code (``detect_unet_config`` -> ``supported_models.SD15`` -> ``load_model_weights``, ``comfy.sd.CLIP``,
 ``comfy.sd.VAE``), sized by the checkpoint's sidecar ``<stem>.configs/`` folder (the diffusers configs
-trainer/model_loading.py reads too). So a LoRA trained by Train Aspect LoRA on that file applies to
+models/loading.py reads too). So a LoRA trained by Train Aspect LoRA on that file applies to
 exactly the weights it was trained on.
 
 Only ComfyUI and torch are imported: the server runs this with the project's python, but the pack's

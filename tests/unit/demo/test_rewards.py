@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from versat2i.demo import rewards, world
 from versat2i.demo.world import Scene
 from versat2i.rewards.base import ImageBatchError, score_aspects
 from versat2i.rewards.registry import get_scorer
 
 ASPECTS = ("alignment", "geometry", "aesthetics", "lowlevel")
+rewards.register_scorers()  # the demo world's scorers join the registry only when asked
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from versat2i.demo import world
 
 

@@ -24,17 +24,14 @@ from versat2i.loop.generate import (
     INDEX_NAME,
     SUMMARY_NAME,
     GenerationSettings,
-    LoraAdapters,
-    build_pipeline,
-    equal_weight_merge,
     generate_candidates,
     plan_candidates,
     read_candidates,
-    single_lora,
 )
+from versat2i.models.loading import load_base_model
+from versat2i.models.lora_files import save_kohya_lora
+from versat2i.models.pipelines import LoraAdapters, build_pipeline, equal_weight_merge, single_lora
 from versat2i.safe_io import TargetExistsError
-from versat2i.trainer.lora_io import save_kohya_lora
-from versat2i.trainer.model_loading import load_base_model
 
 FAST = GenerationSettings(steps=3, guidance_scale=4.0, batch_size=4)
 PROMPTS = ["a red circle", "a blue square"]
@@ -223,11 +220,11 @@ def lora_model(tiny, seed: int, adapter_names=("a",)):
     model = load_base_model(tiny.folder, compute_hash=False)
     generator = torch.Generator().manual_seed(seed)
     for name in adapter_names:
-        model.unet.add_adapter(LoraConfig(r=4, lora_alpha=2, target_modules=UNET_TARGETS), adapter_name=name)
+        model.denoiser.add_adapter(LoraConfig(r=4, lora_alpha=2, target_modules=UNET_TARGETS), adapter_name=name)
         inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=TE_TARGETS), model.text_encoders[0],
                                 adapter_name=name)
     with torch.no_grad():
-        for module in (model.unet, model.text_encoders[0]):
+        for module in (model.denoiser, model.text_encoders[0]):
             for key, parameter in module.named_parameters():
                 if "lora_B" in key:
                     parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
@@ -235,7 +232,7 @@ def lora_model(tiny, seed: int, adapter_names=("a",)):
 
 
 def save_lora(model, path: Path, adapter_name: str = "a") -> Path:
-    return save_kohya_lora(path, unet=model.unet, text_encoders=model.text_encoders, adapter_name=adapter_name,
+    return save_kohya_lora(path, denoiser=model.denoiser, text_encoders=model.text_encoders, adapter_name=adapter_name,
                            metadata={"versat2i_aspect": "test"})
 
 
@@ -249,7 +246,7 @@ def two_loras(tiny, tmp_path_factory):
 @pytest.mark.parametrize("fuse", [True, False])
 def test_kohya_lora_file_equals_the_peft_model_it_was_saved_from(base, two_loras, fuse):
     reference_model, path_a, _ = two_loras
-    reference_model.unet.set_adapters(["a"])
+    reference_model.denoiser.set_adapters(["a"])
     for layer in reference_model.text_encoders[0].modules():
         if hasattr(layer, "set_adapter") and hasattr(layer, "lora_A"):
             layer.set_adapter("a")
@@ -262,12 +259,12 @@ def test_kohya_lora_file_equals_the_peft_model_it_was_saved_from(base, two_loras
     assert_same(generate(base, k=2, seeds=[1, 2]).images, plain)
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    assert not any(isinstance(m, BaseTunerLayer) for part in (base.unet, base.text_encoders[0]) for m in part.modules())
+    assert not any(isinstance(m, BaseTunerLayer) for part in (base.denoiser, base.text_encoders[0]) for m in part.modules())
 
 
 def test_equal_weight_merge_equals_peft_adapters_at_half_weight(base, two_loras):
     reference_model, path_a, path_b = two_loras
-    reference_model.unet.set_adapters(["a", "b"], weights=[0.5, 0.5])
+    reference_model.denoiser.set_adapters(["a", "b"], weights=[0.5, 0.5])
     text_encoder = reference_model.text_encoders[0]
     from peft.tuners.lora import LoraLayer
 

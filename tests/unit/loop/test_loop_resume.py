@@ -240,7 +240,7 @@ def _kill_when(process: subprocess.Popen, log, appears: Path, pattern: str, time
 def training_events(out: Path, kind: str) -> int:
     """How many events of ``kind`` ('start', 'done') the round's training processes have logged."""
     from versat2i.trainer.events import read_events
-    from versat2i.trainer.train_lora import LOG_FILE_NAME
+    from versat2i.trainer.training_loop import LOG_FILE_NAME
 
     return sum(1 for log in (out / "round-1" / "runs").glob(f"*/{LOG_FILE_NAME}")
                for event in read_events(log) if event["event"] == kind)

@@ -31,7 +31,7 @@ from versat2i.loop.config import (
     TrainingSection,
 )
 from versat2i.loop.run import SUMMARY_FILE, run_loop
-from versat2i.rewards.training_set import read_manifest
+from versat2i.training_set.manifest import read_manifest
 
 PROMPTS = ("a red circle", "a blue square")
 K = 2

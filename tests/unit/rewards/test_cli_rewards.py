@@ -13,7 +13,7 @@ from PIL import Image
 from versat2i.cli import main
 from versat2i.rewards.registry import get_scorer
 from versat2i.rewards.score_table import ScoreTable
-from versat2i.rewards.training_set import read_manifest
+from versat2i.training_set.manifest import read_manifest
 
 ASPECTS = ["--aspect", "sharp=analytic:sharpness", "--aspect", "bright=analytic:brightness"]
 

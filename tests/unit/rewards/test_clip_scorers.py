@@ -25,7 +25,6 @@ from tiny_models.clip import (
     register_tiny_open_clip,
     write_tiny_reward_models,
 )
-
 from versat2i.rewards import cache
 from versat2i.rewards.base import ImageBatchError, score_aspects
 from versat2i.rewards.clip_backbone import TensorPreprocess
@@ -270,7 +269,8 @@ def test_get_scorer_returns_the_cached_scorer_and_offload_keeps_working(models_d
 
 
 def test_scorers_report_id_aspect_and_the_sha256_of_their_files(models_dir):
-    from versat2i.rewards.weights import combine_hashes, sha256_file
+    from versat2i.rewards.weights import combine_hashes
+    from versat2i.safe_io import sha256_file
 
     clip_hash = sha256_file(models_dir / CLIP_FILE)
     described = {name: make_scorer(name, models_dir).describe() for name in SCORER_OPTIONS}

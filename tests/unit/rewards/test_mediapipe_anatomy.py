@@ -24,7 +24,8 @@ from versat2i.rewards.mediapipe_anatomy import (
     hand_check_values,
 )
 from versat2i.rewards.registry import get_scorer
-from versat2i.rewards.weights import combine_hashes, sha256_file
+from versat2i.rewards.weights import combine_hashes
+from versat2i.safe_io import sha256_file
 
 # -- synthetic skeletons (metres, MediaPipe world-landmark indices) ------------------------------
 
@@ -289,10 +290,9 @@ def test_missing_mediapipe_raises_import_error_naming_the_extra(monkeypatch):
 def test_default_selection_never_keeps_an_image_without_a_person(scorer):
     # Prompt 0: a drawn person and a blank image; prompt 1: nobody in either image. Scores go
     # through the scorer record (as Score Images / `versat2i score` store them) to the filter.
+    from versat2i.rewards.base import score_aspects
     from versat2i.rewards.score_table import ScoreTable
     from versat2i.rewards.selection import select_best_per_prompt
-
-    from versat2i.rewards.base import score_aspects
 
     nobody = no_person_images()
     images = torch.cat([draw_figure(), nobody[[0, 1, 3]]])

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 import torch
-
+from versat2i.aspects import ASPECTS
 from versat2i.rewards import cache, registry
-from versat2i.rewards.base import ASPECTS, ImageBatchError, Scorer, ScoringBatch, check_images, score_aspects
+from versat2i.rewards.base import ImageBatchError, Scorer, ScoringBatch, check_images, score_aspects
 from versat2i.rewards.registry import DEFAULT_SCORERS, SCORERS, ScorerEntry, ScorerOptions, get_scorer, list_scorers
 
 

@@ -8,7 +8,6 @@ import os
 import pytest
 import torch
 from safetensors.torch import save_file
-
 from versat2i.rewards import weights
 from versat2i.rewards.weights import (
     MissingWeightsError,
@@ -19,9 +18,9 @@ from versat2i.rewards.weights import (
     find_weight_folder,
     find_weights,
     load_state_dict,
-    sha256_file,
     torch_load_weights_only,
 )
+from versat2i.safe_io import sha256_file
 
 
 def _state() -> dict[str, torch.Tensor]:

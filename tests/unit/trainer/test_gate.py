@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-
 from versat2i.trainer.gate import (
     ExpertLoRA,
     GateUsage,

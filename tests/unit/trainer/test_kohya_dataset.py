@@ -15,8 +15,8 @@ from versat2i.trainer.kohya_dataset import (
     collate_examples,
     fit_to_bucket,
     make_buckets,
-    scan_training_set,
 )
+from versat2i.training_set.folders import scan_training_set
 
 
 def test_scan_reads_repeats_captions_and_aspects(tmp_path):

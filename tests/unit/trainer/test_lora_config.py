@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import tomllib
-from versat2i.trainer.config import LoraTrainConfig, dump_flat_toml
+from versat2i.config_file import dump_flat_toml
+from versat2i.trainer.config import LoraTrainConfig
 from versat2i.trainer.events import EventWriter, encode_event, make_event, parse_event_line, read_events
 
 
@@ -76,7 +77,7 @@ def test_ints_are_accepted_for_floats(tmp_path):
     ({"output_name": ""}, "output_name: is empty"),
     ({"random_flip": True, "cache_latents": True}, "random_flip with cache_latents"),
     ({"cache_text_embeddings": True, "train_text_encoder": True}, "cache_text_embeddings with train_text_encoder"),
-    ({"aspect": "../x"}, "an aspect name, not a path"),
+    ({"aspect": "../x"}, "an aspect name uses letters, digits"),
     ({"bucket_step": 60}, "bucket_step=60: must be a multiple of 8"),
 ])
 def test_validate_names_the_field_and_the_fix(tmp_path, overrides, expected):

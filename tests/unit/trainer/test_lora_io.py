@@ -1,4 +1,4 @@
-"""trainer.lora_io: peft LoRA -> kohya file -> back, and what diffusers makes of the file.
+"""models.lora_files: peft LoRA -> kohya file -> back, and what diffusers makes of the file.
 
 Offline, tiny random-weight models (tests/tiny_models/sd.py). LoRA B matrices are randomised (peft
 initialises them to zero, which would make every output comparison trivially pass).
@@ -12,14 +12,8 @@ import re
 import pytest
 import torch
 from tiny_models.sd import build_tiny_model, unet_inputs
-from versat2i.trainer.lora_io import (
-    get_lora_target,
-    kohya_to_peft,
-    load_kohya_lora,
-    peft_to_kohya,
-    save_kohya_lora,
-)
-from versat2i.trainer.model_loading import load_base_model, tokenize_prompts
+from versat2i.models.loading import load_base_model, tokenize_prompts
+from versat2i.models.lora_files import get_lora_target, kohya_to_peft, load_kohya_lora, peft_to_kohya, save_kohya_lora
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "proj_in", "conv1"]
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
@@ -36,7 +30,7 @@ def add_lora(base, *, unet_alpha=2.0, te_alpha=8.0, rank=4, text_encoders=True, 
     """Inject peft LoRA into the UNet (and text encoders) with random, non-zero B matrices."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    base.unet.add_adapter(LoraConfig(r=rank, lora_alpha=unet_alpha, target_modules=UNET_TARGETS,
+    base.denoiser.add_adapter(LoraConfig(r=rank, lora_alpha=unet_alpha, target_modules=UNET_TARGETS,
                                      init_lora_weights="gaussian", **config))
     if text_encoders:
         for encoder in base.text_encoders:
@@ -44,7 +38,7 @@ def add_lora(base, *, unet_alpha=2.0, te_alpha=8.0, rank=4, text_encoders=True, 
             inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=te_alpha, target_modules=TE_TARGETS,
                                                init_lora_weights="gaussian"), encoder)
     generator = torch.Generator().manual_seed(seed)
-    for module in (base.unet, *base.text_encoders):
+    for module in (base.denoiser, *base.text_encoders):
         for name, param in module.named_parameters():
             if "lora_B" in name:
                 param.data = torch.randn(param.shape, generator=generator) * 0.05
@@ -60,7 +54,7 @@ def _lora_layers(module):
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
 def test_saved_keys_are_kohya_with_the_real_alpha(tiny, tmp_path, arch):
     base = add_lora(load_base_model(tiny[arch].folder))
-    path = save_kohya_lora(tmp_path / "aspect.safetensors", unet=base.unet, text_encoders=base.text_encoders,
+    path = save_kohya_lora(tmp_path / "aspect.safetensors", denoiser=base.denoiser, text_encoders=base.text_encoders,
                            metadata={"versat2i_aspect": "aesthetic", "ss_steps": 40, "hyper": {"lr": 1e-4}})
     state_dict, metadata = load_kohya_lora(path)
 
@@ -71,7 +65,7 @@ def test_saved_keys_are_kohya_with_the_real_alpha(tiny, tmp_path, arch):
     prefixes = {module.split("_")[1] for module in modules}
     assert prefixes == ({"unet", "te"} if arch == "sd15" else {"unet", "te1", "te2"})
 
-    expected_modules = len(_lora_layers(base.unet)) + sum(len(_lora_layers(te)) for te in base.text_encoders)
+    expected_modules = len(_lora_layers(base.denoiser)) + sum(len(_lora_layers(te)) for te in base.text_encoders)
     assert len(modules) == expected_modules
     for module in modules:
         alpha = float(state_dict[f"{module}.alpha"])
@@ -87,8 +81,8 @@ def test_saved_keys_are_kohya_with_the_real_alpha(tiny, tmp_path, arch):
 def test_alpha_reproduces_per_module_and_rslora_scaling(tiny, tmp_path):
     base = add_lora(load_base_model(tiny["sd15"].folder), text_encoders=False, use_rslora=True,
                     alpha_pattern={"to_k": 16.0})
-    state_dict, _ = peft_to_kohya(unet=base.unet)
-    layers = _lora_layers(base.unet)
+    state_dict, _ = peft_to_kohya(denoiser=base.denoiser)
+    layers = _lora_layers(base.denoiser)
     for path, layer in layers.items():
         name = "lora_unet_" + path.replace(".", "_")
         rank = state_dict[f"{name}.lora_down.weight"].shape[0]
@@ -100,10 +94,10 @@ def test_alpha_reproduces_per_module_and_rslora_scaling(tiny, tmp_path):
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
 def test_kohya_to_peft_recovers_every_module(tiny, tmp_path, arch):
     base = add_lora(load_base_model(tiny[arch].folder))
-    path = save_kohya_lora(tmp_path / "x.safetensors", unet=base.unet, text_encoders=base.text_encoders, metadata={})
+    path = save_kohya_lora(tmp_path / "x.safetensors", denoiser=base.denoiser, text_encoders=base.text_encoders, metadata={})
     weights = kohya_to_peft(load_kohya_lora(path)[0], base)
 
-    components = {"unet": base.unet, "text_encoder": base.text_encoders[0]}
+    components = {"unet": base.denoiser, "text_encoder": base.text_encoders[0]}
     if arch == "sdxl":
         components["text_encoder_2"] = base.text_encoders[1]
     expected = {f"{name}.{path}": layer for name, module in components.items()
@@ -129,13 +123,13 @@ def _pipeline(arch, folder):
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
 def test_diffusers_load_lora_weights_reproduces_the_peft_model(tiny, tmp_path, arch):
     base = add_lora(load_base_model(tiny[arch].folder))
-    path = save_kohya_lora(tmp_path / "x.safetensors", unet=base.unet, text_encoders=base.text_encoders, metadata={})
+    path = save_kohya_lora(tmp_path / "x.safetensors", denoiser=base.denoiser, text_encoders=base.text_encoders, metadata={})
     pipe = _pipeline(arch, tiny[arch].folder)
     inputs = unet_inputs(arch)
     with torch.no_grad():
         before = pipe.unet(**inputs).sample
         pipe.load_lora_weights(str(path))
-        expected = base.unet(**inputs).sample
+        expected = base.denoiser(**inputs).sample
         got = pipe.unet(**inputs).sample
     assert (expected - before).abs().max() > 1e-3  # the LoRA changes the output...
     assert (got - expected).abs().max() <= 1e-5   # ...and diffusers applies exactly the trained one
@@ -152,11 +146,11 @@ def test_overwrite_is_refused_unless_asked(tiny, tmp_path):
     from versat2i.safe_io import TargetExistsError
 
     base = add_lora(load_base_model(tiny["sd15"].folder), text_encoders=False)
-    path = save_kohya_lora(tmp_path / "x.safetensors", unet=base.unet, metadata={"run": "1"})
+    path = save_kohya_lora(tmp_path / "x.safetensors", denoiser=base.denoiser, metadata={"run": "1"})
     with pytest.raises(TargetExistsError, match="already exists"):
-        save_kohya_lora(path, unet=base.unet, metadata={"run": "2"})
+        save_kohya_lora(path, denoiser=base.denoiser, metadata={"run": "2"})
     assert load_kohya_lora(path)[1]["run"] == "1"
-    save_kohya_lora(path, unet=base.unet, metadata={"run": "2"}, overwrite=True)
+    save_kohya_lora(path, denoiser=base.denoiser, metadata={"run": "2"}, overwrite=True)
     assert load_kohya_lora(path)[1]["run"] == "2"
 
 
@@ -173,7 +167,7 @@ def test_failed_write_leaves_no_file(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(safetensors.torch, "save_file", save_half_then_fail)
     out = tmp_path / "loras"
     with pytest.raises(OSError, match="disk full"):
-        save_kohya_lora(out / "x.safetensors", unet=base.unet, metadata={})
+        save_kohya_lora(out / "x.safetensors", denoiser=base.denoiser, metadata={})
     assert not (out / "x.safetensors").exists()
     assert not out.exists() or list(out.iterdir()) == []  # no temp file left behind either
 
@@ -181,12 +175,12 @@ def test_failed_write_leaves_no_file(tiny, tmp_path, monkeypatch):
 def test_bad_inputs(tiny, tmp_path):
     base = load_base_model(tiny["sd15"].folder)
     with pytest.raises(ValueError, match="no LoRA adapter named 'default'"):
-        save_kohya_lora(tmp_path / "x.safetensors", unet=base.unet, metadata={})
+        save_kohya_lora(tmp_path / "x.safetensors", denoiser=base.denoiser, metadata={})
     add_lora(base, text_encoders=False)
     with pytest.raises(ValueError, match=".safetensors"):
-        save_kohya_lora(tmp_path / "x.ckpt", unet=base.unet, metadata={})
+        save_kohya_lora(tmp_path / "x.ckpt", denoiser=base.denoiser, metadata={})
     with pytest.raises(TypeError, match="metadata key"):
-        save_kohya_lora(tmp_path / "x.safetensors", unet=base.unet, metadata={1: "a"})
+        save_kohya_lora(tmp_path / "x.safetensors", denoiser=base.denoiser, metadata={1: "a"})
     assert not (tmp_path / "x.safetensors").exists()
     with pytest.raises(FileNotFoundError, match="nothing.safetensors"):
         load_kohya_lora(tmp_path / "nothing.safetensors")
@@ -197,7 +191,7 @@ def test_bad_inputs(tiny, tmp_path):
 
 def test_kohya_to_peft_refuses_keys_that_do_not_map(tiny, tmp_path):
     sd15 = add_lora(load_base_model(tiny["sd15"].folder))
-    state_dict, _ = peft_to_kohya(unet=sd15.unet, text_encoders=sd15.text_encoders)
+    state_dict, _ = peft_to_kohya(denoiser=sd15.denoiser, text_encoders=sd15.text_encoders)
     sdxl = load_base_model(tiny["sdxl"].folder)
     with pytest.raises(ValueError, match="do not map onto the sdxl base model"):
         kohya_to_peft(state_dict, sdxl)  # an SD1.5 LoRA on an SDXL model

@@ -1,4 +1,4 @@
-"""trainer.model_loading: base models from diffusers folders and ComfyUI-layout single files.
+"""models.loading: base models from diffusers folders and ComfyUI-layout single files.
 
 Offline: tiny random-weight models built in code (tests/tiny_models/sd.py); the shipped full-size
 configs are checked on the meta device (no weights allocated).
@@ -12,11 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from tiny_models.sd import build_tiny_model, unet_inputs
-from versat2i.trainer import model_loading
-from versat2i.trainer.model_loading import (
+from versat2i.models import loading as model_loading
+from versat2i.models.architectures import ARCHITECTURES
+from versat2i.models.loading import (
     CONFIG_ROOT,
     build_clip_tokenizer,
-    detect_checkpoint_arch,
+    detect_checkpoint_architecture,
     detect_checkpoint_prediction_type,
     encode_prompts,
     load_base_model,
@@ -47,7 +48,7 @@ def test_single_file_and_folder_load_identical_models(tiny, arch):
     assert from_folder.source_format == "diffusers" and from_file.source_format == "single_file"
 
     # Every tensor survives diffusers -> ldm file -> diffusers' single-file loader unchanged.
-    assert _state_dicts_equal(from_file.unet, model.components["unet"]) == []
+    assert _state_dicts_equal(from_file.denoiser, model.components["unet"]) == []
     assert _state_dicts_equal(from_file.vae, model.components["vae"]) == []
     names = ["text_encoder", "text_encoder_2"][: len(from_file.text_encoders)]
     for name, encoder in zip(names, from_file.text_encoders):
@@ -55,8 +56,8 @@ def test_single_file_and_folder_load_identical_models(tiny, arch):
 
     inputs = unet_inputs(arch)
     with torch.no_grad():
-        out_folder = from_folder.unet(**inputs).sample
-        out_file = from_file.unet(**inputs).sample
+        out_folder = from_folder.denoiser(**inputs).sample
+        out_file = from_file.denoiser(**inputs).sample
         hidden_folder, added_folder = encode_prompts(from_folder, CAPTIONS, "cpu")
         hidden_file, added_file = encode_prompts(from_file, CAPTIONS, "cpu")
     assert out_folder.abs().max() > 0
@@ -91,7 +92,7 @@ def test_folder_with_only_fp16_variant_weights(tiny, tmp_path):
         for weights in (folder / name).glob("*.safetensors"):
             weights.rename(weights.with_name(weights.name.replace(".safetensors", ".fp16.safetensors")))
     base = load_base_model(folder)
-    assert _state_dicts_equal(base.unet, tiny["sd15"].components["unet"]) == []
+    assert _state_dicts_equal(base.denoiser, tiny["sd15"].components["unet"]) == []
     # Files outside the loaded components do not change the model's identity.
     (folder / "safety_checker").mkdir()
     (folder / "safety_checker" / "model.bin").write_bytes(b"x")
@@ -101,7 +102,7 @@ def test_folder_with_only_fp16_variant_weights(tiny, tmp_path):
 
 @pytest.mark.parametrize("arch", ["sd15", "sd2", "sdxl"])
 def test_arch_detected_from_single_file_keys(tiny, arch):
-    assert detect_checkpoint_arch(load_file(str(tiny[arch].checkpoint))) == arch
+    assert detect_checkpoint_architecture(load_file(str(tiny[arch].checkpoint))).name == arch
 
 
 def test_requested_arch_must_match(tiny):
@@ -150,7 +151,7 @@ def test_extra_keys_of_real_checkpoints_are_tolerated(tmp_path):
               "conditioner.embedders.1.model.logit_scale": torch.tensor(4.6)}
     model = build_tiny_model("sdxl", tmp_path, extra_keys=extras)
     base = load_base_model(model.checkpoint, config_dir=model.folder)
-    assert _state_dicts_equal(base.unet, model.components["unet"]) == []
+    assert _state_dicts_equal(base.denoiser, model.components["unet"]) == []
 
 
 def test_sd2_single_file_drops_the_unused_last_text_layer(tmp_path):
@@ -217,11 +218,11 @@ def test_sd2_v_prediction_heuristic_matches_comfyui():
     generator = torch.Generator().manual_seed(0)
     wide = {probe: torch.randn(640, generator=generator) * 0.2}
     narrow = {probe: torch.randn(640, generator=generator) * 0.01}
-    assert detect_checkpoint_prediction_type("sd2", wide)[0] == "v_prediction"
-    assert detect_checkpoint_prediction_type("sd2", narrow)[0] == "epsilon"
-    assert detect_checkpoint_prediction_type("sd15", wide)[0] == "epsilon"  # SD1 has no v models
+    assert detect_checkpoint_prediction_type(ARCHITECTURES["sd2"], wide)[0] == "v_prediction"
+    assert detect_checkpoint_prediction_type(ARCHITECTURES["sd2"], narrow)[0] == "epsilon"
+    assert detect_checkpoint_prediction_type(ARCHITECTURES["sd15"], wide)[0] == "epsilon"  # SD1 has no v models
     with pytest.raises(ValueError, match="EDM"):
-        detect_checkpoint_prediction_type("sdxl", {"edm_vpred.sigma_max": torch.tensor(80.0)})
+        detect_checkpoint_prediction_type(ARCHITECTURES["sdxl"], {"edm_vpred.sigma_max": torch.tensor(80.0)})
 
 
 # -- bad input ---------------------------------------------------------------------------------

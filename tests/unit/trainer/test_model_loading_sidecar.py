@@ -1,4 +1,4 @@
-"""The ``<checkpoint stem>.configs/`` sidecar of trainer.model_loading (offline, tiny models).
+"""The ``<checkpoint stem>.configs/`` sidecar of models.loading (offline, tiny models).
 
 The nodes name a checkpoint by its file in models/checkpoints and cannot pass ``config_dir``; a
 checkpoint whose shapes are not the standard ones (here: a tiny SD1.5-shaped file, which the
@@ -13,7 +13,7 @@ import shutil
 import pytest
 import torch
 from tiny_models.sd import build_tiny_sd15
-from versat2i.trainer.model_loading import load_base_model, sidecar_config_dir
+from versat2i.models.loading import load_base_model, sidecar_config_dir
 
 
 @pytest.fixture
@@ -50,7 +50,7 @@ def test_the_sidecar_folder_describes_the_checkpoint(tiny, tmp_path):
     assert any("sidecar" in note for note in base.notes)
     assert (base.arch, base.prediction_type, base.resolution) == (explicit.arch, explicit.prediction_type,
                                                                   explicit.resolution)
-    for mine, theirs in ((base.unet, explicit.unet), (base.vae, explicit.vae),
+    for mine, theirs in ((base.denoiser, explicit.denoiser), (base.vae, explicit.vae),
                          (base.text_encoders[0], explicit.text_encoders[0])):
         ours, reference = mine.state_dict(), theirs.state_dict()
         assert ours.keys() == reference.keys()

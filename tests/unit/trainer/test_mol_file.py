@@ -11,7 +11,6 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-
 from versat2i.safe_io import file_identity
 from versat2i.trainer.gate import MixtureGate
 from versat2i.trainer.mol_file import (

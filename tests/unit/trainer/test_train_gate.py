@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from tiny_models.lora_training import TINY_SIZE, make_kohya_dataset
 from tiny_models.sd import build_tiny_sd15
 from versat2i.trainer import train_gate
@@ -30,7 +29,6 @@ LAYER_FLOOR = 0.05
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from safetensors.torch import load_file, save_file
-
     from tiny_models.lora_training import tiny_lora_config
     from versat2i.trainer import train_lora
 
@@ -68,17 +66,18 @@ def gate_config(tmp: Path, tiny, name: str, **overrides) -> Path:
 def measure_mass(tiny, mol_path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean gate value per LoRA over every gated layer and token ([N]), and per layer ([L, N]), on
     the training images at a few noise levels (the gate applied through the trainer's hooks)."""
-    from versat2i.trainer.kohya_dataset import KohyaDataset, scan_training_set
-    from versat2i.trainer.lora_io import load_kohya_lora
+    from versat2i.models.loading import encode_prompts, load_base_model
+    from versat2i.models.lora_files import load_kohya_lora
+    from versat2i.trainer.kohya_dataset import KohyaDataset
     from versat2i.trainer.mix_diffusers import DiffusersMixture, mixture_layers
-    from versat2i.trainer.model_loading import encode_prompts, load_base_model
+    from versat2i.training_set.folders import scan_training_set
 
     model, dataset_dir, _ = tiny
     mol = load_mol(mol_path)
     base = load_base_model(model.folder, compute_hash=False)
     layers = mixture_layers(base, [load_kohya_lora(p)[0] for p in mol.lora_paths])
     gate = mol.gate.eval()
-    mixture = DiffusersMixture(gate, layers, unet=base.unet).attach(train=True)
+    mixture = DiffusersMixture(gate, layers, denoiser=base.denoiser).attach(train=True)
     images = scan_training_set(dataset_dir)
     data = KohyaDataset(images, resolution=TINY_SIZE)
     pixels = torch.stack([data.load_pixels(i)[0] for i in range(len(data))])
@@ -91,7 +90,7 @@ def measure_mass(tiny, mol_path: Path) -> tuple[torch.Tensor, torch.Tensor]:
         for timestep in (100, 500, 900):
             noisy = base.noise_scheduler.add_noise(latents, torch.randn(latents.shape, generator=generator),
                                                    torch.full((len(images),), timestep))
-            base.unet(noisy, torch.full((len(images),), timestep), hidden)
+            base.denoiser(noisy, torch.full((len(images),), timestep), hidden)
     mixture.remove()
     per_layer = usage.layer_means()
     return usage.mean_mass(), torch.stack([per_layer[i] for i in sorted(per_layer)])
@@ -140,8 +139,8 @@ def test_prompt_gates_train(prompt_mol):
 
 
 def test_diffusers_bake_equals_dynamic_for_prompt_gates(tiny, prompt_mol):
+    from versat2i.models.loading import load_base_model
     from versat2i.trainer.mix_diffusers import load_mixture, prompt_context
-    from versat2i.trainer.model_loading import load_base_model
 
     base = load_base_model(tiny[0].folder, compute_hash=False)
     _, mixture = load_mixture(base, prompt_mol, enabled=["aesthetics", "lowlevel"], strength=0.8)
@@ -149,14 +148,14 @@ def test_diffusers_bake_equals_dynamic_for_prompt_gates(tiny, prompt_mol):
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         context = prompt_context(base, text, "cpu")
-        plain = base.unet(latents, 500, context).sample
+        plain = base.denoiser(latents, 500, context).sample
         mixture.attach()
-        dynamic = base.unet(latents, 500, prompt_context(base, text, "cpu")).sample
+        dynamic = base.denoiser(latents, 500, prompt_context(base, text, "cpu")).sample
         mixture.remove()
         baked_context = mixture.bake_on_prompt(lambda: prompt_context(base, text, "cpu"))
-        baked = base.unet(latents, 500, baked_context).sample
+        baked = base.denoiser(latents, 500, baked_context).sample
         mixture.remove()
-        restored = base.unet(latents, 500, context).sample
+        restored = base.denoiser(latents, 500, context).sample
     assert (dynamic - plain).abs().max() > 1e-3
     torch.testing.assert_close(baked, dynamic, rtol=1e-4, atol=1e-5)
     assert torch.equal(restored, plain)  # remove() undoes the merge exactly
@@ -174,10 +173,9 @@ def mixed(tmp_path_factory):
     Conv2d) and the text encoder, ranks 2/4/4/8 (geometry skips every attn1 layer), and a random
     token and prompt MoL file over them."""
     from tiny_models.sd import make_kohya_lora
-
-    from versat2i.trainer.lora_io import load_kohya_lora
+    from versat2i.models.loading import load_base_model
+    from versat2i.models.lora_files import load_kohya_lora
     from versat2i.trainer.mix_diffusers import gate_for_layers, mixture_layers
-    from versat2i.trainer.model_loading import load_base_model
     from versat2i.trainer.mol_file import expert_record, save_mol
 
     root = tmp_path_factory.mktemp("mixed")
@@ -191,7 +189,7 @@ def mixed(tmp_path_factory):
     layers = mixture_layers(base, [load_kohya_lora(p)[0] for p in paths])
     mols = {}
     for seed, granularity in enumerate(("token", "prompt")):
-        gate = gate_for_layers(MIXED_ASPECTS, layers, granularity, int(base.unet.config.cross_attention_dim))
+        gate = gate_for_layers(MIXED_ASPECTS, layers, granularity, base.architecture.gate_prompt_features(base.denoiser.config))
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for name, parameter in gate.named_parameters():
@@ -218,8 +216,8 @@ def test_diffusers_bake_on_prompt_equals_dynamic_when_the_loras_adapt_the_text_e
     """Dynamic mode (and training) evaluates the prompt gate on the context the *mixed* text
     encoder makes; bake_on_prompt must do the same. Baking on the base text encoder's context
     (what `versat2i mix --mode bake` did) gives another gate."""
+    from versat2i.models.loading import load_base_model
     from versat2i.trainer.mix_diffusers import load_mixture, prompt_context
-    from versat2i.trainer.model_loading import load_base_model
 
     model, _, mols, _ = mixed
     base = load_base_model(model.folder, compute_hash=False)
@@ -230,17 +228,17 @@ def test_diffusers_bake_on_prompt_equals_dynamic_when_the_loras_adapt_the_text_e
         base_context = prompt_context(base, text, "cpu")
         mixture.attach()
         dynamic_context = prompt_context(base, text, "cpu")  # through the gated text-encoder layers
-        dynamic = base.unet(latents, 500, dynamic_context).sample
+        dynamic = base.denoiser(latents, 500, dynamic_context).sample
         mixture.remove()
         assert (dynamic_context - base_context).abs().max() > 1e-3  # the LoRAs adapt the text encoder
         baked_context = mixture.bake_on_prompt(lambda: prompt_context(base, text, "cpu"))
-        baked = base.unet(latents, 500, baked_context).sample
+        baked = base.denoiser(latents, 500, baked_context).sample
         mixture.remove()
         torch.testing.assert_close(baked_context, dynamic_context, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(baked, dynamic, rtol=1e-4, atol=1e-5)
         # the old way: the gate evaluated on the base encoder's context
         mixture.bake(mol.gate.merge_weights(base_context, mixture.mask))
-        old_way = base.unet(latents, 500, prompt_context(base, text, "cpu")).sample
+        old_way = base.denoiser(latents, 500, prompt_context(base, text, "cpu")).sample
         mixture.remove()
     assert (old_way - dynamic).abs().max() > 1e-3
 
@@ -248,8 +246,8 @@ def test_diffusers_bake_on_prompt_equals_dynamic_when_the_loras_adapt_the_text_e
 def test_diffusers_fused_token_gates_equal_the_training_path(mixed):
     """The inference hooks (gate folded into the stacked A) against the trainer's differentiable
     path (separate gate, mixture_delta), on Linear and 1x1-conv layers with unequal ranks."""
+    from versat2i.models.loading import load_base_model
     from versat2i.trainer.mix_diffusers import load_mixture, prompt_context
-    from versat2i.trainer.model_loading import load_base_model
 
     model, _, mols, _ = mixed
     base = load_base_model(model.folder, compute_hash=False)
@@ -258,11 +256,11 @@ def test_diffusers_fused_token_gates_equal_the_training_path(mixed):
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     outputs = {}
     with torch.no_grad():
-        plain = base.unet(latents, 300, prompt_context(base, "a disc", "cpu").expand(2, -1, -1)).sample
+        plain = base.denoiser(latents, 300, prompt_context(base, "a disc", "cpu").expand(2, -1, -1)).sample
         for train in (False, True):
             mixture.attach(train=train)
             context = prompt_context(base, "a disc", "cpu").expand(2, -1, -1)
-            outputs[train] = base.unet(latents, 300, context).sample
+            outputs[train] = base.denoiser(latents, 300, context).sample
             mixture.remove()
     assert (outputs[False] - plain).abs().max() > 1e-3
     torch.testing.assert_close(outputs[False], outputs[True], rtol=1e-4, atol=1e-5)
@@ -271,11 +269,11 @@ def test_diffusers_fused_token_gates_equal_the_training_path(mixed):
 def test_diffusers_dynamic_with_one_lora_equals_diffusers_lora_loading(mixed):
     """One LoRA (text encoder, attention, 1x1 convs) under a one-expert gate (fixed at 1) against
     diffusers' own load_lora_weights at the same weight."""
-    from versat2i.loop.generate import LoraAdapters, build_pipeline
+    from versat2i.models.loading import load_base_model
+    from versat2i.models.lora_files import load_kohya_lora
+    from versat2i.models.pipelines import LoraAdapters, build_pipeline
     from versat2i.trainer.gate import MixtureGate
-    from versat2i.trainer.lora_io import load_kohya_lora
     from versat2i.trainer.mix_diffusers import DiffusersMixture, mixture_layers, prompt_context
-    from versat2i.trainer.model_loading import load_base_model
 
     model, paths, _, _ = mixed
     base = load_base_model(model.folder, compute_hash=False)
@@ -285,18 +283,18 @@ def test_diffusers_dynamic_with_one_lora_equals_diffusers_lora_loading(mixed):
     with torch.no_grad():
         for weight in gate.weights:
             weight.normal_()
-    mixture = DiffusersMixture(gate, layers, unet=base.unet, strength=0.7)
+    mixture = DiffusersMixture(gate, layers, denoiser=base.denoiser, strength=0.7)
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     text = "a green square"
     with torch.no_grad():
-        plain = base.unet(latents, 400, prompt_context(base, text, "cpu")).sample
+        plain = base.denoiser(latents, 400, prompt_context(base, text, "cpu")).sample
         mixture.attach()
         context = prompt_context(base, text, "cpu")
-        dynamic = base.unet(latents, 400, context).sample
+        dynamic = base.denoiser(latents, 400, context).sample
         mixture.remove()
         with LoraAdapters([paths[3]], weights=[0.7], fuse=False)(pipe):
             stock_context = prompt_context(base, text, "cpu")
-            stock = base.unet(latents, 400, stock_context).sample
+            stock = base.denoiser(latents, 400, stock_context).sample
     torch.testing.assert_close(context, stock_context, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(dynamic, stock, rtol=1e-4, atol=1e-5)
     assert (dynamic - plain).abs().max() > 1e-3
@@ -312,11 +310,10 @@ def test_mix_command_writes_images(mixed, tmp_path):
 
     import numpy as np
     from PIL import Image
-
-    from versat2i.loop.generate import build_pipeline
+    from versat2i.models.loading import load_base_model
+    from versat2i.models.pipelines import build_pipeline
     from versat2i.trainer.cli import MIX_MODES, add_mix_subcommand
     from versat2i.trainer.mix_diffusers import MODES
-    from versat2i.trainer.model_loading import load_base_model
 
     assert MIX_MODES == MODES  # the CLI's choices (kept torch-free) follow the library's modes
     model, _, mols, _ = mixed
@@ -367,7 +364,7 @@ build = mix_diffusers.gate_for_layers
 def capture(*args, **kwargs):  # the gate _train builds, to read its buffers at the end
     made.append(build(*args, **kwargs))
     return made[-1]
-mix_diffusers.gate_for_layers = capture
+train_gate.gate_for_layers = capture
 train_gate.main(train_gate.parse_args(["--config", sys.argv[1]]))
 gate = made[0]
 # One file per process (the main process's gate is what the MoL file holds).

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from tiny_models.lora_training import make_kohya_dataset, tiny_lora_config
 from tiny_models.sd import build_tiny_sd15
-from versat2i.trainer import train_lora
+from versat2i.trainer import train_lora, training_loop
 from versat2i.trainer.events import read_events
 from versat2i.trainer.launcher import (
     LaunchOptions,
@@ -134,15 +134,16 @@ def test_progress_events_and_log(reference_run):
     assert steps[0]["lr"] < steps[2]["lr"]  # warm-up
     checkpoints = [e["step"] for e in result.events if e["event"] == "checkpoint"]
     assert checkpoints == [3, 6, 9, 12, 15]
-    assert [p.name for p in train_lora.checkpoint_dirs(config.work_dir)] == ["checkpoint-12", "checkpoint-15"]
-    assert read_events(Path(config.work_dir) / train_lora.LOG_FILE_NAME) == result.events
+    assert [p.name for p in training_loop.checkpoint_dirs(config.work_dir)] == ["checkpoint-12", "checkpoint-15"]
+    assert read_events(Path(config.work_dir) / training_loop.LOG_FILE_NAME) == result.events
 
 
 def test_loss_falls_on_an_overfit_set(reference_run, tiny):
     """The logged loss falls, and the LoRA (loaded by diffusers from the kohya file) lowers the loss on
     the training images at fixed noise and timesteps."""
     from diffusers import StableDiffusionPipeline
-    from versat2i.trainer.kohya_dataset import KohyaDataset, scan_training_set
+    from versat2i.trainer.kohya_dataset import KohyaDataset
+    from versat2i.training_set.folders import scan_training_set
 
     config, result, _ = reference_run
     model, dataset_dir = tiny
@@ -174,7 +175,8 @@ def test_loss_falls_on_an_overfit_set(reference_run, tiny):
 
 
 def test_batches_per_epoch_are_odd_so_accumulation_spans_epoch_ends(tiny):
-    from versat2i.trainer.kohya_dataset import BucketBatchSampler, scan_training_set
+    from versat2i.trainer.kohya_dataset import BucketBatchSampler
+    from versat2i.training_set.folders import scan_training_set
 
     images = scan_training_set(tiny[1], "aesthetics")
     sampler = BucketBatchSampler([(64, 64)] * len(images), [im.repeats for im in images], 2)
@@ -201,11 +203,11 @@ def test_killed_run_resumes_to_the_same_lora(reference_run, tiny, tmp_path):
             launch(config_path, on_event=kill_after_checkpoint, on_start=lambda c: started.setdefault("child", c))
         assert killed == {"at": KILL_AFTER_CHECKPOINT} and err.value.returncode == -signal.SIGKILL
         assert not config.output_path.exists() and watcher.sightings == []
-        left = [int(p.name.removeprefix("checkpoint-")) for p in train_lora.checkpoint_dirs(config.work_dir)]
+        left = [int(p.name.removeprefix("checkpoint-")) for p in training_loop.checkpoint_dirs(config.work_dir)]
         assert left and left[-1] in range(KILL_AFTER_CHECKPOINT, STEPS, 3)
         if left[-1] == KILL_AFTER_CHECKPOINT:  # the usual case: the kill landed before checkpoint 9
             assert left == [3, 6]
-        logged = [e["step"] for e in read_events(Path(config.work_dir) / train_lora.LOG_FILE_NAME)
+        logged = [e["step"] for e in read_events(Path(config.work_dir) / training_loop.LOG_FILE_NAME)
                   if e["event"] == "step"]
         assert logged == list(range(1, logged[-1] + 1)) and left[-1] <= logged[-1] < STEPS
 
@@ -283,7 +285,7 @@ def test_other_architectures_train_in_process(tmp_path, capsys, arch, settings, 
         metadata = handle.metadata()
     assert metadata["versat2i_arch"] == arch
     assert metadata["versat2i_prediction_type"] == ("v_prediction" if arch == "sd2" else "epsilon")
-    events = read_events(Path(config.work_dir) / train_lora.LOG_FILE_NAME)
+    events = read_events(Path(config.work_dir) / training_loop.LOG_FILE_NAME)
     assert [e["event"] for e in events] == ["start", "step", "step", "done"]
     assert all(e["loss"] is not None and e["loss"] > 0 for e in events if e["event"] == "step")
 
@@ -298,7 +300,7 @@ def test_a_resumed_run_reads_its_loss_history_from_the_log_file_it_writes(tiny, 
     args = ["--config", str(config.save(tmp_path / "c.toml")), "--log_file", str(log_file)]
     train_lora.main(train_lora.parse_args(args))
     first_run = {e["step"]: e["loss"] for e in read_events(log_file) if e["event"] == "step"}
-    assert sorted(first_run) == [1, 2, 3, 4] and not (Path(config.work_dir) / train_lora.LOG_FILE_NAME).exists()
+    assert sorted(first_run) == [1, 2, 3, 4] and not (Path(config.work_dir) / training_loop.LOG_FILE_NAME).exists()
 
     output = train_lora.main(train_lora.parse_args([*args, "--resume", "checkpoint-2"]))  # steps 3 and 4 again
     with safe_open(str(output), framework="pt") as handle:

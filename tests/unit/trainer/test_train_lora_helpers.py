@@ -9,7 +9,8 @@ import os
 import pytest
 import torch
 from tiny_models.lora_training import make_kohya_dataset, tiny_lora_config
-from versat2i.trainer import train_lora
+from versat2i.models.architectures import ARCHITECTURES
+from versat2i.trainer import objective, train_lora, training_loop
 from versat2i.trainer.config import LoraTrainConfig
 
 
@@ -31,9 +32,9 @@ def test_loss_targets(scheduler, prediction_type):
     pred, latents, noise, timesteps = _inputs()
     target = {"epsilon": noise, "v_prediction": scheduler.get_velocity(latents, noise, timesteps),
               "sample": latents}[prediction_type]
-    loss = train_lora.compute_loss(pred, latents, noise, timesteps, scheduler, prediction_type, 0.0)
+    loss = objective.compute_loss(pred, latents, noise, timesteps, scheduler, prediction_type, 0.0)
     assert torch.allclose(loss, ((pred - target) ** 2).mean())
-    assert train_lora.compute_loss(target, latents, noise, timesteps, scheduler, prediction_type, 0.0) == 0
+    assert objective.compute_loss(target, latents, noise, timesteps, scheduler, prediction_type, 0.0) == 0
 
 
 def test_min_snr_weights_follow_the_paper(scheduler):
@@ -42,40 +43,40 @@ def test_min_snr_weights_follow_the_paper(scheduler):
     snr = alphas / (1 - alphas)
     per_sample = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
     expected = (per_sample * torch.clamp(snr, max=5.0) / snr).mean()
-    loss = train_lora.compute_loss(pred, latents, noise, timesteps, scheduler, "epsilon", 5.0)
+    loss = objective.compute_loss(pred, latents, noise, timesteps, scheduler, "epsilon", 5.0)
     assert torch.allclose(loss, expected, rtol=1e-5)
     # v-prediction divides by snr + 1; x0 keeps min(snr, gamma)
     v_target = scheduler.get_velocity(latents, noise, timesteps)
     v_expected = (((pred - v_target) ** 2).mean(dim=(1, 2, 3)) * torch.clamp(snr, max=5.0) / (snr + 1)).mean()
-    assert torch.allclose(train_lora.compute_loss(pred, latents, noise, timesteps, scheduler, "v_prediction", 5.0),
+    assert torch.allclose(objective.compute_loss(pred, latents, noise, timesteps, scheduler, "v_prediction", 5.0),
                           v_expected, rtol=1e-5)
 
 
 def test_unknown_prediction_type_is_an_error(scheduler):
     with pytest.raises(ValueError, match="unknown prediction type"):
-        train_lora.compute_loss(*_inputs(), scheduler, "flow", 0.0)
+        objective.compute_loss(*_inputs(), scheduler, "flow", 0.0)
 
 
 def test_checkpoint_discovery_ignores_partial_ones(tmp_path):
-    folder = tmp_path / train_lora.CHECKPOINT_DIR_NAME
+    folder = tmp_path / training_loop.CHECKPOINT_DIR_NAME
     for name in ("checkpoint-2", "checkpoint-10", ".checkpoint-12.partial", "checkpoint-x", "notes"):
         (folder / name).mkdir(parents=True)
-    (folder / "checkpoint-10" / train_lora.PROGRESS_FILE).write_text("{}")
-    assert [p.name for p in train_lora.checkpoint_dirs(tmp_path)] == ["checkpoint-2", "checkpoint-10"]
-    assert train_lora.find_resume_checkpoint(tmp_path, "latest").name == "checkpoint-10"
-    assert train_lora.find_resume_checkpoint(tmp_path, None) is None
-    assert train_lora.find_resume_checkpoint(tmp_path / "empty", "latest") is None  # fresh start
-    assert train_lora.find_resume_checkpoint(tmp_path, "checkpoint-10").name == "checkpoint-10"
+    (folder / "checkpoint-10" / training_loop.PROGRESS_FILE).write_text("{}")
+    assert [p.name for p in training_loop.checkpoint_dirs(tmp_path)] == ["checkpoint-2", "checkpoint-10"]
+    assert training_loop.find_resume_checkpoint(tmp_path, "latest").name == "checkpoint-10"
+    assert training_loop.find_resume_checkpoint(tmp_path, None) is None
+    assert training_loop.find_resume_checkpoint(tmp_path / "empty", "latest") is None  # fresh start
+    assert training_loop.find_resume_checkpoint(tmp_path, "checkpoint-10").name == "checkpoint-10"
     with pytest.raises(ValueError, match="not a checkpoint folder"):
-        train_lora.find_resume_checkpoint(tmp_path, "checkpoint-2")
+        training_loop.find_resume_checkpoint(tmp_path, "checkpoint-2")
 
 
 def test_loss_curve_points_are_thinned_means():
     history = [(step, float(step)) for step in range(1, 1001)]
-    points = train_lora.loss_curve_points(history, max_points=100)
+    points = training_loop.loss_curve_points(history, max_points=100)
     assert len(points) == 100 and points[0] == [10, 5.5] and points[-1][0] == 1000
-    assert train_lora.loss_curve_points([(1, None), (2, 2.0)]) == [[2, 2.0]]
-    assert train_lora.loss_curve_points([]) == []
+    assert training_loop.loss_curve_points([(1, None), (2, 2.0)]) == [[2, 2.0]]
+    assert training_loop.loss_curve_points([]) == []
 
 
 def test_lora_layers_go_where_asked(tmp_path):
@@ -84,7 +85,8 @@ def test_lora_layers_go_where_asked(tmp_path):
     class Base:  # the fields add_lora_adapters uses
         def __init__(self):
             parts = tiny_sd15_components()
-            self.unet, self.vae, self.text_encoders = parts["unet"], parts["vae"], [parts["text_encoder"]]
+            self.architecture = ARCHITECTURES["sd15"]
+            self.denoiser, self.vae, self.text_encoders = parts["unet"], parts["vae"], [parts["text_encoder"]]
 
     def lora_modules(module):
         return {n.rsplit(".lora_A", 1)[0] for n, _ in module.named_parameters() if ".lora_A" in n}
@@ -93,17 +95,17 @@ def test_lora_layers_go_where_asked(tmp_path):
     base = Base()
     trainable = train_lora.add_lora_adapters(base, config)
     assert [name for name, _ in trainable] == ["unet"]
-    unet_layers = lora_modules(base.unet)
-    assert unet_layers and all(n.split(".")[-1] in ("to_q", "to_k", "to_v", "0") for n in unet_layers)
+    denoiser_layers = lora_modules(base.denoiser)
+    assert denoiser_layers and all(n.split(".")[-1] in ("to_q", "to_k", "to_v", "0") for n in denoiser_layers)
     assert not lora_modules(base.text_encoders[0])
-    trainable_params = {n for n, p in base.unet.named_parameters() if p.requires_grad}
+    trainable_params = {n for n, p in base.denoiser.named_parameters() if p.requires_grad}
     assert trainable_params and all("lora_" in n for n in trainable_params)
     assert not any(p.requires_grad for p in base.vae.parameters())
 
     base = Base()
     full = config.replace(train_text_encoder=True, train_feed_forward=True)
     assert [name for name, _ in train_lora.add_lora_adapters(base, full)] == ["unet", "text_encoder"]
-    assert any(n.endswith("ff.net.2") for n in lora_modules(base.unet))
+    assert any(n.endswith("ff.net.2") for n in lora_modules(base.denoiser))
     assert {n.split(".")[-1] for n in lora_modules(base.text_encoders[0])} == {"q_proj", "k_proj", "v_proj",
                                                                               "out_proj", "fc1", "fc2"}
 
@@ -230,7 +232,7 @@ def test_cli_subcommand_is_registered():
 def test_a_second_run_on_a_locked_work_dir_fails_at_once(tmp_path):
     """An orphaned training child (its parent was SIGKILLed) keeps the work folder locked; a re-run
     must refuse it instead of writing checkpoints into the same folder."""
-    from versat2i.trainer.train_lora import work_dir_lock
+    from versat2i.trainer.training_loop import work_dir_lock
 
     work_dir = tmp_path / "run"
     with work_dir_lock(work_dir):

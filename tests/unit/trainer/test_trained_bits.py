@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from tiny_models.lora_training import TINY_SIZE, make_kohya_dataset, tiny_lora_config
 from tiny_models.sd import build_tiny_model
 
@@ -70,7 +69,6 @@ def _train_lora(root: Path, arch: str, *, single_file: bool = False, **overrides
 
 def _train_gate(root: Path, granularity: str) -> Path:
     from safetensors.torch import save_file
-
     from versat2i.trainer import train_gate, train_lora
 
     model = build_tiny_model("sd15", root / "model", seed=3)

@@ -35,7 +35,9 @@ from ..safe_io import TargetExistsError, atomic_file
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = "1"
-_COMPONENT_PREFIXES = ("unet.", "text_encoder_2.", "text_encoder.")
+# The SD kohya format names the denoiser "unet" (diffusers' converter turns "unet." into "lora_unet_").
+KOHYA_DENOISER = "unet"
+_COMPONENT_PREFIXES = (KOHYA_DENOISER + ".", "text_encoder_2.", "text_encoder.")
 _KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 
 
@@ -68,9 +70,9 @@ def _peft_state_dict(model: torch.nn.Module, adapter_name: str) -> dict[str, tor
     return state_dict
 
 
-def peft_to_kohya(*, unet: torch.nn.Module | None, text_encoders: Iterable[torch.nn.Module] = (),
+def peft_to_kohya(*, denoiser: torch.nn.Module | None, text_encoders: Iterable[torch.nn.Module] = (),
                   adapter_name: str = "default") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Kohya state dict of the peft adapter ``adapter_name`` in ``unet`` and ``text_encoders``.
+    """Kohya state dict of the peft adapter ``adapter_name`` in ``denoiser`` and ``text_encoders``.
 
     Returns ``(state_dict, summary)`` where summary has ``rank``, ``alpha`` (the most common
     values) and ``modules`` (count). ``text_encoders`` is ``[te]`` (SD1/2) or ``[te1, te2]`` (SDXL);
@@ -82,8 +84,8 @@ def peft_to_kohya(*, unet: torch.nn.Module | None, text_encoders: Iterable[torch
     if len(text_encoders) > 2:
         raise ValueError(f"text_encoders: at most 2 (SDXL), got {len(text_encoders)}")
     components = []
-    if unet is not None:
-        components.append(("unet", unet, lambda path: path))
+    if denoiser is not None:
+        components.append((KOHYA_DENOISER, denoiser, lambda path: path))
     te_names = ["text_encoder"] if len(text_encoders) == 1 else ["text_encoder", "text_encoder_2"]
     for name, encoder in zip(te_names, text_encoders):
         components.append((name, encoder, lambda path, encoder=encoder: _canonical_text_encoder_path(encoder, path)))
@@ -144,13 +146,13 @@ def _string_metadata(metadata: Mapping[str, Any]) -> dict[str, str]:
 def save_kohya_lora(
     path: str | os.PathLike,
     *,
-    unet: torch.nn.Module | None,
+    denoiser: torch.nn.Module | None,
     text_encoders: Iterable[torch.nn.Module] = (),
     adapter_name: str = "default",
     metadata: Mapping[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Save the peft LoRA ``adapter_name`` of ``unet`` (and text encoders) as a kohya ``.safetensors``.
+    """Save the peft LoRA ``adapter_name`` of ``denoiser`` (and text encoders) as a kohya ``.safetensors``.
 
     ``metadata`` (base model hash, dataset, aspect, steps, hyperparameters...) is stored as
     safetensors metadata; non-string values are JSON-encoded. Added automatically:
@@ -168,7 +170,7 @@ def save_kohya_lora(
         raise ValueError(f"{path}: LoRA files are written as .safetensors")
     if os.path.lexists(path) and not overwrite:  # fail before converting; atomic_file checks again
         raise TargetExistsError(f"LoRA file {str(path)!r} already exists; choose another name or pass overwrite=True")
-    state_dict, summary = peft_to_kohya(unet=unet, text_encoders=text_encoders, adapter_name=adapter_name)
+    state_dict, summary = peft_to_kohya(denoiser=denoiser, text_encoders=text_encoders, adapter_name=adapter_name)
     header = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(summary["rank"]),
@@ -224,10 +226,12 @@ class LoraWeights:
         return self.alpha / self.rank
 
 
-def _diffusers_lora_loader(arch: str):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+def _diffusers_lora_loader(architecture):
+    """The family's pipeline class: its ``lora_state_dict`` is the kohya -> diffusers converter
+    ``load_lora_weights`` uses."""
+    import diffusers
 
-    return StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
+    return getattr(diffusers, architecture.pipeline_class)
 
 
 def _convert_names_with_diffusers(state_dict: Mapping[str, torch.Tensor], base) -> dict[str, str]:
@@ -246,13 +250,14 @@ def _convert_names_with_diffusers(state_dict: Mapping[str, torch.Tensor], base) 
 
     weights = {k: v for k, v in state_dict.items() if k.endswith((".lora_down.weight", ".lora_up.weight"))}
     kohya_by_tensor = {id(v): k.split(".", 1)[0] for k, v in weights.items()}
-    converted, _ = _diffusers_lora_loader(base.arch).lora_state_dict(dict(weights), unet_config=base.unet.config)
+    converted, _ = _diffusers_lora_loader(base.architecture).lora_state_dict(
+        dict(weights), unet_config=base.denoiser.config)
     names: dict[str, str] = {}
     for prefix in _COMPONENT_PREFIXES:
         part = {k[len(prefix):]: v for k, v in converted.items() if k.startswith(prefix)}
         if not part:
             continue
-        if prefix == "unet.":
+        if prefix == KOHYA_DENOISER + ".":
             peft_part = convert_unet_state_dict_to_peft(part)
         else:
             peft_part = convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
@@ -267,8 +272,8 @@ def _convert_names_with_diffusers(state_dict: Mapping[str, torch.Tensor], base) 
 
 
 def _component(base, prefix: str) -> torch.nn.Module:
-    if prefix == "unet.":
-        return base.unet
+    if prefix == KOHYA_DENOISER + ".":
+        return base.denoiser
     index = 1 if prefix == "text_encoder_2." else 0
     if index >= len(base.text_encoders):
         raise ValueError(f"the LoRA has {prefix[:-1]} weights but the {base.arch} base model has "
@@ -289,7 +294,7 @@ def get_lora_target(base, key: str) -> torch.nn.Module:
     adapters are injected)."""
     component, path = split_module_key(key)
     module = _component(base, component + ".")
-    if component != "unet" and not hasattr(module, "text_model"):
+    if component != KOHYA_DENOISER and not hasattr(module, "text_model"):
         path = path.removeprefix("text_model.")  # transformers >= 5.6 flattened CLIPTextModel
     target = module.get_submodule(path)
     return getattr(target, "base_layer", target)
@@ -298,7 +303,7 @@ def get_lora_target(base, key: str) -> torch.nn.Module:
 def _loaded_module_key(base, key: str) -> str:
     """The key with a module path valid in ``base``'s loaded modules (``get_submodule`` works on it)."""
     component, path = split_module_key(key)
-    if component != "unet" and not hasattr(_component(base, component + "."), "text_model"):
+    if component != KOHYA_DENOISER and not hasattr(_component(base, component + "."), "text_model"):
         path = path.removeprefix("text_model.")
     return f"{component}.{path}"
 
@@ -306,7 +311,7 @@ def _loaded_module_key(base, key: str) -> str:
 def kohya_to_peft(state_dict: Mapping[str, torch.Tensor], base) -> dict[str, LoraWeights]:
     """Per-module LoRA weights of a kohya state dict, keyed ``unet.<module path>`` /
     ``text_encoder.<path>`` / ``text_encoder_2.<path>``, where the path is the peft module path in
-    ``base``'s loaded module (``base.unet.get_submodule(path)``; for text encoders it follows the
+    ``base``'s loaded module (``base.denoiser.get_submodule(path)``; for text encoders it follows the
     installed transformers: no ``text_model.`` level for a flattened ``CLIPTextModel``).
     ``get_lora_target(base, key)`` returns the Linear / Conv2d.
 

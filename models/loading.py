@@ -6,7 +6,7 @@
   ``first_stage_model.*``, ``cond_stage_model.*`` / ``conditioner.embedders.*``), ``.safetensors``
   (or a legacy ``.ckpt`` read with ``torch.load(weights_only=True)``). It is converted by diffusers'
   own single-file loading (``from_single_file`` for the UNet and VAE, diffusers' CLIP converter for
-  the text encoders) against the diffusers configs shipped in ``trainer/model_configs/<arch>/``, so
+  the text encoders) against the diffusers configs shipped in ``models/configs/<arch>/``, so
   nothing is fetched from a model hub;
 * a diffusers pipeline folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``...).
 
@@ -38,42 +38,40 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..safe_io import sha256_file
+from .architectures import (
+    ARCHITECTURE_NAMES,
+    ARCHITECTURES,
+    SUPPORTED,
+    VAE_PREFIX,
+    Architecture,
+    UnsupportedModel,
+    detect_diffusers_folder,
+    detect_single_file,
+    single_file_prediction_type,
+)
+
 logger = logging.getLogger(__name__)
 
-ARCHS = ("sd15", "sd2", "sdxl")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-CONFIG_ROOT = Path(__file__).resolve().parent / "model_configs"
-SUPPORTED = "SD1.x, SD2.x (epsilon or v-prediction) and SDXL base, as a single .safetensors checkpoint or a diffusers folder"
+CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
 _SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
-
-# Prefixes of the original (ldm / sgm) single-file layout.
-_UNET = "model.diffusion_model."
-_VAE = "first_stage_model."
-_SD1_CLIP = "cond_stage_model.transformer."
-_SD2_OPEN_CLIP = "cond_stage_model.model."
-_SDXL_CLIP_L = "conditioner.embedders.0.transformer."
-_SDXL_CLIP_G = "conditioner.embedders.1.model."
-_SDXL_REFINER_CLIP_G = "conditioner.embedders.0.model."
-# ComfyUI's SD2 v-prediction heuristic (comfy/supported_models.py, SD20.model_type).
-_SD2_V_PROBE = _UNET + "output_blocks.11.1.transformer_blocks.0.norm1.bias"
-
-_TEXT_ENCODER_NAMES = {"sd15": ("text_encoder",), "sd2": ("text_encoder",), "sdxl": ("text_encoder", "text_encoder_2")}
-_TOKENIZER_NAMES = {"sd15": ("tokenizer",), "sd2": ("tokenizer",), "sdxl": ("tokenizer", "tokenizer_2")}
 
 
 @dataclass
 class BaseModel:
     """A loaded base model, ready for LoRA training (all modules in eval mode, on the CPU).
 
-    ``text_encoders`` / ``tokenizers``: one each for sd15 / sd2, two for sdxl (CLIP-L, then
-    OpenCLIP-G with projection). ``noise_scheduler`` is a ``DDPMScheduler`` built from the model's
+    ``architecture`` is the family's table entry (``architectures.py``); ``arch`` its name.
+    ``denoiser`` is the diffusers denoiser (a UNet for the SD families). ``text_encoders`` /
+    ``tokenizers``: in the order of the entry's ``text_encoders``. ``noise_scheduler`` is a ``DDPMScheduler`` built from the model's
     scheduler config (training uses ``add_noise`` / ``get_velocity``). ``vae`` is ``None`` when a
     single file carries no VAE (train from cached latents then). ``source_sha256`` is the SHA-256 of
     the checkpoint file (for a folder: of the sorted relative paths and SHA-256s of
@@ -81,9 +79,9 @@ class BaseModel:
     was asked to skip hashing.
     """
 
-    arch: str
+    architecture: Architecture
     prediction_type: str
-    unet: Any
+    denoiser: Any
     vae: Any | None
     text_encoders: list
     tokenizers: list
@@ -98,8 +96,8 @@ class BaseModel:
     notes: list[str] = field(default_factory=list)  # how arch / prediction type were decided
 
     @property
-    def is_sdxl(self) -> bool:
-        return self.arch == "sdxl"
+    def arch(self) -> str:
+        return self.architecture.name
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,7 +107,6 @@ class BaseModel:
 def file_sha256(path: str | os.PathLike) -> str:
     """sha256 (hex) of a file, cached per file identity (``safe_io.sha256_file``): a multi-GB
     checkpoint is hashed once per process."""
-    from ..safe_io import sha256_file
 
     return sha256_file(path)
 
@@ -207,10 +204,6 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state_dict
 
 
-def _has_prefix(state_dict: dict, prefix: str) -> bool:
-    return any(key.startswith(prefix) for key in state_dict)
-
-
 def _describe_keys(state_dict: dict) -> str:
     """A short 'found' summary for error messages: the top key groups and diffusers' own guess."""
     groups: dict[str, int] = {}
@@ -230,58 +223,23 @@ def _describe_keys(state_dict: dict) -> str:
     return f"{len(state_dict)} tensors, key groups {top}{guess}"
 
 
-def detect_checkpoint_arch(state_dict: dict[str, torch.Tensor], *, name: str = "checkpoint") -> str:
-    """``sd15`` / ``sd2`` / ``sdxl`` from the keys and shapes of an original-layout state dict.
-
-    Structural tests (which key groups exist, UNet input channels, class-embedding input), not
-    exact widths, so tiny test models are classified like the real ones.
-    """
-    def unsupported(what: str) -> ValueError:
-        return ValueError(f"{name}: unsupported checkpoint architecture: {what} "
-                          f"(found {_describe_keys(state_dict)}). Supported: {SUPPORTED}.")
-
-    conv_in = state_dict.get(_UNET + "input_blocks.0.0.weight")
-    if conv_in is None:
-        if any(k.startswith(("lora_", "lora_unet_", "lora_te")) for k in state_dict):
-            raise unsupported("this is a LoRA file, not a base model")
-        raise unsupported("no SD-style UNet (model.diffusion_model.input_blocks.*)")
-    if conv_in.ndim != 4 or conv_in.shape[1] != 4:
-        raise unsupported(f"UNet takes {conv_in.shape[1] if conv_in.ndim == 4 else '?'} input channels "
-                          "(inpainting / instruct-pix2pix models are not supported, only 4-channel text-to-image)")
-    has_adm = (_UNET + "label_emb.0.0.weight") in state_dict
-    if has_adm:
-        if _has_prefix(state_dict, _SDXL_CLIP_L) and _has_prefix(state_dict, _SDXL_CLIP_G):
-            return "sdxl"
-        if _has_prefix(state_dict, _SDXL_REFINER_CLIP_G):
-            raise unsupported("SDXL refiner (one OpenCLIP-G text encoder)")
-        if _has_prefix(state_dict, _SD2_OPEN_CLIP):
-            raise unsupported("SD2 unCLIP (image-conditioned UNet)")
-        raise unsupported("UNet with a class embedding but no SDXL text encoders (conditioner.embedders.0/1)")
-    if _has_prefix(state_dict, _SD1_CLIP):
-        return "sd15"
-    if _has_prefix(state_dict, _SD2_OPEN_CLIP):
-        return "sd2"
-    raise unsupported("no text encoder weights (cond_stage_model.transformer.* for SD1.x, "
-                      "cond_stage_model.model.* for SD2.x)")
+def detect_checkpoint_architecture(state_dict: Mapping[str, torch.Tensor], *, name: str = "checkpoint") -> Architecture:
+    """The family of an original-layout state dict (``architectures.detect_single_file``); an
+    unsupported file is a ``ValueError`` naming the file, what it is and what is supported."""
+    try:
+        return detect_single_file(state_dict)
+    except UnsupportedModel as exc:
+        raise ValueError(f"{name}: unsupported checkpoint architecture: {exc} "
+                         f"(found {_describe_keys(state_dict)}). Supported: {SUPPORTED}.") from None
 
 
-def detect_checkpoint_prediction_type(arch: str, state_dict: dict[str, torch.Tensor]) -> tuple[str, str]:
-    """(prediction_type, why) for a single-file checkpoint, mirroring ComfyUI's model detection."""
-    if "edm_vpred.sigma_max" in state_dict or ("edm_mean" in state_dict and "edm_std" in state_dict):
-        raise ValueError("EDM-parameterised checkpoints (Playground v2.5, EDM v-pred) are not supported for LoRA "
-                         f"training. Supported: {SUPPORTED}.")
-    if "v_pred" in state_dict:
-        return "v_prediction", "the checkpoint has a 'v_pred' key"
-    if arch == "sd2":
-        probe = state_dict.get(_SD2_V_PROBE)
-        if probe is None:
-            return "epsilon", ("SD2 checkpoint without ComfyUI's v-prediction probe tensor: assumed epsilon "
-                               "(pass prediction_type='v_prediction' for a 768-v model)")
-        std = float(torch.std(probe.float(), unbiased=False))
-        if std > 0.09:
-            return "v_prediction", f"SD2 heuristic (ComfyUI): norm1 bias std {std:.3f} > 0.09 -> 768-v model"
-        return "epsilon", f"SD2 heuristic (ComfyUI): norm1 bias std {std:.3f} <= 0.09 -> 512-base model"
-    return "epsilon", f"{arch} checkpoint without a 'v_pred' key"
+def detect_checkpoint_prediction_type(architecture: Architecture, state_dict: Mapping[str, torch.Tensor]
+                                      ) -> tuple[str, str]:
+    """(prediction_type, why) for a single-file checkpoint (``architectures.single_file_prediction_type``)."""
+    try:
+        return single_file_prediction_type(architecture, state_dict)
+    except UnsupportedModel as exc:
+        raise ValueError(f"{exc}. Supported: {SUPPORTED}.") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,7 +265,7 @@ def sidecar_config_dir(checkpoint: str | os.PathLike) -> Path | None:
     folder = checkpoint.with_name(checkpoint.stem + SIDECAR_CONFIG_SUFFIX)
     if not folder.is_dir():
         return None
-    if not (folder / "unet" / "config.json").is_file():
+    if not any((folder / arch.denoiser_component / "config.json").is_file() for arch in ARCHITECTURES.values()):
         raise FileNotFoundError(
             f"{folder}: this sidecar config folder of {checkpoint.name} has no unet/config.json; it must be a "
             "diffusers model folder with the configs (unet/, vae/, text_encoder/, tokenizer/, scheduler/), or "
@@ -331,10 +289,11 @@ def model_source_paths(path: str | os.PathLike, config_dir: str | os.PathLike | 
     return paths
 
 
-def _resolve_config_dir(arch: str, config_dir: str | os.PathLike | None) -> Path:
-    folder = Path(config_dir) if config_dir is not None else CONFIG_ROOT / arch
-    if not (folder / "unet" / "config.json").is_file():
-        raise FileNotFoundError(f"diffusers configs for {arch} not found in {folder} (expected unet/config.json, "
+def _resolve_config_dir(architecture: Architecture, config_dir: str | os.PathLike | None) -> Path:
+    folder = Path(config_dir) if config_dir is not None else CONFIG_ROOT / architecture.name
+    if not (folder / architecture.denoiser_component / "config.json").is_file():
+        raise FileNotFoundError(f"diffusers configs for {architecture.name} not found in {folder} (expected "
+                                f"{architecture.denoiser_component}/config.json, "
                                 "vae/config.json, text_encoder/config.json, tokenizer/, scheduler/)")
     return folder
 
@@ -352,92 +311,86 @@ def _training_scheduler(config_dir: Path, prediction_type: str, *, zero_terminal
     return scheduler
 
 
+def _transformers_class(name: str):
+    import transformers
+
+    return getattr(transformers, name)
+
+
 def _load_single_file(path: Path, arch: str, prediction_type: str, config_dir: str | os.PathLike | None,
                       torch_dtype: torch.dtype) -> tuple[dict, list[str]]:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    import diffusers
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     state_dict = read_checkpoint(path)
     notes = []
-    detected = detect_checkpoint_arch(state_dict, name=str(path))
+    architecture = detect_checkpoint_architecture(state_dict, name=str(path))
     if arch == "auto":
-        arch = detected
-        notes.append(f"architecture {arch} detected from the checkpoint keys")
-    elif arch != detected:
-        raise ValueError(f"{path}: arch={arch!r} was requested but the checkpoint is {detected}")
+        notes.append(f"architecture {architecture.name} detected from the checkpoint keys")
+    elif arch != architecture.name:
+        raise ValueError(f"{path}: arch={arch!r} was requested but the checkpoint is {architecture.name}")
     if prediction_type == "auto":
-        prediction_type, why = detect_checkpoint_prediction_type(arch, state_dict)
+        prediction_type, why = detect_checkpoint_prediction_type(architecture, state_dict)
         notes.append(f"prediction type {prediction_type}: {why}")
+    denoiser_overrides = {}
     if config_dir is None:
         config_dir = sidecar_config_dir(path)
         if config_dir is not None:
             notes.append(f"configs from the sidecar folder {config_dir.name}/ next to the checkpoint")
-    folder = _resolve_config_dir(arch, config_dir)
+        else:  # the shipped configs
+            denoiser_overrides = dict(architecture.single_file_denoiser_overrides.get(prediction_type, {}))
+    folder = _resolve_config_dir(architecture, config_dir)
+    name = architecture.name
 
-    unet_overrides = {}
-    if config_dir is None and arch == "sd2":
-        # One shipped SD2 config serves both the 512 base (epsilon) and 768-v models; only the
-        # native sample size differs.
-        unet_overrides["sample_size"] = 96 if prediction_type == "v_prediction" else 64
-
-    def component(name: str, load):
+    def component(part: str, load):
         try:
             return load()
         except Exception as exc:  # shape mismatches surface as many error types inside diffusers
             raise ValueError(
-                f"{path}: its {name} weights do not fit the {arch} config in {folder / name} "
-                f"({type(exc).__name__}: {exc}). The file is damaged or a variant of {arch} these configs do not "
+                f"{path}: its {part} weights do not fit the {name} config in {folder / part} "
+                f"({type(exc).__name__}: {exc}). The file is damaged or a variant of {name} these configs do not "
                 "describe; pass config_dir= with matching diffusers configs."
             ) from exc
 
     # float32 is diffusers' default; passing it explicitly only triggers a spurious "keep in float32" warning.
     dtype = None if torch_dtype == torch.float32 else torch_dtype
     common = {"config": str(folder), "local_files_only": True, "torch_dtype": dtype}
-    unet = component("unet", lambda: UNet2DConditionModel.from_single_file(
-        state_dict, subfolder="unet", **common, **unet_overrides))
+    denoiser_class = getattr(diffusers, architecture.denoiser_class)
+    denoiser = component(architecture.denoiser_component, lambda: denoiser_class.from_single_file(
+        state_dict, subfolder=architecture.denoiser_component, **common, **denoiser_overrides))
     vae = None
-    if _has_prefix(state_dict, _VAE):
-        vae = component("vae", lambda: AutoencoderKL.from_single_file(state_dict, subfolder="vae", **common))
+    if any(key.startswith(VAE_PREFIX) for key in state_dict):
+        vae = component("vae", lambda: diffusers.AutoencoderKL.from_single_file(state_dict, subfolder="vae", **common))
     else:
         notes.append("the checkpoint has no VAE (first_stage_model.*): train from cached latents or add a VAE")
         logger.warning("%s has no VAE weights (first_stage_model.*)", path)
-    encoder_classes = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
     text_encoders = [
-        component(name, lambda name=name: create_diffusers_clip_model_from_ldm(
-            encoder_classes[name], state_dict, subfolder=name, config=str(folder),
+        component(spec.component, lambda spec=spec: create_diffusers_clip_model_from_ldm(
+            _transformers_class(spec.model_class), state_dict, subfolder=spec.component, config=str(folder),
             torch_dtype=dtype, local_files_only=True))
-        for name in _TEXT_ENCODER_NAMES[arch]
+        for spec in architecture.text_encoders
     ]
-    tokenizers = [load_clip_tokenizer(folder / name) for name in _TOKENIZER_NAMES[arch]]
+    tokenizers = [load_clip_tokenizer(folder / spec.tokenizer) for spec in architecture.text_encoders]
     scheduler = _training_scheduler(folder, prediction_type, zero_terminal_snr="ztsnr" in state_dict)
-    parts = {"arch": arch, "prediction_type": prediction_type, "unet": unet, "vae": vae,
+    parts = {"architecture": architecture, "prediction_type": prediction_type, "denoiser": denoiser, "vae": vae,
              "text_encoders": text_encoders, "tokenizers": tokenizers, "noise_scheduler": scheduler,
              "config_dir": str(folder)}
     return parts, notes
 
 
-def _folder_arch(folder: Path) -> tuple[str, str]:
+def _folder_architecture(folder: Path) -> tuple[Architecture, str]:
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         raise ValueError(f"{folder}: not a diffusers pipeline folder (no model_index.json). Pass a single "
                          f"checkpoint file or a diffusers folder. Supported: {SUPPORTED}.")
     index = json.loads(index_file.read_text())
-    class_name = index.get("_class_name", "?")
-    if class_name == "StableDiffusionXLPipeline":
-        if index.get("text_encoder", [None])[0] is None:
-            raise ValueError(f"{folder}: unsupported architecture: SDXL refiner (no first text encoder). "
-                             f"Supported: {SUPPORTED}.")
-        return "sdxl", f"model_index.json: {class_name}"
-    if class_name == "StableDiffusionPipeline":
-        unet_config = json.loads((folder / "unet" / "config.json").read_text())
-        if unet_config.get("in_channels", 4) != 4:
-            raise ValueError(f"{folder}: unsupported architecture: UNet with {unet_config.get('in_channels')} "
-                             f"input channels (inpainting). Supported: {SUPPORTED}.")
-        # SD2.x switched the transformer projections to Linear (ComfyUI tells them apart the same way).
-        arch = "sd2" if unet_config.get("use_linear_projection") else "sd15"
-        return arch, f"model_index.json: {class_name}, use_linear_projection={bool(unet_config.get('use_linear_projection'))}"
-    raise ValueError(f"{folder}: unsupported architecture: pipeline {class_name}. Supported: {SUPPORTED}.")
+    # The denoiser config decides where families share a pipeline class (SD1.x / SD2.x).
+    denoiser_configs = [folder / arch.denoiser_component / "config.json" for arch in ARCHITECTURES.values()]
+    denoiser_config = next((json.loads(f.read_text()) for f in denoiser_configs if f.is_file()), None)
+    try:
+        return detect_diffusers_folder(index, denoiser_config)
+    except UnsupportedModel as exc:
+        raise ValueError(f"{folder}: unsupported architecture: {exc}. Supported: {SUPPORTED}.") from None
 
 
 def _weights_variant(component_dir: Path) -> str | None:
@@ -452,15 +405,14 @@ def _weights_variant(component_dir: Path) -> str | None:
 
 
 def _load_folder(folder: Path, arch: str, prediction_type: str, torch_dtype: torch.dtype) -> tuple[dict, list[str]]:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    import diffusers
 
-    detected, why = _folder_arch(folder)
-    notes = [f"architecture {detected}: {why}"]
-    if arch not in ("auto", detected):
-        raise ValueError(f"{folder}: arch={arch!r} was requested but the folder holds {detected}")
-    arch = detected
-    for name in ("unet", "scheduler", *_TEXT_ENCODER_NAMES[arch], *_TOKENIZER_NAMES[arch]):
+    architecture, why = _folder_architecture(folder)
+    notes = [f"architecture {architecture.name}: {why}"]
+    if arch not in ("auto", architecture.name):
+        raise ValueError(f"{folder}: arch={arch!r} was requested but the folder holds {architecture.name}")
+    for name in (architecture.denoiser_component, "scheduler", *architecture.text_encoder_components,
+                 *architecture.tokenizer_components):
         if not (folder / name).is_dir():
             raise FileNotFoundError(f"{folder}: the diffusers folder has no {name}/ sub-folder; copy the complete model")
     if prediction_type == "auto":
@@ -475,13 +427,13 @@ def _load_folder(folder: Path, arch: str, prediction_type: str, torch_dtype: tor
         except (OSError, ValueError, RuntimeError) as exc:
             raise ValueError(f"{folder / name}: cannot load ({type(exc).__name__}: {exc})") from exc
 
-    unet = component("unet", UNet2DConditionModel)
-    vae = component("vae", AutoencoderKL) if (folder / "vae").is_dir() else None
-    encoder_classes = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
-    text_encoders = [component(name, encoder_classes[name]) for name in _TEXT_ENCODER_NAMES[arch]]
-    tokenizers = [load_clip_tokenizer(folder / name) for name in _TOKENIZER_NAMES[arch]]
+    denoiser = component(architecture.denoiser_component, getattr(diffusers, architecture.denoiser_class))
+    vae = component("vae", diffusers.AutoencoderKL) if (folder / "vae").is_dir() else None
+    text_encoders = [component(spec.component, _transformers_class(spec.model_class))
+                     for spec in architecture.text_encoders]
+    tokenizers = [load_clip_tokenizer(folder / name) for name in architecture.tokenizer_components]
     scheduler = _training_scheduler(folder, prediction_type)
-    parts = {"arch": arch, "prediction_type": prediction_type, "unet": unet, "vae": vae,
+    parts = {"architecture": architecture, "prediction_type": prediction_type, "denoiser": denoiser, "vae": vae,
              "text_encoders": text_encoders, "tokenizers": tokenizers, "noise_scheduler": scheduler,
              "config_dir": str(folder)}
     return parts, notes
@@ -516,25 +468,27 @@ def load_base_model(
         ValueError: unsupported architecture, unreadable / damaged file, weights that do not fit
             the configs, or a bad option value.
     """
-    _check_choice(arch, ARCHS, "arch")
+    _check_choice(arch, ARCHITECTURE_NAMES, "arch")
     _check_choice(prediction_type, PREDICTION_TYPES, "prediction_type")
     source = Path(path).expanduser()
     if source.is_dir():
         parts, notes = _load_folder(source, arch, prediction_type, torch_dtype)
         source_format = "diffusers"
-        loaded = ("unet", "vae", "scheduler", *_TEXT_ENCODER_NAMES[parts["arch"]], *_TOKENIZER_NAMES[parts["arch"]])
+        architecture = parts["architecture"]
+        loaded = (architecture.denoiser_component, "vae", "scheduler", *architecture.text_encoder_components,
+                  *architecture.tokenizer_components)
         digest = folder_sha256(source, loaded) if compute_hash else ""
     else:
         parts, notes = _load_single_file(source, arch, prediction_type, config_dir, torch_dtype)
         source_format = "single_file"
         digest = file_sha256(source) if compute_hash else ""
-    for module in (parts["unet"], parts["vae"], *parts["text_encoders"]):
+    for module in (parts["denoiser"], parts["vae"], *parts["text_encoders"]):
         if module is not None:
             module.eval()
     vae = parts["vae"]
     vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
-    scaling_factor = float(vae.config.scaling_factor) if vae is not None else (
-        0.13025 if parts["arch"] == "sdxl" else 0.18215)
+    scaling_factor = (float(vae.config.scaling_factor) if vae is not None
+                      else parts["architecture"].vae_scaling_factor)
     for note in notes:
         logger.info("%s: %s", source.name, note)
     return BaseModel(
@@ -544,7 +498,7 @@ def load_base_model(
         source_format=source_format,
         vae_scaling_factor=scaling_factor,
         vae_scale_factor=vae_scale_factor,
-        resolution=int(parts["unet"].config.sample_size) * vae_scale_factor,
+        resolution=int(parts["denoiser"].config.sample_size) * vae_scale_factor,
         notes=notes,
     )
 
@@ -600,20 +554,23 @@ def encode_prompts(
     captions = list(captions)
     if not captions:
         raise ValueError("captions: empty list")
-    if base.arch != "sdxl":
-        encoder = base.text_encoders[0]
-        ids = tokenize_prompts(base.tokenizers[0], captions).to(device)
-        return encoder(ids, return_dict=False)[0], None
+    architecture = base.architecture
     hidden_states = []
     pooled = None
     for tokenizer, encoder in zip(base.tokenizers, base.text_encoders):
         ids = tokenize_prompts(tokenizer, captions).to(device)
-        outputs = encoder(ids, output_hidden_states=True, return_dict=False)
-        pooled = outputs[0]  # for CLIPTextModelWithProjection (the last encoder): text_embeds
-        hidden_states.append(outputs[-1][-2])
-    encoder_hidden_states = torch.cat(hidden_states, dim=-1)
-    time_ids = sdxl_time_ids(len(captions), resolution=base.resolution, original_sizes=original_sizes,
-                             crop_top_lefts=crop_top_lefts, target_sizes=target_sizes)
-    added = {"text_embeds": pooled.reshape(len(captions), -1),
-             "time_ids": time_ids.to(device=device, dtype=encoder_hidden_states.dtype)}
+        if architecture.penultimate_text_hidden_states:
+            outputs = encoder(ids, output_hidden_states=True, return_dict=False)
+            pooled = outputs[0]  # for CLIPTextModelWithProjection (the last encoder): text_embeds
+            hidden_states.append(outputs[-1][-2])
+        else:
+            hidden_states.append(encoder(ids, return_dict=False)[0])
+    encoder_hidden_states = hidden_states[0] if len(hidden_states) == 1 else torch.cat(hidden_states, dim=-1)
+    added = None
+    if architecture.pooled_text_embeds:
+        added = {"text_embeds": pooled.reshape(len(captions), -1)}
+    if architecture.size_conditioning:
+        time_ids = sdxl_time_ids(len(captions), resolution=base.resolution, original_sizes=original_sizes,
+                                 crop_top_lefts=crop_top_lefts, target_sizes=target_sizes)
+        added["time_ids"] = time_ids.to(device=device, dtype=encoder_hidden_states.dtype)
     return encoder_hidden_states, added

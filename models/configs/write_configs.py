@@ -5,7 +5,7 @@ The values are those of the public diffusers releases of each architecture
 stabilityai/stable-diffusion-xl-base-1.0), written out here so single-file checkpoints load with
 no model-hub access. Keys a class defaults identically are left out. Tokenizers are not shipped
 as vocab files: ``tokenizer_config.json`` only records the pad token and length, and
-``trainer.model_loading.build_clip_tokenizer`` builds the CLIP BPE from the vocabulary open_clip
+``models.loading.build_clip_tokenizer`` builds the CLIP BPE from the vocabulary open_clip
 ships in its wheel. tests/unit/trainer/test_model_loading.py checks every config against the
 tensor shapes a real checkpoint of that architecture has (and, with COMFYUI_PATH, against
 ComfyUI's own model definitions).

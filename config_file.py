@@ -1,0 +1,207 @@
+"""Settings files for every configurable part of the pack: frozen dataclasses that round-trip
+through TOML and JSON, parse strictly (an unknown key gets a did-you-mean, a wrong type names the
+key) and fingerprint what changes a result. The trainer's and the loop's configs both build on
+``ConfigFile``; the ``require_*`` helpers are how their ``problems()`` word a bad value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import os
+import sys
+import typing
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from .safe_io import atomic_write_text
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - python 3.10
+    import tomli as tomllib
+
+ConfigT = TypeVar("ConfigT", bound="ConfigFile")
+
+
+class ConfigFile:
+    """TOML/JSON I/O, strict parsing and fingerprints for the frozen config dataclasses below."""
+
+    # Fields that change where or how a run is stored, not what it learns (left out of fingerprints).
+    NON_RESULT_FIELDS: ClassVar[frozenset[str]] = frozenset()
+
+    # -- dict ------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls: type[ConfigT], data: dict[str, Any], *, source: str = "config") -> ConfigT:
+        """Build from a mapping; unknown keys and wrong types are errors that name the key."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, list(fields), n=1)
+                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ValueError(f"{source}: unknown setting(s) {', '.join(hints)}; known settings: {', '.join(fields)}")
+        hints_by_name = typing.get_type_hints(cls)
+        values, problems = {}, []
+        for name, value in data.items():
+            try:
+                values[name] = _coerce(value, hints_by_name[name])
+            except (TypeError, ValueError) as exc:
+                problems.append(f"{name}: {exc}")
+        missing = [
+            name for name, f in fields.items()
+            if name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+        problems += [f"{name}: required setting is missing" for name in missing]
+        if problems:
+            raise ValueError(f"{source}: " + "; ".join(problems))
+        return cls(**values)
+
+    def replace(self: ConfigT, **changes: Any) -> ConfigT:
+        return dataclasses.replace(self, **changes)
+
+    # -- files -----------------------------------------------------------------------------------
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+    @classmethod
+    def from_json(cls: type[ConfigT], text: str, *, source: str = "config") -> ConfigT:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{source}: not valid JSON ({exc})") from exc
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: expected a JSON object of settings")
+        return cls.from_dict(data, source=source)
+
+    def to_toml(self) -> str:
+        return dump_flat_toml(self.to_dict())
+
+    @classmethod
+    def from_toml(cls: type[ConfigT], text: str, *, source: str = "config") -> ConfigT:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"{source}: not valid TOML ({exc})") from exc
+        return cls.from_dict(data, source=source)
+
+    @classmethod
+    def load(cls: type[ConfigT], path: str | os.PathLike) -> ConfigT:
+        """Read ``.toml`` or ``.json`` (by extension)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() == ".json":
+            return cls.from_json(text, source=str(path))
+        return cls.from_toml(text, source=str(path))
+
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write ``.toml`` or ``.json`` (by extension), atomically (``safe_io``: a hidden temporary,
+        removed if the write fails, then a rename). An existing file is replaced only with ``overwrite``."""
+        path = Path(path)
+        text = self.to_json() if path.suffix.lower() == ".json" else self.to_toml()
+        return atomic_write_text(path, text, overwrite=overwrite, what="config file")
+
+    # -- identity --------------------------------------------------------------------------------
+    def fingerprint(self, **extra: Any) -> str:
+        """sha256 over the fields that change the trained result (plus ``extra``, e.g. file hashes)."""
+        payload = {k: v for k, v in self.to_dict().items() if k not in self.NON_RESULT_FIELDS}
+        payload["__class__"] = type(self).__name__
+        payload.update({f"extra:{k}": v for k, v in extra.items()})
+        blob = json.dumps(payload, sort_keys=True, default=str).encode("utf-8")
+        return hashlib.sha256(blob).hexdigest()
+
+
+
+# -- problems() helpers: each appends one line naming the setting and the fix ---------------------
+
+def require_choice(p: list[str], name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        p.append(f"{name}={value!r}: must be one of {', '.join(choices)}")
+
+
+def require_at_least(p: list[str], name: str, value: int, minimum: int) -> None:
+    if value < minimum:
+        p.append(f"{name}={value}: must be >= {minimum}")
+
+
+def require_positive(p: list[str], name: str, value: float) -> None:
+    if not math.isfinite(value) or value <= 0:
+        p.append(f"{name}={value}: must be a positive number")
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """Strict scalar coercion for settings read from TOML/JSON (ints are accepted for floats)."""
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError(f"expected true/false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise TypeError(f"expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # "1e-4" written as a string
+            except ValueError:
+                pass
+        raise TypeError(f"expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        raise TypeError(f"expected a string, got {value!r}")
+    origin = typing.get_origin(hint)
+    if origin in (tuple, list):
+        (item,) = set(typing.get_args(hint)) - {Ellipsis} or {str}
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"expected a list, got {value!r}")
+        return origin(_coerce(v, item) for v in value)
+    return value
+
+
+def dump_flat_toml(data: dict[str, Any]) -> str:
+    """TOML for a flat table of scalars and lists of scalars; ``None`` values are left out.
+
+    Written by hand because the standard library only reads TOML (``tomllib``) and a writer
+    dependency for ~20 lines of flat keys is not worth it; ``from_toml`` round-trips it (tested).
+    """
+    lines = []
+    for key, value in data.items():
+        if value is None:
+            continue
+        lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, (str, os.PathLike)):
+        # JSON string escapes are valid TOML basic-string escapes; TOML also forbids a raw DEL.
+        return json.dumps(os.fspath(value), ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML: {value!r}")
