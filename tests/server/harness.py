@@ -25,6 +25,8 @@ Only the standard library: the harness must run wherever the tests run.
 
 from __future__ import annotations
 
+import ast
+import hashlib
 import json
 import os
 import re
@@ -586,14 +588,51 @@ def load_workflow(path: str | os.PathLike) -> dict[str, Any]:
 
 # -- node-definition snapshots (tests/data/object_info.json) -------------------------------------------
 
-def node_sources_sha256(repo: Path) -> str:
-    """sha256 over the pack's ``nodes/*.py`` (names and bytes): recorded in the snapshot so a test
-    without ComfyUI sees that a node file changed after the snapshot was made."""
-    import hashlib
+# Keyword arguments whose values the snapshot leaves out (``snapshot_node_definition``): editing a
+# tooltip or a description changes nothing the snapshot holds, so it must not change its key.
+_TEXT_ONLY_KEYWORDS = frozenset({"tooltip", "description"})
 
+
+def _without_docstring(body: list[ast.stmt]) -> list[ast.stmt]:
+    first = body[0] if body else None
+    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+        return body[1:]
+    return body
+
+
+def _canonical_ast(node: Any) -> Any:
+    """A JSON-able form of an AST that is the same on every Python >= 3.10: node type and fields,
+    leaving out fields that are None or empty lists (3.12 added ``type_params=[]`` to every function
+    and class, and ``ast.dump`` prints empty fields differently across versions), docstrings and the
+    text-only keywords above. No line or column numbers: re-wrapping a line changes nothing."""
+    if isinstance(node, ast.AST):
+        fields = {}
+        for name, value in ast.iter_fields(node):
+            if name == "body" and isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                value = _without_docstring(value)
+            elif name == "keywords":
+                value = [keyword for keyword in value if keyword.arg not in _TEXT_ONLY_KEYWORDS]
+            if value is None or (isinstance(value, list) and not value):
+                continue
+            fields[name] = _canonical_ast(value)
+        return [type(node).__name__, fields]
+    if isinstance(node, list):
+        return [_canonical_ast(item) for item in node]
+    return repr(node)  # a constant's value: str, bytes, int, float, complex, bool, Ellipsis
+
+
+def node_code_sha256(repo: Path) -> str:
+    """sha256 of the code of the pack's ``nodes/*.py``: names plus syntax trees without comments,
+    docstrings, tooltips and descriptions (none of which the snapshot holds) or layout. Recorded in
+    the snapshot, so a test without ComfyUI sees that node code changed after the snapshot was made,
+    while a comment or docstring edit needs no ComfyUI run. Values a node takes from modules outside
+    ``nodes/`` (a scorer list, a default) are not covered: the comfy and server tiers compare the
+    live definitions with the snapshot."""
     digest = hashlib.sha256()
     for path in sorted((Path(repo) / "nodes").glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        code = json.dumps(_canonical_ast(tree), separators=(",", ":"))
+        digest.update(path.name.encode() + b"\0" + code.encode() + b"\0")
     return digest.hexdigest()
 
 

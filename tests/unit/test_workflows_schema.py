@@ -30,7 +30,7 @@ from harness import (
     WorkflowError,
     _widget_inputs,
     has_control_widget,
-    node_sources_sha256,
+    node_code_sha256,
     validate_workflow,
     workflow_to_api,
 )
@@ -70,11 +70,12 @@ def source(graph: dict, value) -> dict:
 SHIPPED = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
 
 
-def test_the_snapshot_was_made_from_the_current_node_files():
-    """The definitions below are only as current as the snapshot: a change to nodes/*.py after it
-    was made (a new input, a renamed output) would let stale workflows pass here."""
-    assert SNAPSHOT.get("node_sources_sha256") == node_sources_sha256(REPO), (
-        "tests/data/object_info.json is older than nodes/*.py: regenerate it with "
+def test_the_snapshot_was_made_from_the_current_node_code():
+    """The definitions below are only as current as the snapshot: a change to the code of nodes/*.py
+    after it was made (a new input, a renamed output) would let stale workflows pass here. Comments,
+    docstrings, tooltips and descriptions are not part of the key (tests/unit/test_snapshot_key.py)."""
+    assert SNAPSHOT.get("node_code_sha256") == node_code_sha256(REPO), (
+        "tests/data/object_info.json is older than the code in nodes/*.py: regenerate it with "
         "`COMFYUI_PATH=/path/to/ComfyUI .venv/bin/python tests/data/make_object_info.py` "
         "(and the workflows with tools/build_workflows.py if a definition changed)")
 
