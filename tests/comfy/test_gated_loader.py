@@ -7,10 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import save_file
+from versat2i.aspects import ASPECTS
 
 pytestmark = pytest.mark.comfy
-
-ASPECTS = ("aesthetics", "alignment", "geometry", "lowlevel")
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from versat2i.training_set.layout import CAPTION_SUFFIX, MANIFEST_NAME, SUMMARY_NAME
 
 pytestmark = pytest.mark.comfy
 
@@ -361,7 +362,7 @@ def test_save_training_set_writes_kohya_layout_and_manifest(nodes, scorers, comf
     out = nodes[SAVE].execute(selection=selected, images=images, name="runs/first", repeats=3, overwrite=False)
     assert out[0] == "runs/first"
     dataset = comfy_dirs["output"] / "runs" / "first"
-    manifest = [json.loads(line) for line in (dataset / "manifest.jsonl").read_text().splitlines()]
+    manifest = [json.loads(line) for line in (dataset / MANIFEST_NAME).read_text().splitlines()]
     table = selected.table
     assert len(manifest) == sum(len(s.kept) for s in selected.selection.aspects.values()) == 6
     for entry in manifest:
@@ -375,10 +376,10 @@ def test_save_training_set_writes_kohya_layout_and_manifest(nodes, scorers, comf
         assert entry["scorer"]["id"] == ANALYTIC[aspect]
         assert set(entry["scores"]) == set(table.aspects)
         image_file = dataset / entry["file"]
-        assert (image_file.with_suffix(".txt")).read_text() == table.prompts[row]
+        assert (image_file.with_suffix(CAPTION_SUFFIX)).read_text() == table.prompts[row]
         saved = torch.from_numpy(np.array(Image.open(image_file).convert("RGB"))).float() / 255
         assert torch.allclose(saved, images[row], atol=0.5 / 255 + 1e-6), "the saved PNG must be the kept image"
-    assert json.loads((dataset / "dataset.json").read_text())["images_kept"] == 6
+    assert json.loads((dataset / SUMMARY_NAME).read_text())["images_kept"] == 6
     assert not [p for p in (comfy_dirs["output"] / "runs").iterdir() if p.name.startswith(".")], "temp folder left"
 
 
@@ -389,10 +390,10 @@ def test_save_refuses_to_overwrite_unless_asked(nodes, scorers, comfy_dirs):
     save.execute(selection=selected, images=images, name="set", repeats=2, overwrite=False)
     dataset = comfy_dirs["output"] / "set"
     before = listing(dataset)
-    manifest_before = (dataset / "manifest.jsonl").read_bytes()
+    manifest_before = (dataset / MANIFEST_NAME).read_bytes()
     with pytest.raises(ValueError, match="already exists"):
         save.execute(selection=selected, images=images, name="set", repeats=5, overwrite=False)
-    assert listing(dataset) == before and (dataset / "manifest.jsonl").read_bytes() == manifest_before
+    assert listing(dataset) == before and (dataset / MANIFEST_NAME).read_bytes() == manifest_before
     save.execute(selection=selected, images=images, name="set", repeats=5, overwrite=True)
     assert any(name.startswith("5_") for name in os.listdir(dataset))
     assert not any(name.startswith("2_") for name in os.listdir(dataset))
@@ -522,7 +523,7 @@ def test_default_filter_never_keeps_images_without_a_person_for_geometry(nodes, 
     selected = nodes[FILTER].execute(scores=table, images=images, **filter_inputs)[0]
     assert selected.selection.aspects["geometry"].kept == (0,)
     nodes[SAVE].execute(selection=selected, images=images, name="geo", repeats=1, overwrite=False)
-    manifest = [json.loads(line) for line in (comfy_dirs["output"] / "geo" / "manifest.jsonl").read_text().splitlines()]
+    manifest = [json.loads(line) for line in (comfy_dirs["output"] / "geo" / MANIFEST_NAME).read_text().splitlines()]
     geometry = [e for e in manifest if e["aspect"] == "geometry"]
     assert [(e["prompt_index"], e["candidate_index"]) for e in geometry] == [(0, 0)]
     assert table.judged["geometry"] == [True, False, False, False]
@@ -546,7 +547,7 @@ def test_filter_and_save_refuse_another_batch_of_the_same_size(nodes, scorers, c
             nodes[SAVE].execute(selection=selected, images=other, name="wrong", repeats=1, overwrite=False)
     assert listing(comfy_dirs["output"]) == []
     nodes[SAVE].execute(selection=selected, images=images, name="right", repeats=1, overwrite=False)
-    assert (comfy_dirs["output"] / "right" / "manifest.jsonl").is_file()
+    assert (comfy_dirs["output"] / "right" / MANIFEST_NAME).is_file()
 
 
 def test_filter_threshold_text_errors_say_what_format_is_expected(nodes):

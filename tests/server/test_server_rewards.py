@@ -17,6 +17,7 @@ import pytest
 import torch
 from harness import PromptFailed, PromptRejected
 from PIL import Image
+from versat2i.training_set.layout import CAPTION_SUFFIX, MANIFEST_NAME, SUMMARY_NAME
 
 pytestmark = pytest.mark.server
 
@@ -119,14 +120,14 @@ def test_score_filter_save_graph_writes_the_training_set(comfy_server, uploaded,
         }
         assert len(set(values)) == len(values), "the test frames must score differently"
 
-    manifest = [json.loads(line) for line in (dataset / "manifest.jsonl").read_text().splitlines()]
+    manifest = [json.loads(line) for line in (dataset / MANIFEST_NAME).read_text().splitlines()]
     assert sorted((e["aspect"], e["prompt_index"]) for e in manifest) == [
         (a, p) for a in ("aesthetics", "lowlevel") for p in range(len(PROMPTS))
     ]
     files = sorted(p.relative_to(dataset).as_posix() for p in dataset.rglob("*") if p.is_file())
     assert files == sorted(
-        ["manifest.jsonl", "dataset.json"]
-        + [e["file"] for e in manifest] + [e["file"][:-4] + ".txt" for e in manifest]
+        [MANIFEST_NAME, SUMMARY_NAME]
+        + [e["file"] for e in manifest] + [e["file"][:-4] + CAPTION_SUFFIX for e in manifest]
     )
     for e in manifest:
         row = expected[e["aspect"]][e["prompt_index"]]
@@ -134,10 +135,10 @@ def test_score_filter_save_graph_writes_the_training_set(comfy_server, uploaded,
         assert e["prompt"] == PROMPTS[e["prompt_index"]] and e["seed"] == [1001, 2002][e["prompt_index"]]
         assert e["scorer"] == {"id": SCORER_CHOICES[e["aspect"]], "weights_hash": "none"}
         assert e["file"].startswith(f"4_{e['aspect']}/")
-        assert (dataset / e["file"][:-4]).with_suffix(".txt").read_text() == e["prompt"]
+        assert (dataset / e["file"][:-4]).with_suffix(CAPTION_SUFFIX).read_text() == e["prompt"]
         saved = np.array(Image.open(dataset / e["file"]).convert("RGB"))
         assert np.array_equal(saved, frames[row]), f"{e['file']} is not candidate frame {row}"
-    summary = json.loads((dataset / "dataset.json").read_text())
+    summary = json.loads((dataset / SUMMARY_NAME).read_text())
     assert summary["images_scored"] == len(frames) and summary["images_kept"] == len(manifest)
 
 
@@ -212,7 +213,7 @@ def test_ui_format_workflow_converts_and_runs(comfy_server, uploaded, server_out
     assert graph["4"]["inputs"]["images"] == ["1", 0]  # through the Reroute
     assert graph["3"]["inputs"]["offload_after_scoring"] is True and "candidates" not in graph["3"]["inputs"]
     comfy_server.run(graph, timeout=300)
-    summary = json.loads((server_output / "server" / "from-ui" / "dataset.json").read_text())
+    summary = json.loads((server_output / "server" / "from-ui" / SUMMARY_NAME).read_text())
     assert {a: s["folder"] for a, s in summary["aspects"].items()} == {"aesthetics": "2_aesthetics",
                                                                        "lowlevel": "2_lowlevel"}
     assert summary["aspects"]["lowlevel"]["threshold"]["kind"] == "none"  # the per-aspect override

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from versat2i.aspects import ASPECTS
 
 TESTS = Path(__file__).resolve().parents[1]
 REPO = TESTS.parent
@@ -39,7 +40,6 @@ WORKFLOWS = REPO / "workflows"
 SNAPSHOT = json.loads((TESTS / "data" / "object_info.json").read_text())
 DEFINITIONS, DYNAMIC = SNAPSHOT["nodes"], SNAPSHOT["dynamic_combos"]
 LOOP, INFERENCE, QUICK = "versat2i_self_improvement_loop", "versat2i_gated_inference", "versat2i_quick_loop_one_aspect"
-ASPECTS = ("aesthetics", "alignment", "geometry", "lowlevel")
 FRONTEND_ONLY = {"Note", "MarkdownNote", "PrimitiveNode", "Reroute"}
 TITLE_HEIGHT = 30  # litegraph draws a node's title bar above its pos
 

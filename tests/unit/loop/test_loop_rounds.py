@@ -32,6 +32,7 @@ from versat2i.loop.config import (
 )
 from versat2i.loop.run import SUMMARY_FILE, run_loop
 from versat2i.training_set.manifest import read_manifest
+from versat2i.training_set.layout import LATENTS_SUFFIX
 
 PROMPTS = ("a red circle", "a blue square")
 K = 2
@@ -78,15 +79,15 @@ def test_two_rounds_with_generation_latents(tmp_path):
     # -- generation latents: written, carried into the training set, reused by the trainer ------------
     for folder in rounds:
         candidates, training_set = folder / "candidates", folder / "training_set"
-        latents_files = sorted(candidates.glob("*.latents.safetensors"))
+        latents_files = sorted(candidates.glob(f"*{LATENTS_SUFFIX}"))
         assert len(latents_files) == len(PROMPTS) * K
         with safe_open(str(latents_files[0]), framework="pt") as handle:
             assert len(handle.metadata()["vae_sha256"]) == 64
         kept = read_manifest(training_set)
         assert len(kept) == len(PROMPTS)  # the best of K per prompt (no threshold)
         for entry in kept:
-            copied = training_set / Path(entry.file).with_suffix("").with_suffix(".latents.safetensors")
-            original = candidates / f"{Path(entry.file).stem}.latents.safetensors"
+            copied = training_set / Path(entry.file).with_suffix("").with_suffix(LATENTS_SUFFIX)
+            original = candidates / f"{Path(entry.file).stem}{LATENTS_SUFFIX}"
             assert torch.equal(load_file(str(copied))["latents"], load_file(str(original))["latents"])
         (train_log,) = (folder / "runs").glob("aesthetics-*/train_output.log")
         match = re.search(r"cached latents for (\d+) images \((\d+) reused from generation\)", train_log.read_text())
