@@ -21,7 +21,7 @@ import pytest
 TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS / "server"))  # harness.py: standard library only
 
-from harness import snapshot_node_definition
+from harness import snapshot_node_definition, with_core_choices_named
 
 pytestmark = pytest.mark.comfy
 
@@ -55,15 +55,22 @@ def test_every_node_of_the_pack_is_covered(comfy_nodes):
     assert set(comfy_nodes) == EXPECTED_NODES
 
 
-def test_the_snapshot_holds_the_definitions_this_comfyui_serves_for_our_nodes(infos):
+def test_the_snapshot_holds_the_definitions_this_comfyui_serves_for_our_nodes(comfy, infos):
     """tests/data/object_info.json (what the workflows are validated against without ComfyUI) against
     the definitions of this pack in this ComfyUI, exactly, as the snapshot reduces them. This also
     catches what its key (the code of nodes/*.py) cannot see: a value a node takes from another
-    module. The server tier compares the core nodes in it too."""
+    module. Choices taken from ComfyUI's KSampler are compared as "the same as this version's
+    KSampler" (``harness.with_core_choices_named``), so one snapshot serves every supported
+    ComfyUI version. The server tier compares the core nodes in it too."""
+    import nodes as comfy_core_nodes
+
+    live_core = {"KSampler": {"input": comfy_core_nodes.KSampler.INPUT_TYPES()}}
     ours = {kind: spec for kind, spec in SNAPSHOT["nodes"].items() if kind.startswith("VersaT2I_")}
     assert set(infos) == set(ours), "node set changed: rerun tests/data/make_object_info.py"
     stale = [kind for kind, info in sorted(infos.items())
-             if snapshot_node_definition(info, SNAPSHOT["dynamic_combos"].get(kind, ())) != ours[kind]]
+             if with_core_choices_named(snapshot_node_definition(info, SNAPSHOT["dynamic_combos"].get(kind, ())),
+                                        live_core)
+             != with_core_choices_named(ours[kind], SNAPSHOT["nodes"])]
     assert stale == [], (f"definitions changed for {stale} (snapshot made with ComfyUI "
                          f"{SNAPSHOT['comfyui_version']}): rerun tests/data/make_object_info.py")
 

@@ -683,6 +683,42 @@ def snapshot_definitions(object_info: Mapping[str, Any], node_types: Iterable[st
             for kind in sorted(set(node_types))}
 
 
+# Combo inputs whose choices our nodes take from ComfyUI itself (Generate Candidates offers exactly
+# the core KSampler's samplers and schedulers). Their lists differ between ComfyUI versions (0.33
+# added samplers), so comparing our nodes with a snapshot from another version names the core input
+# instead of its list: the node must still offer the same choices as this version's KSampler.
+CORE_CHOICE_SOURCES = (("KSampler", "sampler_name"), ("KSampler", "scheduler"))
+
+
+def _choices(definition: list) -> list | None:
+    """The choices of an input definition: old style ``[[choices], {...}]`` or ``["COMBO", {"options"}]``."""
+    if isinstance(definition[0], list):
+        return definition[0]
+    options = definition[1] if len(definition) > 1 and isinstance(definition[1], Mapping) else {}
+    return options.get("options")
+
+
+def with_core_choices_named(node: Mapping[str, Any], definitions: Mapping[str, Any]) -> dict[str, Any]:
+    """``node`` (a snapshot-reduced definition) with every choice list equal to one of
+    ``CORE_CHOICE_SOURCES`` in ``definitions`` (the /object_info or snapshot it comes with) replaced
+    by that source's name."""
+    sources = {}
+    for kind, name in CORE_CHOICE_SOURCES:
+        spec = (definitions.get(kind) or {}).get("input", {}).get("required", {}).get(name)
+        if spec and _choices(spec):
+            sources[tuple(_choices(spec))] = f"<the choices of {kind}.{name}>"
+    named = json.loads(json.dumps(node))
+    for entries in named.get("input", {}).values():
+        for definition in entries.values():
+            choices = _choices(definition)
+            if choices and tuple(choices) in sources:
+                if isinstance(definition[0], list):
+                    definition[0] = [sources[tuple(choices)]]
+                else:
+                    definition[1]["options"] = [sources[tuple(choices)]]
+    return named
+
+
 # -- UI-format workflow validation against node definitions ---------------------------------------------
 
 _REQUIRED_NODE_MODES = {MODE_ALWAYS, MODE_NEVER, MODE_BYPASS}
