@@ -294,6 +294,7 @@ def sigkill_loop_while_training(config_path: Path, out: Path, timeout: float = 1
     assert training_events(out, "done") == done_before, "a training finished after its loop was killed"
 
 
+@pytest.mark.slow
 def test_interrupted_anywhere_then_resumed_equals_the_uninterrupted_run(tiny, reference, tmp_path):
     reference_dir, reference_result = reference
     assert all(record.status == "ran" for record in reference_result.steps)

@@ -17,6 +17,7 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -45,6 +46,7 @@ def candidate_seeds(folder: Path) -> list[int]:
     return [json.loads(line)["seed"] for line in (folder / "candidates.jsonl").read_text().splitlines() if line]
 
 
+@pytest.mark.slow
 def test_two_rounds_with_generation_latents(tmp_path):
     model = build_tiny_sd15(tmp_path / "tiny")
     out = tmp_path / "run"

@@ -102,6 +102,7 @@ def reference_run(tiny, tmp_path_factory):
     return config, result, watcher
 
 
+@pytest.mark.slow
 def test_training_writes_a_kohya_lora_with_metadata(reference_run):
     config, result, watcher = reference_run
     assert result.lora_path == config.output_path
@@ -183,6 +184,7 @@ def test_batches_per_epoch_are_odd_so_accumulation_spans_epoch_ends(tiny):
     assert len(sampler) % 2 == 1 and RESUME_SETTINGS["gradient_accumulation_steps"] == 2
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_lora(reference_run, tiny, tmp_path):
     reference_config, _, _ = reference_run
     model, dataset = tiny
@@ -228,6 +230,7 @@ def test_killed_run_resumes_to_the_same_lora(reference_run, tiny, tmp_path):
     assert [step for step, _ in json.loads(curve)] == list(range(1, STEPS + 1))
 
 
+@pytest.mark.slow
 def test_trains_from_a_single_file_checkpoint(tiny, tmp_path):
     """The ComfyUI-layout single file (model.diffusion_model.* ...) trains like the folder: a few
     dozen optimiser steps, and the loss falls on the overfit set."""
