@@ -10,7 +10,7 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
-EXTRAS ?= test,iqa,geometry
+EXTRAS ?= test,lint,iqa,geometry
 PYTEST_ARGS ?=
 
 BIN := $(VENV)/bin
