@@ -9,9 +9,9 @@ Tiers, by marker (registered in pyproject.toml): every test under ``tests/comfy`
 live ComfyUI server), here, from the folder; an explicit tier marker that disagrees with the folder
 is a usage error (elsewhere an explicit one puts a single test in a tier, e.g. a bench smoke test
 that also runs through ComfyUI). Without ``COMFYUI_PATH`` the tests that need ComfyUI are skipped,
-and ``-ra`` prints why; ``-m "not comfy and not server"`` leaves them out. ``slow`` (over ~20 s on 2 cores) is set by the tests
-themselves; ``make test-fast`` leaves those out too. A test that runs past pytest-timeout's limit
-(pyproject.toml) fails with a note on what to do about it.
+and ``-ra`` prints why; ``-m "not comfy and not server"`` leaves them out. ``slow`` (over ~20 s on
+2 cores) is set by the tests themselves; ``make test-fast`` leaves those out too. A test that runs
+past pytest-timeout's limit (pyproject.toml) fails with a note on what to do about it.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def comfy_dirs(comfy, tmp_path, monkeypatch):
     monkeypatch.setattr(folder_paths, "output_directory", str(output))
     monkeypatch.setattr(folder_paths, "temp_directory", str(temp))
     saved = {k: (list(v[0]), set(v[1])) for k, v in folder_paths.folder_names_and_paths.items()}
-    for name, (paths, exts) in list(folder_paths.folder_names_and_paths.items()):
+    for name, (_paths, exts) in list(folder_paths.folder_names_and_paths.items()):
         folder_paths.folder_names_and_paths[name] = ([str(models / name)], exts)
     folder_paths.filename_list_cache.clear()
     yield {"output": output, "models": models, "temp": temp}

@@ -13,17 +13,14 @@ randomized seed would make every queue train the LoRAs and the gate again and dr
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
-TESTS = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(TESTS / "server"))  # harness.py: standard library only
-
 from harness import snapshot_node_definition, with_core_choices_named
 
 pytestmark = pytest.mark.comfy
+
+TESTS = Path(__file__).resolve().parents[1]
 
 SNAPSHOT = json.loads((TESTS / "data" / "object_info.json").read_text())
 

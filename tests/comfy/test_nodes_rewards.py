@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
 from versat2i.training_set.layout import CAPTION_SUFFIX, MANIFEST_NAME, SUMMARY_NAME
 
 pytestmark = pytest.mark.comfy
@@ -123,8 +124,8 @@ def test_loading_the_pack_in_comfyui_imports_no_heavy_library(comfyui_path, tmp_
         "print('RESULT', json.dumps({'ok': ok, 'added': added, 'nodes': sorted(nodes.NODE_CLASS_MAPPINGS)}))\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-c", code], check=False, cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run([sys.executable, "-c", code], check=False, cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
     assert result.returncode == 0 and lines, result.stderr[-3000:]
     report = json.loads(lines[-1][len("RESULT "):])
@@ -336,7 +337,8 @@ def test_filter_bad_inputs(nodes, scorers):
     with pytest.raises(ValueError, match="alignment.*not scored"):
         filt.execute(scores=table, images=images, threshold_kind="none", threshold=0.0,
                      aspect_thresholds="alignment = p50")
-    assert filt.validate_inputs(threshold_kind="percentile", threshold=75.0, aspect_thresholds="", images_for="all aspects") is True
+    assert filt.validate_inputs(threshold_kind="percentile", threshold=75.0, aspect_thresholds="",
+                                images_for="all aspects") is True
     for bad in ({"threshold_kind": "median", "threshold": 1.0}, {"threshold_kind": "percentile", "threshold": 150.0},
                 {"aspect_thresholds": "beauty = 3"}, {"aspect_thresholds": "lowlevel 3"},
                 {"aspect_thresholds": "lowlevel = high"}, {"images_for": "everything"}):
@@ -369,7 +371,8 @@ def test_save_training_set_writes_kohya_layout_and_manifest(nodes, scorers, comf
         aspect = entry["aspect"]
         assert entry["file"].startswith(f"3_{aspect}/")
         row = next(r for r in selected.selection.aspects[aspect].kept
-                   if (table.prompt_indices[r], table.candidate_indices[r]) == (entry["prompt_index"], entry["candidate_index"]))
+                   if (table.prompt_indices[r], table.candidate_indices[r]) == (entry["prompt_index"],
+                                                                                entry["candidate_index"]))
         assert entry["prompt"] == table.prompts[row] and entry["caption"] == table.prompts[row]
         assert entry["seed"] == table.seeds[row]
         assert entry["score"] == pytest.approx(table.scores[aspect][row])
@@ -451,6 +454,7 @@ def test_filter_and_save_refuse_bad_images_and_write_nothing(nodes, scorers, com
 
 def test_save_cancelled_mid_write_leaves_nothing(nodes, scorers, comfy_dirs, comfy, monkeypatch):
     import comfy.model_management as mm
+
     from versat2i.training_set import writer as training_set
 
     images = textured_images(6)
@@ -510,6 +514,7 @@ def test_load_scorers_takes_no_scorer_options_from_its_inputs(nodes, comfy_dirs)
 def test_default_filter_never_keeps_images_without_a_person_for_geometry(nodes, comfy_dirs):
     pytest.importorskip("mediapipe", reason="mediapipe (extra [geometry]) is not installed")
     from tiny_models.figures import draw_figure, no_person_images
+
     from versat2i.rewards.registry import DEFAULT_SCORERS
 
     assert DEFAULT_SCORERS["geometry"] == "mediapipe-anatomy"

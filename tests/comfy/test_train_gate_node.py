@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import pytest
+
 from versat2i.aspects import ASPECTS
 
 pytestmark = pytest.mark.comfy
@@ -25,6 +26,7 @@ SETTINGS = {"granularity": "token", "balance_loss": "mole", "balance_weight": 0.
 def train_gate(comfy, comfy_dirs):
     """The node module, with a checkpoint, five LoRA files and a training set in ComfyUI's folders."""
     import folder_paths
+
     from versat2i.nodes import train_gate
 
     (comfy_dirs["models"] / "checkpoints").mkdir()

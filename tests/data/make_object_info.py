@@ -28,10 +28,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests" / "server"))
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))  # a script: pytest's pythonpath does not apply
 from harness import ComfyServer, node_code_sha256, snapshot_definitions
+
+REPO = Path(__file__).resolve().parents[2]
 
 SNAPSHOT = Path(__file__).resolve().parent / "object_info.json"
 # Core nodes the workflows use or that a user typically adds to them (kept even when no shipped

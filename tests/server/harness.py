@@ -273,7 +273,8 @@ class ComfyServer:
         name = link_name or self.link_name
         lines = self.log_text().splitlines()
         seen, failed, seconds, messages = False, False, None, []
-        timing = re.compile(r"^\s*([\d.]+) seconds( \(IMPORT FAILED\))?:\s.*custom_nodes[/\\]" + re.escape(name) + r"\s*$")
+        timing = re.compile(r"^\s*([\d.]+) seconds( \(IMPORT FAILED\))?:\s.*custom_nodes[/\\]"
+                            + re.escape(name) + r"\s*$")
         for index, line in enumerate(lines):
             match = timing.match(line)
             if match:
@@ -285,7 +286,8 @@ class ComfyServer:
                 start = index
                 if line.startswith("Cannot import"):  # ComfyUI logs the traceback just before it
                     probe = index - 1
-                    while probe >= 0 and index - probe < 200 and not lines[probe].startswith(("Traceback", "Cannot import")):
+                    while (probe >= 0 and index - probe < 200
+                           and not lines[probe].startswith(("Traceback", "Cannot import"))):
                         probe -= 1
                     if probe >= 0 and lines[probe].startswith("Traceback"):
                         start = probe
@@ -380,7 +382,8 @@ class ComfyServer:
             if entry and entry.get("status", {}).get("completed") is not None:
                 status = entry["status"]
                 if status.get("status_str") != "success":
-                    raise PromptFailed(f"prompt {prompt_id} failed: {execution_error(entry)}\n{self.log_tail(30)}", entry)
+                    raise PromptFailed(f"prompt {prompt_id} failed: {execution_error(entry)}\n{self.log_tail(30)}",
+                                       entry)
                 return entry
             time.sleep(poll_s)
         self.interrupt()
@@ -458,7 +461,8 @@ def _skip_frontend_values(name: str, io_type: str, options: Mapping[str, Any], v
     upload button's value ("image") of upload combos."""
     if position >= len(values):
         return 0
-    if has_control_widget(name, io_type, options):  # older saves store True/False ("randomize"/"fixed"), or nothing at all
+    # older saves store True/False ("randomize"/"fixed"), or nothing at all
+    if has_control_widget(name, io_type, options):
         value = values[position]
         return 1 if isinstance(value, bool) or (isinstance(value, str) and value in _CONTROL_VALUES) else 0
     if has_upload_widget(io_type, options):
@@ -767,7 +771,8 @@ def _widget_value_problem(value: Any, io_type: str, options: Mapping[str, Any], 
             return f"{value!r} is not a choice"
         choices = options.get("options") or []
         if not dynamic and value not in choices:
-            return f"{value!r} is not one of its choices ({', '.join(map(str, choices[:8]))}{'...' if len(choices) > 8 else ''})"
+            shown = ", ".join(map(str, choices[:8])) + ("..." if len(choices) > 8 else "")
+            return f"{value!r} is not one of its choices ({shown})"
     if io_type in ("INT", "FLOAT"):
         if options.get("min") is not None and value < options["min"]:
             return f"{value!r} is below its minimum {options['min']}"
@@ -787,9 +792,10 @@ def validate_workflow(workflow: Mapping[str, Any], object_info: Mapping[str, Any
     required socket input is linked; ``widgets_values`` has one value per widget plus the
     frontend-only values (a seed's "control after generate", an upload button), each of the right
     type and range, combos one of their choices (except ``dynamic_combos``, whose choices are files
-    on someone's disk, linked widgets, whose value comes from the link, and muted nodes' combos); links are consistent on both ends and their types match the output and the
-    input (ComfyUI's own rule); Primitive nodes feed widget inputs with a valid value; the graph has
-    an active output node; the id counters cover every id.
+    on someone's disk, linked widgets, whose value comes from the link, and muted nodes' combos);
+    links are consistent on both ends and their types match the output and the input (ComfyUI's own
+    rule); Primitive nodes feed widget inputs with a valid value; the graph has an active output
+    node; the id counters cover every id.
     """
     dynamic = {kind: set(names) for kind, names in (dynamic_combos or {}).items()}
     problems: list[str] = []
@@ -879,7 +885,8 @@ def validate_workflow(workflow: Mapping[str, Any], object_info: Mapping[str, Any
                     continue
                 target, io_type, options = found
                 if outputs and outputs[0].get("type") != io_type:
-                    problems.append(f"{where(node)}: feeds a {io_type} input of {where(target)} but is {outputs[0].get('type')}")
+                    problems.append(f"{where(node)}: feeds a {io_type} input of {where(target)} "
+                                    f"but is {outputs[0].get('type')}")
                 name = (target.get("inputs") or [])[links[link_id][3]]["widget"]["name"]
                 problem = _widget_value_problem(values[0] if values else None, io_type, options,
                                                 dynamic=name in dynamic.get(target.get("type"), ()))
@@ -915,7 +922,8 @@ def validate_workflow(workflow: Mapping[str, Any], object_info: Mapping[str, Any
                 continue
             io_type = definitions[key][0]
             if entry.get("type") != io_type:
-                problems.append(f"{where(node)}: input {key!r} is typed {entry.get('type')!r}, the definition says {io_type!r}")
+                problems.append(f"{where(node)}: input {key!r} is typed {entry.get('type')!r}, "
+                                f"the definition says {io_type!r}")
             if widget_name and key not in widget_names:
                 problems.append(f"{where(node)}: input {key!r} is marked as a widget but {kind} has no such widget")
             if not widget_name and key in widget_names:
@@ -932,7 +940,7 @@ def validate_workflow(workflow: Mapping[str, Any], object_info: Mapping[str, Any
                 if origin_type is not None and not types_compatible(str(origin_type), str(io_type)):
                     problems.append(f"{where(node)}: input {key!r} ({io_type}) is linked to a {origin_type} output "
                                     f"of {where(origin)}")
-        for name, (io_type, options, required) in definitions.items():
+        for name, (io_type, _options, required) in definitions.items():
             if name in widget_names:
                 continue
             listed = [e for e in node.get("inputs") or [] if e.get("name") == name and not e.get("widget")]
@@ -992,6 +1000,7 @@ def validate_workflow(workflow: Mapping[str, Any], object_info: Mapping[str, Any
         problems.append(f"last_link_id {workflow.get('last_link_id')!r} is below the largest link id")
     for group in workflow.get("groups") or []:
         bounding = group.get("bounding")
-        if not (isinstance(bounding, list) and len(bounding) == 4 and all(isinstance(v, (int, float)) for v in bounding)):
+        if not (isinstance(bounding, list) and len(bounding) == 4
+                and all(isinstance(v, (int, float)) for v in bounding)):
             problems.append(f"group {group.get('title')!r}: bounding {bounding!r} is not [x, y, width, height]")
     return problems

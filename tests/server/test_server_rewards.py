@@ -17,6 +17,7 @@ import pytest
 import torch
 from harness import PromptFailed, PromptRejected
 from PIL import Image
+
 from versat2i.training_set.layout import CAPTION_SUFFIX, MANIFEST_NAME, SUMMARY_NAME
 
 pytestmark = pytest.mark.server
@@ -189,9 +190,11 @@ def ui_workflow(image_name: str, dataset_name: str) -> dict:
     nodes = [
         node(1, "LoadImage", [image_name, "image"], outputs=[("IMAGE", "IMAGE", [1, 2]), ("MASK", "MASK", [])]),
         node(9, "Reroute", inputs=[("", "*", 2)], outputs=[("", "IMAGE", [3, 4])]),
-        node(2, "VersaT2I_LoadScorers", [*SCORER_CHOICES.values(), "auto"], outputs=[("scorers", "VERSAT2I_SCORERS", [5])]),
+        node(2, "VersaT2I_LoadScorers", [*SCORER_CHOICES.values(), "auto"],
+             outputs=[("scorers", "VERSAT2I_SCORERS", [5])]),
         node(3, "VersaT2I_ScoreImages", ["\n".join(PROMPTS), "1001 2002", True],
-             inputs=[("images", "IMAGE", 1), ("scorers", "VERSAT2I_SCORERS", 5), ("candidates", "VERSAT2I_CANDIDATES", None)],
+             inputs=[("images", "IMAGE", 1), ("scorers", "VERSAT2I_SCORERS", 5),
+                     ("candidates", "VERSAT2I_CANDIDATES", None)],
              outputs=[("scores", "VERSAT2I_SCORES", [6])]),
         node(4, "VersaT2I_FilterBestPerPrompt", ["percentile", 0.0, "lowlevel = none", "lowlevel"],
              inputs=[("scores", "VERSAT2I_SCORES", 6), ("images", "IMAGE", 3)],
@@ -201,7 +204,8 @@ def ui_workflow(image_name: str, dataset_name: str) -> dict:
         node(6, "Note", ["converted and queued by tests/server/harness.py"]),
     ]
     links = [[1, 1, 0, 3, 0, "IMAGE"], [2, 1, 0, 9, 0, "IMAGE"], [3, 9, 0, 4, 1, "IMAGE"], [4, 9, 0, 5, 1, "IMAGE"],
-             [5, 2, 0, 3, 1, "VERSAT2I_SCORERS"], [6, 3, 0, 4, 0, "VERSAT2I_SCORES"], [7, 4, 0, 5, 0, "VERSAT2I_SELECTION"]]
+             [5, 2, 0, 3, 1, "VERSAT2I_SCORERS"], [6, 3, 0, 4, 0, "VERSAT2I_SCORES"],
+             [7, 4, 0, 5, 0, "VERSAT2I_SELECTION"]]
     return {"version": 0.4, "last_node_id": 9, "last_link_id": 7, "nodes": nodes, "links": links, "groups": []}
 
 
@@ -259,7 +263,8 @@ def fake_workflow(seed_widgets, *, upscale_mode=0, with_primitive=False):
          "outputs": [{"name": "MODEL", "type": "MODEL", "links": [2]}]},
         {"id": 3, "type": "KSampler", "mode": 0, "widgets_values": seed_widgets,
          "inputs": [{"name": "model", "type": "MODEL", "link": 2},
-                    {"name": "steps", "type": "INT", "link": 3 if with_primitive else None, "widget": {"name": "steps"}}]},
+                    {"name": "steps", "type": "INT", "link": 3 if with_primitive else None,
+                     "widget": {"name": "steps"}}]},
     ]
     links = [{"id": 1, "origin_id": 1, "origin_slot": 0, "target_id": 2, "target_slot": 0, "type": "MODEL"},
              {"id": 2, "origin_id": 2, "origin_slot": 0, "target_id": 3, "target_slot": 0, "type": "MODEL"}]

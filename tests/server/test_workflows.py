@@ -40,6 +40,7 @@ from harness import (
 from PIL import Image
 from safetensors import safe_open
 from tiny_models.sd import build_tiny_sd15
+
 from versat2i.aspects import ASPECTS
 from versat2i.training_set.layout import CAPTION_SUFFIX, MANIFEST_NAME, SUMMARY_NAME
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
 from versat2i.training_set.layout import CAPTION_SUFFIX, MANIFEST_NAME, entry_id, repeats_folder
 
 TINY_SIZE = 64

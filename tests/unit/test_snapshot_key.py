@@ -13,16 +13,12 @@ from __future__ import annotations
 import ast
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests" / "server"))  # harness.py: standard library only
-
 from harness import node_code_sha256
 
+REPO = Path(__file__).resolve().parents[2]
 NODES = REPO / "nodes"
 # A node file that has each kind of text the cases below edit.
 NEEDED = (r'tooltip="', r'description=\(\s*"', r"default=\d+\b", r'display_name="', r"\n\s+def ")

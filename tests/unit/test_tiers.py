@@ -10,10 +10,15 @@ test past the time limit fails saying where the limit is set.
 
 from __future__ import annotations
 
-import tomllib
+import sys
 from pathlib import Path
 
 import pytest
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 pytest_plugins = ("pytester",)
 

@@ -15,18 +15,10 @@ import copy
 import hashlib
 import json
 import re
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
-from PIL import Image
-from versat2i.aspects import ASPECTS
-
-TESTS = Path(__file__).resolve().parents[1]
-REPO = TESTS.parent
-sys.path.insert(0, str(TESTS / "server"))  # harness.py: standard library only
-
 from harness import (
     WorkflowError,
     _widget_inputs,
@@ -35,6 +27,12 @@ from harness import (
     validate_workflow,
     workflow_to_api,
 )
+from PIL import Image
+
+from versat2i.aspects import ASPECTS
+
+TESTS = Path(__file__).resolve().parents[1]
+REPO = TESTS.parent
 
 WORKFLOWS = REPO / "workflows"
 SNAPSHOT = json.loads((TESTS / "data" / "object_info.json").read_text())

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from tiny_models.sd import build_tiny_model, build_tiny_sd15
+
 from versat2i.loop.generate import (
     INDEX_NAME,
     SUMMARY_NAME,
@@ -260,7 +261,8 @@ def test_kohya_lora_file_equals_the_peft_model_it_was_saved_from(base, two_loras
     assert_same(generate(base, k=2, seeds=[1, 2]).images, plain)
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    assert not any(isinstance(m, BaseTunerLayer) for part in (base.denoiser, base.text_encoders[0]) for m in part.modules())
+    assert not any(isinstance(m, BaseTunerLayer)
+                   for part in (base.denoiser, base.text_encoders[0]) for m in part.modules())
 
 
 def test_equal_weight_merge_equals_peft_adapters_at_half_weight(base, two_loras):

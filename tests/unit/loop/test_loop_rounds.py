@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from tiny_models.sd import build_tiny_sd15
+
 from versat2i.loop.config import (
     DatasetSection,
     EvaluationSection,
@@ -32,8 +33,8 @@ from versat2i.loop.config import (
     TrainingSection,
 )
 from versat2i.loop.run import SUMMARY_FILE, run_loop
-from versat2i.training_set.manifest import read_manifest
 from versat2i.training_set.layout import LATENTS_SUFFIX
+from versat2i.training_set.manifest import read_manifest
 
 PROMPTS = ("a red circle", "a blue square")
 K = 2
@@ -72,7 +73,8 @@ def test_two_rounds_with_generation_latents(tmp_path):
         assert (folder / "report" / "report.html").is_file() and (folder / "loras" / "aesthetics.safetensors").is_file()
     first, second = (json.loads((folder / "candidates" / "generation.json").read_text()) for folder in rounds)
     assert first["adapters"] is None
-    assert [Path(lora["path"]) for lora in second["adapters"]["loras"]] == [rounds[0] / "loras" / "aesthetics.safetensors"]
+    assert ([Path(lora["path"]) for lora in second["adapters"]["loras"]]
+            == [rounds[0] / "loras" / "aesthetics.safetensors"])
     seeds_1, seeds_2 = candidate_seeds(rounds[0] / "candidates"), candidate_seeds(rounds[1] / "candidates")
     assert len(seeds_2) == len(PROMPTS) * K and not set(seeds_1) & set(seeds_2)
     lora_1, lora_2 = (load_file(str(folder / "loras" / "aesthetics.safetensors")) for folder in rounds)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
 from versat2i.cli import main
 from versat2i.rewards.registry import get_scorer
 from versat2i.rewards.score_table import ScoreTable

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
+
 from versat2i.rewards.score_table import ScoreTable
 from versat2i.rewards.selection import select_best_per_prompt
 from versat2i.safe_io import TargetExistsError
@@ -269,7 +270,8 @@ def test_manifest_records_each_scorers_settings(root, images):
     assert all(line["scorers"] == scorers for line in lines)
     assert {line["aspect"]: line["scorer"] for line in lines} == scorers
     # The car prompt has no person in any candidate: geometry keeps nothing for it.
-    assert [(line["prompt_index"], line["candidate_index"]) for line in lines if line["aspect"] == "geometry"] == [(0, 1)]
+    assert [(line["prompt_index"], line["candidate_index"]) for line in lines if line["aspect"] == "geometry"] == [(0,
+                                                                                                                    1)]
     # Every entry says which of its scores are judgements: the car kept for lowlevel (row 5) had
     # nothing to judge for geometry, so its geometry score is only the placeholder.
     rows = {(line["prompt_index"], line["candidate_index"]): line for line in lines}

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from tiny_models.lora_training import make_kohya_dataset, shape_image
+
 from versat2i.trainer.kohya_dataset import (
     BucketBatchSampler,
     KohyaDataset,

@@ -13,6 +13,7 @@ import pytest
 import torch
 from tiny_models.lora_training import TINY_SIZE, make_kohya_dataset
 from tiny_models.sd import build_tiny_sd15
+
 from versat2i.aspects import ASPECTS
 from versat2i.trainer import train_gate
 from versat2i.trainer.gate import GateUsage
@@ -31,6 +32,7 @@ LAYER_FLOOR = 0.05
 def tiny(tmp_path_factory):
     from safetensors.torch import load_file, save_file
     from tiny_models.lora_training import tiny_lora_config
+
     from versat2i.trainer import train_lora
 
     root = tmp_path_factory.mktemp("tiny-gate")
@@ -116,7 +118,8 @@ def test_balancing_keeps_every_lora_above_a_floor(tiny, tmp_path):
     _, layers_switch = measure_mass(tiny, switched)
     collapsed_without = (layers_without.min(1).values < LAYER_FLOOR).float().mean().item()
     collapsed_switch = (layers_switch.min(1).values < LAYER_FLOOR).float().mean().item()
-    print(f"layers with an expert below {LAYER_FLOOR}: {collapsed_without:.2f} without, {collapsed_switch:.2f} with switch")
+    print(f"layers with an expert below {LAYER_FLOOR}: {collapsed_without:.2f} without, "
+          f"{collapsed_switch:.2f} with switch")
     assert collapsed_without > 0.5 and collapsed_switch < collapsed_without / 2
     # the result is a loadable, hash-checked MoL file next to the LoRAs, with its training record
     mol = load_mol(balanced)
@@ -173,6 +176,7 @@ def mixed(tmp_path_factory):
     Conv2d) and the text encoder, ranks 2/4/4/8 (geometry skips every attn1 layer), and a random
     token and prompt MoL file over them."""
     from tiny_models.sd import make_kohya_lora
+
     from versat2i.models.loading import load_base_model
     from versat2i.models.lora_files import load_kohya_lora
     from versat2i.trainer.mix_diffusers import gate_for_layers, mixture_layers
@@ -189,7 +193,8 @@ def mixed(tmp_path_factory):
     layers = mixture_layers(base, [load_kohya_lora(p)[0] for p in paths])
     mols = {}
     for seed, granularity in enumerate(("token", "prompt")):
-        gate = gate_for_layers(ASPECTS, layers, granularity, base.architecture.gate_prompt_features(base.denoiser.config))
+        prompt_features = base.architecture.gate_prompt_features(base.denoiser.config)
+        gate = gate_for_layers(ASPECTS, layers, granularity, prompt_features)
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for name, parameter in gate.named_parameters():
@@ -279,7 +284,7 @@ def test_diffusers_dynamic_with_one_lora_equals_diffusers_lora_loading(mixed):
     base = load_base_model(model.folder, compute_hash=False)
     pipe = build_pipeline(base, device="cpu")
     layers = mixture_layers(base, [load_kohya_lora(paths[3])[0]])
-    gate = MixtureGate(["only"], [l.name for l in layers], [l.in_features for l in layers], "token")
+    gate = MixtureGate(["only"], [layer.name for layer in layers], [layer.in_features for layer in layers], "token")
     with torch.no_grad():
         for weight in gate.weights:
             weight.normal_()
@@ -310,6 +315,7 @@ def test_mix_command_writes_images(mixed, tmp_path):
 
     import numpy as np
     from PIL import Image
+
     from versat2i.models.loading import load_base_model
     from versat2i.models.pipelines import build_pipeline
     from versat2i.trainer.cli import MIX_MODES, add_mix_subcommand
@@ -368,7 +374,8 @@ train_gate.gate_for_layers = capture
 train_gate.main(train_gate.parse_args(["--config", sys.argv[1]]))
 gate = made[0]
 # One file per process (the main process's gate is what the MoL file holds).
-save_file({"input_scale": gate.input_scale.detach().cpu().contiguous(), "prior": gate.prior.detach().cpu().contiguous()},
+save_file({"input_scale": gate.input_scale.detach().cpu().contiguous(),
+           "prior": gate.prior.detach().cpu().contiguous()},
           f"{sys.argv[2]}.rank{os.environ['RANK']}.safetensors")
 """
 

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from tiny_models.lora_training import make_kohya_dataset, tiny_lora_config
 from tiny_models.sd import build_tiny_sd15
+
 from versat2i.trainer import train_lora, training_loop
 from versat2i.trainer.events import read_events
 from versat2i.trainer.launcher import (
@@ -143,6 +144,7 @@ def test_loss_falls_on_an_overfit_set(reference_run, tiny):
     """The logged loss falls, and the LoRA (loaded by diffusers from the kohya file) lowers the loss on
     the training images at fixed noise and timesteps."""
     from diffusers import StableDiffusionPipeline
+
     from versat2i.trainer.kohya_dataset import KohyaDataset
     from versat2i.training_set.folders import scan_training_set
 
