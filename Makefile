@@ -1,18 +1,22 @@
-# Quick start:  make demo   (the whole VersaT2I loop on the embedded demo world, CPU, nothing downloaded)
-#               make test   (the test suite)
-# Both build .venv first: torch/torchvision pinned to the builds this project is tested with, then
-# the pack with its test and optional-scorer extras. ComfyUI users don't need this: see README.
+# Quick start:  make demo       (the whole VersaT2I loop on the embedded demo world, CPU, nothing downloaded)
+#               make test       (the whole test suite, what CI runs after make lint; COMFYUI_PATH=... adds
+#                                the comfy and server tiers, skipped without it)
+# Also:         make test-fast  (no ComfyUI tiers and no test marked slow: a few minutes)
+#               make lint       (ruff check: lint and import order)
+# All build .venv first: torch/torchvision pinned to the builds this project is tested with, then
+# the pack with its test, lint and optional-scorer extras. ComfyUI users don't need this: see README.
+# Test tiers are pytest markers (comfy, server, browser, family, slow): README, Testing.
 
 PYTHON ?= python3.11
 VENV ?= .venv
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
-EXTRAS ?= test,iqa,geometry
+EXTRAS ?= test,lint,iqa,geometry
 PYTEST_ARGS ?=
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: venv comfy-deps test demo bench clean
+.PHONY: venv comfy-deps test test-fast lint demo bench clean
 
 venv: $(STAMP) comfy-deps
 
@@ -40,8 +44,18 @@ ifneq ($(strip $(COMFYUI_PATH)),)
 endif
 
 # One thread per torch process: on 2 cores a second busy process otherwise makes torch 40-90x slower.
+TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1
+# make test-fast: no ComfyUI tier (comfy, server, browser) and nothing over ~20 s (slow).
+FAST_MARKERS = not slow and not comfy and not server and not browser
+
 test: venv
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(TEST_ENV) $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: venv
+	$(TEST_ENV) $(BIN)/python -m pytest -m "$(FAST_MARKERS)" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 demo: venv
 	OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 $(BIN)/versat2i demo

@@ -44,6 +44,7 @@ import types
 from pathlib import Path
 
 import torch
+
 from versat2i.aspects import ASPECTS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,7 +78,8 @@ def import_pack():
     running its ``__init__`` (which loads ComfyUI's server-side API and its extra dependencies such
     as PyAV); the bench needs only ``nodes/model_patching.py`` and comfy core."""
     if "versat2i" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("versat2i", REPO / "__init__.py", submodule_search_locations=[str(REPO)])
+        spec = importlib.util.spec_from_file_location("versat2i", REPO / "__init__.py",
+                                                      submodule_search_locations=[str(REPO)])
         package = importlib.util.module_from_spec(spec)
         sys.modules["versat2i"] = package
         spec.loader.exec_module(package)
@@ -132,7 +134,8 @@ def make_loras(shapes: dict[str, tuple[int, int]], rank: int, seed: int = 0) -> 
     for _ in ASPECTS:
         lora = {}
         for name, (out_features, in_features) in shapes.items():
-            lora[f"{name}.lora_down.weight"] = torch.randn(rank, in_features, generator=generator) / math.sqrt(in_features)
+            lora[f"{name}.lora_down.weight"] = (torch.randn(rank, in_features, generator=generator)
+                                                / math.sqrt(in_features))
             lora[f"{name}.lora_up.weight"] = torch.randn(out_features, rank, generator=generator) * 0.01
             lora[f"{name}.alpha"] = torch.tensor(float(rank))
         loras.append(lora)
@@ -199,6 +202,7 @@ def comfy_variants(args, dtype):
     import comfy.model_patcher
     import comfy.supported_models
     import comfy.utils
+
     from versat2i.nodes import model_patching
 
     model_config = comfy.supported_models.SD15(dict(TINY_UNET if args.tiny else SD15_UNET))
@@ -207,19 +211,22 @@ def comfy_variants(args, dtype):
     model = model_config.get_model({})
     random_init_(model)
     base = comfy.model_patcher.ModelPatcher(
-        model, load_device=comfy.model_management.get_torch_device(), offload_device=comfy.model_management.unet_offload_device()
+        model, load_device=comfy.model_management.get_torch_device(),
+        offload_device=comfy.model_management.unet_offload_device()
     )
     shapes, keys = {}, {}
     state = model.state_dict()
     for diffusers_key, ldm_key in comfy.utils.unet_to_diffusers(model_config.unet_config).items():
         module = diffusers_key[: -len(".weight")]
-        if diffusers_key.endswith(".weight") and ".transformer_blocks." in module and module.endswith(TRANSFORMER_LINEARS):
+        if (diffusers_key.endswith(".weight") and ".transformer_blocks." in module
+                and module.endswith(TRANSFORMER_LINEARS)):
             name = "lora_unet_" + module.replace(".", "_")
             shapes[name] = tuple(state["diffusion_model." + ldm_key].shape)
             keys[name] = "diffusion_model." + ldm_key
     loras = make_loras(shapes, args.rank)
     aspect_loras = [model_patching.AspectLoRA(a, f"{a}.safetensors", lora) for a, lora in zip(ASPECTS, loras)]
-    token_gate, prompt_gate = make_gate(shapes, "token", args.context_dim), make_gate(shapes, "prompt", args.context_dim)
+    token_gate = make_gate(shapes, "token", args.context_dim)
+    prompt_gate = make_gate(shapes, "prompt", args.context_dim)
     print(f"model + {len(loras)} LoRAs x {len(shapes)} layers built in {time.perf_counter() - t0:.1f} s")
 
     variants = {"base": base}
@@ -227,14 +234,16 @@ def comfy_variants(args, dtype):
     variants["bake"], _ = model_patching.apply_mixture(base, None, aspect_loras, mode="bake", gate=token_gate)
     bake_build_s = time.perf_counter() - t0
     variants["dynamic"], _ = model_patching.apply_mixture(base, None, aspect_loras, mode="dynamic", gate=token_gate)
-    variants["dynamic-prompt"], _ = model_patching.apply_mixture(base, None, aspect_loras, mode="dynamic", gate=prompt_gate)
+    variants["dynamic-prompt"], _ = model_patching.apply_mixture(base, None, aspect_loras, mode="dynamic",
+                                                                 gate=prompt_gate)
 
     loop = base.clone()
     targets = model_patching.collect_targets(base, None, aspect_loras)
     layer_of_key = model_patching.gate_layer_keys(token_gate, base, None)
     for key, target in targets.items():
         name = f"{target.module_path}.forward"
-        loop.add_object_patch(name, LoopForward(loop.get_model_object(name), token_gate, layer_of_key[key], target.experts))
+        loop.add_object_patch(
+            name, LoopForward(loop.get_model_object(name), token_gate, layer_of_key[key], target.experts))
     variants["loop"] = loop
 
     hooks = comfy.hooks.HookGroup()
@@ -305,12 +314,14 @@ def comfy_time(variant, size: int, steps: int, args) -> tuple[float, float | Non
 
 def diffusers_variants(args, dtype):
     from diffusers import UNet2DConditionModel
+
     from versat2i.trainer.gate import ExpertLoRA, fused_layer
 
     if args.tiny:
         unet = UNet2DConditionModel(
             sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=args.context_dim,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             attention_head_dim=4,
         )
     else:
@@ -349,10 +360,11 @@ def diffusers_variants(args, dtype):
                 if kind == "dynamic":
                     hook = (lambda f: lambda m, i, o: f.forward(i[0], o))(fused)
                 else:
-                    hook = (lambda f, l: lambda m, i, o: f.forward(
-                        i[0], o, f.expand_gates(state["gates"][:, l], i[0].ndim)))(fused, layer)
+                    hook = (lambda f, index: lambda m, i, o: f.forward(
+                        i[0], o, f.expand_gates(state["gates"][:, index], i[0].ndim)))(fused, layer)
             else:
-                hook = (lambda loop: lambda m, i, o: loop.mix(i[0], o))(LoopForward(None, token_gate, layer, experts[name]))
+                hook = (lambda loop: lambda m, i, o: loop.mix(i[0], o))(
+                    LoopForward(None, token_gate, layer, experts[name]))
             handles.append(module.register_forward_hook(hook))
 
     merged: dict = {}
@@ -421,8 +433,10 @@ def diffusers_time(variant, size: int, steps: int, args) -> tuple[float, float |
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on cuda, fp32 on cpu")
-    parser.add_argument("--sizes", type=int, nargs="+", default=None, help="image sides in px (default: 256 512; --tiny: 64)")
+    parser.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
+                        help="default: fp16 on cuda, fp32 on cpu")
+    parser.add_argument("--sizes", type=int, nargs="+", default=None,
+                        help="image sides in px (default: 256 512; --tiny: 64)")
     parser.add_argument("--steps", type=int, default=len(HOOK_KEYFRAMES),
                         help=f"timed sampler steps per variant and round (>= {len(HOOK_KEYFRAMES)}: the hooks variant "
                              "must cross all its keyframes)")
@@ -433,7 +447,8 @@ def parse_args(argv=None):
     parser.add_argument("--rank", type=int, default=None, help="LoRA rank (default: 16; --tiny: 4)")
     parser.add_argument("--variants", nargs="+", default=None, help="subset of variants (base is always run)")
     parser.add_argument("--tiny", action="store_true",
-                        help="a tiny SD1.5-shaped UNet at 64 px: a smoke run of every path in seconds (ratios meaningless)")
+                        help="a tiny SD1.5-shaped UNet at 64 px: a smoke run of every path in seconds "
+                             "(ratios meaningless)")
     args = parser.parse_args(argv)
     args.sizes = args.sizes or ([64] if args.tiny else [256, GOAL_SIZE])
     args.rank = args.rank or (4 if args.tiny else 16)
@@ -459,7 +474,8 @@ def goal_lines(results: dict[int, dict[str, list[float]]]) -> list[str]:
         if name not in results[GOAL_SIZE]:
             continue
         ratio = min(results[GOAL_SIZE][name]) / base
-        lines.append(f"goal {name} <= {goal:.2f}x base at {GOAL_SIZE} px: {ratio:.3f}x {'PASS' if ratio <= goal else 'FAIL'}")
+        verdict = "PASS" if ratio <= goal else "FAIL"
+        lines.append(f"goal {name} <= {goal:.2f}x base at {GOAL_SIZE} px: {ratio:.3f}x {verdict}")
     return lines
 
 
@@ -467,7 +483,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.device == "cpu":
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype or ("fp16" if args.device == "cuda" else "fp32")]
+    dtype = {"fp32": torch.float32, "fp16": torch.float16,
+             "bf16": torch.bfloat16}[args.dtype or ("fp16" if args.device == "cuda" else "fp32")]
     import_pack()
     with_comfy = import_comfy(args.device)
     if with_comfy:
@@ -477,8 +494,9 @@ def main(argv=None) -> None:
     if with_comfy:
         import comfyui_version
 
-        print(f"backend: ComfyUI {comfyui_version.__version__} {shape} model (random weights), sampled with comfy.sample "
-              f"(euler), {device_name}, {str(dtype).replace('torch.', '')}, batch 2 (cond+uncond), rank {args.rank}, "
+        print(f"backend: ComfyUI {comfyui_version.__version__} {shape} model (random weights), sampled with "
+              f"comfy.sample (euler), {device_name}, {str(dtype).replace('torch.', '')}, batch 2 (cond+uncond), "
+              f"rank {args.rank}, "
               f"attention {comfy.ldm.modules.attention.optimized_attention.__name__}")
         variants, merge = comfy_variants(args, dtype)
         timer = comfy_time
@@ -508,7 +526,8 @@ def main(argv=None) -> None:
     # Launch-bound GPU steps are noisy (the host's CPU speed varies): the minimum over rounds is the
     # least disturbed estimate, the median shows the spread. Ratios use the same statistic for both.
     for label, stat in (("min", min), ("median", statistics.median)):
-        print(f"\nsteady-state step time, {label} of {args.repeats} round(s) x {args.steps} step(s); ratio = variant / base")
+        print(f"\nsteady-state step time, {label} of {args.repeats} round(s) x {args.steps} step(s); "
+              "ratio = variant / base")
         print("variant         " + "".join(f"{size:>8}px ms   ratio" for size in args.sizes))
         for name in variants:
             row = f"{name:15s} "
@@ -522,7 +541,8 @@ def main(argv=None) -> None:
                   + ", ".join(f"{name} {statistics.median(v):.2f} s" for name, v in by_variant.items() if v))
     print("merge: " + ", ".join(f"{k} {v:.2f} s" for k, v in merge.items()))
     if "load_bake_s" in merge:
-        print(f"one-off merge cost of bake (load with patches - plain load): {merge['load_bake_s'] - merge['load_base_s']:.2f} s")
+        merge_cost = merge["load_bake_s"] - merge["load_base_s"]
+        print(f"one-off merge cost of bake (load with patches - plain load): {merge_cost:.2f} s")
     print()
     for line in goal_lines(results):
         print(line)

@@ -120,6 +120,7 @@ def naive_clip_aspect(aspect: str, architecture: str, models_dir: Path, images, 
 
 def naive_geometry(name: str, models_dir: Path, images, prompts, device: str):
     import torch
+
     from versat2i.rewards.registry import get_scorer
 
     scorer = get_scorer(name, search_dirs=[models_dir], device=device, cache=False)  # built on this call
@@ -134,6 +135,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     from tiny_models.clip import random_images, register_tiny_open_clip
+
     from versat2i.rewards import cache
     from versat2i.rewards.base import score_aspects
     from versat2i.rewards.registry import get_scorer

@@ -26,7 +26,8 @@ BENCHMARKS = {
     "startup": ("bench_startup.py", ["--repeats", "5"], ["--repeats", "1"], True),
     "scoring": ("bench_scoring.py", [], ["--images", "4", "--size", "64", "--architecture", "versat2i-tiny-clip"],
                 False),
-    "training": ("bench_lora_training.py", ["--repeats", "2"], ["--steps", "4", "--warmup", "1", "--images", "4", "--batch", "2"],
+    "training": ("bench_lora_training.py", ["--repeats", "2"],
+                 ["--steps", "4", "--warmup", "1", "--images", "4", "--batch", "2"],
                  False),
     "mixture": ("bench_mixture.py", [], ["--tiny", "--sizes", "64", "--steps", "4"], False),
 }

@@ -239,7 +239,8 @@ def main(args: argparse.Namespace) -> dict:
             logger.info("eval step %d: %s", step, json.dumps({k: round(v, 3) for k, v in scores.items()}))
         out_of_time = bool(args.max_minutes) and time.time() - started > 60 * args.max_minutes
         if step in args.checkpoint_steps and not out_of_time:
-            info = {"step": step, "seconds": round(time.time() - started, 1), "args": vars(args) | {"output": str(args.output)}}
+            info = {"step": step, "seconds": round(time.time() - started, 1),
+                    "args": vars(args) | {"output": str(args.output)}}
             save(snapshot, args.output.with_name(f"{args.output.name}-step{step}"), True, info)
         if out_of_time:
             logger.warning("stopping at step %d: --max-minutes %g reached", step, args.max_minutes)

@@ -98,7 +98,8 @@ def parse_caption(caption: str) -> Scene:
     if match is None:
         raise ValueError(
             f"prompt {caption!r} is not a demo-world caption; demo prompts read "
-            f"'a/an {{colour}} {{shape}} on a {{background}} background' (colours: {', '.join(SHAPE_COLOURS)}; shapes: {', '.join(SHAPES)}; "
+            f"'a/an {{colour}} {{shape}} on a {{background}} background' (colours: {', '.join(SHAPE_COLOURS)}; "
+            f"shapes: {', '.join(SHAPES)}; "
             f"backgrounds: {', '.join(BACKGROUNDS)})"
         )
     return Scene(shape=match["shape"], colour=match["colour"], background=match["background"])

@@ -452,7 +452,8 @@ class LoopConfig(ConfigFile):
                          + ", ".join(f"{scorer_id}:{v}" for v in entry.variants))
         for aspect, spec in self.thresholds.items():
             if aspect not in self.aspects:
-                p.append(f"[thresholds] {aspect!r}: unknown aspect; the aspects are {', '.join(self.aspects) or 'none'}")
+                p.append(f"[thresholds] {aspect!r}: unknown aspect; the aspects are "
+                         f"{', '.join(self.aspects) or 'none'}")
             try:
                 Threshold.parse(spec)
             except ValueError as exc:
@@ -475,7 +476,8 @@ class LoopConfig(ConfigFile):
             p.append("[dataset] replay_fraction > 0 needs replay_dir: a folder of real images with captions "
                      "(<name>.png + <name>.txt)")
         elif dataset.replay_dir and fraction == 0:
-            p.append("[dataset] replay_dir is set but replay_fraction = 0; set a fraction (e.g. 0.5) or drop replay_dir")
+            p.append("[dataset] replay_dir is set but replay_fraction = 0; set a fraction (e.g. 0.5) or drop "
+                     "replay_dir")
         elif dataset.replay_dir and check_paths:
             if not os.path.isdir(dataset.replay_dir):
                 p.append(f"[dataset] replay_dir={dataset.replay_dir!r}: no such folder")
@@ -570,7 +572,8 @@ MIXTURE_NAME = "mixture"
 # Data settings a gate trains with by default: the LoRAs' own (same images, same resolution).
 GATE_INHERITS_FROM_LORA = frozenset({
     "resolution", "bucketing", "bucket_step", "bucket_max_aspect", "random_flip", "cache_latents",
-    "cache_text_embeddings", "train_batch_size", "mixed_precision", "gradient_checkpointing", "seed", "checkpointing_steps"})
+    "cache_text_embeddings", "train_batch_size", "mixed_precision", "gradient_checkpointing", "seed",
+    "checkpointing_steps"})
 
 
 def replay_count(fraction: float, kept: int) -> int:

@@ -7,8 +7,9 @@ modules, so a ComfyUI single-file checkpoint, a diffusers folder or an already l
 
 Seeds: candidate ``c`` of prompt ``p`` gets ``seeds[c]`` when an explicit list of K seeds is given
 (the same seeds for every prompt), one seed per image when N x K seeds are given (the loop's
-evaluation: every (prompt, seed) pair its own noise), else ``base_seed + p * k + c`` (every image of the run has its own seed). Each
-image's starting noise (and a stochastic scheduler's per-step noise) comes from its own
+evaluation: every (prompt, seed) pair its own noise), else ``base_seed + p * k + c`` (every image
+of the run has its own seed). Each image's starting noise (and a stochastic scheduler's per-step
+noise) comes from its own
 ``torch.Generator`` seeded with its seed, on the CPU: an image depends only on its prompt and seed,
 never on its batch-mates, the batch size or the number of GPUs.
 
@@ -233,7 +234,7 @@ def plan_candidates(prompts: Sequence[str], *, k: int | None = None, seeds: Sequ
             f"seeds: {len(seeds)} seeds for {count} prompt(s) x k={k}; give k seeds (the same for every prompt) "
             f"or {count * k} (one per image)"
         )
-    for i, seed in enumerate(per_image):
+    for seed in per_image:
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
             raise ValueError(f"seeds: {seed!r} is not a whole number in 0 .. 2**64-1")
     for p in range(count):
@@ -383,7 +384,8 @@ def generate_candidates(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": model_info, "settings": asdict(resolved), "prompts": len({r.prompt_index for r in plan}),
         "k": len(plan) // max(len({r.prompt_index for r in plan}), 1), "images": len(plan),
-        "seeds": "explicit" if seeds is not None else f"base_seed + prompt_index * k + candidate_index (base_seed={base_seed})",
+        "seeds": ("explicit" if seeds is not None
+                  else f"base_seed + prompt_index * k + candidate_index (base_seed={base_seed})"),
         "latents": bool(save_latents), "vae_sha256": vae_sha256 if save_latents else None,
         "adapters": describe_adapters(adapters), "processes": state.num_processes,
     }
@@ -501,7 +503,8 @@ def read_candidates(folder: str | os.PathLike) -> tuple[list[CandidateRecord], d
     folder = Path(folder)
     index = folder / INDEX_NAME
     if not index.is_file():
-        raise FileNotFoundError(f"{str(folder)!r} has no {INDEX_NAME}; point at a folder written by `versat2i generate`")
+        raise FileNotFoundError(f"{str(folder)!r} has no {INDEX_NAME}; point at a folder written by "
+                                "`versat2i generate`")
     records = []
     for number, line in enumerate(index.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():

@@ -453,7 +453,8 @@ def markdown_table(report: Any) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     spread = ", ".join(f"{a} ±{data['seed_spread'][a]['threshold']:.3g}" for a in aspects)
     notes = (f"\nMean reward over {data['pairs']} (prompt, seed) pairs ({len(data['prompts'])} prompts × "
-             f"{len(data['seeds'][0])} seeds{_seed_layout(data['seeds'])}); in brackets the paired change vs {base} with its {level:.0%} bootstrap "
+             f"{len(data['seeds'][0])} seeds{_seed_layout(data['seeds'])}); in brackets the paired change vs {base} "
+             f"with its {level:.0%} bootstrap "
              f"CI ({data['settings']['resamples']} resamples of {data['settings']['unit']}); win = share of pairs "
              f"scoring above {base} (ties count half). Seed-to-seed spread ({level:.0%} of the mean changes from "
              f"re-rolling seeds alone): {spread}. **Bold**: CI excludes 0 and the change is beyond that spread.")

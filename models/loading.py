@@ -71,8 +71,9 @@ class BaseModel:
 
     ``architecture`` is the family's table entry (``architectures.py``); ``arch`` its name.
     ``denoiser`` is the diffusers denoiser (a UNet for the SD families). ``text_encoders`` /
-    ``tokenizers``: in the order of the entry's ``text_encoders``. ``noise_scheduler`` is a ``DDPMScheduler`` built from the model's
-    scheduler config (training uses ``add_noise`` / ``get_velocity``). ``vae`` is ``None`` when a
+    ``tokenizers``: in the order of the entry's ``text_encoders``. ``noise_scheduler`` is a
+    ``DDPMScheduler`` built from the model's scheduler config (training uses ``add_noise`` /
+    ``get_velocity``). ``vae`` is ``None`` when a
     single file carries no VAE (train from cached latents then). ``source_sha256`` is the SHA-256 of
     the checkpoint file (for a folder: of the sorted relative paths and SHA-256s of
     ``model_index.json`` and the files of the loaded component sub-folders), or ``""`` when loading
@@ -414,7 +415,8 @@ def _load_folder(folder: Path, arch: str, prediction_type: str, torch_dtype: tor
     for name in (architecture.denoiser_component, "scheduler", *architecture.text_encoder_components,
                  *architecture.tokenizer_components):
         if not (folder / name).is_dir():
-            raise FileNotFoundError(f"{folder}: the diffusers folder has no {name}/ sub-folder; copy the complete model")
+            raise FileNotFoundError(f"{folder}: the diffusers folder has no {name}/ sub-folder; copy the complete "
+                                    "model")
     if prediction_type == "auto":
         scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
         prediction_type = scheduler_config.get("prediction_type", "epsilon")

@@ -99,7 +99,8 @@ def peft_to_kohya(*, denoiser: torch.nn.Module | None, text_encoders: Iterable[t
             continue
         for key, tensor in _peft_state_dict(model, adapter_name).items():
             module_path, leaf = key.split(".lora_", 1)
-            peft_sd[f"{name}.{canonical(module_path)}.lora_{leaf}"] = tensor.detach().to("cpu", torch.float32).contiguous()
+            peft_sd[f"{name}.{canonical(module_path)}.lora_{leaf}"] = (
+                tensor.detach().to("cpu", torch.float32).contiguous())
         for path, layer in layers.items():
             rank = int(layer.r[adapter_name])
             # Fix 1: kohya scale = alpha / rank, so alpha = peft scaling * rank (covers lora_alpha,
@@ -181,7 +182,8 @@ def save_kohya_lora(
     header.update(_string_metadata(metadata or {}))
     with atomic_file(path, overwrite=overwrite, what="LoRA file") as temp:
         save_file(state_dict, str(temp), metadata=header)
-    logger.info("saved LoRA %s (%d modules, rank %s, alpha %s)", path, summary["modules"], summary["rank"], summary["alpha"])
+    logger.info("saved LoRA %s (%d modules, rank %s, alpha %s)", path, summary["modules"], summary["rank"],
+                summary["alpha"])
     return path
 
 
@@ -356,7 +358,8 @@ def kohya_to_peft(state_dict: Mapping[str, torch.Tensor], base) -> dict[str, Lor
         else:
             fits = False
         if not fits or up.shape[1] != down.shape[0]:
-            problems.append(f"{name} -> {key}: shapes down {tuple(down.shape)} / up {tuple(up.shape)} do not fit {target}")
+            problems.append(f"{name} -> {key}: shapes down {tuple(down.shape)} / up {tuple(up.shape)} "
+                            f"do not fit {target}")
             continue
         alpha_tensor = state_dict.get(f"{name}.alpha")
         alpha = float(alpha_tensor) if alpha_tensor is not None else float(down.shape[0])

@@ -49,7 +49,8 @@ def parse_weight_lines(text: str, *, what: str) -> list[tuple[str, float | None]
             try:
                 weight = float(value)
             except ValueError:
-                raise ValueError(f"{what}: {line!r} has weight {value.strip()!r}, not a number; write e.g. 'name = 0.8'") from None
+                raise ValueError(f"{what}: {line!r} has weight {value.strip()!r}, not a number; "
+                                 "write e.g. 'name = 0.8'") from None
         entries.append((name, weight))
     return entries
 
@@ -109,10 +110,12 @@ class GatedMultiLoRALoader(io.ComfyNode):
                     "(weight used by mode 'manual', default 1). With a MoL file: optional 'aspect = weight' lines "
                     "for mode 'manual' (unlisted aspects weigh 1).",
                 ),
-                io.Clip.Input("clip", optional=True, tooltip="The checkpoint's CLIP; its text-encoder LoRA layers are mixed too."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="The checkpoint's CLIP; its text-encoder LoRA layers are mixed too."),
                 io.Conditioning.Input(
                     "conditioning", optional=True,
-                    tooltip="bake with a prompt gate: a CLIP Text Encode of one prompt to evaluate the gate on, taken as "
+                    tooltip="bake with a prompt gate: a CLIP Text Encode of one prompt to evaluate the gate on, "
+                    "taken as "
                     "it is. It can only come from a CLIP upstream of this node, i.e. encoded WITHOUT the mixed "
                     "text-encoder LoRAs: when the LoRAs adapt the text encoder, the baked gate then differs from what "
                     "dynamic mode and training compute. Prefer the prompt input.",
@@ -127,7 +130,8 @@ class GatedMultiLoRALoader(io.ComfyNode):
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="MODEL with the mixed LoRAs (a patched clone)."),
-                io.Clip.Output(display_name="CLIP", tooltip="CLIP with the mixed text-encoder LoRAs (None if no CLIP came in)."),
+                io.Clip.Output(display_name="CLIP",
+                               tooltip="CLIP with the mixed text-encoder LoRAs (None if no CLIP came in)."),
             ],
         )
 
@@ -139,7 +143,8 @@ class GatedMultiLoRALoader(io.ComfyNode):
         if mol_file not in mol_file_options():
             return f"mol_file {mol_file!r}: no such MoL file in models/loras; pick one from the list (or refresh)"
         if mol_file == NO_MOL_FILE and mode in ("bake", "dynamic"):
-            return f"mode {mode!r} needs a learned gate: pick a MoL file, or use mode 'equal' / 'manual' with a LoRA list"
+            return (f"mode {mode!r} needs a learned gate: pick a MoL file, or use mode 'equal' / 'manual' with a "
+                    "LoRA list")
         return True
 
     @classmethod
@@ -200,7 +205,8 @@ def resolve_mixture(mol_file: str, mode: str, loras_text: str):
     if mode in ("bake", "dynamic"):
         raise ValueError(f"mode {mode!r} needs a learned gate: pick a MoL file, or use mode 'equal' / 'manual'")
     if not entries:
-        raise ValueError("loras: empty; list the LoRA files to mix, one per line ('folder/file.safetensors = 0.8'), or pick a MoL file")
+        raise ValueError("loras: empty; list the LoRA files to mix, one per line ('folder/file.safetensors = 0.8'), "
+                         "or pick a MoL file")
     aspect_loras, manual = [], []
     for name, weight in entries:
         path = folder_paths.get_full_path("loras", name)

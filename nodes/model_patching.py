@@ -191,7 +191,8 @@ def merged_adapter(target: LayerTarget, weights: torch.Tensor, strength: float) 
     return LoRAAdapter(set(), (up, down, None, None, None, None))
 
 
-def apply_merge(model, clip, targets: Mapping[str, LayerTarget], weights_for: Mapping[str, torch.Tensor], strength: float):
+def apply_merge(model, clip, targets: Mapping[str, LayerTarget], weights_for: Mapping[str, torch.Tensor],
+                strength: float):
     """Clone MODEL/CLIP and add one merged LoRA patch per adapted weight. ``weights_for`` maps a
     target key to its ``[N]`` mixture weights."""
     model_patches, clip_patches = {}, {}
@@ -264,7 +265,8 @@ class GatedForward:
     pack's patch) plus the fused gated LoRA delta. A plain object, not an nn.Module: setting a
     Module as an attribute would register it as a submodule and change the state dict."""
 
-    def __init__(self, previous, fused: FusedGatedLoRA, channels_first: bool, state: PromptGateState | None, layer: int):
+    def __init__(self, previous, fused: FusedGatedLoRA, channels_first: bool, state: PromptGateState | None,
+                 layer: int):
         self.previous = previous
         self.fused = fused
         self.channels_first = channels_first  # 1x1 Conv2d: channels at dim 1
@@ -357,10 +359,12 @@ def apply_dynamic(
         patcher = new_clip.patcher if target.on_clip else new_model
         channels_first = _module_kind(patcher, target)
         in_features = target.experts[next(i for i, e in enumerate(target.experts) if e is not None)].down[0].numel()
-        fused = fused_layer(gate, gate.layers[layer], target.experts, in_features, target.shape[0], mask=mask, strength=strength)
+        fused = fused_layer(gate, gate.layers[layer], target.experts, in_features, target.shape[0], mask=mask,
+                            strength=strength)
         name = f"{target.module_path}.forward"
         previous = patcher.get_model_object(name)
-        patcher.add_object_patch(name, GatedForward(previous, fused, channels_first, None if target.on_clip else state, layer))
+        patcher.add_object_patch(
+            name, GatedForward(previous, fused, channels_first, None if target.on_clip else state, layer))
         installed["clip" if target.on_clip else "model"].append(fused)
     if state is not None and new_model is not None:
         new_model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, PATCH_KEY, state)
@@ -394,7 +398,8 @@ def bake_on_prompt(model, clip, targets: Mapping[str, LayerTarget], gate: Mixtur
     static = gate.static_layer_probabilities(mask).detach()
     clip_targets = {key: target for key, target in targets.items() if target.on_clip}
     model_targets = {key: target for key, target in targets.items() if not target.on_clip}
-    _, new_clip = apply_merge(None, clip, clip_targets, {key: static[layer_of_key[key]] for key in clip_targets}, strength)
+    _, new_clip = apply_merge(None, clip, clip_targets, {key: static[layer_of_key[key]] for key in clip_targets},
+                              strength)
     layer_weights = gate.merge_weights(encode_context(new_clip, prompt), mask)
     weights_for = {key: layer_weights[layer_of_key[key]] for key in model_targets}
     new_model, _ = apply_merge(model, None, model_targets, weights_for, strength)

@@ -131,7 +131,8 @@ class TrainGate(io.ComfyNode):
             is_output_node=True,
             inputs=[
                 io.String.Input("dataset", default="versat2i/training_set",
-                                tooltip="Training set folder inside ComfyUI's output folder (all its aspects are used)."),
+                                tooltip="Training set folder inside ComfyUI's output folder "
+                                        "(all its aspects are used)."),
                 io.Combo.Input("ckpt_name", options=folder_paths.get_filename_list("checkpoints"),
                                tooltip="The base model the LoRAs were trained on."),
                 io.String.Input("loras", default="", multiline=True,
@@ -143,7 +144,8 @@ class TrainGate(io.ComfyNode):
                 io.String.Input("mol_name", default="aspects",
                                 tooltip="Name of the MoL file, saved in the LoRAs' folder (.mol.safetensors added)."),
                 io.Combo.Input("granularity", options=list(GRANULARITIES), default="token",
-                               tooltip="token: a gate per token from the layer input (MoLE; mode 'dynamic' at run time). "
+                               tooltip="token: a gate per token from the layer input (MoLE; mode 'dynamic' at run "
+                                       "time). "
                                        "prompt: a gate per prompt from the text embedding (can be baked per prompt)."),
                 io.Combo.Input("balance_loss", options=list(BALANCE_KINDS), default="mole",
                                tooltip="mole: -log prod(mean gate) over all layers; switch: load balancing per layer; "
@@ -212,7 +214,8 @@ class TrainGate(io.ComfyNode):
             linked, settings = _split_linked(inputs)
             paths = resolve_paths(dataset, ckpt_name, loras, mol_name, linked)
             mol = paths["mol"]
-            return (gate_run_fingerprint(build_config(paths, _settings(settings)), cpu=TrainingHooks.cpu_only() or None),
+            return (gate_run_fingerprint(build_config(paths, _settings(settings)),
+                                         cpu=TrainingHooks.cpu_only() or None),
                     file_identity(mol) if mol.is_file() else None)
         except Exception:  # a bad input is reported by execute; re-run to get there
             return math.nan
@@ -227,7 +230,8 @@ class TrainGate(io.ComfyNode):
         return io.NodeOutput(name, loss_curve_image(curve, title), ui={"text": (summary,)})
 
 
-_SETTING_FIELDS = {"steps": "max_train_steps", "batch_size": "train_batch_size", "checkpoint_every": "checkpointing_steps"}
+_SETTING_FIELDS = {"steps": "max_train_steps", "batch_size": "train_batch_size",
+                   "checkpoint_every": "checkpointing_steps"}
 
 
 def _split_linked(inputs: dict[str, Any]) -> tuple[list[str | None], dict[str, Any]]:

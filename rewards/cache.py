@@ -5,7 +5,8 @@ Loading CLIP ViT-L/14 takes seconds and 1.7 GB, so every model is loaded once an
 - ``MODELS`` holds models keyed by what they are built from (``("open_clip", architecture,
   weight file)``...), so aesthetics, CLIP score and CLIP-IQA, which all name the same CLIP file,
   get the same instance. Each entry also stores the weight files' identity (``safe_io.file_identity``:
-  size, mtime, inode, ctime): a file replaced on disk is loaded again on the next request instead of serving stale weights.
+  size, mtime, inode, ctime): a file replaced on disk is loaded again on the next request instead of
+  serving stale weights.
 - ``SCORERS`` holds the scorer objects ``registry.get_scorer`` built, keyed by name, search dirs,
   device and options, so asking again (every ComfyUI queue run) costs a dict lookup and a few
   ``stat`` calls.

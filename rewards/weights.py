@@ -312,6 +312,6 @@ def weight_files_in(folder: Path) -> list[str]:
     """Names of the model files of a transformers folder (config + weights, sharded or not)."""
     names = ["config.json"]
     for entry in sorted(os.listdir(folder)):
-        if entry.endswith((".safetensors", ".bin")) or entry.endswith(".index.json"):
+        if entry.endswith((".safetensors", ".bin", ".index.json")):
             names.append(entry)
     return names

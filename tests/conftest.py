@@ -2,8 +2,16 @@
 
 Every test runs offline: a tripwire refuses any socket connection that is not to loopback, and the
 Hugging Face libraries are told they are offline. Models are tiny and built from configs in code
-(``tests/tiny_models``). Tests that need a real ComfyUI use the ``comfy`` / ``comfyui_path``
-fixtures: without ``COMFYUI_PATH`` they are skipped, and ``-ra`` prints why.
+(``tests/tiny_models``).
+
+Tiers, by marker (registered in pyproject.toml): every test under ``tests/comfy`` is marked
+``comfy`` (real ComfyUI imported in-process) and every test under ``tests/server`` ``server`` (a
+live ComfyUI server), here, from the folder; an explicit tier marker that disagrees with the folder
+is a usage error (elsewhere an explicit one puts a single test in a tier, e.g. a bench smoke test
+that also runs through ComfyUI). Without ``COMFYUI_PATH`` the tests that need ComfyUI are skipped,
+and ``-ra`` prints why; ``-m "not comfy and not server"`` leaves them out. ``slow`` (over ~20 s on
+2 cores) is set by the tests themselves; ``make test-fast`` leaves those out too. A test that runs
+past pytest-timeout's limit (pyproject.toml) fails with a note on what to do about it.
 """
 
 from __future__ import annotations
@@ -108,10 +116,64 @@ def comfy_dirs(comfy, tmp_path, monkeypatch):
     monkeypatch.setattr(folder_paths, "output_directory", str(output))
     monkeypatch.setattr(folder_paths, "temp_directory", str(temp))
     saved = {k: (list(v[0]), set(v[1])) for k, v in folder_paths.folder_names_and_paths.items()}
-    for name, (paths, exts) in list(folder_paths.folder_names_and_paths.items()):
+    for name, (_paths, exts) in list(folder_paths.folder_names_and_paths.items()):
         folder_paths.folder_names_and_paths[name] = ([str(models / name)], exts)
     folder_paths.filename_list_cache.clear()
     yield {"output": output, "models": models, "temp": temp}
     folder_paths.folder_names_and_paths.clear()
     folder_paths.folder_names_and_paths.update(saved)
     folder_paths.filename_list_cache.clear()
+
+
+# -- tiers -------------------------------------------------------------------------------------
+
+TESTS_DIR = Path(__file__).resolve().parent
+# The folder a test lives in decides its tier: tests/comfy needs ComfyUI in-process, tests/server a
+# live server. Both need COMFYUI_PATH.
+TIER_OF_FOLDER = {"comfy": "comfy", "server": "server"}
+TIER_MARKERS = frozenset(TIER_OF_FOLDER.values())
+# Markers of tests that run against a real ComfyUI, wherever they live: skipped without one.
+NEEDS_COMFYUI = TIER_MARKERS | {"browser"}
+
+
+def tier_of(path: Path) -> str | None:
+    """The tier marker the folder of ``path`` (a test file) gives it, None outside the tier folders."""
+    try:
+        relative = Path(path).resolve().relative_to(TESTS_DIR)
+    except ValueError:  # a test file outside tests/ (pytest given another folder)
+        return None
+    return TIER_OF_FOLDER.get(relative.parts[0]) if len(relative.parts) > 1 else None
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark each test with its folder's tier; refuse explicit tier markers that disagree with it; skip
+    the tests that need ComfyUI, with the reason, when there is none to run them against."""
+    _, no_comfyui_reason = _comfyui_path_or_reason()
+    disagreeing = []
+    for item in items:
+        tier = tier_of(item.path)
+        explicit = {mark.name for mark in item.iter_markers() if mark.name in TIER_MARKERS}
+        if tier:
+            if explicit - {tier}:
+                disagreeing.append(f"{item.nodeid}: marked {sorted(explicit)} but lives in tests/{tier}/")
+            item.add_marker(tier)
+        if no_comfyui_reason and any(mark.name in NEEDS_COMFYUI for mark in item.iter_markers()):
+            item.add_marker(pytest.mark.skip(reason=no_comfyui_reason))
+    if disagreeing:
+        raise pytest.UsageError(
+            "tier markers disagree with the test's folder (the folder decides: move the test or fix the "
+            "marker):\n  " + "\n  ".join(disagreeing))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """pytest-timeout's own message is one line ("Timeout (>Ns) from pytest-timeout."): say where
+    the limit comes from and what to do."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and "from pytest-timeout" in str(report.longrepr):
+        report.sections.append(("pytest-timeout", (
+            f"{item.nodeid} ran past the per-test time limit (timeout in [tool.pytest.ini_options], "
+            "pyproject.toml). On a slower or busier machine than 2 free CPU cores, raise it for the run "
+            "(`--timeout=SECONDS` or PYTEST_TIMEOUT=SECONDS; 0 disables it); if the test hangs, the stack "
+            "dump above shows where.")))

@@ -209,7 +209,8 @@ def render(workflow: Mapping[str, Any], definitions: Mapping[str, Any], *, title
         draw.text((x0 + 5 * scale_out, y0 + 2 * scale_out), _fit(draw, name, title_font, x1 - x0 - 10 * scale_out),
                   font=title_font, fill=TEXT if not muted else MUTED_TEXT)
         if is_note:
-            lines = [re.sub(r"[*`#]", "", line).strip() for line in str((node.get("widgets_values") or [""])[0]).splitlines()]
+            lines = [re.sub(r"[*`#]", "",
+                            line).strip() for line in str((node.get("widgets_values") or [""])[0]).splitlines()]
             text_y = title_bottom + 4 * scale_out
             for line in [line for line in lines if line][:40]:
                 if text_y + (note_size + 2) * scale_out > y1:

@@ -103,7 +103,7 @@ class EventWriter:
             self._file.close()
             self._file = None
 
-    def __enter__(self) -> "EventWriter":
+    def __enter__(self) -> EventWriter:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -210,9 +210,11 @@ class MixtureGate(nn.Module):
         if len(set(experts)) != len(experts):
             raise ValueError(f"experts {list(experts)}: names must be unique (one LoRA per aspect)")
         if len(layers) != len(layer_in_features):
-            raise ValueError(f"layers ({len(layers)}) and layer_in_features ({len(layer_in_features)}) differ in length")
+            raise ValueError(f"layers ({len(layers)}) and layer_in_features ({len(layer_in_features)}) differ in "
+                             "length")
         if granularity == "prompt" and not prompt_features:
-            raise ValueError("prompt_features: required for prompt gates (the text encoder's hidden size, 768 for SD1.5)")
+            raise ValueError("prompt_features: required for prompt gates (the text encoder's hidden size, 768 for "
+                             "SD1.5)")
         if temperature <= 0:
             raise ValueError(f"temperature {temperature}: must be > 0")
         self.experts = tuple(experts)
@@ -459,7 +461,8 @@ class FusedGatedLoRA(nn.Module):
                 self.bias = None
             self.register_buffer("down_and_gate", down_and_gate.contiguous())
             self.register_buffer("up", (up.float() * strength).contiguous())
-            self.register_buffer("rank_index", torch.repeat_interleave(torch.arange(self.num_experts), torch.tensor(self.ranks)))
+            self.register_buffer("rank_index",
+                                 torch.repeat_interleave(torch.arange(self.num_experts), torch.tensor(self.ranks)))
 
     def _apply(self, fn, recurse=True):
         self._cast.clear()  # the cast copies belong to the masters' old place
@@ -491,7 +494,8 @@ class FusedGatedLoRA(nn.Module):
         expanded = gates.index_select(-1, self.rank_index.to(gates.device))
         return expanded.view(expanded.shape[0], *([1] * (ndim - 2)), expanded.shape[-1])
 
-    def forward(self, hidden: torch.Tensor, base_out: torch.Tensor, rank_gates: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, base_out: torch.Tensor,
+                rank_gates: torch.Tensor | None = None) -> torch.Tensor:
         """``base_out + delta`` for ``hidden`` ``[..., in]``; ``rank_gates`` (``[B, 1.., R]``) is
         required unless this layer has a token gate."""
         down_and_gate, up, bias = self.factors(hidden)

@@ -172,11 +172,14 @@ class DiffusersMixture:
         gate evaluated on its context is merged into the UNet layers. Returns the context (the
         UNet's ``encoder_hidden_states`` for this prompt)."""
         if self.gate.granularity != "prompt":
-            raise ValueError("bake_on_prompt: this is a token gate; bake its training mean with bake(merge_weights(None))")
+            raise ValueError("bake_on_prompt: this is a token gate; bake its training mean with "
+                             "bake(merge_weights(None))")
         self.remove()
-        self._merge([layer for layer in self.layers if layer.on_text_encoder], self.gate.static_layer_probabilities(self.mask))
+        self._merge([layer for layer in self.layers if layer.on_text_encoder],
+                    self.gate.static_layer_probabilities(self.mask))
         context = encode()
-        self._merge([layer for layer in self.layers if not layer.on_text_encoder], self.gate.merge_weights(context, self.mask))
+        self._merge([layer for layer in self.layers if not layer.on_text_encoder],
+                    self.gate.merge_weights(context, self.mask))
         return context
 
     def _merge(self, layers: Sequence[MixtureLayer], weights: torch.Tensor) -> None:
@@ -243,7 +246,8 @@ class _FusedHook:
         gates = None
         if not self.fused.has_token_gate:
             sample = self.mixture.sample_gates(self.index, self.static, hidden)
-            gates = self.fused.expand_gates(sample.expand(hidden.shape[0], -1) if sample.ndim == 1 else sample, hidden.ndim)
+            gates = self.fused.expand_gates(sample.expand(hidden.shape[0], -1) if sample.ndim == 1 else sample,
+                                            hidden.ndim)
         with torch.no_grad():
             out = self.fused.forward(hidden, output, gates)
         return out.movedim(-1, 1) if self.channels_first else out

@@ -169,13 +169,15 @@ def save_mol(
     }
     with atomic_file(path, overwrite=overwrite, what="MoL file") as temp:
         save_file(gate_tensors(gate), str(temp), metadata=metadata)
-    logger.info("saved MoL gate (%s, %d LoRAs, %d layers) to %s", gate.granularity, len(experts), len(gate.layers), path)
+    logger.info("saved MoL gate (%s, %d LoRAs, %d layers) to %s", gate.granularity, len(experts), len(gate.layers),
+                path)
     return path
 
 
 def _json_field(metadata: Mapping[str, str], name: str, path: Path) -> Any:
     if name not in metadata:
-        raise ValueError(f"MoL file {str(path)!r}: metadata field {name!r} is missing; the file is damaged or not a MoL file")
+        raise ValueError(f"MoL file {str(path)!r}: metadata field {name!r} is missing; the file is damaged or not "
+                         "a MoL file")
     try:
         return json.loads(metadata[name])
     except json.JSONDecodeError as exc:
@@ -197,7 +199,8 @@ def read_mol(path: str | os.PathLike) -> MolFile:
         )
     version = int(metadata.get("versat2i_mol_version", "0"))
     if version > MOL_VERSION:
-        raise ValueError(f"MoL file {str(path)!r}: format version {version} is newer than this pack's {MOL_VERSION}; update the pack")
+        raise ValueError(f"MoL file {str(path)!r}: format version {version} is newer than this pack's "
+                         f"{MOL_VERSION}; update the pack")
     experts = tuple(ExpertRecord.from_json(item) for item in _json_field(metadata, "experts", path))
     layers = list(_json_field(metadata, "layers", path))
     in_features = list(_json_field(metadata, "layer_in_features", path))

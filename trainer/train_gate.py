@@ -243,7 +243,8 @@ def _train(config: GateTrainConfig, accelerator, events: EventWriter, resume_fro
     dataset, sampler, dataloader = prepare_training_data(config, images, base, device, vae_dtype=torch.float32)
 
     # ---- 5. optimiser: the gate only ---------------------------------------------------------------
-    optimizer = torch.optim.AdamW(gate.parameters(), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+    optimizer = torch.optim.AdamW(gate.parameters(), lr=config.learning_rate,
+                                  betas=(config.adam_beta1, config.adam_beta2),
                                   weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,

@@ -236,7 +236,8 @@ def _train(config: LoraTrainConfig, accelerator, events: EventWriter, resume_fro
         if config.train_text_encoder:
             for encoder in base.text_encoders:
                 # transformers 5 renamed it (the old name warns, and goes in v6); 4.x has only the old one.
-                enable = getattr(encoder, "activation_checkpointing_enable", None) or encoder.gradient_checkpointing_enable
+                enable = getattr(encoder, "activation_checkpointing_enable",
+                                 None) or encoder.gradient_checkpointing_enable
                 enable()
 
     # ---- 4. dataset, caches (latents, text embeddings) ---------------------------------------------

@@ -333,7 +333,8 @@ class TrainingRun:
                 self.history.append((progress.global_step, means["loss"]))
                 if accelerator.is_main_process:
                     done_now = progress.global_step - self.start_step
-                    eta = (time.monotonic() - self.started_at) / done_now * (config.max_train_steps - progress.global_step)
+                    eta = ((time.monotonic() - self.started_at) / done_now
+                           * (config.max_train_steps - progress.global_step))
                     self.events.emit("step", step=progress.global_step, total=config.max_train_steps,
                                      loss=means.pop("loss"), lr=lr_scheduler.get_last_lr()[0], eta_s=round(eta, 2),
                                      epoch=epoch, **means, **(step.event_fields() if step.event_fields else {}))

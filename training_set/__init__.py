@@ -10,6 +10,7 @@ Layout::
         manifest.jsonl                       one JSON object per kept image (``manifest.ManifestEntry``)
         dataset.json                         summary: format version, aspects, repeats, counts
 
-Modules: ``layout`` (names and the folder convention), ``manifest`` (manifest entries, reading a written set), ``folders`` (scanning kohya folders as users
-curate them, and replay folders), ``writer`` (checking inputs, then writing a set atomically), ``cli`` (``versat2i build-dataset``).
+Modules: ``layout`` (names and the folder convention), ``manifest`` (manifest entries, reading a
+written set), ``folders`` (scanning kohya folders as users curate them, and replay folders),
+``writer`` (checking inputs, then writing a set atomically), ``cli`` (``versat2i build-dataset``).
 """

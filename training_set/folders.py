@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..image_files import IMAGE_FILE_EXTENSIONS, load_image_file
-from .layout import LATENTS_SUFFIX, MANIFEST_NAME, REPEATS_FOLDER
+from .layout import CAPTION_SUFFIX, LATENTS_SUFFIX, MANIFEST_NAME, REPEATS_FOLDER
 from .manifest import read_manifest
 
 logger = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def _manifest_captions(root: Path) -> dict[str, str]:
 
 
 def _read_caption(image_path: Path, manifest_captions: dict[str, str]) -> str:
-    caption_path = image_path.with_suffix(".txt")
+    caption_path = image_path.with_suffix(CAPTION_SUFFIX)
     if caption_path.is_file():
         return caption_path.read_text(encoding="utf-8").strip()
     relative = f"{image_path.parent.name}/{image_path.name}"  # as the manifest's "file" field
@@ -115,7 +115,7 @@ def scan_replay_dir(folder: str | os.PathLike) -> list[tuple[Path, str]]:
     for path in sorted(folder.iterdir()):
         if not path.is_file() or path.suffix.lower() not in IMAGE_FILE_EXTENSIONS or path.name.startswith("."):
             continue
-        caption_file = path.with_suffix(".txt")
+        caption_file = path.with_suffix(CAPTION_SUFFIX)
         if not caption_file.is_file():
             uncaptioned.append(path.name)
             continue

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..safe_io import confined_path
-from .layout import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SUMMARY_NAME
+from .layout import CAPTION_SUFFIX, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SUMMARY_NAME
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class ManifestEntry:
 
     @property
     def caption_path(self) -> Path:
-        return self.image_path.with_suffix(".txt")
+        return self.image_path.with_suffix(CAPTION_SUFFIX)
 
     @property
     def latents_path(self) -> Path | None:

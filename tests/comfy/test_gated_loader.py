@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-pytestmark = pytest.mark.comfy
+from versat2i.aspects import ASPECTS
 
-ASPECTS = ("aesthetics", "alignment", "geometry", "lowlevel")
+pytestmark = pytest.mark.comfy
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +66,7 @@ def write_loras(setup, folder, *, with_clip=True, ranks=(4, 4, 4, 4), modules=No
 
 def random_gate(setup, granularity, aspects=ASPECTS, seed=0, scale=2.0, with_clip=True):
     from tiny_models.comfy import clip_lora_module_names, unet_lora_module_names
+
     from versat2i.trainer.gate import MixtureGate
 
     names = unet_lora_module_names(setup["model"])
@@ -84,7 +85,8 @@ def random_gate(setup, granularity, aspects=ASPECTS, seed=0, scale=2.0, with_cli
     return gate
 
 
-def write_mol(setup, comfy_dirs, granularity, name="mix", *, with_clip=True, ranks=(4, 4, 4, 4), modules=None, **kwargs):
+def write_mol(setup, comfy_dirs, granularity, name="mix", *, with_clip=True, ranks=(4, 4, 4, 4), modules=None,
+              **kwargs):
     from versat2i.trainer.mol_file import expert_record, save_mol
 
     folder = comfy_dirs["models"] / "loras" / "versat2i"
@@ -117,6 +119,7 @@ def base_snapshot(setup):
 
 def assert_base_untouched(setup, snapshot):
     import comfy.model_management
+
     from versat2i.nodes.model_patching import GatedForward
 
     comfy.model_management.unload_all_models()
@@ -132,7 +135,8 @@ def assert_base_untouched(setup, snapshot):
 
 @pytest.mark.parametrize(
     ("granularity", "mode"),
-    [("token", "bake"), ("token", "dynamic"), ("prompt", "bake"), ("prompt", "dynamic"), ("token", "equal"), ("token", "manual")],
+    [("token", "bake"), ("token", "dynamic"), ("prompt", "bake"), ("prompt", "dynamic"), ("token", "equal"),
+     ("token", "manual")],
 )
 def test_node_samples_and_leaves_the_base_untouched(setup, node, comfy_dirs, granularity, mode):
     mol_file, _, _ = write_mol(setup, comfy_dirs, granularity)
@@ -156,6 +160,7 @@ def test_node_samples_and_leaves_the_base_untouched(setup, node, comfy_dirs, gra
 def test_dynamic_with_one_lora_equals_stock_lora_loader(setup, comfy_dirs):
     import comfy.sd
     from tiny_models.comfy import make_kohya_lora
+
     from versat2i.nodes.model_patching import AspectLoRA, apply_mixture
     from versat2i.trainer.gate import MixtureGate
 
@@ -163,7 +168,8 @@ def test_dynamic_with_one_lora_equals_stock_lora_loader(setup, comfy_dirs):
     stock_model, stock_clip = comfy.sd.load_lora_for_models(setup["model"], setup["clip"], lora, 0.7, 0.7)
     gate = random_gate(setup, "token", aspects=("only",))  # softmax over one expert: fixed at 1
     model, clip = apply_mixture(
-        setup["model"], setup["clip"], [AspectLoRA("only", "one.safetensors", lora)], mode="dynamic", gate=gate, strength=0.7
+        setup["model"], setup["clip"], [AspectLoRA("only", "one.safetensors", lora)], mode="dynamic", gate=gate,
+        strength=0.7
     )
     assert isinstance(gate, MixtureGate)
     from tiny_models.comfy import encode
@@ -226,7 +232,8 @@ def test_stock_lora_loader_before_and_after(setup, node, comfy_dirs, mode):
     from nodes import LoraLoader  # ComfyUI's own node
 
     mol_file, _, _ = write_mol(setup, comfy_dirs, "token")
-    save_file(make_kohya_lora(setup["model"], setup["clip"], seed=77, rank=2), str(comfy_dirs["models"] / "loras" / "extra.safetensors"))
+    save_file(make_kohya_lora(setup["model"], setup["clip"], seed=77, rank=2),
+              str(comfy_dirs["models"] / "loras" / "extra.safetensors"))
     folder_paths.filename_list_cache.clear()
     stock = LoraLoader()
 
@@ -239,7 +246,8 @@ def test_stock_lora_loader_before_and_after(setup, node, comfy_dirs, mode):
     from tiny_models.comfy import encode
 
     outs = {}
-    pairs = {"after": (after_model, after_clip), "before": before, "gated": (gated_model, gated_clip), "stock": (stocked_model, stocked_clip)}
+    pairs = {"after": (after_model, after_clip), "before": before, "gated": (gated_model, gated_clip),
+             "stock": (stocked_model, stocked_clip)}
     for name, (m, c) in pairs.items():
         outs[name] = sample(m, encode(c, "a photo of a cat"), setup["negative"])
     assert close(outs["after"], outs["before"]), (outs["after"] - outs["before"]).abs().max()
@@ -250,7 +258,8 @@ def test_stock_lora_loader_before_and_after(setup, node, comfy_dirs, mode):
 def gated_modules(patcher):
     from versat2i.nodes.model_patching import GatedForward
 
-    return {name[: -len(".forward")]: patch for name, patch in patcher.object_patches.items() if isinstance(patch, GatedForward)}
+    return {name[: -len(".forward")]: patch
+            for name, patch in patcher.object_patches.items() if isinstance(patch, GatedForward)}
 
 
 @pytest.mark.parametrize(("granularity", "mode"), [("token", "bake"), ("token", "dynamic"), ("prompt", "dynamic")])
@@ -278,7 +287,8 @@ def test_low_vram_streaming_matches_full_load(setup, node, comfy_dirs, granulari
                 "gated_cast": [comfy.utils.get_attr(patcher.model, path).comfy_cast_weights for path in gated],
             }
             with torch.no_grad():  # the patcher's wrappers (the prompt gate's), as the sampler passes them
-                out = patcher.model.apply_model(x, sigma, c_crossattn=context, transformer_options={"wrappers": patcher.wrappers})
+                out = patcher.model.apply_model(x, sigma, c_crossattn=context,
+                                                transformer_options={"wrappers": patcher.wrappers})
             return out, state
         finally:
             patcher.unpatch_model(patcher.offload_device)
@@ -311,13 +321,15 @@ def test_dynamic_factors_count_in_comfyui_memory_estimate(setup, node, comfy_dir
     mol_file, _, _ = write_mol(setup, comfy_dirs, granularity)
     model, clip = run_node(node, setup, mol_file, "dynamic")
     for patcher, base in ((model, setup["model"]), (clip.patcher, setup["clip"].patcher)):
-        factors = sum(b.numel() * b.element_size() for patch in gated_modules(patcher).values() for b in patch.fused.buffers())
+        factors = sum(b.numel() * b.element_size()
+                      for patch in gated_modules(patcher).values() for b in patch.fused.buffers())
         if patcher is clip.patcher and granularity == "prompt":
             assert factors == 0  # text-encoder layers are merged (static gates)
         else:
             assert factors > 0
         assert patcher.model_size() == base.model_size() + factors
-    save_file(make_kohya_lora(setup["model"], setup["clip"], seed=77, rank=2), str(comfy_dirs["models"] / "loras" / "extra.safetensors"))
+    save_file(make_kohya_lora(setup["model"], setup["clip"], seed=77, rank=2),
+              str(comfy_dirs["models"] / "loras" / "extra.safetensors"))
     folder_paths.filename_list_cache.clear()
     after, _ = LoraLoader().load_lora(model, clip, "extra.safetensors", 0.8, 0.8)
     assert after.model_size() == model.model_size()
@@ -325,6 +337,7 @@ def test_dynamic_factors_count_in_comfyui_memory_estimate(setup, node, comfy_dir
 
 def test_changed_lora_is_refused_by_the_node(setup, node, comfy_dirs):
     from tiny_models.comfy import make_kohya_lora
+
     from versat2i.trainer.mol_file import LoRAHashMismatchError
 
     mol_file, _, paths = write_mol(setup, comfy_dirs, "token")
@@ -335,13 +348,15 @@ def test_changed_lora_is_refused_by_the_node(setup, node, comfy_dirs):
 
 def test_lora_for_another_architecture_is_a_clear_error(setup, comfy):
     from tiny_models.comfy import TINY_UNET_CONFIG, build_tiny_sd15, make_kohya_lora
+
     from versat2i.nodes.model_patching import AspectLoRA, apply_mixture
 
     wider = build_tiny_sd15(seed=1, unet_config={**TINY_UNET_CONFIG, "model_channels": 64})
     foreign = make_kohya_lora(wider, None, seed=5)
     with pytest.raises(ValueError, match="another base model"):
         apply_mixture(setup["model"], None, [AspectLoRA("a", "wide.safetensors", foreign)], mode="equal")
-    garbage = {"lora_unet_not_a_layer.lora_down.weight": torch.zeros(2, 8), "lora_unet_not_a_layer.lora_up.weight": torch.zeros(8, 2)}
+    garbage = {"lora_unet_not_a_layer.lora_down.weight": torch.zeros(2, 8),
+               "lora_unet_not_a_layer.lora_up.weight": torch.zeros(8, 2)}
     with pytest.raises(ValueError, match="does not fit this model"):
         apply_mixture(setup["model"], None, [AspectLoRA("a", "junk.safetensors", garbage)], mode="equal")
 
@@ -351,6 +366,7 @@ def test_lora_key_for_a_weight_the_model_lacks_is_a_clear_error(setup, comfy, mo
     map written for a sibling architecture) must not drop the LoRA's layer silently."""
     import comfy.lora
     from tiny_models.comfy import make_kohya_lora
+
     from versat2i.nodes.model_patching import AspectLoRA, apply_mixture
 
     real = comfy.lora.model_lora_keys_unet
@@ -373,10 +389,12 @@ def test_lora_key_for_a_weight_the_model_lacks_is_a_clear_error(setup, comfy, mo
     with_text_encoder = make_kohya_lora(setup["model"], setup["clip"], seed=4)
     unet_only = {k: v for k, v in with_text_encoder.items() if k.startswith("lora_unet_")}
     assert len(with_text_encoder) > len(unet_only)
-    model, clip = apply_mixture(setup["model"], None, [AspectLoRA("a", "te.safetensors", with_text_encoder)], mode="equal")
+    model, clip = apply_mixture(setup["model"], None, [AspectLoRA("a", "te.safetensors", with_text_encoder)],
+                                mode="equal")
     reference, _ = apply_mixture(setup["model"], None, [AspectLoRA("a", "unet.safetensors", unet_only)], mode="equal")
     assert clip is None
-    assert close(sample(model, setup["positive"], setup["negative"]), sample(reference, setup["positive"], setup["negative"]))
+    assert close(sample(model, setup["positive"], setup["negative"]),
+                 sample(reference, setup["positive"], setup["negative"]))
 
 
 def test_fingerprint_follows_the_files_on_disk(setup, node, comfy_dirs):
@@ -387,6 +405,7 @@ def test_fingerprint_follows_the_files_on_disk(setup, node, comfy_dirs):
     import os
 
     from tiny_models.comfy import make_kohya_lora
+
     from versat2i.trainer.mol_file import LoRAHashMismatchError, expert_record, save_mol
 
     mol_file, gate, paths = write_mol(setup, comfy_dirs, "token")
@@ -485,7 +504,8 @@ def test_unequal_ranks_and_partial_coverage_match_references(setup, node, comfy_
     # bake vs stock LoRA patches, one per (LoRA, layer) at strength prior[layer, i] * strength
     baked_model, baked_clip = run_node(node, setup, mol_file, "bake", strength=strength)
     stock_model, stock_clip = setup["model"].clone(), setup["clip"].clone()
-    key_map = comfy.lora.model_lora_keys_clip(setup["clip"].cond_stage_model, comfy.lora.model_lora_keys_unet(setup["model"].model, {}))
+    key_map = comfy.lora.model_lora_keys_clip(setup["clip"].cond_stage_model,
+                                              comfy.lora.model_lora_keys_unet(setup["model"].model, {}))
     clip_keys = set(clip_lora_module_names(setup["clip"]).values())
     for index, lora in enumerate(loras):
         for key, adapter in comfy.lora.load_lora(lora, key_map, log_missing=False).items():
@@ -511,9 +531,11 @@ def test_lora_list_without_gate(setup, node, comfy_dirs):
     stock = setup["model"]
     for path, weight in ((paths[0], 0.5), (paths[2], 1.5)):
         stock, _ = comfy.sd.load_lora_for_models(stock, None, load_torch_file(str(path)), weight, 0)
-    assert close(sample(model, setup["positive"], setup["negative"]), sample(stock, setup["positive"], setup["negative"]))
+    assert close(sample(model, setup["positive"], setup["negative"]),
+                 sample(stock, setup["positive"], setup["negative"]))
     with pytest.raises(ValueError, match="needs a learned gate"):
-        node.execute(setup["model"], "none (use the LoRA list)", "dynamic", 1.0, loras="versat2i/aesthetics.safetensors")
+        node.execute(setup["model"], "none (use the LoRA list)", "dynamic", 1.0,
+                     loras="versat2i/aesthetics.safetensors")
     assert "needs a learned gate" in node.validate_inputs("none (use the LoRA list)", "bake")
     assert "unknown" in node.validate_inputs("none (use the LoRA list)", "blend")
 
@@ -530,6 +552,7 @@ def test_train_gate_node_trains_then_reuses(comfy, comfy_dirs, tmp_path, monkeyp
     from peft import LoraConfig
     from tiny_models.lora_training import make_kohya_dataset
     from tiny_models.sd import build_tiny_sd15
+
     from versat2i.models.loading import load_base_model
     from versat2i.models.lora_files import save_kohya_lora
     from versat2i.nodes import gated_multi_lora_loader, train_gate
@@ -538,7 +561,8 @@ def test_train_gate_node_trains_then_reuses(comfy, comfy_dirs, tmp_path, monkeyp
     tiny = build_tiny_sd15(tmp_path / "tiny")
     (comfy_dirs["models"] / "checkpoints").mkdir()
     shutil.copy(tiny.checkpoint, comfy_dirs["models"] / "checkpoints" / "tiny.safetensors")
-    make_kohya_dataset(comfy_dirs["output"] / "versat2i" / "ds", aspects={"aesthetics": 1, "geometry": 1}, images_per_aspect=2)
+    make_kohya_dataset(comfy_dirs["output"] / "versat2i" / "ds", aspects={"aesthetics": 1, "geometry": 1},
+                       images_per_aspect=2)
     loras = comfy_dirs["models"] / "loras" / "versat2i"
     for seed, aspect in enumerate(("aesthetics", "geometry")):
         base = load_base_model(tiny.folder, compute_hash=False)
@@ -550,7 +574,8 @@ def test_train_gate_node_trains_then_reuses(comfy, comfy_dirs, tmp_path, monkeyp
         save_kohya_lora(loras / f"{aspect}.safetensors", denoiser=base.denoiser, metadata={"versat2i_aspect": aspect})
     folder_paths.filename_list_cache.clear()
     original = train_gate.build_config  # tiny shapes: point the loader at the tiny configs
-    monkeypatch.setattr(train_gate, "build_config", lambda *a, **k: original(*a, **k).replace(model_config_dir=str(tiny.folder)))
+    monkeypatch.setattr(train_gate, "build_config",
+                        lambda *a, **k: original(*a, **k).replace(model_config_dir=str(tiny.folder)))
 
     inputs = dict(dataset="versat2i/ds", ckpt_name="tiny.safetensors", mol_name="mix", loras="",
                   lora_1="versat2i/aesthetics.safetensors", lora_2="versat2i/geometry.safetensors",
@@ -577,9 +602,11 @@ def test_node_schemas_are_valid_for_comfyui(comfy, comfy_dirs):
     """ComfyUI builds the /object_info entry from each schema (ids, categories, tooltips, combos)."""
     from versat2i.nodes import gated_multi_lora_loader, train_gate
 
-    for module, node_id in ((gated_multi_lora_loader, "VersaT2I_GatedMultiLoRALoader"), (train_gate, "VersaT2I_TrainGate")):
+    for module, node_id in ((gated_multi_lora_loader, "VersaT2I_GatedMultiLoRALoader"),
+                            (train_gate, "VersaT2I_TrainGate")):
         (cls,) = module.NODES
         info = cls.GET_NODE_INFO_V1()
         assert info["name"] == node_id and info["category"] == "VersaT2I/mix"
         inputs = cls.INPUT_TYPES()
-        assert all("tooltip" in spec[1] for group in ("required", "optional") for spec in inputs.get(group, {}).values())
+        assert all("tooltip" in spec[1]
+                   for group in ("required", "optional") for spec in inputs.get(group, {}).values())

@@ -22,6 +22,7 @@ from tiny_models.sd import (
     diffusers_to_ldm_state_dict,
     unet_inputs,
 )
+
 from versat2i.models.loading import CONFIG_ROOT, load_base_model
 from versat2i.models.lora_files import load_kohya_lora, save_kohya_lora
 
@@ -224,6 +225,7 @@ def test_a_lora_the_trainer_wrote_loads_in_comfyui_like_in_diffusers(comfy, tmp_
     from diffusers import StableDiffusionPipeline
     from peft.tuners.lora import LoraLayer
     from tiny_models.lora_training import make_kohya_dataset, tiny_lora_config
+
     from versat2i.trainer import train_lora
 
     tiny = build_tiny_model("sd15", tmp_path)

@@ -18,6 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
+from versat2i.training_set.layout import CAPTION_SUFFIX, MANIFEST_NAME, SUMMARY_NAME
+
 pytestmark = pytest.mark.comfy
 
 LOAD, SCORE, FILTER, SAVE = (
@@ -122,8 +124,8 @@ def test_loading_the_pack_in_comfyui_imports_no_heavy_library(comfyui_path, tmp_
         "print('RESULT', json.dumps({'ok': ok, 'added': added, 'nodes': sorted(nodes.NODE_CLASS_MAPPINGS)}))\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-c", code], check=False, cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run([sys.executable, "-c", code], check=False, cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
     assert result.returncode == 0 and lines, result.stderr[-3000:]
     report = json.loads(lines[-1][len("RESULT "):])
@@ -335,7 +337,8 @@ def test_filter_bad_inputs(nodes, scorers):
     with pytest.raises(ValueError, match="alignment.*not scored"):
         filt.execute(scores=table, images=images, threshold_kind="none", threshold=0.0,
                      aspect_thresholds="alignment = p50")
-    assert filt.validate_inputs(threshold_kind="percentile", threshold=75.0, aspect_thresholds="", images_for="all aspects") is True
+    assert filt.validate_inputs(threshold_kind="percentile", threshold=75.0, aspect_thresholds="",
+                                images_for="all aspects") is True
     for bad in ({"threshold_kind": "median", "threshold": 1.0}, {"threshold_kind": "percentile", "threshold": 150.0},
                 {"aspect_thresholds": "beauty = 3"}, {"aspect_thresholds": "lowlevel 3"},
                 {"aspect_thresholds": "lowlevel = high"}, {"images_for": "everything"}):
@@ -361,24 +364,25 @@ def test_save_training_set_writes_kohya_layout_and_manifest(nodes, scorers, comf
     out = nodes[SAVE].execute(selection=selected, images=images, name="runs/first", repeats=3, overwrite=False)
     assert out[0] == "runs/first"
     dataset = comfy_dirs["output"] / "runs" / "first"
-    manifest = [json.loads(line) for line in (dataset / "manifest.jsonl").read_text().splitlines()]
+    manifest = [json.loads(line) for line in (dataset / MANIFEST_NAME).read_text().splitlines()]
     table = selected.table
     assert len(manifest) == sum(len(s.kept) for s in selected.selection.aspects.values()) == 6
     for entry in manifest:
         aspect = entry["aspect"]
         assert entry["file"].startswith(f"3_{aspect}/")
         row = next(r for r in selected.selection.aspects[aspect].kept
-                   if (table.prompt_indices[r], table.candidate_indices[r]) == (entry["prompt_index"], entry["candidate_index"]))
+                   if (table.prompt_indices[r], table.candidate_indices[r]) == (entry["prompt_index"],
+                                                                                entry["candidate_index"]))
         assert entry["prompt"] == table.prompts[row] and entry["caption"] == table.prompts[row]
         assert entry["seed"] == table.seeds[row]
         assert entry["score"] == pytest.approx(table.scores[aspect][row])
         assert entry["scorer"]["id"] == ANALYTIC[aspect]
         assert set(entry["scores"]) == set(table.aspects)
         image_file = dataset / entry["file"]
-        assert (image_file.with_suffix(".txt")).read_text() == table.prompts[row]
+        assert (image_file.with_suffix(CAPTION_SUFFIX)).read_text() == table.prompts[row]
         saved = torch.from_numpy(np.array(Image.open(image_file).convert("RGB"))).float() / 255
         assert torch.allclose(saved, images[row], atol=0.5 / 255 + 1e-6), "the saved PNG must be the kept image"
-    assert json.loads((dataset / "dataset.json").read_text())["images_kept"] == 6
+    assert json.loads((dataset / SUMMARY_NAME).read_text())["images_kept"] == 6
     assert not [p for p in (comfy_dirs["output"] / "runs").iterdir() if p.name.startswith(".")], "temp folder left"
 
 
@@ -389,10 +393,10 @@ def test_save_refuses_to_overwrite_unless_asked(nodes, scorers, comfy_dirs):
     save.execute(selection=selected, images=images, name="set", repeats=2, overwrite=False)
     dataset = comfy_dirs["output"] / "set"
     before = listing(dataset)
-    manifest_before = (dataset / "manifest.jsonl").read_bytes()
+    manifest_before = (dataset / MANIFEST_NAME).read_bytes()
     with pytest.raises(ValueError, match="already exists"):
         save.execute(selection=selected, images=images, name="set", repeats=5, overwrite=False)
-    assert listing(dataset) == before and (dataset / "manifest.jsonl").read_bytes() == manifest_before
+    assert listing(dataset) == before and (dataset / MANIFEST_NAME).read_bytes() == manifest_before
     save.execute(selection=selected, images=images, name="set", repeats=5, overwrite=True)
     assert any(name.startswith("5_") for name in os.listdir(dataset))
     assert not any(name.startswith("2_") for name in os.listdir(dataset))
@@ -450,6 +454,7 @@ def test_filter_and_save_refuse_bad_images_and_write_nothing(nodes, scorers, com
 
 def test_save_cancelled_mid_write_leaves_nothing(nodes, scorers, comfy_dirs, comfy, monkeypatch):
     import comfy.model_management as mm
+
     from versat2i.training_set import writer as training_set
 
     images = textured_images(6)
@@ -509,6 +514,7 @@ def test_load_scorers_takes_no_scorer_options_from_its_inputs(nodes, comfy_dirs)
 def test_default_filter_never_keeps_images_without_a_person_for_geometry(nodes, comfy_dirs):
     pytest.importorskip("mediapipe", reason="mediapipe (extra [geometry]) is not installed")
     from tiny_models.figures import draw_figure, no_person_images
+
     from versat2i.rewards.registry import DEFAULT_SCORERS
 
     assert DEFAULT_SCORERS["geometry"] == "mediapipe-anatomy"
@@ -522,7 +528,7 @@ def test_default_filter_never_keeps_images_without_a_person_for_geometry(nodes, 
     selected = nodes[FILTER].execute(scores=table, images=images, **filter_inputs)[0]
     assert selected.selection.aspects["geometry"].kept == (0,)
     nodes[SAVE].execute(selection=selected, images=images, name="geo", repeats=1, overwrite=False)
-    manifest = [json.loads(line) for line in (comfy_dirs["output"] / "geo" / "manifest.jsonl").read_text().splitlines()]
+    manifest = [json.loads(line) for line in (comfy_dirs["output"] / "geo" / MANIFEST_NAME).read_text().splitlines()]
     geometry = [e for e in manifest if e["aspect"] == "geometry"]
     assert [(e["prompt_index"], e["candidate_index"]) for e in geometry] == [(0, 0)]
     assert table.judged["geometry"] == [True, False, False, False]
@@ -546,7 +552,7 @@ def test_filter_and_save_refuse_another_batch_of_the_same_size(nodes, scorers, c
             nodes[SAVE].execute(selection=selected, images=other, name="wrong", repeats=1, overwrite=False)
     assert listing(comfy_dirs["output"]) == []
     nodes[SAVE].execute(selection=selected, images=images, name="right", repeats=1, overwrite=False)
-    assert (comfy_dirs["output"] / "right" / "manifest.jsonl").is_file()
+    assert (comfy_dirs["output"] / "right" / MANIFEST_NAME).is_file()
 
 
 def test_filter_threshold_text_errors_say_what_format_is_expected(nodes):

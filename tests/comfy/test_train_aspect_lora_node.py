@@ -36,6 +36,7 @@ def tiny_model(tmp_path_factory):
 def node(comfy, comfy_dirs, tiny_model, monkeypatch):
     """The node module, with a tiny checkpoint in models/checkpoints and a training set in output/."""
     import folder_paths
+
     from versat2i.nodes import train_aspect_lora
 
     checkpoints = comfy_dirs["models"] / "checkpoints"
@@ -143,6 +144,7 @@ def test_trains_a_lora_the_loaders_list_then_reuses_it(node, comfy_dirs, progres
 def test_comfyuis_loaded_models_are_freed_before_the_child_starts(node, comfy_dirs, monkeypatch):
     import comfy.model_management as mm
     import comfy.model_patcher
+
     from versat2i.trainer import launcher
 
     model = comfy.model_patcher.ModelPatcher(torch.nn.Linear(64, 64), load_device=torch.device("cpu"),

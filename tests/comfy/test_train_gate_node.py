@@ -12,9 +12,12 @@ import math
 
 import pytest
 
+from versat2i.aspects import ASPECTS
+
 pytestmark = pytest.mark.comfy
 
-ASPECTS = ("aesthetics", "alignment", "geometry", "lowlevel", "style")
+# The four aspects and one more: one LoRA more than the node has sockets for.
+LORA_ASPECTS = (*ASPECTS, "style")
 SETTINGS = {"granularity": "token", "balance_loss": "mole", "balance_weight": 0.01, "steps": 5,
             "learning_rate": 1e-3, "batch_size": 1, "resolution": 64, "seed": 0}
 
@@ -23,13 +26,14 @@ SETTINGS = {"granularity": "token", "balance_loss": "mole", "balance_weight": 0.
 def train_gate(comfy, comfy_dirs):
     """The node module, with a checkpoint, five LoRA files and a training set in ComfyUI's folders."""
     import folder_paths
+
     from versat2i.nodes import train_gate
 
     (comfy_dirs["models"] / "checkpoints").mkdir()
     (comfy_dirs["models"] / "checkpoints" / "base.safetensors").write_bytes(b"checkpoint")
     loras = comfy_dirs["models"] / "loras" / "versat2i"
     loras.mkdir(parents=True)
-    for aspect in ASPECTS:
+    for aspect in LORA_ASPECTS:
         (loras / f"loop_{aspect}.safetensors").write_bytes(aspect.encode())
     (comfy_dirs["output"] / "versat2i" / "loop" / "10_aesthetics").mkdir(parents=True)
     folder_paths.filename_list_cache.clear()

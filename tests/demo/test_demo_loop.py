@@ -17,6 +17,7 @@ import time
 
 import pytest
 import torch
+
 from versat2i.cli import main as cli_main
 from versat2i.demo import settings
 from versat2i.loop.evaluate import Evaluation

@@ -8,14 +8,10 @@ by the fixture's finaliser whatever happens. Skipped, with the reason printed by
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))  # harness.py, importable by the tests here
-
-from harness import ComfyServer
+from harness import ComfyServer  # tests/server is on pytest's pythonpath (pyproject.toml)
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,8 @@ Only the standard library: the harness must run wherever the tests run.
 
 from __future__ import annotations
 
+import ast
+import hashlib
 import json
 import os
 import re
@@ -271,7 +273,8 @@ class ComfyServer:
         name = link_name or self.link_name
         lines = self.log_text().splitlines()
         seen, failed, seconds, messages = False, False, None, []
-        timing = re.compile(r"^\s*([\d.]+) seconds( \(IMPORT FAILED\))?:\s.*custom_nodes[/\\]" + re.escape(name) + r"\s*$")
+        timing = re.compile(r"^\s*([\d.]+) seconds( \(IMPORT FAILED\))?:\s.*custom_nodes[/\\]"
+                            + re.escape(name) + r"\s*$")
         for index, line in enumerate(lines):
             match = timing.match(line)
             if match:
@@ -283,7 +286,8 @@ class ComfyServer:
                 start = index
                 if line.startswith("Cannot import"):  # ComfyUI logs the traceback just before it
                     probe = index - 1
-                    while probe >= 0 and index - probe < 200 and not lines[probe].startswith(("Traceback", "Cannot import")):
+                    while (probe >= 0 and index - probe < 200
+                           and not lines[probe].startswith(("Traceback", "Cannot import"))):
                         probe -= 1
                     if probe >= 0 and lines[probe].startswith("Traceback"):
                         start = probe
@@ -378,7 +382,8 @@ class ComfyServer:
             if entry and entry.get("status", {}).get("completed") is not None:
                 status = entry["status"]
                 if status.get("status_str") != "success":
-                    raise PromptFailed(f"prompt {prompt_id} failed: {execution_error(entry)}\n{self.log_tail(30)}", entry)
+                    raise PromptFailed(f"prompt {prompt_id} failed: {execution_error(entry)}\n{self.log_tail(30)}",
+                                       entry)
                 return entry
             time.sleep(poll_s)
         self.interrupt()
@@ -456,7 +461,8 @@ def _skip_frontend_values(name: str, io_type: str, options: Mapping[str, Any], v
     upload button's value ("image") of upload combos."""
     if position >= len(values):
         return 0
-    if has_control_widget(name, io_type, options):  # older saves store True/False ("randomize"/"fixed"), or nothing at all
+    # older saves store True/False ("randomize"/"fixed"), or nothing at all
+    if has_control_widget(name, io_type, options):
         value = values[position]
         return 1 if isinstance(value, bool) or (isinstance(value, str) and value in _CONTROL_VALUES) else 0
     if has_upload_widget(io_type, options):
@@ -586,14 +592,51 @@ def load_workflow(path: str | os.PathLike) -> dict[str, Any]:
 
 # -- node-definition snapshots (tests/data/object_info.json) -------------------------------------------
 
-def node_sources_sha256(repo: Path) -> str:
-    """sha256 over the pack's ``nodes/*.py`` (names and bytes): recorded in the snapshot so a test
-    without ComfyUI sees that a node file changed after the snapshot was made."""
-    import hashlib
+# Keyword arguments whose values the snapshot leaves out (``snapshot_node_definition``): editing a
+# tooltip or a description changes nothing the snapshot holds, so it must not change its key.
+_TEXT_ONLY_KEYWORDS = frozenset({"tooltip", "description"})
 
+
+def _without_docstring(body: list[ast.stmt]) -> list[ast.stmt]:
+    first = body[0] if body else None
+    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+        return body[1:]
+    return body
+
+
+def _canonical_ast(node: Any) -> Any:
+    """A JSON-able form of an AST that is the same on every Python >= 3.10: node type and fields,
+    leaving out fields that are None or empty lists (3.12 added ``type_params=[]`` to every function
+    and class, and ``ast.dump`` prints empty fields differently across versions), docstrings and the
+    text-only keywords above. No line or column numbers: re-wrapping a line changes nothing."""
+    if isinstance(node, ast.AST):
+        fields = {}
+        for name, value in ast.iter_fields(node):
+            if name == "body" and isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                value = _without_docstring(value)
+            elif name == "keywords":
+                value = [keyword for keyword in value if keyword.arg not in _TEXT_ONLY_KEYWORDS]
+            if value is None or (isinstance(value, list) and not value):
+                continue
+            fields[name] = _canonical_ast(value)
+        return [type(node).__name__, fields]
+    if isinstance(node, list):
+        return [_canonical_ast(item) for item in node]
+    return repr(node)  # a constant's value: str, bytes, int, float, complex, bool, Ellipsis
+
+
+def node_code_sha256(repo: Path) -> str:
+    """sha256 of the code of the pack's ``nodes/*.py``: names plus syntax trees without comments,
+    docstrings, tooltips and descriptions (none of which the snapshot holds) or layout. Recorded in
+    the snapshot, so a test without ComfyUI sees that node code changed after the snapshot was made,
+    while a comment or docstring edit needs no ComfyUI run. Values a node takes from modules outside
+    ``nodes/`` (a scorer list, a default) are not covered: the comfy and server tiers compare the
+    live definitions with the snapshot."""
     digest = hashlib.sha256()
     for path in sorted((Path(repo) / "nodes").glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        code = json.dumps(_canonical_ast(tree), separators=(",", ":"))
+        digest.update(path.name.encode() + b"\0" + code.encode() + b"\0")
     return digest.hexdigest()
 
 
@@ -644,6 +687,42 @@ def snapshot_definitions(object_info: Mapping[str, Any], node_types: Iterable[st
             for kind in sorted(set(node_types))}
 
 
+# Combo inputs whose choices our nodes take from ComfyUI itself (Generate Candidates offers exactly
+# the core KSampler's samplers and schedulers). Their lists differ between ComfyUI versions (0.33
+# added samplers), so comparing our nodes with a snapshot from another version names the core input
+# instead of its list: the node must still offer the same choices as this version's KSampler.
+CORE_CHOICE_SOURCES = (("KSampler", "sampler_name"), ("KSampler", "scheduler"))
+
+
+def _choices(definition: list) -> list | None:
+    """The choices of an input definition: old style ``[[choices], {...}]`` or ``["COMBO", {"options"}]``."""
+    if isinstance(definition[0], list):
+        return definition[0]
+    options = definition[1] if len(definition) > 1 and isinstance(definition[1], Mapping) else {}
+    return options.get("options")
+
+
+def with_core_choices_named(node: Mapping[str, Any], definitions: Mapping[str, Any]) -> dict[str, Any]:
+    """``node`` (a snapshot-reduced definition) with every choice list equal to one of
+    ``CORE_CHOICE_SOURCES`` in ``definitions`` (the /object_info or snapshot it comes with) replaced
+    by that source's name."""
+    sources = {}
+    for kind, name in CORE_CHOICE_SOURCES:
+        spec = (definitions.get(kind) or {}).get("input", {}).get("required", {}).get(name)
+        if spec and _choices(spec):
+            sources[tuple(_choices(spec))] = f"<the choices of {kind}.{name}>"
+    named = json.loads(json.dumps(node))
+    for entries in named.get("input", {}).values():
+        for definition in entries.values():
+            choices = _choices(definition)
+            if choices and tuple(choices) in sources:
+                if isinstance(definition[0], list):
+                    definition[0] = [sources[tuple(choices)]]
+                else:
+                    definition[1]["options"] = [sources[tuple(choices)]]
+    return named
+
+
 # -- UI-format workflow validation against node definitions ---------------------------------------------
 
 _REQUIRED_NODE_MODES = {MODE_ALWAYS, MODE_NEVER, MODE_BYPASS}
@@ -692,7 +771,8 @@ def _widget_value_problem(value: Any, io_type: str, options: Mapping[str, Any], 
             return f"{value!r} is not a choice"
         choices = options.get("options") or []
         if not dynamic and value not in choices:
-            return f"{value!r} is not one of its choices ({', '.join(map(str, choices[:8]))}{'...' if len(choices) > 8 else ''})"
+            shown = ", ".join(map(str, choices[:8])) + ("..." if len(choices) > 8 else "")
+            return f"{value!r} is not one of its choices ({shown})"
     if io_type in ("INT", "FLOAT"):
         if options.get("min") is not None and value < options["min"]:
             return f"{value!r} is below its minimum {options['min']}"
@@ -712,9 +792,10 @@ def validate_workflow(workflow: Mapping[str, Any], object_info: Mapping[str, Any
     required socket input is linked; ``widgets_values`` has one value per widget plus the
     frontend-only values (a seed's "control after generate", an upload button), each of the right
     type and range, combos one of their choices (except ``dynamic_combos``, whose choices are files
-    on someone's disk, linked widgets, whose value comes from the link, and muted nodes' combos); links are consistent on both ends and their types match the output and the
-    input (ComfyUI's own rule); Primitive nodes feed widget inputs with a valid value; the graph has
-    an active output node; the id counters cover every id.
+    on someone's disk, linked widgets, whose value comes from the link, and muted nodes' combos);
+    links are consistent on both ends and their types match the output and the input (ComfyUI's own
+    rule); Primitive nodes feed widget inputs with a valid value; the graph has an active output
+    node; the id counters cover every id.
     """
     dynamic = {kind: set(names) for kind, names in (dynamic_combos or {}).items()}
     problems: list[str] = []
@@ -804,7 +885,8 @@ def validate_workflow(workflow: Mapping[str, Any], object_info: Mapping[str, Any
                     continue
                 target, io_type, options = found
                 if outputs and outputs[0].get("type") != io_type:
-                    problems.append(f"{where(node)}: feeds a {io_type} input of {where(target)} but is {outputs[0].get('type')}")
+                    problems.append(f"{where(node)}: feeds a {io_type} input of {where(target)} "
+                                    f"but is {outputs[0].get('type')}")
                 name = (target.get("inputs") or [])[links[link_id][3]]["widget"]["name"]
                 problem = _widget_value_problem(values[0] if values else None, io_type, options,
                                                 dynamic=name in dynamic.get(target.get("type"), ()))
@@ -840,7 +922,8 @@ def validate_workflow(workflow: Mapping[str, Any], object_info: Mapping[str, Any
                 continue
             io_type = definitions[key][0]
             if entry.get("type") != io_type:
-                problems.append(f"{where(node)}: input {key!r} is typed {entry.get('type')!r}, the definition says {io_type!r}")
+                problems.append(f"{where(node)}: input {key!r} is typed {entry.get('type')!r}, "
+                                f"the definition says {io_type!r}")
             if widget_name and key not in widget_names:
                 problems.append(f"{where(node)}: input {key!r} is marked as a widget but {kind} has no such widget")
             if not widget_name and key in widget_names:
@@ -857,7 +940,7 @@ def validate_workflow(workflow: Mapping[str, Any], object_info: Mapping[str, Any
                 if origin_type is not None and not types_compatible(str(origin_type), str(io_type)):
                     problems.append(f"{where(node)}: input {key!r} ({io_type}) is linked to a {origin_type} output "
                                     f"of {where(origin)}")
-        for name, (io_type, options, required) in definitions.items():
+        for name, (io_type, _options, required) in definitions.items():
             if name in widget_names:
                 continue
             listed = [e for e in node.get("inputs") or [] if e.get("name") == name and not e.get("widget")]
@@ -917,6 +1000,7 @@ def validate_workflow(workflow: Mapping[str, Any], object_info: Mapping[str, Any
         problems.append(f"last_link_id {workflow.get('last_link_id')!r} is below the largest link id")
     for group in workflow.get("groups") or []:
         bounding = group.get("bounding")
-        if not (isinstance(bounding, list) and len(bounding) == 4 and all(isinstance(v, (int, float)) for v in bounding)):
+        if not (isinstance(bounding, list) and len(bounding) == 4
+                and all(isinstance(v, (int, float)) for v in bounding)):
             problems.append(f"group {group.get('title')!r}: bounding {bounding!r} is not [x, y, width, height]")
     return problems

@@ -18,6 +18,8 @@ import torch
 from harness import PromptFailed, PromptRejected
 from PIL import Image
 
+from versat2i.training_set.layout import CAPTION_SUFFIX, MANIFEST_NAME, SUMMARY_NAME
+
 pytestmark = pytest.mark.server
 
 OUR_NODES = {
@@ -119,14 +121,14 @@ def test_score_filter_save_graph_writes_the_training_set(comfy_server, uploaded,
         }
         assert len(set(values)) == len(values), "the test frames must score differently"
 
-    manifest = [json.loads(line) for line in (dataset / "manifest.jsonl").read_text().splitlines()]
+    manifest = [json.loads(line) for line in (dataset / MANIFEST_NAME).read_text().splitlines()]
     assert sorted((e["aspect"], e["prompt_index"]) for e in manifest) == [
         (a, p) for a in ("aesthetics", "lowlevel") for p in range(len(PROMPTS))
     ]
     files = sorted(p.relative_to(dataset).as_posix() for p in dataset.rglob("*") if p.is_file())
     assert files == sorted(
-        ["manifest.jsonl", "dataset.json"]
-        + [e["file"] for e in manifest] + [e["file"][:-4] + ".txt" for e in manifest]
+        [MANIFEST_NAME, SUMMARY_NAME]
+        + [e["file"] for e in manifest] + [e["file"][:-4] + CAPTION_SUFFIX for e in manifest]
     )
     for e in manifest:
         row = expected[e["aspect"]][e["prompt_index"]]
@@ -134,10 +136,10 @@ def test_score_filter_save_graph_writes_the_training_set(comfy_server, uploaded,
         assert e["prompt"] == PROMPTS[e["prompt_index"]] and e["seed"] == [1001, 2002][e["prompt_index"]]
         assert e["scorer"] == {"id": SCORER_CHOICES[e["aspect"]], "weights_hash": "none"}
         assert e["file"].startswith(f"4_{e['aspect']}/")
-        assert (dataset / e["file"][:-4]).with_suffix(".txt").read_text() == e["prompt"]
+        assert (dataset / e["file"][:-4]).with_suffix(CAPTION_SUFFIX).read_text() == e["prompt"]
         saved = np.array(Image.open(dataset / e["file"]).convert("RGB"))
         assert np.array_equal(saved, frames[row]), f"{e['file']} is not candidate frame {row}"
-    summary = json.loads((dataset / "dataset.json").read_text())
+    summary = json.loads((dataset / SUMMARY_NAME).read_text())
     assert summary["images_scored"] == len(frames) and summary["images_kept"] == len(manifest)
 
 
@@ -188,9 +190,11 @@ def ui_workflow(image_name: str, dataset_name: str) -> dict:
     nodes = [
         node(1, "LoadImage", [image_name, "image"], outputs=[("IMAGE", "IMAGE", [1, 2]), ("MASK", "MASK", [])]),
         node(9, "Reroute", inputs=[("", "*", 2)], outputs=[("", "IMAGE", [3, 4])]),
-        node(2, "VersaT2I_LoadScorers", [*SCORER_CHOICES.values(), "auto"], outputs=[("scorers", "VERSAT2I_SCORERS", [5])]),
+        node(2, "VersaT2I_LoadScorers", [*SCORER_CHOICES.values(), "auto"],
+             outputs=[("scorers", "VERSAT2I_SCORERS", [5])]),
         node(3, "VersaT2I_ScoreImages", ["\n".join(PROMPTS), "1001 2002", True],
-             inputs=[("images", "IMAGE", 1), ("scorers", "VERSAT2I_SCORERS", 5), ("candidates", "VERSAT2I_CANDIDATES", None)],
+             inputs=[("images", "IMAGE", 1), ("scorers", "VERSAT2I_SCORERS", 5),
+                     ("candidates", "VERSAT2I_CANDIDATES", None)],
              outputs=[("scores", "VERSAT2I_SCORES", [6])]),
         node(4, "VersaT2I_FilterBestPerPrompt", ["percentile", 0.0, "lowlevel = none", "lowlevel"],
              inputs=[("scores", "VERSAT2I_SCORES", 6), ("images", "IMAGE", 3)],
@@ -200,7 +204,8 @@ def ui_workflow(image_name: str, dataset_name: str) -> dict:
         node(6, "Note", ["converted and queued by tests/server/harness.py"]),
     ]
     links = [[1, 1, 0, 3, 0, "IMAGE"], [2, 1, 0, 9, 0, "IMAGE"], [3, 9, 0, 4, 1, "IMAGE"], [4, 9, 0, 5, 1, "IMAGE"],
-             [5, 2, 0, 3, 1, "VERSAT2I_SCORERS"], [6, 3, 0, 4, 0, "VERSAT2I_SCORES"], [7, 4, 0, 5, 0, "VERSAT2I_SELECTION"]]
+             [5, 2, 0, 3, 1, "VERSAT2I_SCORERS"], [6, 3, 0, 4, 0, "VERSAT2I_SCORES"],
+             [7, 4, 0, 5, 0, "VERSAT2I_SELECTION"]]
     return {"version": 0.4, "last_node_id": 9, "last_link_id": 7, "nodes": nodes, "links": links, "groups": []}
 
 
@@ -212,7 +217,7 @@ def test_ui_format_workflow_converts_and_runs(comfy_server, uploaded, server_out
     assert graph["4"]["inputs"]["images"] == ["1", 0]  # through the Reroute
     assert graph["3"]["inputs"]["offload_after_scoring"] is True and "candidates" not in graph["3"]["inputs"]
     comfy_server.run(graph, timeout=300)
-    summary = json.loads((server_output / "server" / "from-ui" / "dataset.json").read_text())
+    summary = json.loads((server_output / "server" / "from-ui" / SUMMARY_NAME).read_text())
     assert {a: s["folder"] for a, s in summary["aspects"].items()} == {"aesthetics": "2_aesthetics",
                                                                        "lowlevel": "2_lowlevel"}
     assert summary["aspects"]["lowlevel"]["threshold"]["kind"] == "none"  # the per-aspect override
@@ -258,7 +263,8 @@ def fake_workflow(seed_widgets, *, upscale_mode=0, with_primitive=False):
          "outputs": [{"name": "MODEL", "type": "MODEL", "links": [2]}]},
         {"id": 3, "type": "KSampler", "mode": 0, "widgets_values": seed_widgets,
          "inputs": [{"name": "model", "type": "MODEL", "link": 2},
-                    {"name": "steps", "type": "INT", "link": 3 if with_primitive else None, "widget": {"name": "steps"}}]},
+                    {"name": "steps", "type": "INT", "link": 3 if with_primitive else None,
+                     "widget": {"name": "steps"}}]},
     ]
     links = [{"id": 1, "origin_id": 1, "origin_slot": 0, "target_id": 2, "target_slot": 0, "type": "MODEL"},
              {"id": 2, "origin_id": 2, "origin_slot": 0, "target_id": 3, "target_slot": 0, "type": "MODEL"}]

@@ -34,11 +34,15 @@ from harness import (
     has_control_widget,
     snapshot_node_definition,
     validate_workflow,
+    with_core_choices_named,
     workflow_to_api,
 )
 from PIL import Image
 from safetensors import safe_open
 from tiny_models.sd import build_tiny_sd15
+
+from versat2i.aspects import ASPECTS
+from versat2i.training_set.layout import CAPTION_SUFFIX, MANIFEST_NAME, SUMMARY_NAME
 
 pytestmark = pytest.mark.server
 
@@ -50,7 +54,6 @@ TINY_LOADER = "VersaT2ITest_TinyCheckpointLoader"
 CHECKPOINT = "tiny-sd15.safetensors"
 PACK = "ComfyUI-VersaT2I"
 LOOP, INFERENCE, QUICK = "versat2i_self_improvement_loop", "versat2i_gated_inference", "versat2i_quick_loop_one_aspect"
-ASPECTS = ("aesthetics", "alignment", "geometry", "lowlevel")
 K = 2  # candidates per prompt in the tests
 
 ANALYTIC_SCORERS = {"aesthetics": "analytic:contrast", "alignment": "analytic:colourfulness",
@@ -152,8 +155,17 @@ def test_snapshot_matches_the_live_node_definitions(server):
     ours_live = {k for k in server.nodes_of_pack()}
     ours_snapshot = {k for k in SNAPSHOT["nodes"] if k.startswith("VersaT2I_")}
     assert ours_live == ours_snapshot, "node set changed: rerun tests/data/make_object_info.py"
-    stale = [kind for kind, expected in SNAPSHOT["nodes"].items()
-             if snapshot_node_definition(live[kind], SNAPSHOT["dynamic_combos"].get(kind, ())) != expected]
+    # Core nodes change between ComfyUI versions: compared only against the version the snapshot was
+    # made with. Ours always, with the choices they take from KSampler named (harness docstring).
+    version = server.get_json("/system_stats")["system"].get("comfyui_version")
+    compared = [kind for kind in SNAPSHOT["nodes"] if kind in ours_snapshot or version == SNAPSHOT["comfyui_version"]]
+
+    def comparable(kind: str, node: dict, definitions: dict) -> dict:
+        return with_core_choices_named(node, definitions) if kind in ours_snapshot else node
+
+    stale = [kind for kind in compared
+             if comparable(kind, snapshot_node_definition(live[kind], SNAPSHOT["dynamic_combos"].get(kind, ())), live)
+             != comparable(kind, SNAPSHOT["nodes"][kind], SNAPSHOT["nodes"])]
     assert stale == [], f"definitions changed for {stale}: rerun tests/data/make_object_info.py"
     # The inputs recorded as file lists are: the tiny checkpoint shows up in them.
     for kind, names in SNAPSHOT["dynamic_combos"].items():
@@ -192,7 +204,7 @@ def test_the_loop_writes_the_training_set_four_loras_and_the_gate(server, loop_r
     output = server.base_dir / "output"
     loras = server.base_dir / "models" / "loras" / "versat2i"
     dataset = output / "versat2i" / "loop"
-    manifest = [json.loads(line) for line in (dataset / "manifest.jsonl").read_text().splitlines()]
+    manifest = [json.loads(line) for line in (dataset / MANIFEST_NAME).read_text().splitlines()]
     generate = next(n for n in load(LOOP)["nodes"] if n["type"] == "VersaT2I_GenerateCandidates")
     prompts = [line.strip() for line in generate["widgets_values"][0].splitlines() if line.strip()]
     assert {e["aspect"] for e in manifest} == set(ASPECTS), "every aspect keeps at least one image"
@@ -202,11 +214,11 @@ def test_the_loop_writes_the_training_set_four_loras_and_the_gate(server, loop_r
         assert entry["seed"] == entry["prompt_index"] * K + entry["candidate_index"]
         assert entry["scorer"]["id"] == ANALYTIC_SCORERS[entry["aspect"]]
         image = dataset / entry["file"]
-        assert image.is_file() and image.with_suffix(".txt").read_text() == entry["prompt"]
+        assert image.is_file() and image.with_suffix(CAPTION_SUFFIX).read_text() == entry["prompt"]
         assert Image.open(image).size == (64, 64)
     per_aspect = {a: [e["prompt_index"] for e in manifest if e["aspect"] == a] for a in ASPECTS}
     assert all(len(v) == len(set(v)) <= len(prompts) for v in per_aspect.values()), "one image per prompt at most"
-    summary = json.loads((dataset / "dataset.json").read_text())
+    summary = json.loads((dataset / SUMMARY_NAME).read_text())
     assert summary["images_scored"] == len(prompts) * K
 
     for aspect in ASPECTS:

@@ -17,6 +17,7 @@ SCORERS = {"alignment": {"id": "demo:alignment", "weights_hash": "analytic"},
 def write_variant(folder: Path, scores: dict[str, np.ndarray], *, seed: int, brightness: float = 0.5) -> None:
     """One variant: PNGs, candidates.jsonl and scores.jsonl on the PROMPTS x SEEDS grid."""
     from PIL import Image
+
     from versat2i.loop.generate import INDEX_NAME, CandidateRecord
     from versat2i.rewards.score_table import ScoreTable
     from versat2i.training_set.layout import entry_id

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from versat2i.training_set.layout import CAPTION_SUFFIX, MANIFEST_NAME, entry_id, repeats_folder
+
 TINY_SIZE = 64
 
 
@@ -35,14 +37,14 @@ def make_kohya_dataset(root: Path, *, aspects: dict[str, int] | None = None, ima
     root.mkdir(parents=True, exist_ok=True)
     rows = []
     for aspect, repeats in aspects.items():
-        folder = root / f"{repeats}_{aspect}"
+        folder = root / repeats_folder(repeats, aspect)
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(images_per_aspect):
             size = sizes[i % len(sizes)] if sizes else (TINY_SIZE, TINY_SIZE)
-            image_id = f"p{i:05d}_c000"
+            image_id = entry_id(i, 0)
             shape_image(i, size).save(folder / f"{image_id}.png")
             caption = f"a picture of shape number {i}"
-            (folder / f"{image_id}.txt").write_text(caption, encoding="utf-8")
+            (folder / f"{image_id}{CAPTION_SUFFIX}").write_text(caption, encoding="utf-8")
             rows.append({
                 "id": image_id, "aspect": aspect, "file": f"{folder.name}/{image_id}.png", "caption": caption,
                 "prompt": caption, "seed": i, "prompt_index": i, "candidate_index": 0, "score": 1.0,
@@ -52,7 +54,7 @@ def make_kohya_dataset(root: Path, *, aspects: dict[str, int] | None = None, ima
                 "width": size[0], "height": size[1],
             })
     if manifest:
-        (root / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        (root / MANIFEST_NAME).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return root
 
 

@@ -514,6 +514,7 @@ def make_kohya_lora(arch: str, path: Path, *, seed: int, rank: int = 4, alpha: f
     ``exclude``: module paths containing any of these substrings are left out (a LoRA that skips
     some layers). Up weights are non-zero, so the LoRA visibly changes the model."""
     from peft import LoraConfig, inject_adapter_in_model
+
     from versat2i.models.lora_files import save_kohya_lora
 
     with torch.random.fork_rng():

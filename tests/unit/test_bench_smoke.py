@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -25,6 +27,7 @@ def run_all(*args: str, tmp_path: Path) -> str:
     return completed.stdout
 
 
+@pytest.mark.slow
 def test_quick_scoring_and_training_benchmarks_print_their_ratios(tmp_path):
     output = run_all("--quick", "--only", "scoring", "training", tmp_path=tmp_path)
     # scoring: pack and naive compute the same scores, and the ratio is printed

@@ -22,6 +22,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 import versat2i
 
 PACK = Path(versat2i.__file__).resolve().parent

@@ -38,7 +38,8 @@ HEAVY = ("torch", "torchvision", "numpy", "diffusers", "transformers", "open_cli
 
 def run_python(code: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
-    return subprocess.run([sys.executable, "-c", code], check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-c", code], check=False, cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=120)
 
 
 def test_only_versat2i_is_importable_at_top_level(tmp_path):
@@ -152,7 +153,8 @@ def test_console_command_runs_help(tmp_path):
     command = [str(script)] if script.exists() else ([shutil.which("versat2i")] if shutil.which("versat2i") else None)
     if command is None:
         pytest.fail("the `versat2i` console command is not installed next to this Python; run `pip install -e .`")
-    result = subprocess.run([*command, "--help"], check=False, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([*command, "--help"], check=False, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: versat2i")
     for subcommand in ("score", "build-dataset"):

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from versat2i import safe_io
 from versat2i.safe_io import TargetExistsError, atomic_dir, atomic_file, atomic_write_text, confined_path
 

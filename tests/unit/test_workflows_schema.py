@@ -15,31 +15,29 @@ import copy
 import hashlib
 import json
 import re
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
-from PIL import Image
-
-TESTS = Path(__file__).resolve().parents[1]
-REPO = TESTS.parent
-sys.path.insert(0, str(TESTS / "server"))  # harness.py: standard library only
-
 from harness import (
     WorkflowError,
     _widget_inputs,
     has_control_widget,
-    node_sources_sha256,
+    node_code_sha256,
     validate_workflow,
     workflow_to_api,
 )
+from PIL import Image
+
+from versat2i.aspects import ASPECTS
+
+TESTS = Path(__file__).resolve().parents[1]
+REPO = TESTS.parent
 
 WORKFLOWS = REPO / "workflows"
 SNAPSHOT = json.loads((TESTS / "data" / "object_info.json").read_text())
 DEFINITIONS, DYNAMIC = SNAPSHOT["nodes"], SNAPSHOT["dynamic_combos"]
 LOOP, INFERENCE, QUICK = "versat2i_self_improvement_loop", "versat2i_gated_inference", "versat2i_quick_loop_one_aspect"
-ASPECTS = ("aesthetics", "alignment", "geometry", "lowlevel")
 FRONTEND_ONLY = {"Note", "MarkdownNote", "PrimitiveNode", "Reroute"}
 TITLE_HEIGHT = 30  # litegraph draws a node's title bar above its pos
 
@@ -70,11 +68,12 @@ def source(graph: dict, value) -> dict:
 SHIPPED = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
 
 
-def test_the_snapshot_was_made_from_the_current_node_files():
-    """The definitions below are only as current as the snapshot: a change to nodes/*.py after it
-    was made (a new input, a renamed output) would let stale workflows pass here."""
-    assert SNAPSHOT.get("node_sources_sha256") == node_sources_sha256(REPO), (
-        "tests/data/object_info.json is older than nodes/*.py: regenerate it with "
+def test_the_snapshot_was_made_from_the_current_node_code():
+    """The definitions below are only as current as the snapshot: a change to the code of nodes/*.py
+    after it was made (a new input, a renamed output) would let stale workflows pass here. Comments,
+    docstrings, tooltips and descriptions are not part of the key (tests/unit/test_snapshot_key.py)."""
+    assert SNAPSHOT.get("node_code_sha256") == node_code_sha256(REPO), (
+        "tests/data/object_info.json is older than the code in nodes/*.py: regenerate it with "
         "`COMFYUI_PATH=/path/to/ComfyUI .venv/bin/python tests/data/make_object_info.py` "
         "(and the workflows with tools/build_workflows.py if a definition changed)")
 

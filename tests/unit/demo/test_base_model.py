@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+
 from versat2i.demo import model, rewards, train_base, world
 
 

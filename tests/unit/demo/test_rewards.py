@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
 from versat2i.demo import rewards, world
 from versat2i.demo.world import Scene
 from versat2i.rewards.base import ImageBatchError, score_aspects

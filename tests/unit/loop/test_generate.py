@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from tiny_models.sd import build_tiny_model, build_tiny_sd15
+
 from versat2i.loop.generate import (
     INDEX_NAME,
     SUMMARY_NAME,
@@ -32,6 +33,7 @@ from versat2i.models.loading import load_base_model
 from versat2i.models.lora_files import save_kohya_lora
 from versat2i.models.pipelines import LoraAdapters, build_pipeline, equal_weight_merge, single_lora
 from versat2i.safe_io import TargetExistsError
+from versat2i.training_set.layout import LATENTS_SUFFIX
 
 FAST = GenerationSettings(steps=3, guidance_scale=4.0, batch_size=4)
 PROMPTS = ["a red circle", "a blue square"]
@@ -141,7 +143,7 @@ def test_folder_has_images_index_latents_and_summary(base, tmp_path):
     lines = [json.loads(line) for line in (out / INDEX_NAME).read_text().splitlines()]
     assert lines == [
         {"file": f"p0000{p}_c00{c}.png", "prompt": PROMPTS[p], "seed": 3 + 2 * p + c, "prompt_index": p,
-         "candidate_index": c, "image_id": f"p0000{p}_c00{c}", "latents": f"p0000{p}_c00{c}.latents.safetensors"}
+         "candidate_index": c, "image_id": f"p0000{p}_c00{c}", "latents": f"p0000{p}_c00{c}{LATENTS_SUFFIX}"}
         for p in range(2) for c in range(2)
     ]
     records, summary = read_candidates(out)
@@ -259,7 +261,8 @@ def test_kohya_lora_file_equals_the_peft_model_it_was_saved_from(base, two_loras
     assert_same(generate(base, k=2, seeds=[1, 2]).images, plain)
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    assert not any(isinstance(m, BaseTunerLayer) for part in (base.denoiser, base.text_encoders[0]) for m in part.modules())
+    assert not any(isinstance(m, BaseTunerLayer)
+                   for part in (base.denoiser, base.text_encoders[0]) for m in part.modules())
 
 
 def test_equal_weight_merge_equals_peft_adapters_at_half_weight(base, two_loras):
@@ -335,7 +338,7 @@ def test_cli_generate_writes_a_folder_versat2i_score_reads(tiny, tmp_path, capsy
     info = read_prompts(images, out, out / INDEX_NAME)  # the scoring CLI accepts our index as is
     assert info["prompts"] == ["a red circle"] * 2 + ["a blue square"] * 2
     assert info["seeds"] == [100, 101, 102, 103] and info["candidate_indices"] == [0, 1, 0, 1]
-    assert len(list(out.glob("*.latents.safetensors"))) == 4
+    assert len(list(out.glob(f"*{LATENTS_SUFFIX}"))) == 4
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from versat2i.cli import main as cli_main
 from versat2i.loop.config import (
     DatasetSection,
@@ -120,7 +121,8 @@ BAD_CONFIGS = {
     "K < 2": ({"prompts": PromptsSection(train=("a red circle",), held_out=("a cat",), candidates_per_prompt=1)},
               "candidates_per_prompt=1: must be >= 2"),
     "bad threshold": ({"thresholds": {"lowlevel": "p150"}}, "[thresholds] lowlevel: percentile threshold 150.0"),
-    "threshold of an unknown aspect": ({"thresholds": {"alignment": "none"}}, "[thresholds] 'alignment': unknown aspect"),
+    "threshold of an unknown aspect": ({"thresholds": {"alignment": "none"}},
+                                       "[thresholds] 'alignment': unknown aspect"),
     "bad LoRA field": ({"lora": {"rank": 0}}, "[lora] rank=0: must be >= 1"),
     "misspelt LoRA field": ({"lora": {"rnak": 4}}, "[lora] unknown setting 'rnak' (did you mean 'rank'?)"),
     "LoRA field the loop sets": ({"lora": {"output_dir": "elsewhere"}}, "[lora] output_dir: set by the loop"),
@@ -133,7 +135,8 @@ BAD_CONFIGS = {
                            "no held-out prompt"),
     "held-out prompt trained on": ({"prompts": PromptsSection(train=("a red circle",), held_out=("a red circle",))},
                                    "also training prompts"),
-    "replay without a folder": ({"dataset": DatasetSection(replay_fraction=0.5)}, "replay_fraction > 0 needs replay_dir"),
+    "replay without a folder": ({"dataset": DatasetSection(replay_fraction=0.5)},
+                                "replay_fraction > 0 needs replay_dir"),
     "evaluation seeds used by candidates": (
         {"evaluation": EvaluationSection(seed=3, include_train_prompts=True)}, "overlap the candidate seeds"),
     # candidates use 10..17; the 3 evaluated prompts x 4 seeds use 5..16 (the first prompt's 5..8 alone would not)

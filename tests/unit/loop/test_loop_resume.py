@@ -30,6 +30,7 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file
 from tiny_models.sd import build_tiny_sd15
+
 from versat2i.loop.config import (
     EvaluationSection,
     GenerationConfig,
@@ -186,7 +187,8 @@ INTERRUPTIONS = [  # (name, when, the final output of the interrupted step that 
     ("score, after 2 of 9 images", at("score", "progress", done=2), "round-1/scores.jsonl"),
     ("filter, while copying images", at("filter", "progress", done=2), "round-1/training_set"),
     ("first LoRA, after its checkpoint", FIRST_LORA_CHECKPOINT, "round-1/loras/aesthetics.safetensors"),
-    ("gate, after its checkpoint", at("gate", "train", train_event="checkpoint"), "round-1/loras/mixture.mol.safetensors"),
+    ("gate, after its checkpoint", at("gate", "train", train_event="checkpoint"),
+     "round-1/loras/mixture.mol.safetensors"),
     ("evaluation, starting the LoRA variants", at("evaluate/lora_aesthetics", "start"), "round-1/eval/lora_aesthetics"),
 ]
 
@@ -253,7 +255,8 @@ def processes_using(folder: Path) -> list:
     found = []
     for process in psutil.process_iter(["pid", "cmdline", "status"]):
         try:
-            if process.info["status"] != psutil.STATUS_ZOMBIE and str(folder) in " ".join(process.info["cmdline"] or ()):
+            command_line = " ".join(process.info["cmdline"] or ())
+            if process.info["status"] != psutil.STATUS_ZOMBIE and str(folder) in command_line:
                 found.append(process)
         except psutil.Error:
             continue
@@ -294,6 +297,7 @@ def sigkill_loop_while_training(config_path: Path, out: Path, timeout: float = 1
     assert training_events(out, "done") == done_before, "a training finished after its loop was killed"
 
 
+@pytest.mark.slow
 def test_interrupted_anywhere_then_resumed_equals_the_uninterrupted_run(tiny, reference, tmp_path):
     reference_dir, reference_result = reference
     assert all(record.status == "ran" for record in reference_result.steps)

@@ -17,10 +17,12 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from tiny_models.sd import build_tiny_sd15
+
 from versat2i.loop.config import (
     DatasetSection,
     EvaluationSection,
@@ -31,6 +33,7 @@ from versat2i.loop.config import (
     TrainingSection,
 )
 from versat2i.loop.run import SUMMARY_FILE, run_loop
+from versat2i.training_set.layout import LATENTS_SUFFIX
 from versat2i.training_set.manifest import read_manifest
 
 PROMPTS = ("a red circle", "a blue square")
@@ -44,6 +47,7 @@ def candidate_seeds(folder: Path) -> list[int]:
     return [json.loads(line)["seed"] for line in (folder / "candidates.jsonl").read_text().splitlines() if line]
 
 
+@pytest.mark.slow
 def test_two_rounds_with_generation_latents(tmp_path):
     model = build_tiny_sd15(tmp_path / "tiny")
     out = tmp_path / "run"
@@ -69,7 +73,8 @@ def test_two_rounds_with_generation_latents(tmp_path):
         assert (folder / "report" / "report.html").is_file() and (folder / "loras" / "aesthetics.safetensors").is_file()
     first, second = (json.loads((folder / "candidates" / "generation.json").read_text()) for folder in rounds)
     assert first["adapters"] is None
-    assert [Path(lora["path"]) for lora in second["adapters"]["loras"]] == [rounds[0] / "loras" / "aesthetics.safetensors"]
+    assert ([Path(lora["path"]) for lora in second["adapters"]["loras"]]
+            == [rounds[0] / "loras" / "aesthetics.safetensors"])
     seeds_1, seeds_2 = candidate_seeds(rounds[0] / "candidates"), candidate_seeds(rounds[1] / "candidates")
     assert len(seeds_2) == len(PROMPTS) * K and not set(seeds_1) & set(seeds_2)
     lora_1, lora_2 = (load_file(str(folder / "loras" / "aesthetics.safetensors")) for folder in rounds)
@@ -78,15 +83,15 @@ def test_two_rounds_with_generation_latents(tmp_path):
     # -- generation latents: written, carried into the training set, reused by the trainer ------------
     for folder in rounds:
         candidates, training_set = folder / "candidates", folder / "training_set"
-        latents_files = sorted(candidates.glob("*.latents.safetensors"))
+        latents_files = sorted(candidates.glob(f"*{LATENTS_SUFFIX}"))
         assert len(latents_files) == len(PROMPTS) * K
         with safe_open(str(latents_files[0]), framework="pt") as handle:
             assert len(handle.metadata()["vae_sha256"]) == 64
         kept = read_manifest(training_set)
         assert len(kept) == len(PROMPTS)  # the best of K per prompt (no threshold)
         for entry in kept:
-            copied = training_set / Path(entry.file).with_suffix("").with_suffix(".latents.safetensors")
-            original = candidates / f"{Path(entry.file).stem}.latents.safetensors"
+            copied = training_set / Path(entry.file).with_suffix("").with_suffix(LATENTS_SUFFIX)
+            original = candidates / f"{Path(entry.file).stem}{LATENTS_SUFFIX}"
             assert torch.equal(load_file(str(copied))["latents"], load_file(str(original))["latents"])
         (train_log,) = (folder / "runs").glob("aesthetics-*/train_output.log")
         match = re.search(r"cached latents for (\d+) images \((\d+) reused from generation\)", train_log.read_text())

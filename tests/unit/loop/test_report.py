@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from tiny_models.eval_folder import SCORERS, SEEDS, write_eval_dir
+
 from versat2i.loop.evaluate import Evaluation, evaluate, grid_from_tables
 from versat2i.loop.report import (
     REPORT_HTML,
@@ -94,7 +95,8 @@ def test_markdown_table_has_one_row_per_variant_and_bolds_clear_effects(eval_dir
     assert set(rows) == {"base", "LoRA alignment", "merge"}
     assert "**+0.3 [+0.3, +0.3]**" in rows["LoRA alignment"] and "win 100%" in rows["LoRA alignment"]
     assert "**" not in rows["merge"]
-    assert "seed-to-seed spread" in table.lower() and "12 (prompt, seed) pairs (3 prompts × 4 seeds, every prompt with the same seeds)" in table
+    assert "seed-to-seed spread" in table.lower()
+    assert "12 (prompt, seed) pairs (3 prompts × 4 seeds, every prompt with the same seeds)" in table
     assert markdown_table(Evaluation.from_dict(report["evaluation"])).splitlines()[:2] == [
         "| variant | alignment | lowlevel | diversity |", "|---|---:|---:|---:|"]
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
 from versat2i.rewards import analytic
 from versat2i.rewards.base import ImageBatchError, score_aspects
 from versat2i.rewards.registry import get_scorer

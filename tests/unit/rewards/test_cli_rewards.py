@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
 from versat2i.cli import main
 from versat2i.rewards.registry import get_scorer
 from versat2i.rewards.score_table import ScoreTable
+from versat2i.training_set.layout import MANIFEST_NAME
 from versat2i.training_set.manifest import read_manifest
 
 ASPECTS = ["--aspect", "sharp=analytic:sharpness", "--aspect", "bright=analytic:brightness"]
@@ -204,12 +206,12 @@ def test_build_dataset_bad_inputs(folder, tmp_path, capsys):
         assert listing(tmp_path) == before, argv
 
     assert run(capsys, *base, "--name", "r")[0] == 0
-    first = (out_root / "r" / "manifest.jsonl").read_text()
+    first = (out_root / "r" / MANIFEST_NAME).read_text()
     code, _out, err = run(capsys, *base, "--name", "r", "--threshold", "p90")
     assert code == 2 and "already exists" in err
-    assert (out_root / "r" / "manifest.jsonl").read_text() == first
+    assert (out_root / "r" / MANIFEST_NAME).read_text() == first
     assert run(capsys, *base, "--name", "r", "--threshold", "p90", "--overwrite")[0] == 0
-    assert (out_root / "r" / "manifest.jsonl").read_text() != first
+    assert (out_root / "r" / MANIFEST_NAME).read_text() != first
     assert sorted(p.name for p in out_root.iterdir()) == ["r"]
 
 

@@ -25,6 +25,7 @@ from tiny_models.clip import (
     register_tiny_open_clip,
     write_tiny_reward_models,
 )
+
 from versat2i.rewards import cache
 from versat2i.rewards.base import ImageBatchError, score_aspects
 from versat2i.rewards.clip_backbone import TensorPreprocess

@@ -27,6 +27,7 @@ from tiny_models.clip import (
     write_open_clip_weights,
     write_tiny_reward_models,
 )
+
 from versat2i.rewards import cache
 from versat2i.rewards.aesthetic_laion import AestheticMLP, load_aesthetic_mlp
 from versat2i.rewards.registry import get_scorer

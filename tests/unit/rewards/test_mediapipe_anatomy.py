@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from tiny_models.figures import draw_figure, no_person_images
+
 from versat2i.rewards import mediapipe_anatomy as anatomy
 from versat2i.rewards.mediapipe_anatomy import (
     BODY_CHECKS,

@@ -27,6 +27,7 @@ from tiny_models.iqa import (
     checkpoint_path,
     write_pyiqa_checkpoint,
 )
+
 from versat2i.rewards.base import ImageBatchError
 from versat2i.rewards.pyiqa_metric import RECIPES, PyiqaScorer
 from versat2i.rewards.registry import get_scorer

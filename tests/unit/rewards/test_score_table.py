@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+
 from versat2i.rewards.base import score_aspects
 from versat2i.rewards.registry import get_scorer
 from versat2i.rewards.score_table import ScoreTable, prompt_groups

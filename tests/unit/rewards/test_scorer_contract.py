@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+
 from versat2i.aspects import ASPECTS
 from versat2i.rewards import cache, registry
 from versat2i.rewards.base import ImageBatchError, Scorer, ScoringBatch, check_images, score_aspects

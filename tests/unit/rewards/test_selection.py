@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from versat2i.rewards.score_table import ScoreTable
 from versat2i.rewards.selection import Threshold, select_aspect, select_best_per_prompt
 

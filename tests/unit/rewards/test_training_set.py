@@ -12,10 +12,12 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
+
 from versat2i.rewards.score_table import ScoreTable
 from versat2i.rewards.selection import select_best_per_prompt
 from versat2i.safe_io import TargetExistsError
 from versat2i.training_set import writer as training_set
+from versat2i.training_set.layout import LATENTS_SUFFIX, MANIFEST_NAME, SUMMARY_NAME
 from versat2i.training_set.manifest import read_manifest, read_training_set
 from versat2i.training_set.writer import write_training_set
 
@@ -65,6 +67,8 @@ def test_layout_and_manifest_contents(root, table, images):
     assert written.path == dataset.resolve()
     # aesthetics: fox best = row 1 (6.5), car tie 5.5/5.5 -> candidate 1 (row 4).
     # lowlevel: fox best = row 1 (30 >= 15), car best = row 3 (40).
+    # The layout spelled out as users and kohya see it: the one test that pins the names
+    # training_set/layout.py defines (a change to them is a format change); others use the constants.
     assert listing(dataset) == [
         "3_aesthetics", "3_aesthetics/p00000_c001.png", "3_aesthetics/p00000_c001.txt",
         "3_aesthetics/p00001_c001.png", "3_aesthetics/p00001_c001.txt",
@@ -72,7 +76,7 @@ def test_layout_and_manifest_contents(root, table, images):
         "7_lowlevel/p00001_c000.png", "7_lowlevel/p00001_c000.txt",
         "dataset.json", "manifest.jsonl",
     ]
-    lines = [json.loads(line) for line in (dataset / "manifest.jsonl").read_text(encoding="utf-8").splitlines()]
+    lines = [json.loads(line) for line in (dataset / MANIFEST_NAME).read_text(encoding="utf-8").splitlines()]
     assert len(lines) == 4
     by_key = {(e["aspect"], e["id"]): e for e in lines}
     car = by_key[("lowlevel", "p00001_c000")]
@@ -92,7 +96,7 @@ def test_layout_and_manifest_contents(root, table, images):
     assert fox["scores"] == {"aesthetics": 6.5, "lowlevel": 30.0}
     # Captions: the prompt on one line, UTF-8.
     assert (dataset / "7_lowlevel/p00001_c000.txt").read_text(encoding="utf-8") == "a blue car"
-    summary = json.loads((dataset / "dataset.json").read_text())
+    summary = json.loads((dataset / SUMMARY_NAME).read_text())
     assert summary["format"] == "versat2i-training-set" and summary["version"] == 1
     assert (summary["images_scored"], summary["prompts"], summary["images_kept"]) == (6, 2, 4)
     assert summary["aspects"]["lowlevel"] == {
@@ -115,7 +119,7 @@ def test_read_manifest_and_training_set(root, table, images):
     entries = read_manifest(root / "run1")
     assert entries == written.entries
     assert all(e.image_path.is_file() and e.caption_path.is_file() for e in entries)
-    lowlevel = read_manifest(root / "run1" / "manifest.jsonl", aspect="lowlevel")
+    lowlevel = read_manifest(root / "run1" / MANIFEST_NAME, aspect="lowlevel")
     assert {e.aspect for e in lowlevel} == {"lowlevel"} and len(lowlevel) == 2
     with pytest.raises(ValueError, match="no images for aspect 'geometry'; it has: aesthetics, lowlevel"):
         read_manifest(root / "run1", aspect="geometry")
@@ -125,7 +129,7 @@ def test_read_manifest_and_training_set(root, table, images):
 
 def test_read_manifest_refuses_paths_outside_the_dataset(root, table, images):
     write(root, table, images)
-    manifest = root / "run1" / "manifest.jsonl"
+    manifest = root / "run1" / MANIFEST_NAME
     record = json.loads(manifest.read_text().splitlines()[0])
     record["file"] = "../../secret.png"
     manifest.write_text(json.dumps(record) + "\n")
@@ -144,7 +148,7 @@ def test_latents_are_saved_next_to_images(root, table, images):
     latents = torch.randn(6, 4, 3, 2)
     written = write(root, table, images, latents=latents, latents_metadata={"vae_sha256": "b" * 64})
     entry = next(e for e in written.entries if e.aspect == "lowlevel" and e.prompt_index == 1)
-    assert entry.latents == "10_lowlevel/p00001_c000.latents.safetensors"
+    assert entry.latents == f"10_lowlevel/p00001_c000{LATENTS_SUFFIX}"
     with safe_open(str(entry.latents_path), "pt") as handle:
         assert list(handle.keys()) == ["latents"]
         assert handle.metadata() == {"vae_sha256": "b" * 64}
@@ -178,8 +182,8 @@ def test_existing_dataset_is_not_overwritten_unless_asked(root, table, images):
     assert {p: p.read_bytes() for p in (root / "run1").rglob("*") if p.is_file()} == before
     write(root, other, images, overwrite=True, repeats=2)
     assert sorted(p.name for p in root.iterdir()) == ["run1"]  # replaced, no backup or temp left
-    assert sorted(p.name for p in (root / "run1").iterdir()) == [
-        "2_aesthetics", "2_lowlevel", "dataset.json", "manifest.jsonl"]
+    assert sorted(p.name for p in (root / "run1").iterdir()) == sorted([
+        "2_aesthetics", "2_lowlevel", SUMMARY_NAME, MANIFEST_NAME])
     # candidate 0 wins every all-equal tie
     assert {e.candidate_index for e in read_manifest(root / "run1")} == {0}
 
@@ -248,7 +252,7 @@ def test_aspect_names_must_be_folder_names(root, images):
 
 def test_aspect_with_nothing_kept_gets_no_folder(root, table, images):
     written = write(root, table, images, thresholds={"aesthetics": 100.0, "lowlevel": "none"})
-    assert sorted(p.name for p in written.path.iterdir()) == ["10_lowlevel", "dataset.json", "manifest.jsonl"]
+    assert sorted(p.name for p in written.path.iterdir()) == sorted(["10_lowlevel", SUMMARY_NAME, MANIFEST_NAME])
     assert written.summary["aspects"]["aesthetics"]["kept"] == 0
     assert written.summary["aspects"]["aesthetics"]["discarded"] == 6
 
@@ -262,11 +266,12 @@ def test_manifest_records_each_scorers_settings(root, images):
                                     "geometry": [0.0, 0.8, 0.6, 0.0, 0.0, 0.0]}, scorers, PROMPTS, seeds=SEEDS,
                                    judged={"geometry": judged})
     written = write(root, table, images)
-    lines = [json.loads(line) for line in (written.path / "manifest.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (written.path / MANIFEST_NAME).read_text().splitlines()]
     assert all(line["scorers"] == scorers for line in lines)
     assert {line["aspect"]: line["scorer"] for line in lines} == scorers
     # The car prompt has no person in any candidate: geometry keeps nothing for it.
-    assert [(line["prompt_index"], line["candidate_index"]) for line in lines if line["aspect"] == "geometry"] == [(0, 1)]
+    assert [(line["prompt_index"], line["candidate_index"]) for line in lines if line["aspect"] == "geometry"] == [(0,
+                                                                                                                    1)]
     # Every entry says which of its scores are judgements: the car kept for lowlevel (row 5) had
     # nothing to judge for geometry, so its geometry score is only the placeholder.
     rows = {(line["prompt_index"], line["candidate_index"]): line for line in lines}
@@ -274,7 +279,7 @@ def test_manifest_records_each_scorers_settings(root, images):
         assert line["judged"] == {"lowlevel": True, "geometry": judged[prompt_index * 3 + candidate_index]}
     assert rows[(1, 2)]["judged"]["geometry"] is False and rows[(1, 2)]["aspect"] == "lowlevel"
     assert {e.judged["geometry"] for e in read_manifest(written.path)} == {True, False}
-    summary = json.loads((written.path / "dataset.json").read_text())
+    summary = json.loads((written.path / SUMMARY_NAME).read_text())
     assert summary["aspects"]["geometry"]["scorer"] == scorers["geometry"]
 
 

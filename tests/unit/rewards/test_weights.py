@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 from safetensors.torch import save_file
+
 from versat2i.rewards import weights
 from versat2i.rewards.weights import (
     MissingWeightsError,

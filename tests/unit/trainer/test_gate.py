@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+
 from versat2i.trainer.gate import (
     ExpertLoRA,
     GateUsage,
@@ -34,7 +35,8 @@ def make_experts(ranks, generator, missing=()):
 
 
 def random_token_gate(generator, layers=("lora_unet_a", "lora_unet_b"), temperature=0.7):
-    gate = MixtureGate([f"aspect{i}" for i in range(N)], list(layers), [IN] * len(layers), "token", temperature=temperature)
+    gate = MixtureGate([f"aspect{i}" for i in range(N)], list(layers), [IN] * len(layers), "token",
+                       temperature=temperature)
     with torch.no_grad():
         for weight in gate.weights:
             weight.copy_(torch.randn(weight.shape, generator=generator))
@@ -83,7 +85,8 @@ def test_fused_layer_with_per_sample_gates_equals_loop():
 def test_prompt_gate_is_per_sample_and_static_on_text_encoder_layers():
     g = torch.Generator().manual_seed(2)
     gate = MixtureGate(
-        ["a", "b", "c"], ["lora_unet_x", "lora_te_text_model_encoder_layers_0_mlp_fc1"], [IN, IN], "prompt", prompt_features=16
+        ["a", "b", "c"], ["lora_unet_x", "lora_te_text_model_encoder_layers_0_mlp_fc1"], [IN, IN], "prompt",
+        prompt_features=16
     )
     with torch.no_grad():
         gate.weight.copy_(torch.randn(gate.weight.shape, generator=g))
@@ -130,7 +133,8 @@ def test_masking_renormalises_the_rest():
     with torch.no_grad():
         gate.prior.copy_(torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25]]))
     torch.testing.assert_close(gate.static_weights(mask)[0], torch.tensor([0.1, 0.0, 0.3, 0.4]) / 0.8)
-    torch.testing.assert_close(renormalise(torch.tensor([0.5, 0.5]), torch.tensor([False, True])), torch.tensor([0.0, 1.0]))
+    torch.testing.assert_close(renormalise(torch.tensor([0.5, 0.5]), torch.tensor([False, True])),
+                               torch.tensor([0.0, 1.0]))
 
     with pytest.raises(ValueError, match="keep at least one"):
         gate.token_probabilities(0, hidden, torch.zeros(4, dtype=torch.bool))

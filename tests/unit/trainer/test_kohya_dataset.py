@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from tiny_models.lora_training import make_kohya_dataset, shape_image
+
 from versat2i.trainer.kohya_dataset import (
     BucketBatchSampler,
     KohyaDataset,
@@ -17,6 +18,7 @@ from versat2i.trainer.kohya_dataset import (
     make_buckets,
 )
 from versat2i.training_set.folders import scan_training_set
+from versat2i.training_set.layout import CAPTION_SUFFIX, LATENTS_SUFFIX
 
 
 def test_scan_reads_repeats_captions_and_aspects(tmp_path):
@@ -69,7 +71,7 @@ def test_bad_training_sets_raise_clear_errors(tmp_path, damage, message):
     elif damage == "truncated":
         image.write_bytes(image.read_bytes()[:200])
     elif damage == "no_caption":
-        image.with_suffix(".txt").unlink()
+        image.with_suffix(CAPTION_SUFFIX).unlink()
     elif damage == "wrong_aspect":
         aspect = "geometry"
     with pytest.raises(ValueError, match=message):
@@ -154,10 +156,10 @@ def test_generation_latents_are_reused_only_when_they_match(tmp_path):
     root = make_kohya_dataset(tmp_path / "ds", images_per_aspect=3)
     folder = root / "5_aesthetics"
     good = torch.randn(4, 8, 8)
-    save_file({"latents": good}, str(folder / "p00000_c000.latents.safetensors"), metadata={"vae_sha256": "abc"})
-    save_file({"latents": torch.randn(4, 8, 8)}, str(folder / "p00001_c000.latents.safetensors"),
+    save_file({"latents": good}, str(folder / f"p00000_c000{LATENTS_SUFFIX}"), metadata={"vae_sha256": "abc"})
+    save_file({"latents": torch.randn(4, 8, 8)}, str(folder / f"p00001_c000{LATENTS_SUFFIX}"),
               metadata={"vae_sha256": "other-vae"})
-    save_file({"latents": torch.randn(4, 4, 4)}, str(folder / "p00002_c000.latents.safetensors"),
+    save_file({"latents": torch.randn(4, 4, 4)}, str(folder / f"p00002_c000{LATENTS_SUFFIX}"),
               metadata={"vae_sha256": "abc"})  # wrong size for the bucket
     dataset = KohyaDataset(scan_training_set(root), resolution=64)
     encoded = []
@@ -176,7 +178,7 @@ def test_generation_latents_are_reused_only_when_they_match(tmp_path):
     # now the 4x4 latents are the ones that fit a 64 px bucket.
     coarse = KohyaDataset(scan_training_set(root), resolution=64, latent_scale=16)
     assert coarse.cache_latents(lambda px: torch.zeros(px.shape[0], 4, 4, 4), vae_sha256="abc") == 1
-    assert torch.equal(coarse.latents[2], load_file(str(folder / "p00002_c000.latents.safetensors"))["latents"])
+    assert torch.equal(coarse.latents[2], load_file(str(folder / f"p00002_c000{LATENTS_SUFFIX}"))["latents"])
 
 
 def test_text_embedding_cache_is_per_caption(tmp_path):

@@ -13,6 +13,7 @@ import time
 
 import psutil
 import pytest
+
 from versat2i.trainer import launcher
 from versat2i.trainer.launcher import (
     ENTRY_SCRIPT,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import tomllib
+
 from versat2i.config_file import dump_flat_toml
 from versat2i.trainer.config import LoraTrainConfig
 from versat2i.trainer.events import EventWriter, encode_event, make_event, parse_event_line, read_events

@@ -12,6 +12,7 @@ import re
 import pytest
 import torch
 from tiny_models.sd import build_tiny_model, unet_inputs
+
 from versat2i.models.loading import load_base_model, tokenize_prompts
 from versat2i.models.lora_files import get_lora_target, kohya_to_peft, load_kohya_lora, peft_to_kohya, save_kohya_lora
 
@@ -94,7 +95,8 @@ def test_alpha_reproduces_per_module_and_rslora_scaling(tiny, tmp_path):
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
 def test_kohya_to_peft_recovers_every_module(tiny, tmp_path, arch):
     base = add_lora(load_base_model(tiny[arch].folder))
-    path = save_kohya_lora(tmp_path / "x.safetensors", denoiser=base.denoiser, text_encoders=base.text_encoders, metadata={})
+    path = save_kohya_lora(tmp_path / "x.safetensors", denoiser=base.denoiser, text_encoders=base.text_encoders,
+                           metadata={})
     weights = kohya_to_peft(load_kohya_lora(path)[0], base)
 
     components = {"unet": base.denoiser, "text_encoder": base.text_encoders[0]}
@@ -123,7 +125,8 @@ def _pipeline(arch, folder):
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
 def test_diffusers_load_lora_weights_reproduces_the_peft_model(tiny, tmp_path, arch):
     base = add_lora(load_base_model(tiny[arch].folder))
-    path = save_kohya_lora(tmp_path / "x.safetensors", denoiser=base.denoiser, text_encoders=base.text_encoders, metadata={})
+    path = save_kohya_lora(tmp_path / "x.safetensors", denoiser=base.denoiser, text_encoders=base.text_encoders,
+                           metadata={})
     pipe = _pipeline(arch, tiny[arch].folder)
     inputs = unet_inputs(arch)
     with torch.no_grad():

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from tiny_models.sd import build_tiny_model, unet_inputs
+
 from versat2i.models import loading as model_loading
 from versat2i.models.architectures import ARCHITECTURES
 from versat2i.models.loading import (

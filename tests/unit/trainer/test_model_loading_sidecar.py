@@ -13,6 +13,7 @@ import shutil
 import pytest
 import torch
 from tiny_models.sd import build_tiny_sd15
+
 from versat2i.models.loading import load_base_model, sidecar_config_dir
 
 

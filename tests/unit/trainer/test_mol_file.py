@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
 from versat2i.safe_io import file_identity
 from versat2i.trainer.gate import MixtureGate
 from versat2i.trainer.mol_file import (
@@ -21,7 +22,8 @@ from versat2i.trainer.mol_file import (
     save_mol,
 )
 
-LAYERS = ["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", "lora_te_text_model_encoder_layers_0_mlp_fc1"]
+LAYERS = ["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+          "lora_te_text_model_encoder_layers_0_mlp_fc1"]
 IN_FEATURES = [32, 16]
 
 
@@ -67,7 +69,8 @@ def test_round_trip(lora_dir, granularity):
     assert mol.aspects == gate.experts
     assert mol.gate.layers == gate.layers and mol.gate.granularity == granularity
     assert mol.training == {"steps": 7}
-    assert [p.name for p in mol.lora_paths] == ["aesthetics.safetensors", "geometry.safetensors", "lowlevel.safetensors"]
+    assert [p.name for p in mol.lora_paths] == ["aesthetics.safetensors", "geometry.safetensors",
+                                                "lowlevel.safetensors"]
     assert mol.experts[0].rank == 4 and mol.experts[0].alpha == 2.0
     for (name, a), (_, b) in zip(gate.state_dict().items(), mol.gate.state_dict().items()):
         assert torch.equal(a, b), name

@@ -13,11 +13,13 @@ import pytest
 import torch
 from tiny_models.lora_training import TINY_SIZE, make_kohya_dataset
 from tiny_models.sd import build_tiny_sd15
+
+from versat2i.aspects import ASPECTS
 from versat2i.trainer import train_gate
 from versat2i.trainer.gate import GateUsage
 from versat2i.trainer.mol_file import load_mol
 
-ASPECTS = ("aesthetics", "geometry", "lowlevel")
+GATE_TEST_ASPECTS = ("aesthetics", "geometry", "lowlevel")  # one trained LoRA, two opposed
 # LoRA 0 is trained on the data (it lowers the denoising loss); LoRAs 1 and 2 are the same LoRA
 # scaled by -2 and -1.5, which push the prediction the other way. Without balancing, the gate
 # learns to route away from them (per layer, often completely).
@@ -30,11 +32,12 @@ LAYER_FLOOR = 0.05
 def tiny(tmp_path_factory):
     from safetensors.torch import load_file, save_file
     from tiny_models.lora_training import tiny_lora_config
+
     from versat2i.trainer import train_lora
 
     root = tmp_path_factory.mktemp("tiny-gate")
     model = build_tiny_sd15(root)
-    dataset = make_kohya_dataset(root / "dataset", aspects={a: 1 for a in ASPECTS}, images_per_aspect=2)
+    dataset = make_kohya_dataset(root / "dataset", aspects={a: 1 for a in GATE_TEST_ASPECTS}, images_per_aspect=2)
     loras = root / "loras"
     config = tiny_lora_config(root, model.folder, dataset, aspect="", output_dir=str(loras), output_name="aesthetics",
                               work_dir=str(root / "lora-run"), learning_rate=1e-2, max_train_steps=30,
@@ -115,12 +118,13 @@ def test_balancing_keeps_every_lora_above_a_floor(tiny, tmp_path):
     _, layers_switch = measure_mass(tiny, switched)
     collapsed_without = (layers_without.min(1).values < LAYER_FLOOR).float().mean().item()
     collapsed_switch = (layers_switch.min(1).values < LAYER_FLOOR).float().mean().item()
-    print(f"layers with an expert below {LAYER_FLOOR}: {collapsed_without:.2f} without, {collapsed_switch:.2f} with switch")
+    print(f"layers with an expert below {LAYER_FLOOR}: {collapsed_without:.2f} without, "
+          f"{collapsed_switch:.2f} with switch")
     assert collapsed_without > 0.5 and collapsed_switch < collapsed_without / 2
     # the result is a loadable, hash-checked MoL file next to the LoRAs, with its training record
     mol = load_mol(balanced)
     assert balanced.parent == tiny[2][0].parent and balanced.name == "balanced.mol.safetensors"
-    assert mol.aspects == ASPECTS and mol.training["steps"] == 25 and mol.training["balance_weight"] == 1.0
+    assert mol.aspects == GATE_TEST_ASPECTS and mol.training["steps"] == 25 and mol.training["balance_weight"] == 1.0
     assert all(mol.gate.calibrated) and (mol.gate.input_scale != 1.0).all()
 
 
@@ -164,7 +168,6 @@ def test_diffusers_bake_equals_dynamic_for_prompt_gates(tiny, prompt_mol):
 # -- LoRAs that adapt the text encoder and the 1x1-conv proj_in / proj_out, unequal ranks -------------
 
 MIXED_RANKS = (2, 4, 4, 8)
-MIXED_ASPECTS = ("aesthetics", "alignment", "geometry", "lowlevel")
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +176,7 @@ def mixed(tmp_path_factory):
     Conv2d) and the text encoder, ranks 2/4/4/8 (geometry skips every attn1 layer), and a random
     token and prompt MoL file over them."""
     from tiny_models.sd import make_kohya_lora
+
     from versat2i.models.loading import load_base_model
     from versat2i.models.lora_files import load_kohya_lora
     from versat2i.trainer.mix_diffusers import gate_for_layers, mixture_layers
@@ -184,12 +188,13 @@ def mixed(tmp_path_factory):
     folder.mkdir()
     paths = [make_kohya_lora("sd15", folder / f"{aspect}.safetensors", seed=20 + i, rank=rank, alpha=rank / 2,
                              exclude=("attn1",) if aspect == "geometry" else ())
-             for i, (aspect, rank) in enumerate(zip(MIXED_ASPECTS, MIXED_RANKS))]
+             for i, (aspect, rank) in enumerate(zip(ASPECTS, MIXED_RANKS))]
     base = load_base_model(model.folder, compute_hash=False)
     layers = mixture_layers(base, [load_kohya_lora(p)[0] for p in paths])
     mols = {}
     for seed, granularity in enumerate(("token", "prompt")):
-        gate = gate_for_layers(MIXED_ASPECTS, layers, granularity, base.architecture.gate_prompt_features(base.denoiser.config))
+        prompt_features = base.architecture.gate_prompt_features(base.denoiser.config)
+        gate = gate_for_layers(ASPECTS, layers, granularity, prompt_features)
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for name, parameter in gate.named_parameters():
@@ -197,7 +202,7 @@ def mixed(tmp_path_factory):
                     parameter.copy_(torch.randn(parameter.shape, generator=g) * 2.0)
             gate.prior.copy_(torch.softmax(torch.randn(gate.prior.shape, generator=g), -1))
             gate.input_scale.copy_(torch.rand(gate.input_scale.shape, generator=g) * 4 + 0.5)
-        records = [expert_record(a, p, folder) for a, p in zip(MIXED_ASPECTS, paths)]
+        records = [expert_record(a, p, folder) for a, p in zip(ASPECTS, paths)]
         mols[granularity] = save_mol(folder / f"{granularity}.mol.safetensors", gate, records)
     return model, paths, mols, layers
 
@@ -279,7 +284,7 @@ def test_diffusers_dynamic_with_one_lora_equals_diffusers_lora_loading(mixed):
     base = load_base_model(model.folder, compute_hash=False)
     pipe = build_pipeline(base, device="cpu")
     layers = mixture_layers(base, [load_kohya_lora(paths[3])[0]])
-    gate = MixtureGate(["only"], [l.name for l in layers], [l.in_features for l in layers], "token")
+    gate = MixtureGate(["only"], [layer.name for layer in layers], [layer.in_features for layer in layers], "token")
     with torch.no_grad():
         for weight in gate.weights:
             weight.normal_()
@@ -310,6 +315,7 @@ def test_mix_command_writes_images(mixed, tmp_path):
 
     import numpy as np
     from PIL import Image
+
     from versat2i.models.loading import load_base_model
     from versat2i.models.pipelines import build_pipeline
     from versat2i.trainer.cli import MIX_MODES, add_mix_subcommand
@@ -343,10 +349,10 @@ def test_mix_command_writes_images(mixed, tmp_path):
         mix("bake-cfg1", "--mode", "bake", "--cfg", "1")
     with pytest.raises(ValueError, match="--disable-aspects: geometri not in prompt.mol.safetensors") as excinfo:
         mix("typo", "--disable-aspects", "geometri")
-    assert "aesthetics, alignment, geometry, lowlevel" in str(excinfo.value)
+    assert ", ".join(ASPECTS) in str(excinfo.value)
     assert not (tmp_path / "typo").exists()
     with pytest.raises(ValueError, match="keep at least one"):
-        mix("none", "--disable-aspects", ",".join(MIXED_ASPECTS))
+        mix("none", "--disable-aspects", ",".join(ASPECTS))
 
 
 # -- several processes ----------------------------------------------------------------------------------
@@ -368,7 +374,8 @@ train_gate.gate_for_layers = capture
 train_gate.main(train_gate.parse_args(["--config", sys.argv[1]]))
 gate = made[0]
 # One file per process (the main process's gate is what the MoL file holds).
-save_file({"input_scale": gate.input_scale.detach().cpu().contiguous(), "prior": gate.prior.detach().cpu().contiguous()},
+save_file({"input_scale": gate.input_scale.detach().cpu().contiguous(),
+           "prior": gate.prior.detach().cpu().contiguous()},
           f"{sys.argv[2]}.rank{os.environ['RANK']}.safetensors")
 """
 
@@ -384,7 +391,7 @@ def test_two_processes_train_one_gate(mixed, tmp_path):
     from safetensors.torch import load_file
 
     model, paths, _, _ = mixed
-    dataset = make_kohya_dataset(tmp_path / "dataset", aspects={a: 1 for a in MIXED_ASPECTS}, images_per_aspect=2)
+    dataset = make_kohya_dataset(tmp_path / "dataset", aspects={a: 1 for a in ASPECTS}, images_per_aspect=2)
     config = train_gate.GateTrainConfig(
         base_model=str(model.folder), dataset_dir=str(dataset), loras=tuple(str(p) for p in paths),
         output_dir=str(paths[0].parent), output_name="two-processes", work_dir=str(tmp_path / "run"),

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from tiny_models.lora_training import make_kohya_dataset, tiny_lora_config
 from tiny_models.sd import build_tiny_sd15
+
 from versat2i.trainer import train_lora, training_loop
 from versat2i.trainer.events import read_events
 from versat2i.trainer.launcher import (
@@ -102,6 +103,7 @@ def reference_run(tiny, tmp_path_factory):
     return config, result, watcher
 
 
+@pytest.mark.slow
 def test_training_writes_a_kohya_lora_with_metadata(reference_run):
     config, result, watcher = reference_run
     assert result.lora_path == config.output_path
@@ -142,6 +144,7 @@ def test_loss_falls_on_an_overfit_set(reference_run, tiny):
     """The logged loss falls, and the LoRA (loaded by diffusers from the kohya file) lowers the loss on
     the training images at fixed noise and timesteps."""
     from diffusers import StableDiffusionPipeline
+
     from versat2i.trainer.kohya_dataset import KohyaDataset
     from versat2i.training_set.folders import scan_training_set
 
@@ -183,6 +186,7 @@ def test_batches_per_epoch_are_odd_so_accumulation_spans_epoch_ends(tiny):
     assert len(sampler) % 2 == 1 and RESUME_SETTINGS["gradient_accumulation_steps"] == 2
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_lora(reference_run, tiny, tmp_path):
     reference_config, _, _ = reference_run
     model, dataset = tiny
@@ -228,6 +232,7 @@ def test_killed_run_resumes_to_the_same_lora(reference_run, tiny, tmp_path):
     assert [step for step, _ in json.loads(curve)] == list(range(1, STEPS + 1))
 
 
+@pytest.mark.slow
 def test_trains_from_a_single_file_checkpoint(tiny, tmp_path):
     """The ComfyUI-layout single file (model.diffusion_model.* ...) trains like the folder: a few
     dozen optimiser steps, and the loss falls on the overfit set."""

@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 from tiny_models.lora_training import make_kohya_dataset, tiny_lora_config
+
 from versat2i.models.architectures import ARCHITECTURES
 from versat2i.trainer import objective, train_lora, training_loop
 from versat2i.trainer.config import LoraTrainConfig

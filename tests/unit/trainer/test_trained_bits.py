@@ -69,6 +69,7 @@ def _train_lora(root: Path, arch: str, *, single_file: bool = False, **overrides
 
 def _train_gate(root: Path, granularity: str) -> Path:
     from safetensors.torch import save_file
+
     from versat2i.trainer import train_gate, train_lora
 
     model = build_tiny_model("sd15", root / "model", seed=3)
@@ -96,7 +97,8 @@ CASES = {
     "lora-sd15-text-encoder-ff-snr": lambda root: _train_lora(root, "sd15", train_text_encoder=True,
                                                               train_feed_forward=True, snr_gamma=5.0,
                                                               noise_offset=0.05),
-    "lora-sd2-vpred": lambda root: _train_lora(root, "sd2", single_file=True, cache_latents=True, cache_text_embeddings=True),
+    "lora-sd2-vpred": lambda root: _train_lora(root, "sd2", single_file=True, cache_latents=True,
+                                               cache_text_embeddings=True),
     "lora-sdxl": lambda root: _train_lora(root, "sdxl", train_text_encoder=True),
     "gate-token": lambda root: _train_gate(root, "token"),
     "gate-prompt": lambda root: _train_gate(root, "prompt"),
