@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from ..models.loading import model_source_paths
+from ..progress import Progress
 from ..safe_io import atomic_write_text
 from ..trainer.training_loop import tree_identity
 from .config import LoopConfig
@@ -371,7 +372,8 @@ class LoopRound:
             inputs += identity(Path(config.dataset.replay_dir))
         self.ledger.run(step, settings=stage_settings(config, "filter"), inputs=inputs, outputs=[paths.training_set],
                         work=lambda: write_training_set(config, paths.scores, paths.candidates, paths.training_set,
-                                                        progress=self._progress(step)))
+                                                        progress=self._progress(step),
+                                                        show_progress=self.show_progress))
 
     def train(self) -> None:
         """One LoRA per aspect, ``[training] parallel_jobs`` at a time (each job is its own step)."""
@@ -445,17 +447,16 @@ class LoopRound:
         self.ledger.emit(LoopEvent(self.step(f"train/{job}" if job != "gate" else "gate"), "train", data=event))
         if not self.show_progress:
             return
-        from tqdm import tqdm
-
         with self._bars_lock:
             if event["event"] == "start":
-                self._bars[job] = tqdm(total=event["total_steps"], initial=event["start_step"], unit="step",
-                                       desc=f"train {job}", position=len(self._bars), leave=False, disable=None)
+                label = "train gate" if job == "gate" else f"train LoRA {job}"
+                self._bars[job] = Progress(event["total_steps"], label, unit="step", initial=event["start_step"],
+                                           position=len(self._bars), leave=False)
             elif event["event"] == "step" and job in self._bars:
                 bar = self._bars[job]
-                bar.update(event["step"] - bar.n)
                 if event.get("loss") is not None:
-                    bar.set_postfix(loss=f"{event['loss']:.4f}", refresh=False)
+                    bar.set_postfix(loss=f"{event['loss']:.4f}")
+                bar.set(event["step"])
             elif event["event"] == "done" and job in self._bars:
                 self._bars.pop(job).close()
 
