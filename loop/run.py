@@ -129,12 +129,21 @@ class LoopResult:
         return self.rounds[-1].report["markdown"]
 
     def timing_table(self) -> str:
+        """Seconds per step, this run and when its output was made; the sums of step times and this
+        run's wall time are labelled apart (parallel steps make the sum exceed the wall time)."""
         lines = ["| step | this run | when made |", "|---|---:|---:|"]
         for record in self.steps:
             now = "skipped" if record.status == "skipped" else f"{record.seconds:.1f} s"
             lines.append(f"| {record.step} | {now} | {record.made_in_seconds:.1f} s |")
-        lines.append(f"| **total** | {self.seconds:.1f} s | {sum(r.made_in_seconds for r in self.steps):.1f} s |")
-        return "\n".join(lines)
+        ran = sum(r.seconds for r in self.steps)
+        made = sum(r.made_in_seconds for r in self.steps)
+        lines.append(f"| sum of step times | {ran:.1f} s | {made:.1f} s |")
+        lines.append(f"| **wall time of this run** | **{self.seconds:.1f} s** | |")
+        return "\n".join(lines) + (
+            "\n\nthis run: each step's time in this run (skipped: finished by an earlier run); when made: its time in "
+            "the run that made its output. Steps run side by side ([training] parallel_jobs) overlap, so their sum can "
+            "exceed the wall time; the wall time also counts what no step does (checking the config and the folder, "
+            "loading the scorers).")
 
 
 # -- fingerprints ------------------------------------------------------------------------------------------
