@@ -74,6 +74,7 @@ class Progress:
         self._started = clock()
         self._last_line = self._started
         self._closed = False
+        self._final_logged = False
         self._bar = None
         stream = stream if stream is not None else sys.stderr
         self.plain = enabled and not _is_terminal(stream)
@@ -95,7 +96,9 @@ class Progress:
         self.done = done
         if self._bar is not None:
             self._bar.update(step)
-        elif self.plain and self._clock() - self._last_line >= self._interval:
+        elif self.plain and self.total and done >= self.total and not self._final_logged:
+            self._log(final=True)  # complete: the final line now (close() then adds none)
+        elif self.plain and self._clock() - self._last_line >= self._interval and not self._final_logged:
             self._log()
 
     def set_postfix(self, **values: Any) -> None:
@@ -118,7 +121,7 @@ class Progress:
         self._closed = True
         if self._bar is not None:
             self._bar.close()
-        elif self.plain and (self.done != self.initial or self.total == 0):
+        elif self.plain and not self._final_logged and (self.done != self.initial or self.total == 0):
             self._log(final=True)
 
     def __enter__(self) -> Progress:
@@ -147,6 +150,7 @@ class Progress:
 
     def _log(self, *, final: bool = False) -> None:
         self._last_line = self._clock()
+        self._final_logged = final
         logger.info("%s", self.line(final=final))
 
 

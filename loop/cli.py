@@ -190,23 +190,28 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def _quiet_libraries(args: argparse.Namespace) -> None:
-    """Hide the libraries' notices that say nothing to a loop user (diffusers' float32-module and
-    "no text-encoder LoRA keys" warnings, transformers' weight-loading bars, peft's several-adapters
-    warning for the equal-weight merge). ``-v`` keeps them."""
+    """Hide what the libraries print that says nothing to a loop user; ``-v`` keeps it. The
+    libraries' other warnings stay visible. (diffusers' float32-cast, "no text-encoder LoRA keys"
+    and peft's several-adapters warnings are avoided where they arise, in models/pipelines.py.)"""
     if getattr(args, "verbose", False):
         return
-    import warnings
-
-    from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    diffusers_logging.set_verbosity_error()
-    transformers_logging.set_verbosity_error()
+    # transformers draws a "Loading weights" bar per model it loads (into log files too); the
+    # loop's own progress lines say which stage is running.
     transformers_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-    # bitsandbytes (pulled in by the optional pyiqa extra) warns on import that its CPU 4-bit kernels
-    # are missing; nothing here uses them.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    _hide_unused_bitsandbytes_kernel_notices()
+
+
+def _hide_unused_bitsandbytes_kernel_notices() -> None:
+    """bitsandbytes (pulled in by the optional pyiqa extra) is imported by diffusers whenever it is
+    installed; on import, on a CPU with AVX512-BF16, it asks the kernels library for a 4-bit matmul
+    kernel on the Hugging Face Hub. Offline that logs "Skipping publisher trust check for
+    'kernels-community/quantization-bitsandbytes'" (kernels) and "Failed to load CPU
+    gemm_4bit_forward" (bitsandbytes). The pack never runs 4-bit layers: those two loggers show
+    errors only."""
+    for name in ("kernels", "bitsandbytes"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _run_stoppable(start) -> int:

@@ -58,7 +58,8 @@ def test_interval_from_the_environment_and_postfix(caplog, monkeypatch):
     bar.close()  # a second close logs nothing
     lines = progress_lines(caplog)
     assert lines[0] == "train LoRA aesthetics: 2/4 step (50%), 2 s, about 4 s left, loss 0.2000"
-    assert len(lines) == 4 and lines[-1].startswith("train LoRA aesthetics: 4/4 step (100%), 6 s in all")
+    assert lines[1:] == ["train LoRA aesthetics: 3/4 step (75%), 4 s, about 2 s left, loss 0.3000",
+                         "train LoRA aesthetics: 4/4 step (100%), 6 s in all, loss 0.4000"]
 
 
 def test_a_terminal_gets_a_tqdm_bar_and_no_log_lines(caplog):
@@ -89,3 +90,13 @@ def test_a_bad_interval_is_one_error_naming_the_variable(monkeypatch):
 @pytest.mark.parametrize(("seconds", "text"), [(0.4, "0 s"), (59, "59 s"), (92, "1 min 32 s"), (7500, "2 h 05 min")])
 def test_format_duration(seconds, text):
     assert format_duration(seconds) == text
+
+
+def test_work_that_completes_logs_its_final_line_once(caplog, monkeypatch):
+    monkeypatch.setenv(SECONDS_VARIABLE, "0")
+    caplog.set_level(logging.INFO, logger="versat2i.progress")
+    clock = FakeClock()
+    with Progress(2, "score", unit="img", stream=io.StringIO(), clock=clock) as bar:
+        clock.now += 3.0
+        bar.update(2)
+    assert progress_lines(caplog) == ["score: 2/2 img (100%), 3 s in all"]
