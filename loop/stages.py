@@ -390,6 +390,9 @@ def write_variants(config, paths: RoundPaths, round_number: int) -> Path:
         paths.eval, [v.report_variant() for v in evaluation_variants(config)], base="base",
         config={"round": round_number, "aspects": config.resolved_aspects(),
                 "evaluation_prompts": len(config.evaluation_prompts()),
+                # the report evaluates each set apart and leads with the held-out prompts
+                "prompt_sets": {"held_out": config.held_out_prompts(),
+                                "train": config.train_prompts() if config.evaluation.include_train_prompts else []},
                 "seeds_per_prompt": config.evaluation.seeds_per_prompt,
                 "include_train_prompts": config.evaluation.include_train_prompts,
                 "gate_mode": config.evaluation.gate_mode},
