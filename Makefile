@@ -16,6 +16,16 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
+# No venv yet and no $(PYTHON): stop with one line saying what to install (instead of a shell error
+# in the middle of the recipe). `make clean` needs no Python.
+ifeq ($(wildcard $(BIN)/python),)
+ifneq ($(filter-out clean,$(or $(MAKECMDGOALS),venv)),)
+ifeq ($(shell command -v $(PYTHON) 2>/dev/null),)
+$(error $(PYTHON) not found on PATH: install Python 3.11 with its venv module (Debian/Ubuntu: apt-get install python3.11 python3.11-venv; else python.org) or pass PYTHON=/path/to/python3.11)
+endif
+endif
+endif
+
 .PHONY: venv comfy-deps test test-fast lint demo bench clean
 
 venv: $(STAMP) comfy-deps
@@ -26,7 +36,10 @@ $(STAMP): pyproject.toml
 	# torch first and pinned; every later install is constrained to it so nothing re-resolves torch.
 	$(BIN)/python -m pip install --disable-pip-version-check -q $(TORCH_PINS)
 	printf '%s\n' $(TORCH_PINS) > $(VENV)/torch-constraints.txt
-	$(BIN)/python -m pip install --disable-pip-version-check -q -c $(VENV)/torch-constraints.txt -e ".[$(EXTRAS)]"
+	# setuptools tells every editable install to beware of folders named like the package in the
+	# working directory; there is none here (the package is the repository root, mapped to versat2i).
+	PYTHONWARNINGS="ignore:Editable installation." \
+	  $(BIN)/python -m pip install --disable-pip-version-check -q -c $(VENV)/torch-constraints.txt -e ".[$(EXTRAS)]"
 	! $(BIN)/python -m pip show -q torchaudio 2>/dev/null  # torchaudio breaks peft/diffusers imports here
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)

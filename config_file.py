@@ -6,13 +6,18 @@ key) and fingerprint what changes a result. The trainer's and the loop's configs
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
 import hashlib
+import inspect
+import io
 import json
 import math
 import os
 import sys
+import textwrap
+import tokenize
 import typing
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -121,6 +126,34 @@ class ConfigFile:
 
 
 
+# -- what each setting means ----------------------------------------------------------------------
+
+def field_comments(cls: type) -> dict[str, str]:
+    """{field name: its comment} for a config dataclass and the classes it inherits from: the
+    ``# ...`` comment at the end of the line that declares the field. Those comments are the one
+    description of each setting: the code's readers see them, and ``versat2i loop --print-config``
+    prints them. A field declared without one is left out (tests require one for every setting the
+    loop accepts)."""
+    comments: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if "__dataclass_fields__" not in vars(klass):
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):  # no source file (a class built at run time)
+            continue
+        trailing = {}
+        for token in tokenize.generate_tokens(io.StringIO(source).readline):
+            if token.type == tokenize.COMMENT and token.line[:token.start[1]].strip():
+                trailing[token.start[0]] = token.string.lstrip("#").strip()
+        (class_node,) = ast.parse(source).body
+        for node in class_node.body:
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) \
+                    and node.end_lineno in trailing:
+                comments[node.target.id] = trailing[node.end_lineno]
+    return comments
+
+
 # -- problems() helpers: each appends one line naming the setting and the fix ---------------------
 
 def require_choice(p: list[str], name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -186,6 +219,14 @@ def dump_flat_toml(data: dict[str, Any]) -> str:
             continue
         lines.append(f"{key} = {_toml_value(value)}")
     return "\n".join(lines) + "\n"
+
+
+def toml_value(value: Any, *, width: int = 100) -> str:
+    """One value in TOML; a list longer than ``width`` characters gets one item per line."""
+    text = _toml_value(value)
+    if len(text) <= width or not isinstance(value, (list, tuple)):
+        return text
+    return "[\n" + "".join(f"    {_toml_value(item)},\n" for item in value) + "]"
 
 
 def _toml_value(value: Any) -> str:

@@ -6,7 +6,7 @@
                       [--device auto] [--dtype auto] [--save-latents] [--lora FILE[=WEIGHT] ...]
     accelerate launch -m versat2i.cli generate ...      (several GPUs: the grid is split between them)
     versat2i report --eval EVAL_DIR --out REPORT_DIR [--base base] [--resamples 2000] [--seed 0]
-    versat2i loop --config loop.toml [--overwrite] [--quiet]     (--print-config: an example)
+    versat2i loop --config loop.toml [--overwrite] [--quiet]     (--print-config [demo]: every setting, explained)
     versat2i demo [--out versat2i-demo] [--overwrite] [--quiet]
 
 Thin wrappers: the work happens in ``loop/generate.py``, ``loop/report.py``, ``loop/run.py`` and
@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+
+PRINTABLE_CONFIGS = ("example", "demo")
 
 
 def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
@@ -92,7 +94,9 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     loop.add_argument("--overwrite", action="store_true",
                       help="redo finished stages whose settings changed (their outputs are replaced)")
     loop.add_argument("--check", action="store_true", help="only validate the config and exit")
-    loop.add_argument("--print-config", action="store_true", help="print an example config and exit")
+    loop.add_argument("--print-config", nargs="?", const="example", choices=PRINTABLE_CONFIGS, metavar="example|demo",
+                      help="print a config with every setting and what it means, and exit: an SD1.5 example "
+                           "(default), or the embedded demo world's settings (demo)")
     loop.add_argument("--quiet", action="store_true", help="no progress bars")
     loop.set_defaults(func=run_loop_command)
 
@@ -186,23 +190,28 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def _quiet_libraries(args: argparse.Namespace) -> None:
-    """Hide the libraries' notices that say nothing to a loop user (diffusers' float32-module and
-    "no text-encoder LoRA keys" warnings, transformers' weight-loading bars, peft's several-adapters
-    warning for the equal-weight merge). ``-v`` keeps them."""
+    """Hide what the libraries print that says nothing to a loop user; ``-v`` keeps it. The
+    libraries' other warnings stay visible. (diffusers' float32-cast, "no text-encoder LoRA keys"
+    and peft's several-adapters warnings are avoided where they arise, in models/pipelines.py.)"""
     if getattr(args, "verbose", False):
         return
-    import warnings
-
-    from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    diffusers_logging.set_verbosity_error()
-    transformers_logging.set_verbosity_error()
+    # transformers draws a "Loading weights" bar per model it loads (into log files too); the
+    # loop's own progress lines say which stage is running.
     transformers_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-    # bitsandbytes (pulled in by the optional pyiqa extra) warns on import that its CPU 4-bit kernels
-    # are missing; nothing here uses them.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    _hide_unused_bitsandbytes_kernel_notices()
+
+
+def _hide_unused_bitsandbytes_kernel_notices() -> None:
+    """bitsandbytes (pulled in by the optional pyiqa extra) is imported by diffusers whenever it is
+    installed; on import, on a CPU with AVX512-BF16, it asks the kernels library for a 4-bit matmul
+    kernel on the Hugging Face Hub. Offline that logs "Skipping publisher trust check for
+    'kernels-community/quantization-bitsandbytes'" (kernels) and "Failed to load CPU
+    gemm_4bit_forward" (bitsandbytes). The pack never runs 4-bit layers: those two loggers show
+    errors only."""
+    for name in ("kernels", "bitsandbytes"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _run_stoppable(start) -> int:
@@ -229,8 +238,14 @@ def run_loop_command(args: argparse.Namespace) -> int:
     from .config import LoopConfig
     from .run import run_loop
 
+    if args.print_config == "demo":
+        from .demo import printable_demo_config
+
+        config, header = printable_demo_config()
+        print(config.commented_toml(header), end="")
+        return 0
     if args.print_config:
-        print(example_config().to_toml(), end="")
+        print(example_config().commented_toml(EXAMPLE_HEADER), end="")
         return 0
     if args.config is None:
         raise ValueError("--config: give the loop config (.toml); `versat2i loop --print-config` prints an example")
@@ -250,10 +265,18 @@ def run_demo_command(args: argparse.Namespace) -> int:
     return _run_stoppable(lambda: run_demo(args.out, overwrite=args.overwrite, show_progress=not args.quiet))
 
 
+EXAMPLE_HEADER = (
+    "A versat2i loop config: every setting, each under what it means (defaults unless the example changed it).",
+    "Edit the paths, then: versat2i loop --config loop.toml --check   (validates it), and without --check to run.",
+    "Relative paths are relative to this file's folder. The embedded demo's settings: versat2i loop --print-config demo",
+)
+
+
 def example_config():
     """The config ``--print-config`` prints: SD1.5 with the default learned scorers."""
     from .config import (
         EvaluationSection,
+        GenerationConfig,
         LoopConfig,
         ModelSection,
         PromptsSection,
@@ -265,6 +288,7 @@ def example_config():
         model=ModelSection(base_model="models/checkpoints/v1-5-pruned-emaonly.safetensors"),
         prompts=PromptsSection(train_file="prompts.txt", held_out_file="held_out_prompts.txt",
                                candidates_per_prompt=8),
+        generation=GenerationConfig(width=512, height=512),
         aspects={"aesthetics": "laion-aesthetic-v2", "alignment": "clip-score", "lowlevel": "clip-iqa"},
         thresholds={"aesthetics": "none", "alignment": "none", "lowlevel": "p25"},
         lora={"rank": 16, "max_train_steps": 500, "learning_rate": 1e-4, "resolution": 512},

@@ -1,6 +1,6 @@
 """``LoopConfig``: everything one run of the VersaT2I loop needs, as one TOML file.
 
-    versat2i loop --config loop.toml          (``versat2i loop --print-config`` writes an example)
+    versat2i loop --config loop.toml          (``versat2i loop --print-config [demo]`` prints every setting)
 
 A frozen dataclass made of sections; every section is a ``trainer.config.ConfigFile`` (the same
 strict parsing, unknown-key hints and fingerprints as the trainer's configs), and the LoRA / gate
@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..aspects import aspect_name_problem
-from ..config_file import ConfigFile, dump_flat_toml
+from ..config_file import ConfigFile, dump_flat_toml, field_comments, toml_value
 from ..rewards.registry import DEFAULT_SCORERS, SCORERS, list_scorers, split_name
 from ..rewards.selection import Threshold
 from ..trainer.config import ARCH_CHOICES, PREDICTION_TYPES, LoraTrainConfig
@@ -71,6 +71,8 @@ LOOP_OWNED_TRAINING_FIELDS = frozenset({
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelSection(ConfigFile):
+    """The checkpoint the loop improves (every LoRA and the mixture are add-ons of it)."""
+
     base_model: str = ""  # single-file checkpoint (.safetensors) or diffusers folder
     arch: str = "auto"  # auto (detect) or a family of models/architectures.py
     prediction_type: str = "auto"  # auto | epsilon | v_prediction | sample
@@ -79,6 +81,8 @@ class ModelSection(ConfigFile):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PromptsSection(ConfigFile):
+    """The loop's prompts, the held-out prompts it never trains on, and K candidates per prompt."""
+
     train: tuple[str, ...] = ()  # the loop's prompts ...
     train_file: str = ""  # ... or a text file, one per line ('#' comments and blank lines skipped)
     held_out: tuple[str, ...] = ()  # evaluation-only prompts ...
@@ -89,17 +93,23 @@ class PromptsSection(ConfigFile):
 
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig(GenerationSettings, ConfigFile):
-    """``loop.generate.GenerationSettings`` with the config-file methods (it *is* one)."""
+    """How every candidate and evaluation image is sampled.
+
+    ``loop.generate.GenerationSettings`` with the config-file methods (it *is* one)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ScoringSection(ConfigFile):
+    """Where the scorers find their weight files (docs/scorers.md names each file)."""
+
     models_dir: tuple[str, ...] = ()  # folders searched for scorer weights (clip/, aesthetic/, hps/...)
     batch_size: int = 64  # images loaded and scored at once (bounds memory, never changes a score)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DatasetSection(ConfigFile):
+    """The training set written from the best candidates (kohya layout), and replay of real images."""
+
     repeats: int = 1  # kohya repeats: folder <repeats>_<aspect>
     save_latents: bool = False  # keep generation latents next to the images (the trainer reuses them)
     replay_dir: str = ""  # real captioned images (<name>.png + <name>.txt) ...
@@ -108,6 +118,8 @@ class DatasetSection(ConfigFile):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainingSection(ConfigFile):
+    """How the training processes run (speed only: never changes what they learn)."""
+
     parallel_jobs: int = 1  # LoRA trainings run at once (each in its own process)
     threads_per_job: int = 0  # OMP/torch threads of each training process (0 = inherit the environment)
     accelerate_config: str = "auto"  # "auto" (the user's default accelerate config, else 1 process) or a file
@@ -116,17 +128,19 @@ class TrainingSection(ConfigFile):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EvaluationSection(ConfigFile):
+    """Every variant sampled on the same prompts and seeds, compared with the base model."""
+
     seeds_per_prompt: int = 8  # S seeds per evaluation prompt, the same for every variant
     # Evaluation prompt p gets seeds seed + p*S .. seed + p*S + S - 1: every (prompt, seed) pair has
     # its own noise, so pairs are independent draws (what the bootstrap CIs and the seed-to-seed
     # spread assume; with one seed list shared by every prompt, a lucky noise draw would lift all
     # prompts at once and both would understate the run-to-run spread).
-    seed: int = 1_000_000_000
+    seed: int = 1_000_000_000  # first evaluation seed (far from the candidates' seeds)
     include_train_prompts: bool = False  # also evaluate the loop's prompts (with the evaluation seeds)
-    variants: tuple[str, ...] = ()  # of base, lora (one per aspect), merge, gated; () = every one that applies
+    variants: tuple[str, ...] = ()  # of base, lora (one per aspect), merge, gated; empty = every one that applies
     gate_mode: str = "dynamic"  # dynamic: the gate runs per token; bake: its mean merged once
     resamples: int = 2000  # bootstrap resamples
-    bootstrap_seed: int = 0
+    bootstrap_seed: int = 0  # seed of the bootstrap resamples
     level: float = 0.95  # confidence level of the intervals and of the seed-to-seed spread
     unit: str = "pairs"  # bootstrap unit: (prompt, seed) pairs or whole prompts
 
@@ -136,6 +150,20 @@ SECTIONS: dict[str, type[ConfigFile]] = {
     "dataset": DatasetSection, "training": TrainingSection, "evaluation": EvaluationSection,
 }
 MAPPING_SECTIONS = ("aspects", "thresholds", "lora", "gate")
+# What the tables keyed by aspect or by trainer setting hold (their keys have no field comments).
+MAPPING_SECTION_NOTES = {
+    "aspects": 'The quality aspects, each with its scorer: aspect = "scorer" ("" = the aspect\'s default; '
+               "docs/scorers.md)",
+    "thresholds": 'Per aspect, what a prompt\'s best image must score to be kept: "none" (always kept), a score, '
+                  'or "p75" (a percentile of all candidates)',
+    "lora": "Training of each aspect LoRA (trainer/config.py LoraTrainConfig; the loop sets the model, the data and "
+            "the output paths)",
+    "gate": "Training of the gate that mixes the aspect LoRAs (trainer/train_gate.py GateTrainConfig); settings "
+            "shown commented out take the [lora] value unless set here",
+}
+# The order ``commented_toml`` prints the sections in: the loop's own order.
+PRINT_ORDER = ("model", "prompts", "generation", "aspects", "thresholds", "scoring", "dataset", "lora", "gate",
+               "training", "evaluation")
 TOP_LEVEL = ("name", "output_dir", "rounds", "device", "dtype")
 # Paths resolved against the config file's folder: (section or None, field).
 PATH_FIELDS = ((None, "output_dir"), ("model", "base_model"), ("model", "model_config_dir"),
@@ -147,11 +175,11 @@ PATH_FIELDS = ((None, "output_dir"), ("model", "base_model"), ("model", "model_c
 class LoopConfig(ConfigFile):
     """One loop run. Build it from TOML (``load``), a dict (``from_dict``) or keywords."""
 
-    name: str = "versat2i-loop"
-    output_dir: str = ""
-    rounds: int = 1
-    device: str = "auto"
-    dtype: str = "auto"
+    name: str = "versat2i-loop"  # a label (report title)
+    output_dir: str = ""  # every stage's output, markers and the run log
+    rounds: int = 1  # round r > 1 samples its candidates with round r-1's mixture
+    device: str = "auto"  # generation / scoring device (auto: the GPU when there is one)
+    dtype: str = "auto"  # generation dtype (auto: float16 on CUDA, float32 elsewhere)
     model: ModelSection = ModelSection()
     prompts: PromptsSection = PromptsSection()
     generation: GenerationConfig = GenerationConfig()
@@ -242,6 +270,56 @@ class LoopConfig(ConfigFile):
             table = {k: v for k, v in data[name].items() if v is not None}
             parts.append(f"\n[{name}]\n" + (dump_flat_toml(table) if table else ""))
         return "".join(parts)
+
+    def commented_toml(self, header: Sequence[str] = ()) -> str:
+        """This config as TOML with every setting the loop accepts, each under a one-line comment
+        (the field comments of the config classes, ``config_file.field_comments``), each section
+        under what it is for; ``header`` lines go on top as comments. Blocks are separated by
+        blank lines: the header, the top-level settings, then one block per section. ``from_dict``
+        reads it back to the same settings."""
+        lines = [f"# {line}".rstrip() for line in header] + ([""] if header else [])
+        notes = field_comments(LoopConfig)
+        for name in TOP_LEVEL:
+            lines += _commented_setting(name, getattr(self, name), notes.get(name, ""))
+        for section in PRINT_ORDER:
+            if section in SECTIONS:
+                cls = SECTIONS[section]
+                lines += ["", f"# {cls.__doc__.strip().splitlines()[0]}", f"[{section}]"]
+                notes = field_comments(cls)
+                for field in dataclasses.fields(cls):
+                    value = getattr(getattr(self, section), field.name)
+                    lines += _commented_setting(field.name, value, notes.get(field.name, ""))
+            else:
+                lines += ["", f"# {MAPPING_SECTION_NOTES[section]}", f"[{section}]"]
+                for key, value, note, inherited in self._mapping_settings(section):
+                    lines += _commented_setting(key, value, note, commented_out=inherited)
+        return "\n".join(lines) + "\n"
+
+    def _mapping_settings(self, section: str) -> list[tuple[str, Any, str, bool]]:
+        """(key, value, comment, shown commented out) for every key of [aspects], [thresholds],
+        [lora] or [gate]: every aspect, and every trainer setting the loop passes on (its default
+        unless set; gate data settings not set in [gate] come from [lora], so they are shown
+        commented out)."""
+        if section == "aspects":
+            rows = []
+            for aspect, scorer in self.resolved_aspects().items():
+                entry = SCORERS.get(split_name(scorer)[0]) if scorer else None
+                rows.append((aspect, self.aspects[aspect], entry.summary if entry else "", False))
+            return rows
+        if section == "thresholds":
+            return [(aspect, self.thresholds.get(aspect, "none"), _threshold_meaning(self.thresholds.get(aspect, "none")),
+                     False) for aspect in self.aspects]
+        cls = LoraTrainConfig if section == "lora" else GateTrainConfig
+        notes = field_comments(cls)
+        given = dict(getattr(self, section))
+        rows = []
+        for field in dataclasses.fields(cls):
+            if field.name in LOOP_OWNED_TRAINING_FIELDS:
+                continue
+            inherited = section == "gate" and field.name in GATE_INHERITS_FROM_LORA and field.name not in given
+            value = given.get(field.name, self.lora.get(field.name, field.default) if inherited else field.default)
+            rows.append((field.name, value, notes.get(field.name, ""), inherited))
+        return rows
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> LoopConfig:
@@ -582,6 +660,30 @@ def replay_count(fraction: float, kept: int) -> int:
 
 
 # -- helpers -----------------------------------------------------------------------------------------
+
+def _commented_setting(key: str, value: Any, comment: str, *, commented_out: bool = False) -> list[str]:
+    """``# comment`` and ``key = value`` (commented out itself when ``commented_out``, or when the
+    value is unset: TOML has no null)."""
+    lines = [f"# {comment}"] if comment else []
+    if value is None:
+        return [*lines, f"# {key} = (unset)"]
+    if isinstance(value, Mapping):  # a table inside a section (no loop setting is one)
+        raise TypeError(f"{key}: a nested table can't be printed as one setting")
+    line = f"{key} = {toml_value(list(value) if isinstance(value, tuple) else value)}"
+    return [*lines, f"# {line}" if commented_out else line]
+
+
+def _threshold_meaning(spec: Any) -> str:
+    try:
+        threshold = Threshold.parse(spec)
+    except ValueError:
+        return ""  # validate() names it
+    if threshold.kind == "none":
+        return "every prompt's best image is kept"
+    if threshold.kind == "absolute":
+        return f"a prompt's best image is kept if it scores >= {threshold.value:g}"
+    return f"a prompt's best image is kept if it scores >= the {threshold.value:g}th percentile of all candidates"
+
 
 def _threshold_text(value: Any) -> str:
     try:

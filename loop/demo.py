@@ -83,6 +83,23 @@ def demo_config(out: str | Path) -> LoopConfig:
     )
 
 
+def printable_demo_config() -> tuple[LoopConfig, list[str]]:
+    """The demo's config as ``versat2i loop --print-config demo`` prints it, and its header: the
+    demo's settings, with paths relative to the folder the file is saved in (``versat2i demo``
+    renders the replay images first; the loop writes to its own folder next to the demo's run)."""
+    config = demo_config(DEFAULT_OUT)
+    config = config.replace(output_dir=f"{DEFAULT_OUT}/my-loop",
+                            dataset=config.dataset.replace(replay_dir=f"{DEFAULT_OUT}/{REPLAY_DIR}"))
+    header = [
+        "The embedded demo world's loop (what `versat2i demo` runs), every setting under what it means.",
+        f"Run `versat2i demo` once first: it renders the real images [dataset] replay_dir names ({DEFAULT_OUT}/"
+        f"{REPLAY_DIR}).",
+        "Then save this file in the same folder and run: versat2i loop --config demo.toml   (relative paths are",
+        "relative to the file's folder; the demo scorers demo:<aspect> exist in the versat2i command only).",
+    ]
+    return config, header
+
+
 def write_replay_images(folder: Path, prompts: list[str], count: int) -> Path:
     """Render ``count`` real images of ``prompts`` (``demo.world.replay_images``) with their captions
     into ``folder``, atomically. An existing complete folder is kept as is: rendering is

@@ -66,6 +66,7 @@ from ..models.pipelines import (
     resolve_device,
     resolve_dtype,
 )
+from ..progress import Progress
 from ..safe_io import TargetExistsError, atomic_dir
 from ..training_set.layout import LATENTS_SUFFIX, entry_id
 
@@ -87,13 +88,13 @@ ProgressCallback = Callable[[int, int], None]  # (images done, images total)
 class GenerationSettings:
     """How each image is sampled. ``width`` / ``height`` None = the model's native resolution."""
 
-    steps: int = 30
-    guidance_scale: float = 7.5
-    scheduler: str = "default"
-    width: int | None = None
-    height: int | None = None
-    batch_size: int = 4
-    negative_prompt: str = ""
+    steps: int = 30  # sampling steps
+    guidance_scale: float = 7.5  # classifier-free guidance scale (<= 1 turns guidance off)
+    scheduler: str = "default"  # default (the checkpoint's), euler, euler_a, ddim, dpmpp_2m... (versat2i generate -h)
+    width: int | None = None  # image width, a multiple of 8 (unset: the model's native size)
+    height: int | None = None  # image height, a multiple of 8 (unset: the model's native size)
+    batch_size: int = 4  # images sampled at once (speed / memory only; never changes an image)
+    negative_prompt: str = ""  # negative prompt for every image
 
     def validate(self) -> None:
         problems = []
@@ -333,6 +334,7 @@ def generate_candidates(
     return_images: bool | None = None,
     progress: ProgressCallback | None = None,
     show_progress: bool = True,
+    progress_label: str = "generate",
 ) -> GenerationResult:
     """Sample K candidates for each prompt (module docstring: seeds, folder layout, adapters).
 
@@ -351,6 +353,8 @@ def generate_candidates(
         vae_sha256: written into the latents files; default: the loaded checkpoint's sha256.
         return_images: keep the images / latents in memory (default: only when ``out_dir`` is None).
         progress: ``(done, total)`` callback, called after each batch.
+        show_progress, progress_label: a progress bar (plain log lines when not on a terminal,
+            ``progress.Progress``) and its label.
     """
     settings = settings or GenerationSettings()
     settings.validate()
@@ -397,7 +401,7 @@ def generate_candidates(
         folder = stack.enter_context(writer) if writer is not None else None
         with state.split_between_processes(plan) as own:
             own = list(own)
-            bar = _progress_bar(len(own), show_progress and state.is_local_main_process)
+            bar = Progress(len(own), progress_label, unit="img", enabled=show_progress and state.is_local_main_process)
             done = 0
             # Adapters are applied outside inference mode: modules they create must stay trainable.
             with _scheduler_swapped(pipe, settings.scheduler), \
@@ -411,12 +415,10 @@ def generate_candidates(
                         images_out.append(images)
                         latents_out.append(latents)
                     done += len(batch)
-                    if bar is not None:
-                        bar.update(len(batch))
+                    bar.update(len(batch))
                     if progress is not None:
                         progress(done, len(own))
-            if bar is not None:
-                bar.close()
+            bar.close()
         if writer is not None:
             writer.finish(plan, summary)
     return GenerationResult(
@@ -446,14 +448,6 @@ def _resolve_pipeline(model: Any, *, device, dtype, config_dir):
         f"model: expected a checkpoint path, a loaded BaseModel or a diffusers Stable Diffusion pipeline, got "
         f"{type(model).__name__}"
     )
-
-
-def _progress_bar(total: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="img", desc="generate", disable=None)  # None: off when not a terminal
 
 
 class _OutputFolder:

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from ..models.loading import model_source_paths
+from ..progress import Progress
 from ..safe_io import atomic_write_text
 from ..trainer.training_loop import tree_identity
 from .config import LoopConfig
@@ -128,12 +129,21 @@ class LoopResult:
         return self.rounds[-1].report["markdown"]
 
     def timing_table(self) -> str:
+        """Seconds per step, this run and when its output was made; the sums of step times and this
+        run's wall time are labelled apart (parallel steps make the sum exceed the wall time)."""
         lines = ["| step | this run | when made |", "|---|---:|---:|"]
         for record in self.steps:
             now = "skipped" if record.status == "skipped" else f"{record.seconds:.1f} s"
             lines.append(f"| {record.step} | {now} | {record.made_in_seconds:.1f} s |")
-        lines.append(f"| **total** | {self.seconds:.1f} s | {sum(r.made_in_seconds for r in self.steps):.1f} s |")
-        return "\n".join(lines)
+        ran = sum(r.seconds for r in self.steps)
+        made = sum(r.made_in_seconds for r in self.steps)
+        lines.append(f"| sum of step times | {ran:.1f} s | {made:.1f} s |")
+        lines.append(f"| **wall time of this run** | **{self.seconds:.1f} s** | |")
+        return "\n".join(lines) + (
+            "\n\nthis run: each step's time in this run (skipped: finished by an earlier run); when made: its time in "
+            "the run that made its output. Steps run side by side ([training] parallel_jobs) overlap, so their sum can "
+            "exceed the wall time; the wall time also counts what no step does (checking the config and the folder, "
+            "loading the scorers).")
 
 
 # -- fingerprints ------------------------------------------------------------------------------------------
@@ -371,7 +381,8 @@ class LoopRound:
             inputs += identity(Path(config.dataset.replay_dir))
         self.ledger.run(step, settings=stage_settings(config, "filter"), inputs=inputs, outputs=[paths.training_set],
                         work=lambda: write_training_set(config, paths.scores, paths.candidates, paths.training_set,
-                                                        progress=self._progress(step)))
+                                                        progress=self._progress(step),
+                                                        show_progress=self.show_progress))
 
     def train(self) -> None:
         """One LoRA per aspect, ``[training] parallel_jobs`` at a time (each job is its own step)."""
@@ -445,17 +456,16 @@ class LoopRound:
         self.ledger.emit(LoopEvent(self.step(f"train/{job}" if job != "gate" else "gate"), "train", data=event))
         if not self.show_progress:
             return
-        from tqdm import tqdm
-
         with self._bars_lock:
             if event["event"] == "start":
-                self._bars[job] = tqdm(total=event["total_steps"], initial=event["start_step"], unit="step",
-                                       desc=f"train {job}", position=len(self._bars), leave=False, disable=None)
+                label = "train gate" if job == "gate" else f"train LoRA {job}"
+                self._bars[job] = Progress(event["total_steps"], label, unit="step", initial=event["start_step"],
+                                           position=len(self._bars), leave=False)
             elif event["event"] == "step" and job in self._bars:
                 bar = self._bars[job]
-                bar.update(event["step"] - bar.n)
                 if event.get("loss") is not None:
-                    bar.set_postfix(loss=f"{event['loss']:.4f}", refresh=False)
+                    bar.set_postfix(loss=f"{event['loss']:.4f}")
+                bar.set(event["step"])
             elif event["event"] == "done" and job in self._bars:
                 self._bars.pop(job).close()
 

@@ -29,6 +29,7 @@ from typing import Any
 from ..image_files import load_image_file
 from ..models.loading import load_base_model
 from ..models.pipelines import equal_weight_merge, resolve_device, resolve_dtype, single_lora
+from ..progress import Progress
 from ..rewards.base import score_aspects
 from ..rewards.registry import get_scorer
 from ..rewards.score_table import ScoreTable, image_fingerprints
@@ -134,7 +135,7 @@ def round_adapters(kind: str, *, loras: Sequence[Path], mixture: Path | None, ga
 def generate_images(config, out_dir: Path, prompts: Sequence[str], *, k: int | None = None,
                     seeds: Sequence[int] | None = None, base_seed: int = 0, adapters_for=None,
                     save_latents: bool = False, progress: ProgressCallback | None = None,
-                    show_progress: bool = True) -> dict[str, Any]:
+                    show_progress: bool = True, progress_label: str = "generate") -> dict[str, Any]:
     """Sample ``prompts`` x seeds into ``out_dir`` (replacing an unfinished earlier attempt)."""
 
     base = load_model(config, compute_hash=save_latents)
@@ -142,7 +143,7 @@ def generate_images(config, out_dir: Path, prompts: Sequence[str], *, k: int | N
     result = generate_candidates(
         base, prompts, k=k, seeds=seeds, base_seed=base_seed, settings=config.generation, out_dir=out_dir,
         overwrite=True, save_latents=save_latents, adapters=adapters, device=config.device, dtype=config.dtype,
-        return_images=False, progress=progress, show_progress=show_progress)
+        return_images=False, progress=progress, show_progress=show_progress, progress_label=progress_label)
     return {"images": len(result.records), "prompts": len(prompts)}
 
 
@@ -175,7 +176,7 @@ def score_folder(folder: Path, scorers: Mapping[str, Any], out_file: Path, *, ba
     columns: dict[str, list[torch.Tensor]] = {aspect: [] for aspect in scorers}
     judged: dict[str, list[torch.Tensor]] = {aspect: [] for aspect in scorers}
     fingerprints: list[str] = []
-    bar = _bar(len(records), desc, show_progress)
+    bar = Progress(len(records), desc, unit="img", enabled=show_progress)
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]
         images = torch.stack([torch.from_numpy(load_image_file(folder / r.file)).float() / 255.0 for r in chunk])
@@ -185,12 +186,10 @@ def score_folder(folder: Path, scorers: Mapping[str, Any], out_file: Path, *, ba
             judged[aspect].append(scores.judged[aspect])
         fingerprints += image_fingerprints(images)
         done = min(start + batch_size, len(records))
-        if bar is not None:
-            bar.update(len(chunk))
+        bar.update(len(chunk))
         if progress is not None:
             progress(done, len(records))
-    if bar is not None:
-        bar.close()
+    bar.close()
     table = ScoreTable.from_scores(
         {aspect: torch.cat(parts) for aspect, parts in columns.items()}, dict(scorers),
         [r.prompt for r in records], seeds=[r.seed for r in records],
@@ -204,7 +203,7 @@ def score_folder(folder: Path, scorers: Mapping[str, Any], out_file: Path, *, ba
 # -- filter -----------------------------------------------------------------------------------------------
 
 def write_training_set(config, scores_file: Path, candidates: Path, out_dir: Path, *,
-                       progress: ProgressCallback | None = None) -> dict[str, Any]:
+                       progress: ProgressCallback | None = None, show_progress: bool = True) -> dict[str, Any]:
     """Best image per prompt and aspect (above the aspect's threshold) -> a kohya training set, plus
     the replay images (real captioned images, ``replay_fraction`` per selected image) in every
     aspect's folder, listed in ``replay.jsonl``."""
@@ -228,12 +227,20 @@ def write_training_set(config, scores_file: Path, candidates: Path, out_dir: Pat
                    else None for row, image_id in enumerate(table.image_ids)]
         metadata = {"vae_sha256": summary.get("vae_sha256") or ""}
     replay = scan_replay_dir(config.dataset.replay_dir) if config.dataset.replay_fraction > 0 else []
-    with atomic_dir(out_dir, overwrite=True, what="training set") as temp:
+    bar = Progress(sum(len(chosen.kept) for chosen in selection.aspects.values()), "write training set", unit="img",
+                   enabled=show_progress)
+
+    def written_so_far(done: int, total: int) -> None:
+        bar.set(done)
+        if progress is not None:
+            progress(done, total)
+
+    with bar, atomic_dir(out_dir, overwrite=True, what="training set") as temp:
         # training_set.writer publishes its own folder atomically; it is written inside this
         # temporary folder and its contents moved up, so the replay images join it before the whole
         # set appears under its final name.
         written = write_kohya_set(temp, "selected", table, selection, images, repeats=config.dataset.repeats,
-                                  latents=latents, latents_metadata=metadata, progress=progress,
+                                  latents=latents, latents_metadata=metadata, progress=written_so_far,
                                   extra_summary={"replay_fraction": config.dataset.replay_fraction})
         for child in list(written.path.iterdir()):
             os.rename(child, temp / child.name)
@@ -371,9 +378,9 @@ def evaluate_variant(config, variant: EvalVariant, paths: RoundPaths, scorers: M
     folder = paths.eval / variant.dir
     info = generate_images(config, folder, config.evaluation_prompts(), k=config.evaluation.seeds_per_prompt,
                            seeds=config.evaluation_seeds(), adapters_for=adapters_for, progress=progress,
-                           show_progress=show_progress)
+                           show_progress=show_progress, progress_label=f"evaluate {variant.name}: generate")
     table = score_folder(folder, scorers, folder / "scores.jsonl", batch_size=config.scoring.batch_size,
-                         show_progress=False)
+                         show_progress=show_progress, desc=f"evaluate {variant.name}: score")
     info["mean"] = {aspect: sum(v) / len(v) for aspect, v in table.scores.items()}
     return info
 
@@ -383,6 +390,9 @@ def write_variants(config, paths: RoundPaths, round_number: int) -> Path:
         paths.eval, [v.report_variant() for v in evaluation_variants(config)], base="base",
         config={"round": round_number, "aspects": config.resolved_aspects(),
                 "evaluation_prompts": len(config.evaluation_prompts()),
+                # the report evaluates each set apart and leads with the held-out prompts
+                "prompt_sets": {"held_out": config.held_out_prompts(),
+                                "train": config.train_prompts() if config.evaluation.include_train_prompts else []},
                 "seeds_per_prompt": config.evaluation.seeds_per_prompt,
                 "include_train_prompts": config.evaluation.include_train_prompts,
                 "gate_mode": config.evaluation.gate_mode},
@@ -399,12 +409,3 @@ def write_report(config, paths: RoundPaths, round_number: int) -> dict[str, Any]
                          seed=evaluation.bootstrap_seed, level=evaluation.level, unit=evaluation.unit)
     return {"markdown": read_report(paths.report)["markdown"], "html": str(paths.report / "report.html")}
 
-
-# -- helpers ------------------------------------------------------------------------------------------------
-
-def _bar(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", disable=None)

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -128,9 +129,17 @@ def build_pipeline(base, *, scheduler: str = "default", device: str | torch.devi
         components[spec.component], components[spec.tokenizer] = encoder, tokenizer
     pipe = getattr(diffusers, architecture.pipeline_class)(**components, **architecture.pipeline_options)
     pipe.set_progress_bar_config(disable=True)  # our own bar counts images across the whole grid
+    if dtype is not None and all(module.dtype == dtype for module in _torch_modules(pipe)):
+        # Nothing to cast: diffusers warns on every to(dtype) of its models ("should be kept in
+        # float32: []"), even one that changes nothing, as on a CPU where everything is float32.
+        dtype = None
     if device is not None or dtype is not None:
         pipe.to(device=device, dtype=dtype)
     return pipe
+
+
+def _torch_modules(pipe) -> list[torch.nn.Module]:
+    return [module for module in pipe.components.values() if isinstance(module, torch.nn.Module)]
 
 
 def pipeline_denoiser(pipe):
@@ -203,7 +212,7 @@ class LoraAdapters:
             for name, path in zip(names, self.paths):
                 state_dict, _metadata = load_kohya_lora(path)
                 try:
-                    pipe.load_lora_weights(dict(state_dict), adapter_name=name)
+                    _load_lora_into_pipeline(pipe, state_dict, name, first=not loaded and not had_adapters)
                 except ValueError as exc:
                     hint = ""
                     if "infer state dict type" in str(exc):
@@ -227,6 +236,26 @@ class LoraAdapters:
                         pipe.set_adapters(previously_active)
                 else:
                     pipe.unload_lora_weights()  # back to the plain modules (no peft wrappers left)
+
+
+def _load_lora_into_pipeline(pipe, state_dict: dict, name: str, *, first: bool) -> None:
+    """diffusers' ``load_lora_weights``, minus two notices that say nothing about these LoRAs:
+
+    - a LoRA without text-encoder keys (``lora_te*``: our trainer's default) goes into the
+      denoiser only, as ``load_lora_weights`` does with its denoiser half; offered to each text
+      encoder too, diffusers warns "No LoRA keys associated to CLIPTextModel" for each;
+    - peft warns "Already found a `peft_config` attribute" whenever a model gets a second
+      adapter, which is what a weighted merge of LoRAs is: silenced for this call only.
+    """
+    with warnings.catch_warnings():
+        if not first:
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
+        if any(key.startswith("lora_te") for key in state_dict):
+            pipe.load_lora_weights(dict(state_dict), adapter_name=name)
+            return
+        converted, alphas = pipe.lora_state_dict(dict(state_dict))
+        pipe.load_lora_into_unet(converted, network_alphas=alphas, unet=pipeline_denoiser(pipe), adapter_name=name,
+                                 _pipeline=pipe)
 
 
 def _list_adapters(pipe) -> list[str]:

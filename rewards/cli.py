@@ -284,15 +284,12 @@ def _check_out(out: Path | None, overwrite: bool) -> None:
         raise TargetExistsError(f"--out {str(out)!r} already exists; choose another name or pass --overwrite")
 
 
-def tqdm_progress(total: int, description: str) -> tuple[Callable[[int, int], None], Callable[[], None]]:
-    from tqdm import tqdm
+def progress_callback(total: int, description: str) -> tuple[Callable[[int, int], None], Callable[[], None]]:
+    """``(update(done, total), close())`` of a ``progress.Progress`` over ``total`` images."""
+    from ..progress import Progress
 
-    bar = tqdm(total=total, unit="img", desc=description, disable=None)  # None: off when not a terminal
-
-    def update(done: int, _total: int) -> None:
-        bar.update(done - bar.n)
-
-    return update, bar.close
+    bar = Progress(total, description, unit="img")
+    return (lambda done, _total: bar.set(done)), bar.close
 
 
 def score_folder(
@@ -378,7 +375,7 @@ def run_score(args: argparse.Namespace) -> int:
             built[key] = get_scorer(name, search_dirs=args.models_dir, device=device, **options)
         scorers[aspect] = built[key]
 
-    update, close = tqdm_progress(len(images), "scoring")
+    update, close = progress_callback(len(images), "score")
     try:
         results, fingerprints = score_folder(images, inputs["prompts"], scorers, chunk_size=args.chunk_size,
                                              device=device, progress=update)

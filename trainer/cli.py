@@ -130,7 +130,8 @@ def _run_training_command(args, command, config_class, example_required, *, prog
 
 
 class _ProgressBar:
-    """tqdm driven by the trainer's step events (gate runs also show each LoRA's gate mass)."""
+    """A progress bar (plain log lines when not on a terminal) driven by the trainer's step events;
+    gate runs also show each LoRA's gate mass."""
 
     def __init__(self, description: str, disabled: bool):
         self.description, self.disabled, self.bar = description, disabled, None
@@ -138,18 +139,17 @@ class _ProgressBar:
     def on_event(self, event: dict) -> None:
         if self.disabled:
             return
-        from tqdm import tqdm
+        from ..progress import Progress
 
         if event["event"] == "start":
-            self.bar = tqdm(total=event["total_steps"], initial=event["start_step"], desc=self.description,
-                            unit="step")
+            self.bar = Progress(event["total_steps"], self.description, unit="step", initial=event["start_step"])
         elif event["event"] == "step" and self.bar is not None:
-            self.bar.n = event["step"]
             loss = event["loss"]
             postfix = {"loss": f"{loss:.4f}" if loss is not None else "nan", "lr": f"{event['lr']:.2e}"}
             if event.get("gate_mass"):
                 postfix["mass"] = "/".join(f"{m:.2f}" for m in event["gate_mass"])
-            self.bar.set_postfix(postfix)
+            self.bar.set_postfix(**postfix)
+            self.bar.set(event["step"])
         elif event["event"] == "checkpoint" and self.bar is not None:
             self.bar.write(f"checkpoint: {event['path']}")
 

@@ -40,29 +40,29 @@ class TrainingRunConfig(ConfigFile):
     model_config_dir: str = ""  # diffusers configs for a single-file checkpoint ("" = the shipped ones)
     dataset_dir: str  # <root>/<name> written by Save Training Set
     # where results go: <output_dir>/<output_name>.safetensors; checkpoints and logs in work_dir
-    output_dir: str
-    output_name: str
-    work_dir: str
-    overwrite: bool = False
+    output_dir: str  # folder of the trained file
+    output_name: str  # file name, relative to output_dir (".safetensors" added)
+    work_dir: str  # checkpoints, logs and the loss curve
+    overwrite: bool = False  # replace an existing output file
     # optimisation
-    seed: int = 0
-    max_train_steps: int = 500
-    train_batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 1e-4
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
+    seed: int = 0  # seeds the noise, the timesteps and the data order
+    max_train_steps: int = 500  # optimiser steps in all
+    train_batch_size: int = 1  # images per step and process
+    gradient_accumulation_steps: int = 1  # batches summed into one optimiser step
+    learning_rate: float = 1e-4  # AdamW learning rate
+    lr_scheduler: str = "constant"  # constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial
+    lr_warmup_steps: int = 0  # steps of linear warm-up (with a scheduler that has one)
+    adam_beta1: float = 0.9  # AdamW first-moment decay
+    adam_beta2: float = 0.999  # AdamW second-moment decay
+    adam_weight_decay: float = 1e-2  # AdamW decoupled weight decay
+    adam_epsilon: float = 1e-8  # AdamW denominator epsilon
+    max_grad_norm: float = 1.0  # gradients clipped to this norm
     # speed / memory
     mixed_precision: str = "auto"  # auto: bf16 (or fp16) on CUDA, no elsewhere
-    gradient_checkpointing: bool = False
-    dataloader_num_workers: int = 0
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, slower
+    dataloader_num_workers: int = 0  # image-loading worker processes (0 = in the training process)
     # checkpoints (accelerate state) for --resume latest
-    checkpointing_steps: int = 100
+    checkpointing_steps: int = 100  # save a resumable checkpoint every this many steps
     checkpoints_total_limit: int = 2  # newest checkpoints kept (0 = keep all)
 
     NON_RESULT_FIELDS: ClassVar[frozenset[str]] = frozenset(
@@ -136,12 +136,12 @@ class ImageTrainingConfig(TrainingRunConfig):
 
     resolution: int = 512  # training area is resolution^2; sides are multiples of 8
     bucketing: bool = True  # aspect-ratio buckets (kohya style); off = square center crops
-    bucket_step: int = 64
+    bucket_step: int = 64  # bucket sides are multiples of this (px)
     bucket_max_aspect: float = 2.0  # widest bucket: long side / short side
-    random_flip: bool = False
+    random_flip: bool = False  # mirror images at random (off: text and asymmetric subjects)
     cache_latents: bool = False  # encode every image once before training (and reuse generation latents)
     cache_text_embeddings: bool = False  # encode every caption once (frozen text encoders only)
-    keep_checkpoints: bool = True  # False: delete the checkpoints once the final file is written
+    keep_checkpoints: bool = True  # false: delete the checkpoints once the final file is written
 
     # cache_latents is not among them: a cached latent is one posterior sample drawn before training
     # (a fresh one every step otherwise), and the noise stream shifts without the per-step VAE
@@ -170,14 +170,14 @@ class LoraTrainConfig(ImageTrainingConfig):
 
     aspect: str = ""  # train on the <repeats>_<aspect> folders of this aspect ("" = every folder)
     # LoRA
-    rank: int = 16
+    rank: int = 16  # LoRA rank (size of the update; 4-32 is usual)
     alpha: float = 16.0  # scale = alpha / rank
-    dropout: float = 0.0
+    dropout: float = 0.0  # LoRA dropout
     train_feed_forward: bool = False  # also the transformer feed-forward layers
     train_text_encoder: bool = False  # also the text encoder(s) attention + MLP
     text_encoder_lr: float = 0.0  # 0 = learning_rate
     # loss
-    noise_offset: float = 0.0
+    noise_offset: float = 0.0  # offset noise: helps very dark / bright images (0.05-0.1; 0 = off)
     snr_gamma: float = 0.0  # min-SNR weighting gamma (0 = off; 5 is the paper's value)
 
     def problems(self, *, check_paths: bool = True) -> list[str]:

@@ -1,7 +1,7 @@
 """Progress events of a training run, one JSON object per line.
 
 The training program writes them (main process only) to its log file and to stdout; the launcher
-parses the child's stdout and hands them to the node (progress bar, loss curve) or the CLI (tqdm).
+parses the child's stdout and hands them to the node (progress bar, loss curve) or the CLI (progress.Progress).
 Everything else on stdout/stderr (library warnings, tracebacks) is plain text and is kept only for
 the error tail.
 

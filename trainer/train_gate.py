@@ -72,7 +72,7 @@ class GateTrainConfig(ImageTrainingConfig):
     aspects: tuple[str, ...] = ()  # their aspect names (empty: each LoRA's versat2i_aspect, else its file stem)
     granularity: str = "token"  # token | prompt
     balance_loss: str = "mole"  # mole (-log prod q) | switch | none
-    balance_weight: float = 0.01
+    balance_weight: float = 0.01  # weight of the balancing loss (0 = none)
     temperature: float = 1.0  # initial softmax temperature (learned)
     prior_decay: float = 0.99  # EMA of the mean gate per layer (what bake merges without a prompt)
     # The gate starts uniform (= the equal-weight merge) and Adam moves a logit by about lr per step:

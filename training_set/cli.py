@@ -49,7 +49,7 @@ def _split_specs(specs: Sequence[str], flag: str) -> tuple[str | None, dict[str,
 
 def run_build_dataset(args: argparse.Namespace) -> int:
     # Imported here: they load torch, and `versat2i --help` must stay fast.
-    from ..rewards.cli import tqdm_progress
+    from ..rewards.cli import progress_callback
     from ..rewards.score_table import ScoreTable
     from ..rewards.selection import Threshold, select_best_per_prompt
     from ..safe_io import confined_path
@@ -103,7 +103,7 @@ def run_build_dataset(args: argparse.Namespace) -> int:
                 f"image {image_id!r} (from {args.scores}) not found in --images {str(args.images)!r}"
             )
 
-    update, close = tqdm_progress(sum(len(s.kept) for s in selection.aspects.values()), "writing")
+    update, close = progress_callback(sum(len(s.kept) for s in selection.aspects.values()), "writing")
     try:
         written = write_training_set(
             args.out, args.name, table, selection, paths, repeats=repeats, overwrite=args.overwrite,

@@ -159,3 +159,71 @@ def test_console_command_runs_help(tmp_path):
     assert result.stdout.startswith("usage: versat2i")
     for subcommand in ("score", "build-dataset"):
         assert subcommand in result.stdout, f"`versat2i --help` does not list {subcommand!r}"
+
+
+# -- installing: the wheel and the Makefile --------------------------------------------------------
+
+# Tracked files that are not part of the installed package: the repository's own tooling and docs.
+# Everything else tracked (code, workflows, model configs, tokenizers, demo weights) must be in the wheel.
+NOT_SHIPPED_PREFIXES = ("tests/", "docs/", "bench/", "tools/", ".ci/")
+NOT_SHIPPED_FILES = {".gitignore", "Makefile", "README.md", "LICENSE", "pyproject.toml", "requirements.txt",
+                     "models/configs/write_configs.py"}  # the script that wrote the shipped configs
+
+
+def tracked_files() -> list[str]:
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed: the list of the pack's files comes from `git ls-files`")
+    result = subprocess.run(["git", "ls-files", "-z"], cwd=PACK_ROOT, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        pytest.skip(f"{PACK_ROOT} is not a git checkout: {result.stderr.strip()}")
+    return [name for name in result.stdout.split("\0") if name]
+
+
+def test_wheel_builds_without_packaging_warnings_and_ships_every_file_the_pack_needs(tmp_path):
+    # Built from a copy of the tracked files, so the checkout gets no build/ or egg-info folder and
+    # untracked files can't hide a missing declaration. No build isolation: it would download setuptools.
+    files = tracked_files()
+    source = tmp_path / "source"
+    for name in files:
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(PACK_ROOT / name, source / name)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "PIP_QUIET")}
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+         "--disable-pip-version-check", "-w", str(tmp_path / "wheel"), str(source)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    warnings = [line for line in output.splitlines() if re.search(r"warning|would be ignored|deprecat", line, re.I)]
+    assert warnings == [], f"{len(warnings)} packaging warning line(s) while building the wheel:\n{output}"
+
+    import zipfile
+
+    (wheel,) = (tmp_path / "wheel").glob("comfyui_versat2i-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        shipped = {name for name in archive.namelist() if not name.startswith("comfyui_versat2i-")}
+    needed = {f"versat2i/{name}" for name in files
+              if not name.startswith(NOT_SHIPPED_PREFIXES) and name not in NOT_SHIPPED_FILES}
+    missing = sorted(needed - shipped)
+    assert not missing, f"the wheel lacks {len(missing)} file(s) of the pack, e.g. {missing[:5]}"
+    assert not sorted(shipped - needed), f"the wheel ships files that are not the pack's: {sorted(shipped - needed)[:5]}"
+    # the data the pack reads at run time, named, so a too-broad exclusion above can't hide them
+    for data in ("versat2i/workflows/versat2i_self_improvement_loop.json",
+                 "versat2i/models/configs/sdxl/tokenizer_2/tokenizer_config.json",
+                 "versat2i/demo/weights/versat2i-demo-base/tokenizer/merges.txt",
+                 "versat2i/demo/weights/versat2i-demo-base/unet/diffusion_pytorch_model.safetensors"):
+        assert data in shipped, data
+
+
+def test_make_without_python311_stops_with_one_line_saying_what_to_install(tmp_path):
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy2(PACK_ROOT / name, tmp_path / name)
+    result = subprocess.run(["make", "PYTHON=python3.99", "venv"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=60, check=False)
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert result.returncode != 0
+    assert len(lines) == 1, lines
+    assert "python3.99" in lines[0] and "install Python 3.11" in lines[0], lines[0]
+    assert not (tmp_path / ".venv").exists()

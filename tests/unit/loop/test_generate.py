@@ -283,6 +283,39 @@ def test_equal_weight_merge_equals_peft_adapters_at_half_weight(base, two_loras)
     assert float((merged - only_a).abs().max()) > 1e-3
 
 
+def test_denoiser_only_loras_load_as_diffusers_loads_them_without_its_notices(base, two_loras, tmp_path, caplog,
+                                                                              recwarn):
+    # Our trainer's LoRAs have no text-encoder keys: they go into the denoiser alone, which must
+    # give what diffusers' load_lora_weights gives, without its "No LoRA keys associated to
+    # CLIPTextModel" notice; a merge of two must not raise peft's several-adapters warning.
+    import logging
+
+    reference_model, _, _ = two_loras
+    paths = [save_kohya_lora(tmp_path / f"{name}.safetensors", denoiser=reference_model.denoiser, text_encoders=(),
+                             adapter_name=name) for name in ("a", "b")]
+    caplog.set_level(logging.WARNING)
+    merged = generate(base, k=2, seeds=[1, 2], adapters=equal_weight_merge(paths, fuse=False)).images
+    assert not [r for r in caplog.records if "No LoRA keys" in r.getMessage()]
+    assert not [w for w in recwarn if "peft_config" in str(w.message)]
+
+    @contextlib.contextmanager
+    def with_diffusers_loader(pipe):
+        from versat2i.models.lora_files import load_kohya_lora
+
+        for name, path in zip(("a", "b"), paths):
+            pipe.load_lora_weights(dict(load_kohya_lora(path)[0]), adapter_name=name)
+        pipe.set_adapters(["a", "b"], adapter_weights=[0.5, 0.5])
+        try:
+            yield pipe
+        finally:
+            pipe.unload_lora_weights()
+
+    expected = generate(base, k=2, seeds=[1, 2], adapters=with_diffusers_loader).images
+    assert any("No LoRA keys" in r.getMessage() for r in caplog.records)  # what the notice looks like
+    assert_same(merged, expected, 0.0)
+    assert float((merged - generate(base, k=2, seeds=[1, 2]).images).abs().max()) > 1e-3
+
+
 def test_adapters_nest_and_restore_the_outer_ones(base, two_loras):
     _, path_a, path_b = two_loras
     only_a = generate(base, k=1, seeds=[4], adapters=single_lora(path_a, fuse=False)).images

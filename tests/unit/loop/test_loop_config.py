@@ -245,3 +245,115 @@ def test_the_command_checks_and_prints_an_example(tmp_path, model_dir, capsys):
     assert cli_main(["loop", "--print-config"]) == 0
     example = LoopConfig.from_toml(capsys.readouterr().out)
     assert example.aspects and example.prompts.train_file == "prompts.txt"
+
+
+# -- versat2i loop --print-config -------------------------------------------------------------------
+
+def printed_settings(text: str) -> dict[str, list[tuple[str, str]]]:
+    """{section ("" = top level): [(key, the comment line above it)]} of a printed config. Its
+    layout: blocks separated by blank lines (the header, the top-level settings, then per section
+    its comment, ``[section]`` and its settings), every setting one comment line and one setting
+    line (``# key = value`` when shown commented out: unset, or a gate setting taken from [lora])."""
+    import re
+
+    blocks = text.rstrip("\n").split("\n\n")
+    assert all(line.startswith("# ") for line in blocks[0].splitlines()), "the header is comments"
+    found = {}
+    for block in blocks[1:]:
+        lines = []
+        for line in block.splitlines():  # a long list continues on lines of its own: one setting
+            if line.startswith(("    ", "]")) and lines:
+                lines[-1] += "\n" + line
+            else:
+                lines.append(line)
+        section = ""
+        if len(lines) > 1 and re.fullmatch(r"\[\w+\]", lines[1]):
+            section, lines = lines[1][1:-1], lines[2:]
+        assert len(lines) % 2 == 0, f"[{section}]: not one comment line per setting:\n{block}"
+        pairs = []
+        for comment, setting in zip(lines[0::2], lines[1::2]):
+            match = re.fullmatch(r"(?:# )?(\w+) = .+", setting, flags=re.S)
+            assert match, f"[{section}]: {setting!r} is not a setting"
+            pairs.append((match.group(1), comment))
+        found[section] = pairs
+    return found
+
+
+def accepted_settings(config: LoopConfig) -> dict[str, set[str]]:
+    """Every key ``LoopConfig.from_dict`` accepts, per section (the tables keyed by aspect: this
+    config's aspects)."""
+    from versat2i.loop.config import LOOP_OWNED_TRAINING_FIELDS, MAPPING_SECTIONS, SECTIONS, TOP_LEVEL
+    from versat2i.trainer.config import LoraTrainConfig
+    from versat2i.trainer.train_gate import GateTrainConfig
+
+    def trainer_fields(cls):
+        return {f.name for f in dataclasses.fields(cls)} - LOOP_OWNED_TRAINING_FIELDS
+
+    accepted = {"": set(TOP_LEVEL), **{name: {f.name for f in dataclasses.fields(cls)} for name, cls in SECTIONS.items()},
+                "aspects": set(config.aspects), "thresholds": set(config.aspects),
+                "lora": trainer_fields(LoraTrainConfig), "gate": trainer_fields(GateTrainConfig)}
+    assert set(accepted) == {"", *SECTIONS, *MAPPING_SECTIONS}
+    return accepted
+
+
+@pytest.mark.parametrize("which", ["example", "demo"])
+def test_print_config_names_every_setting_under_a_one_line_comment(which, capsys):
+    assert cli_main(["loop", "--print-config", which]) == 0
+    text = capsys.readouterr().out
+    config = LoopConfig.from_toml(text)
+    printed = printed_settings(text)
+    accepted = accepted_settings(config)
+    assert set(printed) == set(accepted), "every section is printed"
+    for section, keys in accepted.items():
+        names = [key for key, _comment in printed[section]]
+        assert sorted(names) == sorted(keys), f"[{section}] printed {sorted(names)}, accepted {sorted(keys)}"
+        for key, comment in printed[section]:
+            assert comment.startswith("# ") and len(comment) > 8, (section, key, comment)
+    for section in accepted:  # and every section says what it is for
+        if section:
+            above = text.split(f"\n[{section}]\n")[0].splitlines()[-1]
+            assert above.startswith("# ") and len(above) > 20, (section, above)
+
+
+def test_the_printed_example_reads_back_to_the_same_settings(capsys):
+    from versat2i.loop.cli import example_config
+
+    assert cli_main(["loop", "--print-config"]) == 0
+    printed = LoopConfig.from_toml(capsys.readouterr().out)
+    example = example_config()
+    assert_same_effective_settings(printed, example)
+    assert printed.generation.width == printed.generation.height == 512
+    assert printed.validate(check_paths=False)
+
+
+def assert_same_effective_settings(printed: LoopConfig, original: LoopConfig) -> None:
+    """Equal in everything the loop does with them ([lora] and [gate] print every setting, so they
+    are compared as the training configs the loop builds from them)."""
+    def without_training(config):
+        data = {k: v for k, v in config.to_dict().items() if k not in ("lora", "gate")}
+        data["thresholds"] = {a: config.thresholds.get(a, "none") for a in config.aspects}  # unset = "none"
+        return data
+
+    assert without_training(printed) == without_training(original)
+    paths = {"dataset_dir": "d", "output_dir": "o", "work_dir": "w"}
+    aspects = list(original.aspects)
+    assert printed.lora_config(aspect=aspects[0], **paths) == original.lora_config(aspect=aspects[0], **paths)
+    loras = [f"{a}.safetensors" for a in aspects]
+    assert printed.gate_config(loras=loras, aspects=aspects, **paths) == original.gate_config(loras=loras,
+                                                                                          aspects=aspects, **paths)
+
+
+def test_the_printed_demo_config_is_the_demo_and_validates_once_its_replay_images_exist(tmp_path, capsys):
+    from versat2i.loop.demo import DEFAULT_OUT, REPLAY_DIR, demo_config, write_replay_images
+
+    assert cli_main(["loop", "--print-config", "demo"]) == 0
+    file = tmp_path / "demo.toml"
+    file.write_text(capsys.readouterr().out, encoding="utf-8")
+    printed = LoopConfig.load(file)  # relative paths resolved against the file's folder
+    demo = demo_config(tmp_path / DEFAULT_OUT)
+    assert printed.output_dir == str(tmp_path / DEFAULT_OUT / "my-loop")  # beside the demo's own run
+    assert_same_effective_settings(printed.replace(output_dir=demo.output_dir), demo)
+    with pytest.raises(ValueError, match="replay_dir"):  # `versat2i demo` renders them first
+        printed.validate()
+    write_replay_images(tmp_path / DEFAULT_OUT / REPLAY_DIR, demo.train_prompts(), len(demo.train_prompts()))
+    assert printed.validate()

@@ -132,3 +132,16 @@ def test_a_scorer_weight_file_replaced_under_the_same_name_redoes_scoring(tmp_pa
     round_.score()
     assert [(r.step, r.status) for r in ledger.records] == [
         ("round-1/generate", "ran"), ("round-1/score", "ran"), ("round-1/score", "skipped"), ("round-1/score", "ran")]
+
+
+def test_the_step_table_labels_summed_step_times_and_the_wall_time_apart():
+    from versat2i.loop.run import LoopResult, StepRecord
+
+    steps = [StepRecord("round-1/generate", "skipped", 0.0, 50.0),
+             StepRecord("round-1/train/a", "ran", 30.0, 30.0), StepRecord("round-1/train/b", "ran", 40.0, 40.0)]
+    table = LoopResult(output_dir=None, rounds=[], steps=steps, seconds=45.5).timing_table()
+    rows = table.split("\n\n")[0].splitlines()
+    assert rows[2] == "| round-1/generate | skipped | 50.0 s |"
+    assert rows[-2] == "| sum of step times | 70.0 s | 120.0 s |"  # two trainings side by side: more than the wall
+    assert rows[-1] == "| **wall time of this run** | **45.5 s** | |"
+    assert "side by side" in table.split("\n\n")[1]

@@ -73,7 +73,8 @@ def test_html_references_existing_pngs(eval_dir, tmp_path):
     sources = re.findall(r"<img src='([^']+)'", page)
     assert {"plots/differences.png", "plots/distributions.png", "plots/win_rates.png",
             "plots/diversity.png"} <= set(sources)
-    assert len([s for s in sources if s.startswith("grids/")]) == 3
+    assert sorted(s for s in sources if s.startswith("grids/")) == [
+        "grids/base.png", "grids/compare_all.png", "grids/lora_alignment.png", "grids/merge.png"]
     for source in sources:
         with Image.open(out / source) as image:
             assert image.format == "PNG" and image.width > 50
@@ -82,6 +83,9 @@ def test_html_references_existing_pngs(eval_dir, tmp_path):
     assert report["files"]["summary_plot"] == "plots/differences.png"
     grid = Image.open(out / report["files"]["grids"]["base"])
     assert grid.height >= 3 * 96 and grid.width >= 4 * 96  # 16 px images upscaled for viewing
+    side_by_side = Image.open(out / report["files"]["compare"]["all"])  # 3 prompts x (base, LoRA, merge)
+    assert side_by_side.height >= 3 * 128 and side_by_side.width >= 3 * 128
+    assert "embedding" not in page  # no embedding was given: no empty column for it
 
 
 def test_markdown_table_has_one_row_per_variant_and_bolds_clear_effects(eval_dir, tmp_path):
@@ -199,3 +203,61 @@ def test_gated_mixture_is_compared_head_to_head_with_the_merge(tmp_path):
     # without a gated variant there is nothing to compare
     plain = read_report(report_from_eval_dir(write_eval_dir(tmp_path / "eval2"), tmp_path / "r2", resamples=200))
     assert plain["evaluation"]["comparisons"] == {} and "| gated vs merge |" not in plain["markdown"]
+
+
+def test_prompt_sets_are_evaluated_apart_held_out_first(eval_dir, tmp_path):
+    from tiny_models.eval_folder import PROMPTS
+
+    listing = json.loads((eval_dir / "variants.json").read_text())
+    listing["config"]["prompt_sets"] = {"held_out": [PROMPTS[2]], "train": PROMPTS[:2]}
+    (eval_dir / "variants.json").write_text(json.dumps(listing))
+    out = report_from_eval_dir(eval_dir, tmp_path / "report", resamples=200)
+    report = read_report(out)
+    whole = Evaluation.from_dict(report["evaluation"])
+    assert whole.grid.prompts == PROMPTS  # all prompts together, as before
+    sets = report["prompt_sets"]
+    assert list(sets) == ["held_out", "train"]
+    assert sets["held_out"]["prompts"] == [PROMPTS[2]] and sets["train"]["prompts"] == PROMPTS[:2]
+    for key, rows in (("held_out", [2]), ("train", [0, 1])):
+        own = sets[key]["evaluation"]
+        assert own["prompts"] == [PROMPTS[r] for r in rows] and own["pairs"] == 4 * len(rows)
+        for aspect in whole.aspects:
+            paired = whole.grid.scores["lora:alignment"][aspect][rows] - whole.grid.scores["base"][aspect][rows]
+            assert own["results"]["lora:alignment"][aspect]["diff"] == pytest.approx(paired.mean())
+        assert set(own["diversity"]) == {"base", "lora:alignment", "merge"}
+    markdown = report["markdown"]
+    assert markdown.startswith("**Held-out prompts** (prompts the loop never trained on):")
+    assert markdown.index("**Held-out prompts**") < markdown.index("**Training prompts**")
+    assert "4 (prompt, seed) pairs (1 prompts × 4 seeds" in markdown
+    page = (out / REPORT_HTML).read_text()
+    assert page.index("<h2>Held-out prompts</h2>") < page.index("<h2>Training prompts</h2>")
+    assert "headline numbers are on the held-out prompts" in page
+    assert sorted(report["files"]["compare"]) == ["held_out", "train"]
+    for relative in report["files"]["compare"].values():
+        assert (out / relative).is_file()
+
+
+def test_sample_prompts_cover_every_word_of_the_set():
+    from versat2i.loop.report import covering_prompts
+
+    prompts = [f"a {colour} {shape} on a {background} background" for shape in ("circle", "square", "triangle")
+               for colour in ("red", "green", "blue") for background in ("white", "black")]
+    chosen = covering_prompts(prompts, 4)
+    words = {word for prompt in chosen for word in prompt.split()}
+    assert len(chosen) == 4 and {"red", "green", "blue", "circle", "square", "triangle", "white", "black"} <= words
+    assert chosen == [p for p in prompts if p in chosen]  # in the set's order
+    assert covering_prompts(prompts[:2], 5) == prompts[:2]
+
+
+def test_sample_prompts_do_not_depend_on_hash_randomisation():
+    import os
+    import subprocess
+    import sys
+
+    code = ("from versat2i.loop.report import covering_prompts\n"
+            "prompts = [f'a {c} {s} on a {b} background' for s in ('circle', 'square', 'triangle')"
+            " for c in ('red', 'green', 'blue', 'orange') for b in ('white', 'gray')]\n"
+            "print(covering_prompts(prompts, 8))")
+    chosen = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": str(seed)},
+                             capture_output=True, text=True, check=True, timeout=120).stdout for seed in (1, 2, 3)}
+    assert len(chosen) == 1, chosen
