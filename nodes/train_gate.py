@@ -237,7 +237,8 @@ class TrainGate(io.ComfyNode):
             if problem:
                 return problem
         if loras is not None:  # the typed LoRAs that exist (linked ones are checked when the node runs)
-            paths = [Path(p) for p in map(lambda n: folder_paths.get_full_path("loras", n), listed_names(loras)) if p]
+            found = (folder_paths.get_full_path("loras", name) for name in listed_names(loras))
+            paths = [Path(path) for path in found if path]
             try:
                 return shared_aspect_problem(paths) or True
             except ValueError as exc:  # a damaged LoRA file
