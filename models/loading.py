@@ -471,7 +471,7 @@ def read_model_size(path: str | os.PathLike) -> ModelSize | None:
             denoiser_prefix = f"{architecture.denoiser_component}/"
         else:
             return None
-    except (OSError, ValueError, UnsupportedModel, Exception):  # noqa: BLE001 -- the loader reports a bad file
+    except Exception:  # noqa: BLE001 -- a damaged or unknown file: the loader reports it; no estimate
         return None
     features: dict[str, int] = {}
     targets = (*architecture.lora_attention_modules, *architecture.lora_feed_forward_modules)

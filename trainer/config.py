@@ -159,7 +159,8 @@ class TrainingRunConfig(ConfigFile):
             if self.dataset_dir.strip() and not os.path.isdir(self.dataset_dir):
                 p.append(f"dataset_dir={self.dataset_dir!r}: no such folder; give the folder Save Training Set "
                          "(or `versat2i build-dataset`) wrote")
-            if self.output_dir.strip() and not problem and folders_ok and not self.overwrite and self.output_path.exists():
+            exists = self.output_dir.strip() and not problem and folders_ok and self.output_path.exists()
+            if exists and not self.overwrite:
                 p.append(f"output_name={self.output_name!r}: {self.output_path} already exists; choose another "
                          "name or set overwrite = true")
         return p

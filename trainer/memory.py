@@ -78,6 +78,8 @@ def estimate_run_memory(config, *, cpu: bool | None = None) -> MemoryEstimate | 
     the base model's size cannot be read from headers (a legacy ``.ckpt``)."""
     size = read_model_size(config.base_model)
     if size is None:
+        logger.info("%s: its size cannot be read from safetensors headers; the run's memory is not estimated",
+                    config.base_model)
         return None
     trained, frozen_extra = config.memory_needs(size)
     return estimate_training_memory(
