@@ -12,6 +12,9 @@ import importlib
 import logging
 import sys
 
+from .offline import go_offline
+from .safe_io import WriteFailedError, describe_os_error
+
 # area module -> its ``add_subcommands(subparsers)``; relative to this package.
 SUBCOMMAND_MODULES = (".rewards.cli", ".training_set.cli", ".trainer.cli", ".loop.cli")
 
@@ -29,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    go_offline()  # before any library loads: nothing the command runs may reach the network
     parser = build_parser()
     args = parser.parse_args(argv)
     # The command line knows the demo world's scorers (``demo:<aspect>``), so `versat2i score` and a
@@ -43,11 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, ImportError) as exc:
-        # User errors: one clear line, no traceback (use -v for the traceback).
+    except (ValueError, ImportError, OSError) as exc:
+        # User errors and what the system refused (disk full, permission, read-only, a name too
+        # long): one clear line, no traceback (use -v for the traceback).
         if args.verbose:
             raise
-        print(f"versat2i {args.command}: error: {exc}", file=sys.stderr)
+        message = describe_os_error(exc) if isinstance(exc, OSError) and not isinstance(
+            exc, (FileNotFoundError, WriteFailedError)) else str(exc)
+        print(f"versat2i {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

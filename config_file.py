@@ -19,6 +19,7 @@ import sys
 import textwrap
 import tokenize
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -44,30 +45,54 @@ class ConfigFile:
 
     @classmethod
     def from_dict(cls: type[ConfigT], data: dict[str, Any], *, source: str = "config") -> ConfigT:
-        """Build from a mapping; unknown keys and wrong types are errors that name the key."""
+        """Build from a mapping; unknown keys, wrong types and missing required settings are one
+        error naming each key."""
+        values, failures = cls.parse_settings(data)
+        if failures:
+            raise ValueError(f"{source}: " + "; ".join(failures.values()))
+        return cls(**values)
+
+    @classmethod
+    def parse_settings(cls, data: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        """(the settings that parse, {setting: its problem} for every unknown, mistyped or missing
+        one), all at once; ``load_checked`` builds what it can from the first and reports both."""
         fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(fields))
-        if unknown:
-            hints = []
-            for key in unknown:
-                close = difflib.get_close_matches(key, list(fields), n=1)
-                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise ValueError(f"{source}: unknown setting(s) {', '.join(hints)}; known settings: {', '.join(fields)}")
         hints_by_name = typing.get_type_hints(cls)
-        values, problems = {}, []
+        values: dict[str, Any] = {}
+        failures: dict[str, str] = {}
         for name, value in data.items():
+            if name not in fields:
+                close = difflib.get_close_matches(name, list(fields), n=1)
+                failures[name] = (f"unknown setting {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                                  + f"; known settings: {', '.join(fields)}")
+                continue
             try:
                 values[name] = _coerce(value, hints_by_name[name])
             except (TypeError, ValueError) as exc:
-                problems.append(f"{name}: {exc}")
-        missing = [
-            name for name, f in fields.items()
-            if name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        ]
-        problems += [f"{name}: required setting is missing" for name in missing]
+                failures[name] = f"{name}: {exc}"
+        for name, f in fields.items():
+            if name not in values and name not in failures and f.default is dataclasses.MISSING \
+                    and f.default_factory is dataclasses.MISSING:
+                failures[name] = f"{name}: required setting is missing"
+        return values, failures
+
+    @classmethod
+    def load_checked(cls: type[ConfigT], path: str | os.PathLike, *, check_paths: bool = True) -> ConfigT:
+        """``load`` and ``validate`` in one, reporting every problem at once: the settings that do
+        not parse (each then left at its default, or empty) together with ``problems()`` of the
+        rest. For configs with a ``problems(check_paths=...)`` method."""
+        path = Path(path)
+        values, failures = cls.parse_settings(cls.read_settings(path))
+        for name, f in {f.name: f for f in dataclasses.fields(cls)}.items():
+            if name in failures and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                values[name] = _empty_value(typing.get_type_hints(cls)[name])
+        config = cls(**values)
+        problems = list(failures.values()) + [
+            problem for problem in config.problems(check_paths=check_paths)
+            if not any(problem.startswith((f"{name}=", f"{name}:", f"{name} ")) for name in failures)]
         if problems:
-            raise ValueError(f"{source}: " + "; ".join(problems))
-        return cls(**values)
+            raise ValueError(f"{path}:\n  - " + "\n  - ".join(problems))
+        return config
 
     def replace(self: ConfigT, **changes: Any) -> ConfigT:
         return dataclasses.replace(self, **changes)
@@ -100,13 +125,27 @@ class ConfigFile:
     @classmethod
     def load(cls: type[ConfigT], path: str | os.PathLike) -> ConfigT:
         """Read ``.toml`` or ``.json`` (by extension)."""
+        return cls.from_dict(cls.read_settings(path), source=str(path))
+
+    @classmethod
+    def read_settings(cls, path: str | os.PathLike) -> dict[str, Any]:
+        """The settings table of a ``.toml`` or ``.json`` file (by extension), not yet checked."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
         text = path.read_text(encoding="utf-8")
         if path.suffix.lower() == ".json":
-            return cls.from_json(text, source=str(path))
-        return cls.from_toml(text, source=str(path))
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+            if not isinstance(data, dict):
+                raise ValueError(f"{path}: expected a JSON object of settings")
+            return data
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"{path}: not valid TOML ({exc})") from exc
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write ``.toml`` or ``.json`` (by extension), atomically (``safe_io``: a hidden temporary,
@@ -156,6 +195,23 @@ def field_comments(cls: type) -> dict[str, str]:
 
 # -- problems() helpers: each appends one line naming the setting and the fix ---------------------
 
+@dataclasses.dataclass(frozen=True)
+class SettingRange:
+    """The smallest and largest value a numeric setting may take (inclusive)."""
+
+    minimum: int | float
+    maximum: int | float
+
+
+def require_in_range(p: list[str], name: str, value: float, limits: SettingRange) -> None:
+    if not math.isfinite(value):
+        p.append(f"{name}={value}: must be a number between {limits.minimum} and {limits.maximum}")
+    elif value < limits.minimum:
+        p.append(f"{name}={value}: must be >= {limits.minimum}")
+    elif value > limits.maximum:
+        p.append(f"{name}={value}: must be <= {limits.maximum} (the most the training nodes offer); lower it")
+
+
 def require_choice(p: list[str], name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         p.append(f"{name}={value!r}: must be one of {', '.join(choices)}")
@@ -169,6 +225,12 @@ def require_at_least(p: list[str], name: str, value: int, minimum: int) -> None:
 def require_positive(p: list[str], name: str, value: float) -> None:
     if not math.isfinite(value) or value <= 0:
         p.append(f"{name}={value}: must be a positive number")
+
+
+def _empty_value(hint: Any) -> Any:
+    """A stand-in for a required setting that did not parse (its problem is reported already)."""
+    origin = typing.get_origin(hint)
+    return {int: 0, float: 0.0, bool: False, str: ""}.get(hint, origin() if origin in (tuple, list) else None)
 
 
 def _coerce(value: Any, hint: Any) -> Any:

@@ -17,6 +17,20 @@ Two guarantees:
 The standard library has the pieces (``os.replace``, ``tempfile``) but no "write a folder
 atomically, refuse to clobber" helper, hence this small module.
 
+Names: ``name_problem`` is the one rule for a file or folder name the pack creates: it fits the
+filesystem's 255-byte limit together with the longest sibling written next to it (the temporary
+``.<name>.tmp-<8 hex>``, 14 bytes longer), and it is no Windows device name (``CON``, ``nul.txt``,
+``COM1``...). ``confined_path`` applies it to every part of a name, so the nodes (at queue time)
+and the configs (in ``problems()``) refuse a name before any work, instead of a run failing at its
+final save. ``folder_problem`` checks a folder the user names (exists as a file? writable?).
+
+Errors: a write that fails for a reason of the system (disk full, permission, read-only, name too
+long) raises ``WriteFailedError``: an ``OSError`` whose message is one line naming the file and the
+fix (``describe_os_error``), which the CLI and the nodes show as it is.
+
+Permissions: every file published gets the mode a new file gets from the process umask (``0644``
+under the usual ``022``), like any other tool; some writers (safetensors) create ``0600`` files.
+
 Limits: the checks guard against names coming from a web page or a command line, not against a
 local process racing us to swap folders for symlinks between the check and the write. A process
 killed mid-write (power loss, SIGKILL) can leave a ``.<name>.tmp-*`` folder behind; it is hidden
@@ -26,12 +40,14 @@ and never mistaken for a finished result.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
 import re
 import secrets
 import shutil
+import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,53 +63,289 @@ class TargetExistsError(ValueError, FileExistsError):
     the CLI and nodes report in one line) and a FileExistsError (for callers that catch that)."""
 
 
-def confined_path(root: str | os.PathLike, user_name: str, *, what: str = "name") -> Path:
+# -- names ---------------------------------------------------------------------------------------
+
+NAME_MAX_BYTES = 255  # one file or folder name: ext4, XFS, btrfs, APFS, ZFS (NTFS: 255 UTF-16 units)
+TEMP_KINDS = ("tmp", "old")  # temp_sibling kinds: the writer's temporary, and the old version being replaced
+# ".<name>.<kind>-<8 hex>": what a written name grows by while it is being written
+TEMP_NAME_EXTRA_BYTES = len(".") + len(".") + max(map(len, TEMP_KINDS)) + len("-") + 8
+PATH_MAX_BYTES = 4096  # Linux PATH_MAX, the whole path
+# Room kept below a folder the pack names, for what it writes inside (a training run's
+# "checkpoints/.checkpoint-<step>.partial/text_encoder_2.lora.safetensors" is ~70 bytes).
+PATH_RESERVE_BYTES = 256
+# Windows device names (as Python 3.13's ntpath.isreserved lists them; this pack runs on 3.10+):
+# reserved with any extension ("nul.txt"), in any case, with trailing spaces.
+WINDOWS_RESERVED_NAMES = frozenset({
+    "CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$",
+    *(f"COM{c}" for c in "123456789\u00b9\u00b2\u00b3"), *(f"LPT{c}" for c in "123456789\u00b9\u00b2\u00b3"),
+})
+
+
+def _shown(name: str, limit: int = 40) -> str:
+    return repr(name if len(name) <= limit else name[:limit] + "...")
+
+
+def name_problem(name: str, *, what: str = "name", writes: bool = True, atomic: bool | None = None) -> str | None:
+    """Why ``name`` (one file or folder name, no separators) cannot be created, naming ``what`` and
+    the fix; None if it can. ``writes``: the pack creates it, so it must be a name every OS can hold
+    (no Windows device name), and with ``atomic`` (the default when writing) it is written under a
+    temporary sibling ``TEMP_NAME_EXTRA_BYTES`` longer, which must fit too; ``atomic=False`` for a
+    folder made in place (a training run's folder). ``writes=False`` for a name that is only read
+    (it need only exist)."""
+    atomic = writes if atomic is None else atomic
+    size = len(os.fsencode(name))
+    limit = NAME_MAX_BYTES - (TEMP_NAME_EXTRA_BYTES if atomic else 0)
+    if size > limit:
+        why = (f"at most {limit} bytes ({NAME_MAX_BYTES}, less {TEMP_NAME_EXTRA_BYTES} for the temporary name it is "
+               "written under first)" if atomic else f"at most {NAME_MAX_BYTES} bytes")
+        return f"{what}: {_shown(name)} is {size} bytes long; a file or folder name has {why}; shorten it"
+    if writes and name.partition(".")[0].rstrip(" ").upper() in WINDOWS_RESERVED_NAMES:
+        return (f"{what}: {name!r} is a reserved device name on Windows (CON, PRN, AUX, NUL, COM1-9, LPT1-9, with any "
+                "extension); choose another name")
+    return None
+
+
+def relative_name_problem(user_name: str, *, what: str = "name", writes: bool = True,
+                          atomic: bool | None = None) -> str | None:
+    """Why ``user_name`` (relative, '/' or '\\' separated) cannot name something inside a folder:
+    empty, absolute, a drive letter, '..', ':', control characters, a part that starts/ends with a
+    space or ends with '.', or a part ``name_problem`` refuses. None if it can. Needs no folder: what
+    a node checks at queue time before the folder is known."""
+    if not isinstance(user_name, str):
+        return f"{what}: expected a text name, got {type(user_name).__name__}"
+    if not user_name.strip():
+        return f"{what}: the name is empty; type a folder or file name such as 'my_run'"
+    if _CONTROL.search(user_name):
+        return f"{what} {_shown(user_name)}: contains control characters (NUL, newline, tab...); remove them"
+    if user_name.startswith(("/", "\\")) or _DRIVE.match(user_name):
+        return (f"{what} {_shown(user_name)}: absolute paths are not allowed; give a relative name such as 'my_run' or "
+                "'subfolder/my_run'")
+    parts = name_parts(user_name)
+    if any(part == ".." for part in parts):
+        return (f"{what} {_shown(user_name)}: '..' is not allowed; use a plain name such as 'my_run' or "
+                "'subfolder/my_run'")
+    if any(":" in part for part in parts):
+        # A ':' is a drive letter or an NTFS alternate data stream on Windows.
+        return f"{what} {_shown(user_name)}: ':' is not allowed in names; use '_' or '-' instead"
+    if any(part != part.strip() or part.endswith(".") for part in parts):
+        # Windows silently strips trailing dots and spaces, so two names would map to one folder.
+        return f"{what} {_shown(user_name)}: a path part starts/ends with a space or ends with '.'; remove it"
+    if not parts:
+        return f"{what} {_shown(user_name)}: the name has no folder or file part; type a name such as 'my_run'"
+    for part in parts:
+        problem = name_problem(part, what=what, writes=writes, atomic=atomic)
+        if problem:
+            return problem
+    return None
+
+
+def name_parts(user_name: str) -> list[str]:
+    """The folder and file names of a relative name ('/' or '\\' separated; '' and '.' dropped)."""
+    return [part for part in re.split(r"[/\\]", user_name) if part not in ("", ".")]
+
+
+def path_problem(path: str | os.PathLike, *, what: str, writes: bool = True) -> str | None:
+    """Why ``path`` (absolute or relative to the working folder, e.g. a config's ``output_dir``)
+    cannot be used: a part longer than ``NAME_MAX_BYTES`` or, with ``writes``, a whole path that
+    leaves no ``PATH_RESERVE_BYTES`` below it. None if it can."""
+    text = os.fspath(path)
+    for part in name_parts(text):
+        problem = name_problem(part, what=what, writes=False)
+        if problem:
+            return problem
+    size = len(os.fsencode(os.path.abspath(text)))
+    limit = PATH_MAX_BYTES - (PATH_RESERVE_BYTES if writes else 0)
+    if size > limit:
+        return f"{what}: the path is {size} bytes long; at most {limit} bytes are possible here; use a shorter path"
+    return None
+
+
+def folder_problem(folder: str | os.PathLike, *, what: str) -> str | None:
+    """Why files cannot be written into ``folder`` (created if missing), naming ``what``: a path
+    ``path_problem`` refuses, the folder or a parent is a file, or the nearest existing folder is
+    read-only or not writable. None if they can (the disk can still fill up)."""
+    problem = path_problem(folder, what=what)
+    if problem:
+        return problem
+    folder = Path(os.path.abspath(os.fspath(folder)))
+    existing = folder
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        if existing == folder:
+            return f"{what} {str(folder)!r}: is a file, not a folder; give a folder"
+        return f"{what} {str(folder)!r}: {str(existing)!r} is a file, not a folder; give a path made of folders"
+    if _read_only(existing):
+        return f"{what} {str(folder)!r}: {str(existing)!r} is on a read-only filesystem; choose a writable folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return (f"{what} {str(folder)!r}: {str(existing)!r} is not writable by this user; choose a folder you can "
+                "write to, or change its permissions")
+    return None
+
+
+def target_problem(path: str | os.PathLike, *, what: str) -> str | None:
+    """Why the pack cannot write a file or folder at ``path`` (atomically: ``name_problem`` on its
+    name, ``folder_problem`` on its folder), naming ``what``; None if it can."""
+    path = Path(os.path.abspath(os.fspath(path)))
+    return name_problem(path.name, what=what) or folder_problem(path.parent, what=what)
+
+
+def _read_only(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (AttributeError, OSError):  # no statvfs on Windows
+        return False
+
+
+def confined_path(root: str | os.PathLike, user_name: str, *, what: str = "name", writes: bool = True,
+                  atomic: bool | None = None) -> Path:
     """Resolve ``user_name`` (relative, '/' or '\\' separated) inside ``root`` and return the
-    resolved absolute path. Raises ValueError naming ``what`` and the fix when the name is empty,
-    absolute, has a drive letter, '..', ':' or control characters, or resolves (through symlinks,
+    resolved absolute path. Raises ValueError naming ``what`` and the fix when
+    ``relative_name_problem`` refuses the name (``writes`` / ``atomic``: the pack will create it,
+    see ``name_problem``), when the whole path is too long, or when it resolves (through symlinks,
     the leaf or any parent) to a place outside ``root`` or to ``root`` itself.
 
     ``root`` need not exist yet; it is resolved too, so a root that is itself a symlink is fine.
     """
-    if not isinstance(user_name, str):
-        raise ValueError(f"{what}: expected a text name, got {type(user_name).__name__}")
-    if not user_name.strip():
-        raise ValueError(f"{what}: the name is empty; type a folder or file name such as 'my_run'")
-    if _CONTROL.search(user_name):
-        raise ValueError(f"{what} {user_name!r}: contains control characters (NUL, newline, tab...); remove them")
-    if user_name.startswith(("/", "\\")) or _DRIVE.match(user_name):
-        raise ValueError(
-            f"{what} {user_name!r}: absolute paths are not allowed; give a name relative to {str(root)!r} "
-            "such as 'my_run' or 'subfolder/my_run'"
-        )
-    parts = [part for part in re.split(r"[/\\]", user_name) if part not in ("", ".")]
-    if any(part == ".." for part in parts):
-        raise ValueError(
-            f"{what} {user_name!r}: '..' is not allowed (it would leave {str(root)!r}); use a plain name "
-            "such as 'my_run' or 'subfolder/my_run'"
-        )
-    if any(":" in part for part in parts):
-        # A ':' is a drive letter or an NTFS alternate data stream on Windows.
-        raise ValueError(f"{what} {user_name!r}: ':' is not allowed in names; use '_' or '-' instead")
-    if any(part != part.strip() or part.endswith(".") for part in parts):
-        # Windows silently strips trailing dots and spaces, so two names would map to one folder.
-        raise ValueError(f"{what} {user_name!r}: a path part starts/ends with a space or ends with '.'; remove it")
-    if not parts:
-        raise ValueError(f"{what} {user_name!r}: the name has no folder or file part; type a name such as 'my_run'")
-
+    problem = relative_name_problem(user_name, what=what, writes=writes, atomic=atomic)
+    if problem:
+        raise ValueError(problem)
+    parts = name_parts(user_name)
     try:
         root_resolved = Path(root).expanduser().resolve()
         target = root_resolved.joinpath(*parts).resolve()  # follows symlinks in the leaf and every parent
     except (OSError, RuntimeError) as exc:  # symlink loop (RuntimeError before Python 3.13, OSError after)
         raise ValueError(
-            f"{what} {user_name!r}: can't be resolved inside {str(root)!r} ({exc}); choose another name"
+            f"{what} {_shown(user_name)}: can't be resolved inside {str(root)!r} ({exc}); choose another name"
         ) from None
     if target == root_resolved or not target.is_relative_to(root_resolved):
         raise ValueError(
             f"{what} {user_name!r}: resolves to {str(target)!r}, outside {str(root_resolved)!r} "
             "(through a symlink); choose a name that is not a symlink out of that folder"
         )
+    problem = path_problem(target, what=f"{what} {_shown(user_name)}", writes=writes)
+    if problem:
+        raise ValueError(problem)
     return target
+
+
+# -- OS errors as one line ---------------------------------------------------------------------
+
+# errno -> (what happened, the fix), for the failures a user causes or can remedy.
+_OS_ERROR_TEXTS = {
+    errno.ENOSPC: ("no space left on the disk", "free space on it, or choose a folder on another disk"),
+    errno.EDQUOT: ("the disk quota is exceeded", "free space in your quota, or choose a folder on another disk"),
+    errno.ENAMETOOLONG: (f"a name is too long (at most {NAME_MAX_BYTES} bytes per name)", "use a shorter name"),
+    errno.ENOTDIR: ("a part of the path is a file, not a folder", "give a path made of folders"),
+    errno.EISDIR: ("it is a folder, not a file", "give a file name"),
+    errno.EACCES: ("permission denied", "choose a place you can write to, or change its permissions"),
+    errno.EPERM: ("the operation is not permitted", "choose a place you can write to, or change its permissions"),
+    errno.EROFS: ("the filesystem is read-only", "choose a folder on a writable disk"),
+    errno.ENOENT: ("no such file or folder (or it cannot be created there)", "check the path"),
+    errno.EEXIST: ("it already exists", "choose another name"),
+}
+_ERRNO_IN_TEXT = re.compile(r"(?:\[Errno |os error |code: )(\d+)")
+
+
+class WriteFailedError(OSError):
+    """Writing ``path`` failed for a reason of the system (``errno`` as the underlying error);
+    ``str()`` is one line naming the file and the fix."""
+
+    def __init__(self, code: int | None, message: str, path: str | os.PathLike | None = None):
+        super().__init__(code, message, None if path is None else os.fspath(path))
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def os_error_code(exc: BaseException, folder: str | os.PathLike | None = None) -> int | None:
+    """The errno behind ``exc``: its own, a cause's, or one written in the message of a library
+    error that wraps it (safetensors' "os error 28", torch's "[Errno 28]"). torch's zip writer
+    reports a short write as "unexpected pos": a full disk when ``folder``'s disk has < 1 MiB free."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno:
+            return exc.errno
+        text = str(exc)
+        match = _ERRNO_IN_TEXT.search(text)
+        if match:
+            return int(match.group(1))
+        if "No space left on device" in text or "StorageFull" in text:
+            return errno.ENOSPC
+        if "unexpected pos" in text and folder is not None and _free_bytes(folder) < (1 << 20):
+            return errno.ENOSPC
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _free_bytes(folder: str | os.PathLike) -> int:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return 1 << 62
+
+
+def describe_os_error(exc: BaseException, *, what: str = "", path: str | os.PathLike | None = None,
+                      action: str = "") -> str:
+    """One line for an OS-level failure: ``<what> <path>: <action>: <what happened>; <the fix>``.
+    ``path`` defaults to the error's own file name."""
+    if isinstance(exc, WriteFailedError):
+        return exc.message
+    code = os_error_code(exc, Path(path).parent if path else None)
+    if path is None and isinstance(exc, OSError):
+        path = exc.filename
+    subject = " ".join(part for part in (what, repr(os.fspath(path)) if path is not None else "") if part) or "error"
+    if action:
+        subject += f": {action}"
+    if code in _OS_ERROR_TEXTS:
+        happened, fix = _OS_ERROR_TEXTS[code]
+        return f"{subject}: {happened}; {fix}"
+    detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else (str(exc).splitlines() or [""])[0]
+    detail = detail or type(exc).__name__
+    return f"{subject}: {detail}"
+
+
+def write_failed(exc: BaseException, *, what: str, path: str | os.PathLike) -> WriteFailedError | None:
+    """``WriteFailedError`` for ``exc`` when it is an OS-level failure (errno known), else None."""
+    if isinstance(exc, WriteFailedError):
+        return exc
+    if isinstance(exc, ValueError):  # a writer's own check (or TargetExistsError) names its input already
+        return None
+    code = os_error_code(exc, Path(path).parent)
+    if code is None:
+        return None
+    return WriteFailedError(code, describe_os_error(exc, what=what, path=path, action="could not be written"), path)
+
+
+# -- permissions ---------------------------------------------------------------------------------
+
+def new_file_mode(folder: str | os.PathLike) -> int:
+    """The permission bits a new file in ``folder`` gets (the process umask, and the folder's
+    default ACL where it has one), found by creating one: reading the umask needs ``os.umask``,
+    which changes it for every thread for a moment."""
+    probe = temp_sibling(Path(folder) / "mode", "mode")
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        return stat.S_IMODE(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(probe)
+
+
+def give_new_file_mode(path: str | os.PathLike, mode: int) -> None:
+    """Set ``mode`` on the file ``path`` or on every file under the folder ``path``: writers that
+    create private (0600) files (safetensors) would otherwise keep them from the other users and
+    processes sharing a models folder."""
+    if os.name == "nt":  # no POSIX permission bits
+        return
+    path = Path(path)
+    files = [path] if not path.is_dir() else [Path(d, f) for d, _, names in os.walk(path) for f in names]
+    for file in files:
+        if not file.is_symlink() and stat.S_IMODE(file.stat().st_mode) != mode:
+            os.chmod(file, mode)
 
 
 # -- atomic writes -----------------------------------------------------------------------------
@@ -147,14 +399,13 @@ def _refuse_existing(final: Path, what: str) -> None:
         )
 
 
-def _make_parents(parent: Path) -> list[Path]:
-    """mkdir -p, returning the folders it created (deepest last) so a failed write can remove them."""
-    created: list[Path] = []
+def _make_parents(parent: Path, created: list[Path]) -> None:
+    """mkdir -p, adding the folders it created to ``created`` (deepest last, also when a mkdir fails)
+    so a failed write can remove them."""
     for folder in reversed([parent, *parent.parents]):
         if not folder.exists():
             folder.mkdir()
             created.append(folder)
-    return created
 
 
 def _remove_empty(folders: list[Path]) -> None:
@@ -213,20 +464,26 @@ def _atomic(final: str | os.PathLike, *, overwrite: bool, directory: bool, what:
         raise ValueError(f"{what} {str(final)!r}: not a file or folder name")
     if not overwrite:
         _refuse_existing(final, what)  # fail before any work is done; checked again when publishing
-    created = _make_parents(final.parent)
+    created: list[Path] = []
     temp = temp_sibling(final)
     try:
+        _make_parents(final.parent, created)
+        mode = new_file_mode(final.parent)
         if directory:
             temp.mkdir()
         yield temp
         if (directory and not temp.is_dir()) or (not directory and not temp.is_file()):
             raise RuntimeError(f"{what}: the writer did not create {'a folder' if directory else 'a file'} at {temp}")
+        give_new_file_mode(temp, mode)
         _fsync_tree(temp)
         _publish(temp, final, overwrite=overwrite, what=what)
         _fsync_path(final.parent, directory=True)
-    except BaseException:
+    except BaseException as exc:
+        failed = write_failed(exc, what=what, path=final) if isinstance(exc, Exception) else None
         _remove(temp)
         _remove_empty(created)
+        if failed is not None and failed is not exc:
+            raise failed from exc
         raise
 
 

@@ -190,7 +190,7 @@ def run_ours(args, model: Path, dataset: Path, cached: bool) -> list[float]:
         base_model=str(model), dataset_dir=str(dataset), aspect="aesthetics", output_dir=str(work / "loras"),
         output_name="bench", work_dir=str(work / "run"), resolution=args.resolution, bucket_step=8,
         rank=args.rank, alpha=float(args.rank), train_batch_size=args.batch, max_train_steps=args.steps,
-        learning_rate=1e-4, mixed_precision=args.mixed_precision, checkpointing_steps=10**9, seed=0,
+        learning_rate=1e-4, mixed_precision=args.mixed_precision, checkpointing_steps=args.steps + 1, seed=0,
         cache_latents=cached, cache_text_embeddings=cached)
     config_path = config.save(work / "config.toml")
     with open(os.devnull, "w") as quiet:

@@ -20,6 +20,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from ..safe_io import folder_problem, target_problem
+
 PRINTABLE_CONFIGS = ("example", "demo")
 
 
@@ -113,6 +115,11 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     demo.set_defaults(func=run_demo_command)
 
 
+def _refuse(problem: str | None) -> None:
+    if problem:
+        raise ValueError(problem)
+
+
 def _parse_seeds(text: str | None) -> list[int] | None:
     if text is None:
         return None
@@ -149,6 +156,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from .generate import GenerationSettings, generate_candidates, plan_candidates, read_prompt_file
 
     # Every check before the model loads.
+    _refuse(target_problem(args.out, what="--out"))
     settings = GenerationSettings(steps=args.steps, guidance_scale=args.guidance, scheduler=args.scheduler,
                                   width=args.width, height=args.height, batch_size=args.batch_size,
                                   negative_prompt=args.negative_prompt)
@@ -180,6 +188,7 @@ def run_report(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--eval {str(args.eval_dir)!r} is not a folder")
     if args.out.exists() and not args.overwrite:
         raise TargetExistsError(f"--out {str(args.out)!r} already exists; choose another name or pass --overwrite")
+    _refuse(target_problem(args.out, what="--out"))
     options = {"resamples": args.resamples, "seed": args.seed, "level": args.level, "unit": args.unit}
     if args.base is not None:
         options["base"] = args.base
@@ -249,8 +258,7 @@ def run_loop_command(args: argparse.Namespace) -> int:
         return 0
     if args.config is None:
         raise ValueError("--config: give the loop config (.toml); `versat2i loop --print-config` prints an example")
-    config = LoopConfig.load(args.config)
-    config.validate()
+    config = LoopConfig.load_checked(args.config)  # every problem at once, before anything is written
     if args.check:
         print(f"{args.config}: valid")
         return 0
@@ -261,6 +269,7 @@ def run_loop_command(args: argparse.Namespace) -> int:
 def run_demo_command(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    _refuse(folder_problem(args.out, what="--out"))
     _quiet_libraries(args)
     return _run_stoppable(lambda: run_demo(args.out, overwrite=args.overwrite, show_progress=not args.quiet))
 

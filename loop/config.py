@@ -48,6 +48,7 @@ from ..aspects import aspect_name_problem
 from ..config_file import ConfigFile, dump_flat_toml, field_comments, toml_value
 from ..rewards.registry import DEFAULT_SCORERS, SCORERS, list_scorers, split_name
 from ..rewards.selection import Threshold
+from ..safe_io import folder_problem, path_problem
 from ..trainer.config import ARCH_CHOICES, PREDICTION_TYPES, LoraTrainConfig
 from ..trainer.train_gate import GateTrainConfig
 from ..training_set.folders import scan_replay_dir
@@ -208,19 +209,28 @@ class LoopConfig(ConfigFile):
         """Strict: unknown keys (with a did-you-mean), wrong types and bad section shapes are one
         ``ValueError`` listing each. Aspects may be a table {aspect: scorer} or a list of aspects
         (each with its default scorer)."""
+        values, failures = cls.parse_settings(data)
+        if failures:
+            raise ValueError(f"{source}:\n  - " + "\n  - ".join(failures.values()))
+        return cls(**values)
+
+    @classmethod
+    def parse_settings(cls, data: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        """(what parses, {setting: its problem}); a setting is ``name`` or ``[section] name``. A
+        section with bad settings is built from its good ones (``load_checked`` validates them too)."""
         if not isinstance(data, Mapping):
-            raise ValueError(f"{source}: expected a table of settings")  # noqa: TRY004 -- a user error
+            raise ValueError("expected a table of settings")  # noqa: TRY004 -- a user error
         known = [*TOP_LEVEL, *SECTIONS, *MAPPING_SECTIONS]
-        problems = [_unknown(key, known, "") for key in data if key not in known]
+        failures = {key: _unknown(key, known, "") for key in data if key not in known}
         values: dict[str, Any] = {}
         for name in TOP_LEVEL:
             if name in data:
                 hint = {"rounds": int}.get(name, str)
                 value = data[name]
                 if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
-                    problems.append(f"{name}: expected a whole number, got {value!r}")
+                    failures[name] = f"{name}: expected a whole number, got {value!r}"
                 elif hint is str and not isinstance(value, (str, os.PathLike)):
-                    problems.append(f"{name}: expected text, got {value!r}")
+                    failures[name] = f"{name}: expected text, got {value!r}"
                 else:
                     values[name] = os.fspath(value) if isinstance(value, os.PathLike) else value
         for name, section in SECTIONS.items():
@@ -231,37 +241,58 @@ class LoopConfig(ConfigFile):
                 values[name] = table
                 continue
             if not isinstance(table, Mapping):
-                problems.append(f"[{name}]: expected a table of settings, got {table!r}")
+                failures[name] = f"[{name}]: expected a table of settings, got {table!r}"
                 continue
-            try:
-                values[name] = section.from_dict(dict(table), source=f"[{name}]")
-            except (TypeError, ValueError) as exc:
-                problems.append(str(exc))
+            good, bad = section.parse_settings(dict(table))
+            failures.update({f"[{name}] {key}": f"[{name}] {problem}" for key, problem in bad.items()})
+            values[name] = section(**good)
         if "aspects" in data:
             aspects = data["aspects"]
             if isinstance(aspects, (list, tuple)):
                 aspects = {str(a): "" for a in aspects}
             if not isinstance(aspects, Mapping) or not all(isinstance(v, str) for v in aspects.values()):
-                problems.append('[aspects]: expected a table aspect = "scorer name" (or a list of aspects), '
-                                f"got {data['aspects']!r}")
+                failures["aspects"] = ('[aspects]: expected a table aspect = "scorer name" (or a list of aspects), '
+                                       f"got {data['aspects']!r}")
             else:
                 values["aspects"] = {str(k): v for k, v in aspects.items()}
         if "thresholds" in data:
             thresholds = data["thresholds"]
             if not isinstance(thresholds, Mapping):
-                problems.append('[thresholds]: expected a table aspect = "none" | number | "p75"')
+                failures["thresholds"] = '[thresholds]: expected a table aspect = "none" | number | "p75"'
             else:
                 values["thresholds"] = {str(k): (v if isinstance(v, str) else _threshold_text(v))
                                         for k, v in thresholds.items()}
         for name in ("lora", "gate"):
             if name in data:
                 if not isinstance(data[name], Mapping):
-                    problems.append(f"[{name}]: expected a table of settings")
+                    failures[name] = f"[{name}]: expected a table of settings"
                 else:
                     values[name] = dict(data[name])
+        return values, failures
+
+    @classmethod
+    def load_checked(cls, path: str | os.PathLike, *, check_paths: bool = True) -> LoopConfig:
+        """``load`` and ``validate`` in one, every problem at once: the settings that do not parse
+        (left at their defaults) and ``problems()`` of the rest, each naming the setting."""
+        path = Path(path)
+        values, failures = cls.parse_settings(cls.read_settings(path))
+        config = cls(**values).resolve_paths(path.resolve().parent)
+
+        def about_a_failed_setting(problem: str) -> bool:  # already reported as not parsing
+            for key in failures:
+                if key.startswith("["):
+                    section, _, name = key.rpartition(" ")
+                    if problem.startswith(section) and (f"{name}=" in problem or f"{name}:" in problem):
+                        return True
+                elif problem.startswith((f"{key}=", f"{key}:")):
+                    return True
+            return False
+
+        problems = list(failures.values()) + [
+            problem for problem in config.problems(check_paths=check_paths) if not about_a_failed_setting(problem)]
         if problems:
-            raise ValueError(f"{source}:\n  - " + "\n  - ".join(problems))
-        return cls(**values)
+            raise ValueError(f"invalid loop config: {path}\n  - " + "\n  - ".join(problems))
+        return config
 
     def to_toml(self) -> str:
         data = self.to_dict()
@@ -420,8 +451,12 @@ class LoopConfig(ConfigFile):
             p.append('name: is empty; give the run a label such as "my-loop"')
         if not self.output_dir.strip():
             p.append('output_dir: is empty; give a folder for the run such as "runs/my-loop"')
-        elif check_paths and Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
+        elif path_problem(self.output_dir, what="output_dir"):  # a name too long (before the disk is asked)
+            p.append(path_problem(self.output_dir, what="output_dir"))
+        elif check_paths and os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
             p.append(f"output_dir={self.output_dir!r}: exists and is not a folder")
+        elif check_paths and folder_problem(self.output_dir, what="output_dir"):  # below a file, read-only...
+            p.append(folder_problem(self.output_dir, what="output_dir"))
         if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
             p.append(f"rounds={self.rounds!r}: must be a whole number >= 1")
         p += _device_problems(self.device)

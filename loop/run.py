@@ -49,7 +49,7 @@ from typing import Any
 
 from ..models.loading import model_source_paths
 from ..progress import Progress
-from ..safe_io import atomic_write_text
+from ..safe_io import WriteFailedError, atomic_write_text, describe_os_error
 from ..trainer.training_loop import tree_identity
 from .config import LoopConfig
 from .stages import (
@@ -564,7 +564,11 @@ def run_loop(config: LoopConfig, *, overwrite: bool = False, show_progress: bool
     if _has_unfinished_scoring(config, ledger):
         scorers()  # a missing weight file or extra is reported now, before any work
     output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # e.g. inside /proc, or a disk that went read-only since the check
+        raise WriteFailedError(exc.errno, describe_os_error(exc, what="output_dir", path=output_dir,
+                                                            action="cannot be created"), output_dir) from None
     with _folder_lock(output_dir):
         atomic_write_text(output_dir / CONFIG_FILE, config.to_toml(), overwrite=True, what="loop config copy")
         ledger.log("loop", "start", rounds=config.rounds)

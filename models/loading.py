@@ -37,6 +37,7 @@ import gzip
 import hashlib
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ from .architectures import (
     ARCHITECTURE_NAMES,
     ARCHITECTURES,
     SUPPORTED,
+    UNET_PREFIX,
     VAE_PREFIX,
     Architecture,
     UnsupportedModel,
@@ -403,6 +405,85 @@ def _weights_variant(component_dir: Path) -> str | None:
         return None
     variants = sorted({n.split(".")[-2] for n in weights})
     return "fp16" if "fp16" in variants else variants[0]
+
+
+# --------------------------------------------------------------------------------------------
+# size, from the files' headers
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """A base model's size read from its files' headers, no weights loaded: what a training run's
+    memory estimate starts from (``trainer/memory.py``)."""
+
+    architecture: Architecture
+    parameters: int  # every weight a run loads: denoiser, text encoders, VAE
+    # per denoiser LoRA target (the table's peft names, e.g. "to_q"): the sum of in + out features
+    # over its layers, so a rank-r LoRA on it has r times that many parameters
+    lora_target_features: Mapping[str, int]
+
+
+class _Shape:
+    """A tensor's shape where detection asks for ``.shape`` / ``.ndim`` (headers only)."""
+
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+        self.ndim = len(self.shape)
+
+
+def _safetensors_shapes(path: Path, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return {prefix + key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
+
+
+def _component_weight_files(component_dir: Path) -> list[Path]:
+    """The ``.safetensors`` files ``from_pretrained`` reads in a diffusers component folder
+    (plain, sharded, or the variant ``_weights_variant`` picks)."""
+    variant = _weights_variant(component_dir)
+    files = sorted(component_dir.glob("*.safetensors"))
+    if variant:
+        return [f for f in files if f.name.split(".")[-2] == variant]
+    return [f for f in files if f.name.count(".") == 1 or "-of-" in f.name.split(".")[0]]
+
+
+def read_model_size(path: str | os.PathLike) -> ModelSize | None:
+    """The size of the base model at ``path`` (single ``.safetensors`` file or diffusers folder),
+    from the headers; None when its weights are not all safetensors (a legacy ``.ckpt`` or
+    ``.bin`` folder cannot be measured without loading it) or the family is not recognised."""
+    source = Path(path).expanduser()
+    try:
+        if source.is_file():
+            if source.suffix.lower() != ".safetensors":
+                return None
+            shapes = _safetensors_shapes(source)
+            architecture = detect_single_file({k: _Shape(v) for k, v in shapes.items()})
+            denoiser_prefix = UNET_PREFIX
+        elif source.is_dir():
+            architecture, _ = _folder_architecture(source)
+            shapes = {}
+            for component in (architecture.denoiser_component, "vae", *architecture.text_encoder_components):
+                files = _component_weight_files(source / component) if (source / component).is_dir() else []
+                if not files and component != "vae":
+                    return None
+                for file in files:
+                    shapes.update(_safetensors_shapes(file, prefix=f"{component}/"))
+            denoiser_prefix = f"{architecture.denoiser_component}/"
+        else:
+            return None
+    except Exception:  # noqa: BLE001 -- a damaged or unknown file: the loader reports it; no estimate
+        return None
+    features: dict[str, int] = {}
+    targets = (*architecture.lora_attention_modules, *architecture.lora_feed_forward_modules)
+    for key, shape in shapes.items():
+        if not key.startswith(denoiser_prefix) or len(shape) != 2:
+            continue
+        for target in targets:
+            if key.endswith(f".{target}.weight"):
+                features[target] = features.get(target, 0) + shape[0] + shape[1]
+    parameters = sum(math.prod(shape) for shape in shapes.values())
+    return ModelSize(architecture=architecture, parameters=parameters, lora_target_features=features)
 
 
 def _load_folder(folder: Path, arch: str, prediction_type: str, torch_dtype: torch.dtype) -> tuple[dict, list[str]]:

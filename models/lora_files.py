@@ -20,10 +20,11 @@ checked against the loaded base model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -191,22 +192,58 @@ def save_kohya_lora(
 # kohya -> per-module weights
 
 
-def load_kohya_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """``(state_dict, metadata)`` of a kohya LoRA ``.safetensors`` file."""
+@contextlib.contextmanager
+def open_safetensors(path: str | os.PathLike, *, what: str = "file", fix: str = "") -> Iterator[Any]:
+    """``safetensors.safe_open`` on ``path`` (reading its header only), with a damaged, truncated,
+    empty or pickled file reported as one ``ValueError`` naming the file (safetensors' own errors
+    name none). ``what``: e.g. "LoRA file"; ``fix``: what to do instead."""
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"LoRA file not found: {path} (LoRAs live in ComfyUI's models/loras folder)")
+        raise FileNotFoundError(f"{what} {str(path)!r} not found")
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
-            state_dict = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open is not iterable)
-    except Exception as exc:  # safetensors raises its own error types for damaged headers
-        raise ValueError(f"{path}: cannot read this LoRA file ({type(exc).__name__}: {exc}); "
-                         "it is damaged or not a .safetensors file") from exc
+        handle_context = safe_open(str(path), framework="pt")
+        handle = handle_context.__enter__()
+    except Exception as exc:  # safetensors raises its own error types for a damaged header
+        raise ValueError(f"{what} {str(path)!r}: cannot be read ({type(exc).__name__}: {exc}); it is damaged, "
+                         f"truncated or not a .safetensors file; {fix or 'replace it'}") from exc
+    try:
+        yield handle
+    finally:
+        handle_context.__exit__(None, None, None)
+
+
+def read_safetensors(path: str | os.PathLike, *, what: str = "file", fix: str = ""
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, metadata)`` of a ``.safetensors`` file, errors as ``open_safetensors``'s."""
+    with open_safetensors(path, what=what, fix=fix) as handle:
+        metadata = dict(handle.metadata() or {})
+        try:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not iterable)
+        except Exception as exc:  # a truncated file passes the header and fails here
+            raise ValueError(f"{what} {str(path)!r}: cannot be read ({type(exc).__name__}: {exc}); it is damaged or "
+                             f"truncated; {fix or 'replace it'}") from exc
+    return tensors, metadata
+
+
+LORA_FIX = "train it again, or replace it with an intact copy"
+
+
+def read_lora_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """A LoRA file's safetensors metadata (its header only)."""
+    with open_safetensors(path, what="LoRA file", fix=LORA_FIX) as handle:
+        return dict(handle.metadata() or {})
+
+
+def load_kohya_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(state_dict, metadata)`` of a kohya LoRA ``.safetensors`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA file not found: {path} (LoRAs live in ComfyUI's models/loras folder)")
+    state_dict, metadata = read_safetensors(path, what="LoRA file", fix=LORA_FIX)
     if not state_dict:
-        raise ValueError(f"{path}: the LoRA file holds no tensors")
+        raise ValueError(f"LoRA file {str(path)!r}: holds no tensors; {LORA_FIX}")
     return state_dict, metadata
 
 

@@ -13,6 +13,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
+from ..models.lora_files import LORA_FIX
 from ..safe_io import file_identity
 from ..trainer.mol_file import MOL_SUFFIX, load_mol, read_mol, resolve_loras
 from . import model_patching
@@ -61,7 +62,14 @@ def aspect_of(lora_file: str) -> str:
 
 
 def load_aspect_lora(aspect: str, path: str | os.PathLike) -> model_patching.AspectLoRA:
-    return model_patching.AspectLoRA(aspect, Path(path).name, comfy.utils.load_torch_file(str(path), safe_load=True))
+    try:
+        state_dict = comfy.utils.load_torch_file(str(path), safe_load=True)
+    except Exception as exc:  # safetensors and torch.load raise their own types, naming no file
+        raise ValueError(f"LoRA file {str(path)!r}: cannot be read ({type(exc).__name__}: {exc}); it is damaged, "
+                         f"truncated or not a LoRA file; {LORA_FIX}") from exc
+    if not state_dict:
+        raise ValueError(f"LoRA file {str(path)!r}: holds no tensors; {LORA_FIX}")
+    return model_patching.AspectLoRA(aspect, Path(path).name, state_dict)
 
 
 def conditioning_context(conditioning) -> torch.Tensor:

@@ -42,7 +42,7 @@ def prompts_from_inputs(prompts: str, prompts_file: str) -> list[str]:
     if file_name and lines:
         raise ValueError("prompts / prompts_file: both are filled in; type the prompts or name a file, not both")
     if file_name:
-        path = confined_path(folder_paths.get_input_directory(), file_name, what="prompts_file")
+        path = confined_path(folder_paths.get_input_directory(), file_name, what="prompts_file", writes=False)
         lines = read_prompt_file(path)
     if not lines:
         raise ValueError("prompts: no prompt given; type one prompt per line (or name a .txt file in ComfyUI's "
@@ -213,7 +213,7 @@ class GenerateCandidates(io.ComfyNode):
             if width is not None and height is not None:
                 check_size(width, height)
             if prompts_file:
-                confined_path(folder_paths.get_input_directory(), prompts_file, what="prompts_file")
+                confined_path(folder_paths.get_input_directory(), prompts_file, what="prompts_file", writes=False)
         except ValueError as exc:
             return str(exc)
         return True

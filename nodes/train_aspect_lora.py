@@ -17,7 +17,7 @@ import torch
 from comfy_api.latest import io
 
 from ..safe_io import confined_path, file_identity
-from ..trainer.config import LR_SCHEDULERS, MIXED_PRECISIONS, PREDICTION_TYPES, LoraTrainConfig
+from ..trainer.config import LR_SCHEDULERS, MIXED_PRECISIONS, PREDICTION_TYPES, LoraTrainConfig, input_range
 from ..trainer.launcher import TrainingFailed
 from ..trainer.lora_job import train_or_reuse
 from ..trainer.loss_curve import render_loss_curve
@@ -56,7 +56,7 @@ def lora_file_name(dataset: str, aspect: str, lora_name: str) -> str:
 def resolve_paths(dataset: str, aspect: str, ckpt_name: str, lora_name: str) -> dict[str, Path]:
     """dataset folder, checkpoint file and LoRA file, each confined to its ComfyUI folder."""
     output = Path(folder_paths.get_output_directory())
-    dataset_dir = confined_path(output, dataset, what="dataset")
+    dataset_dir = confined_path(output, dataset, what="dataset", writes=False)
     if not dataset_dir.is_dir():
         raise ValueError(f"dataset {dataset!r}: no such folder in ComfyUI's output folder; connect Save Training "
                          "Set's dataset_path, or type the folder name it wrote (e.g. 'versat2i/training_set')")
@@ -134,28 +134,30 @@ class TrainAspectLora(io.ComfyNode):
                 io.String.Input("lora_name", default="",
                                 tooltip="File name inside models/loras/versat2i/ (sub-folders allowed). Empty: "
                                         "<dataset>_<aspect>."),
-                io.Int.Input("steps", default=500, min=1, max=1_000_000,
+                io.Int.Input("steps", default=500, **input_range("max_train_steps"),
                              tooltip="Optimiser steps (each sees batch_size x gradient_accumulation_steps images)."),
-                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-6,
+                io.Float.Input("learning_rate", default=1e-4, **input_range("learning_rate"), step=1e-6,
                                tooltip="AdamW learning rate of the UNet LoRA."),
-                io.Int.Input("rank", default=16, min=1, max=256,
+                io.Int.Input("rank", default=16, **input_range("rank"),
                              tooltip="LoRA rank: capacity and file size (4-32 is usual)."),
-                io.Float.Input("alpha", default=16.0, min=0.01, max=1024.0, step=0.5,
+                io.Float.Input("alpha", default=16.0, **input_range("alpha"), step=0.5,
                                tooltip="LoRA alpha; the LoRA is scaled by alpha / rank."),
-                io.Int.Input("batch_size", default=1, min=1, max=256, tooltip="Images per step and device."),
-                io.Int.Input("resolution", default=512, min=64, max=4096, step=8,
+                io.Int.Input("batch_size", default=1, **input_range("train_batch_size"),
+                             tooltip="Images per step and device."),
+                io.Int.Input("resolution", default=512, **input_range("resolution"), step=8,
                              tooltip="Training resolution (area = resolution^2, aspect-ratio buckets); a multiple "
                                      "of 8."),
                 # No "control after generate": the frontend's default for a seed is "randomize",
                 # which would change the inputs, and so retrain, on every queue.
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
+                io.Int.Input("seed", default=0, **input_range("seed"), control_after_generate=False,
                              tooltip="Seed of LoRA init, noise and data order. Stays as typed, so queueing again "
                                      "reuses the finished LoRA; change it to train a new one."),
                 io.Combo.Input("lr_scheduler", options=list(LR_SCHEDULERS), default="constant", optional=True,
                                tooltip="Learning-rate schedule (diffusers)."),
-                io.Int.Input("lr_warmup_steps", default=0, min=0, max=1_000_000, optional=True,
+                io.Int.Input("lr_warmup_steps", default=0, **input_range("lr_warmup_steps"), optional=True,
                              tooltip="Warm-up steps of the schedule."),
-                io.Int.Input("gradient_accumulation_steps", default=1, min=1, max=1024, optional=True,
+                io.Int.Input("gradient_accumulation_steps", default=1, **input_range("gradient_accumulation_steps"),
+                             optional=True,
                              tooltip="Micro-batches per optimiser step."),
                 io.Boolean.Input("gradient_checkpointing", default=False, optional=True,
                                  tooltip="Recompute activations during the backward pass: less memory, "
@@ -169,16 +171,16 @@ class TrainAspectLora(io.ComfyNode):
                 io.Boolean.Input("cache_latents", default=True, optional=True,
                                  tooltip="Encode each image once before training (faster; reuses latents saved at "
                                          "generation)."),
-                io.Float.Input("noise_offset", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
+                io.Float.Input("noise_offset", default=0.0, **input_range("noise_offset"), step=0.01, optional=True,
                                tooltip="Offset noise (0.05-0.1 helps very dark / bright images)."),
-                io.Float.Input("snr_gamma", default=0.0, min=0.0, max=100.0, step=0.5, optional=True,
+                io.Float.Input("snr_gamma", default=0.0, **input_range("snr_gamma"), step=0.5, optional=True,
                                tooltip="Min-SNR loss weighting gamma (0 = off, 5 is usual)."),
-                io.Float.Input("dropout", default=0.0, min=0.0, max=0.9, step=0.01, optional=True,
+                io.Float.Input("dropout", default=0.0, **input_range("dropout"), step=0.01, optional=True,
                                tooltip="Dropout on the LoRA layers (0 = off; 0.05-0.1 can help small "
                                        "training sets)."),
                 io.Combo.Input("prediction_type", options=list(PREDICTION_TYPES), default="auto", optional=True,
                                tooltip="auto: from the checkpoint (v-prediction SD2/SDXL are detected)."),
-                io.Int.Input("checkpoint_every", default=100, min=1, max=1_000_000, optional=True,
+                io.Int.Input("checkpoint_every", default=100, **input_range("checkpointing_steps"), optional=True,
                              tooltip="Save a resumable checkpoint every N steps."),
                 io.Boolean.Input("overwrite", default=False, optional=True,
                                  tooltip="Replace an existing LoRA of this name trained from other inputs."),
@@ -209,7 +211,8 @@ class TrainAspectLora(io.ComfyNode):
             return f"resolution {resolution}: must be a multiple of 8 (e.g. {round(resolution / 64) * 64})"
         try:
             if dataset is not None:
-                confined_path(folder_paths.get_output_directory(), dataset, what="dataset")
+                confined_path(folder_paths.get_output_directory(), dataset, what="dataset", writes=False)
+            # The LoRA file, its temporary name and the run folder must fit (safe_io.name_problem).
             if lora_name is not None and (lora_name.strip() or dataset is not None):
                 confined_path(loras_root() / LORA_SUBFOLDER, lora_file_name(dataset or "x", aspect or "", lora_name),
                               what="lora_name")

@@ -17,12 +17,18 @@ from typing import Any
 import folder_paths
 from comfy_api.latest import io
 
-from ..safe_io import confined_path, file_identity
-from ..trainer.config import MIXED_PRECISIONS
+from ..safe_io import confined_path, file_identity, relative_name_problem
+from ..trainer.config import MIXED_PRECISIONS, input_range
 from ..trainer.gate import BALANCE_KINDS, GRANULARITIES
 from ..trainer.launcher import TrainingFailed
 from ..trainer.mol_file import MOL_SUFFIX
-from ..trainer.train_gate import GateTrainConfig, gate_run_fingerprint, train_gate_or_reuse
+from ..trainer.train_gate import (
+    GateTrainConfig,
+    gate_run_fingerprint,
+    lora_aspect_names,
+    shared_aspects,
+    train_gate_or_reuse,
+)
 from .common import TrainingHooks, category, node_id
 from .train_aspect_lora import bad_combo_message, loss_curve_image
 
@@ -34,15 +40,16 @@ RUNS_SUBFOLDER = "versat2i/gate_runs"  # checkpoints and logs, under ComfyUI's o
 LORA_SOCKETS = ("lora_1", "lora_2", "lora_3", "lora_4")
 
 
+def listed_names(text: str | None) -> list[str]:
+    """Names one per line or comma separated; blank lines and lines starting with # are skipped."""
+    names = (line.strip() for line in (text or "").replace(",", "\n").splitlines())
+    return [name for name in names if name and not name.startswith("#")]
+
+
 def lora_names(loras: str, linked: Iterable[str | None] = ()) -> list[str]:
-    """The LoRAs in gate order: the linked sockets (lora_1..lora_4), then the ``loras`` box. Each
-    holds names one per line or comma separated; blank lines and lines starting with # are skipped."""
-    names: list[str] = []
-    for text in (*linked, loras):
-        for line in (text or "").replace(",", "\n").splitlines():
-            name = line.strip()
-            if name and not name.startswith("#"):
-                names.append(name)
+    """The LoRAs in gate order: the linked sockets (lora_1..lora_4), then the ``loras`` box
+    (``listed_names`` each)."""
+    names = [name for text in (*linked, loras) for name in listed_names(text)]
     twice = sorted({name for name in names if names.count(name) > 1})
     if twice:
         raise ValueError(f"loras: {', '.join(twice)} given twice (lora_1..lora_4 and the loras box are joined); "
@@ -59,7 +66,7 @@ def resolve_paths(dataset: str, ckpt_name: str, loras: str, mol_name: str,
     """Training set, checkpoint, LoRA files (``lora_names``, relative to the loras folder) and the
     MoL file, which goes into the LoRAs' common folder (it names them relative to itself)."""
     output = Path(folder_paths.get_output_directory())
-    dataset_dir = confined_path(output, dataset, what="dataset")
+    dataset_dir = confined_path(output, dataset, what="dataset", writes=False)
     if not dataset_dir.is_dir():
         raise ValueError(f"dataset {dataset!r}: no such folder in ComfyUI's output folder; connect Save Training "
                          "Set's dataset_path")
@@ -74,14 +81,33 @@ def resolve_paths(dataset: str, ckpt_name: str, loras: str, mol_name: str,
         if Path(path).resolve() in paths:
             raise ValueError(f"loras: {name!r} names a LoRA file given already; list each aspect LoRA once")
         paths.append(Path(path).resolve())
+    problem = shared_aspect_problem(paths)
+    if problem:
+        raise ValueError(problem)
     root = Path(os.path.commonpath([p.parent for p in paths]))
     if not any(root.is_relative_to(Path(d).resolve()) for d in folder_paths.get_folder_paths("loras")):
         raise ValueError("loras: the LoRAs are in different loras folders; put them in one folder (the MoL file is "
                          "saved next to them)")
-    stem = mol_name.strip() or "aspects"
-    mol = confined_path(root, stem if stem.endswith(MOL_SUFFIX) else stem + MOL_SUFFIX, what="mol_name")
+    mol = confined_path(root, mol_file_name(mol_name), what="mol_name")
     return {"dataset": dataset_dir, "checkpoint": Path(folder_paths.get_full_path_or_raise("checkpoints", ckpt_name)),
             "loras": paths, "root": root, "mol": mol, "output": output}
+
+
+def mol_file_name(mol_name: str) -> str:
+    """The MoL file's name relative to the LoRAs' folder (``.mol.safetensors`` added)."""
+    stem = mol_name.strip() or "aspects"
+    return stem if stem.endswith(MOL_SUFFIX) else stem + MOL_SUFFIX
+
+
+def shared_aspect_problem(paths: list[Path]) -> str | None:
+    """LoRAs of one aspect, in this node's words (it has no input naming aspects: each LoRA's comes
+    from its metadata, else its file name). Checked before anything is written or started."""
+    shared = shared_aspects(paths, lora_aspect_names(paths))
+    if not shared:
+        return None
+    aspect, files = next(iter(shared.items()))
+    return (f"loras: {', '.join(Path(f).name for f in files)} are all LoRAs of aspect {aspect!r}; a mixture needs "
+            "one LoRA per aspect: connect (or list) LoRAs trained on different aspects")
 
 
 def build_config(paths: dict[str, Any], settings: dict[str, Any]):
@@ -150,19 +176,20 @@ class TrainGate(io.ComfyNode):
                 io.Combo.Input("balance_loss", options=list(BALANCE_KINDS), default="mole",
                                tooltip="mole: -log prod(mean gate) over all layers; switch: load balancing per layer; "
                                        "none."),
-                io.Float.Input("balance_weight", default=0.01, min=0.0, max=100.0, step=0.001,
+                io.Float.Input("balance_weight", default=0.01, **input_range("balance_weight"), step=0.001,
                                tooltip="Weight of the balancing loss against the denoising loss."),
-                io.Int.Input("steps", default=200, min=1, max=1_000_000,
+                io.Int.Input("steps", default=200, **input_range("max_train_steps"),
                              tooltip="Optimiser steps (only the gate trains; the base model and the LoRAs stay "
                                      "frozen)."),
-                io.Float.Input("learning_rate", default=1e-2, min=1e-7, max=1.0, step=1e-5,
+                io.Float.Input("learning_rate", default=1e-2, **input_range("learning_rate"), step=1e-5,
                                tooltip="AdamW learning rate of the gate."),
-                io.Int.Input("batch_size", default=1, min=1, max=256, tooltip="Images per step and device."),
-                io.Int.Input("resolution", default=512, min=64, max=4096, step=8,
+                io.Int.Input("batch_size", default=1, **input_range("train_batch_size"),
+                             tooltip="Images per step and device."),
+                io.Int.Input("resolution", default=512, **input_range("resolution"), step=8,
                              tooltip="Training resolution (a multiple of 8)."),
                 # No "control after generate" (the frontend would default it to "randomize" and
                 # retrain on every queue).
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
+                io.Int.Input("seed", default=0, **input_range("seed"), control_after_generate=False,
                              tooltip="Seed of the training noise and data order (the gate starts as the equal mix). "
                                      "Stays as typed, so queueing again reuses the finished MoL file; change it "
                                      "to train a new one."),
@@ -170,7 +197,7 @@ class TrainGate(io.ComfyNode):
                                tooltip="auto: bf16 (or fp16) on CUDA, full precision on CPU."),
                 io.Boolean.Input("cache_latents", default=True, optional=True,
                                  tooltip="Encode each image once before training."),
-                io.Int.Input("checkpoint_every", default=100, min=1, max=1_000_000, optional=True,
+                io.Int.Input("checkpoint_every", default=100, **input_range("checkpointing_steps"), optional=True,
                              tooltip="Save a resumable checkpoint every N steps."),
                 io.Boolean.Input("overwrite", default=False, optional=True,
                                  tooltip="Replace an existing MoL file of this name trained from other inputs."),
@@ -192,7 +219,8 @@ class TrainGate(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, ckpt_name: str | None = None, granularity: str | None = None,
                         balance_loss: str | None = None, mixed_precision: str | None = None,
-                        dataset: str | None = None) -> bool | str:
+                        dataset: str | None = None, mol_name: str | None = None,
+                        loras: str | None = None) -> bool | str:
         # ComfyUI 0.3.64 does not check V3 combo values: do it here.
         if ckpt_name is not None and ckpt_name not in folder_paths.get_filename_list("checkpoints"):
             return f"ckpt_name {ckpt_name!r}: not in models/checkpoints"
@@ -203,8 +231,19 @@ class TrainGate(io.ComfyNode):
                 return bad_combo_message(name, value, options)
         if dataset is not None:
             try:
-                confined_path(folder_paths.get_output_directory(), dataset, what="dataset")
+                confined_path(folder_paths.get_output_directory(), dataset, what="dataset", writes=False)
             except ValueError as exc:
+                return str(exc)
+        if mol_name is not None:  # the folder is the LoRAs' (known later); the name rule needs none
+            problem = relative_name_problem(mol_file_name(mol_name), what="mol_name")
+            if problem:
+                return problem
+        if loras is not None:  # the typed LoRAs that exist (linked ones are checked when the node runs)
+            found = (folder_paths.get_full_path("loras", name) for name in listed_names(loras))
+            paths = [Path(path) for path in found if path]
+            try:
+                return shared_aspect_problem(paths) or True
+            except ValueError as exc:  # a damaged LoRA file
                 return str(exc)
         return True
 

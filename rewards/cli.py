@@ -274,12 +274,15 @@ def _pick_device(device: str) -> str:
 
 
 def _check_out(out: Path | None, overwrite: bool) -> None:
-    from ..safe_io import TargetExistsError
+    from ..safe_io import TargetExistsError, target_problem
 
     if out is None:
         return
     if out.suffix.lower() not in (".jsonl", ".json"):
         raise ValueError(f"--out {str(out)!r}: use a .jsonl or .json file name")
+    problem = target_problem(out, what="--out")
+    if problem:
+        raise ValueError(problem)
     if out.exists() and not overwrite:
         raise TargetExistsError(f"--out {str(out)!r} already exists; choose another name or pass --overwrite")
 

@@ -101,11 +101,15 @@ def _run_training_command(args, command, config_class, example_required, *, prog
         return 0
     if args.config is None:
         raise ValueError(f"--config: give the {config_class.__name__} file (see `versat2i {command} --print-config`)")
-    config = config_class.load(args.config)
-    config.validate()  # a bad setting is one error line, before anything starts
+    config = config_class.load_checked(args.config)  # every problem at once, before anything starts
     from ..training_set.folders import scan_training_set
 
     scan_training_set(config.dataset_dir, aspect_of(config))  # empty / unreadable data fails here, not in the child
+    from .memory import check_training_memory, launcher_device
+
+    device = launcher_device(args.cpu)
+    if device is not None:  # else the training process checks its GPU itself, before loading the model
+        check_training_memory(config, device=device, cpu=True if device == "cpu" else None)
 
     from .launcher import LaunchOptions, TrainingFailed, run_training
 
@@ -192,10 +196,13 @@ def run_mix(args: argparse.Namespace) -> int:
 
     from ..models.loading import load_base_model
     from ..models.pipelines import build_pipeline, resolve_device
-    from ..safe_io import atomic_file
+    from ..safe_io import atomic_file, folder_problem
     from .mix_diffusers import load_mixture, prompt_context
     from .mol_file import read_mol
 
+    problem = folder_problem(args.out, what="--out")
+    if problem:
+        raise ValueError(problem)
     # the aspects first (a header read): a misspelt name fails before the base model loads
     aspects = read_mol(args.mol).aspects
     disabled = [a.strip() for a in args.disable_aspects.split(",") if a.strip()]

@@ -18,8 +18,9 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import ClassVar
 
 from ..aspects import aspect_name_problem
-from ..config_file import ConfigFile, require_at_least, require_choice, require_positive
+from ..config_file import ConfigFile, SettingRange, require_choice, require_in_range, require_positive
 from ..models.architectures import ARCHITECTURE_NAMES
+from ..safe_io import folder_problem, path_problem, relative_name_problem
 
 ARCH_CHOICES = ("auto", *ARCHITECTURE_NAMES)
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction", "sample")
@@ -27,6 +28,40 @@ MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 # diffusers.optimization.SchedulerType values (kept here so validation needs no diffusers import).
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 LORA_FILE_SUFFIX = ".safetensors"
+
+# The range of every bounded numeric setting of the training configs, defined once: ``problems()``
+# checks configs (``versat2i train-lora`` / ``train-gate`` files, the loop's [lora] / [gate]) against
+# it, and the Train Aspect LoRA / Train Gate nodes take their inputs' min and max from it, so a file
+# cannot ask for more than a node offers (``resolution = 100000`` once grew a training process to
+# 15 GB before the kernel killed it). What a run may use of the machine is checked separately, from
+# its memory estimate (``trainer/memory.py``).
+SETTING_RANGES: dict[str, SettingRange] = {
+    "max_train_steps": SettingRange(1, 1_000_000),
+    "train_batch_size": SettingRange(1, 256),
+    "gradient_accumulation_steps": SettingRange(1, 1024),
+    "learning_rate": SettingRange(1e-7, 1.0),
+    "lr_warmup_steps": SettingRange(0, 1_000_000),
+    "seed": SettingRange(0, 2**31 - 1),
+    "dataloader_num_workers": SettingRange(0, 64),
+    "checkpointing_steps": SettingRange(1, 1_000_000),
+    "checkpoints_total_limit": SettingRange(0, 1_000_000),
+    "resolution": SettingRange(8, 4096),  # down to 8: the embedded demo world trains at 32 px
+    "bucket_step": SettingRange(8, 1024),
+    "bucket_max_aspect": SettingRange(1.0, 16.0),
+    "rank": SettingRange(1, 256),
+    "alpha": SettingRange(0.01, 1024.0),
+    "dropout": SettingRange(0.0, 0.9),
+    "text_encoder_lr": SettingRange(0.0, 1.0),  # 0 = learning_rate
+    "noise_offset": SettingRange(0.0, 1.0),
+    "snr_gamma": SettingRange(0.0, 100.0),
+    "balance_weight": SettingRange(0.0, 100.0),
+}
+
+
+def input_range(name: str) -> dict[str, int | float]:
+    """``{"min": ..., "max": ...}`` of a setting, for a node input (``io.Int.Input(..., **input_range(name))``)."""
+    limits = SETTING_RANGES[name]
+    return {"min": limits.minimum, "max": limits.maximum}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -76,6 +111,11 @@ class TrainingRunConfig(ConfigFile):
         name = self.output_name if self.output_name.endswith(LORA_FILE_SUFFIX) else self.output_name + LORA_FILE_SUFFIX
         return Path(self.output_dir) / name
 
+    @property
+    def output_file_name(self) -> str:
+        """The final file relative to ``output_dir`` (``output_name`` with the suffix the program adds)."""
+        return os.path.relpath(self.output_path, self.output_dir or ".").replace(os.sep, "/")
+
     def problems(self, *, check_paths: bool = True) -> list[str]:
         """Every problem with the settings, each naming the field and the fix (empty = valid)."""
         p: list[str] = []
@@ -83,11 +123,9 @@ class TrainingRunConfig(ConfigFile):
         require_choice(p, "prediction_type", self.prediction_type, PREDICTION_TYPES)
         require_choice(p, "mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
         require_choice(p, "lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
-        for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"):
-            require_at_least(p, name, getattr(self, name), 1)
-        for name in ("lr_warmup_steps", "dataloader_num_workers", "checkpoints_total_limit", "seed"):
-            require_at_least(p, name, getattr(self, name), 0)
-        require_positive(p, "learning_rate", self.learning_rate)
+        for name, limits in SETTING_RANGES.items():  # those of this config's fields (subclasses add some)
+            if hasattr(self, name):
+                require_in_range(p, name, getattr(self, name), limits)
         require_positive(p, "adam_epsilon", self.adam_epsilon)
         require_positive(p, "max_grad_norm", self.max_grad_norm)
         for name in ("adam_beta1", "adam_beta2"):
@@ -96,12 +134,21 @@ class TrainingRunConfig(ConfigFile):
                 p.append(f"{name}={value}: must be in [0, 1)")
         if not math.isfinite(self.adam_weight_decay) or self.adam_weight_decay < 0:
             p.append(f"adam_weight_decay={self.adam_weight_decay}: must be >= 0")
-        problem = output_name_problem(self.output_name)
+        problem = output_name_problem(self.output_name) or relative_name_problem(
+            self.output_file_name, what="output_name")  # the file written, with its suffix
         if problem:
             p.append(problem)
         for name in ("base_model", "dataset_dir", "output_dir", "work_dir"):
             if not str(getattr(self, name)).strip():
                 p.append(f"{name}: is empty; give a path")
+        folders_ok = True
+        for name in ("output_dir", "work_dir"):  # folders the run writes into (created when missing)
+            value = str(getattr(self, name))
+            if value.strip():
+                folder = folder_problem(value, what=name) if check_paths else path_problem(value, what=name)
+                if folder:
+                    p.append(folder)
+                    folders_ok = False
         if check_paths:
             if self.base_model.strip() and not os.path.exists(self.base_model):
                 p.append(f"base_model={self.base_model!r}: no such file or folder; give a diffusers model folder "
@@ -112,7 +159,8 @@ class TrainingRunConfig(ConfigFile):
             if self.dataset_dir.strip() and not os.path.isdir(self.dataset_dir):
                 p.append(f"dataset_dir={self.dataset_dir!r}: no such folder; give the folder Save Training Set "
                          "(or `versat2i build-dataset`) wrote")
-            if self.output_dir.strip() and not problem and not self.overwrite and self.output_path.exists():
+            exists = self.output_dir.strip() and not problem and folders_ok and self.output_path.exists()
+            if exists and not self.overwrite:
                 p.append(f"output_name={self.output_name!r}: {self.output_path} already exists; choose another "
                          "name or set overwrite = true")
         return p
@@ -151,17 +199,20 @@ class ImageTrainingConfig(TrainingRunConfig):
 
     def problems(self, *, check_paths: bool = True) -> list[str]:
         p = super().problems(check_paths=check_paths)
-        # Multiples of 8 down to 8: the embedded demo world trains at 32 px (its VAE does not downsample).
-        if self.resolution < 8 or self.resolution % 8:
+        # Multiples of 8 (the range is SETTING_RANGES'): the embedded demo world trains at 32 px.
+        if self.resolution % 8:
             p.append(f"resolution={self.resolution}: must be a multiple of 8 "
                      f"(e.g. {max(8, round(self.resolution / 64) * 64)})")
-        if self.bucket_step < 8 or self.bucket_step % 8:
+        if self.bucket_step % 8:
             p.append(f"bucket_step={self.bucket_step}: must be a multiple of 8 (64 is usual)")
-        if not math.isfinite(self.bucket_max_aspect) or self.bucket_max_aspect < 1.0:
-            p.append(f"bucket_max_aspect={self.bucket_max_aspect}: must be >= 1 (long side / short side)")
         if self.cache_latents and self.random_flip:
             p.append("random_flip with cache_latents: cached latents cannot be flipped; turn one off")
         return p
+
+    def memory_needs(self, size) -> tuple[int, int]:
+        """(parameters that train, bytes of frozen extras beyond the base model) of a run on a base
+        model of ``size`` (``models.loading.ModelSize``), for ``trainer/memory.py``'s estimate."""
+        return 0, 0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -181,17 +232,7 @@ class LoraTrainConfig(ImageTrainingConfig):
     snr_gamma: float = 0.0  # min-SNR weighting gamma (0 = off; 5 is the paper's value)
 
     def problems(self, *, check_paths: bool = True) -> list[str]:
-        p = super().problems(check_paths=check_paths)
-        require_at_least(p, "rank", self.rank, 1)
-        require_positive(p, "alpha", self.alpha)
-        if not 0.0 <= self.dropout < 1.0:
-            p.append(f"dropout={self.dropout}: must be in [0, 1)")
-        if not math.isfinite(self.text_encoder_lr) or self.text_encoder_lr < 0:
-            p.append(f"text_encoder_lr={self.text_encoder_lr}: must be >= 0 (0 = learning_rate)")
-        if not math.isfinite(self.noise_offset) or self.noise_offset < 0:
-            p.append(f"noise_offset={self.noise_offset}: must be >= 0 (0.05-0.1 is usual)")
-        if not math.isfinite(self.snr_gamma) or self.snr_gamma < 0:
-            p.append(f"snr_gamma={self.snr_gamma}: must be >= 0 (0 = off, 5 is usual)")
+        p = super().problems(check_paths=check_paths)  # the ranges of rank, alpha, dropout... included
         if self.cache_text_embeddings and self.train_text_encoder:
             p.append("cache_text_embeddings with train_text_encoder: a trained text encoder changes the "
                      "embeddings every step; turn one off")
@@ -200,6 +241,12 @@ class LoraTrainConfig(ImageTrainingConfig):
             if problem:
                 p.append(problem)
         return p
+
+    def memory_needs(self, size) -> tuple[int, int]:
+        # The denoiser's LoRA layers (a text encoder's are a few percent of them: left out).
+        targets = (*size.architecture.lora_attention_modules,
+                   *(size.architecture.lora_feed_forward_modules if self.train_feed_forward else ()))
+        return self.rank * sum(size.lora_target_features.get(t, 0) for t in targets), 0
 
 
 # -- helpers -------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ Schema (``"v": 1``; every event has ``"event"``, ``"v"``, ``"time"`` (unix secon
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -92,10 +93,20 @@ class EventWriter:
     def emit(self, kind: str, **fields: Any) -> dict[str, Any]:
         event = make_event(kind, **fields)
         line = encode_event(event) + "\n"
-        for target in (self._file, self.stream):
-            if target is not None:
-                target.write(line)
-                target.flush()
+        if self._file is not None:
+            try:
+                self._file.write(line)
+                self._file.flush()
+            except OSError as exc:
+                # A full disk must not end the run at a log line: the events still reach the launcher
+                # through the stream, and the next checkpoint says what is wrong (and stops the run).
+                print(f"training log {self.log_path}: {exc}; no more events are written to it", file=sys.stderr)
+                with contextlib.suppress(OSError):
+                    self._file.close()
+                self._file = None
+        if self.stream is not None:
+            self.stream.write(line)
+            self.stream.flush()
         return event
 
     def close(self) -> None:

@@ -78,6 +78,10 @@ def run(argv=None):
         exit_when_parent_dies(os.environ[PARENT_ENV])
     import_pack()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    # bitsandbytes (pulled in by peft when the optional pyiqa extra installed it) warns at import that
+    # it found no CPU 4-bit kernel, and kernels that it could not check one offline; nothing here uses them.
+    for name in ("bitsandbytes", "kernels"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     program = importlib.import_module(f"{PACKAGE_NAME}.{argv[0]}")
     program.main(program.parse_args(argv[1:]))
 

@@ -12,7 +12,7 @@
 * stdout/stderr are merged and read live: lines that are events (``trainer/events.py``) go to
   ``on_event``; the last lines are kept, so a failed run raises ``TrainingFailed`` carrying them.
   A run that exits 0 without a ``done`` event is a failure too.
-* Environment: the parent's, so a user's accelerate config (``$HF_HOME/accelerate/
+* Environment: the parent's, offline (``offline.py``), so a user's accelerate config (``$HF_HOME/accelerate/
   default_config.yaml``: several GPUs, several machines) is respected. Without such a config the
   launch is one process, no dynamo, explicitly (accelerate would otherwise warn, or start one
   process per visible GPU). Tests pass their own ``env`` (an isolated ``HF_HOME``).
@@ -36,6 +36,7 @@ from typing import Any
 
 import psutil  # a dependency of accelerate (and of ComfyUI)
 
+from ..offline import offline_environment
 from .events import parse_event_line
 
 logger = logging.getLogger(__name__)
@@ -98,7 +99,9 @@ def build_launch_command(script_args: Sequence[str], options: LaunchOptions = La
 
 
 def child_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ if base is None else base)
+    # Offline: the training process loads only local files, and its libraries must not phone home
+    # (peft -> bitsandbytes -> kernels asks the Hub for a CPU kernel; see offline.py).
+    env = offline_environment(base)
     env["PYTHONUNBUFFERED"] = "1"  # events must arrive as they happen, not when a buffer fills
     env.setdefault("PYTHONIOENCODING", "utf-8")
     # The training processes stop by themselves when this process dies without cancelling them
@@ -342,6 +345,11 @@ def run_command(command: Sequence[str], *, env: Mapping[str, str] | None = None,
     error = next((e for e in reversed(events) if e["event"] == "error"), None)
     if returncode != 0 or done is None:
         tail = list(child.tail)
+        if error is not None and error.get("user_error"):
+            # A refusal or what the system refused (disk full...): its one line says what and the fix.
+            where = f" (the training output is in {output_log})" if output_log else ""
+            raise TrainingFailed(f"training stopped: {error['message']}{where}", returncode=returncode, tail=tail,
+                                 error_event=error)
         reason = f"exited with code {returncode}" if returncode != 0 else "exited without finishing (no 'done' event)"
         message = f"training {reason}"
         if error is not None:

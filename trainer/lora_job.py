@@ -15,6 +15,7 @@ trainer's ``train_gate_or_reuse`` goes through the same steps, with the helpers 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -28,6 +29,7 @@ from ..safe_io import confined_path
 from ..training_set.folders import scan_training_set
 from .config import LoraTrainConfig
 from .launcher import TRAIN_LORA_PROGRAM, LaunchOptions, TrainingFailed, run_training
+from .memory import check_training_memory, launcher_device
 from .train_lora import lora_run_fingerprint
 from .training_loop import checkpoint_dirs
 
@@ -119,7 +121,10 @@ def with_run_folder(config, runs_root: str | Path, run_name: str, fingerprint: s
     inputs, so a cancelled run resumes when queued again and a changed setting never resumes another
     run's checkpoints."""
 
-    return config.replace(work_dir=str(confined_path(runs_root, f"{run_name}-{fingerprint[:12]}", what=what)))
+    # Made in place (no temporary name): 13 bytes longer than the run's name, which is shorter than
+    # its final file's name by at least its suffix, so any output name that fits gives a folder that fits.
+    return config.replace(work_dir=str(confined_path(runs_root, f"{run_name}-{fingerprint[:12]}", what=what,
+                                                     atomic=False)))
 
 
 def launch_in_work_dir(config, *, program: str, options: LaunchOptions | None = None,
@@ -127,22 +132,30 @@ def launch_in_work_dir(config, *, program: str, options: LaunchOptions | None = 
                        check_cancel: Callable[[], bool] | None = None, before_launch: Callable[[], None] | None = None,
                        on_start=None):
     """Save ``config`` into its work folder and run ``program`` on it in a child process, resuming the
-    folder's latest checkpoint. A failed run that produced no checkpoint leaves no work folder behind
-    (a folder with checkpoints is kept: the next run resumes from it)."""
+    folder's latest checkpoint. A run whose memory estimate exceeds the free memory is refused first
+    (``trainer/memory.py``), with nothing written. A failed run that produced no checkpoint leaves no
+    work folder behind (a folder with checkpoints is kept: the next run resumes from it)."""
 
     work_dir = Path(config.work_dir)
-    created = not work_dir.exists()
-    # Rewritten on every launch: a folder is one fingerprint, so a resumed run gets the same settings.
-    config_path = config.save(work_dir / CONFIG_FILE_NAME, overwrite=True)
     if before_launch is not None:
         before_launch()
+    # After before_launch (ComfyUI's models unloaded), before anything is written.
+    device = launcher_device(bool(options and options.cpu))
+    if device is not None:
+        check_training_memory(config, device=device, cpu=True if device == "cpu" else None)
+    created = [folder for folder in (work_dir, *work_dir.parents) if not folder.exists()]  # deepest first
     try:
+        # Rewritten on every launch: a folder is one fingerprint, so a resumed run gets the same settings.
+        config_path = config.save(work_dir / CONFIG_FILE_NAME, overwrite=True)
         return run_training(["--config", str(config_path), "--resume", "latest"], program=program,
                             options=options or LaunchOptions(), env=env, on_event=on_event, check_cancel=check_cancel,
                             output_log=work_dir / "train_output.log", on_start=on_start)
     except BaseException:
         if created and not checkpoint_dirs(work_dir):
             shutil.rmtree(work_dir, ignore_errors=True)
+            for folder in created[1:]:  # the runs folder and others made for it, when left empty
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
         raise
 
 

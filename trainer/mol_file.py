@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..models.lora_files import LORA_FIX, open_safetensors, read_safetensors
 from ..safe_io import atomic_file, confined_path, sha256_file
 from .gate import MixtureGate
 
@@ -94,7 +94,7 @@ def describe_lora(path: str | os.PathLike) -> tuple[int, float | None]:
     """(rank, alpha) of a kohya/peft LoRA file, read from its headers and alpha scalars. The rank
     is the largest ``lora_down`` / ``lora_A`` rank; alpha the first ``.alpha`` found (None if none)."""
     rank, alpha = 0, None
-    with safe_open(str(path), framework="pt") as handle:
+    with open_safetensors(path, what="LoRA file", fix=LORA_FIX) as handle:
         for key in handle.keys():
             if key.endswith((".lora_down.weight", ".lora_A.weight")):
                 rank = max(rank, int(handle.get_slice(key).get_shape()[0]))
@@ -189,9 +189,8 @@ def read_mol(path: str | os.PathLike) -> MolFile:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"MoL file {str(path)!r} does not exist; train a gate first (versat2i train-gate)")
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    tensors, metadata = read_safetensors(path, what="MoL file", fix="train the gate again (Train Gate or versat2i "
+                                                                     "train-gate), or replace it with an intact copy")
     if metadata.get("versat2i_format") != MOL_FORMAT:
         raise ValueError(
             f"{str(path)!r} is not a MoL file (metadata versat2i_format={metadata.get('versat2i_format')!r}); "
@@ -251,7 +250,7 @@ def resolve_loras(mol: MolFile, search_dirs: Iterable[str | os.PathLike] = (), *
     for record in mol.experts:
         found = None
         for root in roots:
-            candidate = confined_path(root, record.file, what=f"LoRA file of aspect {record.aspect!r}")
+            candidate = confined_path(root, record.file, what=f"LoRA file of aspect {record.aspect!r}", writes=False)
             if candidate.is_file():
                 found = candidate
                 break

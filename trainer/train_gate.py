@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ import torch
 
 from .. import __version__
 from ..config_file import require_choice, require_positive
-from ..models.lora_files import load_kohya_lora
+from ..models.lora_files import load_kohya_lora, read_lora_metadata
 from ..training_set.folders import scan_training_set
 from .config import ImageTrainingConfig
 from .events import EventWriter
@@ -94,9 +93,7 @@ class GateTrainConfig(ImageTrainingConfig):
     def problems(self, *, check_paths: bool = True) -> list[str]:
         p = super().problems(check_paths=check_paths)
         require_choice(p, "granularity", self.granularity, GRANULARITIES)
-        require_choice(p, "balance_loss", self.balance_loss, BALANCE_KINDS)
-        if not math.isfinite(self.balance_weight) or self.balance_weight < 0:
-            p.append(f"balance_weight={self.balance_weight}: must be >= 0 (0.01 is usual; 0 = no balancing)")
+        require_choice(p, "balance_loss", self.balance_loss, BALANCE_KINDS)  # balance_weight: SETTING_RANGES
         require_positive(p, "temperature", self.temperature)
         if not 0.0 <= self.prior_decay < 1.0:
             p.append(f"prior_decay={self.prior_decay}: must be in [0, 1)")
@@ -115,7 +112,21 @@ class GateTrainConfig(ImageTrainingConfig):
                 elif not path.resolve().is_relative_to(root):
                     p.append(f"loras: {lora!r} is not inside output_dir {self.output_dir!r}; the MoL file is saved "
                              "next to its LoRAs, so set output_dir to the LoRAs' folder")
+            if not self.aspects and all(Path(lora).is_file() for lora in self.loras):
+                try:
+                    shared = shared_aspects(self.loras, lora_aspect_names(self.loras))
+                except ValueError as exc:
+                    p.append(f"loras: {exc}")
+                else:
+                    p += [f"loras: {', '.join(repr(Path(f).name) for f in files)} are all LoRAs of aspect {aspect!r} "
+                          "(their versat2i_aspect metadata, else the file name); a mixture needs one LoRA per aspect: "
+                          "give LoRAs of different aspects, or name each one with `aspects` (one name per LoRA)"
+                          for aspect, files in shared.items()]
         return p
+
+    def memory_needs(self, size) -> tuple[int, int]:
+        # Only the gate trains (a few thousand parameters); the frozen LoRAs load in float32.
+        return 0, sum(Path(lora).stat().st_size for lora in self.loras if Path(lora).is_file())
 
 
 def gate_run_fingerprint(config: GateTrainConfig, *, cpu: bool | None = None) -> str:
@@ -126,15 +137,29 @@ def gate_run_fingerprint(config: GateTrainConfig, *, cpu: bool | None = None) ->
         loras=[tree_identity(Path(p)) for p in config.loras])
 
 
+def lora_aspect_name(path: str | Path, metadata: dict[str, str]) -> str:
+    """A LoRA's aspect in a mixture: its ``versat2i_aspect`` metadata, else its file stem."""
+    return metadata.get("versat2i_aspect") or Path(path).name.removesuffix(".safetensors")
+
+
+def lora_aspect_names(loras) -> list[str]:
+    """Each LoRA file's aspect name, read from its header (``ValueError`` naming a damaged file)."""
+    return [lora_aspect_name(path, read_lora_metadata(path)) for path in loras]
+
+
+def shared_aspects(loras, names: list[str]) -> dict[str, list[str]]:
+    """{aspect: the LoRA files of it} for the aspects more than one LoRA has."""
+    return {name: [str(path) for path, other in zip(loras, names) if other == name]
+            for name in dict.fromkeys(names) if names.count(name) > 1}
+
+
 def resolve_aspects(config: GateTrainConfig, metadata: list[dict[str, str]]) -> list[str]:
-    """Aspect names: the config's, else each LoRA's ``versat2i_aspect`` metadata, else its file stem."""
+    """Aspect names: the config's, else each LoRA's (``lora_aspect_name``); checked distinct by
+    ``GateTrainConfig.problems`` before the run starts."""
     if config.aspects:
         return list(config.aspects)
-    names = []
-    for path, meta in zip(config.loras, metadata):
-        stem = Path(path).name.removesuffix(".safetensors")
-        names.append(meta.get("versat2i_aspect") or stem)
-    if len(set(names)) != len(names):
+    names = [lora_aspect_name(path, meta) for path, meta in zip(config.loras, metadata)]
+    if shared_aspects(config.loras, names):
         raise ValueError(f"aspects {names}: two LoRAs have the same aspect name; set `aspects` in the config")
     return names
 

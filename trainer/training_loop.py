@@ -34,10 +34,18 @@ from typing import Any
 import torch
 
 from ..models.loading import encode_prompts, load_base_model, model_source_paths
-from ..safe_io import confined_path
+from ..safe_io import (
+    WriteFailedError,
+    confined_path,
+    describe_os_error,
+    give_new_file_mode,
+    new_file_mode,
+    os_error_code,
+)
 from .config import resolve_mixed_precision
 from .events import EventWriter, read_events
 from .kohya_dataset import BucketBatchSampler, KohyaDataset, collate_examples
+from .memory import MemoryRefusedError, check_training_memory
 
 logger = logging.getLogger(__name__)
 
@@ -163,18 +171,48 @@ class CheckpointHooks:
         self.accelerator.register_load_state_pre_hook(self.load)
 
 
+class CheckpointWriteError(WriteFailedError):
+    """A checkpoint could not be written (disk full, permission...); nothing of it is left behind."""
+
+
 def save_checkpoint(accelerator, work_dir: Path, step: int, total_limit: int) -> Path:
-    """``accelerator.save_state`` into a hidden folder, then rename it; keep the newest ``total_limit``."""
+    """``accelerator.save_state`` into a hidden folder, then rename it; keep the newest ``total_limit``.
+
+    A checkpoint that cannot be written (a full disk above all: torch reports it as "unexpected
+    pos", safetensors as "os error 28") stops the run with ``CheckpointWriteError``, one line saying
+    why and where, after removing the half-written folder (it would keep the disk full). Stopping
+    rather than training on: a full disk seldom empties itself, so the run would spend the rest of
+    its compute only to fail at its final save, while now the last complete checkpoint is kept and
+    ``--resume latest`` (or queueing the node again) continues from it once there is space.
+    """
     folder = work_dir / CHECKPOINT_DIR_NAME
     final = folder / f"{CHECKPOINT_PREFIX}{step}"
     partial = folder / f".{CHECKPOINT_PREFIX}{step}.partial"
+    failure: BaseException | None = None
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            failure = exc
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
+    if failure is None:
+        try:
+            accelerator.save_state(str(partial))
+        except Exception as exc:  # torch, safetensors and accelerate each raise their own types
+            failure = exc
+    if accelerator.num_processes > 1:  # every process stops when one failed
+        flag = torch.tensor([0.0 if failure is None else 1.0], device=accelerator.device)
+        if float(accelerator.reduce(flag, reduction="sum")) > 0 and failure is None:
+            failure = RuntimeError("another training process could not write its part of the checkpoint")
+    if failure is not None:
+        error = _checkpoint_failed(failure, accelerator, folder, partial, step)
+        if error is None:  # not a reason of the system: a bug, shown with its traceback
+            raise failure
+        raise error from failure
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        give_new_file_mode(partial, new_file_mode(folder))  # safetensors writes 0600 files
         shutil.rmtree(final, ignore_errors=True)  # a stale one from an earlier, diverged run
         os.replace(partial, final)
         if total_limit > 0:
@@ -184,6 +222,21 @@ def save_checkpoint(accelerator, work_dir: Path, step: int, total_limit: int) ->
     return final
 
 
+def _checkpoint_failed(exc: BaseException, accelerator, folder: Path, partial: Path, step: int
+                       ) -> CheckpointWriteError | None:
+    """Remove the partial folder; return the one-line error of a checkpoint the system refused
+    (worded first, while the partial still fills the disk: torch's "unexpected pos" is recognised
+    as a full disk by the free space), or None when ``exc`` is not such a failure."""
+    code = os_error_code(exc, folder)
+    reason = describe_os_error(exc, what=f"the checkpoint of step {step}", path=folder, action="could not be written")
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+    if code is None:
+        return None
+    kept = checkpoint_dirs(folder.parent)
+    resume = (f"the last complete checkpoint ({kept[-1].name}) is kept: run again (--resume latest, or queue the node "
+              "again) to continue from it" if kept else "no earlier checkpoint exists: the next run starts over")
+    return CheckpointWriteError(code, f"{reason}. Training stopped; {resume}", folder)
 
 
 # -- data ----------------------------------------------------------------------------------------
@@ -500,11 +553,18 @@ def run_training_program(config_class, args: argparse.Namespace, train) -> Path 
     events = EventWriter(args.log_file or work_dir / LOG_FILE_NAME if accelerator.is_main_process else None,
                          stream=sys.stdout if accelerator.is_main_process else None)
     try:
+        # On the device this process trains on (the launcher could only check RAM, or a GPU it
+        # already used), before the model loads.
+        check_training_memory(config, device=str(accelerator.device), cpu=accelerator.device.type == "cpu")
         with work_dir_lock(work_dir, enabled=accelerator.is_main_process):
             return train(config, accelerator, events, resume_from)
     except BaseException as exc:
         if accelerator.is_main_process and not isinstance(exc, KeyboardInterrupt):
-            events.emit("error", message=f"{type(exc).__name__}: {exc}", error_type=type(exc).__name__)
+            # A refusal or what the system refused (disk full...) is one line for the user; anything
+            # else comes with the output's last lines (the launcher decides from user_error).
+            user_error = isinstance(exc, (MemoryRefusedError, WriteFailedError))
+            events.emit("error", message=str(exc) if user_error else f"{type(exc).__name__}: {exc}",
+                        error_type=type(exc).__name__, user_error=user_error)
         raise
     finally:
         events.close()

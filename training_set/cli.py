@@ -52,10 +52,14 @@ def run_build_dataset(args: argparse.Namespace) -> int:
     from ..rewards.cli import progress_callback
     from ..rewards.score_table import ScoreTable
     from ..rewards.selection import Threshold, select_best_per_prompt
-    from ..safe_io import confined_path
+    from ..safe_io import confined_path, folder_problem
     from .layout import DEFAULT_REPEATS
     from .writer import write_training_set
 
+    problem = folder_problem(args.out, what="--out")  # a file, read-only, not writable: before any work
+    if problem:
+        raise ValueError(problem)
+    confined_path(args.out, args.name, what="--name")  # too long, reserved, escaping
     table = ScoreTable.load(args.scores)
     aspects = table.aspects
     if args.aspects:
@@ -97,7 +101,8 @@ def run_build_dataset(args: argparse.Namespace) -> int:
                 f"{args.scores}: image {row} has no image_id (file name); build-dataset needs scores written by "
                 "`versat2i score`"
             )
-        paths[row] = confined_path(args.images, image_id, what=f"{args.scores}: image_id of image {row}")
+        paths[row] = confined_path(args.images, image_id, what=f"{args.scores}: image_id of image {row}",
+                                   writes=False)
         if row in needed and not paths[row].is_file():
             raise FileNotFoundError(
                 f"image {image_id!r} (from {args.scores}) not found in --images {str(args.images)!r}"

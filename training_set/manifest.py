@@ -116,7 +116,8 @@ def read_manifest(path: str | Path, *, aspect: str | None = None) -> list[Manife
         known = {k: v for k, v in record.items() if k in ManifestEntry.__dataclass_fields__ and k != "dataset_dir"}
         for key in ("file", "latents"):
             if known.get(key) is not None:
-                confined_path(dataset_dir, known[key], what=f"{where}: {key}")  # a manifest can't point outside
+                # a manifest can't point outside
+                confined_path(dataset_dir, known[key], what=f"{where}: {key}", writes=False)
         entries.append(ManifestEntry(**known, dataset_dir=dataset_dir))
     if aspect is not None:
         aspects = sorted({e.aspect for e in entries})

@@ -8,8 +8,8 @@ The images must be the ones scored: where the score table has ``pixels_sha256`` 
 ``versat2i score`` record it), each kept image's pixels are compared with it, and a different image
 is refused before anything is written under the final name.
 
-Captions: kohya reads only a caption file's first line, so line breaks in a prompt become spaces
-in the caption; the manifest keeps the prompt as is.
+Captions: kohya reads only a caption file's first line, so line breaks (and any control character,
+NUL included) in a prompt become spaces in the caption; the manifest keeps the prompt as is.
 
 The whole folder is written under a temporary name and renamed when complete (``safe_io``): a
 failure part-way leaves nothing under ``<name>`` and no temporary folder. An existing ``<name>``
@@ -34,7 +34,7 @@ from ..image_files import load_image_file, save_png, to_uint8
 from ..rewards.base import ProgressCallback, check_images
 from ..rewards.score_table import ScoreTable, pixels_sha256
 from ..rewards.selection import Selection
-from ..safe_io import atomic_dir, confined_path
+from ..safe_io import atomic_dir, confined_path, folder_problem
 from .layout import (
     DEFAULT_REPEATS,
     FORMAT_NAME,
@@ -124,6 +124,9 @@ def check_training_set(root: str | Path, name: str, table: ScoreTable, selection
     """Every check ``write_training_set`` makes before it writes anything: ``ValueError`` /
     ``FileNotFoundError`` naming the bad input and the fix, else the plan to write."""
     final = confined_path(root, name, what="dataset name")
+    problem = folder_problem(final.parent, what="training set folder")
+    if problem:
+        raise ValueError(problem)
     count = len(table)
     if selection.image_count != count:
         raise ValueError(

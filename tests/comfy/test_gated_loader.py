@@ -346,6 +346,36 @@ def test_changed_lora_is_refused_by_the_node(setup, node, comfy_dirs):
         run_node(node, setup, mol_file, "bake")
 
 
+def damage(path, kind: str) -> None:
+    """Truncate, empty or replace with a pickle (never run: safetensors loading refuses it)."""
+    import pickle
+
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[: len(data) // 2], "empty": b"",
+                      "pickled": pickle.dumps({"lora_unet_x.lora_down.weight": torch.zeros(2)})}[kind])
+
+
+@pytest.mark.parametrize("kind", ["truncated", "empty", "pickled"])
+def test_a_damaged_mol_or_lora_file_is_one_error_naming_it(setup, node, comfy_dirs, kind):
+    """Before, safetensors' own error came up without the file's name (issue 15)."""
+    import folder_paths
+
+    mol_file, _, paths = write_mol(setup, comfy_dirs, "token", name=f"mix_{kind}")
+    mol_path = comfy_dirs["models"] / "loras" / mol_file
+    damage(mol_path, kind)
+    with pytest.raises(ValueError, match=f"MoL file {str(mol_path.resolve())!r}: cannot be read|"
+                                         f"MoL file {str(mol_path)!r}: cannot be read"):
+        run_node(node, setup, mol_file, "bake")
+    damage(paths[1], kind)  # a LoRA of the manual list
+    folder_paths.filename_list_cache.clear()
+    with pytest.raises(ValueError) as info:
+        node.execute(setup["model"], "none (use the LoRA list)", "equal", 1.0,
+                     loras="versat2i/aesthetics.safetensors\nversat2i/alignment.safetensors")
+    message = str(info.value)
+    assert message.startswith("LoRA file ") and "alignment.safetensors" in message and "cannot be read" in message \
+        or "holds no tensors" in message, message
+
+
 def test_lora_for_another_architecture_is_a_clear_error(setup, comfy):
     from tiny_models.comfy import TINY_UNET_CONFIG, build_tiny_sd15, make_kohya_lora
 

@@ -272,3 +272,16 @@ def test_validate_inputs_refuses_bad_values_when_queued(node):
     assert "'..' is not allowed" in validate(lora_name="../x")
     assert "absolute" in validate(dataset="/etc")
     assert validate() is True  # every input linked: checked when the node runs
+
+
+@pytest.mark.parametrize("lora_name, message", [
+    ("x" * 240, "lora_name: 'xxxx"),  # 240 + ".safetensors" fits 255, its temporary name does not
+    ("sub/" + "x" * 230, "is 242 bytes long"),
+    ("CON", "reserved device name on Windows"),
+    ("versat2i/nul.final", "reserved device name on Windows"),
+])
+def test_names_that_cannot_be_saved_are_refused_when_queued(node, lora_name, message):
+    """Before, a 242-255-byte name trained to the last step and then failed to save (issue 15)."""
+    problem = node.TrainAspectLora.validate_inputs(dataset="versat2i/ds", lora_name=lora_name, aspect="aesthetics")
+    assert isinstance(problem, str) and problem.startswith("lora_name") and message in problem, problem
+    assert node.TrainAspectLora.validate_inputs(dataset="versat2i/ds", lora_name="x" * 229) is True

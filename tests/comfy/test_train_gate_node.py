@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from versat2i.aspects import ASPECTS
 
@@ -33,8 +35,9 @@ def train_gate(comfy, comfy_dirs):
     (comfy_dirs["models"] / "checkpoints" / "base.safetensors").write_bytes(b"checkpoint")
     loras = comfy_dirs["models"] / "loras" / "versat2i"
     loras.mkdir(parents=True)
-    for aspect in LORA_ASPECTS:
-        (loras / f"loop_{aspect}.safetensors").write_bytes(aspect.encode())
+    for aspect in LORA_ASPECTS:  # the node reads each LoRA's aspect from its metadata
+        save_file({"x.lora_down.weight": torch.zeros(2, 2)}, str(loras / f"loop_{aspect}.safetensors"),
+                  metadata={"versat2i_aspect": aspect})
     (comfy_dirs["output"] / "versat2i" / "loop" / "10_aesthetics").mkdir(parents=True)
     folder_paths.filename_list_cache.clear()
     return train_gate
@@ -99,3 +102,37 @@ def test_linking_or_typing_the_same_loras_is_the_same_run(train_gate):
     invalid = node.fingerprint_inputs("versat2i/loop", "base.safetensors", "", "loop", lora_1=lora("geometry"),
                                       **SETTINGS)
     assert math.isnan(invalid)  # run again, so that execute reports the problem
+
+
+def test_two_loras_of_one_aspect_are_refused_in_the_nodes_words_before_anything_is_written(train_gate, comfy_dirs):
+    """Before, the run started and failed after 11-16 s asking to "set `aspects` in the config", an
+    input the node does not have, leaving a run folder behind (issue 15)."""
+    loras = comfy_dirs["models"] / "loras" / "versat2i"
+    save_file({"x.lora_down.weight": torch.zeros(2, 2)}, str(loras / "other_geometry.safetensors"),
+              metadata={"versat2i_aspect": "geometry"})
+    node = train_gate.TrainGate
+    typed = f"{lora('geometry')}\nversat2i/other_geometry.safetensors"
+    problem = node.validate_inputs(loras=typed)  # typed LoRAs: refused when queued
+    assert problem == ("loras: loop_geometry.safetensors, other_geometry.safetensors are all LoRAs of aspect "
+                       "'geometry'; a mixture needs one LoRA per aspect: connect (or list) LoRAs trained on different "
+                       "aspects")
+    assert node.validate_inputs(loras=f"{lora('geometry')}\n{lora('style')}") is True
+    assert node.validate_inputs() is True  # linked LoRAs are known when the node runs:
+    before = sorted(comfy_dirs["output"].rglob("*"))
+    with pytest.raises(ValueError, match="are all LoRAs of aspect 'geometry'") as info:
+        node.execute("versat2i/loop", "base.safetensors", "", "loop", lora_1=lora("geometry"),
+                     lora_2="versat2i/other_geometry.safetensors", **SETTINGS)
+    assert "aspects" not in str(info.value).split("aspect 'geometry'")[1].replace("different aspects", "")
+    assert sorted(comfy_dirs["output"].rglob("*")) == before  # no gate_runs folder
+    assert not list(loras.glob("*.mol.safetensors"))
+
+
+@pytest.mark.parametrize("mol_name, message", [
+    ("m" * 230, "mol_name: 'mmmm"),  # 230 + ".mol.safetensors" = 246 bytes: its temporary name would not fit
+    ("AUX", "reserved device name on Windows"),
+    ("../elsewhere", "'..' is not allowed"),
+])
+def test_mol_names_that_cannot_be_saved_are_refused_when_queued(train_gate, mol_name, message):
+    problem = train_gate.TrainGate.validate_inputs(mol_name=mol_name)
+    assert isinstance(problem, str) and problem.startswith("mol_name") and message in problem, problem
+    assert train_gate.TrainGate.validate_inputs(mol_name="m" * 225) is True

@@ -3,8 +3,8 @@ included), and the two training programs share their loop instead of repeating i
 
 Layers, bottom to top; a module may import its own layer and any lower one, never a higher one:
 
-0. ``safe_io``, ``aspects``, ``config_file``, ``image_files``, ``progress``: rules, file handling and
-   progress display every part uses
+0. ``safe_io``, ``aspects``, ``config_file``, ``image_files``, ``progress``, ``offline``: rules, file
+   handling and progress display every part uses, and the offline environment of the pack's processes
 1. ``rewards`` (score), ``models`` (the model families: detection, loading, pipelines, LoRA files)
 2. ``training_set`` (the filtered set's format: it writes score tables), ``demo`` (the demo world)
 3. ``trainer`` (LoRA and gate training)
@@ -28,7 +28,7 @@ import versat2i
 
 PACK = Path(versat2i.__file__).resolve().parent
 LAYERS = (
-    {"safe_io", "aspects", "config_file", "image_files", "progress"},
+    {"safe_io", "aspects", "config_file", "image_files", "progress", "offline"},
     {"rewards", "models"},
     {"training_set", "demo"},
     {"trainer"},

@@ -7,6 +7,7 @@ import io
 import logging
 
 import pytest
+
 from versat2i.progress import SECONDS_VARIABLE, Progress, format_duration
 
 

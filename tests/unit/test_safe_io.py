@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import pytest
+import torch
 
 from versat2i import safe_io
 from versat2i.safe_io import TargetExistsError, atomic_dir, atomic_file, atomic_write_text, confined_path
@@ -258,3 +260,132 @@ def test_atomic_file_never_replaces_a_target_that_appears_during_the_write(root)
             final.write_bytes(b"someone else's")  # appears after the up-front check
     assert final.read_bytes() == b"someone else's"
     assert listing(root) == ["x.bin"]
+
+
+# -- the name rule (issue 15: long legal names lost whole runs at their final save) -------------------
+
+LONGEST = 255 - 14  # 241 bytes: the filesystem's 255 less the 14 of the temporary name ".<name>.tmp-<8 hex>"
+
+
+def test_the_longest_accepted_name_can_be_written_as_a_file_and_a_folder_and_one_more_byte_is_refused(root):
+    for size in (LONGEST, LONGEST - 1):
+        name = "x" * size
+        path = confined_path(root, name)
+        atomic_write_text(path, "data")  # writes ".<name>.tmp-<8 hex>" first: 14 bytes more
+        atomic_write_text(path, "again", overwrite=True)
+        path.unlink()
+        with atomic_dir(confined_path(root, f"sub/{name}")) as temp:
+            (temp / "f").write_text("x")
+        with atomic_dir(confined_path(root, f"sub/{name}"), overwrite=True) as temp:  # ".<name>.old-..." too
+            (temp / "f").write_text("y")
+    with pytest.raises(ValueError) as info:
+        confined_path(root, "x" * (LONGEST + 1), what="lora_name")
+    message = str(info.value)
+    assert message.startswith("lora_name") and "242 bytes long" in message and "at most 241 bytes" in message
+    assert "shorten it" in message
+    assert listing(root) == sorted(["sub", "sub/" + "x" * LONGEST, "sub/" + "x" * LONGEST + "/f",
+                                    "sub/" + "x" * (LONGEST - 1), "sub/" + "x" * (LONGEST - 1) + "/f"])
+
+
+def test_name_length_counts_bytes_not_characters(root):
+    accepted = "é" * (LONGEST // 2)  # 2 bytes each
+    atomic_write_text(confined_path(root, accepted), "x")
+    with pytest.raises(ValueError, match="bytes long"):
+        confined_path(root, "é" * (LONGEST // 2 + 1))
+
+
+def test_every_part_of_a_name_is_checked_and_over_255_bytes_is_refused_even_for_reading(root):
+    with pytest.raises(ValueError, match="at most 241 bytes"):
+        confined_path(root, "x" * 250 + "/leaf")
+    with pytest.raises(ValueError, match="at most 255 bytes"):
+        confined_path(root, "x" * 256, writes=False)
+    assert confined_path(root, "x" * 255, writes=False) == root.resolve() / ("x" * 255)  # may exist: readable
+
+
+@pytest.mark.parametrize("name", ["CON", "con", "Nul", "aux.txt", "PRN.tar.gz", "COM1", "lpt9.safetensors",
+                                  "com\u00b9", "CONIN$", "sub/nul", "con .txt"])
+def test_windows_device_names_are_refused_in_any_case_with_or_without_extension(root, name):
+    with pytest.raises(ValueError) as info:
+        confined_path(root, name, what="dataset name")
+    assert str(info.value).startswith("dataset name") and "reserved device name on Windows" in str(info.value)
+    assert listing(root) == []
+
+
+@pytest.mark.parametrize("name", ["CONSOLE", "icon", "com10", "lpt", "nul_run", "my.con", "auxiliary.txt"])
+def test_names_that_only_resemble_device_names_are_accepted(root, name):
+    assert confined_path(root, name).name == name
+
+
+def test_a_too_long_whole_path_is_refused(root):
+    deep = "/".join(["d" * 200] * 20)  # 4020 bytes: no room left below it
+    with pytest.raises(ValueError, match="path is .* bytes long"):
+        confined_path(root, deep)
+
+
+def test_folder_problem_names_a_file_in_the_way_and_an_unwritable_place(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    assert "is a file, not a folder" in safe_io.folder_problem(tmp_path / "file", what="--out")
+    problem = safe_io.folder_problem(tmp_path / "file" / "below", what="--out")
+    assert problem.startswith("--out") and "is a file, not a folder" in problem
+    assert safe_io.folder_problem(tmp_path / "new" / "deeper", what="--out") is None
+    monkeypatch.setattr(safe_io, "_read_only", lambda folder: True)
+    assert "read-only filesystem" in safe_io.folder_problem(tmp_path / "new", what="output_dir")
+    monkeypatch.setattr(safe_io, "_read_only", lambda folder: False)
+    monkeypatch.setattr(safe_io.os, "access", lambda path, mode: False)  # root passes every permission check
+    assert "not writable by this user" in safe_io.folder_problem(tmp_path / "new", what="output_dir")
+
+
+# -- what the system refuses: one line naming the file and the fix -----------------------------------------
+
+@pytest.mark.parametrize("error, expected", [
+    (OSError(28, "No space left on device"), "no space left on the disk; free space on it"),
+    (RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })"), "no space left on the disk"),
+    (OSError(36, "File name too long"), "a name is too long"),
+    (PermissionError(13, "Permission denied"), "permission denied; choose a place you can write to"),
+    (OSError(30, "Read-only file system"), "the filesystem is read-only"),
+])
+def test_a_failed_write_is_one_line_naming_the_file_and_the_fix_and_leaves_nothing(root, error, expected):
+    final = root / "sub" / "lora.safetensors"
+    with pytest.raises(safe_io.WriteFailedError) as info:
+        with atomic_file(final, what="LoRA file") as temp:
+            temp.write_bytes(b"half")
+            raise error
+    message = str(info.value)
+    assert message.startswith(f"LoRA file {str(final)!r}: could not be written: ") and expected in message, message
+    assert "\n" not in message and isinstance(info.value, OSError)
+    assert listing(root) == []  # no temporary, and the parent made for it is gone
+
+
+def test_torch_short_write_counts_as_a_full_disk_only_when_the_disk_is_full(root, monkeypatch):
+    torch_error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 37760 vs 37652")
+    assert safe_io.os_error_code(torch_error, root) is None
+    monkeypatch.setattr(safe_io, "_free_bytes", lambda folder: 4096)
+    assert safe_io.os_error_code(torch_error, root) == 28
+
+
+def test_a_writer_bug_is_not_dressed_up_as_a_system_error(root):
+    with pytest.raises(KeyError):
+        with atomic_file(root / "x.bin") as temp:
+            temp.write_bytes(b"half")
+            raise KeyError("bug")
+    assert listing(root) == []
+
+
+# -- permissions ---------------------------------------------------------------------------------
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX permission bits")
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
+def test_published_files_get_the_umask_mode_even_from_writers_that_make_private_files(root, umask, mode):
+    from safetensors.torch import save_file
+
+    old = os.umask(umask)
+    try:
+        with atomic_file(root / "lora.safetensors") as temp:
+            save_file({"x": torch.zeros(2)}, str(temp))  # safetensors creates 0600 files
+        with atomic_dir(root / "set") as temp:
+            save_file({"x": torch.zeros(2)}, str(temp / "a.latents.safetensors"))
+            (temp / "a.txt").write_text("caption")
+    finally:
+        os.umask(old)
+    for path in (root / "lora.safetensors", root / "set" / "a.latents.safetensors", root / "set" / "a.txt"):
+        assert stat.S_IMODE(path.stat().st_mode) == mode, path

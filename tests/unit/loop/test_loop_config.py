@@ -357,3 +357,37 @@ def test_the_printed_demo_config_is_the_demo_and_validates_once_its_replay_image
         printed.validate()
     write_replay_images(tmp_path / DEFAULT_OUT / REPLAY_DIR, demo.train_prompts(), len(demo.train_prompts()))
     assert printed.validate()
+def test_the_command_reports_every_problem_at_once_those_of_reading_included(tmp_path, model_dir, capsys):
+    """Before, a setting that did not parse hid every other problem (issue 15)."""
+    text = good_config(tmp_path, model_dir).to_toml()
+    text = (text.replace("rounds = 1", 'rounds = "two"').replace("steps = 2", 'steps = "x"\nstepz = 3')
+            .replace("candidates_per_prompt = 4", "candidates_per_prompt = 1")
+            .replace("rank = 4", "rank = 0").replace("resolution = 64", "resolution = 100000"))
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    assert cli_main(["loop", "--config", str(path), "--check"]) == 2
+    err = capsys.readouterr().err
+    for problem in ("rounds: expected a whole number, got 'two'", "[generation] steps: expected an integer, got 'x'",
+                    "[generation] unknown setting 'stepz' (did you mean 'steps'?)",
+                    "[prompts] candidates_per_prompt=1: must be >= 2", "[lora] rank=0: must be >= 1",
+                    "[lora] resolution=100000: must be <= 4096",
+                    "[gate] resolution=100000: must be <= 4096"):  # the gate trains at the LoRAs' resolution
+        assert f"\n  - {problem}" in err, (problem, err)
+    assert err.count("\n  - ") == 7 and "rounds=" not in err  # the stand-in for an unparsed setting is not judged
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc")
+def test_an_output_dir_that_cannot_be_created_names_the_setting(tmp_path, model_dir, capsys):
+    path = good_config(tmp_path, model_dir, output_dir="/proc/versat2i-run").save(tmp_path / "proc.toml")
+    assert cli_main(["loop", "--config", str(path)]) == 2
+    assert capsys.readouterr().err == ("versat2i loop: error: output_dir '/proc/versat2i-run': cannot be created: no "
+                                       "such file or folder (or it cannot be created there); check the path\n")
+
+
+def test_an_output_dir_below_a_file_or_with_a_name_too_long_is_a_config_problem(tmp_path, model_dir):
+    (tmp_path / "a_file").write_text("x")
+    problems = good_config(tmp_path, model_dir, output_dir=str(tmp_path / "a_file" / "run")).problems()
+    assert any(p.startswith("output_dir ") and "is a file, not a folder" in p for p in problems), problems
+    problems = good_config(tmp_path, model_dir, output_dir=str(tmp_path / ("r" * 256))).problems()
+    assert any(p.startswith("output_dir: 'rrrr") and "at most 255 bytes" in p for p in problems), problems

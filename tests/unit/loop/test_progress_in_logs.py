@@ -17,6 +17,7 @@ import sys
 
 import pytest
 from tiny_models.sd import build_tiny_sd15
+
 from versat2i.loop.config import (
     EvaluationSection,
     GenerationConfig,

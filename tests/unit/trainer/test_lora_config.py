@@ -68,7 +68,7 @@ def test_ints_are_accepted_for_floats(tmp_path):
     ({"resolution": 500}, "resolution=500: must be a multiple of 8"),
     ({"resolution": 4}, "resolution=4: must be a multiple of 8"),
     ({"rank": 0}, "rank=0: must be >= 1"),
-    ({"learning_rate": 0.0}, "learning_rate=0.0: must be a positive number"),
+    ({"learning_rate": 0.0}, "learning_rate=0.0: must be >= 1e-07"),
     ({"dropout": 1.0}, "dropout=1.0"),
     ({"lr_scheduler": "cosine_warm"}, "lr_scheduler='cosine_warm': must be one of"),
     ({"mixed_precision": "fp8"}, "mixed_precision='fp8'"),
@@ -136,9 +136,9 @@ def test_save_is_atomic_and_refuses_to_overwrite_unless_asked(tmp_path, monkeypa
 
     monkeypatch.setattr(Path, "write_bytes", half_write)
     monkeypatch.setattr(Path, "write_text", half_write)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match="config file .*c.toml.*: could not be written: no space left on the disk"):
         first.save(path, overwrite=True)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match="new.toml.*: could not be written: no space left on the disk"):
         first.save(tmp_path / "new.toml")
     assert LoraTrainConfig.load(path) == second  # the old file is untouched
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["c.toml"]  # no temporary left behind
@@ -179,3 +179,97 @@ def test_event_writer_appends_to_file_and_stream(tmp_path):
         writer.emit("done", step=2, lora_path="x")
     assert [e["event"] for e in read_events(log)] == ["start", "done"]
     assert parse_event_line(stream.getvalue())["event"] == "start"
+
+
+# -- limits: one definition for the configs and the training nodes (issue 15) -----------------------
+
+# node input -> config setting, for every bounded input of the two training nodes
+NODE_INPUTS = {
+    "VersaT2I_TrainAspectLoRA": {
+        "steps": "max_train_steps", "learning_rate": "learning_rate", "rank": "rank", "alpha": "alpha",
+        "batch_size": "train_batch_size", "resolution": "resolution", "seed": "seed",
+        "lr_warmup_steps": "lr_warmup_steps", "gradient_accumulation_steps": "gradient_accumulation_steps",
+        "noise_offset": "noise_offset", "snr_gamma": "snr_gamma", "dropout": "dropout",
+        "checkpoint_every": "checkpointing_steps"},
+    "VersaT2I_TrainGate": {
+        "balance_weight": "balance_weight", "steps": "max_train_steps", "learning_rate": "learning_rate",
+        "batch_size": "train_batch_size", "resolution": "resolution", "seed": "seed",
+        "checkpoint_every": "checkpointing_steps"},
+}
+
+
+def test_the_training_nodes_offer_exactly_the_config_limits():
+    """The node definitions as ComfyUI serves them (tests/data/object_info.json, checked against the
+    node sources by test_workflows_schema) use SETTING_RANGES for every bounded input."""
+    from versat2i.trainer.config import SETTING_RANGES
+
+    snapshot = json.loads((Path(__file__).parents[2] / "data" / "object_info.json").read_text())["nodes"]
+    for node, inputs in NODE_INPUTS.items():
+        spec = {**snapshot[node]["input"]["required"], **snapshot[node]["input"].get("optional", {})}
+        for name, setting in inputs.items():
+            options = spec[name][1]
+            limits = SETTING_RANGES[setting]
+            assert (options["min"], options["max"]) == (limits.minimum, limits.maximum), (node, name)
+
+
+BOUNDED_LORA_SETTINGS = ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "learning_rate",
+                         "lr_warmup_steps", "seed", "dataloader_num_workers", "checkpointing_steps",
+                         "checkpoints_total_limit", "resolution", "bucket_step", "bucket_max_aspect", "rank", "alpha",
+                         "dropout", "text_encoder_lr", "noise_offset", "snr_gamma")
+
+
+@pytest.mark.parametrize("setting", BOUNDED_LORA_SETTINGS)
+def test_each_limit_accepts_its_bounds_and_refuses_beyond_them(tmp_path, setting):
+    from versat2i.trainer.config import SETTING_RANGES
+
+    limits = SETTING_RANGES[setting]
+    kind = type(getattr(config(tmp_path), setting))
+    step = 8 if setting in ("resolution", "bucket_step") else (1 if kind is int else 1e-3)
+    for value in (limits.minimum, limits.maximum):
+        assert not [p for p in config(tmp_path, **{setting: kind(value)}).problems() if p.startswith(setting)]
+    too_big = config(tmp_path, **{setting: kind(limits.maximum + step)}).problems()
+    assert any(p.startswith(f"{setting}=") and f"must be <= {limits.maximum}" in p for p in too_big), too_big
+    too_small = config(tmp_path, **{setting: kind(limits.minimum - step)}).problems()
+    assert any(p.startswith(f"{setting}=") and f"must be >= {limits.minimum}" in p for p in too_small), too_small
+
+
+def test_a_resolution_of_100000_is_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match=r"resolution=100000: must be <= 4096"):
+        config(tmp_path, resolution=100000).validate()
+
+
+# -- names: the output file and its temporary sibling must fit ---------------------------------------
+
+def test_output_name_fits_with_the_suffix_and_the_temporary_name(tmp_path):
+    longest = "x" * (241 - len(".safetensors"))  # 229: "<name>.safetensors" + 14 bytes of temporary name = 255
+    assert config(tmp_path, output_name=longest).problems() == []
+    assert config(tmp_path, output_name=f"versat2i/{longest}").problems() == []
+    problems = config(tmp_path, output_name=longest + "x").problems()
+    assert problems == [f"output_name: '{'x' * 40}...' is 242 bytes long; a file or folder name has at most 241 "
+                        "bytes (255, less 14 for the temporary name it is written under first); shorten it"]
+
+
+@pytest.mark.parametrize("name", ["CON", "versat2i/nul", "Aux.safetensors"])
+def test_output_name_refuses_windows_device_names(tmp_path, name):
+    with pytest.raises(ValueError, match="output_name: .* reserved device name on Windows"):
+        config(tmp_path, output_name=name).validate()
+
+
+def test_output_and_work_folders_under_a_file_are_refused(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    problems = config(tmp_path, output_dir=str(tmp_path / "a_file" / "loras"), work_dir=str(tmp_path / "a_file")
+                      ).problems()
+    assert any(p.startswith("output_dir ") and "is a file, not a folder" in p for p in problems), problems
+    assert any(p.startswith("work_dir ") and "is a file, not a folder" in p for p in problems), problems
+
+
+def test_load_checked_reports_the_settings_that_do_not_parse_with_every_other_problem(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text(config(tmp_path).to_toml().replace("rank = 16", 'rank = "sixteen"')
+                    .replace("resolution = 512", "resolution = 100000") + "learning_rat = 0.1\n")
+    with pytest.raises(ValueError) as err:
+        LoraTrainConfig.load_checked(path)
+    message = str(err.value)
+    assert "rank: expected an integer" in message and "resolution=100000: must be <= 4096" in message
+    assert "unknown setting 'learning_rat' (did you mean 'learning_rate'?)" in message
+    assert "rank=" not in message  # the unparsed rank is not also reported as its stand-in's problem

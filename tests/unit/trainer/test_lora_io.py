@@ -188,7 +188,7 @@ def test_bad_inputs(tiny, tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing.safetensors"):
         load_kohya_lora(tmp_path / "nothing.safetensors")
     (tmp_path / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
-    with pytest.raises(ValueError, match="cannot read this LoRA file"):
+    with pytest.raises(ValueError, match="LoRA file .*broken.safetensors.*: cannot be read"):
         load_kohya_lora(tmp_path / "broken.safetensors")
 
 

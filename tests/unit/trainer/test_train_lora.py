@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -230,6 +232,76 @@ def test_killed_run_resumes_to_the_same_lora(reference_run, tiny, tmp_path):
     with safe_open(str(config.output_path), framework="pt") as handle:
         curve = handle.metadata()["versat2i_loss_curve"]
     assert [step for step, _ in json.loads(curve)] == list(range(1, STEPS + 1))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MiB tmpfs: a disk that really fills up (mounting needs root; skipped elsewhere)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip() or mounted.returncode})")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_full_disk_at_a_checkpoint_stops_the_run_in_one_line_and_resume_works(reference_run, tiny, tmp_path,
+                                                                                small_disk):
+    """The disk fills up right after checkpoint 3 (a file takes all but 4 KiB): checkpoint 6 cannot
+    be written. The run stops with one line saying so, leaves no partial checkpoint behind (it would
+    keep the disk full), and once there is space again the run resumes from checkpoint 3 to the same
+    LoRA as an uninterrupted run."""
+    reference_config, _, _ = reference_run
+    model, dataset = tiny
+    config = tiny_lora_config(tmp_path, model.folder, dataset, work_dir=str(small_disk / "run"), **RESUME_SETTINGS)
+    config_path = config.save(tmp_path / "config.toml")
+    filler = small_disk / "filler"
+
+    def fill_the_disk_after_checkpoint_3(event):
+        if event["event"] == "checkpoint" and event["step"] == 3:
+            with open(filler, "wb") as handle:
+                handle.write(bytes(shutil.disk_usage(small_disk).free - 4096))
+
+    with pytest.raises(TrainingFailed) as err:
+        launch(config_path, on_event=fill_the_disk_after_checkpoint_3)
+    message = str(err.value)
+    checkpoints = small_disk / "run" / training_loop.CHECKPOINT_DIR_NAME
+    assert message.startswith(f"training stopped: the checkpoint of step 6 {str(checkpoints)!r}: could not be "
+                              "written: no space left on the disk; free space on it"), message
+    assert "the last complete checkpoint (checkpoint-3) is kept" in message and "\n" not in message
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-3"]
+
+    filler.unlink()
+    result = launch(config_path)
+    start = next(e for e in result.events if e["event"] == "start")
+    assert start["start_step"] == 3
+    resumed, reference = load_file(str(config.output_path)), load_file(str(reference_config.output_path))
+    assert max((resumed[k] - reference[k]).abs().max().item() for k in reference) <= 1e-6
+
+
+def test_the_longest_accepted_lora_name_trains_to_its_final_save_and_one_byte_more_is_refused_first(tiny, tmp_path):
+    """A LoRA name is valid only if everything written under it fits: the file, its temporary name
+    (14 bytes longer) and the run folder with its checkpoints. Before, a 242-255-byte name trained
+    to the last step and then failed to save."""
+    from versat2i.trainer.lora_job import train_or_reuse
+
+    model, dataset = tiny
+    name = "x" * (241 - len(".safetensors"))
+    config = tiny_lora_config(tmp_path, model.folder, dataset, output_name=f"versat2i/{name}", max_train_steps=3,
+                              checkpointing_steps=1, keep_checkpoints=True)
+    with pytest.raises(ValueError, match="output_name: 'xxx.*' is 242 bytes long"):
+        train_or_reuse(config.replace(output_name=f"versat2i/{name}x"), runs_root=tmp_path / "runs",
+                       options=LaunchOptions(cpu=True))
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "loras").exists()
+    result = train_or_reuse(config, runs_root=tmp_path / "runs", options=LaunchOptions(cpu=True))
+    assert result.lora_path.name == f"{name}.safetensors" and result.lora_path.is_file()
+    (run,) = (tmp_path / "runs" / "versat2i").iterdir()
+    assert run.name.startswith(f"{name}-") and len(run.name) == len(name) + 13
+    assert [p.name for p in training_loop.checkpoint_dirs(run)] == ["checkpoint-1", "checkpoint-2"]
 
 
 @pytest.mark.slow

@@ -72,6 +72,68 @@ def test_checkpoint_discovery_ignores_partial_ones(tmp_path):
         training_loop.find_resume_checkpoint(tmp_path, "checkpoint-2")
 
 
+class CheckpointAccelerator:
+    """What save_checkpoint asks of accelerate: one process, and a save_state that writes part of a
+    checkpoint (safetensors, as the hooks do) and then meets ``error`` (None: completes)."""
+
+    is_main_process, num_processes = True, 1
+
+    def __init__(self, error: BaseException | None = None):
+        self.error = error
+
+    def wait_for_everyone(self):
+        pass
+
+    def save_state(self, folder):
+        from safetensors.torch import save_file
+
+        os.makedirs(folder, exist_ok=True)
+        save_file({"w": torch.zeros(64)}, os.path.join(folder, "denoiser.lora.safetensors"))
+        if self.error is not None:
+            raise self.error
+
+
+@pytest.mark.parametrize("error, free", [
+    (OSError(28, "No space left on device"), None),
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 37760 vs 37652"), 0),  # torch
+    (RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })"), None),  # safetensors
+])
+def test_a_checkpoint_the_disk_refuses_leaves_nothing_and_says_why_in_one_line(tmp_path, monkeypatch, error, free):
+    from versat2i import safe_io
+
+    kept = training_loop.save_checkpoint(CheckpointAccelerator(), tmp_path, 3, total_limit=2)
+    if free is not None:  # the disk as it is when torch's short write happens
+        monkeypatch.setattr(safe_io, "_free_bytes", lambda folder: free)
+    with pytest.raises(training_loop.CheckpointWriteError) as info:
+        training_loop.save_checkpoint(CheckpointAccelerator(error), tmp_path, 6, total_limit=2)
+    message = str(info.value)
+    folder = tmp_path / training_loop.CHECKPOINT_DIR_NAME
+    assert message.startswith(f"the checkpoint of step 6 {str(folder)!r}: could not be written: no space left on "
+                              "the disk; free space on it"), message
+    assert "Training stopped; the last complete checkpoint (checkpoint-3) is kept" in message and "\n" not in message
+    assert info.value.errno == 28
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-3"]  # no .checkpoint-6.partial left
+    assert training_loop.find_resume_checkpoint(tmp_path, "latest") == kept
+
+
+def test_a_checkpoint_that_fails_for_a_bug_is_not_reported_as_a_disk_problem(tmp_path):
+    with pytest.raises(KeyError):
+        training_loop.save_checkpoint(CheckpointAccelerator(KeyError("bug")), tmp_path, 6, total_limit=2)
+    assert list((tmp_path / training_loop.CHECKPOINT_DIR_NAME).iterdir()) == []
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX permission bits")
+def test_checkpoint_files_get_the_umask_mode(tmp_path):
+    final = training_loop.save_checkpoint(CheckpointAccelerator(), tmp_path, 3, total_limit=2)
+    mode = 0o666 & ~_umask()
+    assert [oct(p.stat().st_mode & 0o777) for p in final.iterdir()] == [oct(mode)]  # safetensors wrote 0600
+
+
+def _umask() -> int:
+    with open("/proc/self/status") as status:
+        return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+
+
 def test_loss_curve_points_are_thinned_means():
     history = [(step, float(step)) for step in range(1, 1001)]
     points = training_loop.loss_curve_points(history, max_points=100)
