@@ -30,6 +30,9 @@ $(STAMP): pyproject.toml
 # With COMFYUI_PATH set (a ComfyUI checkout outside this repo), the integration tests import it
 # in-process and serve it with this venv's python, so its requirements go into the venv too
 # (torchaudio excluded: it breaks imports here; `requests` is used but not listed by ComfyUI).
+# ComfyUI 0.33 imports torchaudio when comfy.sd loads: when no torchaudio imports, an import-only
+# stand-in is installed (tools/torchaudio_stand_in.py says why). Switching COMFYUI_PATH between
+# versions reinstalls that version's pins (its frontend package among them).
 comfy-deps: $(STAMP)
 ifneq ($(strip $(COMFYUI_PATH)),)
 	grep -viE '^[[:space:]]*torchaudio' "$(COMFYUI_PATH)/requirements.txt" > $(VENV)/comfy-requirements.txt
@@ -37,6 +40,7 @@ ifneq ($(strip $(COMFYUI_PATH)),)
 	cmp -s $(VENV)/comfy-requirements.txt $(VENV)/comfy-requirements.installed || { \
 	  $(BIN)/python -m pip install --disable-pip-version-check -q -c $(VENV)/torch-constraints.txt \
 	    -r $(VENV)/comfy-requirements.txt && cp $(VENV)/comfy-requirements.txt $(VENV)/comfy-requirements.installed; }
+	$(BIN)/python tools/torchaudio_stand_in.py
 endif
 
 # One thread per torch process: on 2 cores a second busy process otherwise makes torch 40-90x slower.

@@ -459,7 +459,19 @@ def markdown_table(report: Any) -> str:
              f"re-rolling seeds alone): {spread}. **Bold**: CI excludes 0 and the change is beyond that spread.")
     if has_diversity:
         notes += " Diversity: mean RMS pixel distance between a prompt's images across seeds (0..1)."
+    missing = not_trained_note(report) if isinstance(report, Mapping) else ""
+    if missing:
+        notes += "\n\n" + missing
     return "\n".join(lines) + "\n" + notes + "\n" + _markdown_head_to_head(data, variants)
+
+
+def not_trained_note(report: Mapping[str, Any]) -> str:
+    """A line naming the aspects a loop round trained no LoRA for (they kept no image), or ''."""
+    missing = (report.get("config") or {}).get("not_trained") or {}
+    if not missing:
+        return ""
+    return ("**Not trained** (no image kept, so no LoRA, and the merge and the gated mixture are made of the other "
+            "aspects): " + "; ".join(str(reason) for reason in missing.values()) + ".")
 
 
 def _seed_layout(seeds: Sequence[Sequence[int]]) -> str:
@@ -550,6 +562,9 @@ def _render_html(report: Mapping[str, Any]) -> str:
               "variant; base: "
               f"<code>{html.escape(data['base'])}</code>.</p>"),
              "<h2>Rewards</h2>", _html_table(data, variants)]
+    missing = not_trained_note(report)
+    if missing:
+        parts.append(f"<p class='down'>{html.escape(missing.replace('**', ''))}</p>")
     spread_rows = "".join(
         f"<tr><td>{html.escape(a)}</td><td>{_plain(s['per_image_sd'])}</td><td>{_plain(s['mean_sd'])}</td>"
         f"<td>{_plain(s['threshold'])}</td></tr>" for a, s in data["seed_spread"].items())

@@ -35,6 +35,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import psutil  # a dependency of accelerate (and of ComfyUI)
 
+from ..safe_io import readable_name
 from .events import parse_event_line
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ TERM_GRACE_S = 2.0
 TAIL_LINES = 40
 
 
+@readable_name
 class TrainingFailed(RuntimeError):
     """The child exited with an error; ``str()`` carries its last output lines."""
 
@@ -54,6 +56,7 @@ class TrainingFailed(RuntimeError):
         self.returncode, self.tail, self.error_event = returncode, tail, error_event
 
 
+@readable_name
 class TrainingCancelled(RuntimeError):
     """Raised by ``run_training`` when ``check_cancel`` returned True."""
 

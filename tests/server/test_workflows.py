@@ -31,8 +31,11 @@ import pytest
 from harness import (
     PromptRejected,
     _widget_inputs,
+    comfyui_version,
     has_control_widget,
+    load_snapshot,
     snapshot_node_definition,
+    snapshot_version,
     validate_workflow,
     workflow_to_api,
 )
@@ -44,7 +47,7 @@ pytestmark = pytest.mark.server
 
 REPO = Path(__file__).resolve().parents[2]
 WORKFLOWS = REPO / "workflows"
-SNAPSHOT = json.loads((REPO / "tests" / "data" / "object_info.json").read_text())
+SNAPSHOT = load_snapshot()
 TEST_PACK = Path(__file__).resolve().parent / "versat2i_test_nodes"
 TINY_LOADER = "VersaT2ITest_TinyCheckpointLoader"
 CHECKPOINT = "tiny-sd15.safetensors"
@@ -146,17 +149,18 @@ def saved_images(entry: dict, node_type_outputs: str, server) -> list[Path]:
 # -- definitions and serving ------------------------------------------------------------------------
 
 def test_snapshot_matches_the_live_node_definitions(server):
-    """tests/data/object_info.json (what the offline validation uses) is what this ComfyUI and
-    this pack define; otherwise rerun tests/data/make_object_info.py."""
+    """tests/data/object_info.json's entry for this ComfyUI version (what the offline validation
+    uses) is what this ComfyUI and this pack define; otherwise rerun tests/data/make_object_info.py."""
+    entry = snapshot_version(SNAPSHOT, comfyui_version(server.comfyui_path))
     live = server.object_info(refresh=True)
     ours_live = {k for k in server.nodes_of_pack()}
-    ours_snapshot = {k for k in SNAPSHOT["nodes"] if k.startswith("VersaT2I_")}
+    ours_snapshot = {k for k in entry["nodes"] if k.startswith("VersaT2I_")}
     assert ours_live == ours_snapshot, "node set changed: rerun tests/data/make_object_info.py"
-    stale = [kind for kind, expected in SNAPSHOT["nodes"].items()
-             if snapshot_node_definition(live[kind], SNAPSHOT["dynamic_combos"].get(kind, ())) != expected]
+    stale = [kind for kind, expected in entry["nodes"].items()
+             if snapshot_node_definition(live[kind], entry["dynamic_combos"].get(kind, ())) != expected]
     assert stale == [], f"definitions changed for {stale}: rerun tests/data/make_object_info.py"
     # The inputs recorded as file lists are: the tiny checkpoint shows up in them.
-    for kind, names in SNAPSHOT["dynamic_combos"].items():
+    for kind, names in entry["dynamic_combos"].items():
         for name in names:
             if name == "ckpt_name":
                 spec = live[kind]["input"]["required"][name]
@@ -278,7 +282,7 @@ def test_a_bad_combo_value_is_refused(server, workflow_name, node_type, widget, 
     workflow = tiny_workflow(workflow_name, object_info)
     node = next(n for n in workflow["nodes"] if n["type"] == node_type)
     set_widget(node, widget, value, object_info)
-    problems = validate_workflow(workflow, object_info, dynamic_combos=SNAPSHOT["dynamic_combos"])
+    problems = validate_workflow(workflow, object_info, dynamic_combos=snapshot_version(SNAPSHOT)["dynamic_combos"])
     assert any(value in p for p in problems), problems  # the offline check sees it too
     graph = workflow_to_api(workflow, object_info, strict=True)
     for api_node in graph.values():
