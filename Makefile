@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: venv comfy-deps test demo bench clean
+.PHONY: venv comfy-deps test test-browser demo bench clean
 
 venv: $(STAMP) comfy-deps
 
@@ -44,8 +44,19 @@ ifneq ($(strip $(COMFYUI_PATH)),)
 endif
 
 # One thread per torch process: on 2 cores a second busy process otherwise makes torch 40-90x slower.
+# The browser tier (tests/browser) is left out: it needs a chromium and runs minutes per workflow.
 test: venv
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not browser" $(PYTEST_ARGS)
+
+# The shipped workflows in ComfyUI's own frontend, in a headless chromium (Debian: apt-get install
+# chromium; another one: VERSAT2I_CHROMIUM=/path/to/chrome). Needs COMFYUI_PATH; installs playwright
+# (the Python package only: the browser is the system's). Screenshots go to docs/screenshots/.
+test-browser: venv
+	test -n "$(COMFYUI_PATH)" || { echo "set COMFYUI_PATH=/path/to/ComfyUI"; exit 2; }
+	$(BIN)/python -c "import playwright" 2>/dev/null || \
+	  $(BIN)/python -m pip install --disable-pip-version-check -q -c $(VENV)/torch-constraints.txt playwright
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 VERSAT2I_SCREENSHOTS=$(CURDIR)/docs/screenshots \
+	  $(BIN)/python -m pytest -m browser tests/browser $(PYTEST_ARGS)
 
 demo: venv
 	OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 $(BIN)/versat2i demo
