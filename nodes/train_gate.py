@@ -31,8 +31,8 @@ from ..training_set.manifest import describe_empty, empty_aspects
 from .common import TrainingHooks, category, node_id, overwrite_refused, overwrite_tooltip
 from .train_aspect_lora import check_combos, checkpoint_problem, loss_curve_image
 
-RUNS_SUBFOLDER = "versat2i/gate_runs"
-GATE_COMBOS = {"granularity": GRANULARITIES, "balance_loss": BALANCE_KINDS, "mixed_precision": MIXED_PRECISIONS}  # checkpoints and logs, under ComfyUI's output folder
+RUNS_SUBFOLDER = "versat2i/gate_runs"  # checkpoints and logs, under ComfyUI's output folder
+GATE_COMBOS = {"granularity": GRANULARITIES, "balance_loss": BALANCE_KINDS, "mixed_precision": MIXED_PRECISIONS}
 # Sockets for the LoRA names that Train Aspect LoRA nodes output (the loop's four aspects), so a
 # workflow links them straight in; more LoRAs, or names typed by hand, go in the `loras` box.
 # (ComfyUI 0.3.64 has no public growing input: its AutogrowDynamic is not exported, and frontend
@@ -40,9 +40,11 @@ GATE_COMBOS = {"granularity": GRANULARITIES, "balance_loss": BALANCE_KINDS, "mix
 LORA_SOCKETS = ("lora_1", "lora_2", "lora_3", "lora_4")
 
 
-def lora_names(loras: str, linked: Iterable[str | None] = ()) -> list[str]:
+def lora_names(loras: str, linked: Iterable[str | None] = (), left_out: Iterable[str] = ()) -> list[str]:
     """The LoRAs in gate order: the linked sockets (lora_1..lora_4), then the ``loras`` box. Each
-    holds names one per line or comma separated; blank lines and lines starting with # are skipped."""
+    holds names one per line or comma separated; blank lines and lines starting with # are skipped
+    (an empty socket: its aspect kept no image). ``left_out``: lines naming such aspects, added to
+    the error when fewer than two LoRAs remain."""
     names: list[str] = []
     for text in (*linked, loras):
         for line in (text or "").replace(",", "\n").splitlines():
@@ -56,12 +58,13 @@ def lora_names(loras: str, linked: Iterable[str | None] = ()) -> list[str]:
     if len(names) < 2:
         raise ValueError("loras: a mixture needs at least two aspect LoRAs; connect Train Aspect LoRA's lora_name "
                          "outputs to lora_1..lora_4, or list the files in loras, one per line (e.g. "
-                         "versat2i/loop_aesthetics.safetensors)" + (f" (got {names[0]!r} only)" if names else ""))
+                         "versat2i/loop_aesthetics.safetensors)" + (f" (got {names[0]!r} only)" if names else "")
+                         + "".join(f". Left out: {line}" for line in left_out))
     return names
 
 
 def resolve_paths(dataset: str, ckpt_name: str, loras: str, mol_name: str,
-                  linked: Iterable[str | None] = ()) -> dict[str, Any]:
+                  linked: Iterable[str | None] = (), left_out: Iterable[str] = ()) -> dict[str, Any]:
     """Training set, checkpoint, LoRA files (``lora_names``, relative to the loras folder) and the
     MoL file, which goes into the LoRAs' common folder (it names them relative to itself)."""
     output = Path(folder_paths.get_output_directory())
@@ -73,7 +76,7 @@ def resolve_paths(dataset: str, ckpt_name: str, loras: str, mol_name: str,
     if problem:
         raise ValueError(problem)
     paths = []
-    for name in lora_names(loras, linked):
+    for name in lora_names(loras, linked, left_out):
         path = folder_paths.get_full_path("loras", name)
         if path is None:
             raise ValueError(f"loras: {name!r} is not in models/loras; train it first (Train Aspect LoRA) or fix the "
@@ -118,12 +121,7 @@ def train_gate(dataset: str, ckpt_name: str, loras: str, mol_name: str, settings
     """Train (or reuse) the MoL file; returns (its name as the loader lists it, loss points, reused,
     the aspects left out because they kept no image)."""
     left_out = left_out_aspects(confined_path(folder_paths.get_output_directory(), dataset, what="dataset"))
-    try:
-        paths = resolve_paths(dataset, ckpt_name, loras, mol_name, linked)
-    except ValueError as exc:
-        if left_out and str(exc).startswith("loras: a mixture needs"):
-            raise ValueError(f"{exc}. Left out: {'; '.join(left_out)}") from None
-        raise
+    paths = resolve_paths(dataset, ckpt_name, loras, mol_name, linked, left_out)
     config = build_config(paths, settings)
     hooks = TrainingHooks(config.max_train_steps)
     try:

@@ -64,7 +64,7 @@ class Frontend:
         self.page = page
         self.url = server_url
         self.console: list[str] = []
-        self.queued: list[dict] = []  # the prompts the page posted: {"prompt_id", "prompt"}
+        self.queued: list[dict] = []  # what the page queued: {"status", "answer", "prompt_id", "prompt"}
         page.on("console", lambda message: self.console.append(f"{message.type}: {message.text}"))
 
     # -- loading ---------------------------------------------------------------------------------------
@@ -83,12 +83,10 @@ class Frontend:
         the workflow's card."""
         page = self.page
         section = page.get_by_text(PACK_SECTION, exact=True)
-        if not section.first.is_visible():
-            page.locator(".side-bar-button, [class*='sidebar'] button").filter(has_text="Templates").first.click()
-            if not section.first.is_visible():
-                extensions = page.get_by_text("Extensions", exact=True)
-                if extensions.count() and extensions.first.is_visible():
-                    extensions.first.click()
+        try:  # the dialog a first visit opens (it takes a moment to appear)
+            wait_for(lambda: section.first.is_visible(), timeout=15, what="the template dialog of a first visit")
+        except AssertionError:
+            page.locator("button[aria-label='Templates']").first.click()  # the left sidebar's button
             wait_for(lambda: section.first.is_visible(), timeout=30, what=f"the {PACK_SECTION} template section")
         section.first.click()
         card = page.get_by_text(workflow, exact=True)
@@ -141,15 +139,13 @@ class Frontend:
 
     # -- values and running ----------------------------------------------------------------------------
     def set_widgets(self, values_by_type: Mapping[str, Mapping[str, Any]]) -> None:
-        """Set widget values (by node type and widget name) on the loaded graph, as typing into each
-        widget does; a name a node lacks is an error."""
+        """Set widget values (by node type and widget name) on the nodes of those types in the loaded
+        graph, as typing into each widget does; a widget name such a node lacks is an error."""
         missing = self.page.evaluate("""(values) => {
             const missing = [];
             const nodes = window.app.graph._nodes || window.app.graph.nodes;
             for (const [type, widgets] of Object.entries(values)) {
-                const matching = nodes.filter(n => n.type === type);
-                if (!matching.length) { missing.push(type); continue; }
-                for (const node of matching) {
+                for (const node of nodes.filter(n => n.type === type)) {
                     for (const [name, value] of Object.entries(widgets)) {
                         const widget = (node.widgets || []).find(w => w.name === name);
                         if (!widget) { missing.push(type + '.' + name); continue; }
@@ -166,7 +162,7 @@ class Frontend:
 
     def replace_in_queued_prompts(self, class_types: Mapping[str, str]) -> None:
         """Rewrite the prompt the page posts: each node of a ``class_types`` key becomes its value (a
-        test-only stand-in with the same inputs and outputs), and record the prompt id."""
+        test-only stand-in with the same inputs and outputs)."""
         def handle(route):
             request = route.request
             if request.method != "POST":
@@ -174,31 +170,54 @@ class Frontend:
             body = json.loads(request.post_data or "{}")
             for node in (body.get("prompt") or {}).values():
                 node["class_type"] = class_types.get(node.get("class_type"), node.get("class_type"))
-            response = route.fetch(post_data=json.dumps(body))
-            answer = response.json() if response.ok else {}
-            self.queued.append({"prompt_id": answer.get("prompt_id"), "prompt": body.get("prompt"),
-                                "status": response.status, "answer": answer})
-            route.fulfill(response=response)
+            return route.continue_(post_data=json.dumps(body))
 
         self.page.route("**/prompt", handle)
 
     def press_run(self) -> dict:
         """Press the Run button of the top bar (frontend 1.49: ``queue-button``; 1.27: "Run") and
-        return what the page queued."""
-        before = len(self.queued)
-        self.page.locator('[data-testid="queue-button"], button[aria-label="Run"]').first.click()
-        wait_for(lambda: len(self.queued) > before, timeout=60, what="the page to queue the prompt")
-        return self.queued[-1]
+        return what the server answered the page (``status``, ``answer`` with the ``prompt_id``)."""
+        def is_queue_post(response) -> bool:
+            return response.url.endswith("/prompt") and response.request.method == "POST"
 
-    def fit_view(self) -> None:
-        """Zoom so the whole workflow is on screen (the frontend's '.' shortcut)."""
-        self.page.locator("canvas").first.click(position={"x": 5, "y": 5}, force=True)
-        self.page.keyboard.press(".")
+        with self.page.expect_response(is_queue_post, timeout=60_000) as posted:
+            self.page.locator('[data-testid="queue-button"], button[aria-label="Run"]').first.click()
+        response = posted.value
+        answer = response.json()
+        queued = {"status": response.status, "answer": answer, "prompt_id": answer.get("prompt_id"),
+                  "prompt": json.loads(response.request.post_data or "{}").get("prompt")}
+        self.queued.append(queued)
+        return queued
+
+    def fit_view(self, *, margin: float = 24, left: float = 72, top: float = 96) -> None:
+        """Zoom and pan so the whole workflow (nodes and groups) fills the canvas, clear of the
+        sidebar (``left``) and the top bar (``top``): what the frontend's fit-view does, but with the
+        overlays left out of the area."""
+        self.page.evaluate("""([margin, left, top]) => {
+            const canvas = window.app.canvas;
+            const nodes = window.app.graph._nodes || window.app.graph.nodes;
+            const groups = window.app.graph._groups || window.app.graph.groups || [];
+            let [x0, y0, x1, y1] = [Infinity, Infinity, -Infinity, -Infinity];
+            for (const node of nodes) {
+                const title = window.LiteGraph ? window.LiteGraph.NODE_TITLE_HEIGHT : 30;
+                x0 = Math.min(x0, node.pos[0]); y0 = Math.min(y0, node.pos[1] - title);
+                x1 = Math.max(x1, node.pos[0] + node.size[0]); y1 = Math.max(y1, node.pos[1] + node.size[1]);
+            }
+            for (const group of groups) {
+                const [gx, gy, gw, gh] = group._bounding || group.bounding;
+                x0 = Math.min(x0, gx); y0 = Math.min(y0, gy); x1 = Math.max(x1, gx + gw); y1 = Math.max(y1, gy + gh);
+            }
+            const width = canvas.canvas.clientWidth - left - 2 * margin;
+            const height = canvas.canvas.clientHeight - top - 2 * margin;
+            const scale = Math.min(width / (x1 - x0), height / (y1 - y0), 1.0);
+            canvas.ds.scale = scale;
+            canvas.ds.offset[0] = (left + margin) / scale - x0 + (width / scale - (x1 - x0)) / 2;
+            canvas.ds.offset[1] = (top + margin) / scale - y0;
+            canvas.setDirty(true, true);
+        }""", [margin, left, top])
         time.sleep(1)
-        self.page.evaluate("() => window.app.canvas.setDirty(true, true)")
-        time.sleep(0.5)
 
-    def screenshot(self, path: Path, *, quality: int = 80) -> Path:
+    def screenshot(self, path: Path, *, quality: int = 70) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.page.screenshot(path=str(path), type="jpeg", quality=quality)
         return path

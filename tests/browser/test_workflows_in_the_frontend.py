@@ -53,7 +53,7 @@ SMALL = {
     "EmptyLatentImage": {"width": 64, "height": 64},
     "KSampler": {"steps": 2},
 }
-VIEWPORT = {"width": 1920, "height": 1200}
+VIEWPORT = {"width": 2400, "height": 2200}  # a whole workflow at a readable zoom (about 0.8)
 
 
 def start_server(comfyui_path: Path, base: Path, *, with_models: bool) -> ComfyServer:
