@@ -127,17 +127,18 @@ def lora_keys(path: Path) -> list[str]:
         return list(handle.keys())
 
 
-def test_a_new_user_is_shown_the_missing_model_files(browser, comfyui_path, tmp_path):
+def test_a_new_user_is_shown_the_missing_model_files(browser, comfyui_path, tmp_path, screenshots):
     """No model file yet: opening a workflow lists each one it needs (the declared name, folder and
     download link), so nothing has to be looked up or renamed by hand."""
     bare = start_server(comfyui_path, tmp_path / "bare", with_models=False)
-    context = browser.new_context(viewport=VIEWPORT)
+    context = browser.new_context(viewport={"width": 1600, "height": 1000})
     try:
         frontend = Frontend(context.new_page(), bare.url)
         frontend.open()
         frontend.open_template(QUICK)
         listed = frontend.missing_models()
         assert sorted(listed) == sorted([f"checkpoints / {CHECKPOINT}", *(f"versat2i / {n}" for n in SCORER_FILES)])
+        frontend.screenshot(screenshots / f"missing-models.comfyui-{comfyui_version(comfyui_path)}.jpg")
     finally:
         context.close()
         bare.stop()

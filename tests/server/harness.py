@@ -45,6 +45,7 @@ from typing import Any
 PACK_LINK_NAME = "ComfyUI-VersaT2I"
 PACK_NODE_PREFIX = "VersaT2I_"
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # terminal colours in ComfyUI 0.33's log lines
+LOG_LEVEL = re.compile(r"^\[(?:DEBUG|INFO|WARNING|ERROR|CRITICAL)\] ?")  # and the level it starts them with
 DEFAULT_START_TIMEOUT_S = 180.0
 # Keeps a test's server off the network and off the GPU, and its start-up short: API nodes (paid
 # cloud services) are not needed to test a local pack.
@@ -270,9 +271,10 @@ class ComfyServer:
 
     def pack_import(self, link_name: str | None = None) -> PackImport:
         """Parse ComfyUI's "Import times for custom nodes" block and warnings for one pack. ComfyUI
-        0.33 colours its log lines (ANSI escape codes), which are removed first."""
+        0.33 prefixes its log lines with a coloured level ("[INFO]" in ANSI colour codes), which is
+        removed first."""
         name = link_name or self.link_name
-        lines = [ANSI_ESCAPE.sub("", line) for line in self.log_text().splitlines()]
+        lines = [LOG_LEVEL.sub("", ANSI_ESCAPE.sub("", line)) for line in self.log_text().splitlines()]
         seen, failed, seconds, messages = False, False, None, []
         timing = re.compile(r"^\s*([\d.]+) seconds( \(IMPORT FAILED\))?:\s.*custom_nodes[/\\]" + re.escape(name) + r"\s*$")
         for index, line in enumerate(lines):
