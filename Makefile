@@ -26,7 +26,7 @@ endif
 endif
 endif
 
-.PHONY: venv comfy-deps test test-fast lint demo bench clean
+.PHONY: venv comfy-deps test test-fast test-browser lint demo bench clean
 
 venv: $(STAMP) comfy-deps
 
@@ -47,6 +47,9 @@ $(STAMP): pyproject.toml
 # With COMFYUI_PATH set (a ComfyUI checkout outside this repo), the integration tests import it
 # in-process and serve it with this venv's python, so its requirements go into the venv too
 # (torchaudio excluded: it breaks imports here; `requests` is used but not listed by ComfyUI).
+# ComfyUI 0.33 imports torchaudio when comfy.sd loads: when no torchaudio imports, an import-only
+# stand-in is installed (tools/torchaudio_stand_in.py says why). Switching COMFYUI_PATH between
+# versions reinstalls that version's pins (its frontend package among them).
 comfy-deps: $(STAMP)
 ifneq ($(strip $(COMFYUI_PATH)),)
 	grep -viE '^[[:space:]]*torchaudio' "$(COMFYUI_PATH)/requirements.txt" > $(VENV)/comfy-requirements.txt
@@ -54,21 +57,33 @@ ifneq ($(strip $(COMFYUI_PATH)),)
 	cmp -s $(VENV)/comfy-requirements.txt $(VENV)/comfy-requirements.installed || { \
 	  $(BIN)/python -m pip install --disable-pip-version-check -q -c $(VENV)/torch-constraints.txt \
 	    -r $(VENV)/comfy-requirements.txt && cp $(VENV)/comfy-requirements.txt $(VENV)/comfy-requirements.installed; }
+	$(BIN)/python tools/torchaudio_stand_in.py
 endif
 
 # One thread per torch process: on 2 cores a second busy process otherwise makes torch 40-90x slower.
 TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1
-# make test-fast: no ComfyUI tier (comfy, server, browser) and nothing over ~20 s (slow).
+# make test: every tier but the browser one (it needs a chromium and runs minutes per workflow).
+# make test-fast: also no ComfyUI tier (comfy, server) and nothing over ~20 s (slow).
 FAST_MARKERS = not slow and not comfy and not server and not browser
 
 test: venv
-	$(TEST_ENV) $(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(TEST_ENV) $(BIN)/python -m pytest -m "not browser" $(PYTEST_ARGS)
 
 test-fast: venv
 	$(TEST_ENV) $(BIN)/python -m pytest -m "$(FAST_MARKERS)" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# The shipped workflows in ComfyUI's own frontend, in a headless chromium (Debian: apt-get install
+# chromium; another one: VERSAT2I_CHROMIUM=/path/to/chrome). Needs COMFYUI_PATH; installs playwright
+# (the Python package only: the browser is the system's). Screenshots go to docs/screenshots/.
+test-browser: venv
+	test -n "$(COMFYUI_PATH)" || { echo "set COMFYUI_PATH=/path/to/ComfyUI"; exit 2; }
+	$(BIN)/python -c "import playwright" 2>/dev/null || \
+	  $(BIN)/python -m pip install --disable-pip-version-check -q -c $(VENV)/torch-constraints.txt playwright
+	$(TEST_ENV) VERSAT2I_SCREENSHOTS=$(CURDIR)/docs/screenshots \
+	  $(BIN)/python -m pytest -m browser tests/browser $(PYTEST_ARGS)
 
 demo: venv
 	OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 $(BIN)/versat2i demo

@@ -48,6 +48,7 @@ import re
 import secrets
 import shutil
 import stat
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,9 +59,48 @@ _DRIVE = re.compile(r"^[A-Za-z]:")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
+PUBLIC_PACKAGE = "versat2i"
+
+
+def readable_name(cls: type) -> type:
+    """Class decorator for the pack's exceptions: give them the module name ``versat2i.<module>``.
+
+    ComfyUI imports the pack under its folder path (the module of ``safe_io`` is then
+    ``/.../custom_nodes/ComfyUI-VersaT2I.safe_io``) and shows an error's type as ``module.Class``;
+    with this the type reads ``versat2i.safe_io.TargetExistsError`` there, as it does for the
+    installed package (``pip install``, the ``versat2i`` command)."""
+    module = sys.modules.get(cls.__module__)
+    source = getattr(module, "__file__", None)
+    if source is not None and Path(source).resolve().is_relative_to(_PACK_ROOT):
+        relative = Path(source).resolve().relative_to(_PACK_ROOT).with_suffix("")
+        parts = relative.parts[:-1] if relative.name == "__init__" else relative.parts
+        cls.__module__ = ".".join((PUBLIC_PACKAGE, *parts))
+    return cls
+
+
+_PACK_ROOT = Path(__file__).resolve().parent
+
+
+@readable_name
 class TargetExistsError(ValueError, FileExistsError):
     """The final name already exists and ``overwrite`` was not given. A ValueError (a user error
-    the CLI and nodes report in one line) and a FileExistsError (for callers that catch that)."""
+    the CLI and nodes report in one line) and a FileExistsError (for callers that catch that).
+
+    ``reason`` says what exists (and why it is not reused), ``fix`` how to go on; a front end words
+    the fix its own way with ``with_fix`` (a node names its 'overwrite' input, the CLI its flag)."""
+
+    def __init__(self, reason: str, *, path: str | os.PathLike | None = None,
+                 fix: str = "choose another name, or allow overwriting (overwrite=True / --overwrite) to replace it"):
+        self.reason, self.fix = reason, fix
+        self.path = None if path is None else Path(path)
+        super().__init__(f"{reason}; {fix}" if fix else reason)
+
+    def __str__(self) -> str:  # OSError's str() would add "[Errno ...]" for some argument counts
+        return self.args[0]
+
+    def with_fix(self, fix: str) -> TargetExistsError:
+        """The same error with another fix (the front end's words for 'overwrite')."""
+        return type(self)(self.reason, path=self.path, fix=fix)
 
 
 # -- names ---------------------------------------------------------------------------------------
@@ -393,10 +433,7 @@ def _remove(path: Path) -> None:
 
 def _refuse_existing(final: Path, what: str) -> None:
     if os.path.lexists(final):
-        raise TargetExistsError(
-            f"{what} {str(final)!r} already exists; choose another name, or allow overwriting "
-            "(overwrite=True / --overwrite) to replace it"
-        )
+        raise TargetExistsError(f"{what} {str(final)!r} already exists", path=final)
 
 
 def _make_parents(parent: Path, created: list[Path]) -> None:

@@ -621,12 +621,14 @@ def markdown_table(report: Any) -> str:
     95 % CI; win rate), plus diversity; **bold** marks a change whose CI excludes zero and that is
     beyond the seed-to-seed spread. A notes line says what every number is. A report with prompt
     sets gets one table per set, the held-out prompts first, each under a line naming its prompts."""
+    missing = not_trained_note(report) if isinstance(report, Mapping) else ""
+    missing = f"\n{missing}\n" if missing else ""
     if isinstance(report, Mapping) and report.get("format") == FORMAT_NAME and report.get("prompt_sets"):
         variants = report.get("variants", {})
         return "\n".join(f"**{entry['title']}** ({entry['about']}):\n\n"
-                         + _markdown_evaluation(entry["evaluation"], variants)
-                         for entry in report["prompt_sets"].values())
-    return _markdown_evaluation(*_evaluation_dict(report))
+                          + _markdown_evaluation(entry["evaluation"], variants)
+                          for entry in report["prompt_sets"].values()) + missing
+    return _markdown_evaluation(*_evaluation_dict(report)) + missing
 
 
 def _markdown_evaluation(data: Mapping[str, Any], variants: Mapping[str, Any]) -> str:
@@ -662,6 +664,15 @@ def _markdown_evaluation(data: Mapping[str, Any], variants: Mapping[str, Any]) -
     if has_diversity:
         notes += " Diversity: mean RMS pixel distance between a prompt's images across seeds (0..1)."
     return "\n".join(lines) + "\n" + notes + "\n" + _markdown_head_to_head(data, variants)
+
+
+def not_trained_note(report: Mapping[str, Any]) -> str:
+    """A line naming the aspects a loop round trained no LoRA for (they kept no image), or ''."""
+    missing = (report.get("config") or {}).get("not_trained") or {}
+    if not missing:
+        return ""
+    return ("**Not trained** (no image kept, so no LoRA, and the merge and the gated mixture are made of the other "
+            "aspects): " + "; ".join(str(reason) for reason in missing.values()) + ".")
 
 
 def _seed_layout(seeds: Sequence[Sequence[int]]) -> str:
@@ -760,6 +771,9 @@ def _render_html(report: Mapping[str, Any]) -> str:
     title = html.escape(report.get("title") or "VersaT2I evaluation report")
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title><style>{_CSS}</style>"
              f"</head><body><h1>{title}</h1>", _html_intro(report, views)]
+    missing = not_trained_note(report)
+    if missing:
+        parts.append(f"<p class='down'>{html.escape(missing.replace('**', ''))}</p>")
     parts += [_html_view(view_title, about, data, variants) for view_title, about, data in views]
     parts += [_html_plots(report["files"], views), _html_diversity(views, variants),
               _html_samples(report["files"], variants)]

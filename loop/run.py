@@ -64,6 +64,7 @@ from .stages import (
     score_folder,
     train_gate,
     train_lora,
+    trained_aspects,
     write_report,
     write_training_set,
     write_variants,
@@ -339,6 +340,12 @@ class LoopRound:
     def step(self, name: str) -> str:
         return f"round-{self.number}/{name}"
 
+    def trained(self) -> list[str]:
+        """The aspects that kept images in this round's training set (after ``filter``): each gets a
+        LoRA; an aspect that kept none is left out of training, the gate and the evaluation, and the
+        report names it."""
+        return trained_aspects(self.config, self.paths.training_set)
+
     def _progress(self, step: str) -> Callable[[int, int], None]:
         return lambda done, total: self.ledger.emit(LoopEvent(step, "progress", done, total))
 
@@ -350,8 +357,9 @@ class LoopRound:
         inputs = model_identity(config)
         adapters_for = None
         if self.previous is not None:  # sample with the previous round's mixture
-            previous_loras = [self.previous.lora(a) for a in self.aspects]
-            mixture = self.previous.mixture if len(self.aspects) > 1 else None
+            previous_trained = trained_aspects(config, self.previous.training_set)
+            previous_loras = [self.previous.lora(a) for a in previous_trained]
+            mixture = self.previous.mixture if len(previous_trained) > 1 else None
             adapters_for = round_adapters("gated", loras=previous_loras, mixture=mixture,
                                           gate_mode=config.evaluation.gate_mode)
             inputs += identity(*previous_loras, *([mixture] if mixture else []))
@@ -399,15 +407,16 @@ class LoopRound:
             return aspect, run
 
         try:
-            run_parallel([job(a) for a in self.aspects], config.training.parallel_jobs)
+            run_parallel([job(a) for a in self.trained()], config.training.parallel_jobs)
         finally:
             self._close_bars()
 
     def gate(self) -> None:
         config, paths = self.config, self.paths
-        if not config.needs_gate:
+        trained = self.trained()
+        if not config.needs_gate or len(trained) < 2:  # one LoRA left: it is the round's whole model
             return
-        loras = {a: paths.lora(a) for a in self.aspects}
+        loras = {a: paths.lora(a) for a in trained}
         try:
             self.ledger.run(self.step("gate"), settings=stage_settings(config, "gate"),
                             inputs=identity(paths.training_set) + model_identity(config) + identity(*loras.values()),
@@ -421,17 +430,20 @@ class LoopRound:
         config, paths = self.config, self.paths
         settings = stage_settings(config, "evaluate")
         read_by_every_variant = model_identity(config) + scorer_weights_identity(config)
-        variants = evaluation_variants(config)
+        trained = self.trained()
+        variants = evaluation_variants(config, trained)
         for variant in variants:
             step = self.step(f"evaluate/{variant.dir}")
             self.ledger.run(step, settings={**settings, "variant": variant.name},
                             inputs=read_by_every_variant + identity(*self._variant_files(variant)),
                             outputs=[paths.eval / variant.dir],
                             work=lambda v=variant, s=step: evaluate_variant(
-                                config, v, paths, self.scorers(), progress=self._progress(s),
+                                config, v, paths, self.scorers(), trained=trained, progress=self._progress(s),
                                 show_progress=self.show_progress))
-        self.ledger.run(self.step("evaluate"), settings={**settings, "variants": [v.name for v in variants]},
-                        inputs=identity(*(paths.eval / v.dir for v in variants)),
+        # The settings list the config's variants (what preflight compares); the inputs, the ones made.
+        self.ledger.run(self.step("evaluate"),
+                        settings={**settings, "variants": [v.name for v in evaluation_variants(config)]},
+                        inputs=identity(paths.training_set / "dataset.json", *(paths.eval / v.dir for v in variants)),
                         outputs=[paths.eval / "variants.json"],
                         work=lambda: {"variants.json": str(write_variants(config, paths, self.number))})
 
@@ -446,8 +458,9 @@ class LoopRound:
     def _variant_files(self, variant: EvalVariant) -> list[Path]:
         if variant.kind == "lora":
             return [self.paths.lora(variant.aspect)]
-        files = [self.paths.lora(a) for a in self.aspects] if variant.kind in ("merge", "gated") else []
-        if variant.kind == "gated" and len(self.aspects) > 1:
+        trained = self.trained()
+        files = [self.paths.lora(a) for a in trained] if variant.kind in ("merge", "gated") else []
+        if variant.kind == "gated" and len(trained) > 1:
             files.append(self.paths.mixture)
         return files
 
@@ -614,7 +627,10 @@ def _has_unfinished_scoring(config: LoopConfig, ledger: Ledger) -> bool:
     """True unless every scoring step (candidates, each evaluation variant) has a marker."""
     markers = ledger.existing_markers()
     for number in range(1, config.rounds + 1):
-        steps = [f"round-{number}/score"] + [f"round-{number}/evaluate/{v.dir}" for v in evaluation_variants(config)]
+        training_set = RoundPaths(Path(config.output_dir) / f"round-{number}").training_set
+        trained = trained_aspects(config, training_set) if training_set.is_dir() else None
+        steps = [f"round-{number}/score"] + [f"round-{number}/evaluate/{v.dir}"
+                                             for v in evaluation_variants(config, trained)]
         if any(step not in markers for step in steps):
             return True
     return False

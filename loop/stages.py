@@ -41,6 +41,7 @@ from ..trainer.mix_diffusers import MixtureAdapters
 from ..trainer.mol_file import MOL_SUFFIX
 from ..trainer.train_gate import train_gate_or_reuse
 from ..training_set.folders import scan_replay_dir
+from ..training_set.manifest import describe_empty, empty_aspects
 from ..training_set.writer import write_training_set as write_kohya_set
 from .config import MIXTURE_NAME, replay_count
 from .generate import generate_candidates, read_candidates
@@ -213,10 +214,10 @@ def write_training_set(config, scores_file: Path, candidates: Path, out_dir: Pat
     table = ScoreTable.load(scores_file)
     thresholds = {aspect: config.thresholds.get(aspect, "none") for aspect in config.aspects}
     selection = select_best_per_prompt(table, thresholds, aspects=list(config.aspects))
-    empty = [aspect for aspect, chosen in selection.aspects.items() if not chosen.kept]
-    if empty:
-        raise ValueError(f"aspect(s) {empty}: no candidate passed the threshold, so there is nothing to train on; "
-                         "lower [thresholds] for them (\"none\" keeps the best image of every prompt)")
+    for aspect, chosen in selection.aspects.items():
+        if not chosen.kept:  # recorded in the set's dataset.json; the later stages leave the aspect out
+            logger.warning("aspect %r: no candidate passed its threshold (or its scorer judged none): no LoRA is "
+                           "trained for it, the gate mixes the other aspects", aspect)
     images = [candidates / image_id for image_id in table.image_ids]
     latents, metadata = None, None
     if config.dataset.save_latents:
@@ -247,6 +248,8 @@ def write_training_set(config, scores_file: Path, candidates: Path, out_dir: Pat
         written.path.rmdir()
         rows = []
         for aspect, chosen in selection.aspects.items():
+            if not chosen.kept:  # no folder: replay alone would teach the aspect nothing
+                continue
             folder = temp / f"{config.dataset.repeats}_{aspect}"
             for path, caption in replay[:replay_count(config.dataset.replay_fraction, len(chosen.kept))]:
                 name = f"{REPLAY_PREFIX}{path.stem}"
@@ -260,9 +263,23 @@ def write_training_set(config, scores_file: Path, candidates: Path, out_dir: Pat
     replayed = {aspect: sum(1 for r in rows if r["aspect"] == aspect) for aspect in selection.aspects}
     logger.info("training set: kept %s, replay %s", kept, replayed)
     return {"kept": kept, "replay": replayed,
-            "mean_kept_score": {a: sum(table.scores[a][r] for r in c.kept) / len(c.kept)
+            "mean_kept_score": {a: sum(table.scores[a][r] for r in c.kept) / len(c.kept) if c.kept else None
                                 for a, c in selection.aspects.items()},
-            "mean_score": {a: sum(v) / len(v) for a, v in table.scores.items()}}
+            "mean_score": {a: sum(v) / len(v) for a, v in table.scores.items()},
+            "not_trained": sorted(a for a, c in selection.aspects.items() if not c.kept)}
+
+
+def trained_aspects(config, training_set: Path) -> list[str]:
+    """The config's aspects that kept images in ``training_set`` (in config order): the ones a LoRA
+    is trained for. The others are recorded in its dataset.json with no image (``empty_aspects``)."""
+    empty = empty_aspects(training_set)
+    return [aspect for aspect in config.aspects if aspect not in empty]
+
+
+def untrained_aspects(config, training_set: Path) -> dict[str, str]:
+    """``{aspect: why it has no LoRA}`` for the config's aspects that kept no image."""
+    empty = empty_aspects(training_set)
+    return {aspect: describe_empty(aspect, empty[aspect]) for aspect in config.aspects if aspect in empty}
 
 
 # -- train ------------------------------------------------------------------------------------------------
@@ -353,12 +370,14 @@ class EvalVariant:
         return Variant(name=self.name, dir=self.dir, kind=self.kind, aspect=self.aspect, label=self.label)
 
 
-def evaluation_variants(config) -> list[EvalVariant]:
-    """The variants of ``[evaluation] variants`` in report order (one LoRA variant per aspect)."""
+def evaluation_variants(config, trained: Sequence[str] | None = None) -> list[EvalVariant]:
+    """The variants of ``[evaluation] variants`` in report order (one LoRA variant per aspect;
+    ``trained``: only those aspects', when some kept no image)."""
     variants = []
     for kind in config.evaluation_variant_kinds():
         if kind == "lora":
-            variants += [EvalVariant(f"lora:{a}", f"lora_{a}", "lora", a, f"LoRA {a}") for a in config.aspects]
+            variants += [EvalVariant(f"lora:{a}", f"lora_{a}", "lora", a, f"LoRA {a}") for a in config.aspects
+                         if trained is None or a in trained]
         elif kind == "merge":
             variants.append(EvalVariant("merge", "merge", "merge", label="equal-weight merge"))
         elif kind == "gated":
@@ -369,11 +388,14 @@ def evaluation_variants(config) -> list[EvalVariant]:
 
 
 def evaluate_variant(config, variant: EvalVariant, paths: RoundPaths, scorers: Mapping[str, Any], *,
-                     progress: ProgressCallback | None = None, show_progress: bool = True) -> dict[str, Any]:
+                     trained: Sequence[str] | None = None, progress: ProgressCallback | None = None,
+                     show_progress: bool = True) -> dict[str, Any]:
     """Sample the evaluation grid with one variant and score it: ``eval/<dir>/`` with the images,
-    candidates.jsonl and scores.jsonl (the folder ``versat2i report`` reads)."""
-    loras = [paths.lora(variant.aspect)] if variant.kind == "lora" else [paths.lora(a) for a in config.aspects]
-    mixture = paths.mixture if variant.kind == "gated" and len(config.aspects) > 1 else None
+    candidates.jsonl and scores.jsonl (the folder ``versat2i report`` reads). ``trained``: the aspects
+    with a LoRA (default: all), which the merge and the mixture are made of."""
+    trained = list(config.aspects) if trained is None else list(trained)
+    loras = [paths.lora(variant.aspect)] if variant.kind == "lora" else [paths.lora(a) for a in trained]
+    mixture = paths.mixture if variant.kind == "gated" and len(trained) > 1 else None
     adapters_for = round_adapters(variant.kind, loras=loras, mixture=mixture, gate_mode=config.evaluation.gate_mode)
     folder = paths.eval / variant.dir
     info = generate_images(config, folder, config.evaluation_prompts(), k=config.evaluation.seeds_per_prompt,
@@ -386,9 +408,11 @@ def evaluate_variant(config, variant: EvalVariant, paths: RoundPaths, scorers: M
 
 
 def write_variants(config, paths: RoundPaths, round_number: int) -> Path:
+    trained = trained_aspects(config, paths.training_set)
     return write_variants_file(
-        paths.eval, [v.report_variant() for v in evaluation_variants(config)], base="base",
+        paths.eval, [v.report_variant() for v in evaluation_variants(config, trained)], base="base",
         config={"round": round_number, "aspects": config.resolved_aspects(),
+                "not_trained": untrained_aspects(config, paths.training_set),
                 "evaluation_prompts": len(config.evaluation_prompts()),
                 # the report evaluates each set apart and leads with the held-out prompts
                 "prompt_sets": {"held_out": config.held_out_prompts(),

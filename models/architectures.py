@@ -25,6 +25,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..safe_io import readable_name
+
 # -- table fields ------------------------------------------------------------------------------------
 
 
@@ -164,6 +166,7 @@ def architecture(name: str) -> Architecture:
 
 # -- detection: single-file checkpoints in the original (ldm / sgm) layout ---------------------------
 
+@readable_name
 class UnsupportedModel(ValueError):
     """The files are no model family of the table (the message says what was found)."""
 

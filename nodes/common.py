@@ -10,6 +10,7 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
+from ..safe_io import TargetExistsError
 from ..trainer.launcher import LaunchOptions
 
 NODE_ID_PREFIX = "VersaT2I_"
@@ -22,6 +23,22 @@ def node_id(name: str) -> str:
 
 def category(*sub: str) -> str:
     return "/".join((CATEGORY, *sub))
+
+
+def overwrite_refused(error: TargetExistsError, node: str, thing: str, name_input: str) -> TargetExistsError:
+    """``error`` in the words of the node's inputs: which input replaces it, which keeps both. The
+    same story on every node that writes a result (Save Training Set, Train Aspect LoRA, Train Gate):
+    the same inputs again reuse the result; other inputs under the same name are refused unless
+    'overwrite' is on (see ``overwrite_tooltip``)."""
+    return error.with_fix(f"turn on 'overwrite' in {node} to replace the {thing}, or change '{name_input}' to keep "
+                          "both")
+
+
+def overwrite_tooltip(thing: str, inputs: str) -> str:
+    """The 'overwrite' input's tooltip, the same on every node that writes a result."""
+    return (f"Off: queueing again with the same {inputs} reuses the {thing} already made (nothing is redone); "
+            f"a {thing} of this name made from other {inputs} is refused and left as it is. On: it is made again "
+            "and replaces the old one. The shipped workflows share one 'overwrite' switch between their nodes.")
 
 
 # Custom socket types passed between our nodes.

@@ -177,28 +177,25 @@ class FilterBestPerPrompt(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, threshold_kind: str | None = None, threshold: float | None = None,
-                        aspect_thresholds: str | None = None, images_for: str | None = None) -> bool | str:
-        # ComfyUI 0.3.64 does not check V3 combo values; refuse bad values before anything runs.
-        # (None = the input is linked; it is checked when the node runs.)
+    def validate_inputs(cls, aspect_thresholds: str | None = None) -> bool | str:
+        # ComfyUI attaches what this returns to every input it takes, so it takes one: the free-text
+        # thresholds, refused when queued (None = linked). The threshold kind and value, and
+        # images_for, are checked when the node runs, each error naming its input (ComfyUI 0.33 checks
+        # combo values itself; 0.3.64 does not).
         try:
-            if threshold_kind is not None and threshold is not None:
-                shared_threshold(threshold_kind, threshold)
-            elif threshold_kind is not None and threshold_kind not in THRESHOLD_KINDS:
-                raise ValueError(f"threshold_kind: {threshold_kind!r} is not one of {', '.join(THRESHOLD_KINDS)}")
-            if threshold is not None and not math.isfinite(threshold):
-                raise ValueError(f"threshold: {threshold!r} is not a finite number")
             if aspect_thresholds is not None:
                 parse_aspect_thresholds(aspect_thresholds)
         except ValueError as exc:
             return str(exc)
-        if images_for is not None and images_for not in (ALL_ASPECTS, *ASPECTS):
-            return f"images_for: {images_for!r} is not one of {', '.join((ALL_ASPECTS, *ASPECTS))}"
         return True
 
     @classmethod
     def execute(cls, scores: Any, images: torch.Tensor, threshold_kind: str, threshold: float,
                 aspect_thresholds: str = "", images_for: str = ALL_ASPECTS) -> io.NodeOutput:
+        if not math.isfinite(threshold):
+            raise ValueError(f"threshold: {threshold!r} is not a finite number")
+        if images_for not in (ALL_ASPECTS, *ASPECTS):
+            raise ValueError(f"images_for: {images_for!r} is not one of {', '.join((ALL_ASPECTS, *ASPECTS))}")
         table = check_table(scores)
         images = check_images(images)
         table.check_images_match(images)  # the count, and each image's pixels where the table has them

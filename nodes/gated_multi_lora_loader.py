@@ -144,15 +144,13 @@ class GatedMultiLoRALoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, mol_file, mode) -> bool | str:
-        # ComfyUI 0.3.64 doesn't check V3 combo values itself.
-        if mode not in MODES:
-            return f"mode {mode!r}: unknown; choose one of {', '.join(MODES)}"
-        if mol_file not in mol_file_options():
-            return f"mol_file {mol_file!r}: no such MoL file in models/loras; pick one from the list (or refresh)"
-        if mol_file == NO_MOL_FILE and mode in ("bake", "dynamic"):
-            return (f"mode {mode!r} needs a learned gate: pick a MoL file, or use mode 'equal' / 'manual' with a "
-                    "LoRA list")
+    def validate_inputs(cls, mol_file: str | None = None) -> bool | str:
+        # ComfyUI 0.3.64 doesn't check V3 combo values itself, and attaches what this returns to every
+        # input it takes: one input, so a missing MoL file is one error, on mol_file. The mode (and
+        # whether it needs a MoL file) is checked when the node runs.
+        if mol_file is not None and mol_file not in mol_file_options():
+            return (f"mol_file {mol_file!r}: no such MoL file in models/loras; train it first (Train Gate), or pick "
+                    "one from the list (press R to refresh)")
         return True
 
     @classmethod
@@ -168,6 +166,8 @@ class GatedMultiLoRALoader(io.ComfyNode):
     @classmethod
     def execute(cls, model, mol_file, mode, strength, disabled_aspects="", loras="", clip=None, conditioning=None,
                 prompt="") -> io.NodeOutput:
+        if mode not in MODES:  # ComfyUI 0.3.64 lets V3 combo values through
+            raise ValueError(f"mode {mode!r}: unknown; choose one of {', '.join(MODES)}")
         gate, aspect_loras, manual = resolve_mixture(mol_file, mode, loras or "")
         enabled = enabled_aspects([lora.aspect for lora in aspect_loras], disabled_aspects or "")
         prompt = (prompt or "").strip() or None

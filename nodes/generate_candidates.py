@@ -92,9 +92,16 @@ def sample_candidates(model, clip, vae, prompts: list[str], *, k: int, seed: int
     """(IMAGE [N*K,H,W,3], candidates info, LATENT) in prompt-major order."""
     import comfy.model_management
     import comfy.sample
+    import comfy.samplers
     import comfy.utils
     import latent_preview
 
+    # ComfyUI 0.3.64 lets V3 combo values through (an old workflow can hold a renamed sampler).
+    for name, value, options in (("sampler_name", sampler_name, comfy.samplers.KSampler.SAMPLERS),
+                                 ("scheduler", scheduler, comfy.samplers.KSampler.SCHEDULERS)):
+        if value not in options:
+            raise ValueError(f"{name} {value!r}: not one of ComfyUI's {name.split('_')[0]}s "
+                             f"({', '.join(options[:6])}, ...)")
     if k < 1:
         raise ValueError(f"k={k}: the number of candidates per prompt must be at least 1")
     if batch_size < 1:
@@ -194,24 +201,12 @@ class GenerateCandidates(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, k: int | None = None, width: int | None = None, height: int | None = None,
-                        prompts_file: str | None = None, batch_size: int | None = None,
-                        sampler_name: str | None = None, scheduler: str | None = None) -> bool | str:
-        # Checked when the prompt is queued, before any node runs. ComfyUI 0.3.64 does not check V3
-        # combo values itself (None = a linked input, checked when sampling).
-        import comfy.samplers
-
-        for name, value, options in (("sampler_name", sampler_name, comfy.samplers.KSampler.SAMPLERS),
-                                     ("scheduler", scheduler, comfy.samplers.KSampler.SCHEDULERS)):
-            if value is not None and value not in options:
-                return f"{name} {value!r}: not one of ComfyUI's {name.split('_')[0]}s ({', '.join(options[:6])}, ...)"
+    def validate_inputs(cls, prompts_file: str | None = None) -> bool | str:
+        # ComfyUI attaches what this returns to every input it takes, so it takes one: a file name
+        # from the web page, refused when queued. The other inputs are checked first thing when the
+        # node runs (sample_candidates), each error naming its input: this is the graph's first
+        # node, so nothing has been done yet then.
         try:
-            if k is not None and k < 1:
-                raise ValueError(f"k={k}: the number of candidates per prompt must be at least 1")
-            if batch_size is not None and batch_size < 1:
-                raise ValueError(f"batch_size={batch_size}: must be at least 1")
-            if width is not None and height is not None:
-                check_size(width, height)
             if prompts_file:
                 confined_path(folder_paths.get_input_directory(), prompts_file, what="prompts_file", writes=False)
         except ValueError as exc:

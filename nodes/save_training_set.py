@@ -4,8 +4,10 @@ and seeds, under ComfyUI's output folder.
 
 The name comes from a web page, so it is confined to the output folder: absolute paths, '..' and
 symlinks leading out are refused (when the prompt is queued, and again when writing). The folder is
-written under a temporary name and renamed when complete; an existing one is only replaced when
-``overwrite`` is on.
+written under a temporary name and renamed when complete. Queueing the same selection again (also
+after ComfyUI's cache was cleared) finds the saved set with the same content fingerprint and returns
+it untouched, so the LoRAs trained on it stay valid; a different set under the same name is refused
+unless ``overwrite`` is on.
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..safe_io import confined_path
+from ..safe_io import TargetExistsError, confined_path
 from ..training_set.layout import DEFAULT_REPEATS
 from ..training_set.manifest import TrainingSet
 from ..training_set.writer import write_training_set
-from .common import Selection, category, node_id, progress_callback
+from .common import Selection, category, node_id, overwrite_refused, overwrite_tooltip, progress_callback
 from .filter_best_per_prompt import FilteredScores
 
 DEFAULT_NAME = "versat2i/training_set"
@@ -37,17 +39,26 @@ def save_training_set(selection: FilteredScores, images: torch.Tensor, name: str
             "selection: expected the 'selection' output of Filter Best Per Prompt (VersaT2I)")
     root = Path(folder_paths.get_output_directory())
     kept = sum(len(chosen.kept) for chosen in selection.selection.aspects.values())
-    written = write_training_set(root, name, selection.table, selection.selection, images, repeats=repeats,
-                                 overwrite=overwrite, progress=progress_callback(max(kept, 1)))
+    try:
+        written = write_training_set(root, name, selection.table, selection.selection, images, repeats=repeats,
+                                     overwrite=overwrite, progress=progress_callback(max(kept, 1)))
+    except TargetExistsError as exc:
+        raise overwrite_refused(exc, "Save Training Set", "training set", "name") from None
     return written.path.relative_to(root.resolve()).as_posix(), written
 
 
 def describe(relative: str, written: TrainingSet) -> str:
-    lines = [f"training set: output/{relative} ({written.summary['images_kept']} images)"]
-    for info in written.summary["aspects"].values():
-        lines.append(f"  {info['folder']}: {info['kept']} kept, {info['discarded']} discarded, "
-                     f"scorer {info['scorer']['id']}, threshold {info['threshold']['kind']} "
-                     f"{'' if info['threshold']['resolved'] is None else format(info['threshold']['resolved'], '.4g')}")
+    state = " - unchanged, reused (same content)" if written.reused else ""
+    lines = [f"training set: output/{relative} ({written.summary['images_kept']} images){state}"]
+    for aspect, info in written.summary["aspects"].items():
+        threshold = info["threshold"]
+        resolved = "" if threshold["resolved"] is None else format(threshold["resolved"], ".4g")
+        if info["kept"]:
+            lines.append(f"  {info['folder']}: {info['kept']} kept, {info['discarded']} discarded, "
+                         f"scorer {info['scorer']['id']}, threshold {threshold['kind']} {resolved}")
+        else:  # its Train Aspect LoRA node skips it, and Train Gate mixes the other aspects
+            lines.append(f"  {aspect}: NO IMAGE KEPT ({info['discarded']} discarded by threshold {threshold['kind']} "
+                         f"{resolved}): not trained; the gate mixes the other aspects")
     return "\n".join(lines)
 
 
@@ -76,8 +87,7 @@ class SaveTrainingSet(io.ComfyNode):
                              tooltip="kohya repeats: how often each image is seen per epoch (the folder "
                                      "prefix, '<repeats>_<aspect>')."),
                 io.Boolean.Input("overwrite", default=False,
-                                 tooltip="Replace an existing training set of the same name. Off: an existing "
-                                         "folder is an error and nothing is written."),
+                                 tooltip=overwrite_tooltip("training set", "images, scores, thresholds and repeats")),
             ],
             outputs=[
                 io.String.Output("dataset_path", display_name="dataset_path",

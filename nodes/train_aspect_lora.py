@@ -3,12 +3,18 @@
 The training runs under ``accelerate launch`` in a child process (``trainer/launcher.py``), so it
 gets the GPU after ComfyUI's models are unloaded, it cannot leak memory into ComfyUI, and Cancel
 kills it (its whole process group) while keeping its last checkpoint: queueing the same inputs
-again resumes there. Identical inputs with a finished LoRA return that LoRA without training.
+again resumes there. Identical inputs with a finished LoRA return that LoRA without training; a LoRA
+of the same name from other inputs is refused unless 'overwrite' is on.
+
+An aspect the training set kept no image for (its threshold kept nothing, or geometry found no
+person) is not an error: the node trains nothing, says so on its text and loss image, and outputs
+an empty lora_name, which Train Gate leaves out of the mixture.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +22,15 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..safe_io import confined_path, file_identity
+from ..safe_io import TargetExistsError, confined_path, file_identity
 from ..trainer.config import LR_SCHEDULERS, MIXED_PRECISIONS, PREDICTION_TYPES, LoraTrainConfig, input_range
 from ..trainer.launcher import TrainingFailed
 from ..trainer.lora_job import train_or_reuse
 from ..trainer.loss_curve import render_loss_curve
 from ..trainer.train_lora import lora_run_fingerprint
 from ..training_set.layout import REPEATS_FOLDER
-from .common import TrainingHooks, category, node_id
+from ..training_set.manifest import describe_empty, empty_aspects
+from .common import TrainingHooks, category, node_id, overwrite_refused, overwrite_tooltip
 
 LORA_SUBFOLDER = "versat2i"  # every LoRA this node writes lives in models/loras/versat2i/
 RUNS_SUBFOLDER = "versat2i/lora_runs"  # checkpoints and logs, under ComfyUI's output folder
@@ -35,12 +42,33 @@ RUNS_SUBFOLDER = "versat2i/lora_runs"  # checkpoints and logs, under ComfyUI's o
 SEED_CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
 
 
+TRAINING_COMBOS = {"lr_scheduler": LR_SCHEDULERS, "mixed_precision": MIXED_PRECISIONS,
+                   "prediction_type": PREDICTION_TYPES}
+
+
 def bad_combo_message(name: str, value: str, options) -> str:
     message = f"{name} {value!r}: must be one of {', '.join(options)}"
     if value in SEED_CONTROL_VALUES:
         message += (f" ('{value}' is a seed's old 'control after generate' value: this node was saved by an older "
                     "version, so the values after seed moved by one; set them again, or add the node anew)")
     return message
+
+
+def checkpoint_problem(ckpt_name: str | None) -> str | None:
+    """Why ``ckpt_name`` can't be used (None: it can, or the input is linked and checked later)."""
+    if ckpt_name is None or ckpt_name in folder_paths.get_filename_list("checkpoints"):
+        return None
+    return (f"ckpt_name {ckpt_name!r}: not in models/checkpoints; put the checkpoint there and press R (refresh), "
+            "or pick one from the list")
+
+
+def check_combos(inputs: dict[str, Any], choices: dict[str, Any] | None = None) -> None:
+    """Refuse a combo value that is not one of its choices (ComfyUI 0.3.64 lets V3 combo values through;
+    an old workflow can hold one), naming the input."""
+    for name, options in (choices or TRAINING_COMBOS).items():
+        value = inputs.get(name)
+        if value is not None and value not in options:
+            raise ValueError(bad_combo_message(name, value, options))
 
 
 def loras_root() -> Path:
@@ -60,8 +88,9 @@ def resolve_paths(dataset: str, aspect: str, ckpt_name: str, lora_name: str) -> 
     if not dataset_dir.is_dir():
         raise ValueError(f"dataset {dataset!r}: no such folder in ComfyUI's output folder; connect Save Training "
                          "Set's dataset_path, or type the folder name it wrote (e.g. 'versat2i/training_set')")
-    if ckpt_name not in folder_paths.get_filename_list("checkpoints"):
-        raise ValueError(f"ckpt_name {ckpt_name!r}: not in models/checkpoints; put the checkpoint there and refresh")
+    problem = checkpoint_problem(ckpt_name)
+    if problem:
+        raise ValueError(problem)
     checkpoint = Path(folder_paths.get_full_path_or_raise("checkpoints", ckpt_name))
     lora_file = confined_path(loras_root() / LORA_SUBFOLDER, lora_file_name(dataset, aspect, lora_name),
                               what="lora_name")
@@ -88,23 +117,38 @@ def build_config(paths: dict[str, Path], aspect: str, settings: dict[str, Any]) 
         keep_checkpoints=False, **settings)
 
 
-def loss_curve_image(points: list[tuple[int, float]], title: str) -> torch.Tensor:
-    return torch.from_numpy(render_loss_curve(points, title=title)).float().div(255.0).unsqueeze(0)
+def loss_curve_image(points: list[tuple[int, float]], title: str, message: str = "no loss values") -> torch.Tensor:
+    return torch.from_numpy(render_loss_curve(points, title=title, message=message)).float().div(255.0).unsqueeze(0)
 
 
-def train_aspect_lora(dataset: str, aspect: str, ckpt_name: str, lora_name: str, settings: dict[str, Any]):
-    """Train (or reuse) the LoRA; returns (name relative to the loras folder, loss points, reused)."""
+@dataclass(frozen=True)
+class AspectLoraResult:
+    lora_name: str  # relative to the loras folder; "" when the aspect kept no image
+    loss_curve: list[tuple[int, float]]
+    reused: bool = False
+    skipped: str = ""  # why nothing was trained (the aspect kept no image)
+
+
+def train_aspect_lora(dataset: str, aspect: str, ckpt_name: str, lora_name: str,
+                      settings: dict[str, Any]) -> AspectLoraResult:
+    """Train (or reuse) the LoRA, or skip an aspect the training set kept no image for."""
 
     paths = resolve_paths(dataset, aspect, ckpt_name, lora_name)
     aspect = single_aspect(paths["dataset"], aspect)
+    empty = empty_aspects(paths["dataset"]).get(aspect)
+    if empty is not None:
+        return AspectLoraResult("", [], skipped=describe_empty(aspect, empty))
     config = build_config(paths, aspect, settings)
     hooks = TrainingHooks(config.max_train_steps)
     try:
         result = train_or_reuse(config, runs_root=paths["output"] / RUNS_SUBFOLDER, **hooks.launch_kwargs())
     except TrainingFailed as exc:
         raise RuntimeError(f"Train Aspect LoRA: {exc}") from None
+    except TargetExistsError as exc:
+        raise overwrite_refused(exc, "Train Aspect LoRA", "LoRA", "lora_name") from None
     hooks.finish()
-    return result.lora_path.relative_to(loras_root().resolve()).as_posix(), result.loss_curve, result.reused
+    return AspectLoraResult(result.lora_path.relative_to(loras_root().resolve()).as_posix(), result.loss_curve,
+                            result.reused)
 
 
 class TrainAspectLora(io.ComfyNode):
@@ -183,12 +227,13 @@ class TrainAspectLora(io.ComfyNode):
                 io.Int.Input("checkpoint_every", default=100, **input_range("checkpointing_steps"), optional=True,
                              tooltip="Save a resumable checkpoint every N steps."),
                 io.Boolean.Input("overwrite", default=False, optional=True,
-                                 tooltip="Replace an existing LoRA of this name trained from other inputs."),
+                                 tooltip=overwrite_tooltip("LoRA", "training set, checkpoint and settings")),
             ],
             outputs=[
                 io.String.Output("lora_file", display_name="lora_name",  # ids must differ from input ids
                                  tooltip="The LoRA, relative to the loras folder (e.g. versat2i/name.safetensors), "
-                                         "as LoRA loaders name it."),
+                                         "as LoRA loaders name it; empty when the aspect kept no image (nothing "
+                                         "trained: Train Gate mixes the other aspects)."),
                 io.Image.Output("loss_curve", display_name="loss_curve",
                                 tooltip="A plot of the training loss per step (raw and smoothed); connect a Preview "
                                         "Image to see it."),
@@ -196,29 +241,12 @@ class TrainAspectLora(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, dataset: str | None = None, ckpt_name: str | None = None, lora_name: str | None = None,
-                        aspect: str | None = None, resolution: int | None = None, lr_scheduler: str | None = None,
-                        mixed_precision: str | None = None, prediction_type: str | None = None) -> bool | str:
-        # ComfyUI 0.3.64 does not check V3 combo values: do it here, when the prompt is queued.
-        if ckpt_name is not None and ckpt_name not in folder_paths.get_filename_list("checkpoints"):
-            return f"ckpt_name {ckpt_name!r}: not in models/checkpoints"
-        for name, value, options in (("lr_scheduler", lr_scheduler, LR_SCHEDULERS),
-                                     ("mixed_precision", mixed_precision, MIXED_PRECISIONS),
-                                     ("prediction_type", prediction_type, PREDICTION_TYPES)):
-            if value is not None and value not in options:
-                return bad_combo_message(name, value, options)
-        if resolution is not None and resolution % 8:
-            return f"resolution {resolution}: must be a multiple of 8 (e.g. {round(resolution / 64) * 64})"
-        try:
-            if dataset is not None:
-                confined_path(folder_paths.get_output_directory(), dataset, what="dataset", writes=False)
-            # The LoRA file, its temporary name and the run folder must fit (safe_io.name_problem).
-            if lora_name is not None and (lora_name.strip() or dataset is not None):
-                confined_path(loras_root() / LORA_SUBFOLDER, lora_file_name(dataset or "x", aspect or "", lora_name),
-                              what="lora_name")
-        except ValueError as exc:
-            return str(exc)
-        return True
+    def validate_inputs(cls, ckpt_name: str | None = None) -> bool | str:
+        # ComfyUI attaches what this returns to every input it takes, so it takes one: a missing
+        # checkpoint is one error, on ckpt_name (0.3.64 does not check V3 combo values itself). The
+        # other inputs are checked when the node runs (training settings, names confined to their
+        # folders), each error naming its input; ComfyUI 0.33 checks the other combos itself.
+        return checkpoint_problem(ckpt_name) or True
 
     @classmethod
     def fingerprint_inputs(cls, dataset: str, aspect: str, ckpt_name: str, lora_name: str, **settings) -> Any:
@@ -235,10 +263,16 @@ class TrainAspectLora(io.ComfyNode):
 
     @classmethod
     def execute(cls, dataset: str, aspect: str, ckpt_name: str, lora_name: str, **settings) -> io.NodeOutput:
-        name, curve, reused = train_aspect_lora(dataset, aspect.strip(), ckpt_name, lora_name, _settings(settings))
-        title = f"{name} ({'reused, ' if reused else ''}{curve[-1][0] if curve else 0} steps)"
-        summary = f"LoRA: {name}" + (" (already trained from these inputs)" if reused else "")
-        return io.NodeOutput(name, loss_curve_image(curve, title), ui={"text": (summary,)})
+        check_combos(settings)
+        result = train_aspect_lora(dataset, aspect.strip(), ckpt_name, lora_name, _settings(settings))
+        if result.skipped:
+            summary = f"NOT TRAINED: {result.skipped}. Train Gate mixes the other aspects."
+            curve = loss_curve_image([], f"{aspect.strip() or 'aspect'}: not trained", "no image kept:\nnot trained")
+            return io.NodeOutput("", curve, ui={"text": (summary,)})
+        steps = result.loss_curve[-1][0] if result.loss_curve else 0
+        title = f"{result.lora_name} ({'reused, ' if result.reused else ''}{steps} steps)"
+        summary = f"LoRA: {result.lora_name}" + (" (already trained from these inputs)" if result.reused else "")
+        return io.NodeOutput(result.lora_name, loss_curve_image(result.loss_curve, title), ui={"text": (summary,)})
 
 
 # node input -> LoraTrainConfig field (inputs not listed keep their name)

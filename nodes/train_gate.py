@@ -3,7 +3,11 @@ process, and save it as a MoL file next to the LoRAs for the Gated Multi-LoRA Lo
 
 As for Train Aspect LoRA, the run is a child process under ``accelerate launch`` (it gets the GPU
 after ComfyUI's models are unloaded; Cancel kills its process group and keeps the last
-checkpoint, so queueing again resumes); identical inputs return the finished MoL file.
+checkpoint, so queueing again resumes); identical inputs return the finished MoL file, and a MoL
+file of the same name from other inputs is refused unless 'overwrite' is on.
+
+A LoRA socket that brings an empty name (its Train Aspect LoRA kept no image for its aspect) is left
+out: the gate mixes the other aspects, and the node's text names the aspects left out.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Any
 import folder_paths
 from comfy_api.latest import io
 
-from ..safe_io import confined_path, file_identity, relative_name_problem
+from ..safe_io import TargetExistsError, confined_path, file_identity
 from ..trainer.config import MIXED_PRECISIONS, input_range
 from ..trainer.gate import BALANCE_KINDS, GRANULARITIES
 from ..trainer.launcher import TrainingFailed
@@ -29,10 +33,12 @@ from ..trainer.train_gate import (
     shared_aspects,
     train_gate_or_reuse,
 )
-from .common import TrainingHooks, category, node_id
-from .train_aspect_lora import bad_combo_message, loss_curve_image
+from ..training_set.manifest import describe_empty, empty_aspects
+from .common import TrainingHooks, category, node_id, overwrite_refused, overwrite_tooltip
+from .train_aspect_lora import check_combos, checkpoint_problem, loss_curve_image
 
 RUNS_SUBFOLDER = "versat2i/gate_runs"  # checkpoints and logs, under ComfyUI's output folder
+GATE_COMBOS = {"granularity": GRANULARITIES, "balance_loss": BALANCE_KINDS, "mixed_precision": MIXED_PRECISIONS}
 # Sockets for the LoRA names that Train Aspect LoRA nodes output (the loop's four aspects), so a
 # workflow links them straight in; more LoRAs, or names typed by hand, go in the `loras` box.
 # (ComfyUI 0.3.64 has no public growing input: its AutogrowDynamic is not exported, and frontend
@@ -40,16 +46,17 @@ RUNS_SUBFOLDER = "versat2i/gate_runs"  # checkpoints and logs, under ComfyUI's o
 LORA_SOCKETS = ("lora_1", "lora_2", "lora_3", "lora_4")
 
 
-def listed_names(text: str | None) -> list[str]:
-    """Names one per line or comma separated; blank lines and lines starting with # are skipped."""
-    names = (line.strip() for line in (text or "").replace(",", "\n").splitlines())
-    return [name for name in names if name and not name.startswith("#")]
-
-
-def lora_names(loras: str, linked: Iterable[str | None] = ()) -> list[str]:
-    """The LoRAs in gate order: the linked sockets (lora_1..lora_4), then the ``loras`` box
-    (``listed_names`` each)."""
-    names = [name for text in (*linked, loras) for name in listed_names(text)]
+def lora_names(loras: str, linked: Iterable[str | None] = (), left_out: Iterable[str] = ()) -> list[str]:
+    """The LoRAs in gate order: the linked sockets (lora_1..lora_4), then the ``loras`` box. Each
+    holds names one per line or comma separated; blank lines and lines starting with # are skipped
+    (an empty socket: its aspect kept no image). ``left_out``: lines naming such aspects, added to
+    the error when fewer than two LoRAs remain."""
+    names: list[str] = []
+    for text in (*linked, loras):
+        for line in (text or "").replace(",", "\n").splitlines():
+            name = line.strip()
+            if name and not name.startswith("#"):
+                names.append(name)
     twice = sorted({name for name in names if names.count(name) > 1})
     if twice:
         raise ValueError(f"loras: {', '.join(twice)} given twice (lora_1..lora_4 and the loras box are joined); "
@@ -57,12 +64,13 @@ def lora_names(loras: str, linked: Iterable[str | None] = ()) -> list[str]:
     if len(names) < 2:
         raise ValueError("loras: a mixture needs at least two aspect LoRAs; connect Train Aspect LoRA's lora_name "
                          "outputs to lora_1..lora_4, or list the files in loras, one per line (e.g. "
-                         "versat2i/loop_aesthetics.safetensors)")
+                         "versat2i/loop_aesthetics.safetensors)" + (f" (got {names[0]!r} only)" if names else "")
+                         + "".join(f". Left out: {line}" for line in left_out))
     return names
 
 
 def resolve_paths(dataset: str, ckpt_name: str, loras: str, mol_name: str,
-                  linked: Iterable[str | None] = ()) -> dict[str, Any]:
+                  linked: Iterable[str | None] = (), left_out: Iterable[str] = ()) -> dict[str, Any]:
     """Training set, checkpoint, LoRA files (``lora_names``, relative to the loras folder) and the
     MoL file, which goes into the LoRAs' common folder (it names them relative to itself)."""
     output = Path(folder_paths.get_output_directory())
@@ -70,10 +78,11 @@ def resolve_paths(dataset: str, ckpt_name: str, loras: str, mol_name: str,
     if not dataset_dir.is_dir():
         raise ValueError(f"dataset {dataset!r}: no such folder in ComfyUI's output folder; connect Save Training "
                          "Set's dataset_path")
-    if ckpt_name not in folder_paths.get_filename_list("checkpoints"):
-        raise ValueError(f"ckpt_name {ckpt_name!r}: not in models/checkpoints; put the checkpoint there and refresh")
+    problem = checkpoint_problem(ckpt_name)
+    if problem:
+        raise ValueError(problem)
     paths = []
-    for name in lora_names(loras, linked):
+    for name in lora_names(loras, linked, left_out):
         path = folder_paths.get_full_path("loras", name)
         if path is None:
             raise ValueError(f"loras: {name!r} is not in models/loras; train it first (Train Aspect LoRA) or fix the "
@@ -127,17 +136,27 @@ def mol_combo_name(mol: Path) -> str:
     return mol.name
 
 
+def left_out_aspects(dataset_dir: Path) -> list[str]:
+    """Lines naming the training set's aspects that kept no image (not trained, so not mixed)."""
+    return [describe_empty(aspect, record) for aspect, record in sorted(empty_aspects(dataset_dir).items())]
+
+
 def train_gate(dataset: str, ckpt_name: str, loras: str, mol_name: str, settings: dict[str, Any],
                linked: Iterable[str | None] = ()):
-    paths = resolve_paths(dataset, ckpt_name, loras, mol_name, linked)
+    """Train (or reuse) the MoL file; returns (its name as the loader lists it, loss points, reused,
+    the aspects left out because they kept no image)."""
+    left_out = left_out_aspects(confined_path(folder_paths.get_output_directory(), dataset, what="dataset"))
+    paths = resolve_paths(dataset, ckpt_name, loras, mol_name, linked, left_out)
     config = build_config(paths, settings)
     hooks = TrainingHooks(config.max_train_steps)
     try:
         result = train_gate_or_reuse(config, runs_root=paths["output"] / RUNS_SUBFOLDER, **hooks.launch_kwargs())
     except TrainingFailed as exc:
         raise RuntimeError(f"Train Gate: {exc}") from None
+    except TargetExistsError as exc:
+        raise overwrite_refused(exc, "Train Gate", "MoL file", "mol_name") from None
     hooks.finish()
-    return mol_combo_name(result.mol_path), result.loss_curve, result.reused
+    return mol_combo_name(result.mol_path), result.loss_curve, result.reused, left_out
 
 
 class TrainGate(io.ComfyNode):
@@ -200,11 +219,12 @@ class TrainGate(io.ComfyNode):
                 io.Int.Input("checkpoint_every", default=100, **input_range("checkpointing_steps"), optional=True,
                              tooltip="Save a resumable checkpoint every N steps."),
                 io.Boolean.Input("overwrite", default=False, optional=True,
-                                 tooltip="Replace an existing MoL file of this name trained from other inputs."),
+                                 tooltip=overwrite_tooltip("MoL file", "training set, LoRAs, checkpoint and settings")),
                 *(io.String.Input(name, optional=True, force_input=True,
                                   tooltip=f"Aspect LoRA number {index} of the mixture: connect a Train Aspect "
                                           "LoRA's lora_name output. The gate mixes lora_1..lora_4 in this order, "
-                                          "then the loras box.")
+                                          "then the loras box; an empty name (an aspect that kept no image) is "
+                                          "left out.")
                   for index, name in enumerate(LORA_SOCKETS, start=1)),
             ],
             outputs=[
@@ -217,35 +237,10 @@ class TrainGate(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, ckpt_name: str | None = None, granularity: str | None = None,
-                        balance_loss: str | None = None, mixed_precision: str | None = None,
-                        dataset: str | None = None, mol_name: str | None = None,
-                        loras: str | None = None) -> bool | str:
-        # ComfyUI 0.3.64 does not check V3 combo values: do it here.
-        if ckpt_name is not None and ckpt_name not in folder_paths.get_filename_list("checkpoints"):
-            return f"ckpt_name {ckpt_name!r}: not in models/checkpoints"
-        for name, value, options in (("granularity", granularity, GRANULARITIES),
-                                     ("balance_loss", balance_loss, BALANCE_KINDS),
-                                     ("mixed_precision", mixed_precision, MIXED_PRECISIONS)):
-            if value is not None and value not in options:
-                return bad_combo_message(name, value, options)
-        if dataset is not None:
-            try:
-                confined_path(folder_paths.get_output_directory(), dataset, what="dataset", writes=False)
-            except ValueError as exc:
-                return str(exc)
-        if mol_name is not None:  # the folder is the LoRAs' (known later); the name rule needs none
-            problem = relative_name_problem(mol_file_name(mol_name), what="mol_name")
-            if problem:
-                return problem
-        if loras is not None:  # the typed LoRAs that exist (linked ones are checked when the node runs)
-            found = (folder_paths.get_full_path("loras", name) for name in listed_names(loras))
-            paths = [Path(path) for path in found if path]
-            try:
-                return shared_aspect_problem(paths) or True
-            except ValueError as exc:  # a damaged LoRA file
-                return str(exc)
-        return True
+    def validate_inputs(cls, ckpt_name: str | None = None) -> bool | str:
+        # One input, so a missing checkpoint is one error on ckpt_name (see Train Aspect LoRA); the
+        # other inputs are checked when the node runs, each error naming its input.
+        return checkpoint_problem(ckpt_name) or True
 
     @classmethod
     def fingerprint_inputs(cls, dataset: str, ckpt_name: str, loras: str, mol_name: str, **inputs) -> Any:
@@ -263,9 +258,12 @@ class TrainGate(io.ComfyNode):
     def execute(cls, dataset: str, ckpt_name: str, loras: str = "", mol_name: str = "aspects",
                 **inputs) -> io.NodeOutput:
         linked, settings = _split_linked(inputs)
-        name, curve, reused = train_gate(dataset, ckpt_name, loras, mol_name, _settings(settings), linked)
+        check_combos(settings, GATE_COMBOS)
+        name, curve, reused, left_out = train_gate(dataset, ckpt_name, loras, mol_name, _settings(settings), linked)
         title = f"{name} ({'reused, ' if reused else ''}{curve[-1][0] if curve else 0} steps)"
         summary = f"MoL file: {name}" + (" (already trained from these inputs)" if reused else "")
+        if left_out:
+            summary += "\nNot in the mixture: " + "; ".join(left_out)
         return io.NodeOutput(name, loss_curve_image(curve, title), ui={"text": (summary,)})
 
 

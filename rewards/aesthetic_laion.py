@@ -6,7 +6,7 @@ the score reads like a 1-10 rating (LAION-Aesthetics "6+" images score >= 6). Th
 dict ``sac+logos+ava1-l14-linearMSE.pth`` (keys ``layers.{0,2,4,6,7}.{weight,bias}``) loads as is.
 The CLIP embedding comes from the backbone shared with ``clip-score`` and ``clip-iqa``.
 
-Files: ``aesthetic/sac+logos+ava1-l14-linearMSE.pth`` + ``clip/ViT-L-14-openai.safetensors``
+Files: ``aesthetic/sac+logos+ava1-l14-linearMSE.pth`` + ``clip/open_clip_model.safetensors``
 (see ``weights.py``). Options: ``clip_architecture``, ``clip_weights``, ``aesthetic_weights``.
 """
 

@@ -26,10 +26,12 @@ from typing import Any
 import torch
 
 from ..aspects import ASPECTS  # noqa: F401  (re-exported: scorers name their aspect)
+from ..safe_io import readable_name
 
 ProgressCallback = Callable[[int, int], None]  # (images done, images total)
 
 
+@readable_name
 class ImageBatchError(ValueError):
     """Bad images or prompts handed to a scorer. The message names the input and the fix."""
 

@@ -8,7 +8,7 @@ well-matched image typically scores in the high 20s to 30s. Prompts longer than 
 are truncated. The image embedding is shared with ``laion-aesthetic-v2`` and ``clip-iqa``; the
 prompt's embedding is cached per prompt string.
 
-File: ``clip/ViT-L-14-openai.safetensors`` (see ``weights.py``). Options: ``clip_architecture``,
+File: ``clip/open_clip_model.safetensors`` (see ``weights.py``). Options: ``clip_architecture``,
 ``clip_weights``.
 """
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from ..aspects import ASPECTS
 from . import cache as scorer_cache
 from .base import Scorer
-from .weights import resolve_search_dirs
+from .weights import CLIP_VIT_L_14_OPENAI, LAION_AESTHETIC_MLP, WeightFile, resolve_search_dirs
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,9 @@ class ScorerEntry:
     # tuples so importing the registry imports no scorer module; tests check they match the modules'
     # own tables. An entry without variants refuses any.
     variants: Sequence[str] = ()
+    # The weight-file options (``WEIGHT_INPUTS``) this scorer reads, which Load Scorers sets from its
+    # weight-file inputs. Tests check the factory accepts each.
+    weight_inputs: Sequence[str] = ()
 
 
 SCORERS: dict[str, ScorerEntry] = {
@@ -68,11 +71,13 @@ SCORERS: dict[str, ScorerEntry] = {
         ".aesthetic_laion:make_scorer", "aesthetics",
         "LAION improved aesthetic predictor (MLP on CLIP ViT-L/14 image embeddings)",
         needs="weights: clip ViT-L/14 + sac+logos+ava1-l14-linearMSE.pth",
+        weight_inputs=("clip_weights", "aesthetic_weights"),
     ),
     "clip-score": ScorerEntry(
         ".clip_score:make_scorer", "alignment",
         "CLIP score: 100 * cosine(image, prompt) on CLIP ViT-L/14, floored at 0",
         needs="weights: clip ViT-L/14",
+        weight_inputs=("clip_weights",),
     ),
     "hps-v2.1": ScorerEntry(
         ".hps:make_scorer", "alignment", "Human Preference Score v2.1 (open_clip ViT-H-14)",
@@ -86,6 +91,7 @@ SCORERS: dict[str, ScorerEntry] = {
         ".clip_iqa:make_scorer", "lowlevel",
         "CLIP-IQA-style antonym prompts on the shared CLIP backbone (permissive licence)",
         needs="weights: clip ViT-L/14",
+        weight_inputs=("clip_weights",),
     ),
     "pyiqa": ScorerEntry(
         ".pyiqa_metric:make_scorer", "lowlevel",
@@ -106,6 +112,11 @@ SCORERS: dict[str, ScorerEntry] = {
         variants=("sharpness", "contrast", "colourfulness", "brightness", "exposure", "noise"),
     ),
 }
+
+# Weight files a front end lets the user choose (Load Scorers' file inputs): option -> the file's
+# spec (its default name, sub-folder and source). Every scorer on the CLIP ViT-L/14 backbone reads
+# ``clip_weights``, so they keep sharing one model.
+WEIGHT_INPUTS: dict[str, WeightFile] = {"clip_weights": CLIP_VIT_L_14_OPENAI, "aesthetic_weights": LAION_AESTHETIC_MLP}
 
 # The scorer used for an aspect when none is named. Low-level quality defaults to the permissively
 # licensed CLIP-IQA variant: pyiqa (MUSIQ / TOPIQ-NR) is opt-in because of its licence.

@@ -7,9 +7,10 @@ CLI), in one sub-folder per model family. The exact names the scorers expect:
 ==================================================== =============================================
 file (relative to a search dir)                      where to get it
 ==================================================== =============================================
-``clip/ViT-L-14-openai.safetensors``                 OpenAI CLIP ViT-L/14 in open_clip format:
-                                                     huggingface.co/timm/vit_large_patch14_clip_224.openai,
-                                                     file ``open_clip_model.safetensors``, renamed
+``clip/open_clip_model.safetensors``                 OpenAI CLIP ViT-L/14 in open_clip format, the file as
+                                                     published: huggingface.co/timm/vit_large_patch14_clip_224.openai
+                                                     (the name earlier versions asked for,
+                                                     ``clip/ViT-L-14-openai.safetensors``, is found too)
 ``aesthetic/sac+logos+ava1-l14-linearMSE.pth``       LAION improved aesthetic predictor:
                                                      github.com/christophschuhmann/improved-aesthetic-predictor
                                                      (mirror: huggingface.co/camenduru/improved-aesthetic-predictor)
@@ -24,10 +25,15 @@ file (relative to a search dir)                      where to get it
 ``.safetensors`` files are read with safetensors; ``.pt`` / ``.pth`` / ``.bin`` / ``.ckpt`` only with
 ``torch.load(weights_only=True)`` (the published LAION and HPS files are pickles), which refuses
 files that would run code when unpickled.
+
+Every file keeps its published name, so a file downloaded by hand (or by ComfyUI's missing-models
+dialog) goes into its sub-folder as it is. ``HUB_FILES`` says where each single file is published
+on the Hugging Face Hub: ``download.py`` fetches missing ones from there when asked to.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -39,7 +45,10 @@ from pathlib import Path
 
 import torch
 
-from ..safe_io import sha256_file  # noqa: F401 - re-exported for the scorers
+from ..safe_io import (
+    readable_name,
+    sha256_file,  # noqa: F401 - re-exported for the scorers
+)
 
 logger = logging.getLogger(__name__)
 
@@ -55,17 +64,36 @@ class WeightFile:
     is_folder: bool = False
     # For folders: files that must be inside for the folder to count as present.
     required_files: tuple[str, ...] = ()
+    # Other names the same file is found under (names earlier versions asked for), tried in order
+    # after ``relative_path``.
+    alternative_paths: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class HubFile:
+    """Where a weight file is published on the Hugging Face Hub (its name there is the file's name)."""
+
+    repo_id: str
+    filename: str
+    revision: str = "main"
+
+    @property
+    def url(self) -> str:
+        """The download URL (what ComfyUI's templates declare for their models)."""
+        from urllib.parse import quote
+
+        return f"https://huggingface.co/{self.repo_id}/resolve/{self.revision}/{quote(self.filename)}"
 
 
 CLIP_VIT_L_14_OPENAI = WeightFile(
-    "clip/ViT-L-14-openai.safetensors",
-    "https://huggingface.co/timm/vit_large_patch14_clip_224.openai (download `open_clip_model.safetensors` "
-    "and rename it to ViT-L-14-openai.safetensors)",
+    "clip/open_clip_model.safetensors",
+    "https://huggingface.co/timm/vit_large_patch14_clip_224.openai (file open_clip_model.safetensors)",
+    alternative_paths=("clip/ViT-L-14-openai.safetensors",),
 )
 LAION_AESTHETIC_MLP = WeightFile(
     "aesthetic/sac+logos+ava1-l14-linearMSE.pth",
-    "https://github.com/christophschuhmann/improved-aesthetic-predictor (file sac+logos+ava1-l14-linearMSE.pth; "
-    "mirrored at https://huggingface.co/camenduru/improved-aesthetic-predictor)",
+    "https://huggingface.co/camenduru/improved-aesthetic-predictor (file sac+logos+ava1-l14-linearMSE.pth; "
+    "published at https://github.com/christophschuhmann/improved-aesthetic-predictor)",
 )
 HPS_V2_1 = WeightFile(
     "hps/HPS_v2.1_compressed.pt",
@@ -86,6 +114,18 @@ PICKSCORE_PROCESSOR = WeightFile(
 )
 
 
+# Single weight files and where they are published (relative path -> Hub file): what
+# ``download.download_weight_file`` may fetch, and what the shipped workflows declare.
+HUB_FILES: dict[str, HubFile] = {
+    CLIP_VIT_L_14_OPENAI.relative_path: HubFile("timm/vit_large_patch14_clip_224.openai",
+                                                "open_clip_model.safetensors"),
+    LAION_AESTHETIC_MLP.relative_path: HubFile("camenduru/improved-aesthetic-predictor",
+                                               "sac+logos+ava1-l14-linearMSE.pth"),
+    HPS_V2_1.relative_path: HubFile("xswu/HPSv2", "HPS_v2.1_compressed.pt"),
+}
+
+
+@readable_name
 class MissingWeightsError(FileNotFoundError):
     """A weight file (or folder) is not in any search dir. The message names the exact file, the
     sub-folder it belongs in, every folder searched and where to download it."""
@@ -128,6 +168,7 @@ class MissingWeightsError(FileNotFoundError):
         return self.args[0]
 
 
+@readable_name
 class WeightsFormatError(ValueError):
     """A weight file exists but cannot be read as the expected format (truncated, corrupt, pickled
     code, wrong architecture). The message names the file and the fix."""
@@ -159,7 +200,13 @@ def find_weights(spec: WeightFile, search_dirs: Sequence[str | Path], *, overrid
     if spec.is_folder:
         return find_weight_folder(relative, search_dirs, source_hint=spec.source_hint,
                                   required_files=spec.required_files)
-    return find_weight_file(relative, search_dirs, source_hint=spec.source_hint)
+    try:
+        return find_weight_file(relative, search_dirs, source_hint=spec.source_hint)
+    except MissingWeightsError:
+        for alternative in () if override else spec.alternative_paths:  # the published name first
+            with contextlib.suppress(MissingWeightsError):
+                return find_weight_file(alternative, search_dirs)
+        raise
 
 
 def find_weight_file(relative_path: str, search_dirs: Sequence[str | Path], *, source_hint: str = "") -> Path:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import uuid
 from collections.abc import Mapping
@@ -29,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from versat2i.aspects import ASPECTS
+from versat2i.rewards.registry import WEIGHT_INPUTS
+from versat2i.rewards.weights import HUB_FILES
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = REPO / "workflows"
@@ -48,10 +51,21 @@ GROUP_COLORS = {"model": "#3f789e", "score": "#a1309b", "filter": "#b06634", "tr
                 "try": "#88A"}
 NOTE_COLOR, NOTE_BGCOLOR = "#432", "#653"
 DEFAULT_CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"  # ComfyUI's default workflow names this one
+# As ComfyUI's own default template declares it.
+CHECKPOINT_MODEL = {"name": DEFAULT_CHECKPOINT, "directory": "checkpoints",
+                    "url": "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/"
+                           "v1-5-pruned-emaonly-fp16.safetensors?download=true"}
+# The scorer weight files Load Scorers' file inputs name (their published names, under models/versat2i).
+SCORER_WEIGHTS = {option: spec.relative_path for option, spec in WEIGHT_INPUTS.items()}
+SCORER_MODELS = [{"name": name, "directory": "versat2i", "url": HUB_FILES[name].url}
+                 for name in SCORER_WEIGHTS.values()]
 
 
 def load_definitions(path: Path = SNAPSHOT) -> dict[str, Any]:
-    return json.loads(path.read_text())["nodes"]
+    """The oldest supported ComfyUI's node definitions (its frontend's workflow format works in the
+    newer ones; tests/unit/test_workflows_schema.py validates the result against every version)."""
+    versions = json.loads(path.read_text())["versions"]
+    return versions[min(versions, key=lambda v: tuple(int(p) for p in re.findall(r"\d+", v)))]["nodes"]
 
 
 def widget_specs(spec: Mapping[str, Any]) -> list[tuple[str, str, dict[str, Any], bool]]:
@@ -202,6 +216,13 @@ class Workflow:
         self.nodes.append(node)
         return node
 
+    def declare_models(self, node: Node, models: list[dict[str, str]]) -> None:
+        """Declare the model files ``node`` needs as ComfyUI's own templates do (``properties.models``:
+        name, url, directory). The frontend lists the missing ones in its missing-models dialog when
+        the workflow is opened (frontend 1.27: a declared name that is one of the node's widget values;
+        1.49: a combo widget whose value is a missing file gets the declared URL and folder)."""
+        node.properties["models"] = [dict(model) for model in models]
+
     def primitive(self, pos: tuple[float, float], value: Any, *, title: str, width: float = 360) -> Node:
         """A frontend Primitive node: one value shared by several widget inputs (linked later)."""
         node = Node(id=len(self.nodes) + 1, type="PrimitiveNode", pos=[float(pos[0]), float(pos[1])],
@@ -308,6 +329,8 @@ def candidates_stage(wf: Workflow, *, x: float, y: float, prompts: str, k: int, 
     checkpoint_value = wf.primitive((x, y), DEFAULT_CHECKPOINT, title=checkpoint_title, width=400)
     loader = wf.add("CheckpointLoaderSimple", (x, y + 150), width=400, values={"ckpt_name": DEFAULT_CHECKPOINT})
     wf.link(checkpoint_value, "", loader, "ckpt_name")
+    for node in (checkpoint_value, loader):
+        wf.declare_models(node, [CHECKPOINT_MODEL])
     generate = wf.add("VersaT2I_GenerateCandidates", (x + 440, y), width=420, heights={"prompts": 170},
                       values={"prompts": prompts, "k": k, "seed": 0, "steps": 25, "cfg": 7.0, "sampler_name": "euler",
                               "scheduler": "normal", "width": 512, "height": 512, "batch_size": 4,
@@ -319,7 +342,9 @@ def candidates_stage(wf: Workflow, *, x: float, y: float, prompts: str, k: int, 
 
 def score_filter_save(wf: Workflow, generate: Node, *, x: float, y: float, scorers: Mapping[str, str],
                       dataset: str, threshold_kind: str, threshold: float):
-    load = wf.add("VersaT2I_LoadScorers", (x, y), width=360, values={**scorers, "device": "auto"})
+    load = wf.add("VersaT2I_LoadScorers", (x, y), width=360,
+                  values={**scorers, "device": "auto", **SCORER_WEIGHTS, "download_missing": False})
+    wf.declare_models(load, SCORER_MODELS)
     score = wf.add("VersaT2I_ScoreImages", (x, load.bottom() + 70), width=360, multiline_height=60,
                    values={"prompts": "", "seeds": "", "offload_after_scoring": True})
     wf.link(generate, "images", score, "images")
@@ -336,12 +361,16 @@ def score_filter_save(wf: Workflow, generate: Node, *, x: float, y: float, score
     wf.link(generate, "images", save, "images")
     kept = wf.add("PreviewImage", (x + 820, y), width=300, min_height=300, title="Kept images (best per prompt)")
     wf.link(filt, "kept", kept, "images")
-    return load, score, filt, save, kept
+    # One switch for every node that writes a result (Save Training Set, Train Aspect LoRA, Train Gate).
+    overwrite = wf.primitive((x + 820, kept.bottom() + 70), False, title="Overwrite earlier results", width=300)
+    overwrite.color, overwrite.bgcolor = "#322", "#533"
+    wf.link(overwrite, "", save, "overwrite")
+    return load, score, filt, save, kept, overwrite
 
 
 def self_improvement_loop(definitions) -> Workflow:
     wf = Workflow("versat2i_self_improvement_loop", definitions)
-    intro = wf.note((0, -40), (400, 520), """
+    intro = wf.note((0, -40), (400, 560), """
 # VersaT2I self-improvement loop
 
 Makes **your checkpoint** better at four things at once, with no human labels:
@@ -354,22 +383,27 @@ Makes **your checkpoint** better at four things at once, with no human labels:
 
 Pick your checkpoint once in the purple **Checkpoint** box: it feeds every stage.
 
-Reward weights go in `models/versat2i/` (see the README); nothing is downloaded.
+Reward weights go in `models/versat2i/`: ComfyUI lists missing ones when this workflow opens (or turn
+on `download_missing` in **Load Scorers**). An aspect that keeps no image is skipped; the gate mixes the rest.
+
+Queueing again reuses every finished stage. To replace results made from other inputs, turn on the red
+**Overwrite earlier results** switch.
+
 Results: `output/versat2i/loop/` (training set), `models/loras/versat2i/loop_*.safetensors` and
 `loop.mol.safetensors`. Open the **Gated inference** workflow to use them.
 """)
     checkpoint, loader, generate = candidates_stage(wf, x=0, y=560, prompts=LOOP_PROMPTS, k=4,
                                                     checkpoint_title="Checkpoint (used by every stage)")
     checkpoint.color, checkpoint.bgcolor = "#323", "#535"
-    load, score, filt, save, kept = score_filter_save(
+    load, score, filt, save, kept, overwrite = score_filter_save(
         wf, generate, x=940, y=40, dataset="versat2i/loop", threshold_kind="percentile", threshold=50.0,
         scorers={"aesthetics": "laion-aesthetic-v2", "alignment": "clip-score", "geometry": "mediapipe-anatomy",
                  "lowlevel": "clip-iqa"})
     wf.group("1. Candidates: prompts x seeds", [intro, checkpoint, loader, generate], GROUP_COLORS["model"])
     wf.group("2. Score each aspect", [load, score], GROUP_COLORS["score"])
-    wf.group("3. Keep the best per prompt", [filt, save, kept], GROUP_COLORS["filter"])
+    wf.group("3. Keep the best per prompt", [filt, save, kept, overwrite], GROUP_COLORS["filter"])
 
-    top = max(generate.bottom(), score.bottom(), save.bottom(), kept.bottom()) + 140
+    top = max(generate.bottom(), score.bottom(), save.bottom(), overwrite.bottom()) + 140
     train_nodes, previews = [], []
     for index, aspect in enumerate(ASPECTS):
         node = wf.add("VersaT2I_TrainAspectLoRA", (index * 400, top), width=370, title=f"Train LoRA: {aspect}",
@@ -377,6 +411,7 @@ Results: `output/versat2i/loop/` (training set), `models/loras/versat2i/loop_*.s
                               "lora_name": "", **TRAINING})
         wf.link(save, "dataset_path", node, "dataset")
         wf.link(checkpoint, "", node, "ckpt_name")
+        wf.link(overwrite, "", node, "overwrite")
         preview = wf.add("PreviewImage", (index * 400, node.bottom() + 60), width=370, min_height=260,
                          title=f"Loss: {aspect}")
         wf.link(node, "loss_curve", preview, "images")
@@ -391,6 +426,7 @@ Results: `output/versat2i/loop/` (training set), `models/loras/versat2i/loop_*.s
                           "learning_rate": 1e-2, "batch_size": 1, "resolution": 512, "seed": 0})
     wf.link(save, "dataset_path", gate, "dataset")
     wf.link(checkpoint, "", gate, "ckpt_name")
+    wf.link(overwrite, "", gate, "overwrite")
     for index, node in enumerate(train_nodes, start=1):  # the gate's experts, in aspect order
         wf.link(node, "lora_name", gate, f"lora_{index}")
     gate_loss = wf.add("PreviewImage", (x, gate.bottom() + 60), width=380, min_height=260, title="Loss: gate")
@@ -424,6 +460,7 @@ Applies the four aspect LoRAs of a loop run **at once**, mixed layer by layer by
 `disabled_aspects` switches aspects off (e.g. `geometry`); the gate renormalises over the rest.
 """)
     loader = wf.add("CheckpointLoaderSimple", (0, 500), width=380, values={"ckpt_name": DEFAULT_CHECKPOINT})
+    wf.declare_models(loader, [CHECKPOINT_MODEL])
     mixture = wf.add("VersaT2I_GatedMultiLoRALoader", (420, 40), width=400, multiline_height=60,
                      values={"mol_file": "versat2i/loop.mol.safetensors", "mode": "bake", "strength": 1.0,
                              "disabled_aspects": "", "loras": "", "prompt": ""})
@@ -467,24 +504,27 @@ Change the aspect in **Load Scorers** (enable exactly one) and **Train LoRA** (`
 
 When the LoRA is trained, **unmute group 4** (select its nodes, Ctrl+M) and queue again: the stock
 *Load LoRA* node applies it (`versat2i/quick_aesthetics.safetensors`). Finished stages are not
-run again.
+run again; to replace results made from other inputs, turn on **Overwrite earlier results**.
+
+Missing weight files are listed when the workflow opens (or turn on `download_missing` in **Load Scorers**).
 """)
     checkpoint, loader, generate = candidates_stage(wf, x=0, y=500, prompts=QUICK_PROMPTS, k=4,
                                                     checkpoint_title="Checkpoint")
     checkpoint.color, checkpoint.bgcolor = "#323", "#535"
-    load, score, filt, save, kept = score_filter_save(
+    load, score, filt, save, kept, overwrite = score_filter_save(
         wf, generate, x=940, y=40, dataset="versat2i/quick", threshold_kind="none", threshold=50.0,
         scorers={"aesthetics": "laion-aesthetic-v2", "alignment": "disabled", "geometry": "disabled",
                  "lowlevel": "disabled"})
     wf.group("1. Candidates: 4 prompts x 4 seeds", [intro, checkpoint, loader, generate], GROUP_COLORS["model"])
-    wf.group("2. Score, keep the best, save", [load, score, filt, save, kept], GROUP_COLORS["filter"])
+    wf.group("2. Score, keep the best, save", [load, score, filt, save, kept, overwrite], GROUP_COLORS["filter"])
 
-    top = max(generate.bottom(), score.bottom(), save.bottom(), kept.bottom()) + 140
+    top = max(generate.bottom(), score.bottom(), save.bottom(), overwrite.bottom()) + 140
     train = wf.add("VersaT2I_TrainAspectLoRA", (0, top), width=400, title="Train LoRA: aesthetics",
                    values={"dataset": "versat2i/quick", "aspect": "aesthetics", "ckpt_name": DEFAULT_CHECKPOINT,
                            "lora_name": "", **TRAINING, "steps": 300})
     wf.link(save, "dataset_path", train, "dataset")
     wf.link(checkpoint, "", train, "ckpt_name")
+    wf.link(overwrite, "", train, "overwrite")
     loss = wf.add("PreviewImage", (440, top), width=380, min_height=300, title="Loss: aesthetics")
     wf.link(train, "loss_curve", loss, "images")
     wf.group("3. Train the LoRA", [train, loss], GROUP_COLORS["train"])

@@ -37,6 +37,7 @@ from typing import Any
 import psutil  # a dependency of accelerate (and of ComfyUI)
 
 from ..offline import offline_environment
+from ..safe_io import readable_name
 from .events import parse_event_line
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ TERM_GRACE_S = 2.0
 TAIL_LINES = 40
 
 
+@readable_name
 class TrainingFailed(RuntimeError):
     """The child exited with an error; ``str()`` carries its last output lines."""
 
@@ -56,6 +58,7 @@ class TrainingFailed(RuntimeError):
         self.returncode, self.tail, self.error_event = returncode, tail, error_event
 
 
+@readable_name
 class TrainingCancelled(RuntimeError):
     """Raised by ``run_training`` when ``check_cancel`` returned True."""
 

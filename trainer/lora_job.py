@@ -9,6 +9,8 @@ trainer's ``train_gate_or_reuse`` goes through the same steps, with the helpers 
 * Each fingerprint gets its own work folder ``<runs_root>/<name>-<fingerprint[:12]>``, so a cancelled
   run resumes from its last checkpoint when queued again, and a changed setting never resumes
   from another run's checkpoints.
+* A LoRA of the same name from other inputs is refused (``TargetExistsError``) unless
+  ``overwrite``: then it is retrained and replaced.
 * Everything that can be checked in-process is checked before the child starts (settings, output
   name, dataset); a failed run that produced no checkpoint leaves no work folder behind.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -25,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..models.loading import detect_checkpoint_architecture
-from ..safe_io import confined_path
+from ..safe_io import TargetExistsError, confined_path
 from ..training_set.folders import scan_training_set
 from .config import LoraTrainConfig
 from .launcher import TRAIN_LORA_PROGRAM, LaunchOptions, TrainingFailed, run_training
@@ -116,6 +119,17 @@ def reuse_finished(output: Path, fingerprint: str, read_finished) -> tuple[Path,
     return output, curve
 
 
+def refuse_other_result(config, what: str) -> None:
+    """``TargetExistsError`` when ``config``'s output exists (and was not reused: other inputs made
+    it) and ``overwrite`` is off. Raised before anything starts; front ends word the fix."""
+    output = Path(config.output_path)
+    if not config.overwrite and os.path.lexists(output):
+        raise TargetExistsError(
+            f"{what} {str(output)!r} already exists and was trained from other inputs (another training set, "
+            "base model or settings)", path=output,
+            fix="choose another output_name, or set overwrite = true to retrain and replace it")
+
+
 def with_run_folder(config, runs_root: str | Path, run_name: str, fingerprint: str, *, what: str):
     """``config`` with its work folder ``<runs_root>/<run_name>-<fingerprint[:12]>``: one per set of
     inputs, so a cancelled run resumes when queued again and a changed setting never resumes another
@@ -173,6 +187,7 @@ def prepare_lora_job(config: LoraTrainConfig, runs_root: str | Path | None = Non
     finished = reuse_finished(config.output_path, fingerprint, read_finished_lora)
     if finished is not None:
         return config, fingerprint, LoraJobResult(*finished, reused=True)
+    refuse_other_result(config, "LoRA")
     if runs_root is not None:
         name = config.output_name.removesuffix(".safetensors")
         config = with_run_folder(config, runs_root, name, fingerprint, what="LoRA name")
@@ -198,4 +213,4 @@ def train_or_reuse(config: LoraTrainConfig, *, runs_root: str | Path | None = No
 
 
 __all__ = ["LoraJobResult", "TrainingFailed", "launch_in_work_dir", "prepare_lora_job", "read_finished_lora",
-           "reuse_finished", "train_or_reuse", "with_run_folder"]
+           "refuse_other_result", "reuse_finished", "train_or_reuse", "with_run_folder"]

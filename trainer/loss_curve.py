@@ -17,8 +17,9 @@ def smoothed(values: Sequence[float], weight: float = 0.9) -> list[float]:
 
 
 def render_loss_curve(points: Sequence[tuple[float, float]], *, title: str = "training loss",
-                      width: int = 640, height: int = 360) -> np.ndarray:
-    """[height, width, 3] uint8 plot of (step, loss) points: raw loss and its smoothed curve.
+                      width: int = 640, height: int = 360, message: str = "no loss values") -> np.ndarray:
+    """[height, width, 3] uint8 plot of (step, loss) points: raw loss and its smoothed curve
+    (``message`` in the middle when there is none, e.g. why nothing was trained).
 
     Uses matplotlib's object API with the Agg canvas (no pyplot global state), so it is safe to
     call from ComfyUI's worker thread.
@@ -38,7 +39,7 @@ def render_loss_curve(points: Sequence[tuple[float, float]], *, title: str = "tr
             axes.plot(steps, smoothed(losses), color="#c33", linewidth=1.6, label="smoothed")
         axes.legend(loc="upper right")
     else:
-        axes.text(0.5, 0.5, "no loss values", ha="center", va="center", transform=axes.transAxes)
+        axes.text(0.5, 0.5, message, ha="center", va="center", wrap=True, transform=axes.transAxes)
     axes.set_xlabel("step")
     axes.set_ylabel("loss")
     axes.set_title(title)

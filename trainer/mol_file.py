@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..models.lora_files import LORA_FIX, open_safetensors, read_safetensors
-from ..safe_io import atomic_file, confined_path, sha256_file
+from ..safe_io import atomic_file, confined_path, readable_name, sha256_file
 from .gate import MixtureGate
 
 logger = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ MOL_VERSION = 1
 MOL_SUFFIX = ".mol.safetensors"
 
 
+@readable_name
 class LoRAHashMismatchError(ValueError):
     """A LoRA named in a MoL file differs from the one the gate was trained with."""
 

@@ -35,7 +35,7 @@ from ..training_set.folders import scan_training_set
 from .config import ImageTrainingConfig
 from .events import EventWriter
 from .gate import BALANCE_KINDS, GRANULARITIES, GateUsage
-from .lora_job import check_base_model, launch_in_work_dir, reuse_finished, with_run_folder
+from .lora_job import check_base_model, launch_in_work_dir, refuse_other_result, reuse_finished, with_run_folder
 from .mix_diffusers import DiffusersMixture, gate_for_layers, mixture_layers
 from .mol_file import MOL_SUFFIX, expert_record, read_mol, save_mol
 from .objective import compute_loss, denoiser_conditioning, noised_latents
@@ -385,6 +385,7 @@ def train_gate_or_reuse(config: GateTrainConfig, *, runs_root: str | Path | None
     finished = reuse_finished(config.output_path, fingerprint, read_finished_mol)
     if finished is not None:
         return GateJobResult(*finished, reused=True)
+    refuse_other_result(config, "MoL file")
     if runs_root is not None:
         name = config.output_path.name.removesuffix(MOL_SUFFIX)
         config = with_run_folder(config, runs_root, name, fingerprint, what="mol_name")

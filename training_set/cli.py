@@ -117,5 +117,6 @@ def run_build_dataset(args: argparse.Namespace) -> int:
     finally:
         close()
     print(selection.summary())
-    print(f"training set: {written.path} ({len(written.entries)} images)")
+    state = ", unchanged: it holds this content already" if written.reused else ""
+    print(f"training set: {written.path} ({len(written.entries)} images{state})")
     return 0

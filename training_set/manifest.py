@@ -78,6 +78,7 @@ class TrainingSet:
     path: Path
     summary: dict[str, Any]
     entries: list[ManifestEntry]
+    reused: bool = False  # written earlier with the same content; nothing was written this time
 
     def aspect_entries(self, aspect: str) -> list[ManifestEntry]:
         return [e for e in self.entries if e.aspect == aspect]
@@ -146,3 +147,25 @@ def read_training_set(path: str | Path) -> TrainingSet:
             f"this version reads {FORMAT_NAME!r} version {FORMAT_VERSION}"
         )
     return TrainingSet(path=dataset_dir, summary=summary, entries=read_manifest(dataset_dir))
+
+
+def empty_aspects(path: str | Path) -> dict[str, dict[str, Any]]:
+    """The aspects a written training set records with no kept image (its threshold kept nothing,
+    or its scorer found nothing to judge: geometry without a person), as ``{aspect: its dataset.json
+    record}``. They have no folder; trainers skip them and a gate mixes the other aspects. ``{}`` for
+    a folder without a readable dataset.json (a kohya set made by hand lists only its folders)."""
+    try:
+        summary = json.loads((Path(path) / SUMMARY_NAME).read_text(encoding="utf-8"))
+        aspects = summary["aspects"]
+        return {aspect: dict(info) for aspect, info in aspects.items() if int(info["kept"]) == 0}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def describe_empty(aspect: str, record: dict[str, Any]) -> str:
+    """Why ``aspect`` has no image, in a line: its threshold and how many candidates it discarded."""
+    threshold = record.get("threshold") or {}
+    kind, resolved = threshold.get("kind", "?"), threshold.get("resolved")
+    limit = "" if resolved is None else f" {resolved:.4g}"
+    return (f"aspect {aspect!r} kept no image (threshold {kind}{limit}; {record.get('discarded', '?')} candidates "
+            "discarded or not judged by its scorer)")

@@ -12,14 +12,22 @@ Captions: kohya reads only a caption file's first line, so line breaks (and any 
 NUL included) in a prompt become spaces in the caption; the manifest keeps the prompt as is.
 
 The whole folder is written under a temporary name and renamed when complete (``safe_io``): a
-failure part-way leaves nothing under ``<name>`` and no temporary folder. An existing ``<name>``
-is only replaced with ``overwrite=True``.
+failure part-way leaves nothing under ``<name>`` and no temporary folder.
+
+Writing again: the set's *content fingerprint* (``content_fingerprint``: every manifest entry, so
+each kept image's pixel hash, caption, prompt, seed, scores and scorers, plus each aspect's
+threshold and repeats) decides. An existing ``<name>`` with the same fingerprint is returned as it
+is (``TrainingSet.reused``; nothing is written, so what reads it, e.g. a LoRA trained on it, stays
+valid); one with another fingerprint (or a folder that is no training set) is only replaced with
+``overwrite=True``, else ``TargetExistsError``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -34,8 +42,9 @@ from ..image_files import load_image_file, save_png, to_uint8
 from ..rewards.base import ProgressCallback, check_images
 from ..rewards.score_table import ScoreTable, pixels_sha256
 from ..rewards.selection import Selection
-from ..safe_io import atomic_dir, confined_path, folder_problem
+from ..safe_io import TargetExistsError, atomic_dir, confined_path, folder_problem
 from .layout import (
+    CAPTION_SUFFIX,
     DEFAULT_REPEATS,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -44,8 +53,9 @@ from .layout import (
     SUMMARY_NAME,
     caption_for,
     entry_id,
+    repeats_folder,
 )
-from .manifest import ManifestEntry, TrainingSet
+from .manifest import ManifestEntry, TrainingSet, read_training_set
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +126,61 @@ class TrainingSetPlan:
                 "score them again"
             )
         return pixels
+
+    def aspect_records(self) -> dict[str, dict[str, Any]]:
+        """dataset.json's per-aspect summary."""
+        table, selection = self.table, self.selection
+        return {aspect: {"folder": repeats_folder(self.repeats_of[aspect], aspect),
+                         "repeats": self.repeats_of[aspect],
+                         "kept": len(selection.aspects[aspect].kept),
+                         "discarded": len(selection.aspects[aspect].discarded),
+                         "scorer": dict(table.scorers[aspect]),
+                         "threshold": selection.aspects[aspect].threshold_record()}
+                for aspect in self.aspects}
+
+    def entry(self, aspect: str, row: int, pixels: np.ndarray) -> ManifestEntry:
+        """The manifest entry of ``row`` kept for ``aspect`` (``pixels``: its checked 8-bit RGB)."""
+        table, chosen = self.table, self.selection.aspects[aspect]
+        folder = repeats_folder(self.repeats_of[aspect], aspect)
+        image_id = entry_id(table.prompt_indices[row], table.candidate_indices[row])
+        latents_file = None
+        if self.latents is not None and self.latents[row] is not None:
+            latents_file = f"{folder}/{image_id}{LATENTS_SUFFIX}"
+        return ManifestEntry(
+            id=image_id, aspect=aspect, file=f"{folder}/{image_id}.png", caption=caption_for(table.prompts[row]),
+            prompt=table.prompts[row], seed=table.seeds[row], prompt_index=table.prompt_indices[row],
+            candidate_index=table.candidate_indices[row], score=table.scores[aspect][row],
+            scorer=dict(table.scorers[aspect]), scores={a: table.scores[a][row] for a in table.aspects},
+            scorers={a: dict(table.scorers[a]) for a in table.aspects}, threshold=chosen.threshold_record(),
+            width=int(pixels.shape[1]), height=int(pixels.shape[0]), latents=latents_file, source=table.image_ids[row],
+            judged={a: table.judged[a][row] for a in table.aspects}, pixels_sha256=pixels_sha256(pixels))
+
+    def fingerprint(self) -> str:
+        """``content_fingerprint`` of the set this plan writes (each kept image is read and checked)."""
+        entries = [self.entry(aspect, row, self.pixels_of(row)).to_dict()
+                   for aspect in self.aspects for row in self.selection.aspects[aspect].kept]
+        return content_fingerprint(self.aspect_records(), entries)
+
+
+def content_fingerprint(aspects: Mapping[str, Mapping[str, Any]], entries: Sequence[Mapping[str, Any]]) -> str:
+    """sha256 of what a training set holds: each aspect's repeats and threshold (``dataset.json``)
+    and every manifest entry (pixel hash, caption, prompt, seed, scores, scorers, threshold...).
+    Not in it: when the set was written, and files that are no part of the manifest."""
+    content = {"aspects": {aspect: {"repeats": info["repeats"], "threshold": info["threshold"]}
+                           for aspect, info in sorted(aspects.items())},
+               "entries": sorted((dict(e) for e in entries), key=lambda e: (e["aspect"], e["id"]))}
+    text = json.dumps(content, sort_keys=True, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def existing_fingerprint(folder: Path) -> str | None:
+    """``content_fingerprint`` of a written training set, from its dataset.json and manifest; None when
+    ``folder`` is not a readable training set."""
+    try:
+        written = read_training_set(folder)
+        return content_fingerprint(written.summary["aspects"], [e.to_dict() for e in written.entries])
+    except (OSError, ValueError, KeyError, TypeError):  # not ours, damaged, or from an older format
+        return None
 
 
 def check_training_set(root: str | Path, name: str, table: ScoreTable, selection: Selection, images: ImageSource, *,
@@ -210,7 +275,8 @@ def write_training_set(
     path per table row). ``name`` may contain sub-folders and is confined to ``root``.
 
     Everything is validated before anything is written; ``ValueError`` names the bad input and the
-    fix, ``TargetExistsError`` (a ValueError) says the name is taken and ``overwrite`` is off.
+    fix. An existing set with the same content is returned as it is (``reused``, nothing written);
+    ``TargetExistsError`` (a ValueError) says the name holds other content and ``overwrite`` is off.
     ``latents``: optional generation-time latents, one [C,h,w] per table row (or None), saved as
     ``<id>.latents.safetensors`` with ``latents_metadata`` (e.g. ``{"vae_sha256": ...}``).
     """
@@ -222,45 +288,42 @@ def write_training_set(
 def write_checked(plan: TrainingSetPlan, *, overwrite: bool = False, latents_metadata: Mapping[str, str] | None = None,
                   extra_summary: Mapping[str, Any] | None = None,
                   progress: ProgressCallback | None = None) -> TrainingSet:
-    """Write a checked plan under a temporary name, then rename it to its final name."""
+    """Write a checked plan under a temporary name, then rename it to its final name; an existing
+    set with the same content fingerprint is returned instead (``reused``)."""
     final, name, table, selection = plan.final, plan.name, plan.table, plan.selection
     aspects, repeats_of, latents_list, kept_total = plan.aspects, plan.repeats_of, plan.latents, plan.kept_total
     from safetensors.torch import save_file
 
+    fingerprint = plan.fingerprint()
+    if os.path.lexists(final):
+        if final.is_dir() and existing_fingerprint(final) == fingerprint:
+            logger.info("training set %s: %s holds this content already; nothing written", name, final)
+            existing = read_training_set(final)
+            return TrainingSet(path=existing.path, summary=existing.summary, entries=existing.entries, reused=True)
+        if not overwrite:
+            raise TargetExistsError(f"training set {str(final)!r} already exists and holds other content (other "
+                                    "images, captions, scores, thresholds or repeats)", path=final)
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     entries: list[ManifestEntry] = []
     done = 0
     with atomic_dir(final, overwrite=overwrite, what="training set") as temp:
         for aspect in aspects:
             chosen = selection.aspects[aspect]
-            folder = f"{repeats_of[aspect]}_{aspect}"
+            folder = repeats_folder(repeats_of[aspect], aspect)
             if not chosen.kept:
                 logger.warning("training set %s: no image kept for aspect %r (threshold %s)",
                                name, aspect, chosen.threshold)
                 continue
             (temp / folder).mkdir()
             for row in chosen.kept:
-                image_id = entry_id(table.prompt_indices[row], table.candidate_indices[row])
                 pixels = plan.pixels_of(row)
-                save_png(pixels, temp / folder / f"{image_id}.png")
-                caption = caption_for(table.prompts[row])
-                (temp / folder / f"{image_id}.txt").write_text(caption, encoding="utf-8")
-                latents_file = None
-                if latents_list is not None and latents_list[row] is not None:
-                    latents_file = f"{folder}/{image_id}{LATENTS_SUFFIX}"
-                    save_file({"latents": latents_list[row].detach().cpu().contiguous()}, str(temp / latents_file),
+                entry = plan.entry(aspect, row, pixels)
+                save_png(pixels, temp / entry.file)
+                (temp / entry.file).with_suffix(CAPTION_SUFFIX).write_text(entry.caption, encoding="utf-8")
+                if entry.latents is not None:
+                    save_file({"latents": latents_list[row].detach().cpu().contiguous()}, str(temp / entry.latents),
                               metadata=dict(latents_metadata or {}))
-                entries.append(ManifestEntry(
-                    id=image_id, aspect=aspect, file=f"{folder}/{image_id}.png", caption=caption,
-                    prompt=table.prompts[row], seed=table.seeds[row], prompt_index=table.prompt_indices[row],
-                    candidate_index=table.candidate_indices[row], score=table.scores[aspect][row],
-                    scorer=dict(table.scorers[aspect]),
-                    scores={a: table.scores[a][row] for a in table.aspects},
-                    scorers={a: dict(table.scorers[a]) for a in table.aspects},
-                    threshold=chosen.threshold_record(), width=int(pixels.shape[1]), height=int(pixels.shape[0]),
-                    latents=latents_file, source=table.image_ids[row],
-                    judged={a: table.judged[a][row] for a in table.aspects}, pixels_sha256=pixels_sha256(pixels),
-                ))
+                entries.append(entry)
                 done += 1
                 if progress is not None:
                     progress(done, kept_total)
@@ -277,17 +340,8 @@ def write_checked(plan: TrainingSetPlan, *, overwrite: bool = False, latents_met
             "prompts": len(set(table.prompt_indices)),
             "images_kept": len(entries),
             "latents": latents_list is not None,
-            "aspects": {
-                aspect: {
-                    "folder": f"{repeats_of[aspect]}_{aspect}",
-                    "repeats": repeats_of[aspect],
-                    "kept": len(selection.aspects[aspect].kept),
-                    "discarded": len(selection.aspects[aspect].discarded),
-                    "scorer": dict(table.scorers[aspect]),
-                    "threshold": selection.aspects[aspect].threshold_record(),
-                }
-                for aspect in aspects
-            },
+            "aspects": plan.aspect_records(),
+            "content_sha256": fingerprint,
             "extra": dict(extra_summary or {}),
         }
         summary_text = json.dumps(summary, ensure_ascii=False, indent=1, allow_nan=False)

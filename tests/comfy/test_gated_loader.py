@@ -564,10 +564,14 @@ def test_lora_list_without_gate(setup, node, comfy_dirs):
     assert close(sample(model, setup["positive"], setup["negative"]),
                  sample(stock, setup["positive"], setup["negative"]))
     with pytest.raises(ValueError, match="needs a learned gate"):
-        node.execute(setup["model"], "none (use the LoRA list)", "dynamic", 1.0,
-                     loras="versat2i/aesthetics.safetensors")
-    assert "needs a learned gate" in node.validate_inputs("none (use the LoRA list)", "bake")
-    assert "unknown" in node.validate_inputs("none (use the LoRA list)", "blend")
+        node.execute(setup["model"], "none (use the LoRA list)", "dynamic", 1.0, loras="versat2i/aesthetics.safetensors")
+    with pytest.raises(ValueError, match="needs a learned gate"):
+        node.execute(setup["model"], "none (use the LoRA list)", "bake", 1.0, loras="versat2i/aesthetics.safetensors")
+    with pytest.raises(ValueError, match="mode 'blend': unknown"):  # 0.3.64 lets V3 combo values through
+        node.execute(setup["model"], "none (use the LoRA list)", "blend", 1.0, loras="versat2i/aesthetics.safetensors")
+    # validate_inputs takes the MoL file only, so its message lands on that input alone
+    assert node.validate_inputs("none (use the LoRA list)") is True
+    assert "no such MoL file" in node.validate_inputs("versat2i/gone.mol.safetensors")
 
 
 @pytest.mark.slow
@@ -623,7 +627,8 @@ def test_train_gate_node_trains_then_reuses(comfy, comfy_dirs, tmp_path, monkeyp
     again = train_gate.TrainGate.execute(**typed)
     assert "already trained" in again.ui["text"][0]
     assert (loras / "mix.mol.safetensors").stat().st_mtime_ns == stamp
-    assert "must be one of" in train_gate.TrainGate.validate_inputs(granularity="word")
+    with pytest.raises(ValueError, match="granularity 'word': must be one of"):  # checked when the node runs
+        train_gate.TrainGate.execute(**{**typed, "granularity": "word"})
     with pytest.raises(ValueError, match="at least two"):
         train_gate.TrainGate.execute(**{**typed, "loras": "versat2i/aesthetics.safetensors"})
 

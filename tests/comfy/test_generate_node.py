@@ -136,11 +136,17 @@ def test_bad_inputs_are_clear_errors(node_module, tiny, overrides, message):
         run_node(node_module, tiny, **overrides)
 
 
-def test_validate_inputs_refuses_bad_sizes_and_k(node_module):
+def test_validate_inputs_takes_one_input_and_the_rest_is_checked_when_the_node_runs(node_module, tiny):
+    """ComfyUI attaches a validate_inputs message to every input the function takes: with one input,
+    a bad prompts_file is one error on prompts_file. Sizes, k and combos are checked first thing when
+    the node runs, each error naming its input (test_bad_inputs_are_clear_errors)."""
+    import inspect
+
     validate = node_module.GenerateCandidates.validate_inputs
-    assert validate(k=4, width=512, height=512) is True
-    assert "k=0" in validate(k=0)
-    assert "multiple of 8" in validate(width=513, height=512)
+    assert list(inspect.signature(validate).parameters) == ["prompts_file"]
+    assert validate(prompts_file="") is True and validate() is True
+    with pytest.raises(ValueError, match="sampler_name 'euler_fast': not one of ComfyUI's samplers"):
+        run_node(node_module, tiny, sampler_name="euler_fast")  # 0.3.64 lets V3 combo values through
 
 
 def test_cancel_stops_sampling(node_module, tiny, comfy):

@@ -142,6 +142,12 @@ def test_a_save_from_before_the_seed_lost_its_control_box_gets_a_hint(comfy_node
     widgets = [name for group in ("required", "optional") for name in info["input_order"].get(group, [])
                if not info["input"][group][name][1].get("forceInput")]
     assert widgets[widgets.index("seed") + 1] == combo_after_seed
-    message = comfy_nodes[node_id].validate_inputs(**{combo_after_seed: "fixed"})
-    assert isinstance(message, str) and "older version" in message and "moved by one" in message
-    assert "older version" not in comfy_nodes[node_id].validate_inputs(**{combo_after_seed: "fast"})
+    from versat2i.nodes.train_aspect_lora import TRAINING_COMBOS, check_combos
+    from versat2i.nodes.train_gate import GATE_COMBOS
+
+    choices = TRAINING_COMBOS if node_id == "VersaT2I_TrainAspectLoRA" else GATE_COMBOS
+    with pytest.raises(ValueError, match="older version.*moved by one"):  # checked when the node runs
+        check_combos({combo_after_seed: "fixed"}, choices)
+    with pytest.raises(ValueError) as plain:
+        check_combos({combo_after_seed: "fast"}, choices)
+    assert "older version" not in str(plain.value)

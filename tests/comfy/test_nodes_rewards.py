@@ -154,17 +154,25 @@ def test_load_scorers_defaults_come_from_the_registry(nodes):
     assert {a: defaults[a] for a in DEFAULT_SCORERS} == DEFAULT_SCORERS
     options = next(i for i in schema.inputs if i.id == "lowlevel").options
     assert "disabled" in options and "analytic:sharpness" in options
+    # the embedded demo world's scorers are registered by `versat2i demo` only, never in ComfyUI
+    for aspect in DEFAULT_SCORERS:
+        assert not [o for o in next(i for i in schema.inputs if i.id == aspect).options if o.startswith("demo:")]
 
 
-def test_load_scorers_refuses_unknown_values_before_running(nodes):
+def test_load_scorers_refuses_unknown_values_naming_the_input(nodes):
+    """ComfyUI 0.3.64 lets V3 combo values through (0.33 checks them itself): the node refuses them
+    when it runs, naming the input. Its validate_inputs only takes the weight-file inputs, to turn off
+    0.33's list check for them (a missing published file can be downloaded), and never fails."""
+    import inspect
+
     load = nodes[LOAD]
-    assert load.validate_inputs(device="auto", **ANALYTIC) is True
-    message = load.validate_inputs(device="auto", **{**ANALYTIC, "lowlevel": "analytic:sharpnes"})
-    assert isinstance(message, str) and "lowlevel" in message and "analytic:sharpnes" in message
-    assert "analytic:sharpness" in message  # lists the valid choices
-    assert isinstance(load.validate_inputs(device="gpu9", **ANALYTIC), str)
+    assert list(inspect.signature(load.validate_inputs).parameters) == ["clip_weights", "aesthetic_weights"]
+    assert load.validate_inputs(clip_weights="clip/not-there.safetensors") is True
+    with pytest.raises(ValueError, match="lowlevel: unknown scorer 'analytic:sharpnes'.*analytic:sharpness"):
+        load.execute(device="auto", **{**ANALYTIC, "lowlevel": "analytic:sharpnes"})
+    with pytest.raises(ValueError, match="device: 'gpu9'"):
+        load.execute(device="gpu9", **ANALYTIC)
     everything_off = {aspect: "disabled" for aspect in ANALYTIC}
-    assert "at least one" in load.validate_inputs(device="auto", **everything_off)
     with pytest.raises(ValueError, match="at least one"):
         load.execute(device="auto", **everything_off)
 
@@ -337,12 +345,15 @@ def test_filter_bad_inputs(nodes, scorers):
     with pytest.raises(ValueError, match="alignment.*not scored"):
         filt.execute(scores=table, images=images, threshold_kind="none", threshold=0.0,
                      aspect_thresholds="alignment = p50")
-    assert filt.validate_inputs(threshold_kind="percentile", threshold=75.0, aspect_thresholds="",
-                                images_for="all aspects") is True
-    for bad in ({"threshold_kind": "median", "threshold": 1.0}, {"threshold_kind": "percentile", "threshold": 150.0},
-                {"aspect_thresholds": "beauty = 3"}, {"aspect_thresholds": "lowlevel 3"},
-                {"aspect_thresholds": "lowlevel = high"}, {"images_for": "everything"}):
-        assert isinstance(filt.validate_inputs(**bad), str), bad
+    # validate_inputs takes the free-text thresholds only (one input: its message lands there alone)
+    assert filt.validate_inputs(aspect_thresholds="") is True
+    for bad in ("beauty = 3", "lowlevel 3", "lowlevel = high"):
+        assert isinstance(filt.validate_inputs(aspect_thresholds=bad), str), bad
+    for bad, message in (({"threshold_kind": "median", "threshold": 1.0}, "threshold_kind: 'median'"),
+                         ({"threshold_kind": "percentile", "threshold": 150.0}, "between 0 and 100"),
+                         ({"images_for": "everything"}, "images_for: 'everything'")):
+        with pytest.raises(ValueError, match=message):  # checked when the node runs, naming the input
+            filt.execute(scores=table, images=images, **{"threshold_kind": "none", "threshold": 0.0, **bad})
 
 
 # -- Save Training Set ------------------------------------------------------------------------------------
@@ -386,7 +397,7 @@ def test_save_training_set_writes_kohya_layout_and_manifest(nodes, scorers, comf
     assert not [p for p in (comfy_dirs["output"] / "runs").iterdir() if p.name.startswith(".")], "temp folder left"
 
 
-def test_save_refuses_to_overwrite_unless_asked(nodes, scorers, comfy_dirs):
+def test_save_reuses_the_same_set_and_refuses_another_unless_asked(nodes, scorers, comfy_dirs):
     images = textured_images(4)
     selected = filtered(nodes, scorers, images)
     save = nodes[SAVE]
@@ -394,8 +405,16 @@ def test_save_refuses_to_overwrite_unless_asked(nodes, scorers, comfy_dirs):
     dataset = comfy_dirs["output"] / "set"
     before = listing(dataset)
     manifest_before = (dataset / MANIFEST_NAME).read_bytes()
-    with pytest.raises(ValueError, match="already exists"):
+    stamps = {p: p.stat().st_mtime_ns for p in dataset.rglob("*")}
+    # the same selection again (a re-queue after ComfyUI's cache was cleared): reused, nothing written
+    again = save.execute(selection=filtered(nodes, scorers, images), images=images, name="set", repeats=2,
+                         overwrite=False)
+    assert again.result[0] == "set" and "unchanged, reused (same content)" in again.ui["text"][0]
+    assert {p: p.stat().st_mtime_ns for p in dataset.rglob("*")} == stamps
+    with pytest.raises(ValueError, match="holds other content.*turn on 'overwrite' in Save Training Set to replace "
+                                         "the training set, or change 'name' to keep both") as refused:
         save.execute(selection=selected, images=images, name="set", repeats=5, overwrite=False)
+    assert f"{type(refused.value).__module__}.{type(refused.value).__qualname__}" == "versat2i.safe_io.TargetExistsError"
     assert listing(dataset) == before and (dataset / MANIFEST_NAME).read_bytes() == manifest_before
     save.execute(selection=selected, images=images, name="set", repeats=5, overwrite=True)
     assert any(name.startswith("5_") for name in os.listdir(dataset))
@@ -493,17 +512,20 @@ def test_load_scorers_corrupt_weights_name_the_file_and_write_nothing(nodes, com
 
 def test_load_scorers_takes_no_scorer_options_from_its_inputs(nodes, comfy_dirs):
     """Node inputs come from a web page; scorer options can name files anywhere (clip_weights=
-    '/abs/path'), so Load Scorers passes none: its inputs are the four aspect choices and the
-    device, each checked against its list even when it arrives through a link."""
+    '/abs/path'), so Load Scorers passes only its weight-file inputs, and only values that are files
+    of ComfyUI's own models/versat2i listing or the published names; every input is checked
+    against its list even when it arrives through a link."""
     import inspect
 
     from versat2i.aspects import ASPECTS
 
     load = nodes[LOAD]
-    assert [i.id for i in load.GET_SCHEMA().inputs] == [*ASPECTS, "device"]
-    assert list(inspect.signature(load.execute).parameters) == [*ASPECTS, "device"]
-    with pytest.raises(TypeError):
-        load.execute(device="cpu", clip_weights="/etc/passwd", **ANALYTIC)
+    inputs = [*ASPECTS, "device", "clip_weights", "aesthetic_weights", "download_missing"]
+    assert [i.id for i in load.GET_SCHEMA().inputs] == inputs
+    assert list(inspect.signature(load.execute).parameters) == inputs
+    for path in ("/etc/passwd", "../../etc/passwd", "clip/../../x.safetensors"):
+        with pytest.raises(ValueError, match="clip_weights .*not a file in models/versat2i/clip/"):
+            load.execute(device="cpu", clip_weights=path, **{**ANALYTIC, "alignment": "clip-score"})
     for name in ("clip-score:/etc/passwd", "analytic:sharpness,clip_weights=/x", "pyiqa:../../x"):
         with pytest.raises(ValueError, match="unknown scorer"):
             load.execute(device="cpu", **{**ANALYTIC, "aesthetics": name})
@@ -633,3 +655,73 @@ def test_load_scorers_finds_weights_in_a_folder_added_by_extra_model_paths(nodes
     scorers = nodes[LOAD].execute(**inputs)[0]
     assert scorers["lowlevel"].weight_files() == (path,)
     assert not (comfy_dirs["models"] / "versat2i").exists() or listing(comfy_dirs["models"] / "versat2i") == []
+
+
+# -- Load Scorers: downloading missing weight files (opt-in) ---------------------------------------------
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """A stand-in for the Hugging Face Hub on 127.0.0.1 (tests/fake_hub.py), set up as HF_ENDPOINT
+    would point huggingface_hub at it; HF_HUB_OFFLINE (on for the whole test session) turned off."""
+    from fake_hub import FakeHub
+    from huggingface_hub import constants
+
+    hub = FakeHub()
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    yield hub
+    hub.close()
+
+
+def test_load_scorers_downloads_missing_published_weights_only_when_asked(nodes, comfy_dirs, fake_hub, monkeypatch):
+    """download_missing off: the missing file is an error saying the switch exists. On: each missing
+    published file is fetched into models/versat2i under its published name (a ComfyUI progress bar
+    follows the bytes), then the scorer loads (here the stand-in CLIP file is no model: the load
+    error names it). HF_HUB_OFFLINE keeps it off."""
+    import io
+
+    import comfy.utils
+    from fake_hub import HubFile
+    from huggingface_hub import constants
+
+    from versat2i.rewards.aesthetic_laion import AestheticMLP
+    from versat2i.rewards.weights import HUB_FILES, MissingWeightsError, WeightsFormatError
+
+    buffer = io.BytesIO()
+    torch.save(AestheticMLP(768).state_dict(), buffer)
+    served = {"aesthetic/sac+logos+ava1-l14-linearMSE.pth": buffer.getvalue(),
+              "clip/open_clip_model.safetensors": b"not an open_clip model"}
+    for name, content in served.items():
+        fake_hub.files[(HUB_FILES[name].repo_id, HUB_FILES[name].filename)] = HubFile(content)
+    bars = []
+
+    class RecordingBar:
+        def __init__(self, total):
+            self.updates = []
+            bars.append(self)
+
+        def update_absolute(self, value, total=None, preview=None):
+            self.updates.append((value, total))
+
+    monkeypatch.setattr(comfy.utils, "ProgressBar", RecordingBar)
+    inputs = {**{aspect: "disabled" for aspect in ANALYTIC}, "aesthetics": "laion-aesthetic-v2", "device": "cpu"}
+    with pytest.raises(MissingWeightsError, match="turn on 'download_missing' in Load Scorers"):
+        nodes[LOAD].execute(**inputs)
+    assert fake_hub.requests == []
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(MissingWeightsError, match="'download_missing' is on, but HF_HUB_OFFLINE is set"):
+        nodes[LOAD].execute(**inputs, download_missing=True)
+    assert fake_hub.requests == []
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+    with pytest.raises(WeightsFormatError, match="open_clip_model.safetensors"):
+        nodes[LOAD].execute(**inputs, download_missing=True)
+    folder = comfy_dirs["models"] / "versat2i"
+    for name, content in served.items():
+        assert (folder / name).read_bytes() == content
+    assert [bar.updates[-1] for bar in bars] == [(len(c), len(c)) for c in served.values()]
+    fetched = len(fake_hub.requests)
+    with pytest.raises(WeightsFormatError):  # present now: nothing is fetched again
+        nodes[LOAD].execute(**inputs, download_missing=True)
+    assert len(fake_hub.requests) == fetched

@@ -8,6 +8,7 @@ crash surfacing as an error, and bad inputs refused with nothing written.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import threading
@@ -135,9 +136,12 @@ def test_trains_a_lora_the_loaders_list_then_reuses_it(node, comfy_dirs, progres
     same = node.TrainAspectLora.fingerprint_inputs(dataset="versat2i/ds", aspect="aesthetics",
                                                    ckpt_name="tiny.safetensors", lora_name="", **TRAINING)
     assert same == fingerprint
-    # A changed setting with the same name is refused rather than overwriting the LoRA.
-    with pytest.raises(ValueError, match="already exists"):
+    # A changed setting with the same name is refused rather than overwriting the LoRA, in the
+    # words of the node's inputs, with a readable type (ComfyUI shows module.Class).
+    with pytest.raises(ValueError, match="already exists and was trained from other inputs.*turn on 'overwrite' "
+                                         "in Train Aspect LoRA to replace the LoRA, or change 'lora_name'") as refused:
         run_node(node, learning_rate=5e-3)
+    assert f"{type(refused.value).__module__}.{type(refused.value).__qualname__}" == "versat2i.safe_io.TargetExistsError"
     assert len(children) == 1
 
 
@@ -237,6 +241,7 @@ def test_a_crashing_child_surfaces_its_error(node, comfy_dirs, tiny_model):
     ("lora name escaping", dict(lora_name="../../evil"), "'..' is not allowed"),
     ("lora name absolute", dict(lora_name="/tmp/evil"), "absolute paths are not allowed"),
     ("several aspects, none chosen", dict(aspect=""), "several aspects"),
+    ("a combo value 0.3.64 let through", dict(lr_scheduler="sometimes"), "lr_scheduler 'sometimes': must be one of"),
 ])
 def test_bad_inputs_are_refused_with_nothing_written(node, comfy_dirs, children, case, overrides, message):
     import folder_paths
@@ -261,17 +266,39 @@ def test_bad_inputs_are_refused_with_nothing_written(node, comfy_dirs, children,
     assert sorted(p.relative_to(comfy_dirs["output"]) for p in comfy_dirs["output"].rglob("*")) == before
 
 
-def test_validate_inputs_refuses_bad_values_when_queued(node):
+def test_an_aspect_the_training_set_kept_no_image_for_is_skipped_not_an_error(node, comfy_dirs, children):
+    """The training set records the aspect with no image (dataset.json, as Save Training Set writes
+    it when a threshold keeps nothing, or geometry finds no person): nothing is trained, the
+    lora_name output is empty (Train Gate leaves it out), and the node says why."""
+    dataset = comfy_dirs["output"] / "versat2i" / "ds"
+    summary = {"format": "versat2i-training-set", "version": 1, "aspects": {
+        "aesthetics": {"folder": "5_aesthetics", "repeats": 5, "kept": 2, "discarded": 2, "threshold": {"kind": "none"}},
+        "geometry": {"folder": "5_geometry", "repeats": 5, "kept": 0, "discarded": 4,
+                     "threshold": {"kind": "absolute", "value": 0.9, "resolved": 0.9}}}}
+    (dataset / "dataset.json").write_text(json.dumps(summary))
+    before = sorted(p.relative_to(comfy_dirs["output"]) for p in comfy_dirs["output"].rglob("*"))
+    result = run_node(node, aspect="geometry")
+    assert result.result[0] == ""
+    assert result.ui["text"][0].startswith("NOT TRAINED: aspect 'geometry' kept no image (threshold absolute 0.9; 4 ")
+    curve = result.result[1]
+    assert curve.ndim == 4 and curve.shape[0] == 1 and curve.shape[-1] == 3
+    assert children == []
+    assert sorted(p.relative_to(comfy_dirs["output"]) for p in comfy_dirs["output"].rglob("*")) == before
+    with pytest.raises(ValueError, match="no folder for aspect 'lowlevel'"):  # not in the set at all: an error
+        run_node(node, aspect="lowlevel")
+
+
+def test_validate_inputs_takes_the_checkpoint_only(node):
+    """ComfyUI attaches a validate_inputs message to every input the function takes: taking only
+    ckpt_name, a missing checkpoint is one error, on ckpt_name. The rest is checked when the node
+    runs (test_bad_inputs_are_refused_with_nothing_written), each error naming its input."""
+    import inspect
+
     validate = node.TrainAspectLora.validate_inputs
-    assert validate(dataset="versat2i/ds", ckpt_name="tiny.safetensors", lora_name="", aspect="aesthetics",
-                    resolution=512, lr_scheduler="cosine", mixed_precision="auto", prediction_type="auto") is True
-    assert "not in models/checkpoints" in validate(ckpt_name="missing.safetensors")
-    assert "lr_scheduler" in validate(lr_scheduler="sometimes")
-    assert "mixed_precision" in validate(mixed_precision="fp4")
-    assert "multiple of 8" in validate(resolution=500)
-    assert "'..' is not allowed" in validate(lora_name="../x")
-    assert "absolute" in validate(dataset="/etc")
-    assert validate() is True  # every input linked: checked when the node runs
+    assert list(inspect.signature(validate).parameters) == ["ckpt_name"]
+    assert validate(ckpt_name="tiny.safetensors") is True
+    assert "ckpt_name 'missing.safetensors': not in models/checkpoints" in validate(ckpt_name="missing.safetensors")
+    assert validate() is True  # linked: checked when the node runs
 
 
 @pytest.mark.parametrize("lora_name, message", [
@@ -280,8 +307,16 @@ def test_validate_inputs_refuses_bad_values_when_queued(node):
     ("CON", "reserved device name on Windows"),
     ("versat2i/nul.final", "reserved device name on Windows"),
 ])
-def test_names_that_cannot_be_saved_are_refused_when_queued(node, lora_name, message):
-    """Before, a 242-255-byte name trained to the last step and then failed to save (issue 15)."""
-    problem = node.TrainAspectLora.validate_inputs(dataset="versat2i/ds", lora_name=lora_name, aspect="aesthetics")
-    assert isinstance(problem, str) and problem.startswith("lora_name") and message in problem, problem
-    assert node.TrainAspectLora.validate_inputs(dataset="versat2i/ds", lora_name="x" * 229) is True
+def test_names_that_cannot_be_saved_are_refused_before_training_starts(node, lora_name, message, comfy_dirs):
+    """Before, a 242-255-byte name trained to the last step and then failed to save (issue 15). The
+    check runs first thing when the node runs (not in validate_inputs: see the test above)."""
+    before = sorted(comfy_dirs["output"].rglob("*"))
+    with pytest.raises(ValueError) as refused:
+        run_node(node, lora_name=lora_name)
+    problem = str(refused.value)
+    assert problem.startswith("lora_name") and message in problem, problem
+    assert sorted(comfy_dirs["output"].rglob("*")) == before
+    assert not list(comfy_dirs["models"].rglob("*.safetensors*")) or \
+        {p.name for p in comfy_dirs["models"].rglob("*.safetensors*")} == {"tiny.safetensors"}
+    assert node.resolve_paths("versat2i/ds", "aesthetics", "tiny.safetensors", "x" * 229)["lora"].name == \
+        "x" * 229 + ".safetensors"

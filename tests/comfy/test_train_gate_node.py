@@ -111,18 +111,15 @@ def test_two_loras_of_one_aspect_are_refused_in_the_nodes_words_before_anything_
     save_file({"x.lora_down.weight": torch.zeros(2, 2)}, str(loras / "other_geometry.safetensors"),
               metadata={"versat2i_aspect": "geometry"})
     node = train_gate.TrainGate
-    typed = f"{lora('geometry')}\nversat2i/other_geometry.safetensors"
-    problem = node.validate_inputs(loras=typed)  # typed LoRAs: refused when queued
-    assert problem == ("loras: loop_geometry.safetensors, other_geometry.safetensors are all LoRAs of aspect "
-                       "'geometry'; a mixture needs one LoRA per aspect: connect (or list) LoRAs trained on different "
-                       "aspects")
-    assert node.validate_inputs(loras=f"{lora('geometry')}\n{lora('style')}") is True
-    assert node.validate_inputs() is True  # linked LoRAs are known when the node runs:
     before = sorted(comfy_dirs["output"].rglob("*"))
-    with pytest.raises(ValueError, match="are all LoRAs of aspect 'geometry'") as info:
-        node.execute("versat2i/loop", "base.safetensors", "", "loop", lora_1=lora("geometry"),
-                     lora_2="versat2i/other_geometry.safetensors", **SETTINGS)
-    assert "aspects" not in str(info.value).split("aspect 'geometry'")[1].replace("different aspects", "")
+    typed = f"{lora('geometry')}\nversat2i/other_geometry.safetensors"
+    linked = {"lora_1": lora("geometry"), "lora_2": "versat2i/other_geometry.safetensors"}
+    for loras_box, sockets in ((typed, {}), ("", linked)):  # checked first thing when the node runs
+        with pytest.raises(ValueError) as info:
+            node.execute("versat2i/loop", "base.safetensors", loras_box, "loop", **sockets, **SETTINGS)
+        assert str(info.value) == (
+            "loras: loop_geometry.safetensors, other_geometry.safetensors are all LoRAs of aspect 'geometry'; a "
+            "mixture needs one LoRA per aspect: connect (or list) LoRAs trained on different aspects")
     assert sorted(comfy_dirs["output"].rglob("*")) == before  # no gate_runs folder
     assert not list(loras.glob("*.mol.safetensors"))
 
@@ -132,7 +129,16 @@ def test_two_loras_of_one_aspect_are_refused_in_the_nodes_words_before_anything_
     ("AUX", "reserved device name on Windows"),
     ("../elsewhere", "'..' is not allowed"),
 ])
-def test_mol_names_that_cannot_be_saved_are_refused_when_queued(train_gate, mol_name, message):
-    problem = train_gate.TrainGate.validate_inputs(mol_name=mol_name)
-    assert isinstance(problem, str) and problem.startswith("mol_name") and message in problem, problem
-    assert train_gate.TrainGate.validate_inputs(mol_name="m" * 225) is True
+def test_mol_names_that_cannot_be_saved_are_refused_before_training_starts(train_gate, comfy_dirs, mol_name, message):
+    """Checked first thing when the node runs (validate_inputs takes ckpt_name only: ComfyUI attaches
+    its message to every input it takes)."""
+    before = sorted(comfy_dirs["output"].rglob("*"))
+    linked = {"lora_1": lora("aesthetics"), "lora_2": lora("geometry")}
+    with pytest.raises(ValueError) as info:
+        train_gate.TrainGate.execute("versat2i/loop", "base.safetensors", "", mol_name, **linked, **SETTINGS)
+    problem = str(info.value)
+    assert problem.startswith("mol_name") and message in problem, problem
+    assert sorted(comfy_dirs["output"].rglob("*")) == before
+    paths = train_gate.resolve_paths("versat2i/loop", "base.safetensors", "", "m" * 225,
+                                     [lora("aesthetics"), lora("geometry")])
+    assert paths["mol"].name == "m" * 225 + ".mol.safetensors"

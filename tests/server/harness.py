@@ -45,6 +45,9 @@ from pathlib import Path
 from typing import Any
 
 PACK_LINK_NAME = "ComfyUI-VersaT2I"
+PACK_NODE_PREFIX = "VersaT2I_"
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # terminal colours in ComfyUI 0.33's log lines
+LOG_LEVEL = re.compile(r"^\[(?:DEBUG|INFO|WARNING|ERROR|CRITICAL)\] ?")  # and the level it starts them with
 DEFAULT_START_TIMEOUT_S = 180.0
 # Keeps a test's server off the network and off the GPU, and its start-up short: API nodes (paid
 # cloud services) are not needed to test a local pack.
@@ -269,9 +272,11 @@ class ComfyServer:
         return f"--- last {len(tail)} lines of {self.log_path} ---\n" + "\n".join(tail)
 
     def pack_import(self, link_name: str | None = None) -> PackImport:
-        """Parse ComfyUI's "Import times for custom nodes" block and warnings for one pack."""
+        """Parse ComfyUI's "Import times for custom nodes" block and warnings for one pack. ComfyUI
+        0.33 prefixes its log lines with a coloured level ("[INFO]" in ANSI colour codes), which is
+        removed first."""
         name = link_name or self.link_name
-        lines = self.log_text().splitlines()
+        lines = [LOG_LEVEL.sub("", ANSI_ESCAPE.sub("", line)) for line in self.log_text().splitlines()]
         seen, failed, seconds, messages = False, False, None, []
         timing = re.compile(r"^\s*([\d.]+) seconds( \(IMPORT FAILED\))?:\s.*custom_nodes[/\\]"
                             + re.escape(name) + r"\s*$")
@@ -677,6 +682,38 @@ def snapshot_node_definition(spec: Mapping[str, Any], dynamic_inputs: Iterable[s
     return node
 
 
+# The ComfyUI versions the pack supports (pyproject's requires-comfyui spans them): the snapshot holds
+# the node definitions of each, and the shipped workflows are validated against every one.
+SUPPORTED_COMFYUI_VERSIONS = ("0.3.64", "0.33.0")
+SNAPSHOT_PATH = Path(__file__).resolve().parents[1] / "data" / "object_info.json"
+
+
+def load_snapshot(path: str | os.PathLike = SNAPSHOT_PATH) -> dict[str, Any]:
+    """tests/data/object_info.json: ``{"versions": {comfyui version: {"nodes", "dynamic_combos",
+    "node_code_sha256"}}}``."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def snapshot_version(snapshot: Mapping[str, Any], version: str | None = None) -> dict[str, Any]:
+    """One version's entry of the snapshot (default: the oldest supported one, whose frontend the
+    shipped workflows are written for). A version the snapshot lacks is a ServerError saying how to
+    add it."""
+    version = version or SUPPORTED_COMFYUI_VERSIONS[0]
+    versions = snapshot.get("versions") or {}
+    if version not in versions:
+        raise ServerError(f"tests/data/object_info.json has no entry for ComfyUI {version} (it has "
+                          f"{', '.join(versions) or 'none'}); run `COMFYUI_PATH=<ComfyUI {version}> "
+                          ".venv/bin/python tests/data/make_object_info.py`")
+    return versions[version]
+
+
+def comfyui_version(comfyui_path: str | os.PathLike) -> str:
+    """The version a ComfyUI checkout declares (comfyui_version.py)."""
+    text = (Path(comfyui_path) / "comfyui_version.py").read_text(encoding="utf-8")
+    match = re.search(r"__version__\s*=\s*[\"']([^\"']+)", text)
+    return match.group(1) if match else "unknown"
+
+
 def snapshot_definitions(object_info: Mapping[str, Any], node_types: Iterable[str],
                          dynamic_combos: Mapping[str, Iterable[str]]) -> dict[str, dict[str, Any]]:
     """``snapshot_node_definition`` of each of ``node_types`` (sorted)."""
@@ -788,7 +825,8 @@ def validate_workflow(workflow: Mapping[str, Any], object_info: Mapping[str, Any
     (empty: valid).
 
     Checked: every node type exists (or is frontend-only: Note, MarkdownNote, PrimitiveNode,
-    Reroute); inputs and outputs match the definition (names, types, order of outputs); every
+    Reroute); inputs and outputs match the definition (names, types, order of outputs; a core node
+    may lack trailing outputs a newer ComfyUI added); every
     required socket input is linked; ``widgets_values`` has one value per widget plus the
     frontend-only values (a seed's "control after generate", an upload button), each of the right
     type and range, combos one of their choices (except ``dynamic_combos``, whose choices are files
@@ -952,7 +990,9 @@ def validate_workflow(workflow: Mapping[str, Any], object_info: Mapping[str, Any
         # outputs
         outputs = node.get("outputs") or []
         expected = list(zip(spec.get("output") or [], spec.get("output_name") or spec.get("output") or []))
-        if len(outputs) != len(expected):
+        # A core node may have fewer: a newer ComfyUI can add outputs to it (0.33's PreviewImage has
+        # one), and the frontend adds them to a saved node when it loads it.
+        if len(outputs) > len(expected) or (len(outputs) < len(expected) and str(kind).startswith(PACK_NODE_PREFIX)):
             problems.append(f"{where(node)}: {len(outputs)} outputs, the definition has {len(expected)}")
         for slot, (entry, (out_type, out_name)) in enumerate(zip(outputs, expected)):
             if entry.get("type") != out_type or entry.get("name") != out_name:

@@ -91,6 +91,9 @@ def test_pack_imports_and_lists_its_nodes(comfy_server):
         assert listed[node_id]["category"] == category
     load = listed["VersaT2I_LoadScorers"]["input"]["required"]
     assert "analytic:sharpness" in load["lowlevel"][1]["options"]
+    # the embedded demo world's scorers (demo:<aspect>) are only registered by `versat2i demo`
+    assert not [o for a in ("aesthetics", "alignment", "geometry", "lowlevel") for o in load[a][1]["options"]
+                if o.startswith("demo:")]
     assert listed["VersaT2I_SaveTrainingSet"]["output_node"] is True
     assert listed["VersaT2I_ScoreImages"]["output"][0] == "VERSAT2I_SCORES"
 
@@ -143,12 +146,21 @@ def test_score_filter_save_graph_writes_the_training_set(comfy_server, uploaded,
     assert summary["images_scored"] == len(frames) and summary["images_kept"] == len(manifest)
 
 
-def test_unknown_scorer_in_a_combo_is_refused_before_running(comfy_server, uploaded, server_output):
+def test_unknown_scorer_in_a_combo_is_one_error_naming_the_input(comfy_server, uploaded, server_output):
+    """ComfyUI 0.33 checks V3 combo values when the prompt is queued (one error, on that input);
+    0.3.64 lets them through, and Load Scorers refuses the value when it runs, naming the input.
+    Nothing is written either way."""
     graph = pipeline_graph(uploaded[0], "server/never", **{"2.lowlevel": "analytic:no-such-stat"})
-    with pytest.raises(PromptRejected) as refused:
-        comfy_server.queue(graph)
-    assert "custom_validation_failed" in refused.value.error_types()
-    assert "analytic:no-such-stat" in refused.value.details()
+    try:
+        prompt_id = comfy_server.queue(graph)
+    except PromptRejected as refused:
+        (error,) = refused.value.node_errors["2"]["errors"]
+        assert error["type"] == "value_not_in_list" and error["extra_info"]["input_name"] == "lowlevel"
+        assert "analytic:no-such-stat" in error["details"]
+    else:
+        with pytest.raises(PromptFailed, match=r"node 2 \(VersaT2I_LoadScorers\) raised ValueError: lowlevel: unknown "
+                                               r"scorer 'analytic:no-such-stat'"):
+            comfy_server.wait(prompt_id, timeout=120)
     assert not (server_output / "server" / "never").exists()
 
 
@@ -169,13 +181,40 @@ def test_node_errors_reach_the_user(comfy_server, uploaded, server_output):
     assert not (server_output / "server" / "bad-prompts").exists()
 
 
+def file_states(folder) -> dict:
+    """Every file's bytes and identity (inode, mtime): a rewrite with equal bytes still changes it."""
+    return {p: (p.read_bytes(), p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+def test_saving_the_same_set_again_after_a_cache_clear_rewrites_nothing(comfy_server, uploaded, server_output):
+    """Queued again unchanged after ComfyUI's cache was cleared, Save Training Set runs again and
+    finds the set it wrote (same content fingerprint): no error, nothing rewritten. A different set
+    under the same name is refused, in the words of the node's inputs, with a readable error type."""
+    graph = pipeline_graph(uploaded[0], "server/requeue")
+    comfy_server.run(graph, timeout=300)
+    dataset = server_output / "server" / "requeue"
+    written = file_states(dataset)
+    status, _ = comfy_server.request("POST", "/free", {"free_memory": True})  # drops ComfyUI's cached outputs
+    assert status == 200
+    again = comfy_server.run(graph, timeout=300)
+    assert "unchanged, reused (same content)" in again["outputs"]["5"]["text"][0]
+    assert file_states(dataset) == written
+    with pytest.raises(PromptFailed) as refused:
+        comfy_server.run(pipeline_graph(uploaded[0], "server/requeue", **{"5.repeats": 7}), timeout=300)
+    message = str(refused.value)
+    assert "(VersaT2I_SaveTrainingSet) raised versat2i.safe_io.TargetExistsError:" in message
+    assert "holds other content" in message and "turn on 'overwrite' in Save Training Set" in message
+    assert file_states(dataset) == written
+
+
 def test_missing_weights_error_names_the_file_and_folder(comfy_server, uploaded):
     graph = pipeline_graph(uploaded[0], "server/no-weights", **{"2.aesthetics": "laion-aesthetic-v2"})
     with pytest.raises(PromptFailed) as failed:
         comfy_server.run(graph, timeout=120)
     message = str(failed.value)
-    assert "MissingWeightsError" in message
+    assert "raised versat2i.rewards.weights.MissingWeightsError:" in message  # a readable type, not a path
     assert str(comfy_server.base_dir / "models" / "versat2i") in message
+    assert "turn on 'download_missing' in Load Scorers" in message
 
 
 def ui_workflow(image_name: str, dataset_name: str) -> dict:
@@ -190,7 +229,8 @@ def ui_workflow(image_name: str, dataset_name: str) -> dict:
     nodes = [
         node(1, "LoadImage", [image_name, "image"], outputs=[("IMAGE", "IMAGE", [1, 2]), ("MASK", "MASK", [])]),
         node(9, "Reroute", inputs=[("", "*", 2)], outputs=[("", "IMAGE", [3, 4])]),
-        node(2, "VersaT2I_LoadScorers", [*SCORER_CHOICES.values(), "auto"],
+        node(2, "VersaT2I_LoadScorers", [*SCORER_CHOICES.values(), "auto", "clip/open_clip_model.safetensors",
+                                         "aesthetic/sac+logos+ava1-l14-linearMSE.pth", False],
              outputs=[("scorers", "VERSAT2I_SCORERS", [5])]),
         node(3, "VersaT2I_ScoreImages", ["\n".join(PROMPTS), "1001 2002", True],
              inputs=[("images", "IMAGE", 1), ("scorers", "VERSAT2I_SCORERS", 5),

@@ -29,12 +29,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from harness import (
+    PromptFailed,
     PromptRejected,
     _widget_inputs,
+    comfyui_version,
     has_control_widget,
+    load_snapshot,
     snapshot_node_definition,
+    snapshot_version,
     validate_workflow,
-    with_core_choices_named,
     workflow_to_api,
 )
 from PIL import Image
@@ -48,7 +51,7 @@ pytestmark = pytest.mark.server
 
 REPO = Path(__file__).resolve().parents[2]
 WORKFLOWS = REPO / "workflows"
-SNAPSHOT = json.loads((REPO / "tests" / "data" / "object_info.json").read_text())
+SNAPSHOT = load_snapshot()
 TEST_PACK = Path(__file__).resolve().parent / "versat2i_test_nodes"
 TINY_LOADER = "VersaT2ITest_TinyCheckpointLoader"
 CHECKPOINT = "tiny-sd15.safetensors"
@@ -107,8 +110,8 @@ def tiny_workflow(name: str, object_info: dict, *, scorers: dict | None = None) 
     """The shipped workflow with the test settings (module docstring), still in UI format."""
     workflow = load(name)
     for node in workflow["nodes"]:
-        if node["type"] == "PrimitiveNode":  # the workflows' one checkpoint value, shared by every stage
-            node["widgets_values"][0] = CHECKPOINT
+        if node["type"] == "PrimitiveNode" and str(node["widgets_values"][0]).endswith(".safetensors"):
+            node["widgets_values"][0] = CHECKPOINT  # the workflows' checkpoint value, shared by every stage
         elif node["type"] == "CheckpointLoaderSimple":
             set_widget(node, "ckpt_name", CHECKPOINT, object_info)
         for widget, value in TINY_SETTINGS.get(node["type"], {}).items():
@@ -121,10 +124,11 @@ def tiny_workflow(name: str, object_info: dict, *, scorers: dict | None = None) 
     return workflow
 
 
-def to_prompt(server, workflow: dict) -> dict:
+def to_prompt(server, workflow: dict, *, validate: bool = True) -> dict:
     """Validate against the live definitions, convert as the frontend would, swap in the tiny loader."""
     object_info = server.object_info(refresh=True)
-    assert validate_workflow(workflow, object_info) == []
+    if validate:  # the choices of file lists are this server's files (the snapshot records which inputs list files)
+        assert validate_workflow(workflow, object_info, dynamic_combos=snapshot_version(SNAPSHOT)["dynamic_combos"]) == []
     graph = workflow_to_api(workflow, object_info, strict=True)
     for node in graph.values():
         if node["class_type"] == "CheckpointLoaderSimple":
@@ -149,26 +153,18 @@ def saved_images(entry: dict, node_type_outputs: str, server) -> list[Path]:
 # -- definitions and serving ------------------------------------------------------------------------
 
 def test_snapshot_matches_the_live_node_definitions(server):
-    """tests/data/object_info.json (what the offline validation uses) is what this ComfyUI and
-    this pack define; otherwise rerun tests/data/make_object_info.py."""
+    """tests/data/object_info.json's entry for this ComfyUI version (what the offline validation
+    uses) is what this ComfyUI and this pack define; otherwise rerun tests/data/make_object_info.py."""
+    entry = snapshot_version(SNAPSHOT, comfyui_version(server.comfyui_path))
     live = server.object_info(refresh=True)
     ours_live = {k for k in server.nodes_of_pack()}
-    ours_snapshot = {k for k in SNAPSHOT["nodes"] if k.startswith("VersaT2I_")}
+    ours_snapshot = {k for k in entry["nodes"] if k.startswith("VersaT2I_")}
     assert ours_live == ours_snapshot, "node set changed: rerun tests/data/make_object_info.py"
-    # Core nodes change between ComfyUI versions: compared only against the version the snapshot was
-    # made with. Ours always, with the choices they take from KSampler named (harness docstring).
-    version = server.get_json("/system_stats")["system"].get("comfyui_version")
-    compared = [kind for kind in SNAPSHOT["nodes"] if kind in ours_snapshot or version == SNAPSHOT["comfyui_version"]]
-
-    def comparable(kind: str, node: dict, definitions: dict) -> dict:
-        return with_core_choices_named(node, definitions) if kind in ours_snapshot else node
-
-    stale = [kind for kind in compared
-             if comparable(kind, snapshot_node_definition(live[kind], SNAPSHOT["dynamic_combos"].get(kind, ())), live)
-             != comparable(kind, SNAPSHOT["nodes"][kind], SNAPSHOT["nodes"])]
+    stale = [kind for kind, expected in entry["nodes"].items()
+             if snapshot_node_definition(live[kind], entry["dynamic_combos"].get(kind, ())) != expected]
     assert stale == [], f"definitions changed for {stale}: rerun tests/data/make_object_info.py"
     # The inputs recorded as file lists are: the tiny checkpoint shows up in them.
-    for kind, names in SNAPSHOT["dynamic_combos"].items():
+    for kind, names in entry["dynamic_combos"].items():
         for name in names:
             if name == "ckpt_name":
                 spec = live[kind]["input"]["required"][name]
@@ -277,28 +273,145 @@ def test_quick_loop_trains_one_lora_then_the_unmuted_group_uses_it(server):
     assert lora.stat().st_mtime_ns == stamp, "the finished LoRA was trained again"
 
 
-# -- refused before anything runs ---------------------------------------------------------------------
+# -- queueing again, an aspect that keeps nothing --------------------------------------------------------
 
-@pytest.mark.parametrize("workflow_name, node_type, widget, value, error_type", [
-    (LOOP, "VersaT2I_LoadScorers", "aesthetics", "no-such-scorer", "custom_validation_failed"),
-    (INFERENCE, "VersaT2I_GatedMultiLoRALoader", "mode", "blend", "custom_validation_failed"),
-    (QUICK, "VersaT2I_GenerateCandidates", "sampler_name", "euler_fast", "custom_validation_failed"),
-    (INFERENCE, "KSampler", "sampler_name", "euler_fast", "value_not_in_list"),
+def file_states(folder: Path) -> dict:
+    """Every file's bytes and identity (inode, mtime): a rewrite with equal bytes still changes it."""
+    return {p: (p.read_bytes(), p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+def ui_texts(entry: dict) -> list[str]:
+    return [t for out in entry["outputs"].values() for t in out.get("text", []) if isinstance(t, str)]
+
+
+def clear_comfyui_cache(server) -> None:
+    """What another prompt (or the Free memory button) does: ComfyUI drops its cached outputs, so
+    the next queue runs every node again (POST /free; the flag is read before the next prompt)."""
+    status, _ = server.request("POST", "/free", {"free_memory": True, "unload_models": True})
+    assert status == 200
+
+
+@pytest.mark.slow
+def test_the_same_workflow_queued_again_after_a_cache_clear_does_no_work(server):
+    """The docs promise that queueing again re-runs only what changed: after ComfyUI's cache is
+    cleared every node runs again, and the pack's nodes find their results on disk (the training set
+    by its content fingerprint, the LoRA by its inputs' fingerprint) instead of refusing or
+    retraining."""
+    object_info = server.object_info(refresh=True)
+    workflow = tiny_workflow(QUICK, object_info)
+    for node in workflow["nodes"]:  # names of its own, so the other tests' runs don't matter
+        if node["type"] == "VersaT2I_SaveTrainingSet":
+            set_widget(node, "name", "versat2i/requeue", object_info)
+        elif node["type"] == "VersaT2I_TrainAspectLoRA":
+            set_widget(node, "lora_name", "requeue", object_info)
+    first = run(server, workflow)
+    dataset = server.base_dir / "output" / "versat2i" / "requeue"
+    lora = server.base_dir / "models" / "loras" / "versat2i" / "requeue.safetensors"
+    runs = server.base_dir / "output" / "versat2i" / "lora_runs"
+    made = file_states(dataset), file_states(lora.parent), sorted(runs.rglob("*"))
+    assert any("LoRA: versat2i/requeue.safetensors" == t for t in ui_texts(first)), ui_texts(first)
+
+    clear_comfyui_cache(server)
+    second = run(server, workflow)  # no error
+    texts = ui_texts(second)
+    assert any("unchanged, reused (same content)" in t for t in texts), texts
+    assert any("LoRA: versat2i/requeue.safetensors (already trained from these inputs)" in t for t in texts), texts
+    assert (file_states(dataset), file_states(lora.parent), sorted(runs.rglob("*"))) == made, "something was redone"
+
+
+@pytest.mark.slow
+def test_an_aspect_that_keeps_no_image_does_not_stop_the_loop(server):
+    """The loop workflow where the geometry threshold keeps nothing (as when no candidate shows a
+    person): the other three LoRAs are trained, the gate mixes them, and the nodes say which aspect
+    was left out."""
+    object_info = server.object_info(refresh=True)
+    workflow = tiny_workflow(LOOP, object_info)
+    for node in workflow["nodes"]:
+        if node["type"] == "VersaT2I_FilterBestPerPrompt":
+            set_widget(node, "aspect_thresholds", "geometry = 100000000", object_info)  # above any sharpness
+        elif node["type"] == "VersaT2I_SaveTrainingSet":
+            set_widget(node, "name", "versat2i/no-geometry", object_info)
+        elif node["type"] == "VersaT2I_TrainGate":
+            set_widget(node, "mol_name", "no-geometry", object_info)
+    entry = run(server, workflow)
+    loras = server.base_dir / "models" / "loras" / "versat2i"
+    trained = ["aesthetics", "alignment", "lowlevel"]
+    for aspect in trained:
+        assert kohya_lora_keys(loras / f"no-geometry_{aspect}.safetensors")
+    assert not (loras / "no-geometry_geometry.safetensors").exists()
+    from versat2i.trainer.mol_file import read_mol
+
+    assert list(read_mol(loras / "no-geometry.mol.safetensors").aspects) == trained
+    texts = ui_texts(entry)
+    assert any("geometry: NO IMAGE KEPT" in t for t in texts), texts  # Save Training Set
+    assert any(t.startswith("NOT TRAINED: aspect 'geometry' kept no image") for t in texts), texts  # Train LoRA
+    assert any("MoL file: versat2i/no-geometry.mol.safetensors" in t and "Not in the mixture: aspect 'geometry'" in t
+               for t in texts), texts  # Train Gate
+
+
+# -- refused, or failing, with one error on the input at fault ----------------------------------------------
+
+def checks_v3_combos(server) -> bool:
+    """ComfyUI 0.33 checks V3 combo values when a prompt is queued; 0.3.64 lets them through."""
+    return tuple(int(p) for p in comfyui_version(server.comfyui_path).split(".")[:2]) >= (0, 4)
+
+
+def errors_by_node(refused: PromptRejected) -> dict[str, list[dict]]:
+    return {node_id: node["errors"] for node_id, node in refused.node_errors.items()}
+
+
+@pytest.mark.parametrize("workflow_name, node_type, widget, value", [
+    (LOOP, "VersaT2I_LoadScorers", "aesthetics", "no-such-scorer"),
+    (INFERENCE, "VersaT2I_GatedMultiLoRALoader", "mode", "blend"),
+    (QUICK, "VersaT2I_GenerateCandidates", "sampler_name", "euler_fast"),
+    (QUICK, "VersaT2I_TrainAspectLoRA", "lr_scheduler", "sometimes"),
+    (INFERENCE, "KSampler", "sampler_name", "euler_fast"),
 ])
-def test_a_bad_combo_value_is_refused(server, workflow_name, node_type, widget, value, error_type):
+def test_a_bad_combo_value_is_one_error_on_its_input(server, workflow_name, node_type, widget, value):
+    """ComfyUI 0.33 refuses it when queued, one error on that input; 0.3.64 checks only core (V1)
+    combos, and the pack's node refuses the value when it runs, naming the input."""
     object_info = server.object_info(refresh=True)
     workflow = tiny_workflow(workflow_name, object_info)
+    for mixture in (n for n in workflow["nodes"] if n["type"] == "VersaT2I_GatedMultiLoRALoader"):
+        # no MoL file needed (the loop test may not have made one): only the bad value is at fault
+        set_widget(mixture, "mol_file", "none (use the LoRA list)", object_info)
     node = next(n for n in workflow["nodes"] if n["type"] == node_type)
     set_widget(node, widget, value, object_info)
-    problems = validate_workflow(workflow, object_info, dynamic_combos=SNAPSHOT["dynamic_combos"])
+    problems = validate_workflow(workflow, object_info, dynamic_combos=snapshot_version(SNAPSHOT)["dynamic_combos"])
     assert any(value in p for p in problems), problems  # the offline check sees it too
-    graph = workflow_to_api(workflow, object_info, strict=True)
-    for api_node in graph.values():
-        if api_node["class_type"] == "CheckpointLoaderSimple":
-            api_node["class_type"] = TINY_LOADER
+    graph = to_prompt(server, workflow, validate=False)
+    if node_type.startswith("VersaT2I_") and not checks_v3_combos(server):
+        with pytest.raises(PromptFailed) as failed:
+            server.run(graph, timeout=600)
+        message = str(failed.value).split("\n", 1)[0]
+        assert f"node {node['id']} ({node_type}) raised ValueError: {widget}" in message, message
+        assert repr(value) in message, message
+        return
     history_before = server.get_json("/history")
     with pytest.raises(PromptRejected) as refused:
         server.queue(graph)
-    assert error_type in refused.value.error_types(), refused.value.details()
-    assert value in refused.value.details()
+    errors = errors_by_node(refused.value)
+    assert list(errors) == [str(node["id"])], refused.value.details()  # no other node complains
+    (error,) = errors[str(node["id"])]
+    assert error["type"] == "value_not_in_list" and error["extra_info"]["input_name"] == widget
+    assert value in error["details"]
     assert server.get_json("/history").keys() == history_before.keys(), "something ran"
+
+
+def test_a_missing_checkpoint_is_one_error_on_each_ckpt_name(server):
+    """Before: each Train node showed it as 8 identical errors, on inputs unrelated to it."""
+    object_info = server.object_info(refresh=True)
+    workflow = tiny_workflow(LOOP, object_info)
+    for node in workflow["nodes"]:
+        if node["type"] == "PrimitiveNode" and node["widgets_values"][0] == CHECKPOINT:  # feeds every stage
+            node["widgets_values"][0] = "deleted-meanwhile.safetensors"
+    with pytest.raises(PromptRejected) as refused:
+        server.queue(to_prompt(server, workflow, validate=False))
+    errors = errors_by_node(refused.value)
+    ours = {node["id"]: node["type"] for node in workflow["nodes"]
+            if node["type"] in ("VersaT2I_TrainAspectLoRA", "VersaT2I_TrainGate")}
+    assert len(ours) == 5
+    for node_id in ours:
+        (error,) = errors[str(node_id)]
+        assert error["extra_info"]["input_name"] == "ckpt_name", error
+        assert "deleted-meanwhile.safetensors" in error["details"], error

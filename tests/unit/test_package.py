@@ -106,6 +106,53 @@ def test_pyproject_has_project_and_comfy_registry_tables():
     assert not listed & {"torch", "torchvision", "torchaudio"}, "requirements.txt must not pin torch"
 
 
+def test_registry_metadata_declares_the_repository_and_the_supported_comfyui_versions():
+    """What the Comfy Registry reads (comfy-cli's config parser): [project.urls] Repository, and
+    [tool.comfy] requires-comfyui, a version range in its format that spans every ComfyUI version the
+    test tiers run against (tests/server/harness.py SUPPORTED_COMFYUI_VERSIONS)."""
+    sys.path.insert(0, str(PACK_ROOT / "tests" / "server"))
+    from harness import SUPPORTED_COMFYUI_VERSIONS
+
+    meta = tomllib.loads((PACK_ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert meta["project"]["urls"]["Repository"].startswith("https://github.com/")
+    required = meta["tool"]["comfy"]["requires-comfyui"]
+    parts = [part.strip() for part in required.split(",")]
+    # comfy-cli's validate_version: [operator]major.minor.patch per comma-separated part
+    assert all(re.fullmatch(r"(==|>=|<=|!=|~=|>|<|<>|=)?\s*\d+\.\d+\.\d+(-[a-zA-Z0-9]+)?", p) for p in parts), required
+
+    def as_tuple(version: str) -> tuple[int, ...]:
+        return tuple(int(n) for n in version.split("."))
+
+    bounds = {re.match(r"[<>=!~]*", p).group(0): as_tuple(re.sub(r"^[<>=!~]*\s*", "", p)) for p in parts}
+    for version in SUPPORTED_COMFYUI_VERSIONS:
+        assert as_tuple(version) >= bounds[">="] and as_tuple(version) < bounds["<"], (version, required)
+
+
+def test_the_published_archive_leaves_out_tests_benchmarks_and_tools():
+    """comfy-cli (``comfy node publish``) zips the git-tracked files minus the .comfyignore patterns
+    (gitwildmatch, pathspec): nothing under tests/, bench/ or tools/ goes to the registry (its scanner
+    flags test files), every module of the pack does, and no pack module imports those folders."""
+    pathspec = pytest.importorskip("pathspec")
+    git = shutil.which("git")
+    listed = subprocess.run([git, "-C", str(PACK_ROOT), "ls-files"], capture_output=True, text=True, check=False) \
+        if git else None
+    if listed is None or listed.returncode != 0:
+        pytest.skip("not a git checkout: the archive is made from git-tracked files")
+    patterns = [line.strip() for line in (PACK_ROOT / ".comfyignore").read_text().splitlines()
+                if line.strip() and not line.lstrip().startswith("#")]
+    ignored = pathspec.PathSpec.from_lines("gitwildmatch", patterns)
+    tracked = [name for name in listed.stdout.splitlines() if name.strip()]
+    published = [name for name in tracked if not ignored.match_file(name)]
+    assert not [n for n in published if n.split("/", 1)[0] in ("tests", "bench", "tools")]
+    assert any(n.startswith("tests/") for n in tracked)  # the check is not vacuous
+    for module in ("__init__.py", "nodes/load_scorers.py", "rewards/download.py", "training_set/writer.py"):
+        assert module in published, module
+    assert "workflows/versat2i_self_improvement_loop.json" in published
+    offenders = [n for n in published if n.endswith(".py")
+                 and re.search(r"^\s*(from|import)\s+(tests|bench|tools)\b", (PACK_ROOT / n).read_text(), re.M)]
+    assert offenders == []
+
+
 def test_comfy_registry_icon_is_an_image_shipped_in_the_repository():
     # ComfyUI's registry shows [tool.comfy] Icon: an https URL of an image. Ours is the raw GitHub
     # URL of a file in this repository (under [project.urls] Homepage), so the file must exist here.

@@ -20,10 +20,13 @@ from pathlib import Path
 
 import pytest
 from harness import (
+    SUPPORTED_COMFYUI_VERSIONS,
     WorkflowError,
     _widget_inputs,
     has_control_widget,
+    load_snapshot,
     node_code_sha256,
+    snapshot_version,
     validate_workflow,
     workflow_to_api,
 )
@@ -35,8 +38,10 @@ TESTS = Path(__file__).resolve().parents[1]
 REPO = TESTS.parent
 
 WORKFLOWS = REPO / "workflows"
-SNAPSHOT = json.loads((TESTS / "data" / "object_info.json").read_text())
-DEFINITIONS, DYNAMIC = SNAPSHOT["nodes"], SNAPSHOT["dynamic_combos"]
+SNAPSHOT = load_snapshot()
+# The oldest supported version's definitions (the frontend the workflows are written for); every
+# version's are checked by test_workflow_matches_the_node_definitions_of_every_supported_version.
+DEFINITIONS, DYNAMIC = snapshot_version(SNAPSHOT)["nodes"], snapshot_version(SNAPSHOT)["dynamic_combos"]
 LOOP, INFERENCE, QUICK = "versat2i_self_improvement_loop", "versat2i_gated_inference", "versat2i_quick_loop_one_aspect"
 FRONTEND_ONLY = {"Note", "MarkdownNote", "PrimitiveNode", "Reroute"}
 TITLE_HEIGHT = 30  # litegraph draws a node's title bar above its pos
@@ -68,14 +73,25 @@ def source(graph: dict, value) -> dict:
 SHIPPED = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
 
 
-def test_the_snapshot_was_made_from_the_current_node_code():
+@pytest.mark.parametrize("version", SUPPORTED_COMFYUI_VERSIONS)
+def test_the_snapshot_was_made_from_the_current_node_code(version):
     """The definitions below are only as current as the snapshot: a change to the code of nodes/*.py
-    after it was made (a new input, a renamed output) would let stale workflows pass here. Comments,
-    docstrings, tooltips and descriptions are not part of the key (tests/unit/test_snapshot_key.py)."""
-    assert SNAPSHOT.get("node_code_sha256") == node_code_sha256(REPO), (
-        "tests/data/object_info.json is older than the code in nodes/*.py: regenerate it with "
-        "`COMFYUI_PATH=/path/to/ComfyUI .venv/bin/python tests/data/make_object_info.py` "
+    after it was made (a new input, a renamed output) would let stale workflows pass here. Every
+    supported ComfyUI version has its entry. Comments, docstrings, tooltips and descriptions are not
+    part of the key (tests/unit/test_snapshot_key.py)."""
+    assert snapshot_version(SNAPSHOT, version).get("node_code_sha256") == node_code_sha256(REPO), (
+        f"ComfyUI {version}'s entry of tests/data/object_info.json is older than the code in nodes/*.py: regenerate it with "
+        f"`COMFYUI_PATH=/path/to/ComfyUI-{version} .venv/bin/python tests/data/make_object_info.py` "
         "(and the workflows with tools/build_workflows.py if a definition changed)")
+
+
+@pytest.mark.parametrize("version", SUPPORTED_COMFYUI_VERSIONS)
+@pytest.mark.parametrize("name", sorted(p.stem for p in WORKFLOWS.glob("*.json")))
+def test_workflow_matches_the_node_definitions_of_every_supported_version(name, version):
+    """Core nodes change between ComfyUI versions (0.33's PreviewImage declares an output); a shipped
+    workflow must load in each supported one."""
+    entry = snapshot_version(SNAPSHOT, version)
+    assert validate_workflow(load(name), entry["nodes"], dynamic_combos=entry["dynamic_combos"]) == []
 
 
 def test_the_three_workflows_are_shipped_in_ui_format():

@@ -78,6 +78,15 @@ def test_score_then_build_dataset(folder, tmp_path, capsys):
     assert {e.file.split("/")[0] for e in entries} == {"5_sharp"}
     assert {e.file.split("/")[0] for e in read_manifest(out_root / "run1", aspect="bright")} == {"2_bright"}
     assert "sharp: kept 2 of 2 prompts" in out
+    # the same command again: the set is there with this content; nothing is written, no error
+    manifest = out_root / "run1" / "manifest.jsonl"
+    stamp = manifest.stat().st_mtime_ns
+    code, out, err = run(capsys, "build-dataset", scores, "--images", folder, "--out", out_root, "--name", "run1",
+                         "--threshold", "sharp=p0", "--repeats", "5", "--repeats", "bright=2")
+    assert code == 0, err
+    assert "unchanged: it holds this content already" in out and manifest.stat().st_mtime_ns == stamp
+    code, _out, err = run(capsys, "build-dataset", scores, "--images", folder, "--out", out_root, "--name", "run1")
+    assert code != 0 and "holds other content" in err and "--overwrite" in err
 
 
 def test_jsonl_prompts_carry_seeds_to_the_manifest(folder, tmp_path, capsys):

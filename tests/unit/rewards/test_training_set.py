@@ -188,6 +188,61 @@ def test_existing_dataset_is_not_overwritten_unless_asked(root, table, images):
     assert {e.candidate_index for e in read_manifest(root / "run1")} == {0}
 
 
+def file_states(folder: Path) -> dict:
+    """Every file's bytes and identity (inode, mtime): a rewrite with equal bytes still changes it."""
+    return {p: (p.read_bytes(), p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+def test_the_same_content_again_returns_the_existing_set_and_writes_nothing(root, table, images):
+    first = write(root, table, images, thresholds={"lowlevel": 15.0})
+    assert not first.reused
+    before = file_states(root / "run1")
+    again = write(root, table, images.clone(), thresholds={"lowlevel": 15.0})  # equal content, other tensors
+    assert again.reused and again.path == first.path
+    assert again.summary["content_sha256"] == first.summary["content_sha256"]
+    assert [e.to_dict() for e in again.entries] == [e.to_dict() for e in first.entries]
+    assert file_states(root / "run1") == before  # nothing rewritten: a LoRA trained on it stays valid
+    # overwrite=True does not rewrite equal content either
+    assert write(root, table, images, thresholds={"lowlevel": 15.0}, overwrite=True).reused
+    assert file_states(root / "run1") == before
+
+
+@pytest.mark.parametrize("change", ["threshold", "repeats", "score", "caption", "pixels"])
+def test_any_change_to_the_content_is_another_set(root, table, images, change):
+    write(root, table, images)
+    before = file_states(root / "run1")
+    kwargs, other_table, other_images = {}, table, images
+    if change == "threshold":
+        kwargs["thresholds"] = {"lowlevel": 15.0}  # keeps other images for lowlevel
+    elif change == "repeats":
+        kwargs["repeats"] = 3
+    elif change == "score":  # same picks, one kept score differs
+        other_table = ScoreTable.from_scores(
+            {"aesthetics": [5.0, 6.6, 4.0, 3.0, 5.5, 5.5], "lowlevel": [10.0, 30.0, 20.0, 40.0, 5.0, 1.0]},
+            SCORERS, PROMPTS, seeds=SEEDS)
+    elif change == "caption":
+        other_table = ScoreTable.from_scores(
+            {"aesthetics": [5.0, 6.5, 4.0, 3.0, 5.5, 5.5], "lowlevel": [10.0, 30.0, 20.0, 40.0, 5.0, 1.0]},
+            SCORERS, [p.replace("fox", "cat") for p in PROMPTS], seeds=SEEDS)
+    else:  # a kept image's pixels (the table scored these pixels: no fingerprints recorded in it)
+        other_images = images.clone()
+        other_images[1] = 1.0 - other_images[1]
+    with pytest.raises(TargetExistsError, match="already exists and holds other content") as info:
+        write(root, other_table, other_images, **kwargs)
+    assert info.value.path == (root / "run1").resolve()
+    assert file_states(root / "run1") == before
+    replaced = write(root, other_table, other_images, overwrite=True, **kwargs)
+    assert not replaced.reused and file_states(root / "run1") != before
+
+
+def test_a_folder_that_is_no_training_set_is_not_reused(root, table, images):
+    (root / "run1").mkdir()
+    (root / "run1" / "notes.txt").write_text("mine")
+    with pytest.raises(TargetExistsError, match="holds other content"):
+        write(root, table, images)
+    assert (root / "run1" / "notes.txt").read_text() == "mine"
+
+
 @pytest.mark.parametrize("name", ["../escape", "/tmp/abs", "a/../../escape", "", "C:\\x"])
 def test_dataset_name_is_confined(root, table, images, name):
     with pytest.raises(ValueError, match="dataset name"):

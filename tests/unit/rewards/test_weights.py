@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from versat2i.rewards import weights
+from versat2i.rewards.registry import SCORERS, WEIGHT_INPUTS, get_scorer
 from versat2i.rewards.weights import (
     MissingWeightsError,
     WeightFile,
@@ -87,14 +88,37 @@ def test_find_weights_accepts_an_explicit_absolute_path(tmp_path):
 
 
 def test_documented_file_names_are_the_published_ones():
-    assert weights.CLIP_VIT_L_14_OPENAI.relative_path == "clip/ViT-L-14-openai.safetensors"
+    """Every single file keeps the name it is published under (its Hub file name): nothing to rename."""
+    assert weights.CLIP_VIT_L_14_OPENAI.relative_path == "clip/open_clip_model.safetensors"
     assert weights.LAION_AESTHETIC_MLP.relative_path == "aesthetic/sac+logos+ava1-l14-linearMSE.pth"
+    for relative_path, source in weights.HUB_FILES.items():
+        assert relative_path.rsplit("/", 1)[1] == source.filename
+        assert source.url.startswith(f"https://huggingface.co/{source.repo_id}/resolve/main/")
+    assert set(weights.HUB_FILES) == {weights.CLIP_VIT_L_14_OPENAI.relative_path,
+                                      weights.LAION_AESTHETIC_MLP.relative_path, weights.HPS_V2_1.relative_path}
     assert weights.HPS_V2_1.relative_path == "hps/HPS_v2.1_compressed.pt"
     assert weights.PICKSCORE_MODEL.relative_path == "pickscore/PickScore_v1"
     assert weights.PICKSCORE_PROCESSOR.relative_path == "pickscore/CLIP-ViT-H-14-laion2B-s32B-b79K"
     for spec in (weights.CLIP_VIT_L_14_OPENAI, weights.LAION_AESTHETIC_MLP, weights.HPS_V2_1,
                  weights.PICKSCORE_MODEL, weights.PICKSCORE_PROCESSOR):
         assert "huggingface.co" in spec.source_hint or "github.com" in spec.source_hint
+
+
+def test_the_clip_file_is_found_under_the_name_earlier_versions_asked_for(tmp_path):
+    """Users who renamed the CLIP file as the old README said keep working; the published name wins."""
+    spec = weights.CLIP_VIT_L_14_OPENAI
+    legacy = tmp_path / "clip" / "ViT-L-14-openai.safetensors"
+    legacy.parent.mkdir()
+    legacy.write_bytes(b"old name")
+    assert find_weights(spec, [tmp_path]) == legacy
+    published = tmp_path / "clip" / "open_clip_model.safetensors"
+    published.write_bytes(b"published name")
+    assert find_weights(spec, [tmp_path]) == published
+    published.unlink()
+    legacy.unlink()
+    with pytest.raises(MissingWeightsError) as info:  # the error names the published file
+        find_weights(spec, [tmp_path])
+    assert info.value.relative_path == "clip/open_clip_model.safetensors"
 
 
 # -- hashing -------------------------------------------------------------------------------------
@@ -207,3 +231,14 @@ def test_torch_load_weights_only_refuses_pickled_objects(tmp_path):
     torch.save((torch.zeros(2), _Payload()), str(path))
     with pytest.raises(WeightsFormatError, match="refused for safety"):
         torch_load_weights_only(path)
+
+
+@pytest.mark.parametrize("name", [name for name, entry in SCORERS.items() if entry.weight_inputs])
+def test_the_weight_inputs_of_load_scorers_are_options_the_scorer_reads(name, tmp_path):
+    """Load Scorers sets a scorer's ``weight_inputs`` from its file inputs: each must be an option the
+    factory accepts and reads (the missing file it reports is the one the option named)."""
+    options = {option: WEIGHT_INPUTS[option].relative_path.split("/")[0] + "/chosen-by-the-user.bin"
+               for option in SCORERS[name].weight_inputs}
+    with pytest.raises(MissingWeightsError) as info:
+        get_scorer(name, search_dirs=[tmp_path], cache=False, **options)
+    assert info.value.relative_path in options.values()

@@ -1,0 +1,174 @@
+"""The shipped workflows in ComfyUI's own frontend, in a real (headless) chromium, as a user meets
+them: open one from the template browser, see no missing-node / missing-model / validation dialog,
+set small values, press Run, wait for it to finish, check the outputs on disk. Run with
+``make test-browser COMFYUI_PATH=...`` (both supported ComfyUI versions: 0.3.64 ships frontend 1.27,
+0.33 frontend 1.49); ``make test`` leaves this tier out.
+
+The server is a real ComfyUI with the pack and the test-only pack (tests/server/versat2i_test_nodes)
+in its custom_nodes. What differs from a user's machine, and why:
+
+* models/checkpoints holds the tiny SD1.5-shaped checkpoint under the name the workflows use
+  (v1-5-pruned-emaonly-fp16.safetensors), and the prompt the page posts gets
+  ``VersaT2ITest_TinyCheckpointLoader`` for ``CheckpointLoaderSimple`` (ComfyUI's model detection
+  only knows real-size checkpoints; the training nodes read the same file);
+* models/versat2i holds stand-in files under the scorer weights' published names: the workflows run
+  with weight-free analytic scorers (set like the other small values), and the files are there so
+  the frontend finds every declared model;
+* sizes, steps and ranks are set small (seconds on a CPU).
+
+``test_a_new_user_is_shown_the_missing_model_files`` opens a workflow on a server without those
+files: the frontend's missing-models dialog (1.27) or error panel (1.49) must list every file.
+A screenshot of each finished workflow goes to ``$VERSAT2I_SCREENSHOTS`` (docs/screenshots with
+``make test-browser``), else the test's temporary folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from frontend import Frontend, write_settings
+from harness import ComfyServer, comfyui_version
+from safetensors import safe_open
+from tiny_models.sd import build_tiny_sd15
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+TEST_PACK = REPO / "tests" / "server" / "versat2i_test_nodes"
+TINY_LOADER = "VersaT2ITest_TinyCheckpointLoader"
+CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"  # what the shipped workflows name
+SCORER_FILES = ("clip/open_clip_model.safetensors", "aesthetic/sac+logos+ava1-l14-linearMSE.pth")
+LOOP, INFERENCE, QUICK = "versat2i_self_improvement_loop", "versat2i_gated_inference", "versat2i_quick_loop_one_aspect"
+ASPECTS = ("aesthetics", "alignment", "geometry", "lowlevel")
+ANALYTIC = {"aesthetics": "analytic:contrast", "alignment": "analytic:colourfulness", "geometry": "analytic:sharpness",
+            "lowlevel": "analytic:exposure"}
+TRAINING = {"steps": 3, "learning_rate": 2e-2, "rank": 4, "alpha": 4.0, "resolution": 64}
+SMALL = {
+    "VersaT2I_GenerateCandidates": {"k": 2, "steps": 2, "width": 64, "height": 64, "batch_size": 2},
+    "VersaT2I_TrainAspectLoRA": TRAINING,
+    "VersaT2I_TrainGate": {"steps": 3, "resolution": 64},
+    "EmptyLatentImage": {"width": 64, "height": 64},
+    "KSampler": {"steps": 2},
+}
+VIEWPORT = {"width": 2400, "height": 2200}  # a whole workflow at a readable zoom (about 0.8)
+
+
+def start_server(comfyui_path: Path, base: Path, *, with_models: bool) -> ComfyServer:
+    if with_models:
+        tiny = build_tiny_sd15(base.parent / f"{base.name}-tiny")
+        checkpoints = base / "models" / "checkpoints"
+        checkpoints.mkdir(parents=True)
+        shutil.copy(tiny.checkpoint, checkpoints / CHECKPOINT)
+        shutil.copytree(tiny.folder, checkpoints / (Path(CHECKPOINT).stem + ".configs"),
+                        ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))  # the tiny loader's configs
+        for name in SCORER_FILES:
+            path = base / "models" / "versat2i" / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"stand-in: these tests score with analytic scorers")
+    write_settings(base)
+    return ComfyServer.start(comfyui_path, base, extra_packs={"versat2i-test-nodes": TEST_PACK})
+
+
+@pytest.fixture(scope="module")
+def server(comfyui_path, browser, tmp_path_factory):
+    started = start_server(comfyui_path, tmp_path_factory.mktemp("browser-server"), with_models=True)
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+@pytest.fixture
+def frontend(browser, server):
+    context = browser.new_context(viewport=VIEWPORT)
+    page = context.new_page()
+    try:
+        yield Frontend(page, server.url)
+    finally:
+        context.close()
+
+
+@pytest.fixture(scope="session")
+def screenshots(tmp_path_factory) -> Path:
+    folder = os.environ.get("VERSAT2I_SCREENSHOTS")
+    return Path(folder).resolve() if folder else tmp_path_factory.mktemp("screenshots")
+
+
+def run_workflow(frontend: Frontend, server: ComfyServer, workflow: str, screenshots: Path, *,
+                 timeout: float = 900) -> dict:
+    """Open ``workflow`` from the template browser, check nothing stops the user, set small values,
+    press Run, wait until it finished and save a screenshot; returns ComfyUI's history entry."""
+    frontend.open()
+    frontend.open_template(workflow)
+    assert frontend.problems() == [], f"{workflow}: the frontend shows problems on load"
+    enabled = frontend.page.evaluate("""() => {
+        const nodes = window.app.graph._nodes || window.app.graph.nodes;
+        const scorers = nodes.find(n => n.type === 'VersaT2I_LoadScorers');
+        return scorers ? scorers.widgets.filter(w => w.value !== 'disabled').map(w => w.name) : [];
+    }""")
+    scorers = {aspect: ANALYTIC[aspect] for aspect in ASPECTS if aspect in enabled}
+    frontend.set_widgets({**SMALL, **({"VersaT2I_LoadScorers": scorers} if scorers else {})})
+    frontend.replace_in_queued_prompts({"CheckpointLoaderSimple": TINY_LOADER})
+    queued = frontend.press_run()
+    assert queued["status"] == 200, f"the server refused the prompt: {queued['answer']}"
+    entry = server.wait(queued["prompt_id"], timeout=timeout)
+    frontend.page.wait_for_timeout(2000)  # the page shows the last outputs
+    assert frontend.problems() == [], f"{workflow}: the frontend shows problems after the run"
+    frontend.fit_view()
+    frontend.screenshot(screenshots / f"{workflow}.comfyui-{comfyui_version(server.comfyui_path)}.jpg")
+    return entry
+
+
+def lora_keys(path: Path) -> list[str]:
+    with safe_open(str(path), framework="pt") as handle:
+        return list(handle.keys())
+
+
+def test_a_new_user_is_shown_the_missing_model_files(browser, comfyui_path, tmp_path, screenshots):
+    """No model file yet: opening a workflow lists each one it needs (the declared name, folder and
+    download link), so nothing has to be looked up or renamed by hand."""
+    bare = start_server(comfyui_path, tmp_path / "bare", with_models=False)
+    context = browser.new_context(viewport={"width": 1600, "height": 1000})
+    try:
+        frontend = Frontend(context.new_page(), bare.url)
+        frontend.open()
+        frontend.open_template(QUICK)
+        listed = frontend.missing_models()
+        assert sorted(listed) == sorted([f"checkpoints / {CHECKPOINT}", *(f"versat2i / {n}" for n in SCORER_FILES)])
+        frontend.screenshot(screenshots / f"missing-models.comfyui-{comfyui_version(comfyui_path)}.jpg")
+    finally:
+        context.close()
+        bare.stop()
+
+
+def test_quick_loop(frontend, server, screenshots):
+    run_workflow(frontend, server, QUICK, screenshots)
+    dataset = server.base_dir / "output" / "versat2i" / "quick"
+    assert len(list((dataset / "10_aesthetics").glob("*.png"))) == 4  # the best of each of the 4 prompts
+    lora = server.base_dir / "models" / "loras" / "versat2i" / "quick_aesthetics.safetensors"
+    assert any(key.startswith("lora_unet_") for key in lora_keys(lora))
+
+
+def test_self_improvement_loop(frontend, server, screenshots):
+    run_workflow(frontend, server, LOOP, screenshots)
+    dataset = server.base_dir / "output" / "versat2i" / "loop"
+    assert sorted(p.name for p in dataset.iterdir() if p.is_dir()) == [f"10_{a}" for a in ASPECTS]
+    loras = server.base_dir / "models" / "loras" / "versat2i"
+    for aspect in ASPECTS:
+        assert any(key.startswith("lora_unet_") for key in lora_keys(loras / f"loop_{aspect}.safetensors"))
+    from versat2i.trainer.mol_file import read_mol
+
+    assert list(read_mol(loras / "loop.mol.safetensors").aspects) == list(ASPECTS)
+
+
+def test_gated_inference(frontend, server, screenshots):
+    if not (server.base_dir / "models" / "loras" / "versat2i" / "loop.mol.safetensors").is_file():
+        pytest.skip("needs the self-improvement loop's MoL file: run the whole module")
+    entry = run_workflow(frontend, server, INFERENCE, screenshots)
+    images = [image for output in entry["outputs"].values() for image in output.get("images", [])
+              if image.get("type") == "output"]
+    assert len(images) == 1 and images[0]["filename"].startswith("gated_")
+    assert (server.base_dir / "output" / images[0]["subfolder"] / images[0]["filename"]).is_file()
