@@ -19,10 +19,10 @@ from comfy_api.latest import io
 
 from ..safe_io import confined_path, file_identity
 from ..trainer.config import MIXED_PRECISIONS
-from ..trainer.gate import BALANCE_KINDS, GRANULARITIES
+from ..trainer.gate import BALANCE_KINDS, GATE_KINDS, GRANULARITIES
 from ..trainer.launcher import TrainingFailed
 from ..trainer.mol_file import MOL_SUFFIX
-from ..trainer.train_gate import GateTrainConfig, gate_run_fingerprint, train_gate_or_reuse
+from ..trainer.train_gate import OBJECTIVES, GateTrainConfig, gate_run_fingerprint, train_gate_or_reuse
 from .common import TrainingHooks, category, node_id
 from .train_aspect_lora import bad_combo_message, loss_curve_image
 
@@ -142,12 +142,26 @@ class TrainGate(io.ComfyNode):
                                         "metadata (else the file name)."),
                 io.String.Input("mol_name", default="aspects",
                                 tooltip="Name of the MoL file, saved in the LoRAs' folder (.mol.safetensors added)."),
-                io.Combo.Input("granularity", options=list(GRANULARITIES), default="token",
+                io.Combo.Input("granularity", options=list(GRANULARITIES), default=GateTrainConfig.granularity,
                                tooltip="token: a gate per token from the layer input (MoLE; mode 'dynamic' at run time). "
-                                       "prompt: a gate per prompt from the text embedding (can be baked per prompt)."),
+                                       "prompt: a gate per prompt from the text embedding (can be baked per prompt). "
+                                       "layer: one learned weight per layer and LoRA (bakes exactly)."),
+                io.Combo.Input("gate_kind", options=list(GATE_KINDS), default=GateTrainConfig.gate_kind,
+                               tooltip="How the gate weighs the LoRAs. softmax: weights sum to 1 (MoLE; each aspect "
+                                       "gets a share of its LoRA). softmax_n: N x softmax, weights sum to N (starts "
+                                       "with every LoRA at full weight). sigmoid: each LoRA weighted 0..2 on its own. "
+                                       "scaled_softmax: softmax routing times a learned strength per layer and LoRA."),
+                io.Int.Input("timestep_knots", default=GateTrainConfig.timestep_knots, min=0, max=64,
+                             tooltip="0: the gate ignores the noise level. K >= 2: the gate also reads the timestep "
+                                     "(learned offsets at K noise levels, interpolated): aspects may act at "
+                                     "different steps. Such a gate runs dynamically (bake cannot merge it once)."),
                 io.Combo.Input("balance_loss", options=list(BALANCE_KINDS), default="mole",
                                tooltip="mole: -log prod(mean gate) over all layers; switch: load balancing per layer; "
                                        "none."),
+                io.Combo.Input("objective", options=list(OBJECTIVES), default=GateTrainConfig.objective,
+                               tooltip="denoise: the denoising loss over all aspects' images, each image counting the "
+                                       "same. aspect_balanced: each aspect's images count the same in total (when "
+                                       "the aspects kept different numbers of images)."),
                 io.Float.Input("balance_weight", default=0.01, min=0.0, max=100.0, step=0.001,
                                tooltip="Weight of the balancing loss against the denoising loss."),
                 io.Int.Input("steps", default=200, min=1, max=1_000_000,
@@ -190,12 +204,15 @@ class TrainGate(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, ckpt_name: str | None = None, granularity: str | None = None,
                         balance_loss: str | None = None, mixed_precision: str | None = None,
-                        dataset: str | None = None) -> bool | str:
+                        dataset: str | None = None, gate_kind: str | None = None,
+                        objective: str | None = None) -> bool | str:
         # ComfyUI 0.3.64 does not check V3 combo values: do it here.
         if ckpt_name is not None and ckpt_name not in folder_paths.get_filename_list("checkpoints"):
             return f"ckpt_name {ckpt_name!r}: not in models/checkpoints"
         for name, value, options in (("granularity", granularity, GRANULARITIES),
                                      ("balance_loss", balance_loss, BALANCE_KINDS),
+                                     ("gate_kind", gate_kind, GATE_KINDS),
+                                     ("objective", objective, OBJECTIVES),
                                      ("mixed_precision", mixed_precision, MIXED_PRECISIONS)):
             if value is not None and value not in options:
                 return bad_combo_message(name, value, options)
