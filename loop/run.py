@@ -49,9 +49,11 @@ from typing import Any
 
 from ..models.loading import model_source_paths
 from ..safe_io import atomic_write_text
+from ..trainer.lora_merges import MERGE_METHODS
 from ..trainer.training_loop import tree_identity
 from .config import LoopConfig
 from .stages import (
+    UNIFORM_SEARCH_FILE,
     EvalVariant,
     RoundPaths,
     build_scorers,
@@ -61,6 +63,7 @@ from .stages import (
     round_adapters,
     run_parallel,
     score_folder,
+    search_uniform_weight,
     train_gate,
     train_lora,
     write_report,
@@ -393,15 +396,19 @@ class LoopRound:
             self._close_bars()
 
     def gate(self) -> None:
+        """The [gate] mixture, then one per [gate_variants] entry (each its own step)."""
         config, paths = self.config, self.paths
         if not config.needs_gate:
             return
         loras = {a: paths.lora(a) for a in self.aspects}
+        inputs = identity(paths.training_set) + model_identity(config) + identity(*loras.values())
         try:
-            self.ledger.run(self.step("gate"), settings=stage_settings(config, "gate"),
-                            inputs=identity(paths.training_set) + model_identity(config) + identity(*loras.values()),
-                            outputs=[paths.mixture],
-                            work=lambda: train_gate(config, paths, loras, on_event=self._train_event))
+            for variant in (None, *config.gate_variants):
+                step = self.step("gate" if variant is None else f"gate/{variant}")
+                self.ledger.run(step, settings=gate_settings(config, variant), inputs=inputs,
+                                outputs=[paths.gate_file(variant)],
+                                work=lambda v=variant: train_gate(config, paths, loras, on_event=self._train_event,
+                                                                  variant=v))
         finally:
             self._close_bars()
 
@@ -412,14 +419,16 @@ class LoopRound:
         read_by_every_variant = model_identity(config) + scorer_weights_identity(config)
         variants = evaluation_variants(config)
         for variant in variants:
+            if variant.kind == "uniform":
+                self._search_uniform_weight(settings, read_by_every_variant)
             step = self.step(f"evaluate/{variant.dir}")
-            self.ledger.run(step, settings={**settings, "variant": variant.name},
+            self.ledger.run(step, settings={**settings, **variant_settings(config, variant)},
                             inputs=read_by_every_variant + identity(*self._variant_files(variant)),
                             outputs=[paths.eval / variant.dir],
                             work=lambda v=variant, s=step: evaluate_variant(
                                 config, v, paths, self.scorers(), progress=self._progress(s),
                                 show_progress=self.show_progress))
-        self.ledger.run(self.step("evaluate"), settings={**settings, "variants": [v.name for v in variants]},
+        self.ledger.run(self.step("evaluate"), settings={**settings, **variants_file_settings(config, variants)},
                         inputs=identity(*(paths.eval / v.dir for v in variants)),
                         outputs=[paths.eval / "variants.json"],
                         work=lambda: {"variants.json": str(write_variants(config, paths, self.number))})
@@ -431,18 +440,34 @@ class LoopRound:
                                  work=lambda: write_report(config, paths, self.number))
         return record.info
 
+    def _search_uniform_weight(self, settings: Mapping[str, Any], read_by_every_variant: list) -> None:
+        """The uniform merge weight, chosen on the validation prompts (needs the base's images)."""
+        config, paths, step = self.config, self.paths, self.step("evaluate/uniform_search")
+        self.ledger.run(step, settings={**settings, **uniform_search_settings(config)},
+                        inputs=read_by_every_variant + identity(paths.eval / "base", *self._lora_files()),
+                        outputs=[paths.uniform_search],
+                        work=lambda: search_uniform_weight(config, paths, self.scorers(), progress=self._progress(step),
+                                                           show_progress=self.show_progress))
+
     # -- helpers ------------------------------------------------------------------------------------------
+    def _lora_files(self) -> list[Path]:
+        return [self.paths.lora(a) for a in self.aspects]
+
     def _variant_files(self, variant: EvalVariant) -> list[Path]:
         if variant.kind == "lora":
             return [self.paths.lora(variant.aspect)]
-        files = [self.paths.lora(a) for a in self.aspects] if variant.kind in ("merge", "gated") else []
+        files = self._lora_files() if variant.kind not in ("base", "lora") else []
         if variant.kind == "gated" and len(self.aspects) > 1:
-            files.append(self.paths.mixture)
+            files.append(self.paths.gate_file(variant.gate_variant))
+        if variant.kind == "uniform":
+            files.append(self.paths.uniform_search / UNIFORM_SEARCH_FILE)
         return files
 
     def _train_event(self, job: str, event: dict) -> None:
         """Trainer events -> the caller's callback and one progress bar per training job."""
-        self.ledger.emit(LoopEvent(self.step(f"train/{job}" if job != "gate" else "gate"), "train", data=event))
+        gate_job = job == "gate" or job.startswith("gate-")  # train_gate's jobs: gate, gate-<variant>
+        step = "gate" + (f"/{job[len('gate-'):]}" if job != "gate" else "") if gate_job else f"train/{job}"
+        self.ledger.emit(LoopEvent(self.step(step), "train", data=event))
         if not self.show_progress:
             return
         from tqdm import tqdm
@@ -517,18 +542,50 @@ def _expected_settings(config: LoopConfig, step: str) -> dict[str, Any] | None:
         if aspect not in config.aspects:
             return None
         settings = {**settings, "aspect": aspect}
-    elif stage == "gate" and not config.needs_gate:
-        return None
+    elif stage == "gate":
+        variant = rest.split("/", 1)[1] if "/" in rest else None
+        if not config.needs_gate or (variant is not None and variant not in config.gate_variants):
+            return None
+        settings = gate_settings(config, variant)
     elif stage == "evaluate":
         variants = evaluation_variants(config)
-        if "/" in rest:
-            name = {v.dir: v.name for v in variants}.get(rest.split("/", 1)[1])
-            if name is None:
+        if rest == "evaluate/uniform_search":
+            if not any(v.kind == "uniform" for v in variants):
                 return None
-            settings = {**settings, "variant": name}
+            settings = {**settings, **uniform_search_settings(config)}
+        elif "/" in rest:
+            variant = {v.dir: v for v in variants}.get(rest.split("/", 1)[1])
+            if variant is None:
+                return None
+            settings = {**settings, **variant_settings(config, variant)}
         else:
-            settings = {**settings, "variants": [v.name for v in variants]}
+            settings = {**settings, **variants_file_settings(config, variants)}
     return settings
+
+
+def gate_settings(config: LoopConfig, variant: str | None) -> dict[str, Any]:
+    """The settings of the [gate] step, or of a [gate_variants.<variant>] one."""
+    settings = stage_settings(config, "gate")
+    if variant is None:
+        return settings
+    return {**settings, "gate": {**config.gate, **config.gate_variants[variant]}, "variant": variant}
+
+
+def variant_settings(config: LoopConfig, variant: EvalVariant) -> dict[str, Any]:
+    """What one evaluation variant's images depend on beyond the evaluate stage's settings."""
+    settings: dict[str, Any] = {"variant": variant.name}
+    if variant.kind in MERGE_METHODS:
+        settings.update(merge_weight=config.evaluation.merge_weight, merge_density=config.evaluation.merge_density)
+    return settings
+
+
+def uniform_search_settings(config: LoopConfig) -> dict[str, Any]:
+    return {"uniform_weights": list(config.evaluation.uniform_weights), "validation_prompts": config.validation_prompts()}
+
+
+def variants_file_settings(config: LoopConfig, variants: Sequence[EvalVariant]) -> dict[str, Any]:
+    """What variants.json records: the variants and the validation split the report uses."""
+    return {"variants": [v.name for v in variants], "validation_prompts": config.validation_prompts()}
 
 
 def run_loop(config: LoopConfig, *, overwrite: bool = False, show_progress: bool = True,

@@ -2,8 +2,10 @@
 skips finished ones and records what each made).
 
     generate  ->  score  ->  filter  ->  train  ->  gate  ->  evaluate  ->  report
-    candidates/   scores.jsonl  training_set/  loras/<aspect>.safetensors  loras/mixture.mol.safetensors
+    candidates/   scores.jsonl  training_set/  loras/<aspect>.safetensors  loras/mixture[-<variant>].mol.safetensors
                                                                    eval/<variant>/   report/
+                                                                   eval/uniform_search/ (the weight chosen
+                                                                   on the validation prompts)
 
 Every function writes its output under a temporary name and renames it when complete (through the
 library it calls: ``generate_candidates``, ``ScoreTable.save``, ``safe_io.atomic_dir``, the
@@ -28,22 +30,24 @@ from typing import Any
 
 from ..image_files import load_image_file
 from ..models.loading import load_base_model
-from ..models.pipelines import equal_weight_merge, resolve_device, resolve_dtype, single_lora
+from ..models.pipelines import LoraAdapters, equal_weight_merge, resolve_device, resolve_dtype, single_lora
 from ..rewards.base import score_aspects
 from ..rewards.registry import get_scorer
 from ..rewards.score_table import ScoreTable, image_fingerprints
 from ..rewards.selection import select_best_per_prompt
-from ..safe_io import atomic_dir
+from ..safe_io import atomic_dir, atomic_write_text
 from ..trainer.launcher import LaunchOptions
 from ..trainer.lora_job import train_or_reuse
+from ..trainer.lora_merges import MERGE_METHODS, MergedLoRAs
 from ..trainer.mix_diffusers import MixtureAdapters
 from ..trainer.mol_file import MOL_SUFFIX
 from ..trainer.train_gate import train_gate_or_reuse
 from ..training_set.folders import scan_replay_dir
 from ..training_set.writer import write_training_set as write_kohya_set
-from .config import MIXTURE_NAME, replay_count
+from .config import mixture_name, replay_count
+from .evaluate import aspect_scales, grid_from_tables, normalised_change
 from .generate import generate_candidates, read_candidates
-from .report import Variant, read_report, report_from_eval_dir, write_variants_file
+from .report import MERGE_KINDS, Variant, read_report, report_from_eval_dir, write_variants_file
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +87,11 @@ class RoundPaths:
 
     @property
     def mixture(self) -> Path:
-        return self.loras / f"{MIXTURE_NAME}{MOL_SUFFIX}"
+        return self.gate_file()
+
+    def gate_file(self, variant: str | None = None) -> Path:
+        """The [gate] mixture's MoL file, or that of ``[gate_variants.<variant>]``."""
+        return self.loras / f"{mixture_name(variant)}{MOL_SUFFIX}"
 
     @property
     def runs(self) -> Path:
@@ -93,6 +101,11 @@ class RoundPaths:
     @property
     def eval(self) -> Path:
         return self.root / "eval"
+
+    @property
+    def uniform_search(self) -> Path:
+        """The uniform merge weights sampled on the validation prompts, and the one chosen."""
+        return self.eval / "uniform_search"
 
     @property
     def report(self) -> Path:
@@ -110,9 +123,17 @@ def load_model(config, *, compute_hash: bool = False):
                            config_dir=model.model_config_dir or None, torch_dtype=dtype, compute_hash=compute_hash)
 
 
-def round_adapters(kind: str, *, loras: Sequence[Path], mixture: Path | None, gate_mode: str = "dynamic"):
-    """``adapters_for(base)`` for a variant kind: None (base), one LoRA, the equal-weight merge or
-    the gated mixture."""
+MERGE_LABELS = {"merge": "equal-weight merge (1/N)", "sum": "sum (each LoRA at weight 1)",
+                "uniform": "best uniform weight", "ties": "TIES merge", "dare_linear": "DARE merge",
+                "dare_ties": "DARE-TIES merge"}
+assert set(MERGE_LABELS) == set(MERGE_KINDS) and set(MERGE_METHODS) < set(MERGE_KINDS)
+
+
+def round_adapters(kind: str, *, loras: Sequence[Path], mixture: Path | None, gate_mode: str = "dynamic",
+                   weight: float = 1.0, density: float = 0.5):
+    """``adapters_for(base)`` for a variant kind: None (base), one LoRA, a merge baseline (``weight``:
+    each LoRA's weight in ``uniform`` and the peft merges, whose ``density`` is the share of each
+    delta kept) or the gated mixture."""
 
     if kind == "base":
         return lambda base: None
@@ -121,6 +142,12 @@ def round_adapters(kind: str, *, loras: Sequence[Path], mixture: Path | None, ga
         return lambda base: single_lora(path)
     if kind == "merge":
         return lambda base: equal_weight_merge(list(loras))
+    if kind in ("sum", "uniform"):
+        every = 1.0 if kind == "sum" else weight
+        return lambda base: LoraAdapters(list(loras), [every] * len(loras), label=f"{kind} {every:g}")
+    if kind in MERGE_METHODS:
+        return lambda base: MergedLoRAs(list(loras), base, method=kind, weights=[weight] * len(loras),
+                                        density=density)
     if kind == "gated":
         if len(loras) == 1 and mixture is None:  # one aspect: its LoRA is the round's whole model
             return lambda base: single_lora(loras[0])
@@ -316,16 +343,18 @@ def _unless_cancelled(job, cancelled: threading.Event):
     return job(cancelled)
 
 
-def train_gate(config, paths: RoundPaths, loras: Mapping[str, Path], *, on_event: TrainEventCallback | None = None
-               ) -> dict[str, Any]:
-    """The Mixture-of-LoRA gate over this round's aspect LoRAs (``train_gate_or_reuse``)."""
+def train_gate(config, paths: RoundPaths, loras: Mapping[str, Path], *, on_event: TrainEventCallback | None = None,
+               variant: str | None = None) -> dict[str, Any]:
+    """The Mixture-of-LoRA gate over this round's aspect LoRAs (``train_gate_or_reuse``): [gate], or
+    ``[gate_variants.<variant>]``."""
 
+    job = "gate" if variant is None else f"gate-{variant}"
     gate_config = config.gate_config(loras=[str(p) for p in loras.values()], aspects=list(loras),
                                      dataset_dir=str(paths.training_set), output_dir=str(paths.loras),
-                                     work_dir=str(paths.runs / "gate"), overwrite=True)
+                                     work_dir=str(paths.runs / job), overwrite=True, variant=variant)
     result = train_gate_or_reuse(
         gate_config, runs_root=paths.runs, options=launch_options(config), env=training_environment(config),
-        on_event=(lambda event: on_event("gate", event)) if on_event is not None else None)
+        on_event=(lambda event: on_event(job, event)) if on_event is not None else None)
     final_loss = result.loss_curve[-1][1] if result.loss_curve else None
     return {"mol": str(result.mol_path), "reused": result.reused, "final_loss": final_loss}
 
@@ -336,29 +365,39 @@ def train_gate(config, paths: RoundPaths, loras: Mapping[str, Path], *, on_event
 class EvalVariant:
     """One evaluated model: what ``loop/report.py`` calls a Variant, plus how to build it."""
 
-    name: str  # "base", "lora:<aspect>", "merge", "gated"
+    name: str  # "base", "lora:<aspect>", a merge kind, "gated", "gated:<gate variant>"
     dir: str
     kind: str
     aspect: str | None = None
     label: str | None = None
+    gate_variant: str | None = None  # gated: the [gate_variants] entry (None: [gate])
 
     def report_variant(self):
         return Variant(name=self.name, dir=self.dir, kind=self.kind, aspect=self.aspect, label=self.label)
 
 
 def evaluation_variants(config) -> list[EvalVariant]:
-    """The variants of ``[evaluation] variants`` in report order (one LoRA variant per aspect)."""
-    variants = []
+    """The variants of ``[evaluation] variants`` in report order (the base first, one LoRA variant per
+    aspect, one gated variant per gate)."""
+    variants = [EvalVariant("base", "base", "base", label="base model")]
     for kind in config.evaluation_variant_kinds():
         if kind == "lora":
             variants += [EvalVariant(f"lora:{a}", f"lora_{a}", "lora", a, f"LoRA {a}") for a in config.aspects]
-        elif kind == "merge":
-            variants.append(EvalVariant("merge", "merge", "merge", label="equal-weight merge"))
+        elif kind in MERGE_KINDS:
+            variants.append(EvalVariant(kind, kind, kind, label=MERGE_LABELS[kind]))
         elif kind == "gated":
             variants.append(EvalVariant("gated", "gated", "gated", label="gated mixture"))
-        else:
-            variants.append(EvalVariant("base", "base", "base", label="base model"))
+            variants += [EvalVariant(f"gated:{name}", f"gated_{name}", "gated", label=f"gated mixture ({name})",
+                                     gate_variant=name) for name in config.gate_variants]
     return variants
+
+
+def variant_weight(config, variant: EvalVariant, paths: RoundPaths) -> float:
+    """Each LoRA's weight in a weighted merge baseline: the uniform weight chosen on the validation
+    prompts, else ``[evaluation] merge_weight`` (the peft merges)."""
+    if variant.kind == "uniform":
+        return float(json.loads((paths.uniform_search / UNIFORM_SEARCH_FILE).read_text(encoding="utf-8"))["chosen"])
+    return config.evaluation.merge_weight
 
 
 def evaluate_variant(config, variant: EvalVariant, paths: RoundPaths, scorers: Mapping[str, Any], *,
@@ -366,11 +405,23 @@ def evaluate_variant(config, variant: EvalVariant, paths: RoundPaths, scorers: M
     """Sample the evaluation grid with one variant and score it: ``eval/<dir>/`` with the images,
     candidates.jsonl and scores.jsonl (the folder ``versat2i report`` reads)."""
     loras = [paths.lora(variant.aspect)] if variant.kind == "lora" else [paths.lora(a) for a in config.aspects]
-    mixture = paths.mixture if variant.kind == "gated" and len(config.aspects) > 1 else None
-    adapters_for = round_adapters(variant.kind, loras=loras, mixture=mixture, gate_mode=config.evaluation.gate_mode)
+    mixture = paths.gate_file(variant.gate_variant) if variant.kind == "gated" and len(config.aspects) > 1 else None
+    weight = variant_weight(config, variant, paths) if variant.kind in MERGE_KINDS else 1.0
+    adapters_for = round_adapters(variant.kind, loras=loras, mixture=mixture, gate_mode=config.evaluation.gate_mode,
+                                  weight=weight, density=config.evaluation.merge_density)
     folder = paths.eval / variant.dir
-    info = generate_images(config, folder, config.evaluation_prompts(), k=config.evaluation.seeds_per_prompt,
-                           seeds=config.evaluation_seeds(), adapters_for=adapters_for, progress=progress,
+    info = sample_and_score(config, folder, config.evaluation_prompts(), adapters_for, scorers, progress=progress,
+                            show_progress=show_progress)
+    if variant.kind in ("uniform", *MERGE_METHODS):
+        info["weight"] = weight
+    return info
+
+
+def sample_and_score(config, folder: Path, prompts: Sequence[str], adapters_for, scorers: Mapping[str, Any], *,
+                     progress: ProgressCallback | None = None, show_progress: bool = True) -> dict[str, Any]:
+    """``prompts`` on their evaluation seeds into ``folder``, scored into ``folder/scores.jsonl``."""
+    info = generate_images(config, folder, prompts, k=config.evaluation.seeds_per_prompt,
+                           seeds=config.evaluation_seeds(prompts), adapters_for=adapters_for, progress=progress,
                            show_progress=show_progress)
     table = score_folder(folder, scorers, folder / "scores.jsonl", batch_size=config.scoring.batch_size,
                          show_progress=False)
@@ -378,11 +429,42 @@ def evaluate_variant(config, variant: EvalVariant, paths: RoundPaths, scorers: M
     return info
 
 
+UNIFORM_SEARCH_FILE = "search.json"
+
+
+def search_uniform_weight(config, paths: RoundPaths, scorers: Mapping[str, Any], *,
+                          progress: ProgressCallback | None = None, show_progress: bool = True) -> dict[str, Any]:
+    """Sample the validation prompts with every LoRA at each of ``[evaluation] uniform_weights`` and
+    keep the weight with the best normalised score against the base (``loop/evaluate.py``; the
+    base's images must be in ``eval/base``): ``eval/uniform_search/`` with a folder per weight and
+    ``search.json`` (the scores and the chosen weight)."""
+    prompts = config.validation_prompts()
+    base = grid_from_tables({"base": ScoreTable.load(paths.eval / "base" / "scores.jsonl")})
+    scales = aspect_scales(base.scores["base"])
+    loras = [paths.lora(a) for a in config.aspects]
+    scores: dict[str, float] = {}
+    with atomic_dir(paths.uniform_search, overwrite=True, what="uniform weight search") as temp:
+        for weight in config.evaluation.uniform_weights:
+            folder = temp / f"weight_{weight:g}"
+            sample_and_score(config, folder, prompts, round_adapters("uniform", loras=loras, mixture=None,
+                                                                     weight=weight), scorers,
+                             progress=progress, show_progress=show_progress)
+            sampled = grid_from_tables({"base": ScoreTable.load(folder / "scores.jsonl")})
+            scores[f"{weight:g}"] = normalised_change(base, sampled, scales)
+        chosen = max(config.evaluation.uniform_weights, key=lambda w: scores[f"{w:g}"])
+        result = {"validation_prompts": prompts, "scores": scores, "chosen": chosen,
+                  "score": "normalised change vs base on the validation prompts (loop/evaluate.py)"}
+        atomic_write_text(temp / UNIFORM_SEARCH_FILE, json.dumps(result, indent=1), what="uniform search result")
+    logger.info("uniform merge weight: %g (validation scores %s)", chosen, scores)
+    return {"chosen": chosen, "scores": scores}
+
+
 def write_variants(config, paths: RoundPaths, round_number: int) -> Path:
     return write_variants_file(
         paths.eval, [v.report_variant() for v in evaluation_variants(config)], base="base",
         config={"round": round_number, "aspects": config.resolved_aspects(),
                 "evaluation_prompts": len(config.evaluation_prompts()),
+                "validation_prompts": config.validation_prompts(),
                 "seeds_per_prompt": config.evaluation.seeds_per_prompt,
                 "include_train_prompts": config.evaluation.include_train_prompts,
                 "gate_mode": config.evaluation.gate_mode},

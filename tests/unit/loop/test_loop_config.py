@@ -91,8 +91,18 @@ def test_aspects_as_a_list_get_their_default_scorers(tmp_path, model_dir):
 
 
 def test_default_variants_depend_on_the_number_of_aspects(tmp_path, model_dir):
+    # one held-out prompt: nothing to set aside for choosing the uniform weight, so no "uniform"
     two = good_config(tmp_path, model_dir)
-    assert two.evaluation_variant_kinds() == ("base", "lora", "merge", "gated") and two.needs_gate
+    assert two.validation_prompts() == []
+    assert two.evaluation_variant_kinds() == ("base", "lora", "merge", "sum", "ties", "dare_linear", "dare_ties",
+                                              "gated") and two.needs_gate
+    three_held_out = good_config(tmp_path, model_dir, prompts=PromptsSection(
+        train=("a red circle",), held_out=("a green triangle", "a blue square", "a red square"),
+        candidates_per_prompt=4))
+    assert len(three_held_out.validation_prompts()) == 1  # round(0.25 * 3) = 1 of 3
+    assert three_held_out.evaluation_variant_kinds() == ("base", "lora", "merge", "sum", "uniform", "ties",
+                                                         "dare_linear", "dare_ties", "gated")
+    assert three_held_out.problems() == []
     one = good_config(tmp_path, model_dir, aspects={"lowlevel": "analytic:sharpness"}, thresholds={})
     assert one.evaluation_variant_kinds() == ("base", "lora") and not one.needs_gate
     assert one.problems() == []
@@ -242,3 +252,41 @@ def test_the_command_checks_and_prints_an_example(tmp_path, model_dir, capsys):
     assert cli_main(["loop", "--print-config"]) == 0
     example = LoopConfig.from_toml(capsys.readouterr().out)
     assert example.aspects and example.prompts.train_file == "prompts.txt"
+
+
+def test_merge_baseline_and_gate_variant_settings_are_checked(tmp_path, model_dir):
+    config = good_config(
+        tmp_path, model_dir,
+        evaluation=EvaluationSection(seeds_per_prompt=4, variants=("base", "uniform", "ties"), validation_fraction=1.5,
+                                     uniform_weights=(0.5, -1.0), merge_weight=0.0, merge_density=0.0),
+        gate_variants={"bad name": {"gate_kind": "softmax_n"}, "free": {"gate_kind": "maxout", "timestep_knots": 1},
+                       "mine": {"output_name": "x", "granularty": "layer"}})
+    problems = "\n".join(config.problems())
+    assert "validation_fraction=1.5: must be in [0, 1)" in problems
+    assert "uniform_weights=[0.5, -1.0]" in problems
+    assert "merge_weight=0.0" in problems and "merge_density=0.0" in problems
+    assert "[gate_variants] 'bad name': a variant name uses" in problems
+    assert "[gate_variants.free] gate_kind='maxout'" in problems
+    assert "[gate_variants.free] timestep_knots=1" in problems
+    assert "[gate_variants.mine] output_name: set by the loop" in problems
+    assert "'granularty' (did you mean 'granularity'?)" in problems
+    assert "add \"gated\" to [evaluation] variants" in problems
+    # no validation prompt to choose the uniform weight on
+    none_aside = good_config(tmp_path, model_dir, evaluation=EvaluationSection(
+        seeds_per_prompt=4, variants=("base", "uniform"), validation_fraction=0.0))
+    assert any("chooses its weight on validation prompts" in p for p in none_aside.problems())
+
+
+def test_gate_variants_round_trip_and_build_their_own_gate_configs(tmp_path, model_dir):
+    config = good_config(tmp_path, model_dir, gate_variants={"free": {"gate_kind": "sigmoid", "timestep_knots": 4},
+                                                             "layer": {"granularity": "layer"}})
+    assert config.problems() == []
+    again = LoopConfig.from_toml(config.to_toml())
+    assert again.gate_variants == config.gate_variants
+    gate = again.gate_config(loras=["a.safetensors", "b.safetensors"], aspects=["a", "b"], dataset_dir="d",
+                             output_dir="o", work_dir="w", variant="free")
+    assert (gate.gate_kind, gate.timestep_knots, gate.max_train_steps) == ("sigmoid", 4, 5)  # [gate] underneath
+    assert gate.output_path.name == "mixture-free.mol.safetensors"
+    plain = again.gate_config(loras=["a.safetensors", "b.safetensors"], aspects=["a", "b"], dataset_dir="d",
+                              output_dir="o", work_dir="w")
+    assert plain.output_path.name == "mixture.mol.safetensors" and plain.timestep_knots == 0
