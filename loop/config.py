@@ -22,8 +22,9 @@ classes' own ``problems()``::
     [thresholds]   aspect = "none" | 5.5 | "p75"   (rewards.selection.Threshold)
     [scoring]      models_dir = [folders with scorer weights], batch_size
     [dataset]      repeats, save_latents, replay_dir + replay_fraction (real captioned images mixed
-                   into every aspect's training set, like kohya's regularisation images)
+                   into every aspect's training set, like kohya's regularisation images), gate_data
     [lora]         any LoraTrainConfig field (rank, max_train_steps, learning_rate, resolution...)
+    [lora_aspects.<aspect>]  one aspect's overrides of [lora] (e.g. a longer schedule for a weak signal)
     [gate]         any GateTrainConfig field (granularity, gate_kind, timestep_knots, balance_weight...)
     [gate_variants.<name>]  further gates to train and evaluate next to [gate] (each: GateTrainConfig
                    overrides on top of [gate]), e.g. to compare gate forms; variant ``gated:<name>``
@@ -52,7 +53,7 @@ from typing import Any, ClassVar
 from ..aspects import ASPECT_NAME_MAX_LENGTH, ASPECT_NAME_RULE, aspect_name_problem
 from ..config_file import ConfigFile, dump_flat_toml
 from ..rewards.registry import DEFAULT_SCORERS, SCORERS, list_scorers, split_name
-from ..rewards.selection import Threshold
+from ..rewards.selection import JOINT, Threshold
 from ..trainer.config import ARCH_CHOICES, PREDICTION_TYPES, LoraTrainConfig
 from ..trainer.train_gate import GateTrainConfig
 from ..training_set.folders import scan_replay_dir
@@ -67,6 +68,7 @@ else:  # pragma: no cover - python 3.10
 
 VARIANT_KINDS = ("base", "lora", *MERGE_KINDS, "gated")
 GATE_MODES = ("dynamic", "bake")
+GATE_DATA = ("union", "joint")
 BOOTSTRAP_UNITS = ("pairs", "prompts")
 # LoRA / gate fields the loop sets itself for every job (a value in [lora] / [gate] would be ignored).
 LOOP_OWNED_TRAINING_FIELDS = frozenset({
@@ -111,6 +113,9 @@ class DatasetSection(ConfigFile):
     save_latents: bool = False  # keep generation latents next to the images (the trainer reuses them)
     replay_dir: str = ""  # real captioned images (<name>.png + <name>.txt) ...
     replay_fraction: float = 0.0  # ... this many per selected image, added to every aspect's set
+    # What the gate trains on: "union" (every aspect's set, as MoLE) or "joint" (one more set, the image
+    # of each prompt best at all aspects at once: the mixture's goal; rewards.selection.with_joint_scores)
+    gate_data: str = "union"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -148,7 +153,8 @@ SECTIONS: dict[str, type[ConfigFile]] = {
     "model": ModelSection, "prompts": PromptsSection, "generation": GenerationConfig, "scoring": ScoringSection,
     "dataset": DatasetSection, "training": TrainingSection, "evaluation": EvaluationSection,
 }
-MAPPING_SECTIONS = ("aspects", "thresholds", "lora", "gate", "gate_variants")
+MAPPING_SECTIONS = ("aspects", "thresholds", "lora", "lora_aspects", "gate", "gate_variants")
+NESTED_SECTIONS = ("lora_aspects", "gate_variants")  # tables of tables: [<section>.<name>]
 TOP_LEVEL = ("name", "output_dir", "rounds", "device", "dtype")
 # Paths resolved against the config file's folder: (section or None, field).
 PATH_FIELDS = ((None, "output_dir"), ("model", "base_model"), ("model", "model_config_dir"),
@@ -173,6 +179,7 @@ class LoopConfig(ConfigFile):
     scoring: ScoringSection = ScoringSection()
     dataset: DatasetSection = DatasetSection()
     lora: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    lora_aspects: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     gate: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     gate_variants: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     training: TrainingSection = TrainingSection()
@@ -187,7 +194,8 @@ class LoopConfig(ConfigFile):
             data[name] = getattr(self, name).to_dict()
         for name in MAPPING_SECTIONS:
             data[name] = dict(getattr(self, name))
-        data["gate_variants"] = {name: dict(overrides) for name, overrides in self.gate_variants.items()}
+        for name in NESTED_SECTIONS:
+            data[name] = {key: dict(overrides) for key, overrides in getattr(self, name).items()}
         return data
 
     @classmethod
@@ -246,12 +254,13 @@ class LoopConfig(ConfigFile):
                     problems.append(f"[{name}]: expected a table of settings")
                 else:
                     values[name] = dict(data[name])
-        if "gate_variants" in data:
-            variants = data["gate_variants"]
-            if not isinstance(variants, Mapping) or not all(isinstance(v, Mapping) for v in variants.values()):
-                problems.append("[gate_variants]: expected tables [gate_variants.<name>] of gate settings")
-            else:
-                values["gate_variants"] = {str(k): dict(v) for k, v in variants.items()}
+        for name in NESTED_SECTIONS:
+            if name in data:
+                tables = data[name]
+                if not isinstance(tables, Mapping) or not all(isinstance(v, Mapping) for v in tables.values()):
+                    problems.append(f"[{name}]: expected tables [{name}.<name>] of settings")
+                else:
+                    values[name] = {str(k): dict(v) for k, v in tables.items()}
         if problems:
             raise ValueError(f"{source}:\n  - " + "\n  - ".join(problems))
         return cls(**values)
@@ -260,7 +269,7 @@ class LoopConfig(ConfigFile):
         data = self.to_dict()
         parts = [dump_flat_toml({name: data[name] for name in TOP_LEVEL})]
         for name in (*SECTIONS, *MAPPING_SECTIONS):
-            if name == "gate_variants":  # a table of tables: [gate_variants.<name>]
+            if name in NESTED_SECTIONS:  # a table of tables: [<section>.<name>]
                 for variant, overrides in data[name].items():
                     table = {k: v for k, v in overrides.items() if v is not None}
                     parts.append(f"\n[{name}.{variant}]\n" + (dump_flat_toml(table) if table else ""))
@@ -335,11 +344,13 @@ class LoopConfig(ConfigFile):
 
     def lora_config(self, *, aspect: str, dataset_dir: str, output_dir: str, work_dir: str,
                     overwrite: bool = False) -> LoraTrainConfig:
-        """The trainer's config for one aspect's LoRA: [lora] overrides + what the loop decides."""
+        """The trainer's config for one aspect's LoRA: [lora] (and [lora_aspects.<aspect>]) overrides +
+        what the loop decides."""
+        overrides = self.lora_aspects.get(aspect, {})
         return LoraTrainConfig.from_dict({
-            **self.lora, **self._model_fields(), "dataset_dir": dataset_dir, "aspect": aspect,
+            **self.lora, **overrides, **self._model_fields(), "dataset_dir": dataset_dir, "aspect": aspect,
             "output_dir": output_dir, "output_name": aspect, "work_dir": work_dir, "overwrite": overwrite,
-        }, source="[lora]")
+        }, source=f"[lora_aspects.{aspect}]" if overrides else "[lora]")
 
     def gate_config(self, *, loras: Sequence[str], aspects: Sequence[str], dataset_dir: str, output_dir: str,
                     work_dir: str, overwrite: bool = False, variant: str | None = None):
@@ -509,6 +520,11 @@ class LoopConfig(ConfigFile):
         dataset = self.dataset
         if dataset.repeats < 1:
             p.append(f"[dataset] repeats={dataset.repeats}: must be >= 1")
+        if dataset.gate_data not in GATE_DATA:
+            p.append(f"[dataset] gate_data={dataset.gate_data!r}: use one of {', '.join(GATE_DATA)}")
+        elif dataset.gate_data == "joint" and JOINT in self.aspects:
+            p.append(f"[aspects] {JOINT!r}: the name of the jointly-best set gate_data = \"joint\" writes; rename "
+                     "that aspect")
         fraction = dataset.replay_fraction
         if not math.isfinite(fraction) or fraction < 0:
             p.append(f"[dataset] replay_fraction={fraction}: must be >= 0 (0 = no replay; 0.5 = one real image per "
@@ -576,6 +592,31 @@ class LoopConfig(ConfigFile):
                 if not any(problem.startswith(name) for name in placeholders):
                     p.append(f"[{section}] {problem}")
         p += self._gate_variant_problems(aspects, placeholders)
+        p += self._lora_aspect_problems(placeholders)
+        return p
+
+    def _lora_aspect_problems(self, placeholders: Mapping[str, str]) -> list[str]:
+        p = []
+        fields = {f.name for f in dataclasses.fields(LoraTrainConfig)}
+        for aspect, overrides in self.lora_aspects.items():
+            where = f"[lora_aspects.{aspect}]"
+            if aspect not in self.aspects:
+                p.append(f"{where}: {aspect!r} is not an aspect of [aspects] ({', '.join(self.aspects) or 'none'})")
+                continue
+            owned = sorted(set(overrides) & LOOP_OWNED_TRAINING_FIELDS)
+            unknown = [k for k in overrides if k not in fields]
+            if owned:
+                p.append(f"{where} {', '.join(owned)}: set by the loop for every job; remove them")
+            p += [f"{where} {_unknown(k, sorted(fields - LOOP_OWNED_TRAINING_FIELDS), '')}" for k in unknown]
+            if owned or unknown:
+                continue
+            try:
+                config = self.lora_config(aspect=aspect, dataset_dir="dataset", output_dir="out", work_dir="work")
+            except ValueError as exc:
+                p.append(str(exc).replace("\n  - ", "; "))
+                continue
+            p += [f"{where} {problem}" for problem in config.problems(check_paths=False)
+                  if not any(problem.startswith(field) for field in placeholders)]
         return p
 
     def _gate_variant_problems(self, aspects: list[str], placeholders: Mapping[str, str]) -> list[str]:

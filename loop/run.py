@@ -66,6 +66,7 @@ from .stages import (
     search_uniform_weight,
     train_gate,
     train_lora,
+    write_gate_set,
     write_report,
     write_training_set,
     write_variants,
@@ -177,7 +178,7 @@ def stage_settings(config: LoopConfig, stage: str) -> dict[str, Any]:
         return {"aspects": config.resolved_aspects()}
     if stage == "filter":
         return {"thresholds": {a: config.thresholds.get(a, "none") for a in config.aspects},
-                "dataset": {k: v for k, v in config.dataset.to_dict().items() if k != "replay_dir"},
+                "dataset": {k: v for k, v in config.dataset.to_dict().items() if k not in ("replay_dir", "gate_data")},
                 "aspects": list(config.aspects)}
     if stage == "train":
         return {"lora": dict(config.lora), "model": model}
@@ -375,6 +376,10 @@ class LoopRound:
         self.ledger.run(step, settings=stage_settings(config, "filter"), inputs=inputs, outputs=[paths.training_set],
                         work=lambda: write_training_set(config, paths.scores, paths.candidates, paths.training_set,
                                                         progress=self._progress(step)))
+        if config.dataset.gate_data == "joint" and config.needs_gate:  # the gate's own set: its own step
+            self.ledger.run(self.step("filter/gate_set"), settings=gate_set_settings(config), inputs=inputs,
+                            outputs=[paths.gate_set],
+                            work=lambda: write_gate_set(config, paths.scores, paths.candidates, paths.gate_set))
 
     def train(self) -> None:
         """One LoRA per aspect, ``[training] parallel_jobs`` at a time (each job is its own step)."""
@@ -385,7 +390,7 @@ class LoopRound:
         def job(aspect: str):
             def run(cancelled: threading.Event):
                 return self.ledger.run(
-                    self.step(f"train/{aspect}"), settings={**settings, "aspect": aspect}, inputs=inputs,
+                    self.step(f"train/{aspect}"), settings=lora_settings(config, aspect, settings), inputs=inputs,
                     outputs=[paths.lora(aspect)],
                     work=lambda: train_lora(config, aspect, paths, on_event=self._train_event, cancelled=cancelled))
             return aspect, run
@@ -401,7 +406,8 @@ class LoopRound:
         if not config.needs_gate:
             return
         loras = {a: paths.lora(a) for a in self.aspects}
-        inputs = identity(paths.training_set) + model_identity(config) + identity(*loras.values())
+        dataset = paths.gate_set if config.dataset.gate_data == "joint" else paths.training_set
+        inputs = identity(dataset) + model_identity(config) + identity(*loras.values())
         try:
             for variant in (None, *config.gate_variants):
                 step = self.step("gate" if variant is None else f"gate/{variant}")
@@ -541,7 +547,11 @@ def _expected_settings(config: LoopConfig, step: str) -> dict[str, Any] | None:
         aspect = rest.split("/", 1)[1] if "/" in rest else None
         if aspect not in config.aspects:
             return None
-        settings = {**settings, "aspect": aspect}
+        settings = lora_settings(config, aspect, settings)
+    elif stage == "filter" and rest == "filter/gate_set":
+        if config.dataset.gate_data != "joint" or not config.needs_gate:
+            return None
+        settings = gate_set_settings(config)
     elif stage == "gate":
         variant = rest.split("/", 1)[1] if "/" in rest else None
         if not config.needs_gate or (variant is not None and variant not in config.gate_variants):
@@ -561,6 +571,17 @@ def _expected_settings(config: LoopConfig, step: str) -> dict[str, Any] | None:
         else:
             settings = {**settings, **variants_file_settings(config, variants)}
     return settings
+
+
+def lora_settings(config: LoopConfig, aspect: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """One aspect's LoRA step: the train stage's settings, the aspect, its [lora_aspects] overrides."""
+    overrides = config.lora_aspects.get(aspect)
+    return {**settings, "aspect": aspect, **({"lora_aspect": dict(overrides)} if overrides else {})}
+
+
+def gate_set_settings(config: LoopConfig) -> dict[str, Any]:
+    """The gate's own training set depends on the filter settings and its selection rule."""
+    return {**stage_settings(config, "filter"), "gate_data": config.dataset.gate_data}
 
 
 def gate_settings(config: LoopConfig, variant: str | None) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from ..models.pipelines import LoraAdapters, equal_weight_merge, resolve_device,
 from ..rewards.base import score_aspects
 from ..rewards.registry import get_scorer
 from ..rewards.score_table import ScoreTable, image_fingerprints
-from ..rewards.selection import select_best_per_prompt
+from ..rewards.selection import JOINT, select_best_per_prompt, with_joint_scores
 from ..safe_io import atomic_dir, atomic_write_text
 from ..trainer.launcher import LaunchOptions
 from ..trainer.lora_job import train_or_reuse
@@ -77,6 +77,11 @@ class RoundPaths:
     @property
     def training_set(self) -> Path:
         return self.root / "training_set"
+
+    @property
+    def gate_set(self) -> Path:
+        """The gate's own training set (``[dataset] gate_data = "joint"``): the jointly best images."""
+        return self.root / "gate_set"
 
     @property
     def loras(self) -> Path:
@@ -235,9 +240,6 @@ def write_training_set(config, scores_file: Path, candidates: Path, out_dir: Pat
     """Best image per prompt and aspect (above the aspect's threshold) -> a kohya training set, plus
     the replay images (real captioned images, ``replay_fraction`` per selected image) in every
     aspect's folder, listed in ``replay.jsonl``."""
-    from safetensors.torch import load_file
-
-
     table = ScoreTable.load(scores_file)
     thresholds = {aspect: config.thresholds.get(aspect, "none") for aspect in config.aspects}
     selection = select_best_per_prompt(table, thresholds, aspects=list(config.aspects))
@@ -245,6 +247,25 @@ def write_training_set(config, scores_file: Path, candidates: Path, out_dir: Pat
     if empty:
         raise ValueError(f"aspect(s) {empty}: no candidate passed the threshold, so there is nothing to train on; "
                          "lower [thresholds] for them (\"none\" keeps the best image of every prompt)")
+    info = _write_selection(config, table, selection, candidates, out_dir, progress=progress)
+    info["mean_score"] = {a: sum(v) / len(v) for a, v in table.scores.items()}
+    return info
+
+
+def write_gate_set(config, scores_file: Path, candidates: Path, out_dir: Path) -> dict[str, Any]:
+    """The gate's own training set (``[dataset] gate_data = "joint"``): the jointly best image of each
+    prompt (``rewards.selection.with_joint_scores``, no threshold) in one folder ``<repeats>_joint``,
+    with its replay images."""
+    table = with_joint_scores(ScoreTable.load(scores_file), list(config.aspects))
+    selection = select_best_per_prompt(table, "none", aspects=[JOINT])
+    return _write_selection(config, table, selection, candidates, out_dir)
+
+
+def _write_selection(config, table: ScoreTable, selection, candidates: Path, out_dir: Path, *,
+                     progress: ProgressCallback | None = None) -> dict[str, Any]:
+    """Write the selected candidates and the replay images as the training set ``out_dir``."""
+    from safetensors.torch import load_file
+
     images = [candidates / image_id for image_id in table.image_ids]
     latents, metadata = None, None
     if config.dataset.save_latents:
@@ -278,11 +299,10 @@ def write_training_set(config, scores_file: Path, candidates: Path, out_dir: Pat
                                          encoding="utf-8")
     kept = {aspect: len(chosen.kept) for aspect, chosen in selection.aspects.items()}
     replayed = {aspect: sum(1 for r in rows if r["aspect"] == aspect) for aspect in selection.aspects}
-    logger.info("training set: kept %s, replay %s", kept, replayed)
+    logger.info("training set %s: kept %s, replay %s", out_dir.name, kept, replayed)
     return {"kept": kept, "replay": replayed,
             "mean_kept_score": {a: sum(table.scores[a][r] for r in c.kept) / len(c.kept)
-                                for a, c in selection.aspects.items()},
-            "mean_score": {a: sum(v) / len(v) for a, v in table.scores.items()}}
+                                for a, c in selection.aspects.items()}}
 
 
 # -- train ------------------------------------------------------------------------------------------------
@@ -349,8 +369,9 @@ def train_gate(config, paths: RoundPaths, loras: Mapping[str, Path], *, on_event
     ``[gate_variants.<variant>]``."""
 
     job = "gate" if variant is None else f"gate-{variant}"
+    dataset = paths.gate_set if config.dataset.gate_data == "joint" else paths.training_set
     gate_config = config.gate_config(loras=[str(p) for p in loras.values()], aspects=list(loras),
-                                     dataset_dir=str(paths.training_set), output_dir=str(paths.loras),
+                                     dataset_dir=str(dataset), output_dir=str(paths.loras),
                                      work_dir=str(paths.runs / job), overwrite=True, variant=variant)
     result = train_gate_or_reuse(
         gate_config, runs_root=paths.runs, options=launch_options(config), env=training_environment(config),
