@@ -72,11 +72,23 @@ LORA = {
     "snr_gamma": 0.0,
 }
 
+# One aspect's LoRA with its own schedule (loop [lora_aspects]): alignment 900 steps (see the docstring).
+LORA_ASPECTS = {"alignment": {"max_train_steps": 900}}
+
 # Overrides of the gate trainer's defaults (trainer.train_gate.GateTrainConfig); the data settings
 # (resolution, caches, batch, seed) come from LORA.
 GATE = {
     "learning_rate": 1e-2,
+    "granularity": "layer",
+    "gate_kind": "sigmoid",
 }
+# The gate trains on the jointly best image of each prompt (loop [dataset] gate_data).
+GATE_DATA = "joint"
+# A layer gate without timestep input merges exactly: evaluate it baked (no per-step cost).
+GATE_MODE = "bake"
+# The merge baselines the demo evaluates next to the gate (dare_linear, the sum with random drops, is
+# left out for time: it scored below the plain sum in the comparison above).
+EVALUATION_VARIANTS = ("base", "lora", "merge", "sum", "uniform", "ties", "dare_ties", "gated")
 
 
 def loop_prompts() -> list[str]:

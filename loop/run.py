@@ -58,6 +58,7 @@ from .stages import (
     RoundPaths,
     build_scorers,
     evaluate_variant,
+    evaluated_before_uniform,
     evaluation_variants,
     generate_images,
     round_adapters,
@@ -449,8 +450,9 @@ class LoopRound:
     def _search_uniform_weight(self, settings: Mapping[str, Any], read_by_every_variant: list) -> None:
         """The uniform merge weight, chosen on the validation prompts (needs the base's images)."""
         config, paths, step = self.config, self.paths, self.step("evaluate/uniform_search")
+        sampled = [paths.eval / "base", *(paths.eval / kind for kind in evaluated_before_uniform(config))]
         self.ledger.run(step, settings={**settings, **uniform_search_settings(config)},
-                        inputs=read_by_every_variant + identity(paths.eval / "base", *self._lora_files()),
+                        inputs=read_by_every_variant + identity(*sampled, *self._lora_files()),
                         outputs=[paths.uniform_search],
                         work=lambda: search_uniform_weight(config, paths, self.scorers(), progress=self._progress(step),
                                                            show_progress=self.show_progress))

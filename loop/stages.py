@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import threading
@@ -464,20 +465,41 @@ def search_uniform_weight(config, paths: RoundPaths, scorers: Mapping[str, Any],
     scales = aspect_scales(base.scores["base"])
     loras = [paths.lora(a) for a in config.aspects]
     scores: dict[str, float] = {}
+    reused: dict[str, str] = {}
     with atomic_dir(paths.uniform_search, overwrite=True, what="uniform weight search") as temp:
         for weight in config.evaluation.uniform_weights:
-            folder = temp / f"weight_{weight:g}"
-            sample_and_score(config, folder, prompts, round_adapters("uniform", loras=loras, mixture=None,
-                                                                     weight=weight), scorers,
-                             progress=progress, show_progress=show_progress)
-            sampled = grid_from_tables({"base": ScoreTable.load(folder / "scores.jsonl")})
+            evaluated = same_weights_variant(config, paths, weight)
+            if evaluated is not None:  # that merge was sampled on every prompt already: its validation rows
+                grid = grid_from_tables({"base": ScoreTable.load(paths.eval / evaluated / "scores.jsonl")})
+                sampled = grid.subset([grid.prompts.index(p) for p in prompts])
+                reused[f"{weight:g}"] = evaluated
+            else:
+                folder = temp / f"weight_{weight:g}"
+                sample_and_score(config, folder, prompts, round_adapters("uniform", loras=loras, mixture=None,
+                                                                         weight=weight), scorers,
+                                 progress=progress, show_progress=show_progress)
+                sampled = grid_from_tables({"base": ScoreTable.load(folder / "scores.jsonl")})
             scores[f"{weight:g}"] = normalised_change(base, sampled, scales)
         chosen = max(config.evaluation.uniform_weights, key=lambda w: scores[f"{w:g}"])
-        result = {"validation_prompts": prompts, "scores": scores, "chosen": chosen,
+        result = {"validation_prompts": prompts, "scores": scores, "chosen": chosen, "reused": reused,
                   "score": "normalised change vs base on the validation prompts (loop/evaluate.py)"}
         atomic_write_text(temp / UNIFORM_SEARCH_FILE, json.dumps(result, indent=1), what="uniform search result")
     logger.info("uniform merge weight: %g (validation scores %s)", chosen, scores)
     return {"chosen": chosen, "scores": scores}
+
+
+def evaluated_before_uniform(config) -> list[str]:
+    """The uniform merges among the variants evaluated before ``uniform`` (``merge``: every LoRA at
+    1/N, ``sum``: at 1), whose images the weight search reuses."""
+    kinds = list(config.evaluation_variant_kinds())
+    return [k for k in ("merge", "sum") if k in kinds and "uniform" in kinds and kinds.index(k) < kinds.index("uniform")]
+
+
+def same_weights_variant(config, paths: RoundPaths, weight: float) -> str | None:
+    """The variant evaluated before ``uniform`` that is the uniform merge at ``weight`` (its folder
+    name), else None."""
+    weights = {"merge": 1.0 / len(config.aspects), "sum": 1.0}
+    return next((kind for kind in evaluated_before_uniform(config) if math.isclose(weight, weights[kind])), None)
 
 
 def write_variants(config, paths: RoundPaths, round_number: int) -> Path:

@@ -77,8 +77,10 @@ class GateTrainConfig(ImageTrainingConfig):
 
     loras: tuple[str, ...] = ()  # the aspect LoRA files, in gate order
     aspects: tuple[str, ...] = ()  # their aspect names (empty: each LoRA's versat2i_aspect, else its file stem)
-    granularity: str = "token"  # token | prompt | layer
-    gate_kind: str = "softmax"  # softmax (sums to 1) | softmax_n | sigmoid | scaled_softmax (free to combine)
+    # The defaults were chosen on the demo world's validation prompts (demo/settings.py): a layer gate of
+    # sigmoid weights (each LoRA 0..2, free to combine) scored best of the forms tried; it bakes exactly.
+    granularity: str = "layer"  # token | prompt | layer
+    gate_kind: str = "sigmoid"  # softmax (sums to 1) | softmax_n | sigmoid | scaled_softmax (free to combine)
     timestep_knots: int = 0  # 0: no timestep input; K >= 2: logit offsets at K noise levels, interpolated
     objective: str = "denoise"  # denoise (every image counts the same) | aspect_balanced (every aspect does)
     balance_loss: str = "mole"  # mole (-log prod q) | switch | none

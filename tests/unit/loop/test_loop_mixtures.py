@@ -83,6 +83,7 @@ def test_gate_set_gate_variants_baselines_and_the_report(tmp_path):
     search = json.loads((round_ / "eval" / "uniform_search" / "search.json").read_text())
     assert set(search["scores"]) == {"0.5", "1"} and search["validation_prompts"] == config.validation_prompts()
     assert search["chosen"] == max((0.5, 1.0), key=lambda w: search["scores"][f"{w:g}"])
+    assert search["reused"] == {"0.5": "merge", "1": "sum"}  # 1/N and 1 are the merge and the sum, already sampled
     uniform_run = json.loads((round_ / "eval" / "uniform" / "generation.json").read_text())
     assert {lora["weight"] for lora in uniform_run["adapters"]["loras"]} == {search["chosen"]}
 

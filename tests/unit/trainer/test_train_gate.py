@@ -56,7 +56,7 @@ def gate_config(tmp: Path, tiny, name: str, **overrides) -> Path:
         output_dir=str(paths[0].parent), output_name=name, work_dir=str(tmp / f"run-{name}"),
         resolution=TINY_SIZE, bucket_step=TINY_SIZE, train_batch_size=6, max_train_steps=25,
         learning_rate=0.2, checkpointing_steps=100, mixed_precision="no", seed=3, cache_latents=True,
-        cache_text_embeddings=True, granularity="token",
+        cache_text_embeddings=True, granularity="token", gate_kind="softmax",  # MoLE's gate: what these tests measure
     )
     settings.update(overrides)
     config = train_gate.GateTrainConfig(**settings)
@@ -540,7 +540,7 @@ def test_two_processes_train_one_gate(mixed, tmp_path):
         output_dir=str(paths[0].parent), output_name="two-processes", work_dir=str(tmp_path / "run"),
         resolution=TINY_SIZE, bucket_step=TINY_SIZE, train_batch_size=2, max_train_steps=3, learning_rate=0.1,
         checkpointing_steps=100, mixed_precision="no", seed=3, cache_latents=True, cache_text_embeddings=False,
-        granularity="token", overwrite=True,
+        granularity="token", gate_kind="softmax", overwrite=True,
     ).save(tmp_path / "gate.toml")
     script = tmp_path / "train.py"
     script.write_text(DISTRIBUTED_SCRIPT)
@@ -570,7 +570,8 @@ def test_print_config_round_trips(capsys):
     args = parser.parse_args(["train-gate", "--print-config"])
     assert args.func(args) == 0
     config = train_gate.GateTrainConfig.from_toml(capsys.readouterr().out)
-    assert config.balance_loss == "mole" and config.granularity == "token" and len(config.loras) == 2
+    assert config.balance_loss == "mole" and (config.granularity, config.gate_kind) == ("layer", "sigmoid")
+    assert config.objective == "denoise" and config.timestep_knots == 0 and len(config.loras) == 2
 
 
 def test_config_errors_are_clear(tiny, tmp_path):
@@ -578,10 +579,12 @@ def test_config_errors_are_clear(tiny, tmp_path):
     config = train_gate.GateTrainConfig(
         base_model=str(model.folder), dataset_dir=str(dataset), loras=(str(paths[0]),), output_dir=str(tmp_path),
         output_name="x", work_dir=str(tmp_path / "w"), granularity="word", balance_loss="entropy",
+        gate_kind="argmax", objective="reward", timestep_knots=1,
     )
     message = "\n".join(config.problems())
     assert "at least 2 aspect LoRAs" in message
     assert "granularity='word'" in message and "balance_loss='entropy'" in message
+    assert "gate_kind='argmax'" in message and "objective='reward'" in message and "timestep_knots=1" in message
     assert "not inside output_dir" in message
     assert config.output_path == tmp_path / "x.mol.safetensors"
 
@@ -680,3 +683,23 @@ def test_free_timestep_gates_and_merges_on_every_family(arch, tmp_path):
     torch.testing.assert_close(outputs[False][0], outputs[True][0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(outputs[False][1], outputs[True][1], rtol=1e-4, atol=1e-5)
     assert (outputs[False][1] - plain).abs().max() > 1e-3 and (merged - plain).abs().max() > 1e-4
+
+
+def test_group_balanced_mean_weighs_every_group_the_same():
+    values = torch.tensor([1.0, 1.0, 1.0, 5.0])
+    groups = torch.tensor([0, 0, 0, 1])  # three images of one aspect, one of another
+    assert train_gate.group_balanced_mean(values, groups).item() == pytest.approx(3.0)  # (1 + 5) / 2, not 2
+    assert train_gate.group_balanced_mean(values, torch.zeros(4, dtype=torch.long)).item() == pytest.approx(2.0)
+
+
+def test_a_free_timestep_gate_trains_with_the_aspect_balanced_objective(tiny, tmp_path):
+    """The trainer with the new options: a layer gate of sigmoid weights with timestep input, trained
+    on the aspect-balanced loss; the MoL file records its form and training settings, and training
+    moved the gate off its start (every LoRA at full weight, no timestep offset)."""
+    mol_path = run(gate_config(tmp_path, tiny, "free", granularity="layer", gate_kind="sigmoid", timestep_knots=2,
+                               objective="aspect_balanced", max_train_steps=4))
+    mol = load_mol(mol_path)
+    assert (mol.gate.granularity, mol.gate.kind, mol.gate.timestep_knots) == ("layer", "sigmoid", 2)
+    assert mol.training["objective"] == "aspect_balanced" and mol.training["gate_kind"] == "sigmoid"
+    assert mol.gate.timestep_weight.abs().sum() > 0 and mol.gate.bias.abs().sum() > 0
+    assert not mol.gate.can_bake
