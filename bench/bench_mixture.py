@@ -371,7 +371,7 @@ def diffusers_variants(args, dtype):
 
     def bake():
         clear()
-        weights = token_gate.static_weights()
+        weights = token_gate.prior_gates()
         start = time.perf_counter()
         with torch.no_grad():
             for name, module in modules.items():
@@ -405,7 +405,7 @@ def diffusers_variants(args, dtype):
     def forward(size):
         x = torch.randn(2, 4, size // 8, size // 8, device=args.device, dtype=dtype)
         with torch.no_grad():
-            state["gates"] = prompt_gate.prompt_probabilities(context.float()).to(dtype)
+            state["gates"] = prompt_gate.sample_gates(context.float()).to(dtype)
             unet(x, 500, encoder_hidden_states=context)
 
     merge_s = bake()

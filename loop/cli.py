@@ -68,9 +68,11 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
 
     report = subparsers.add_parser(
         "report", help="evaluation folder -> report.html + plots + report.json",
-        description="Compare every variant of an evaluation folder (base, aspect LoRAs, merge, gated mixture; "
-                    "one sub-folder each with its images and scores.jsonl) with the base: means, paired "
-                    "differences with bootstrap CIs, win rates, the seed-to-seed spread, diversity, sample grids.",
+        description="Compare every variant of an evaluation folder (base, aspect LoRAs, merge baselines, gated "
+                    "mixture; one sub-folder each with its images and scores.jsonl) with the base: means, paired "
+                    "differences with bootstrap CIs, win rates, the seed-to-seed spread, diversity, sample grids, "
+                    "each mixture's share of each aspect LoRA's own gain, and the gate against every merge "
+                    "baseline (on the test prompts when variants.json sets validation prompts aside).",
     )
     report.add_argument("--eval", required=True, type=Path, dest="eval_dir", help="evaluation folder")
     report.add_argument("--out", required=True, type=Path, help="report folder (must not exist unless --overwrite)")
@@ -88,8 +90,9 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
         "loop", help="the whole loop: generate -> score -> filter -> train LoRAs -> gate -> evaluate -> report",
         description="Run the VersaT2I self-improvement loop described by a TOML config: sample K candidates per "
                     "prompt, score them per aspect, keep the best per prompt and aspect, train one LoRA per aspect, "
-                    "train the gate that mixes them, evaluate base / LoRAs / merge / mixture on held-out prompts "
-                    "and seeds, and write the report. Every stage is saved as it finishes: running the same command "
+                    "train the gate that mixes them, evaluate base / LoRAs / merge baselines / mixture on held-out "
+                    "prompts and seeds, and write the report. Every stage is saved as it finishes: running the same "
+                    "command "
                     "again resumes where it stopped.",
     )
     loop.add_argument("--config", type=Path, help="the loop config (.toml; see --print-config)")
@@ -277,7 +280,8 @@ def run_demo_command(args: argparse.Namespace) -> int:
 EXAMPLE_HEADER = (
     "A versat2i loop config: every setting, each under what it means (defaults unless the example changed it).",
     "Edit the paths, then: versat2i loop --config loop.toml --check   (validates it), and without --check to run.",
-    "Relative paths are relative to this file's folder. The embedded demo's settings: versat2i loop --print-config demo",
+    "Relative paths are relative to this file's folder.",
+    "The embedded demo's settings: versat2i loop --print-config demo",
 )
 
 

@@ -22,11 +22,17 @@ classes' own ``problems()``::
     [thresholds]   aspect = "none" | 5.5 | "p75"   (rewards.selection.Threshold)
     [scoring]      models_dir = [folders with scorer weights], batch_size
     [dataset]      repeats, save_latents, replay_dir + replay_fraction (real captioned images mixed
-                   into every aspect's training set, like kohya's regularisation images)
+                   into every aspect's training set, like kohya's regularisation images), gate_data
     [lora]         any LoraTrainConfig field (rank, max_train_steps, learning_rate, resolution...)
-    [gate]         any GateTrainConfig field (granularity, balance_weight, max_train_steps...)
+    [lora_aspects.<aspect>]  one aspect's overrides of [lora] (e.g. a longer schedule for a weak signal)
+    [gate]         any GateTrainConfig field (granularity, gate_kind, timestep_knots, balance_weight...)
+    [gate_variants.<name>]  further gates to train and evaluate next to [gate] (each: GateTrainConfig
+                   overrides on top of [gate]), e.g. to compare gate forms; variant ``gated:<name>``
     [training]     parallel_jobs, threads_per_job, accelerate_config, cpu
-    [evaluation]   seeds_per_prompt, seed, include_train_prompts, variants, gate_mode, bootstrap
+    [evaluation]   seeds_per_prompt, seed, include_train_prompts, variants (base, lora, the merge
+                   baselines merge / sum / uniform / ties / dare_linear / dare_ties, gated),
+                   validation_fraction, uniform_weights, merge_weight, merge_density, gate_mode,
+                   bootstrap
 
 Relative paths in a file are relative to that file's folder. ``problems()`` lists every mistake
 (each naming the setting and the fix) without touching the disk beyond reading; ``validate()``
@@ -44,23 +50,26 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..aspects import aspect_name_problem
+from ..aspects import ASPECT_NAME_MAX_LENGTH, ASPECT_NAME_RULE, aspect_name_problem
 from ..config_file import ConfigFile, dump_flat_toml, field_comments, toml_value
 from ..rewards.registry import DEFAULT_SCORERS, SCORERS, list_scorers, split_name
-from ..rewards.selection import Threshold
+from ..rewards.selection import JOINT, Threshold
 from ..safe_io import folder_problem, path_problem
 from ..trainer.config import ARCH_CHOICES, PREDICTION_TYPES, LoraTrainConfig
 from ..trainer.train_gate import GateTrainConfig
 from ..training_set.folders import scan_replay_dir
+from .evaluate import validation_prompts
 from .generate import GenerationSettings, check_prompts, read_prompt_file
+from .report import MERGE_KINDS
 
 if sys.version_info >= (3, 11):
     pass
 else:  # pragma: no cover - python 3.10
     pass
 
-VARIANT_KINDS = ("base", "lora", "merge", "gated")
+VARIANT_KINDS = ("base", "lora", *MERGE_KINDS, "gated")
 GATE_MODES = ("dynamic", "bake")
+GATE_DATA = ("union", "joint")
 BOOTSTRAP_UNITS = ("pairs", "prompts")
 # LoRA / gate fields the loop sets itself for every job (a value in [lora] / [gate] would be ignored).
 LOOP_OWNED_TRAINING_FIELDS = frozenset({
@@ -115,6 +124,9 @@ class DatasetSection(ConfigFile):
     save_latents: bool = False  # keep generation latents next to the images (the trainer reuses them)
     replay_dir: str = ""  # real captioned images (<name>.png + <name>.txt) ...
     replay_fraction: float = 0.0  # ... this many per selected image, added to every aspect's set
+    # What the gate trains on: "union" (every aspect's set, as MoLE) or "joint" (one more set, the image
+    # of each prompt best at all aspects at once: the mixture's goal; rewards.selection.with_joint_scores)
+    gate_data: str = "joint"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -138,7 +150,13 @@ class EvaluationSection(ConfigFile):
     # prompts at once and both would understate the run-to-run spread).
     seed: int = 1_000_000_000  # first evaluation seed (far from the candidates' seeds)
     include_train_prompts: bool = False  # also evaluate the loop's prompts (with the evaluation seeds)
-    variants: tuple[str, ...] = ()  # of base, lora (one per aspect), merge, gated; empty = every one that applies
+    variants: tuple[str, ...] = ()  # of VARIANT_KINDS (lora: one per aspect); () = every one that applies
+    # Share of the evaluation prompts set aside to choose settings on (the uniform merge weight; the gate
+    # form when comparing [gate_variants]); the report's figures come from the other prompts.
+    validation_fraction: float = 0.25
+    uniform_weights: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)  # "uniform": the best of these on validation
+    merge_weight: float = 1.0  # each LoRA's weight in the ties / dare merges (1: full strength, as "sum")
+    merge_density: float = 0.5  # ties / dare: the share of each LoRA's weight changes kept
     gate_mode: str = "dynamic"  # dynamic: the gate runs per token; bake: its mean merged once
     resamples: int = 2000  # bootstrap resamples
     bootstrap_seed: int = 0  # seed of the bootstrap resamples
@@ -150,7 +168,8 @@ SECTIONS: dict[str, type[ConfigFile]] = {
     "model": ModelSection, "prompts": PromptsSection, "generation": GenerationConfig, "scoring": ScoringSection,
     "dataset": DatasetSection, "training": TrainingSection, "evaluation": EvaluationSection,
 }
-MAPPING_SECTIONS = ("aspects", "thresholds", "lora", "gate")
+MAPPING_SECTIONS = ("aspects", "thresholds", "lora", "lora_aspects", "gate", "gate_variants")
+NESTED_SECTIONS = ("lora_aspects", "gate_variants")  # tables of tables: [<section>.<name>]
 # What the tables keyed by aspect or by trainer setting hold (their keys have no field comments).
 MAPPING_SECTION_NOTES = {
     "aspects": 'The quality aspects, each with its scorer: aspect = "scorer" ("" = the aspect\'s default; '
@@ -161,10 +180,14 @@ MAPPING_SECTION_NOTES = {
             "the output paths)",
     "gate": "Training of the gate that mixes the aspect LoRAs (trainer/train_gate.py GateTrainConfig); settings "
             "shown commented out take the [lora] value unless set here",
+    "lora_aspects": "One aspect's overrides of [lora], a table [lora_aspects.<aspect>] each (e.g. a longer schedule "
+                    "for a weak signal)",
+    "gate_variants": "Further gates to train and evaluate next to [gate], a table [gate_variants.<name>] of [gate] "
+                     "overrides each (evaluated as gated:<name>)",
 }
 # The order ``commented_toml`` prints the sections in: the loop's own order.
-PRINT_ORDER = ("model", "prompts", "generation", "aspects", "thresholds", "scoring", "dataset", "lora", "gate",
-               "training", "evaluation")
+PRINT_ORDER = ("model", "prompts", "generation", "aspects", "thresholds", "scoring", "dataset", "lora",
+               "lora_aspects", "gate", "gate_variants", "training", "evaluation")
 TOP_LEVEL = ("name", "output_dir", "rounds", "device", "dtype")
 # Paths resolved against the config file's folder: (section or None, field).
 PATH_FIELDS = ((None, "output_dir"), ("model", "base_model"), ("model", "model_config_dir"),
@@ -189,7 +212,9 @@ class LoopConfig(ConfigFile):
     scoring: ScoringSection = ScoringSection()
     dataset: DatasetSection = DatasetSection()
     lora: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    lora_aspects: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     gate: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    gate_variants: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     training: TrainingSection = TrainingSection()
     evaluation: EvaluationSection = EvaluationSection()
 
@@ -202,6 +227,8 @@ class LoopConfig(ConfigFile):
             data[name] = getattr(self, name).to_dict()
         for name in MAPPING_SECTIONS:
             data[name] = dict(getattr(self, name))
+        for name in NESTED_SECTIONS:
+            data[name] = {key: dict(overrides) for key, overrides in getattr(self, name).items()}
         return data
 
     @classmethod
@@ -268,6 +295,13 @@ class LoopConfig(ConfigFile):
                     failures[name] = f"[{name}]: expected a table of settings"
                 else:
                     values[name] = dict(data[name])
+        for name in NESTED_SECTIONS:
+            if name in data:
+                tables = data[name]
+                if not isinstance(tables, Mapping) or not all(isinstance(v, Mapping) for v in tables.values()):
+                    failures[name] = f"[{name}]: expected tables [{name}.<name>] of settings"
+                else:
+                    values[name] = {str(k): dict(v) for k, v in tables.items()}
         return values, failures
 
     @classmethod
@@ -298,6 +332,11 @@ class LoopConfig(ConfigFile):
         data = self.to_dict()
         parts = [dump_flat_toml({name: data[name] for name in TOP_LEVEL})]
         for name in (*SECTIONS, *MAPPING_SECTIONS):
+            if name in NESTED_SECTIONS:  # a table of tables: [<section>.<name>]
+                for variant, overrides in data[name].items():
+                    table = {k: v for k, v in overrides.items() if v is not None}
+                    parts.append(f"\n[{name}.{variant}]\n" + (dump_flat_toml(table) if table else ""))
+                continue
             table = {k: v for k, v in data[name].items() if v is not None}
             parts.append(f"\n[{name}]\n" + (dump_flat_toml(table) if table else ""))
         return "".join(parts)
@@ -320,6 +359,15 @@ class LoopConfig(ConfigFile):
                 for field in dataclasses.fields(cls):
                     value = getattr(getattr(self, section), field.name)
                     lines += _commented_setting(field.name, value, notes.get(field.name, ""))
+            elif section in NESTED_SECTIONS:  # [<section>.<name>] tables; none set: the note alone
+                notes = field_comments(LoraTrainConfig if section == "lora_aspects" else GateTrainConfig)
+                tables = getattr(self, section)
+                lines += ["", f"# {MAPPING_SECTION_NOTES[section]}" + ("" if tables else ": none set")]
+                for number, (name, overrides) in enumerate(tables.items()):
+                    lines += ([] if number == 0 else ["", f"# {MAPPING_SECTION_NOTES[section]}"])
+                    lines.append(f"[{section}.{name}]")
+                    for key, value in overrides.items():
+                        lines += _commented_setting(key, value, notes.get(key, ""))
             else:
                 lines += ["", f"# {MAPPING_SECTION_NOTES[section]}", f"[{section}]"]
                 for key, value, note, inherited in self._mapping_settings(section):
@@ -338,8 +386,11 @@ class LoopConfig(ConfigFile):
                 rows.append((aspect, self.aspects[aspect], entry.summary if entry else "", False))
             return rows
         if section == "thresholds":
-            return [(aspect, self.thresholds.get(aspect, "none"), _threshold_meaning(self.thresholds.get(aspect, "none")),
-                     False) for aspect in self.aspects]
+            rows = []
+            for aspect in self.aspects:
+                threshold = self.thresholds.get(aspect, "none")
+                rows.append((aspect, threshold, _threshold_meaning(threshold), False))
+            return rows
         cls = LoraTrainConfig if section == "lora" else GateTrainConfig
         notes = field_comments(cls)
         given = dict(getattr(self, section))
@@ -404,38 +455,56 @@ class LoopConfig(ConfigFile):
         """Seed of round ``round_number``'s first candidate: every round samples with new seeds."""
         return self.prompts.seed + (round_number - 1) * len(self.train_prompts()) * self.prompts.candidates_per_prompt
 
-    def evaluation_seeds(self) -> list[int]:
-        """One seed per evaluation image, prompt-major (``EvaluationSection.seed``)."""
-        count = len(self.evaluation_prompts()) * self.evaluation.seeds_per_prompt
-        return [self.evaluation.seed + i for i in range(count)]
+    def evaluation_seeds(self, prompts: Sequence[str] | None = None) -> list[int]:
+        """One seed per evaluation image, prompt-major (``EvaluationSection.seed``); for ``prompts`` (a
+        subset of the evaluation prompts) the seeds those prompts have on the whole grid."""
+        every = self.evaluation_prompts()
+        per_prompt = self.evaluation.seeds_per_prompt
+        rows = range(len(every)) if prompts is None else [every.index(p) for p in prompts]
+        return [self.evaluation.seed + row * per_prompt + s for row in rows for s in range(per_prompt)]
+
+    def validation_prompts(self) -> list[str]:
+        """The evaluation prompts set aside to choose settings on (``loop.evaluate.validation_prompts``)."""
+        return validation_prompts(self.evaluation_prompts(), self.evaluation.validation_fraction)
 
     def lora_config(self, *, aspect: str, dataset_dir: str, output_dir: str, work_dir: str,
                     overwrite: bool = False) -> LoraTrainConfig:
-        """The trainer's config for one aspect's LoRA: [lora] overrides + what the loop decides."""
+        """The trainer's config for one aspect's LoRA: [lora] (and [lora_aspects.<aspect>]) overrides +
+        what the loop decides."""
+        overrides = self.lora_aspects.get(aspect, {})
         return LoraTrainConfig.from_dict({
-            **self.lora, **self._model_fields(), "dataset_dir": dataset_dir, "aspect": aspect,
+            **self.lora, **overrides, **self._model_fields(), "dataset_dir": dataset_dir, "aspect": aspect,
             "output_dir": output_dir, "output_name": aspect, "work_dir": work_dir, "overwrite": overwrite,
-        }, source="[lora]")
+        }, source=f"[lora_aspects.{aspect}]" if overrides else "[lora]")
 
     def gate_config(self, *, loras: Sequence[str], aspects: Sequence[str], dataset_dir: str, output_dir: str,
-                    work_dir: str, overwrite: bool = False):
+                    work_dir: str, overwrite: bool = False, variant: str | None = None):
+        """The gate trainer's config: [gate] (plus [gate_variants.<variant>]) over the LoRA data settings."""
         inherited = {k: v for k, v in self.lora.items() if k in GATE_INHERITS_FROM_LORA}
+        overrides = {**self.gate, **(self.gate_variants[variant] if variant is not None else {})}
         return GateTrainConfig.from_dict({
-            **inherited, **self.gate, **self._model_fields(), "dataset_dir": dataset_dir,
+            **inherited, **overrides, **self._model_fields(), "dataset_dir": dataset_dir,
             "loras": [str(p) for p in loras], "aspects": list(aspects), "output_dir": output_dir,
-            "output_name": MIXTURE_NAME, "work_dir": work_dir, "overwrite": overwrite,
-        }, source="[gate]")
+            "output_name": mixture_name(variant), "work_dir": work_dir, "overwrite": overwrite,
+        }, source="[gate]" if variant is None else f"[gate_variants.{variant}]")
 
     def _model_fields(self) -> dict[str, str]:
         return {"base_model": self.model.base_model, "arch": self.model.arch,
                 "prediction_type": self.model.prediction_type, "model_config_dir": self.model.model_config_dir}
 
     def evaluation_variant_kinds(self) -> tuple[str, ...]:
-        """``[evaluation] variants``, or when empty: base and the aspect LoRAs, plus the merge and the
-        gated mixture when there are >= 2 aspects."""
+        """``[evaluation] variants``, or when empty: base and the aspect LoRAs, plus the merge baselines
+        and the gated mixture when there are >= 2 aspects (``uniform`` only when there are validation
+        prompts to choose its weight on)."""
         if self.evaluation.variants:
             return tuple(self.evaluation.variants)
-        return VARIANT_KINDS if len(self.aspects) >= 2 else ("base", "lora")
+        if len(self.aspects) < 2:
+            return ("base", "lora")
+        try:
+            chosen_on = self.validation_prompts()
+        except (ValueError, FileNotFoundError):  # reported by validate()
+            chosen_on = []
+        return tuple(kind for kind in VARIANT_KINDS if kind != "uniform" or chosen_on)
 
     @property
     def needs_gate(self) -> bool:
@@ -581,6 +650,11 @@ class LoopConfig(ConfigFile):
         dataset = self.dataset
         if dataset.repeats < 1:
             p.append(f"[dataset] repeats={dataset.repeats}: must be >= 1")
+        if dataset.gate_data not in GATE_DATA:
+            p.append(f"[dataset] gate_data={dataset.gate_data!r}: use one of {', '.join(GATE_DATA)}")
+        elif dataset.gate_data == "joint" and JOINT in self.aspects:
+            p.append(f"[aspects] {JOINT!r}: the name of the jointly-best set gate_data = \"joint\" writes; rename "
+                     "that aspect")
         fraction = dataset.replay_fraction
         if not math.isfinite(fraction) or fraction < 0:
             p.append(f"[dataset] replay_fraction={fraction}: must be >= 0 (0 = no replay; 0.5 = one real image per "
@@ -648,6 +722,64 @@ class LoopConfig(ConfigFile):
             for problem in config.problems(check_paths=False):
                 if not any(problem.startswith(name) for name in placeholders):
                     p.append(f"[{section}] {problem}")
+        p += self._gate_variant_problems(aspects, placeholders)
+        p += self._lora_aspect_problems(placeholders)
+        return p
+
+    def _lora_aspect_problems(self, placeholders: Mapping[str, str]) -> list[str]:
+        p = []
+        fields = {f.name for f in dataclasses.fields(LoraTrainConfig)}
+        for aspect, overrides in self.lora_aspects.items():
+            where = f"[lora_aspects.{aspect}]"
+            if aspect not in self.aspects:
+                p.append(f"{where}: {aspect!r} is not an aspect of [aspects] ({', '.join(self.aspects) or 'none'})")
+                continue
+            owned = sorted(set(overrides) & LOOP_OWNED_TRAINING_FIELDS)
+            unknown = [k for k in overrides if k not in fields]
+            if owned:
+                p.append(f"{where} {', '.join(owned)}: set by the loop for every job; remove them")
+            p += [f"{where} {_unknown(k, sorted(fields - LOOP_OWNED_TRAINING_FIELDS), '')}" for k in unknown]
+            if owned or unknown:
+                continue
+            try:
+                config = self.lora_config(aspect=aspect, dataset_dir="dataset", output_dir="out", work_dir="work")
+            except ValueError as exc:
+                p.append(str(exc).replace("\n  - ", "; "))
+                continue
+            p += [f"{where} {problem}" for problem in config.problems(check_paths=False)
+                  if not any(problem.startswith(field) for field in placeholders)]
+        return p
+
+    def _gate_variant_problems(self, aspects: list[str], placeholders: Mapping[str, str]) -> list[str]:
+        p = []
+        if self.gate_variants and "gated" not in self.evaluation_variant_kinds():
+            p.append("[gate_variants]: they are evaluated as variants gated:<name>; add \"gated\" to [evaluation] "
+                     "variants or drop [gate_variants]")
+        if self.gate_variants and len(self.aspects) < 2:
+            p.append("[gate_variants]: a gate needs >= 2 aspects")
+            return p
+        fields = {f.name for f in dataclasses.fields(GateTrainConfig)}
+        for name, overrides in self.gate_variants.items():
+            where = f"[gate_variants.{name}]"
+            if aspect_name_problem(name):  # the aspects' rule: the name becomes part of file and folder names
+                p.append(f"[gate_variants] {name!r}: a variant name uses {ASPECT_NAME_RULE}, at most "
+                         f"{ASPECT_NAME_MAX_LENGTH} characters (it becomes part of file and folder names)")
+                continue
+            owned = sorted(set(overrides) & LOOP_OWNED_TRAINING_FIELDS)
+            unknown = [k for k in overrides if k not in fields]
+            if owned:
+                p.append(f"{where} {', '.join(owned)}: set by the loop for every job; remove them")
+            p += [f"{where} {_unknown(k, sorted(fields - LOOP_OWNED_TRAINING_FIELDS), '')}" for k in unknown]
+            if owned or unknown:
+                continue
+            try:
+                config = self.gate_config(loras=[f"{a}.safetensors" for a in aspects], aspects=aspects,
+                                          dataset_dir="dataset", output_dir="out", work_dir="work", variant=name)
+            except ValueError as exc:
+                p.append(str(exc).replace("\n  - ", "; "))
+                continue
+            p += [f"{where} {problem}" for problem in config.problems(check_paths=False)
+                  if not any(problem.startswith(field) for field in placeholders)]
         return p
 
     def _evaluation_problems(self) -> list[str]:
@@ -666,10 +798,31 @@ class LoopConfig(ConfigFile):
         if len(set(evaluation.variants)) != len(evaluation.variants):
             p.append(f"[evaluation] variants {list(evaluation.variants)}: each at most once")
         if len(self.aspects) < 2:
-            mixed = [v for v in ("merge", "gated") if v in evaluation.variants]
+            mixed = [v for v in (*MERGE_KINDS, "gated") if v in evaluation.variants]
             if mixed:
                 p.append(f"[evaluation] variants {mixed}: a merge or mixture needs >= 2 aspects; drop them or add "
                          "an aspect")
+        fraction = evaluation.validation_fraction
+        if not (math.isfinite(fraction) and 0.0 <= fraction < 1.0):
+            p.append(f"[evaluation] validation_fraction={fraction}: must be in [0, 1) (0.25 sets a quarter of the "
+                     "evaluation prompts aside to choose settings on)")
+        elif "uniform" in self.evaluation_variant_kinds() and len(self.aspects) >= 2:
+            try:
+                chosen_on = self.validation_prompts()
+            except (ValueError, FileNotFoundError):
+                chosen_on = [None]  # the prompts' own problem is reported with [prompts]
+            if not chosen_on:
+                p.append(f"[evaluation] variants 'uniform' chooses its weight on validation prompts, and "
+                         f"validation_fraction={fraction} sets none aside; raise it (0.25 is usual) or drop 'uniform'")
+        weights = evaluation.uniform_weights
+        if not weights or not all(isinstance(w, (int, float)) and math.isfinite(w) and w > 0 for w in weights):
+            p.append(f"[evaluation] uniform_weights={list(weights)}: give one or more weights > 0, e.g. "
+                     "[0.25, 0.5, 1.0]")
+        if not (math.isfinite(evaluation.merge_weight) and evaluation.merge_weight > 0):
+            p.append(f"[evaluation] merge_weight={evaluation.merge_weight}: must be > 0 (1 = each LoRA at full weight)")
+        if not (math.isfinite(evaluation.merge_density) and 0.0 < evaluation.merge_density <= 1.0):
+            p.append(f"[evaluation] merge_density={evaluation.merge_density}: must be in (0, 1] (the share of each "
+                     "LoRA's weight changes that ties / dare keep; 0.5 is usual)")
         if evaluation.gate_mode not in GATE_MODES:
             p.append(f"[evaluation] gate_mode={evaluation.gate_mode!r}: use one of {', '.join(GATE_MODES)}")
         if evaluation.resamples < 100:
@@ -682,6 +835,12 @@ class LoopConfig(ConfigFile):
 
 
 MIXTURE_NAME = "mixture"
+
+
+def mixture_name(variant: str | None = None) -> str:
+    """The MoL file's name (without suffix) of the [gate] mixture or of a [gate_variants] one."""
+    return MIXTURE_NAME if variant is None else f"{MIXTURE_NAME}-{variant}"
+
 # Data settings a gate trains with by default: the LoRAs' own (same images, same resolution).
 GATE_INHERITS_FROM_LORA = frozenset({
     "resolution", "bucketing", "bucket_step", "bucket_max_aspect", "random_flip", "cache_latents",

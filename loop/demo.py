@@ -73,13 +73,16 @@ def demo_config(out: str | Path) -> LoopConfig:
         generation=GenerationConfig(steps=sampler["num_inference_steps"], guidance_scale=sampler["guidance_scale"],
                                     width=sampler["width"], height=sampler["height"], batch_size=GENERATION_BATCH),
         aspects=dict(settings.SCORERS),
-        dataset=DatasetSection(repeats=1, replay_dir=str(out / REPLAY_DIR), replay_fraction=settings.REPLAY_FRACTION),
+        dataset=DatasetSection(repeats=1, replay_dir=str(out / REPLAY_DIR), replay_fraction=settings.REPLAY_FRACTION,
+                               gate_data=settings.GATE_DATA),
         lora=dict(settings.LORA),
+        lora_aspects={aspect: dict(overrides) for aspect, overrides in settings.LORA_ASPECTS.items()},
         gate=dict(settings.GATE),
         training=TrainingSection(parallel_jobs=PARALLEL_TRAINING_JOBS, threads_per_job=THREADS_PER_TRAINING_JOB,
                                  cpu=True),
         evaluation=EvaluationSection(seeds_per_prompt=EVAL_SEEDS_PER_PROMPT, seed=settings.EVAL_SEED,
-                                     include_train_prompts=True),
+                                     include_train_prompts=True, variants=settings.EVALUATION_VARIANTS,
+                                     gate_mode=settings.GATE_MODE),
     )
 
 

@@ -24,11 +24,31 @@ base share the prompt and the starting noise. Per aspect and variant this module
   ``embed`` function such as a CLIP image encoder is given), averaged over prompts. A variant that
   over-optimises its reward collapses onto one look per prompt: its diversity drops.
 
+Choosing settings (the best uniform merge weight, the gate form) on the same images the results
+are reported on would flatter the chosen setting. A share of the evaluation prompts is set aside
+as **validation** prompts (``validation_prompts``: picked by a hash of the prompt text, so the
+split does not move when prompts are added or reordered); every figure above is computed on the
+other, **test** prompts, and each variant also gets its validation score, the number settings are
+chosen by.
+
+One number per variant for "better at all aspects at once", the **normalised score**: the mean
+over aspects of the change vs the base in units of that aspect's seed-to-seed standard deviation
+(``per_image_sd`` of the base: how much one image's reward varies across seeds of the same
+prompt, measured on the whole grid). Dividing by each aspect's own variability puts aspects whose
+rewards move on different scales on one footing, and unlike dividing by a LoRA's gain it does not
+blow up when that gain is small or noisy; being a fixed linear combination of per-pair changes, it
+is paired and bootstrapped exactly like one aspect (its CI, head-to-heads and win rates).
+
+**Share of own gain**: for a mixed variant (a merge or the gated mixture) and aspect a, its change
+on a divided by the change of aspect a's own LoRA, with a bootstrap CI (the ratio of the two paired
+means on each resample). 1 = the mixture keeps all of that LoRA's gain on its aspect.
+
 Pure numpy (plus torch only for images given as tensors); deterministic for a given ``seed``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +57,9 @@ from typing import Any
 import numpy as np
 
 FORMAT_NAME = "versat2i-evaluation"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: validation split, normalised scores, shares of own gain (1 still reads)
+READABLE_VERSIONS = (1, 2)
+NORMALISED = "normalised"  # the key of the normalised score next to the aspects in head-to-heads
 DEFAULT_RESAMPLES = 2000
 DEFAULT_SPLITS = 1000
 UNITS = ("pairs", "prompts")
@@ -95,6 +117,40 @@ class ScoreGrid:
     @property
     def shape(self) -> tuple[int, int]:
         return len(self.prompts), len(self.seeds[0])
+
+    def subset(self, rows: Sequence[int]) -> ScoreGrid:
+        """The grid of the prompts at ``rows`` (in that order)."""
+        rows = list(rows)
+        return ScoreGrid(prompts=[self.prompts[r] for r in rows], seeds=[list(self.seeds[r]) for r in rows],
+                         scores={v: {a: values[rows] for a, values in by_aspect.items()}
+                                 for v, by_aspect in self.scores.items()},
+                         scorers=dict(self.scorers))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"prompts": list(self.prompts), "seeds": [list(map(int, row)) for row in self.seeds],
+                "scores": {v: {a: values.tolist() for a, values in by_aspect.items()}
+                           for v, by_aspect in self.scores.items()}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], scorers: Mapping[str, Any] | None = None) -> ScoreGrid:
+        return cls(prompts=list(data["prompts"]), seeds=[list(row) for row in data["seeds"]],
+                   scores={v: {a: np.asarray(values) for a, values in by_aspect.items()}
+                           for v, by_aspect in data["scores"].items()},
+                   scorers={a: dict(r) for a, r in (scorers or {}).items()})
+
+
+def validation_prompts(prompts: Sequence[str], fraction: float) -> list[str]:
+    """The ``round(fraction * len(prompts))`` prompts (at least one when ``fraction`` > 0) set aside
+    to choose settings on (module docstring): those with the smallest sha256 of their text, in the
+    given order. At least one prompt stays for testing."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"validation fraction {fraction}: must be in [0, 1) (0.25 sets a quarter aside)")
+    count = min(max(1, round(fraction * len(prompts))) if fraction > 0 else 0, len(prompts) - 1)
+    if count <= 0:
+        return []
+    ranked = sorted(prompts, key=lambda p: hashlib.sha256(p.encode("utf-8")).hexdigest())
+    chosen = set(ranked[:count])
+    return [p for p in prompts if p in chosen]
 
 
 def grid_from_tables(tables: Mapping[str, Any]) -> ScoreGrid:
@@ -325,11 +381,81 @@ def diversity(images_by_prompt: Sequence[Any], *, embed: Callable[[Any], Any] | 
     return {"pixel": pixel, "embedding": embedding}
 
 
+# -- one number for all aspects, shares of own gain ------------------------------------------------
+
+def aspect_scales(base: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Per aspect, the base's per-image seed-to-seed standard deviation (pooled within prompts of a
+    ``[P, S]`` grid): the unit of the normalised score (module docstring)."""
+    scales = {}
+    for aspect, values in base.items():
+        values = np.asarray(values, dtype=np.float64)
+        prompts, seeds = values.shape
+        if seeds < 2:
+            raise ValueError("normalised score: needs at least 2 seeds per prompt to measure each aspect's spread")
+        centred = values - values.mean(axis=1, keepdims=True)
+        sd = math.sqrt((centred**2).sum() / (prompts * (seeds - 1)))
+        scales[aspect] = sd if sd > 0 else 1.0  # a constant reward: changes count in its own units
+    return scales
+
+
+def normalised_scores(by_aspect: Mapping[str, np.ndarray], scales: Mapping[str, float]) -> np.ndarray:
+    """Per pair, the mean over aspects of the reward in units of the aspect's scale ``[P, S]``;
+    the difference of two variants' arrays is their normalised change."""
+    return np.mean([np.asarray(by_aspect[a], dtype=np.float64) / scales[a] for a in scales], axis=0)
+
+
+def normalised_change(base: ScoreGrid, other: ScoreGrid, scales: Mapping[str, float], *, base_variant: str = "base",
+                      variant: str | None = None) -> float:
+    """The mean normalised change of ``other`` (its only variant, or ``variant``) against the base on
+    the prompts ``other`` holds (a subset of ``base``'s, on the same seeds): a validation score."""
+    variant = variant or next(iter(other.scores))
+    rows = []
+    for prompt, seeds in zip(other.prompts, other.seeds):
+        if prompt not in base.prompts:
+            raise ValueError(f"prompt {prompt!r} was not sampled by {base_variant!r}")
+        row = base.prompts.index(prompt)
+        if sorted(base.seeds[row]) != sorted(seeds):
+            raise ValueError(f"prompt {prompt!r}: seeds {seeds} differ from {base_variant!r}'s {base.seeds[row]}")
+        rows.append(row)
+    reference = base.subset(rows)
+    return float(np.mean(normalised_scores(other.scores[variant], scales)
+                         - normalised_scores(reference.scores[base_variant], scales)))
+
+
+def share_of_gain(mixed_diff: np.ndarray, own_diff: np.ndarray, indices: np.ndarray, *,
+                  level: float = 0.95) -> dict[str, Any]:
+    """The mixed variant's mean change over the own LoRA's mean change, with a percentile bootstrap
+    CI of the ratio over the paired resamples ``indices``."""
+    own = float(np.mean(own_diff))
+    mixed = float(np.mean(mixed_diff))
+    ratios = bootstrap_means(mixed_diff, indices) / bootstrap_means(own_diff, indices)
+    ratios = ratios[np.isfinite(ratios)]
+    low, high = percentile_interval(ratios, level) if ratios.size else (math.nan, math.nan)
+    return {"share": mixed / own if own != 0 else None, "share_ci": [low, high] if ratios.size else None,
+            "gain": mixed, "own_gain": own}
+
+
+class _RowsView(Sequence):
+    """Rows of a per-prompt sequence (lazy image groups stay lazy)."""
+
+    def __init__(self, groups: Sequence[Any], rows: Sequence[int]):
+        self.groups, self.rows = groups, list(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        return self.groups[self.rows[index]]
+
+
 # -- the whole evaluation ------------------------------------------------------------------------
 
 @dataclass
 class Evaluation:
-    """Every number of an evaluation; ``to_dict`` / ``from_dict`` round-trip through JSON."""
+    """Every number of an evaluation; ``to_dict`` / ``from_dict`` round-trip through JSON.
+
+    ``grid`` holds the test prompts (every per-aspect figure is computed on it), ``validation``
+    the prompts set aside to choose settings on (None without a split)."""
 
     base: str
     grid: ScoreGrid
@@ -337,10 +463,17 @@ class Evaluation:
     results: dict[str, dict[str, dict[str, Any]]]
     seed_spread: dict[str, SeedSpread]
     diversity: dict[str, dict[str, float | None]] = field(default_factory=dict)
-    # Head-to-head comparisons other than against the base, e.g. the gated mixture against the
-    # equal-weight merge (VersaT2I's claim that a learned gate mixes aspects better than a plain merge):
-    # {"gated vs merge": {"variant", "reference", "results": {aspect: {diff, diff_ci, win_rate, ...}}}}
+    # Head-to-head comparisons other than against the base, e.g. the gated mixture against each merge
+    # baseline: {"gated vs merge": {"variant", "reference", "results": {aspect: {diff, diff_ci, win_rate, ...}},
+    #                               "normalised": {diff, diff_ci, ...}}}
     comparisons: dict[str, dict[str, Any]] = field(default_factory=dict)
+    validation: ScoreGrid | None = None
+    scales: dict[str, float] = field(default_factory=dict)  # aspect -> unit of the normalised score
+    # variant -> {"test": {diff, diff_ci, win_rate, ...} vs the base, "validation": mean change or None}
+    normalised: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # aspect -> mixed variant -> {share, share_ci, gain, own_gain, own}
+    share_of_own_gain: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    best_baseline: str | None = None  # the merge baseline with the best validation score
 
     @property
     def variants(self) -> list[str]:
@@ -379,25 +512,38 @@ class Evaluation:
                             for a, s in self.seed_spread.items()},
             "diversity": self.diversity,
             "comparisons": self.comparisons,
-            "scores": {v: {a: values.tolist() for a, values in by_aspect.items()}
-                       for v, by_aspect in self.grid.scores.items()},
+            "scales": dict(self.scales),
+            "normalised": self.normalised,
+            "share_of_own_gain": self.share_of_own_gain,
+            "best_baseline": self.best_baseline,
+            "scores": self.grid.to_dict()["scores"],
+            "validation": None if self.validation is None else self.validation.to_dict(),
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Evaluation:
         if data.get("format") != FORMAT_NAME:
             raise ValueError(f"not an evaluation (format {data.get('format')!r}, expected {FORMAT_NAME!r})")
-        if data.get("version") != FORMAT_VERSION:
+        if data.get("version") not in READABLE_VERSIONS:
             raise ValueError(f"evaluation format version {data.get('version')!r} is not supported "
-                             f"(this version reads {FORMAT_VERSION})")
-        grid = ScoreGrid(prompts=list(data["prompts"]), seeds=[list(row) for row in data["seeds"]],
-                         scores={v: {a: np.asarray(values) for a, values in by_aspect.items()}
-                                 for v, by_aspect in data["scores"].items()},
-                         scorers={a: dict(r) for a, r in data.get("scorers", {}).items()})
+                             f"(this version reads {', '.join(map(str, READABLE_VERSIONS))})")
+        scorers = data.get("scorers", {})
+        grid = ScoreGrid.from_dict(data, scorers)
+        validation = data.get("validation")
         spread = {a: SeedSpread(**s) for a, s in data["seed_spread"].items()}
         return cls(base=data["base"], grid=grid, settings=dict(data["settings"]), results=data["results"],
                    seed_spread=spread, diversity=data.get("diversity", {}),
-                   comparisons=data.get("comparisons", {}))
+                   comparisons=data.get("comparisons", {}),
+                   validation=None if not validation else ScoreGrid.from_dict(validation, scorers),
+                   scales=dict(data.get("scales", {})), normalised=data.get("normalised", {}),
+                   share_of_own_gain=data.get("share_of_own_gain", {}), best_baseline=data.get("best_baseline"))
+
+
+def _comparison(variant: np.ndarray, reference: np.ndarray, indices: np.ndarray, level: float,
+                tie_tolerance: float) -> dict[str, Any]:
+    comparison = compare_paired(variant, reference, indices, level=level, tie_tolerance=tie_tolerance)
+    return {"diff": comparison.diff, "diff_ci": list(comparison.diff_ci), "win_rate": comparison.win_rate,
+            "win_rate_ci": list(comparison.win_rate_ci), "significant": comparison.significant}
 
 
 def evaluate(
@@ -413,6 +559,10 @@ def evaluate(
     unit: str = "pairs",
     tie_tolerance: float = 0.0,
     head_to_head: Sequence[tuple[str, str]] = (),
+    validation: Sequence[str] = (),
+    own_lora: Mapping[str, str] | None = None,
+    mixtures: Sequence[str] = (),
+    baselines: Sequence[str] = (),
 ) -> Evaluation:
     """All statistics of the module docstring for every variant and aspect.
 
@@ -420,6 +570,12 @@ def evaluate(
     for the diversity figure (optional; ``embed`` adds an embedding distance).
     ``head_to_head``: extra ``(variant, reference)`` pairs compared like a variant against the base
     (same resamples), e.g. ``("gated", "merge")``.
+    ``validation``: the prompts set aside to choose settings (``validation_prompts``); every figure
+    but the validation scores is computed on the other prompts.
+    ``own_lora`` (aspect -> the variant of that aspect's own LoRA) and ``mixtures`` (the mixed
+    variants): each mixture's share of each own LoRA's gain. ``baselines``: the merge baselines, of
+    which the one with the best validation score is ``best_baseline`` (the best test score when
+    there is no validation split).
     """
     _check_level(level)
     if base not in grid.scores:
@@ -427,6 +583,25 @@ def evaluate(
     if grid.shape[1] < 2:
         raise ValueError("evaluation: needs at least 2 seeds per prompt (the seed-to-seed spread is measured "
                          "from them); use 8 or more for CIs narrower than most effects")
+    for name in (*mixtures, *baselines, *(own_lora or {}).values()):
+        if name not in grid.scores:
+            raise ValueError(f"variant {name!r} is not among the variants ({', '.join(grid.variants)})")
+    scales = aspect_scales(grid.scores[base])
+    held = set(validation)
+    unknown = sorted(held - set(grid.prompts))
+    if unknown:
+        raise ValueError(f"validation prompts {unknown[:3]} are not on the evaluation grid")
+    validation_grid = None
+    if held:
+        test_rows = [row for row, prompt in enumerate(grid.prompts) if prompt not in held]
+        if not test_rows:
+            raise ValueError("validation: every prompt is a validation prompt; keep some for testing")
+        validation_grid = grid.subset([row for row, prompt in enumerate(grid.prompts) if prompt in held])
+        for variant, groups in (images or {}).items():
+            if len(groups) != grid.shape[0]:
+                raise ValueError(f"images[{variant!r}]: {len(groups)} prompt groups for {grid.shape[0]} prompts")
+        images = {variant: _RowsView(groups, test_rows) for variant, groups in (images or {}).items()}
+        grid = grid.subset(test_rows)
     indices = resample_indices(grid.shape, resamples=resamples, seed=seed, unit=unit)
     spread = {aspect: seed_spread(grid.scores[base][aspect], splits=splits, seed=seed, level=level)
               for aspect in grid.aspects}
@@ -442,25 +617,41 @@ def evaluate(
                 "significant": None, "beyond_seed_spread": None,
             }
             if variant != base:
-                comparison = compare_paired(values, grid.scores[base][aspect], indices, level=level,
-                                            tie_tolerance=tie_tolerance)
-                entry.update(diff=comparison.diff, diff_ci=list(comparison.diff_ci), win_rate=comparison.win_rate,
-                             win_rate_ci=list(comparison.win_rate_ci), significant=comparison.significant,
-                             beyond_seed_spread=spread[aspect].exceeded_by(comparison.diff))
+                entry.update(_comparison(values, grid.scores[base][aspect], indices, level, tie_tolerance))
+                entry["beyond_seed_spread"] = spread[aspect].exceeded_by(entry["diff"])
             results[variant][aspect] = entry
+    normalised_of = {v: normalised_scores(by_aspect, scales) for v, by_aspect in grid.scores.items()}
+    validation_of = ({v: normalised_scores(by_aspect, scales) for v, by_aspect in validation_grid.scores.items()}
+                     if validation_grid is not None else {})
+    normalised = {}
+    for variant in grid.variants:
+        if variant == base:
+            continue
+        normalised[variant] = {
+            "test": _comparison(normalised_of[variant], normalised_of[base], indices, level, tie_tolerance),
+            "validation": (float(np.mean(validation_of[variant] - validation_of[base])) if validation_of else None),
+        }
     comparisons: dict[str, dict[str, Any]] = {}
     for variant, reference in head_to_head:
         for name in (variant, reference):
             if name not in grid.scores:
                 raise ValueError(f"head_to_head: {name!r} is not among the variants ({', '.join(grid.variants)})")
-        by_aspect = {}
-        for aspect in grid.aspects:
-            comparison = compare_paired(grid.scores[variant][aspect], grid.scores[reference][aspect], indices,
-                                        level=level, tie_tolerance=tie_tolerance)
-            by_aspect[aspect] = {"diff": comparison.diff, "diff_ci": list(comparison.diff_ci),
-                                 "win_rate": comparison.win_rate, "win_rate_ci": list(comparison.win_rate_ci),
-                                 "significant": comparison.significant}
-        comparisons[f"{variant} vs {reference}"] = {"variant": variant, "reference": reference, "results": by_aspect}
+        by_aspect = {aspect: _comparison(grid.scores[variant][aspect], grid.scores[reference][aspect], indices,
+                                         level, tie_tolerance) for aspect in grid.aspects}
+        comparisons[f"{variant} vs {reference}"] = {
+            "variant": variant, "reference": reference, "results": by_aspect,
+            NORMALISED: _comparison(normalised_of[variant], normalised_of[reference], indices, level, tie_tolerance)}
+    shares: dict[str, dict[str, dict[str, Any]]] = {}
+    for aspect, own in (own_lora or {}).items():
+        own_diff = grid.scores[own][aspect] - grid.scores[base][aspect]
+        shares[aspect] = {}
+        for mixed in mixtures:
+            mixed_diff = grid.scores[mixed][aspect] - grid.scores[base][aspect]
+            shares[aspect][mixed] = {**share_of_gain(mixed_diff, own_diff, indices, level=level), "own": own}
+    best = None
+    if baselines:
+        key = "validation" if validation_of else None
+        best = max(baselines, key=lambda v: normalised[v][key] if key else normalised[v]["test"]["diff"])
     figures: dict[str, dict[str, float | None]] = {}
     for variant, groups in (images or {}).items():
         if variant not in grid.scores:
@@ -469,6 +660,9 @@ def evaluate(
             raise ValueError(f"images[{variant!r}]: {len(groups)} prompt groups for {grid.shape[0]} prompts")
         figures[variant] = diversity(groups, embed=embed)
     settings = {"resamples": resamples, "splits": splits, "seed": seed, "level": level, "unit": unit,
-                "tie_tolerance": tie_tolerance, "ci_method": "percentile bootstrap"}
+                "tie_tolerance": tie_tolerance, "ci_method": "percentile bootstrap",
+                "normalised_score": "mean over aspects of the change in units of the base's per-image seed sd",
+                "validation_prompts": len(held)}
     return Evaluation(base=base, grid=grid, settings=settings, results=results, seed_spread=spread,
-                      diversity=figures, comparisons=comparisons)
+                      diversity=figures, comparisons=comparisons, validation=validation_grid, scales=scales,
+                      normalised=normalised, share_of_own_gain=shares, best_baseline=best)

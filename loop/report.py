@@ -13,8 +13,12 @@ seeds and scored with the same scorers::
                                    ``ScoreTable.save``); ``scores.json`` works too
 
 Without variants.json every sub-folder with a scores file is a variant named after its folder, the
-base is the folder ``base``. Variant kinds (for labels and the "own aspect" highlight): ``base``,
-``lora`` (with its ``aspect``; a name ``lora:<aspect>`` says the same), ``merge``, ``gated``.
+base is the folder ``base``. Variant kinds (for labels, the "own aspect" highlight and which
+comparisons are made): ``base``, ``lora`` (with its ``aspect``; a name ``lora:<aspect>`` says the
+same), the merge baselines (``MERGE_KINDS``: ``merge`` at 1/N, ``sum`` at full weight, ``uniform``
+at the weight chosen on the validation prompts, peft's ``ties``, ``dare_linear``, ``dare_ties``) and
+``gated`` (``gated:<name>`` for several gates). ``variants.json``'s config may list
+``validation_prompts``: the prompts set aside to choose settings on (``evaluate.validation_prompts``).
 
 Prompt sets: a loop evaluates its held-out prompts (never trained on) and, with
 ``include_train_prompts``, its own training prompts with new seeds. ``variants.json`` names them
@@ -70,6 +74,8 @@ REPORT_HTML = "report.html"
 VARIANTS_FILE = "variants.json"
 SCORES_FILES = ("scores.jsonl", "scores.json")
 SUMMARY_PLOT = "differences"
+MERGE_KINDS = ("merge", "sum", "uniform", "ties", "dare_linear", "dare_ties")
+VARIANT_KINDS = ("base", "lora", *MERGE_KINDS, "gated")
 GRID_CELL_MIN = 96  # px: tiny images (the demo world's 32 px) are upscaled for the grids
 COMPARE_CELL_MIN = 128  # px: the side-by-side grids, made to be compared by eye
 COMPARE_ROWS = 8  # (prompt, seed) rows of each side-by-side grid
@@ -89,7 +95,7 @@ ALL_PROMPTS = ("Evaluation prompts", "every prompt of the evaluation folder")
 class Variant:
     name: str
     dir: str | None = None
-    kind: str = "other"          # base | lora | merge | gated | other
+    kind: str = "other"          # base | lora | one of MERGE_KINDS | gated | other
     aspect: str | None = None    # the aspect a single-aspect LoRA was trained for
     label: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -107,12 +113,12 @@ class Variant:
         return variant.with_defaults()
 
     def with_defaults(self) -> Variant:
-        """Kind and aspect from the conventional names: 'base', 'lora:<aspect>', 'merge', 'gated'."""
+        """Kind and aspect from the conventional names: 'base', 'lora:<aspect>', a merge kind, 'gated[:<name>]'."""
         if self.kind == "other":
             head, _, tail = self.name.partition(":")
             if self.name == "base":
                 self.kind = "base"
-            elif head in ("lora", "merge", "gated"):
+            elif head in VARIANT_KINDS:
                 self.kind = head
                 if head == "lora" and tail and self.aspect is None:
                     self.aspect = tail
@@ -243,19 +249,28 @@ def evaluate_eval_dir(path: str | os.PathLike, *, embed=None, **options) -> tupl
     # Diversity reads every image once per variant (only one variant's images in memory at a time).
     images = {variant: _LazyGroups(rows) for variant, rows in files.items()}
     base = options.pop("base", None) or folder.base
-    if "head_to_head" not in options:
-        options["head_to_head"] = gated_against_merge(folder.variants)
+    options = {**variant_roles(folder.variants), **options}
+    options.setdefault("validation", [p for p in folder.config.get("validation_prompts") or () if p in grid.prompts])
     evaluation = evaluate(grid, base=base, images=images, embed=embed, **options)
     return evaluation, folder, files
 
 
-def gated_against_merge(variants: Mapping[str, Variant]) -> list[tuple[str, str]]:
-    """Each gated-mixture variant against the equal-weight merge, when the folder has both: the
-    comparison behind VersaT2I's claim that a learned gate mixes aspect LoRAs better than a merge."""
+def variant_roles(variants: Mapping[str, Variant]) -> dict[str, Any]:
+    """What ``evaluate`` compares, from the variants' kinds: each gated mixture head to head against
+    every merge baseline (VersaT2I's claim is that a learned gate mixes aspect LoRAs better than a
+    merge), each mixture's share of each aspect LoRA's own gain, and the baselines among which the
+    best (by validation score) is picked."""
     kinds: dict[str, list[str]] = {}
+    own_lora: dict[str, str] = {}
     for name, variant in variants.items():
-        kinds.setdefault(variant.with_defaults().kind, []).append(name)
-    return [(gated, merge) for gated in kinds.get("gated", []) for merge in kinds.get("merge", [])]
+        variant = variant.with_defaults()
+        kinds.setdefault(variant.kind, []).append(name)
+        if variant.kind == "lora" and variant.aspect and variant.aspect not in own_lora:
+            own_lora[variant.aspect] = name
+    baselines = [name for kind in MERGE_KINDS for name in kinds.get(kind, [])]
+    gated = kinds.get("gated", [])
+    return {"head_to_head": [(g, b) for g in gated for b in baselines], "own_lora": own_lora,
+            "mixtures": [*baselines, *gated], "baselines": baselines}
 
 
 class _LazyGroups(Sequence):
@@ -663,7 +678,7 @@ def _markdown_evaluation(data: Mapping[str, Any], variants: Mapping[str, Any]) -
              f"re-rolling seeds alone): {spread}. **Bold**: CI excludes 0 and the change is beyond that spread.")
     if has_diversity:
         notes += " Diversity: mean RMS pixel distance between a prompt's images across seeds (0..1)."
-    return "\n".join(lines) + "\n" + notes + "\n" + _markdown_head_to_head(data, variants)
+    return "\n".join(lines) + "\n" + notes + "\n" + _markdown_mixture_tables(data, variants)
 
 
 def not_trained_note(report: Mapping[str, Any]) -> str:
@@ -682,26 +697,118 @@ def _seed_layout(seeds: Sequence[Sequence[int]]) -> str:
     return ", each pair its own seed" if len({s for row in seeds for s in row}) == sum(map(len, seeds)) else ""
 
 
-def _markdown_head_to_head(data: Mapping[str, Any], variants: Mapping[str, Any]) -> str:
-    """One table row per head-to-head comparison (e.g. gated mixture vs equal-weight merge)."""
-    comparisons = data.get("comparisons") or {}
-    if not comparisons:
-        return ""
+# The mixture tables (rows built once, rendered as markdown for the README and as HTML): each variant's
+# normalised score on the validation and the test prompts, each mixture's share of each aspect LoRA's
+# own gain, and the head-to-heads of the gated mixtures against the merge baselines.
+
+def _label_of(variants: Mapping[str, Any], name: str) -> str:
+    return (variants.get(name) or {}).get("label") or name
+
+
+def _change_cell(result: Mapping[str, Any]) -> tuple[str, str]:
+    """(``diff [low, high]; win w``, ``up`` / ``down`` when the CI excludes 0 above / below, else "")."""
+    low, high = result["diff_ci"]
+    return (f"{_signed(result['diff'])} [{_signed(low)}, {_signed(high)}]; win {result['win_rate']:.0%}",
+            "up" if low > 0 else "down" if high < 0 else "")
+
+
+def _variants_rows(data: Mapping[str, Any], variants: Mapping[str, Any]) -> list[list[tuple[str, str]]]:
+    best = data.get("best_baseline")
+    rows = []
+    for name, entry in (data.get("normalised") or {}).items():
+        validation = entry.get("validation")
+        label = _label_of(variants, name) + (" (best baseline)" if name == best else "")
+        rows.append([(label, ""), ("" if validation is None else _signed(validation), ""),
+                     _change_cell(entry["test"])])
+    return rows
+
+
+def _share_rows(data: Mapping[str, Any], variants: Mapping[str, Any]) -> list[list[tuple[str, str]]]:
+    shares = data.get("share_of_own_gain") or {}
+    aspects = [a for a in data["aspects"] if a in shares]
+    mixtures = list(dict.fromkeys(m for a in aspects for m in shares[a]))
+    rows = [[("own LoRA's gain", "")] + [(_signed(next(iter(shares[a].values()))["own_gain"]), "")
+                                         for a in aspects]] if mixtures else []
+    for mixed in mixtures:
+        cells = [(_label_of(variants, mixed), "")]
+        for aspect in aspects:
+            entry = shares[aspect][mixed]
+            if entry["share"] is None:
+                cells.append(("n/a (own gain 0)", ""))
+                continue
+            low, high = entry["share_ci"] or (math.nan, math.nan)
+            cells.append((f"{entry['share']:.0%} [{low:.0%}, {high:.0%}]", ""))
+        rows.append(cells)
+    return rows
+
+
+def _head_to_head_rows(data: Mapping[str, Any], variants: Mapping[str, Any]) -> list[list[tuple[str, str]]]:
+    rows = []
+    for comparison in (data.get("comparisons") or {}).values():
+        label = " vs ".join(_label_of(variants, n) for n in (comparison["variant"], comparison["reference"]))
+        cells = [(label, "")] + [_change_cell(comparison["results"][a]) for a in data["aspects"]]
+        if comparison.get("normalised"):
+            cells.append(_change_cell(comparison["normalised"]))
+        rows.append(cells)
+    return rows
+
+
+def mixture_tables(data: Mapping[str, Any], variants: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The mixture tables: ``{"title", "header", "rows" (cells: (text, "up" | "down" | "")), "note"}``."""
     level = data["settings"].get("level", 0.95)
     aspects = data["aspects"]
-    lines = ["", "| comparison | " + " | ".join(aspects) + " |", "|---|" + "---:|" * len(aspects)]
-    for comparison in comparisons.values():
-        label = " vs ".join((variants.get(n) or {}).get("label") or n
-                            for n in (comparison["variant"], comparison["reference"]))
-        cells = []
-        for aspect in aspects:
-            result = comparison["results"][aspect]
-            low, high = result["diff_ci"]
-            change = f"{_signed(result['diff'])} [{_signed(low)}, {_signed(high)}]"
-            cells.append(f"{'**' + change + '**' if result['significant'] else change}; win {result['win_rate']:.0%}")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return ("\n".join(lines) + f"\n\nHead to head: paired change of the first variant against the second on the same "
-            f"(prompt, seed) pairs, {level:.0%} bootstrap CI; **bold**: CI excludes 0.\n")
+    validation = data["settings"].get("validation_prompts") or 0
+    where = (f"{validation} validation prompts (used to choose settings) and the {len(data['prompts'])} test "
+             "prompts (every other figure)" if validation else "the evaluation prompts (no validation split)")
+    tables = []
+    rows = _variants_rows(data, variants)
+    if rows:
+        tables.append({
+            "title": "Variants", "header": ["variant", "validation score", "test score"], "rows": rows,
+            "note": (f"Normalised score: the mean over aspects of the change vs {data['base']} in units of each "
+                     f"aspect's per-image seed-to-seed sd of {data['base']}, on {where}; test: with its "
+                     f"{level:.0%} bootstrap CI and win rate over pairs. The best baseline is the merge baseline "
+                     "with the best validation score.")})
+    rows = _share_rows(data, variants)
+    if rows:
+        tables.append({
+            "title": "Share of each aspect LoRA's own gain", "header": ["variant", *[
+                a for a in aspects if a in (data.get("share_of_own_gain") or {})]], "rows": rows,
+            "note": (f"A mixture's change on an aspect divided by that aspect's own LoRA's change (both vs "
+                     f"{data['base']}, test prompts), {level:.0%} bootstrap CI of the ratio; 100% keeps all of the "
+                     "LoRA's gain. A ratio is only as reliable as its denominator: a small own gain gives a wide CI.")})
+    rows = _head_to_head_rows(data, variants)
+    if rows:
+        tables.append({
+            "title": "Head to head", "header": ["comparison", *aspects, "normalised score"], "rows": rows,
+            "note": (f"Paired change of the first variant against the second on the same (prompt, seed) pairs "
+                     f"(test prompts), {level:.0%} bootstrap CI; bold: CI excludes 0. The gated mixture "
+                     "against the merge baselines tests whether the learned gate mixes the aspect LoRAs better than "
+                     "a merge.")})
+    return tables
+
+
+def _markdown_mixture_tables(data: Mapping[str, Any], variants: Mapping[str, Any]) -> str:
+    parts = []
+    for table in mixture_tables(data, variants):
+        header = table["header"]
+        lines = ["", "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+        for row in table["rows"]:
+            cells = [f"**{text}**" if css else text for text, css in row]
+            lines.append("| " + " | ".join(cells + [""] * (len(header) - len(cells))) + " |")
+        parts.append("\n".join(lines) + f"\n\n{table['title']}: {table['note']}\n")
+    return "".join(parts)
+
+
+def _html_mixture_tables(data: Mapping[str, Any], variants: Mapping[str, Any]) -> str:
+    parts = []
+    for table in mixture_tables(data, variants):
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in table["header"])
+        rows = "".join("<tr>" + "".join(f"<td class='{css}'>{html.escape(text)}</td>" for text, css in row) + "</tr>"
+                       for row in table["rows"])
+        parts.append(f"<h2>{html.escape(table['title'])}</h2><table><tr>{head}</tr>{rows}</table>"
+                     f"<p class='note'>{html.escape(table['note'])}</p>")
+    return "".join(parts)
 
 
 # -- HTML ------------------------------------------------------------------------------------------
@@ -801,8 +908,7 @@ def _html_intro(report: Mapping[str, Any], views) -> str:
 def _html_view(title: str, about: str, data: Mapping[str, Any], variants: Mapping[str, Any]) -> str:
     parts = [f"<h2>{html.escape(title)}</h2><p class='note'>{html.escape(about)}; {_grid_size(data)}.</p>",
              _html_table(data, variants)]
-    if data.get("comparisons"):
-        parts.append(_html_head_to_head(data, variants))
+    parts.append(_html_mixture_tables(data, variants))
     level = data["settings"].get("level", 0.95)
     rows = "".join(f"<tr><td>{html.escape(a)}</td><td>{_plain(s['per_image_sd'])}</td><td>{_plain(s['mean_sd'])}</td>"
                    f"<td>{_plain(s['threshold'])}</td></tr>" for a, s in data["seed_spread"].items())
@@ -812,26 +918,6 @@ def _html_view(title: str, about: str, data: Mapping[str, Any], variants: Mappin
                  "seeds, rescaled to a full rerun. A change larger than the threshold is beyond what re-rolling "
                  "seeds alone produces.</p></details>")
     return "\n".join(parts)
-
-
-def _html_head_to_head(data: Mapping[str, Any], variants: Mapping[str, Any]) -> str:
-    rows = []
-    for comparison in data["comparisons"].values():
-        label = " vs ".join(html.escape((variants.get(n) or {}).get("label") or n)
-                            for n in (comparison["variant"], comparison["reference"]))
-        cells = []
-        for aspect in data["aspects"]:
-            result = comparison["results"][aspect]
-            low, high = result["diff_ci"]
-            css = "up" if low > 0 else "down" if high < 0 else ""
-            cells.append(f"<td class='{css}'>{_signed(result['diff'])} [{_signed(low)}, {_signed(high)}]<br>"
-                         f"win {result['win_rate']:.0%}</td>")
-        rows.append(f"<tr><td>{label}</td>{''.join(cells)}</tr>")
-    head = "".join(f"<th>{html.escape(a)}</th>" for a in data["aspects"])
-    return (f"<h3>Head to head</h3><table><tr><th>comparison</th>{head}</tr>{''.join(rows)}</table>"
-            "<p class='note'>Paired change of the first variant against the second on the same prompts and seeds. "
-            "The gated mixture against the equal-weight merge tests whether the learned gate mixes the aspect LoRAs "
-            "better than weighting them equally.</p>")
 
 
 def _plot_captions(views) -> dict[str, tuple[str, str]]:

@@ -50,21 +50,26 @@ from typing import Any
 from ..models.loading import model_source_paths
 from ..progress import Progress
 from ..safe_io import WriteFailedError, atomic_write_text, describe_os_error
+from ..trainer.lora_merges import MERGE_METHODS
 from ..trainer.training_loop import tree_identity
 from .config import LoopConfig
 from .stages import (
+    UNIFORM_SEARCH_FILE,
     EvalVariant,
     RoundPaths,
     build_scorers,
     evaluate_variant,
+    evaluated_before_uniform,
     evaluation_variants,
     generate_images,
     round_adapters,
     run_parallel,
     score_folder,
+    search_uniform_weight,
     train_gate,
     train_lora,
     trained_aspects,
+    write_gate_set,
     write_report,
     write_training_set,
     write_variants,
@@ -185,7 +190,7 @@ def stage_settings(config: LoopConfig, stage: str) -> dict[str, Any]:
         return {"aspects": config.resolved_aspects()}
     if stage == "filter":
         return {"thresholds": {a: config.thresholds.get(a, "none") for a in config.aspects},
-                "dataset": {k: v for k, v in config.dataset.to_dict().items() if k != "replay_dir"},
+                "dataset": {k: v for k, v in config.dataset.to_dict().items() if k not in ("replay_dir", "gate_data")},
                 "aspects": list(config.aspects)}
     if stage == "train":
         return {"lora": dict(config.lora), "model": model}
@@ -391,6 +396,10 @@ class LoopRound:
                         work=lambda: write_training_set(config, paths.scores, paths.candidates, paths.training_set,
                                                         progress=self._progress(step),
                                                         show_progress=self.show_progress))
+        if config.dataset.gate_data == "joint" and config.needs_gate:  # the gate's own set: its own step
+            self.ledger.run(self.step("filter/gate_set"), settings=gate_set_settings(config), inputs=inputs,
+                            outputs=[paths.gate_set],
+                            work=lambda: write_gate_set(config, paths.scores, paths.candidates, paths.gate_set))
 
     def train(self) -> None:
         """One LoRA per aspect, ``[training] parallel_jobs`` at a time (each job is its own step)."""
@@ -401,7 +410,7 @@ class LoopRound:
         def job(aspect: str):
             def run(cancelled: threading.Event):
                 return self.ledger.run(
-                    self.step(f"train/{aspect}"), settings={**settings, "aspect": aspect}, inputs=inputs,
+                    self.step(f"train/{aspect}"), settings=lora_settings(config, aspect, settings), inputs=inputs,
                     outputs=[paths.lora(aspect)],
                     work=lambda: train_lora(config, aspect, paths, on_event=self._train_event, cancelled=cancelled))
             return aspect, run
@@ -412,16 +421,21 @@ class LoopRound:
             self._close_bars()
 
     def gate(self) -> None:
+        """The [gate] mixture, then one per [gate_variants] entry (each its own step)."""
         config, paths = self.config, self.paths
         trained = self.trained()
         if not config.needs_gate or len(trained) < 2:  # one LoRA left: it is the round's whole model
             return
         loras = {a: paths.lora(a) for a in trained}
+        dataset = paths.gate_set if config.dataset.gate_data == "joint" else paths.training_set
+        inputs = identity(dataset) + model_identity(config) + identity(*loras.values())
         try:
-            self.ledger.run(self.step("gate"), settings=stage_settings(config, "gate"),
-                            inputs=identity(paths.training_set) + model_identity(config) + identity(*loras.values()),
-                            outputs=[paths.mixture],
-                            work=lambda: train_gate(config, paths, loras, on_event=self._train_event))
+            for variant in (None, *config.gate_variants):
+                step = self.step("gate" if variant is None else f"gate/{variant}")
+                self.ledger.run(step, settings=gate_settings(config, variant), inputs=inputs,
+                                outputs=[paths.gate_file(variant)],
+                                work=lambda v=variant: train_gate(config, paths, loras, on_event=self._train_event,
+                                                                  variant=v))
         finally:
             self._close_bars()
 
@@ -433,8 +447,10 @@ class LoopRound:
         trained = self.trained()
         variants = evaluation_variants(config, trained)
         for variant in variants:
+            if variant.kind == "uniform":
+                self._search_uniform_weight(settings, read_by_every_variant)
             step = self.step(f"evaluate/{variant.dir}")
-            self.ledger.run(step, settings={**settings, "variant": variant.name},
+            self.ledger.run(step, settings={**settings, **variant_settings(config, variant)},
                             inputs=read_by_every_variant + identity(*self._variant_files(variant)),
                             outputs=[paths.eval / variant.dir],
                             work=lambda v=variant, s=step: evaluate_variant(
@@ -442,7 +458,7 @@ class LoopRound:
                                 show_progress=self.show_progress))
         # The settings list the config's variants (what preflight compares); the inputs, the ones made.
         self.ledger.run(self.step("evaluate"),
-                        settings={**settings, "variants": [v.name for v in evaluation_variants(config)]},
+                        settings={**settings, **variants_file_settings(config, evaluation_variants(config))},
                         inputs=identity(paths.training_set / "dataset.json", *(paths.eval / v.dir for v in variants)),
                         outputs=[paths.eval / "variants.json"],
                         work=lambda: {"variants.json": str(write_variants(config, paths, self.number))})
@@ -454,19 +470,36 @@ class LoopRound:
                                  work=lambda: write_report(config, paths, self.number))
         return record.info
 
+    def _search_uniform_weight(self, settings: Mapping[str, Any], read_by_every_variant: list) -> None:
+        """The uniform merge weight, chosen on the validation prompts (needs the base's images)."""
+        config, paths, step = self.config, self.paths, self.step("evaluate/uniform_search")
+        sampled = [paths.eval / "base", *(paths.eval / kind for kind in evaluated_before_uniform(config))]
+        self.ledger.run(step, settings={**settings, **uniform_search_settings(config)},
+                        inputs=read_by_every_variant + identity(*sampled, *self._lora_files()),
+                        outputs=[paths.uniform_search],
+                        work=lambda: search_uniform_weight(config, paths, self.scorers(), progress=self._progress(step),
+                                                           show_progress=self.show_progress))
+
     # -- helpers ------------------------------------------------------------------------------------------
+    def _lora_files(self) -> list[Path]:
+        return [self.paths.lora(a) for a in self.trained()]
+
     def _variant_files(self, variant: EvalVariant) -> list[Path]:
         if variant.kind == "lora":
             return [self.paths.lora(variant.aspect)]
         trained = self.trained()
-        files = [self.paths.lora(a) for a in trained] if variant.kind in ("merge", "gated") else []
+        files = self._lora_files() if variant.kind not in ("base", "lora") else []
         if variant.kind == "gated" and len(trained) > 1:
-            files.append(self.paths.mixture)
+            files.append(self.paths.gate_file(variant.gate_variant))
+        if variant.kind == "uniform":
+            files.append(self.paths.uniform_search / UNIFORM_SEARCH_FILE)
         return files
 
     def _train_event(self, job: str, event: dict) -> None:
         """Trainer events -> the caller's callback and one progress bar per training job."""
-        self.ledger.emit(LoopEvent(self.step(f"train/{job}" if job != "gate" else "gate"), "train", data=event))
+        gate_job = job == "gate" or job.startswith("gate-")  # train_gate's jobs: gate, gate-<variant>
+        step = "gate" + (f"/{job[len('gate-'):]}" if job != "gate" else "") if gate_job else f"train/{job}"
+        self.ledger.emit(LoopEvent(self.step(step), "train", data=event))
         if not self.show_progress:
             return
         with self._bars_lock:
@@ -539,19 +572,67 @@ def _expected_settings(config: LoopConfig, step: str) -> dict[str, Any] | None:
         aspect = rest.split("/", 1)[1] if "/" in rest else None
         if aspect not in config.aspects:
             return None
-        settings = {**settings, "aspect": aspect}
-    elif stage == "gate" and not config.needs_gate:
-        return None
+        settings = lora_settings(config, aspect, settings)
+    elif stage == "filter" and rest == "filter/gate_set":
+        if config.dataset.gate_data != "joint" or not config.needs_gate:
+            return None
+        settings = gate_set_settings(config)
+    elif stage == "gate":
+        variant = rest.split("/", 1)[1] if "/" in rest else None
+        if not config.needs_gate or (variant is not None and variant not in config.gate_variants):
+            return None
+        settings = gate_settings(config, variant)
     elif stage == "evaluate":
         variants = evaluation_variants(config)
-        if "/" in rest:
-            name = {v.dir: v.name for v in variants}.get(rest.split("/", 1)[1])
-            if name is None:
+        if rest == "evaluate/uniform_search":
+            if not any(v.kind == "uniform" for v in variants):
                 return None
-            settings = {**settings, "variant": name}
+            settings = {**settings, **uniform_search_settings(config)}
+        elif "/" in rest:
+            variant = {v.dir: v for v in variants}.get(rest.split("/", 1)[1])
+            if variant is None:
+                return None
+            settings = {**settings, **variant_settings(config, variant)}
         else:
-            settings = {**settings, "variants": [v.name for v in variants]}
+            settings = {**settings, **variants_file_settings(config, variants)}
     return settings
+
+
+def lora_settings(config: LoopConfig, aspect: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """One aspect's LoRA step: the train stage's settings, the aspect, its [lora_aspects] overrides."""
+    overrides = config.lora_aspects.get(aspect)
+    return {**settings, "aspect": aspect, **({"lora_aspect": dict(overrides)} if overrides else {})}
+
+
+def gate_set_settings(config: LoopConfig) -> dict[str, Any]:
+    """The gate's own training set depends on the filter settings and its selection rule."""
+    return {**stage_settings(config, "filter"), "gate_data": config.dataset.gate_data}
+
+
+def gate_settings(config: LoopConfig, variant: str | None) -> dict[str, Any]:
+    """The settings of the [gate] step, or of a [gate_variants.<variant>] one."""
+    settings = stage_settings(config, "gate")
+    if variant is None:
+        return settings
+    return {**settings, "gate": {**config.gate, **config.gate_variants[variant]}, "variant": variant}
+
+
+def variant_settings(config: LoopConfig, variant: EvalVariant) -> dict[str, Any]:
+    """What one evaluation variant's images depend on beyond the evaluate stage's settings."""
+    settings: dict[str, Any] = {"variant": variant.name}
+    if variant.kind in MERGE_METHODS:
+        settings.update(merge_weight=config.evaluation.merge_weight, merge_density=config.evaluation.merge_density)
+    return settings
+
+
+def uniform_search_settings(config: LoopConfig) -> dict[str, Any]:
+    return {"uniform_weights": list(config.evaluation.uniform_weights),
+            "validation_prompts": config.validation_prompts()}
+
+
+def variants_file_settings(config: LoopConfig, variants: Sequence[EvalVariant]) -> dict[str, Any]:
+    """What variants.json records: the variants and the validation split the report uses."""
+    return {"variants": [v.name for v in variants], "validation_prompts": config.validation_prompts()}
 
 
 def run_loop(config: LoopConfig, *, overwrite: bool = False, show_progress: bool = True,

@@ -2,8 +2,10 @@
 skips finished ones and records what each made).
 
     generate  ->  score  ->  filter  ->  train  ->  gate  ->  evaluate  ->  report
-    candidates/   scores.jsonl  training_set/  loras/<aspect>.safetensors  loras/mixture.mol.safetensors
+    candidates/   scores.jsonl  training_set/  loras/<aspect>.safetensors  loras/mixture[-<variant>].mol.safetensors
                                                                    eval/<variant>/   report/
+                                                                   eval/uniform_search/ (the weight chosen
+                                                                   on the validation prompts)
 
 Every function writes its output under a temporary name and renames it when complete (through the
 library it calls: ``generate_candidates``, ``ScoreTable.save``, ``safe_io.atomic_dir``, the
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import threading
@@ -28,24 +31,26 @@ from typing import Any
 
 from ..image_files import load_image_file
 from ..models.loading import load_base_model
-from ..models.pipelines import equal_weight_merge, resolve_device, resolve_dtype, single_lora
+from ..models.pipelines import LoraAdapters, equal_weight_merge, resolve_device, resolve_dtype, single_lora
 from ..progress import Progress
 from ..rewards.base import score_aspects
 from ..rewards.registry import get_scorer
 from ..rewards.score_table import ScoreTable, image_fingerprints
-from ..rewards.selection import select_best_per_prompt
-from ..safe_io import atomic_dir
+from ..rewards.selection import JOINT, select_best_per_prompt, with_joint_scores
+from ..safe_io import atomic_dir, atomic_write_text
 from ..trainer.launcher import LaunchOptions
 from ..trainer.lora_job import train_or_reuse
+from ..trainer.lora_merges import MERGE_METHODS, MergedLoRAs
 from ..trainer.mix_diffusers import MixtureAdapters
 from ..trainer.mol_file import MOL_SUFFIX
 from ..trainer.train_gate import train_gate_or_reuse
 from ..training_set.folders import scan_replay_dir
 from ..training_set.manifest import describe_empty, empty_aspects
 from ..training_set.writer import write_training_set as write_kohya_set
-from .config import MIXTURE_NAME, replay_count
+from .config import mixture_name, replay_count
+from .evaluate import aspect_scales, grid_from_tables, normalised_change
 from .generate import generate_candidates, read_candidates
-from .report import Variant, read_report, report_from_eval_dir, write_variants_file
+from .report import MERGE_KINDS, Variant, read_report, report_from_eval_dir, write_variants_file
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +82,11 @@ class RoundPaths:
         return self.root / "training_set"
 
     @property
+    def gate_set(self) -> Path:
+        """The gate's own training set (``[dataset] gate_data = "joint"``): the jointly best images."""
+        return self.root / "gate_set"
+
+    @property
     def loras(self) -> Path:
         return self.root / "loras"
 
@@ -85,7 +95,11 @@ class RoundPaths:
 
     @property
     def mixture(self) -> Path:
-        return self.loras / f"{MIXTURE_NAME}{MOL_SUFFIX}"
+        return self.gate_file()
+
+    def gate_file(self, variant: str | None = None) -> Path:
+        """The [gate] mixture's MoL file, or that of ``[gate_variants.<variant>]``."""
+        return self.loras / f"{mixture_name(variant)}{MOL_SUFFIX}"
 
     @property
     def runs(self) -> Path:
@@ -95,6 +109,11 @@ class RoundPaths:
     @property
     def eval(self) -> Path:
         return self.root / "eval"
+
+    @property
+    def uniform_search(self) -> Path:
+        """The uniform merge weights sampled on the validation prompts, and the one chosen."""
+        return self.eval / "uniform_search"
 
     @property
     def report(self) -> Path:
@@ -112,9 +131,17 @@ def load_model(config, *, compute_hash: bool = False):
                            config_dir=model.model_config_dir or None, torch_dtype=dtype, compute_hash=compute_hash)
 
 
-def round_adapters(kind: str, *, loras: Sequence[Path], mixture: Path | None, gate_mode: str = "dynamic"):
-    """``adapters_for(base)`` for a variant kind: None (base), one LoRA, the equal-weight merge or
-    the gated mixture."""
+MERGE_LABELS = {"merge": "equal-weight merge (1/N)", "sum": "sum (each LoRA at weight 1)",
+                "uniform": "best uniform weight", "ties": "TIES merge", "dare_linear": "DARE merge",
+                "dare_ties": "DARE-TIES merge"}
+assert set(MERGE_LABELS) == set(MERGE_KINDS) and set(MERGE_METHODS) < set(MERGE_KINDS)
+
+
+def round_adapters(kind: str, *, loras: Sequence[Path], mixture: Path | None, gate_mode: str = "dynamic",
+                   weight: float = 1.0, density: float = 0.5):
+    """``adapters_for(base)`` for a variant kind: None (base), one LoRA, a merge baseline (``weight``:
+    each LoRA's weight in ``uniform`` and the peft merges, whose ``density`` is the share of each
+    delta kept) or the gated mixture."""
 
     if kind == "base":
         return lambda base: None
@@ -123,6 +150,12 @@ def round_adapters(kind: str, *, loras: Sequence[Path], mixture: Path | None, ga
         return lambda base: single_lora(path)
     if kind == "merge":
         return lambda base: equal_weight_merge(list(loras))
+    if kind in ("sum", "uniform"):
+        every = 1.0 if kind == "sum" else weight
+        return lambda base: LoraAdapters(list(loras), [every] * len(loras), label=f"{kind} {every:g}")
+    if kind in MERGE_METHODS:
+        return lambda base: MergedLoRAs(list(loras), base, method=kind, weights=[weight] * len(loras),
+                                        density=density)
     if kind == "gated":
         if len(loras) == 1 and mixture is None:  # one aspect: its LoRA is the round's whole model
             return lambda base: single_lora(loras[0])
@@ -208,9 +241,6 @@ def write_training_set(config, scores_file: Path, candidates: Path, out_dir: Pat
     """Best image per prompt and aspect (above the aspect's threshold) -> a kohya training set, plus
     the replay images (real captioned images, ``replay_fraction`` per selected image) in every
     aspect's folder, listed in ``replay.jsonl``."""
-    from safetensors.torch import load_file
-
-
     table = ScoreTable.load(scores_file)
     thresholds = {aspect: config.thresholds.get(aspect, "none") for aspect in config.aspects}
     selection = select_best_per_prompt(table, thresholds, aspects=list(config.aspects))
@@ -218,6 +248,27 @@ def write_training_set(config, scores_file: Path, candidates: Path, out_dir: Pat
         if not chosen.kept:  # recorded in the set's dataset.json; the later stages leave the aspect out
             logger.warning("aspect %r: no candidate passed its threshold (or its scorer judged none): no LoRA is "
                            "trained for it, the gate mixes the other aspects", aspect)
+    info = _write_selection(config, table, selection, candidates, out_dir, progress=progress,
+                            show_progress=show_progress)
+    info["mean_score"] = {a: sum(v) / len(v) for a, v in table.scores.items()}
+    info["not_trained"] = sorted(a for a, c in selection.aspects.items() if not c.kept)
+    return info
+
+
+def write_gate_set(config, scores_file: Path, candidates: Path, out_dir: Path) -> dict[str, Any]:
+    """The gate's own training set (``[dataset] gate_data = "joint"``): the jointly best image of each
+    prompt (``rewards.selection.with_joint_scores``, no threshold) in one folder ``<repeats>_joint``,
+    with its replay images."""
+    table = with_joint_scores(ScoreTable.load(scores_file), list(config.aspects))
+    selection = select_best_per_prompt(table, "none", aspects=[JOINT])
+    return _write_selection(config, table, selection, candidates, out_dir, show_progress=False)
+
+
+def _write_selection(config, table: ScoreTable, selection, candidates: Path, out_dir: Path, *,
+                     progress: ProgressCallback | None = None, show_progress: bool = True) -> dict[str, Any]:
+    """Write the selected candidates and the replay images as the training set ``out_dir``."""
+    from safetensors.torch import load_file
+
     images = [candidates / image_id for image_id in table.image_ids]
     latents, metadata = None, None
     if config.dataset.save_latents:
@@ -261,12 +312,11 @@ def write_training_set(config, scores_file: Path, candidates: Path, out_dir: Pat
                                          encoding="utf-8")
     kept = {aspect: len(chosen.kept) for aspect, chosen in selection.aspects.items()}
     replayed = {aspect: sum(1 for r in rows if r["aspect"] == aspect) for aspect in selection.aspects}
-    logger.info("training set: kept %s, replay %s", kept, replayed)
+    logger.info("training set %s: kept %s, replay %s", out_dir.name, kept, replayed)
     return {"kept": kept, "replay": replayed,
             "mean_kept_score": {a: sum(table.scores[a][r] for r in c.kept) / len(c.kept) if c.kept else None
                                 for a, c in selection.aspects.items()},
-            "mean_score": {a: sum(v) / len(v) for a, v in table.scores.items()},
-            "not_trained": sorted(a for a, c in selection.aspects.items() if not c.kept)}
+            }
 
 
 def trained_aspects(config, training_set: Path) -> list[str]:
@@ -340,16 +390,19 @@ def _unless_cancelled(job, cancelled: threading.Event):
     return job(cancelled)
 
 
-def train_gate(config, paths: RoundPaths, loras: Mapping[str, Path], *, on_event: TrainEventCallback | None = None
-               ) -> dict[str, Any]:
-    """The Mixture-of-LoRA gate over this round's aspect LoRAs (``train_gate_or_reuse``)."""
+def train_gate(config, paths: RoundPaths, loras: Mapping[str, Path], *, on_event: TrainEventCallback | None = None,
+               variant: str | None = None) -> dict[str, Any]:
+    """The Mixture-of-LoRA gate over this round's aspect LoRAs (``train_gate_or_reuse``): [gate], or
+    ``[gate_variants.<variant>]``."""
 
+    job = "gate" if variant is None else f"gate-{variant}"
+    dataset = paths.gate_set if config.dataset.gate_data == "joint" else paths.training_set
     gate_config = config.gate_config(loras=[str(p) for p in loras.values()], aspects=list(loras),
-                                     dataset_dir=str(paths.training_set), output_dir=str(paths.loras),
-                                     work_dir=str(paths.runs / "gate"), overwrite=True)
+                                     dataset_dir=str(dataset), output_dir=str(paths.loras),
+                                     work_dir=str(paths.runs / job), overwrite=True, variant=variant)
     result = train_gate_or_reuse(
         gate_config, runs_root=paths.runs, options=launch_options(config), env=training_environment(config),
-        on_event=(lambda event: on_event("gate", event)) if on_event is not None else None)
+        on_event=(lambda event: on_event(job, event)) if on_event is not None else None)
     final_loss = result.loss_curve[-1][1] if result.loss_curve else None
     return {"mol": str(result.mol_path), "reused": result.reused, "final_loss": final_loss}
 
@@ -360,31 +413,41 @@ def train_gate(config, paths: RoundPaths, loras: Mapping[str, Path], *, on_event
 class EvalVariant:
     """One evaluated model: what ``loop/report.py`` calls a Variant, plus how to build it."""
 
-    name: str  # "base", "lora:<aspect>", "merge", "gated"
+    name: str  # "base", "lora:<aspect>", a merge kind, "gated", "gated:<gate variant>"
     dir: str
     kind: str
     aspect: str | None = None
     label: str | None = None
+    gate_variant: str | None = None  # gated: the [gate_variants] entry (None: [gate])
 
     def report_variant(self):
         return Variant(name=self.name, dir=self.dir, kind=self.kind, aspect=self.aspect, label=self.label)
 
 
 def evaluation_variants(config, trained: Sequence[str] | None = None) -> list[EvalVariant]:
-    """The variants of ``[evaluation] variants`` in report order (one LoRA variant per aspect;
-    ``trained``: only those aspects', when some kept no image)."""
-    variants = []
+    """The variants of ``[evaluation] variants`` in report order (the base first, one LoRA variant per
+    aspect, one gated variant per gate; ``trained``: only those aspects' LoRAs, when some kept no
+    image)."""
+    variants = [EvalVariant("base", "base", "base", label="base model")]
     for kind in config.evaluation_variant_kinds():
         if kind == "lora":
             variants += [EvalVariant(f"lora:{a}", f"lora_{a}", "lora", a, f"LoRA {a}") for a in config.aspects
                          if trained is None or a in trained]
-        elif kind == "merge":
-            variants.append(EvalVariant("merge", "merge", "merge", label="equal-weight merge"))
+        elif kind in MERGE_KINDS:
+            variants.append(EvalVariant(kind, kind, kind, label=MERGE_LABELS[kind]))
         elif kind == "gated":
             variants.append(EvalVariant("gated", "gated", "gated", label="gated mixture"))
-        else:
-            variants.append(EvalVariant("base", "base", "base", label="base model"))
+            variants += [EvalVariant(f"gated:{name}", f"gated_{name}", "gated", label=f"gated mixture ({name})",
+                                     gate_variant=name) for name in config.gate_variants]
     return variants
+
+
+def variant_weight(config, variant: EvalVariant, paths: RoundPaths) -> float:
+    """Each LoRA's weight in a weighted merge baseline: the uniform weight chosen on the validation
+    prompts, else ``[evaluation] merge_weight`` (the peft merges)."""
+    if variant.kind == "uniform":
+        return float(json.loads((paths.uniform_search / UNIFORM_SEARCH_FILE).read_text(encoding="utf-8"))["chosen"])
+    return config.evaluation.merge_weight
 
 
 def evaluate_variant(config, variant: EvalVariant, paths: RoundPaths, scorers: Mapping[str, Any], *,
@@ -392,19 +455,84 @@ def evaluate_variant(config, variant: EvalVariant, paths: RoundPaths, scorers: M
                      show_progress: bool = True) -> dict[str, Any]:
     """Sample the evaluation grid with one variant and score it: ``eval/<dir>/`` with the images,
     candidates.jsonl and scores.jsonl (the folder ``versat2i report`` reads). ``trained``: the aspects
-    with a LoRA (default: all), which the merge and the mixture are made of."""
+    with a LoRA (default: all), which the merges and the mixtures are made of."""
     trained = list(config.aspects) if trained is None else list(trained)
     loras = [paths.lora(variant.aspect)] if variant.kind == "lora" else [paths.lora(a) for a in trained]
-    mixture = paths.mixture if variant.kind == "gated" and len(trained) > 1 else None
-    adapters_for = round_adapters(variant.kind, loras=loras, mixture=mixture, gate_mode=config.evaluation.gate_mode)
+    mixture = paths.gate_file(variant.gate_variant) if variant.kind == "gated" and len(trained) > 1 else None
+    weight = variant_weight(config, variant, paths) if variant.kind in MERGE_KINDS else 1.0
+    adapters_for = round_adapters(variant.kind, loras=loras, mixture=mixture, gate_mode=config.evaluation.gate_mode,
+                                  weight=weight, density=config.evaluation.merge_density)
     folder = paths.eval / variant.dir
-    info = generate_images(config, folder, config.evaluation_prompts(), k=config.evaluation.seeds_per_prompt,
-                           seeds=config.evaluation_seeds(), adapters_for=adapters_for, progress=progress,
-                           show_progress=show_progress, progress_label=f"evaluate {variant.name}: generate")
+    info = sample_and_score(config, folder, config.evaluation_prompts(), adapters_for, scorers, progress=progress,
+                            show_progress=show_progress, label=f"evaluate {variant.name}")
+    if variant.kind in ("uniform", *MERGE_METHODS):
+        info["weight"] = weight
+    return info
+
+
+def sample_and_score(config, folder: Path, prompts: Sequence[str], adapters_for, scorers: Mapping[str, Any], *,
+                     progress: ProgressCallback | None = None, show_progress: bool = True,
+                     label: str = "evaluate") -> dict[str, Any]:
+    """``prompts`` on their evaluation seeds into ``folder``, scored into ``folder/scores.jsonl``."""
+    info = generate_images(config, folder, prompts, k=config.evaluation.seeds_per_prompt,
+                           seeds=config.evaluation_seeds(prompts), adapters_for=adapters_for, progress=progress,
+                           show_progress=show_progress, progress_label=f"{label}: generate")
     table = score_folder(folder, scorers, folder / "scores.jsonl", batch_size=config.scoring.batch_size,
-                         show_progress=show_progress, desc=f"evaluate {variant.name}: score")
+                         show_progress=show_progress, desc=f"{label}: score")
     info["mean"] = {aspect: sum(v) / len(v) for aspect, v in table.scores.items()}
     return info
+
+
+UNIFORM_SEARCH_FILE = "search.json"
+
+
+def search_uniform_weight(config, paths: RoundPaths, scorers: Mapping[str, Any], *,
+                          progress: ProgressCallback | None = None, show_progress: bool = True) -> dict[str, Any]:
+    """Sample the validation prompts with every LoRA at each of ``[evaluation] uniform_weights`` and
+    keep the weight with the best normalised score against the base (``loop/evaluate.py``; the
+    base's images must be in ``eval/base``): ``eval/uniform_search/`` with a folder per weight and
+    ``search.json`` (the scores and the chosen weight)."""
+    prompts = config.validation_prompts()
+    base = grid_from_tables({"base": ScoreTable.load(paths.eval / "base" / "scores.jsonl")})
+    scales = aspect_scales(base.scores["base"])
+    loras = [paths.lora(a) for a in trained_aspects(config, paths.training_set)]
+    scores: dict[str, float] = {}
+    reused: dict[str, str] = {}
+    with atomic_dir(paths.uniform_search, overwrite=True, what="uniform weight search") as temp:
+        for weight in config.evaluation.uniform_weights:
+            evaluated = same_weights_variant(config, paths, weight)
+            if evaluated is not None:  # that merge was sampled on every prompt already: its validation rows
+                grid = grid_from_tables({"base": ScoreTable.load(paths.eval / evaluated / "scores.jsonl")})
+                sampled = grid.subset([grid.prompts.index(p) for p in prompts])
+                reused[f"{weight:g}"] = evaluated
+            else:
+                folder = temp / f"weight_{weight:g}"
+                sample_and_score(config, folder, prompts, round_adapters("uniform", loras=loras, mixture=None,
+                                                                         weight=weight), scorers,
+                                 progress=progress, show_progress=show_progress)
+                sampled = grid_from_tables({"base": ScoreTable.load(folder / "scores.jsonl")})
+            scores[f"{weight:g}"] = normalised_change(base, sampled, scales)
+        chosen = max(config.evaluation.uniform_weights, key=lambda w: scores[f"{w:g}"])
+        result = {"validation_prompts": prompts, "scores": scores, "chosen": chosen, "reused": reused,
+                  "score": "normalised change vs base on the validation prompts (loop/evaluate.py)"}
+        atomic_write_text(temp / UNIFORM_SEARCH_FILE, json.dumps(result, indent=1), what="uniform search result")
+    logger.info("uniform merge weight: %g (validation scores %s)", chosen, scores)
+    return {"chosen": chosen, "scores": scores}
+
+
+def evaluated_before_uniform(config) -> list[str]:
+    """The uniform merges among the variants evaluated before ``uniform`` (``merge``: every LoRA at
+    1/N, ``sum``: at 1), whose images the weight search reuses."""
+    kinds = list(config.evaluation_variant_kinds())
+    return [k for k in ("merge",
+                        "sum") if k in kinds and "uniform" in kinds and kinds.index(k) < kinds.index("uniform")]
+
+
+def same_weights_variant(config, paths: RoundPaths, weight: float) -> str | None:
+    """The variant evaluated before ``uniform`` that is the uniform merge at ``weight`` (its folder
+    name), else None."""
+    weights = {"merge": 1.0 / len(trained_aspects(config, paths.training_set)), "sum": 1.0}
+    return next((kind for kind in evaluated_before_uniform(config) if math.isclose(weight, weights[kind])), None)
 
 
 def write_variants(config, paths: RoundPaths, round_number: int) -> Path:
@@ -417,6 +545,7 @@ def write_variants(config, paths: RoundPaths, round_number: int) -> Path:
                 # the report evaluates each set apart and leads with the held-out prompts
                 "prompt_sets": {"held_out": config.held_out_prompts(),
                                 "train": config.train_prompts() if config.evaluation.include_train_prompts else []},
+                "validation_prompts": config.validation_prompts(),
                 "seeds_per_prompt": config.evaluation.seeds_per_prompt,
                 "include_train_prompts": config.evaluation.include_train_prompts,
                 "gate_mode": config.evaluation.gate_mode},

@@ -14,7 +14,8 @@ An entry says
   extra conditioning the denoiser takes (SDXL's pooled text embedding and size/crop ids);
 * its **LoRA** targets (peft module names) and file format (kohya names: the ``lora_unet_`` /
   ``lora_te`` prefixes ComfyUI's loader, A1111/Forge and diffusers map; kohya's metadata);
-* the diffusers **pipeline** that samples it, and the size of the **gate's prompt input**;
+* the diffusers **pipeline** that samples it, the size of the **gate's prompt input** and the span of
+  the **gate's timestep input**;
 * what a training step keeps in **memory** per pixel (``trainer/memory.py`` estimates a run's peak
   from it before the run starts).
 """
@@ -75,6 +76,10 @@ class Architecture:
     # backward); and the share of it gradient checkpointing keeps
     activation_bytes_per_pixel: float = 0.0
     checkpointed_activation_share: float = 1.0
+    # The denoiser's timestep input at noise level 1 (a timestep gate reads timestep / range): DDPM's
+    # num_train_timesteps, what both diffusers and ComfyUI pass the UNet families (0..999). Recorded in
+    # the MoL file, so every loader normalises as the trainer did.
+    gate_timestep_range: float = 1000.0
 
     @property
     def text_encoder_components(self) -> tuple[str, ...]:

@@ -24,10 +24,11 @@ logger = logging.getLogger(__name__)
 NO_MOL_FILE = "none (use the LoRA list)"
 MODES = ("bake", "dynamic", "equal", "manual")
 MODE_HELP = (
-    "bake: evaluate the learned gate once (prompt gates: on the optional prompt, else the mean gate recorded at "
-    "training) and merge it into the weights: sampling costs the same as the base model. "
-    "dynamic: compute the gate at run time (per token, or per prompt for every sample, uncond included): "
-    "a small cost per step. equal: every enabled LoRA at weight 1/N (the naive merge baseline). "
+    "bake: evaluate the learned gate once (prompt gates: on the optional prompt; layer gates: their learned weights; "
+    "token gates: the mean gate recorded at training) and merge it into the weights: sampling costs the same as the "
+    "base model. A gate that reads the timestep changes at every step and cannot be merged once: bake applies it "
+    "dynamically. dynamic: compute the gate at run time (per token, per prompt and per timestep for every sample, "
+    "uncond included): a small cost per step. equal: every enabled LoRA at weight 1/N (the naive merge baseline). "
     "manual: the weights typed in the LoRA list."
 )
 

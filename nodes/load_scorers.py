@@ -55,7 +55,8 @@ def scorer_choices() -> list[str]:
 def weight_file_choices(spec: WeightFile) -> list[str]:
     """The files in models/versat2i (all its folders) under the spec's sub-folder, as ComfyUI lists them."""
     subfolder = spec.relative_path.split("/", 1)[0] + "/"
-    return [name for name in folder_paths.get_filename_list(MODEL_FOLDER) if name.replace("\\", "/").startswith(subfolder)]
+    return [name for name in folder_paths.get_filename_list(MODEL_FOLDER) if name.replace("\\",
+                                                                                          "/").startswith(subfolder)]
 
 
 def weight_options(chosen: Mapping[str, str | None]) -> dict[str, str]:
@@ -174,7 +175,8 @@ class LoadScorers(io.ComfyNode):
                                tooltip="Where the scorers run. 'auto' = the device ComfyUI uses for its models."),
                 *[
                     io.Combo.Input(option, options=weight_file_choices(spec), default=spec.relative_path,
-                                   optional=True, tooltip=WEIGHT_TOOLTIPS[option] + " Used by the scorers that read it.")
+                                   optional=True,
+                                   tooltip=WEIGHT_TOOLTIPS[option] + " Used by the scorers that read it.")
                     for option, spec in WEIGHT_INPUTS.items()
                 ],
                 io.Boolean.Input(DOWNLOAD_INPUT, default=False, optional=True,

@@ -10,14 +10,19 @@ Two ways to apply a mixture (both on clones; the input patchers are never modifi
   core ``LoRAAdapter``. ComfyUI merges it when it loads the model (low-VRAM streaming, offload and
   stacking with other LoRAs work as for any LoRA) and sampling then costs the same as the base.
   A prompt gate is baked on a prompt encoded with the mixed CLIP (``bake_on_prompt``): the context
-  dynamic mode and gate training evaluate it on.
-* **dynamic** (token gates, or prompt gates evaluated per sample at run time): every adapted
-  Linear's ``forward`` is wrapped through ``add_object_patch`` (state-dict keys stay unchanged, so
-  stock weight patches and low-VRAM casting still apply to the base weight). The wrapper calls the
-  current forward (read with ``get_model_object``, so patches of other packs chain) and adds the
-  fused gated delta. Prompt gates are computed once per UNet call in a ``DIFFUSION_MODEL``
-  wrapper from the cross-attention context; text-encoder layers are merged with their static gate.
-  The fused factors count in the patcher's ``model_size()`` (see ``_count_factor_memory``).
+  dynamic mode and gate training evaluate it on; a layer gate's learned weights merge exactly. A
+  gate with a timestep input changes at every sampling step, so no single merge represents it:
+  asked to bake one, the loader applies it dynamically (and logs why).
+* **dynamic** (token gates, or prompt and timestep gates evaluated per sample at run time): every
+  adapted Linear's ``forward`` is wrapped through ``add_object_patch`` (state-dict keys stay
+  unchanged, so stock weight patches and low-VRAM casting still apply to the base weight). The
+  wrapper calls the current forward (read with ``get_model_object``, so patches of other packs
+  chain) and adds the fused gated delta. Per-sample gates (and a token gate's timestep offsets) are
+  computed once per UNet call in a ``DIFFUSION_MODEL`` wrapper from the cross-attention context and
+  the timesteps (ComfyUI passes the UNet families' discrete timestep, 0..999, as diffusers does:
+  the range recorded in the MoL file normalises both alike); layers whose gate reads nothing at run
+  time (text-encoder layers of prompt and layer gates) are merged with their static gate. The
+  fused factors count in the patcher's ``model_size()`` (see ``_count_factor_memory``).
 """
 
 from __future__ import annotations
@@ -33,7 +38,14 @@ import comfy.utils
 import torch
 from comfy.weight_adapter import LoRAAdapter
 
-from ..trainer.gate import ExpertLoRA, FusedGatedLoRA, MixtureGate, fused_layer, stack_experts
+from ..trainer.gate import (
+    ExpertLoRA,
+    FusedGatedLoRA,
+    MixtureGate,
+    fused_layer,
+    stack_experts,
+    timestep_logit_offsets,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -219,15 +231,18 @@ def _check_applied(patches: Mapping[str, object], applied: set) -> None:
 
 # -- dynamic (runtime gates) -------------------------------------------------------------------------
 
-class PromptGateState:
-    """Per-UNet-call prompt gates, set by the DIFFUSION_MODEL wrapper and read by every gated
-    layer during that call: ``[B, L, N]`` expanded once to each layer's rank space."""
+class GateCallState:
+    """What one UNet call sets for every gated layer, computed once per call in a DIFFUSION_MODEL
+    wrapper from the cross-attention context and the timesteps: per-sample gate values (prompt
+    gates, layer gates with a timestep input), expanded once to each layer's rank space, or the
+    timestep logit offsets of a token gate (``[B, L, N]``)."""
 
     def __init__(self, gate: MixtureGate, mask: torch.Tensor | None):
         self.gate = gate
         self.mask = mask
         self.rank_indices: dict[tuple[int, ...], torch.Tensor] = {}  # ranks -> expert index per rank
         self.expanded: dict[tuple[int, ...], torch.Tensor] | None = None
+        self.offsets: torch.Tensor | None = None
 
     def register(self, fused: FusedGatedLoRA) -> tuple[int, ...]:
         self.rank_indices.setdefault(fused.ranks, fused.rank_index.clone())
@@ -237,27 +252,41 @@ class PromptGateState:
         return self
 
     def __call__(self, executor, x, timesteps=None, context=None, *args, **kwargs):
-        if context is None:
+        gate = self.gate
+        if context is None and gate.granularity == "prompt":
             raise ValueError("Gated Multi-LoRA Loader (dynamic, prompt gate): the model received no text context")
         with torch.no_grad():
-            self.gate.to(context.device)
-            gates = self.gate.prompt_probabilities(context.float(), self.mask).to(context.dtype)
-            self.expanded = {
-                ranks: gates.index_select(-1, index.to(gates.device)) for ranks, index in self.rank_indices.items()
-            }
+            gate.to(x.device)
+            if gate.per_sample:
+                gates = gate.sample_gates(None if context is None else context.float(), self.mask,
+                                          timestep=timesteps, batch=x.shape[0]).to(x.dtype)
+                self.expanded = {
+                    ranks: gates.index_select(-1, index.to(gates.device)) for ranks, index in self.rank_indices.items()
+                }
+            else:  # a token gate with a timestep input
+                self.offsets = timestep_logit_offsets(gate, timesteps, x.shape[0])
         try:
             return executor(x, timesteps, context, *args, **kwargs)
         finally:
-            self.expanded = None
+            self.expanded = self.offsets = None
+
+    def _outside_call(self) -> RuntimeError:
+        return RuntimeError(
+            "Gated Multi-LoRA Loader (dynamic): a gated layer ran outside a UNet call; this model can only be "
+            "sampled, not used by nodes that call its layers directly"
+        )
 
     def rank_gates(self, layer: int, ranks: tuple[int, ...], ndim: int) -> torch.Tensor:
         if self.expanded is None:
-            raise RuntimeError(
-                "Gated Multi-LoRA Loader (dynamic, prompt gate): a gated layer ran outside a UNet call; "
-                "this model can only be sampled, not used by nodes that call its layers directly"
-            )
+            raise self._outside_call()
         gates = self.expanded[ranks][:, layer]
         return gates.view(gates.shape[0], *([1] * (ndim - 2)), gates.shape[1])
+
+    def logit_offsets(self, layer: int, ndim: int) -> torch.Tensor:
+        if self.offsets is None:
+            raise self._outside_call()
+        offsets = self.offsets[:, layer]
+        return offsets.view(offsets.shape[0], *([1] * (ndim - 2)), offsets.shape[1])
 
 
 class GatedForward:
@@ -265,8 +294,7 @@ class GatedForward:
     pack's patch) plus the fused gated LoRA delta. A plain object, not an nn.Module: setting a
     Module as an attribute would register it as a submodule and change the state dict."""
 
-    def __init__(self, previous, fused: FusedGatedLoRA, channels_first: bool, state: PromptGateState | None,
-                 layer: int):
+    def __init__(self, previous, fused: FusedGatedLoRA, channels_first: bool, state: GateCallState | None, layer: int):
         self.previous = previous
         self.fused = fused
         self.channels_first = channels_first  # 1x1 Conv2d: channels at dim 1
@@ -278,8 +306,12 @@ class GatedForward:
         out = self.previous(input, *args, **kwargs)
         if self.channels_first:
             input, out = input.movedim(1, -1), out.movedim(1, -1)
-        gates = self.state.rank_gates(self.layer, self.ranks, input.ndim) if self.state is not None else None
-        out = self.fused.forward(input, out, gates)  # .forward: skip nn.Module.__call__ overhead
+        gates = offsets = None
+        if self.state is not None and self.fused.has_token_gate:
+            offsets = self.state.logit_offsets(self.layer, input.ndim)
+        elif self.state is not None:
+            gates = self.state.rank_gates(self.layer, self.ranks, input.ndim)
+        out = self.fused.forward(input, out, gates, offsets)  # .forward: skip nn.Module.__call__ overhead
         return out.movedim(-1, 1) if self.channels_first else out
 
 
@@ -341,20 +373,20 @@ def apply_dynamic(
     mask: torch.Tensor | None,
     strength: float,
 ):
-    """Clone MODEL/CLIP and install runtime-gated layers (see the module docstring)."""
+    """Clone MODEL/CLIP and install runtime-gated layers (see the module docstring). Layers whose
+    gate reads nothing at run time (text-encoder layers of prompt and layer gates, every layer of a
+    layer gate without timestep input) are merged with their exact static gate instead."""
     gate = gate.float().eval()
     new_model = model.clone() if model is not None else None
     new_clip = clip.clone() if clip is not None else None
-    state = None
+    state = GateCallState(gate, mask) if gate.per_sample or gate.timestep_knots else None
+    static = gate.static_gates(mask).detach()
     static_merge: dict[str, LayerTarget] = {}
-    if gate.granularity == "prompt":
-        state = PromptGateState(gate, mask)
-        static = gate.static_layer_probabilities(mask).detach()
     installed = {"model": [], "clip": []}
     for key, target in targets.items():
         layer = layer_of_key[key]
-        if gate.granularity == "prompt" and target.on_clip:
-            static_merge[key] = target  # text-encoder layers: static gates, merged below
+        if gate.per_sample and (target.on_clip or not gate.timestep_knots and gate.granularity == "layer"):
+            static_merge[key] = target  # no input at run time: merged below
             continue
         patcher = new_clip.patcher if target.on_clip else new_model
         channels_first = _module_kind(patcher, target)
@@ -363,10 +395,11 @@ def apply_dynamic(
                             strength=strength)
         name = f"{target.module_path}.forward"
         previous = patcher.get_model_object(name)
-        patcher.add_object_patch(
-            name, GatedForward(previous, fused, channels_first, None if target.on_clip else state, layer))
+        # text-encoder layers run outside the UNet call: token gates there read no timestep
+        patcher.add_object_patch(name, GatedForward(previous, fused, channels_first, None if target.on_clip else state,
+                                                    layer))
         installed["clip" if target.on_clip else "model"].append(fused)
-    if state is not None and new_model is not None:
+    if state is not None and new_model is not None and installed["model"]:
         new_model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, PATCH_KEY, state)
     if new_model is not None and installed["model"]:
         _follow_device_callbacks(new_model, installed["model"])
@@ -376,7 +409,7 @@ def apply_dynamic(
         _count_factor_memory(new_clip.patcher, installed["clip"])
     if static_merge:
         weights = {key: static[layer_of_key[key]] for key in static_merge}
-        _, new_clip = apply_merge(None, new_clip, static_merge, weights, strength)
+        new_model, new_clip = apply_merge(new_model, new_clip, static_merge, weights, strength)
     return new_model, new_clip
 
 
@@ -395,7 +428,7 @@ def bake_on_prompt(model, clip, targets: Mapping[str, LayerTarget], gate: Mixtur
     if clip is None:
         raise ValueError("prompt: connect the CLIP; the prompt is encoded with the mixed CLIP to bake the gate on")
     gate = gate.float()
-    static = gate.static_layer_probabilities(mask).detach()
+    static = gate.static_gates(mask).detach()
     clip_targets = {key: target for key, target in targets.items() if target.on_clip}
     model_targets = {key: target for key, target in targets.items() if not target.on_clip}
     _, new_clip = apply_merge(None, clip, clip_targets, {key: static[layer_of_key[key]] for key in clip_targets},
@@ -462,12 +495,18 @@ def apply_mixture(
                 f"the LoRAs adapt {len(uncovered)} layers the gate has no entry for (e.g. {uncovered[0]}); "
                 "the MoL file does not belong to these LoRAs. Retrain the gate on them"
             )
+        if mode == "bake" and not gate.can_bake:
+            logger.warning("bake: this gate changes with the timestep at every sampling step, so no single merge "
+                           "represents it; applying it dynamically (mode 'dynamic')")
+            mode = "dynamic"
         if mode == "dynamic":
             return apply_dynamic(model, clip, targets, gate, layer_of_key, mask=mask, strength=strength)
         if prompt is not None and context is not None:
             raise ValueError("bake: give the prompt to bake on once, as prompt text or as a conditioning, not both")
         if (context is not None or prompt is not None) and gate.granularity != "prompt":
-            logger.info("bake: the gate is per token; the prompt is not used, the training mean gate is merged")
+            logger.info("bake: a %s gate does not read the prompt; %s", gate.granularity,
+                        "its learned weights are merged" if gate.granularity == "layer" else
+                        "the training mean gate is merged")
             context = prompt = None
         if prompt is not None:
             return bake_on_prompt(model, clip, targets, gate, layer_of_key, prompt, mask=mask, strength=strength)

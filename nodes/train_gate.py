@@ -23,10 +23,11 @@ from comfy_api.latest import io
 
 from ..safe_io import TargetExistsError, confined_path, file_identity
 from ..trainer.config import MIXED_PRECISIONS, input_range
-from ..trainer.gate import BALANCE_KINDS, GRANULARITIES
+from ..trainer.gate import BALANCE_KINDS, GATE_KINDS, GRANULARITIES
 from ..trainer.launcher import TrainingFailed
 from ..trainer.mol_file import MOL_SUFFIX
 from ..trainer.train_gate import (
+    OBJECTIVES,
     GateTrainConfig,
     gate_run_fingerprint,
     lora_aspect_names,
@@ -38,7 +39,8 @@ from .common import TrainingHooks, category, node_id, overwrite_refused, overwri
 from .train_aspect_lora import check_combos, checkpoint_problem, loss_curve_image
 
 RUNS_SUBFOLDER = "versat2i/gate_runs"  # checkpoints and logs, under ComfyUI's output folder
-GATE_COMBOS = {"granularity": GRANULARITIES, "balance_loss": BALANCE_KINDS, "mixed_precision": MIXED_PRECISIONS}
+GATE_COMBOS = {"granularity": GRANULARITIES, "gate_kind": GATE_KINDS, "balance_loss": BALANCE_KINDS,
+               "objective": OBJECTIVES, "mixed_precision": MIXED_PRECISIONS}
 # Sockets for the LoRA names that Train Aspect LoRA nodes output (the loop's four aspects), so a
 # workflow links them straight in; more LoRAs, or names typed by hand, go in the `loras` box.
 # (ComfyUI 0.3.64 has no public growing input: its AutogrowDynamic is not exported, and frontend
@@ -188,13 +190,27 @@ class TrainGate(io.ComfyNode):
                                         "metadata (else the file name)."),
                 io.String.Input("mol_name", default="aspects",
                                 tooltip="Name of the MoL file, saved in the LoRAs' folder (.mol.safetensors added)."),
-                io.Combo.Input("granularity", options=list(GRANULARITIES), default="token",
+                io.Combo.Input("granularity", options=list(GRANULARITIES), default=GateTrainConfig.granularity,
                                tooltip="token: a gate per token from the layer input (MoLE; mode 'dynamic' at run "
                                        "time). "
-                                       "prompt: a gate per prompt from the text embedding (can be baked per prompt)."),
+                                       "prompt: a gate per prompt from the text embedding (can be baked per prompt). "
+                                       "layer: one learned weight per layer and LoRA (bakes exactly)."),
+                io.Combo.Input("gate_kind", options=list(GATE_KINDS), default=GateTrainConfig.gate_kind,
+                               tooltip="How the gate weighs the LoRAs. softmax: weights sum to 1 (MoLE; each aspect "
+                                       "gets a share of its LoRA). softmax_n: N x softmax, weights sum to N (starts "
+                                       "with every LoRA at full weight). sigmoid: each LoRA weighted 0..2 on its own. "
+                                       "scaled_softmax: softmax routing times a learned strength per layer and LoRA."),
+                io.Int.Input("timestep_knots", default=GateTrainConfig.timestep_knots, min=0, max=64,
+                             tooltip="0: the gate ignores the noise level. K >= 2: the gate also reads the timestep "
+                                     "(learned offsets at K noise levels, interpolated): aspects may act at "
+                                     "different steps. Such a gate runs dynamically (bake cannot merge it once)."),
                 io.Combo.Input("balance_loss", options=list(BALANCE_KINDS), default="mole",
                                tooltip="mole: -log prod(mean gate) over all layers; switch: load balancing per layer; "
                                        "none."),
+                io.Combo.Input("objective", options=list(OBJECTIVES), default=GateTrainConfig.objective,
+                               tooltip="denoise: the denoising loss over all aspects' images, each image counting the "
+                                       "same. aspect_balanced: each aspect's images count the same in total (when "
+                                       "the aspects kept different numbers of images)."),
                 io.Float.Input("balance_weight", default=0.01, **input_range("balance_weight"), step=0.001,
                                tooltip="Weight of the balancing loss against the denoising loss."),
                 io.Int.Input("steps", default=200, **input_range("max_train_steps"),

@@ -15,6 +15,14 @@ unjudged keeps nothing for that aspect. So the default settings (no threshold) c
 without a person into the geometry training set. Only the flag counts, never the score: a judged
 image scoring exactly the placeholder of an unjudged one is an ordinary candidate.
 
+**Jointly best** (``with_joint_scores`` + ``select_aspect``): the image of each prompt that is best
+at all aspects at once, the training data of a mixture gate (whose job is to combine the aspect
+LoRAs; each aspect's own best images are the LoRAs' data). Each aspect's score is standardised over
+its judged pool (``(score - mean) / sd``: aspects whose rewards move on different scales count
+alike) and the joint score is the mean over the aspects; an image takes part when every aspect
+judged it. It is an extra score column, ``JOINT``, so it is selected, thresholded and written like
+an aspect.
+
 Thresholds (``Threshold.parse`` reads the text form used by nodes and the CLI):
 
 * ``none`` — no threshold: the best image of every prompt is kept.
@@ -28,15 +36,18 @@ Thresholds (``Threshold.parse`` reads the text form used by nodes and the CLI):
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 THRESHOLD_KINDS = ("none", "absolute", "percentile")
+JOINT = "joint"  # the score column (and training-set folder) of the jointly best images
 _PERCENTILE = re.compile(r"^(?:p\s*(?P<p>[-+0-9.eE]+)|(?P<q>[-+0-9.eE]+)\s*%)$", re.IGNORECASE)
 
 
@@ -245,3 +256,29 @@ def select_best_per_prompt(
         },
         image_count=len(table),
     )
+
+
+def with_joint_scores(table: Any, aspects: Sequence[str] | None = None) -> Any:
+    """``table`` with one more score column, ``JOINT``: the mean over ``aspects`` (default: every
+    scored one) of each aspect's score standardised over its judged pool (module docstring). Judged
+    where every aspect judged the image."""
+    aspects = list(table.aspects if aspects is None else aspects)
+    if JOINT in table.scores:
+        raise ValueError(f"aspect {JOINT!r}: the name of the joint score column; rename that aspect")
+    unknown = [a for a in aspects if a not in table.scores]
+    if len(aspects) < 2 or unknown:
+        raise ValueError(f"joint selection: needs >= 2 scored aspects (got {aspects}; scored: "
+                         f"{', '.join(table.aspects)})")
+    judged = np.all([np.asarray(table.judged[a], dtype=bool) for a in aspects], axis=0)
+    standardised = []
+    for aspect in aspects:
+        values = np.asarray(table.scores[aspect], dtype=np.float64)
+        pool = values[np.asarray(table.judged[aspect], dtype=bool)]
+        sd = float(pool.std()) if pool.size > 1 else 0.0
+        standardised.append((values - (pool.mean() if pool.size else 0.0)) / (sd if sd > 0 else 1.0))
+    joint = np.where(judged, np.mean(standardised, axis=0), 0.0)  # (unjudged rows are never kept)
+    identity = hashlib.sha256(json.dumps([[a, table.scorers[a]] for a in aspects], sort_keys=True,
+                                         default=str).encode()).hexdigest()
+    return replace(table, scores={**table.scores, JOINT: joint.tolist()},
+                   scorers={**table.scorers, JOINT: {"id": f"joint:{'+'.join(aspects)}", "weights_hash": identity}},
+                   judged={**table.judged, JOINT: judged.tolist()})

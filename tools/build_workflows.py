@@ -422,7 +422,7 @@ Results: `output/versat2i/loop/` (training set), `models/loras/versat2i/loop_*.s
     x = len(ASPECTS) * 400 + 40
     gate = wf.add("VersaT2I_TrainGate", (x, top), width=380, multiline_height=60,
                   values={"dataset": "versat2i/loop", "ckpt_name": DEFAULT_CHECKPOINT, "loras": "", "mol_name": "loop",
-                          "granularity": "token", "balance_loss": "mole", "balance_weight": 0.01, "steps": 200,
+                          "granularity": "layer", "balance_loss": "mole", "balance_weight": 0.01, "steps": 200,
                           "learning_rate": 1e-2, "batch_size": 1, "resolution": 512, "seed": 0})
     wf.link(save, "dataset_path", gate, "dataset")
     wf.link(checkpoint, "", gate, "ckpt_name")

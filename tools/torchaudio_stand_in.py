@@ -35,7 +35,8 @@ from . import functional, transforms  # noqa: F401
 __version__ = "{VERSION}"
 '''
 MISSING = '''def __getattr__(name):
-    raise ImportError(f"torchaudio stand-in: no audio support in this environment (torchaudio.{__name__.split('.')[-1]}.{name})")
+    module = __name__.split('.')[-1]
+    raise ImportError(f"torchaudio stand-in: no audio support in this environment (torchaudio.{module}.{name})")
 '''
 
 

@@ -174,8 +174,9 @@ def add_mix_subcommand(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--prompt", required=True, action="append", help="a prompt (repeat for several images)")
     parser.add_argument("--negative-prompt", default="")
     parser.add_argument("--mode", default="dynamic", choices=MIX_MODES,
-                        help="dynamic: gate at run time; bake: gate evaluated once per prompt (prompt gates) or the "
-                             "training mean (token gates) and merged; equal: every LoRA at 1/N")
+                        help="dynamic: gate at run time; bake: gate evaluated once per prompt (prompt gates), the "
+                             "learned weights (layer gates) or the training mean (token gates) and merged (timestep "
+                             "gates change every step: they run dynamically); equal: every LoRA at 1/N")
     parser.add_argument("--disable-aspects", default="", help="comma-separated aspects to switch off")
     parser.add_argument("--strength", type=float, default=1.0)
     parser.add_argument("--steps", type=int, default=30)
@@ -220,16 +221,9 @@ def run_mix(args: argparse.Namespace) -> int:
     mixture.mask = mol.gate.expert_mask(enabled)
     size = args.size or base.resolution
     for index, prompt in enumerate(args.prompt):
-        if args.mode == "dynamic":
-            mixture.attach()
-        elif args.mode == "bake" and mol.gate.granularity == "prompt":
-            # the context through the mixed text encoder, as dynamic mode and training see it
-            mixture.bake_on_prompt(lambda prompt=prompt: prompt_context(base, prompt, device))
-        elif args.mode == "bake":
-            mixture.bake(mol.gate.merge_weights(None, mixture.mask))  # token gates: the training mean
-        else:
-            kept = torch.ones(len(mol.aspects)) if mixture.mask is None else mixture.mask.float()
-            mixture.bake((kept / kept.sum()).expand(len(mol.gate.layers), -1))
+        # bake: a prompt gate on this prompt's context through the mixed text encoder (as dynamic mode and
+        # training see it); a token or layer gate on its merge weights; a timestep gate runs dynamically
+        mixture.apply(args.mode, encode=lambda prompt=prompt: prompt_context(base, prompt, device))
         generator = torch.Generator(device="cpu").manual_seed(args.seed + index)
         image = pipe(prompt, negative_prompt=args.negative_prompt or None, num_inference_steps=args.steps,
                      guidance_scale=args.cfg, height=size, width=size, generator=generator).images[0]

@@ -2,22 +2,46 @@
 mixer and the ComfyUI Gated Multi-LoRA Loader. No ``comfy`` import.
 
 The model (after MoLE, arXiv 2404.13628): every layer that the aspect LoRAs adapt gets its own
-softmax gate over the N frozen LoRAs ("experts"), with a learnable temperature:
+gate over the N frozen LoRAs ("experts"), with a learnable temperature:
 
-    y = W x + sum_i g_i * s_i * B_i A_i x,      g = softmax((V u + b) / tau)
+    y = W x + sum_i g_i * s_i * B_i A_i x,      z = (V u + b + T_l h(t)) / tau,   g = m * act(z)
 
-where ``s_i = alpha_i / rank_i`` is each LoRA's own scale. Two granularities, fixed at training
-time:
+where ``s_i = alpha_i / rank_i`` is each LoRA's own scale. What the gate reads (``u``), fixed at
+training time (``granularity``):
 
-* ``token``: ``u`` is the layer's input hidden state, one gate per token. (MoLE routes per token
-  too, but computes its logits from the experts' concatenated outputs; logits from the layer input
-  cost one extra row block in the experts' stacked A matmul instead of N full expert outputs.)
-* ``prompt``: ``u`` is the prompt embedding, the mean over tokens of the text-encoder hidden
-  states that the UNet cross-attends to (``context`` in ComfyUI, ``encoder_hidden_states`` in
-  diffusers: the same tensor on both sides, unlike the CLIP "pooled" output, which ComfyUI and
-  diffusers compute differently). One gate per sample, constant over a sampling run, so it can be
-  merged into the weights once ("bake"). Text-encoder layers can't depend on the prompt embedding
-  they produce: in this granularity their gates are static (``logits = b``).
+* ``token``: the layer's input hidden state, one gate per token. (MoLE routes per token too, but
+  computes its logits from the experts' concatenated outputs; logits from the layer input cost one
+  extra row block in the experts' stacked A matmul instead of N full expert outputs.)
+* ``prompt``: the prompt embedding, the mean over tokens of the text-encoder hidden states that the
+  UNet cross-attends to (``context`` in ComfyUI, ``encoder_hidden_states`` in diffusers: the same
+  tensor on both sides, unlike the CLIP "pooled" output, which ComfyUI and diffusers compute
+  differently). One gate per sample, constant over a sampling run, so it can be merged into the
+  weights once ("bake"). Text-encoder layers can't depend on the prompt embedding they produce: in
+  this granularity their gates are static (``z = b``).
+* ``layer``: nothing (``z = b``): one learned weight per layer and LoRA, the same for every input
+  (what a per-layer merge with learned coefficients is); bakes exactly.
+
+How the logits become weights (``kind``): MoLE's ``softmax`` makes the weights sum to 1, so an
+untrained gate is the 1/N average of the LoRAs and a trained one can only redistribute that unit of
+weight: every aspect gets a share of its LoRA's effect, never all of it (measured on the demo world:
+58 % of the aesthetics LoRA's own gain). The other kinds are free to combine:
+
+* ``softmax_n``: ``N * softmax``: the weights sum to N, so the untrained gate is every LoRA at full
+  weight (the plain sum) and training moves weight between LoRAs per layer and input;
+* ``sigmoid``: ``2 * sigmoid`` per LoRA, each weight in (0, 2) independently of the others (1 at
+  the start);
+* ``scaled_softmax``: ``N * softmax * exp(rho)`` with a learned per-layer, per-LoRA log scale
+  ``rho`` (the softmax routes, the scale sets each LoRA's total strength).
+
+Optional timestep conditioning (``timestep_knots`` K >= 2; AutoLoRA, arXiv 2508.02107, gates across
+layers and noise levels: composition is decided at high noise, fine texture at low noise): each
+layer adds ``T_l h(t)`` to its logits, where ``t`` is the denoiser's timestep divided by the
+family's timestep range (``models.architectures``: the noise level in 0..1) and ``h`` the K
+piecewise-linear "hat" functions with knots at 0, 1/(K-1), ..., 1, so ``T_l[:, k]`` is the logit
+offset at knot k and the gate interpolates linearly between knots. Text-encoder layers run once per
+prompt, outside the denoiser's steps: they get no timestep term. A timestep gate changes at every
+sampling step, so it cannot be merged into the weights once; callers asked to bake one apply it
+dynamically instead (``can_bake``).
 
 Gate inputs are normalised to unit length, so that the logits' scale, and so the temperature, is
 comparable across layers (hidden-state magnitudes differ by orders of magnitude between layers),
@@ -31,15 +55,19 @@ gate projection at inference, so the token gate costs no normalisation pass per 
 SD1.5 step is bound by kernel launches, and a per-token norm costs as much as the rest of the
 gated layer.
 
-Masking experts out at inference (MoLE's "flexible composition") sets their logits to -inf, which
-renormalises the softmax over the rest: exactly ``g_i / sum_{j kept} g_j``.
+Masking experts out at inference (MoLE's "flexible composition") sets their logits to -inf: a
+softmax renormalises over the rest (``g_i / sum_{j kept} g_j``), and the kinds that scale by N
+scale by the number of kept LoRAs instead (each kept LoRA keeps its weight's order of size); a
+sigmoid weight just drops out.
 
-Balancing losses (stop the gate collapsing onto one LoRA):
+Balancing losses (stop the gate collapsing onto one LoRA), on each LoRA's *share* of the
+activations ``act(z)`` (the softmax values themselves; sigmoid values divided by their sum), so the
+scale of a free gate is left to the denoising loss:
 
-* ``mole``: MoLE's ``-log prod_i q_i``, ``q_i`` = mean gate value of expert i over every gate
+* ``mole``: MoLE's ``-log prod_i q_i``, ``q_i`` = mean share of expert i over every gate
   evaluation (layers x tokens x batch) of the step. Minimum ``N log N`` at a uniform mean.
 * ``switch``: Switch Transformer's load balancing ``N sum_i f_i P_i`` per layer (``f_i`` = share of
-  tokens whose top expert is i, ``P_i`` = mean gate value), averaged over layers. Minimum 1.
+  tokens whose top expert is i, ``P_i`` = mean share), averaged over layers. Minimum 1.
 
 Nothing here is in peft (it has no gated multi-adapter layer over frozen adapters with a learned
 router), hence the hand-written module.
@@ -55,10 +83,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-GRANULARITIES = ("token", "prompt")
+GRANULARITIES = ("token", "prompt", "layer")
+GATE_KINDS = ("softmax", "softmax_n", "sigmoid", "scaled_softmax")
 BALANCE_KINDS = ("mole", "switch", "none")
 TEXT_ENCODER_PREFIX = "lora_te"  # kohya module names of text-encoder layers: lora_te_, lora_te1_, lora_te2_
 NORM_EPS = 1e-6
+SIGMOID_RANGE = 2.0  # a sigmoid gate's weights lie in (0, 2): 1 (the LoRA at full weight) at the start
 
 
 def is_text_encoder_layer(layer_name: str) -> bool:
@@ -83,73 +113,111 @@ def prompt_embedding(context: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"prompt context: expected [B, T, D] or [B, D], got shape {tuple(context.shape)}")
 
 
-def masked_bias(mask: torch.Tensor | None, reference: torch.Tensor) -> torch.Tensor | float:
-    """0 for kept experts, -inf for masked ones (added to logits), checked to keep at least one."""
+def _check_mask(mask: torch.Tensor | None, device) -> torch.Tensor | None:
     if mask is None:
-        return 0.0
-    mask = mask.to(device=reference.device, dtype=torch.bool)
+        return None
+    mask = mask.to(device=device, dtype=torch.bool)
     if not bool(mask.any()):
         raise ValueError("expert mask: every LoRA is switched off; keep at least one aspect enabled")
+    return mask
+
+
+def masked_bias(mask: torch.Tensor | None, reference: torch.Tensor) -> torch.Tensor | float:
+    """0 for kept experts, -inf for masked ones (added to logits), checked to keep at least one."""
+    mask = _check_mask(mask, reference.device)
+    if mask is None:
+        return 0.0
     zeros = torch.zeros(mask.shape, device=reference.device, dtype=reference.dtype)
     return zeros.masked_fill(~mask, float("-inf"))
 
 
 def renormalise(weights: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Zero the masked experts' weights (last dim) and rescale the rest to sum to 1."""
+    mask = _check_mask(mask, weights.device)
     if mask is None:
         return weights
-    mask = mask.to(device=weights.device, dtype=torch.bool)
-    if not bool(mask.any()):
-        raise ValueError("expert mask: every LoRA is switched off; keep at least one aspect enabled")
     kept = weights * mask.to(weights.dtype)
     return kept / kept.sum(-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+
+
+def activation_of(kind: str) -> str:
+    """The function a gate kind applies to its logits: ``softmax`` or ``sigmoid``."""
+    if kind not in GATE_KINDS:
+        raise ValueError(f"gate kind {kind!r}: unknown; choose one of {', '.join(GATE_KINDS)}")
+    return "sigmoid" if kind == "sigmoid" else "softmax"
+
+
+def activate(logits: torch.Tensor, activation: str) -> torch.Tensor:
+    """softmax over the experts (last dim) or a sigmoid per expert, in float32."""
+    if activation == "softmax":
+        return torch.softmax(logits.float(), dim=-1)
+    return torch.sigmoid(logits.float())
+
+
+def hat_basis(noise_level: torch.Tensor, knots: int) -> torch.Tensor:
+    """``[B, K]`` piecewise-linear hat functions of ``noise_level`` ``[B]`` (clamped to 0..1) at K
+    evenly spaced knots: row b interpolates linearly between the two knots around its level."""
+    position = noise_level.float().clamp(0.0, 1.0)[:, None] * (knots - 1)
+    return (1.0 - (position - torch.arange(knots, device=position.device, dtype=position.dtype)).abs()).clamp_min(0.0)
 
 
 # -- usage statistics and the balancing losses -----------------------------------------------------
 
 class GateUsage:
-    """Accumulates gate probabilities over one training step for the balancing loss.
+    """Accumulates gate activations over one training step for the balancing loss.
 
-    ``record`` keeps per-layer sums of probabilities (differentiable) and top-1 counts (not).
+    ``record`` keeps per-layer sums of each expert's share (differentiable), the sums of the raw
+    activations (the trainer's prior) and top-1 counts (not differentiable).
     """
 
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
-        self.prob_sums: list[torch.Tensor] = []  # one [N] per recorded gate evaluation
+        self.share_sums: list[torch.Tensor] = []  # one [N] per recorded gate evaluation
+        self.activation_sums: list[torch.Tensor] = []
         self.top1_counts: list[torch.Tensor] = []
         self.token_counts: list[int] = []
         self.layers: list[int | None] = []
 
-    def record(self, probabilities: torch.Tensor, layer: int | None = None) -> None:
-        flat = probabilities.reshape(-1, self.num_experts)
-        self.prob_sums.append(flat.float().sum(0))
+    def record(self, activations: torch.Tensor, layer: int | None = None) -> None:
+        flat = activations.reshape(-1, self.num_experts).float()
+        shares = flat / flat.sum(-1, keepdim=True).clamp_min(torch.finfo(flat.dtype).tiny)
+        self.share_sums.append(shares.sum(0))
+        self.activation_sums.append(flat.sum(0))
         self.top1_counts.append(torch.bincount(flat.argmax(-1), minlength=self.num_experts).to(flat.device))
         self.token_counts.append(flat.shape[0])
         self.layers.append(layer)
 
     def layer_totals(self) -> dict[int, tuple[torch.Tensor, int]]:
-        """Detached (sum of gate values ``[N]``, gate evaluations) per recorded layer: what several
+        """Detached (sum of activations ``[N]``, gate evaluations) per recorded layer: what several
         processes add up before taking the mean."""
         totals: dict[int, tuple[torch.Tensor, int]] = {}
-        for layer, prob_sum, tokens in zip(self.layers, self.prob_sums, self.token_counts):
+        for layer, activation_sum, tokens in zip(self.layers, self.activation_sums, self.token_counts):
             if layer is None:
                 continue
             total, count = totals.get(layer, (0, 0))
-            totals[layer] = (total + prob_sum.detach(), count + tokens)
+            totals[layer] = (total + activation_sum.detach(), count + tokens)
         return totals
 
     def layer_means(self) -> dict[int, torch.Tensor]:
-        """Detached mean gate value per expert for each recorded layer (for the trainer's prior)."""
+        """Detached mean activation per expert for each recorded layer (for the trainer's prior)."""
         return {layer: total / count for layer, (total, count) in self.layer_totals().items()}
 
     def __len__(self) -> int:
-        return len(self.prob_sums)
+        return len(self.share_sums)
+
+    def _require(self) -> None:
+        if not self.share_sums:
+            raise ValueError("gate usage: nothing recorded; run a forward pass with the gate attached first")
 
     def mean_mass(self) -> torch.Tensor:
-        """Mean gate value per expert over everything recorded: MoLE's ``q`` ([N], sums to 1)."""
-        if not self.prob_sums:
-            raise ValueError("gate usage: nothing recorded; run a forward pass with the gate attached first")
-        return torch.stack(self.prob_sums).sum(0) / float(sum(self.token_counts))
+        """Mean share per expert over everything recorded: MoLE's ``q`` ([N], sums to 1)."""
+        self._require()
+        return torch.stack(self.share_sums).sum(0) / float(sum(self.token_counts))
+
+    def mean_activation(self) -> torch.Tensor:
+        """Mean activation per expert over everything recorded (softmax: equals ``mean_mass``)."""
+        self._require()
+        return torch.stack(self.activation_sums).sum(0).detach() / float(sum(self.token_counts))
 
     def mole_loss(self) -> torch.Tensor:
         """MoLE's gate balancing loss ``-log prod_i q_i`` (= ``-sum_i log q_i``)."""
@@ -157,13 +225,12 @@ class GateUsage:
 
     def switch_loss(self) -> torch.Tensor:
         """Switch-Transformer load balancing ``N * sum_i f_i * P_i`` per recorded layer, averaged."""
-        if not self.prob_sums:
-            raise ValueError("gate usage: nothing recorded; run a forward pass with the gate attached first")
+        self._require()
         losses = []
-        for prob_sum, counts, tokens in zip(self.prob_sums, self.top1_counts, self.token_counts):
-            fraction = counts.to(prob_sum.dtype) / tokens
-            mean_prob = prob_sum / tokens
-            losses.append(self.num_experts * (fraction * mean_prob).sum())
+        for share_sum, counts, tokens in zip(self.share_sums, self.top1_counts, self.token_counts):
+            fraction = counts.to(share_sum.dtype) / tokens
+            mean_share = share_sum / tokens
+            losses.append(self.num_experts * (fraction * mean_share).sum())
         return torch.stack(losses).mean()
 
     def loss(self, kind: str) -> torch.Tensor:
@@ -172,25 +239,29 @@ class GateUsage:
         if kind == "switch":
             return self.switch_loss()
         if kind == "none":
-            return torch.zeros((), device=self.prob_sums[0].device if self.prob_sums else None)
+            return torch.zeros((), device=self.share_sums[0].device if self.share_sums else None)
         raise ValueError(f"balance loss {kind!r}: unknown; choose one of {', '.join(BALANCE_KINDS)}")
 
 
 # -- the gate ---------------------------------------------------------------------------------------
 
 class MixtureGate(nn.Module):
-    """One softmax gate per adapted layer over ``experts`` (aspect names, in LoRA order).
+    """One gate per adapted layer over ``experts`` (aspect names, in LoRA order).
 
     Parameters (these, and only these, are what the gate trainer updates and the MoL file stores):
 
     * ``token``: ``weight_<l>`` ``[N, in_features_l]`` per layer (a ParameterList, dims differ).
     * ``prompt``: ``weight`` ``[L, N, prompt_features]`` (all layers read the same embedding, so
       all gates come out of one einsum); text-encoder layers are masked to static gates.
-    * ``bias`` ``[L, N]``, ``log_temperature`` ``[L]``.
-    * buffer ``prior`` ``[L, N]``: the mean gate over the training data, written by the trainer;
-      what "bake" merges when it has no prompt to evaluate the gate on.
+    * ``layer``: no input weight.
+    * ``bias`` ``[L, N]``, ``log_temperature`` ``[L]``; ``scaled_softmax``: ``log_scale`` ``[L, N]``;
+      timestep gates: ``timestep_weight`` ``[L, N, K]``.
+    * buffer ``prior`` ``[L, N]``: the mean activation over the training data, written by the
+      trainer; what "bake" merges (times the kind's multiplier) when it has no input to evaluate the
+      gate on.
 
-    Weights start at zero, so an untrained gate is the uniform (equal-weight) mixture.
+    Weights start at zero, so an untrained gate is the uniform mixture: every LoRA at 1/N
+    (``softmax``) or at full weight (every other kind).
     """
 
     def __init__(
@@ -201,10 +272,15 @@ class MixtureGate(nn.Module):
         granularity: str,
         prompt_features: int | None = None,
         temperature: float = 1.0,
+        *,
+        kind: str = "softmax",
+        timestep_knots: int = 0,
+        timestep_range: float = 1000.0,
     ):
         super().__init__()
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity {granularity!r}: unknown; choose one of {', '.join(GRANULARITIES)}")
+        self.activation = activation_of(kind)
         if len(experts) < 1:
             raise ValueError("experts: a gate needs at least one LoRA")
         if len(set(experts)) != len(experts):
@@ -217,29 +293,54 @@ class MixtureGate(nn.Module):
                              "SD1.5)")
         if temperature <= 0:
             raise ValueError(f"temperature {temperature}: must be > 0")
+        if timestep_knots == 1 or timestep_knots < 0:
+            raise ValueError(f"timestep_knots {timestep_knots}: 0 (no timestep input) or >= 2 knots")
+        if not timestep_range > 0:
+            raise ValueError(f"timestep_range {timestep_range}: must be > 0 (the denoiser's timestep span, 1000 "
+                             "for SD)")
         self.experts = tuple(experts)
         self.layers = tuple(layers)
         self.layer_in_features = tuple(int(d) for d in layer_in_features)
         self.granularity = granularity
+        self.kind = kind
+        self.timestep_knots = int(timestep_knots)
+        self.timestep_range = float(timestep_range)
         self.prompt_features = int(prompt_features) if prompt_features else None
         self.layer_index = {name: index for index, name in enumerate(self.layers)}
         n, count = len(self.experts), len(self.layers)
+        static = torch.tensor([is_text_encoder_layer(name) for name in self.layers], dtype=torch.bool)
         if granularity == "token":
             self.weights = nn.ParameterList([nn.Parameter(torch.zeros(n, d)) for d in self.layer_in_features])
-        else:
+        elif granularity == "prompt":
             self.weight = nn.Parameter(torch.zeros(count, n, self.prompt_features))
-            static = torch.tensor([is_text_encoder_layer(name) for name in self.layers], dtype=torch.bool)
             self.register_buffer("input_mask", (~static).float().view(count, 1, 1), persistent=False)
         self.bias = nn.Parameter(torch.zeros(count, n))
         self.log_temperature = nn.Parameter(torch.full((count,), math.log(temperature)))
-        self.register_buffer("prior", torch.full((count, n), 1.0 / n))
+        if kind == "scaled_softmax":
+            self.log_scale = nn.Parameter(torch.zeros(count, n))
+        if self.timestep_knots:
+            self.timestep_weight = nn.Parameter(torch.zeros(count, n, self.timestep_knots))
+            self.register_buffer("timestep_mask", (~static).float().view(count, 1, 1), persistent=False)
+        initial = 1.0 / n if self.activation == "softmax" else 0.5
+        self.register_buffer("prior", torch.full((count, n), initial))
         self.register_buffer("input_scale", torch.ones(count))  # token gates: logits = (V x) / input_scale + b
         self.calibrated = [False] * count  # set when input_scale was measured (or loaded)
-        self.usage: GateUsage | None = None  # set by the trainer for a step; probabilities are recorded
+        self.usage: GateUsage | None = None  # set by the trainer for a step; activations are recorded
 
     @property
     def num_experts(self) -> int:
         return len(self.experts)
+
+    @property
+    def per_sample(self) -> bool:
+        """The gate is computed once per denoiser call for every layer (``[B, L, N]``), not per
+        token: prompt and layer granularities."""
+        return self.granularity != "token"
+
+    @property
+    def can_bake(self) -> bool:
+        """Whether a one-off merge can represent the gate: not when it changes with the timestep."""
+        return not self.timestep_knots
 
     def expert_mask(self, enabled: Sequence[str] | None) -> torch.Tensor | None:
         """Bool ``[N]`` from the aspect names to keep (None = all)."""
@@ -253,6 +354,50 @@ class MixtureGate(nn.Module):
     def temperature(self) -> torch.Tensor:
         return self.log_temperature.exp()
 
+    def multiplier(self, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``[L, N]``: what the activations are multiplied by (see the module docstring): 1
+        (softmax), the number of kept LoRAs (softmax_n), 2 (sigmoid), or that number times the
+        learned scale (scaled_softmax)."""
+        mask = _check_mask(mask, self.bias.device)
+        kept = float(self.num_experts if mask is None else int(mask.sum()))
+        ones = torch.ones_like(self.bias)
+        if self.kind == "softmax":
+            return ones
+        if self.kind == "softmax_n":
+            return ones * kept
+        if self.kind == "sigmoid":
+            return ones * SIGMOID_RANGE
+        return self.log_scale.exp() * kept
+
+    def gate_values(self, activations: torch.Tensor, layer: int | None = None,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Activations ``[..., N]`` (of one layer, or ``[..., L, N]`` of all) times the multiplier."""
+        if self.kind == "softmax":
+            return activations
+        multiplier = self.multiplier(mask)
+        multiplier = multiplier if layer is None else multiplier[layer]
+        return activations * multiplier.to(activations.dtype)
+
+    def _record(self, activations: torch.Tensor, layer: int) -> None:
+        if self.usage is not None:
+            self.usage.record(activations, layer)
+
+    # timestep input ---------------------------------------------------------------------------
+    def timestep_offsets(self, timestep: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        """Logit offsets ``[B, L, N]`` from the denoiser's timestep (``[B]``, a scalar, or None
+        for gates without timestep input), zero on text-encoder layers."""
+        if not self.timestep_knots:
+            return None
+        if timestep is None:
+            raise ValueError("timestep gate: the denoiser was called without a timestep")
+        timestep = torch.as_tensor(timestep, device=self.bias.device).float().reshape(-1)
+        if timestep.numel() == 1:
+            timestep = timestep.expand(batch)
+        if timestep.numel() != batch:
+            raise ValueError(f"timestep gate: {timestep.numel()} timesteps for a batch of {batch}")
+        basis = hat_basis(timestep / self.timestep_range, self.timestep_knots)
+        return torch.einsum("bk,lnk->bln", basis, self.timestep_weight * self.timestep_mask)
+
     # token gates ------------------------------------------------------------------------------
     @torch.no_grad()
     def calibrate_input_scale(self, layer: int, hidden: torch.Tensor) -> None:
@@ -264,66 +409,95 @@ class MixtureGate(nn.Module):
     def token_logits(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """Logits ``[..., N]`` of layer ``layer`` from its input ``hidden`` ``[..., in_features]``."""
         if self.granularity != "token":
-            raise ValueError("token_logits: this is a prompt gate; use prompt_probabilities")
+            raise ValueError(f"token_logits: this is a {self.granularity} gate; use sample_gates")
         # clone: calibration writes other entries of the buffer during the same forward pass
         weight = (self.weights[layer] / self.input_scale[layer].clone()).to(hidden.dtype)
         return F.linear(hidden, weight, self.bias[layer].to(hidden.dtype))
 
-    def token_probabilities(self, layer: int, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def token_gates(self, layer: int, hidden: torch.Tensor, mask: torch.Tensor | None = None,
+                    offsets: torch.Tensor | None = None) -> torch.Tensor:
+        """Gate values ``[..., N]`` of layer ``layer`` per token of ``hidden`` ``[B, ..., in]``;
+        ``offsets``: the per-sample timestep offsets ``[B, L, N]`` (``timestep_offsets``)."""
         logits = self.token_logits(layer, hidden)
+        if offsets is not None:
+            offset = offsets[:, layer]
+            logits = logits + offset.view(offset.shape[0], *([1] * (logits.ndim - 2)), offset.shape[1]).to(logits.dtype)
         logits = logits / self.temperature()[layer].to(logits.dtype) + masked_bias(mask, logits)
-        probabilities = torch.softmax(logits.float(), dim=-1).to(hidden.dtype)
-        if self.usage is not None:
-            self.usage.record(probabilities, layer)
-        return probabilities
+        activations = activate(logits, self.activation).to(hidden.dtype)
+        self._record(activations, layer)
+        return self.gate_values(activations, layer, mask)
 
-    # prompt gates -----------------------------------------------------------------------------
-    def prompt_logits(self, context: torch.Tensor) -> torch.Tensor:
-        """Logits ``[B, L, N]`` for every layer from the cross-attention context."""
-        if self.granularity != "prompt":
-            raise ValueError("prompt_logits: this is a token gate; use token_probabilities")
-        embedding = prompt_embedding(context)
-        if embedding.shape[-1] != self.prompt_features:
-            raise ValueError(
-                f"prompt context: hidden size {embedding.shape[-1]} but this gate was trained on "
-                f"{self.prompt_features}; the text encoder does not match the gate's base model"
-            )
-        u = embedding * inverse_norm(embedding)
-        weight = (self.weight * self.input_mask).to(u.dtype)
-        return torch.einsum("bd,lnd->bln", u, weight) + self.bias.to(u.dtype)
+    # per-sample gates (prompt granularity, or layer granularity with a timestep input) ---------
+    def sample_logits(self, context: torch.Tensor | None = None, timestep: torch.Tensor | None = None,
+                      batch: int | None = None) -> torch.Tensor:
+        """Logits ``[B, L, N]`` (before the temperature) for every layer from the cross-attention
+        context (prompt granularity) and the timestep (timestep gates)."""
+        if self.granularity == "token":
+            raise ValueError("sample_logits: this is a token gate; use token_gates")
+        if self.granularity == "prompt":
+            if context is None:
+                raise ValueError("prompt gate: no prompt context given")
+            embedding = prompt_embedding(context)
+            if embedding.shape[-1] != self.prompt_features:
+                raise ValueError(
+                    f"prompt context: hidden size {embedding.shape[-1]} but this gate was trained on "
+                    f"{self.prompt_features}; the text encoder does not match the gate's base model"
+                )
+            u = embedding * inverse_norm(embedding)
+            weight = (self.weight * self.input_mask).to(u.dtype)
+            logits = torch.einsum("bd,lnd->bln", u, weight) + self.bias.to(u.dtype)
+        else:
+            if batch is None:
+                batch = (context.shape[0] if context is not None
+                         else torch.as_tensor(timestep).numel() if timestep is not None else 1)
+            logits = self.bias.unsqueeze(0).expand(batch, -1, -1)
+        offsets = self.timestep_offsets(timestep, logits.shape[0])
+        return logits if offsets is None else logits + offsets.to(logits.dtype)
 
-    def prompt_probabilities(self, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def sample_gates(self, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                     timestep: torch.Tensor | None = None, batch: int | None = None) -> torch.Tensor:
         """Gate values ``[B, L, N]`` for every layer, one row per sample."""
-        logits = self.prompt_logits(context)
+        logits = self.sample_logits(context, timestep, batch)
         logits = logits / self.temperature().to(logits.dtype).view(1, -1, 1) + masked_bias(mask, logits)
-        probabilities = torch.softmax(logits.float(), dim=-1).to(logits.dtype)
+        activations = activate(logits, self.activation).to(logits.dtype)
         if self.usage is not None:
-            for layer in range(probabilities.shape[1]):
-                self.usage.record(probabilities[:, layer], layer)
-        return probabilities
+            for layer in range(activations.shape[1]):
+                self.usage.record(activations[:, layer], layer)
+        return self.gate_values(activations, None, mask)
 
     # static weights for merging -------------------------------------------------------------
-    def static_weights(self, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``[L, N]`` per-layer expert weights with no input: the recorded prior (masked and
-        renormalised). For prompt gates this is what text-encoder layers always use."""
-        return renormalise(self.prior.detach().clone(), mask)
+    def prior_gates(self, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``[L, N]`` the recorded mean activation as gate values (softmax kinds renormalised over
+        the kept experts, masked sigmoid weights dropped)."""
+        prior = self.prior.detach().clone()
+        if self.activation == "softmax":
+            prior = renormalise(prior, mask)
+        elif mask is not None:
+            prior = prior * _check_mask(mask, prior.device).to(prior.dtype)
+        return self.gate_values(prior, None, mask).detach()
 
-    def static_layer_probabilities(self, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``[L, N]`` softmax of the bias alone: the exact gate of static (text-encoder) layers in
-        prompt granularity, where the weight is masked out."""
+    def static_gates(self, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``[L, N]`` the gate of the bias alone: the exact gate of layers with no input (text-encoder
+        layers of a prompt gate, every layer of a layer gate without timestep input)."""
         logits = self.bias / self.temperature().view(-1, 1) + masked_bias(mask, self.bias)
-        return torch.softmax(logits.float(), dim=-1)
+        return self.gate_values(activate(logits, self.activation), None, mask)
 
     def merge_weights(self, context: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``[L, N]`` weights for a one-off merge (bake). With a prompt gate and a ``context``
-        ``[1, T, D]``: the gate evaluated on that prompt (static layers: their bias gate). Otherwise
-        the recorded prior, renormalised over the kept experts."""
+        """``[L, N]`` weights for a one-off merge (bake). A layer gate: its exact static gates. A
+        prompt gate with a ``context`` ``[1, T, D]``: the gate evaluated on that prompt (static
+        layers: their bias gate). Otherwise the recorded training mean. A timestep gate cannot be
+        merged once (``can_bake``)."""
+        if not self.can_bake:
+            raise ValueError("bake: this gate changes with the timestep, so no single merge represents it; "
+                             "apply it dynamically")
+        if self.granularity == "layer":
+            return self.static_gates(mask).detach()
         if context is not None and self.granularity == "prompt":
             if prompt_embedding(context).shape[0] != 1:
                 raise ValueError("bake: the prompt conditioning holds several prompts; give one prompt to bake")
             with torch.no_grad():
-                return self.prompt_probabilities(context.to(self.bias.device).float(), mask)[0]
-        return self.static_weights(mask)
+                return self.sample_gates(context.to(self.bias.device).float(), mask)[0]
+        return self.prior_gates(mask)
 
 
 # -- LoRA experts of one layer, and the mixed forward --------------------------------------------
@@ -411,11 +585,13 @@ class FusedGatedLoRA(nn.Module):
 
     * token: the gate projection ``V / (input_scale * tau)`` is appended to the stacked A matrix, so
       one matmul gives both the rank-space activations and the gate's projection; ``b / tau`` (and
-      -inf for masked experts) is added and the softmax taken in float32; gate-scale; one matmul
-      with the stacked B (each LoRA's scale and the global strength folded in); add to the base
-      output.
-    * per-sample gates (prompt granularity, fixed weights): ``forward(..., rank_gates=...)`` with
-      gates already expanded to rank space (``expand_gates``), computed once per UNet call.
+      -inf for masked experts) is added, plus the per-sample timestep offsets when the gate has them
+      (``forward(..., logit_offsets=...)``, already divided by ``tau``), and the softmax (or sigmoid)
+      taken in float32; gate-scale; one matmul with the stacked B (each LoRA's scale, the gate kind's
+      multiplier and the global strength folded in); add to the base output.
+    * per-sample gates (prompt granularity, timestep gates, fixed weights): ``forward(...,
+      rank_gates=...)`` with gate values already expanded to rank space (``expand_gates``),
+      computed once per UNet call.
 
     Callers use ``forward`` directly (not ``__call__``): module hooks are never needed here and
     ``nn.Module.__call__`` adds measurable overhead at 160 layers per step.
@@ -439,14 +615,19 @@ class FusedGatedLoRA(nn.Module):
         input_scale: float = 1.0,
         mask: torch.Tensor | None = None,
         strength: float = 1.0,
+        activation: str = "softmax",
+        multiplier: torch.Tensor | None = None,
     ):
         super().__init__()
+        if activation not in ("softmax", "sigmoid"):
+            raise ValueError(f"activation {activation!r}: softmax or sigmoid")
         self.ranks = tuple(int(r) for r in ranks)
         self.num_experts = len(self.ranks)
         self.rank_total = sum(self.ranks)
         self.out_features = int(up.shape[0])
         self.equal_ranks = len(set(self.ranks)) == 1
         self.has_token_gate = gate_weight is not None
+        self.activation = activation
         self._cast: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, ...]] = {}
         with torch.no_grad():
             if self.has_token_gate:
@@ -459,10 +640,13 @@ class FusedGatedLoRA(nn.Module):
             else:
                 down_and_gate = down.float()
                 self.bias = None
+            up = up.float() * strength
+            if multiplier is not None:  # the gate kind's per-expert factor, folded into B (exact: a constant)
+                up = up * expand_to_ranks(multiplier.float().to(up.device), self.ranks)
             self.register_buffer("down_and_gate", down_and_gate.contiguous())
-            self.register_buffer("up", (up.float() * strength).contiguous())
-            self.register_buffer("rank_index",
-                                 torch.repeat_interleave(torch.arange(self.num_experts), torch.tensor(self.ranks)))
+            self.register_buffer("up", up.contiguous())
+            self.register_buffer("rank_index", torch.repeat_interleave(torch.arange(self.num_experts),
+                                                                       torch.tensor(self.ranks)))
 
     def _apply(self, fn, recurse=True):
         self._cast.clear()  # the cast copies belong to the masters' old place
@@ -494,10 +678,11 @@ class FusedGatedLoRA(nn.Module):
         expanded = gates.index_select(-1, self.rank_index.to(gates.device))
         return expanded.view(expanded.shape[0], *([1] * (ndim - 2)), expanded.shape[-1])
 
-    def forward(self, hidden: torch.Tensor, base_out: torch.Tensor,
-                rank_gates: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, base_out: torch.Tensor, rank_gates: torch.Tensor | None = None,
+                logit_offsets: torch.Tensor | None = None) -> torch.Tensor:
         """``base_out + delta`` for ``hidden`` ``[..., in]``; ``rank_gates`` (``[B, 1.., R]``) is
-        required unless this layer has a token gate."""
+        required unless this layer has a token gate; ``logit_offsets`` (``[B, 1.., N]``, float32,
+        divided by the temperature) shift a token gate's logits per sample (timestep gates)."""
         down_and_gate, up, bias = self.factors(hidden)
         if self.has_token_gate:
             if hidden.dtype == torch.float32:
@@ -509,7 +694,12 @@ class FusedGatedLoRA(nn.Module):
                 # masking -inf and the softmax are float32 (the add promotes to float32).
                 h = F.linear(hidden, down_and_gate)
                 logits = h[..., self.rank_total :] + self.bias[self.rank_total :]
-            g = torch.softmax(logits, dim=-1, dtype=torch.float32).to(hidden.dtype)
+            if logit_offsets is not None:
+                logits = logits + logit_offsets
+            if self.activation == "softmax":
+                g = torch.softmax(logits, dim=-1, dtype=torch.float32).to(hidden.dtype)
+            else:
+                g = torch.sigmoid(logits.float()).to(hidden.dtype)
             low = h[..., : self.rank_total]
             if self.equal_ranks:
                 low = (low.unflatten(-1, (self.num_experts, self.ranks[0])) * g.unsqueeze(-1)).flatten(-2)
@@ -532,11 +722,13 @@ def fused_layer(
     mask: torch.Tensor | None = None,
     strength: float = 1.0,
 ) -> FusedGatedLoRA:
-    """Build the inference layer for ``layer_name``: with a token gate its projection is folded
-    in; otherwise (prompt gates, fixed weights) the caller passes gates at run time."""
+    """Build the inference layer for ``layer_name``: with a token gate its projection and the gate
+    kind's multiplier are folded in; otherwise (per-sample gates, fixed weights) the caller passes
+    gate values at run time."""
     down, up, ranks = stack_experts(experts, in_features, out_features)
     if gate is not None and gate.granularity == "token":
         index = gate.layer_index[layer_name]
+        multiplier = None if gate.kind == "softmax" else gate.multiplier(mask)[index].detach()
         return FusedGatedLoRA(
             down,
             up,
@@ -547,5 +739,14 @@ def fused_layer(
             input_scale=float(gate.input_scale[index]),
             mask=mask,
             strength=strength,
+            activation=gate.activation,
+            multiplier=multiplier,
         )
     return FusedGatedLoRA(down, up, ranks, strength=strength)
+
+
+def timestep_logit_offsets(gate: MixtureGate, timestep: torch.Tensor, batch: int) -> torch.Tensor:
+    """``[B, L, N]`` float32 timestep offsets of a token gate divided by each layer's temperature:
+    what ``FusedGatedLoRA.forward(logit_offsets=...)`` adds, computed once per denoiser call."""
+    offsets = gate.timestep_offsets(timestep, batch)
+    return (offsets / gate.temperature().view(1, -1, 1)).float()

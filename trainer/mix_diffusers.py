@@ -87,15 +87,32 @@ def mixture_layers(base, loras: Sequence[Mapping[str, torch.Tensor]]) -> list[Mi
 
 
 def gate_for_layers(aspects: Sequence[str], layers: Sequence[MixtureLayer], granularity: str, prompt_features: int,
-                    temperature: float = 1.0) -> MixtureGate:
-    """A fresh (uniform) gate over ``layers``."""
+                    temperature: float = 1.0, **form: Any) -> MixtureGate:
+    """A fresh (uniform) gate over ``layers``; ``form``: ``kind``, ``timestep_knots``, ``timestep_range``."""
     return MixtureGate(list(aspects), [layer.name for layer in layers], [layer.in_features for layer in layers],
-                       granularity, prompt_features=prompt_features, temperature=temperature)
+                       granularity, prompt_features=prompt_features, temperature=temperature, **form)
 
 
-class _PromptState:
+class _CallState:
+    """What one denoiser call sets for every gated layer (read in the denoiser's forward pre-hook):
+    per-sample gate values ``[B, L, N]`` (prompt gates, timestep gates of layer granularity) or
+    per-sample logit offsets of token gates (their timestep term, ``[B, L, N]``)."""
+
     def __init__(self):
         self.gates: torch.Tensor | None = None
+        self.offsets: torch.Tensor | None = None
+
+    def clear(self) -> None:
+        self.gates = self.offsets = None
+
+
+def _call_inputs(args, kwargs) -> tuple[torch.Tensor | None, Any, torch.Tensor]:
+    """(encoder_hidden_states, timestep, sample) of a diffusers denoiser call ``(sample, timestep,
+    encoder_hidden_states, ...)``."""
+    sample = kwargs.get("sample", args[0] if args else None)
+    timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+    context = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+    return context, timestep, sample
 
 
 class DiffusersMixture:
@@ -111,7 +128,7 @@ class DiffusersMixture:
                              "the gate was trained for other LoRAs")
         self.gate, self.layers, self.denoiser = gate, list(layers), denoiser
         self.mask, self.strength = mask, strength
-        self.state = _PromptState()
+        self.state = _CallState()
         self._handles: list = []
         self._baked: dict[int, torch.Tensor] = {}
 
@@ -119,42 +136,65 @@ class DiffusersMixture:
     def attach(self, *, train: bool = False) -> DiffusersMixture:
         self.remove()
         gate = self.gate
-        if gate.granularity == "prompt":
+        if gate.per_sample or gate.timestep_knots:
             if self.denoiser is None:
-                raise ValueError("prompt gates need the denoiser to read the prompt context from; pass denoiser=")
-            self._handles.append(self.denoiser.register_forward_pre_hook(self._read_context, with_kwargs=True))
+                raise ValueError("prompt and timestep gates need the denoiser to read their input from; pass denoiser=")
+            self._handles.append(self.denoiser.register_forward_pre_hook(self._read_call, with_kwargs=True))
         for layer in self.layers:
             index = gate.layer_index[layer.name]
-            static = gate.granularity == "prompt" and is_text_encoder_layer(layer.name)
+            static = is_text_encoder_layer(layer.name) and gate.per_sample  # bias-only gates
             if train:
                 down, up, ranks = stack_experts(layer.experts, layer.in_features, layer.out_features)
-                hook = _TrainHook(self, index, down, up * self.strength, ranks, layer.channels_first, static)
+                hook = _TrainHook(self, index, down, up * self.strength, ranks, layer.channels_first, static,
+                                  layer.on_text_encoder)
             else:
                 fused = fused_layer(gate, layer.name, layer.experts, layer.in_features, layer.out_features,
                                     mask=self.mask, strength=self.strength)
-                hook = _FusedHook(self, index, fused, layer.channels_first, static)
+                hook = _FusedHook(self, index, fused, layer.channels_first, static, layer.on_text_encoder)
             self._handles.append(layer.module.register_forward_hook(hook))
         return self
 
-    def _read_context(self, module, args, kwargs):
-        context = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
-        if context is None:
+    def _read_call(self, module, args, kwargs):
+        context, timestep, sample = _call_inputs(args, kwargs)
+        gate, batch = self.gate, int(sample.shape[0])
+        if gate.bias.device != sample.device:  # the pipeline moved to another device after load
+            gate.to(sample.device)
+        if gate.granularity == "prompt" and context is None:
             raise ValueError("prompt gate: the UNet was called without encoder_hidden_states")
-        if self.gate.bias.device != context.device:  # the pipeline moved to another device after load
-            self.gate.to(context.device)
-        if self.gate.training and torch.is_grad_enabled():
-            self.state.gates = self.gate.prompt_probabilities(context.float(), self.mask)
-        else:
-            with torch.no_grad():
-                self.state.gates = self.gate.prompt_probabilities(context.float(), self.mask)
+        with torch.set_grad_enabled(gate.training and torch.is_grad_enabled()):
+            if gate.per_sample:
+                self.state.gates = gate.sample_gates(None if context is None else context.float(), self.mask,
+                                                     timestep=timestep, batch=batch)
+            else:  # token gate with a timestep input
+                self.state.offsets = gate.timestep_offsets(timestep, batch)
         return None
 
     def sample_gates(self, index: int, static: bool, reference: torch.Tensor) -> torch.Tensor:
         if static:
-            return self.gate.static_layer_probabilities(self.mask)[index].to(reference.device, reference.dtype)
+            return self.gate.static_gates(self.mask)[index].to(reference.device, reference.dtype)
         if self.state.gates is None:
             raise RuntimeError("prompt gate: a gated layer ran before the UNet received its prompt context")
         return self.state.gates[:, index].to(reference.dtype)
+
+    def apply(self, mode: str, *, encode: Callable[[], torch.Tensor] | None = None) -> DiffusersMixture:
+        """Apply the mixture in ``mode`` (``MODES``): ``dynamic`` attaches the gate; ``bake`` merges
+        it once (a prompt gate on the prompt ``encode()`` returns, through the mixed text encoder;
+        a timestep gate, which no single merge represents, is attached instead, with a warning);
+        ``equal`` merges every kept LoRA at 1/N."""
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r}: unknown; choose one of {', '.join(MODES)}")
+        if mode == "dynamic" or (mode == "bake" and not self.gate.can_bake):
+            if mode == "bake":
+                logger.warning("bake: this gate changes with the timestep at every sampling step, so no single merge "
+                               "represents it; applying it dynamically")
+            return self.attach()
+        if mode == "bake" and self.gate.granularity == "prompt" and encode is not None:
+            self.bake_on_prompt(encode)
+            return self
+        if mode == "bake":
+            return self.bake(self.gate.merge_weights(None, self.mask))
+        kept = torch.ones(self.gate.num_experts) if self.mask is None else self.mask.float()
+        return self.bake((kept / kept.sum()).expand(len(self.gate.layers), -1))
 
     # -- bake ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -172,11 +212,10 @@ class DiffusersMixture:
         gate evaluated on its context is merged into the UNet layers. Returns the context (the
         UNet's ``encoder_hidden_states`` for this prompt)."""
         if self.gate.granularity != "prompt":
-            raise ValueError("bake_on_prompt: this is a token gate; bake its training mean with "
+            raise ValueError(f"bake_on_prompt: this is a {self.gate.granularity} gate; bake it with "
                              "bake(merge_weights(None))")
         self.remove()
-        self._merge([layer for layer in self.layers if layer.on_text_encoder],
-                    self.gate.static_layer_probabilities(self.mask))
+        self._merge([layer for layer in self.layers if layer.on_text_encoder], self.gate.static_gates(self.mask))
         context = encode()
         self._merge([layer for layer in self.layers if not layer.on_text_encoder],
                     self.gate.merge_weights(context, self.mask))
@@ -202,16 +241,16 @@ class DiffusersMixture:
                     original = self._baked.pop(id(layer.module), None)
                     if original is not None:
                         layer.module.weight.copy_(original)
-        self.state.gates = None
+        self.state.clear()
 
 
 class _TrainHook:
     """Differentiable gated delta (gate parameters train; LoRA factors frozen)."""
 
-    def __init__(self, mixture, index, down, up, ranks, channels_first, static):
+    def __init__(self, mixture, index, down, up, ranks, channels_first, static, on_text_encoder):
         self.mixture, self.index, self.ranks = mixture, index, ranks
         self.down, self.up = down, up
-        self.channels_first, self.static = channels_first, static
+        self.channels_first, self.static, self.on_text_encoder = channels_first, static, on_text_encoder
 
     def __call__(self, module, inputs, output):
         hidden = inputs[0]
@@ -223,7 +262,9 @@ class _TrainHook:
         if gate.granularity == "token":
             if not gate.calibrated[self.index]:  # first training batch: fix this layer's input scale
                 gate.calibrate_input_scale(self.index, hidden)
-            gates = gate.token_probabilities(self.index, hidden, self.mixture.mask)
+            # (text-encoder layers run outside the denoiser's call: no timestep term)
+            offsets = None if self.on_text_encoder else self.mixture.state.offsets
+            gates = gate.token_gates(self.index, hidden, self.mixture.mask, offsets)
         else:
             gates = self.mixture.sample_gates(self.index, self.static, hidden)
             if gates.ndim == 2:
@@ -235,21 +276,25 @@ class _TrainHook:
 class _FusedHook:
     """Inference: the fused gated layer (gate folded into the stacked A matrix)."""
 
-    def __init__(self, mixture, index, fused, channels_first, static):
+    def __init__(self, mixture, index, fused, channels_first, static, on_text_encoder):
         self.mixture, self.index, self.fused = mixture, index, fused
-        self.channels_first, self.static = channels_first, static
+        self.channels_first, self.static, self.on_text_encoder = channels_first, static, on_text_encoder
 
     def __call__(self, module, inputs, output):
         hidden = inputs[0]
         if self.channels_first:
             hidden, output = hidden.movedim(1, -1), output.movedim(1, -1)
-        gates = None
+        gates = offsets = None
         if not self.fused.has_token_gate:
             sample = self.mixture.sample_gates(self.index, self.static, hidden)
             gates = self.fused.expand_gates(sample.expand(hidden.shape[0], -1) if sample.ndim == 1 else sample,
                                             hidden.ndim)
+        elif self.mixture.state.offsets is not None and not self.on_text_encoder:
+            offset = self.mixture.state.offsets[:, self.index]
+            offset = offset / self.mixture.gate.temperature()[self.index]
+            offsets = offset.view(offset.shape[0], *([1] * (hidden.ndim - 2)), offset.shape[1]).float()
         with torch.no_grad():
-            out = self.fused.forward(hidden, output, gates)
+            out = self.fused.forward(hidden, output, gates, offsets)
         return out.movedim(-1, 1) if self.channels_first else out
 
 
@@ -274,9 +319,11 @@ class MixtureAdapters:
     """``prepare(pipe) -> context manager`` for ``generate_candidates``: the gated Mixture of LoRA
     of a MoL file applied to ``base`` (whose modules the pipeline shares) inside the ``with`` block.
 
-    ``dynamic``: the gate runs at every step (per token or per prompt, as trained); ``bake``: the
-    gate's training-mean weights are merged once (cheaper, prompt-independent). The hooks or merged
-    weights are removed on exit, restoring the base model exactly. Used by the loop's evaluation
+    ``dynamic``: the gate runs at every step (per token, prompt or timestep, as trained); ``bake``:
+    the gate's merge weights are merged once (cheaper, prompt-independent: a layer gate's exact
+    weights, else the training mean). A timestep gate cannot be merged once: asked to bake, it runs
+    dynamically (logged). The hooks or merged weights are removed on exit, restoring the base model
+    exactly. Used by the loop's evaluation
     (``loop.generate.generate_candidates(adapters=...)``), like ``loop.generate.LoraAdapters``.
     """
 
@@ -288,11 +335,8 @@ class MixtureAdapters:
 
     @contextlib.contextmanager
     def __call__(self, pipe) -> Iterator[Any]:
-        mol, mixture = load_mixture(self.base, self.mol_path)
-        if self.mode == "bake":
-            mixture.bake(mol.gate.merge_weights(None, mixture.mask))
-        else:
-            mixture.attach()
+        _mol, mixture = load_mixture(self.base, self.mol_path)
+        mixture.apply(self.mode)
         try:
             yield pipe
         finally:

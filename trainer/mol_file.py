@@ -4,16 +4,23 @@ Format (``<name>.mol.safetensors``, plain safetensors so it loads with no pickle
 
 tensors
     ``gate.weight.<l>`` ``[N, in_features_l]`` per layer (token gates) or ``gate.weight``
-    ``[L, N, prompt_features]`` (prompt gates); ``gate.bias`` ``[L, N]``;
-    ``gate.log_temperature`` ``[L]``; ``gate.prior`` ``[L, N]`` (mean gate over the training data);
-    ``gate.input_scale`` ``[L]`` (token gates: each layer's calibrated mean input norm).
+    ``[L, N, prompt_features]`` (prompt gates; layer gates have none); ``gate.bias`` ``[L, N]``;
+    ``gate.log_temperature`` ``[L]``; ``gate.prior`` ``[L, N]`` (mean activation over the training
+    data); ``gate.input_scale`` ``[L]`` (token gates: each layer's calibrated mean input norm);
+    version 2: ``gate.log_scale`` ``[L, N]`` (kind ``scaled_softmax``) and ``gate.timestep_weight``
+    ``[L, N, K]`` (timestep gates).
 metadata (strings; lists and dicts JSON-encoded)
-    ``versat2i_format`` = ``mixture-of-lora``, ``versat2i_mol_version`` = ``1``,
-    ``granularity`` (``token`` | ``prompt``), ``prompt_features``,
+    ``versat2i_format`` = ``mixture-of-lora``, ``versat2i_mol_version`` = ``2``,
+    ``granularity`` (``token`` | ``prompt`` | ``layer``), ``prompt_features``, version 2:
+    ``gate_kind`` (``trainer.gate.GATE_KINDS``), ``timestep_knots`` (0 = no timestep input) and
+    ``timestep_range`` (the denoiser timestep that the gate reads as noise level 1),
     ``experts``: ``[{"aspect", "file", "sha256", "rank", "alpha"}, ...]`` in gate order, ``file``
     relative to the MoL file's folder (normally a bare file name: the LoRAs sit beside it),
     ``layers``: the kohya module names the gate covers (``lora_unet_...``, ``lora_te_...``), in
     gate order, ``layer_in_features``, and free-form ``training`` / ``base_model`` records.
+
+Version 1 files (written before the free-to-combine gate kinds) have no gate kind and no timestep
+input: they load as softmax gates, exactly as they were trained.
 
 Loading checks every named LoRA's sha256 against the file on disk: a retrained or swapped LoRA
 under the same name would silently make the learned gate meaningless.
@@ -39,7 +46,7 @@ from .gate import MixtureGate
 logger = logging.getLogger(__name__)
 
 MOL_FORMAT = "mixture-of-lora"
-MOL_VERSION = 1
+MOL_VERSION = 2
 MOL_SUFFIX = ".mol.safetensors"
 
 
@@ -123,19 +130,16 @@ def expert_record(aspect: str, lora_path: str | os.PathLike, mol_dir: str | os.P
 
 # -- save / read ------------------------------------------------------------------------------------
 
+def _tensor_name(state_key: str) -> str:
+    """The file's name of a gate state-dict entry (``weights.3`` -> ``gate.weight.3``)."""
+    if state_key.startswith("weights."):
+        state_key = "weight." + state_key[len("weights."):]
+    return "gate." + state_key
+
+
 def gate_tensors(gate: MixtureGate) -> dict[str, torch.Tensor]:
-    tensors = {
-        "gate.bias": gate.bias.detach(),
-        "gate.log_temperature": gate.log_temperature.detach(),
-        "gate.prior": gate.prior.detach(),
-        "gate.input_scale": gate.input_scale.detach(),
-    }
-    if gate.granularity == "token":
-        for index, weight in enumerate(gate.weights):
-            tensors[f"gate.weight.{index}"] = weight.detach()
-    else:
-        tensors["gate.weight"] = gate.weight.detach()
-    return {name: tensor.float().cpu().contiguous() for name, tensor in tensors.items()}
+    """Every persistent tensor of the gate under its file name (module docstring)."""
+    return {_tensor_name(key): tensor.detach().float().cpu().contiguous() for key, tensor in gate.state_dict().items()}
 
 
 def save_mol(
@@ -161,6 +165,9 @@ def save_mol(
         "versat2i_format": MOL_FORMAT,
         "versat2i_mol_version": str(MOL_VERSION),
         "granularity": gate.granularity,
+        "gate_kind": gate.kind,
+        "timestep_knots": str(gate.timestep_knots),
+        "timestep_range": repr(gate.timestep_range),
         "prompt_features": str(gate.prompt_features or 0),
         "experts": json.dumps([record.to_json() for record in experts]),
         "layers": json.dumps(list(gate.layers)),
@@ -170,8 +177,8 @@ def save_mol(
     }
     with atomic_file(path, overwrite=overwrite, what="MoL file") as temp:
         save_file(gate_tensors(gate), str(temp), metadata=metadata)
-    logger.info("saved MoL gate (%s, %d LoRAs, %d layers) to %s", gate.granularity, len(experts), len(gate.layers),
-                path)
+    logger.info("saved MoL gate (%s %s, %d LoRAs, %d layers) to %s", gate.granularity, gate.kind, len(experts),
+                len(gate.layers), path)
     return path
 
 
@@ -206,9 +213,17 @@ def read_mol(path: str | os.PathLike) -> MolFile:
     in_features = list(_json_field(metadata, "layer_in_features", path))
     granularity = metadata.get("granularity", "")
     prompt_features = int(metadata.get("prompt_features", "0") or 0) or None
-    gate = MixtureGate(
-        [record.aspect for record in experts], layers, in_features, granularity, prompt_features=prompt_features
-    )
+    try:
+        if version >= 2:
+            kind, knots = metadata.get("gate_kind", ""), int(metadata.get("timestep_knots", "0"))
+            timestep_range = float(metadata.get("timestep_range", "1000.0"))
+        else:  # version 1: a softmax gate without timestep input
+            kind, knots, timestep_range = "softmax", 0, 1000.0
+        gate = MixtureGate([record.aspect for record in experts], layers, in_features, granularity,
+                           prompt_features=prompt_features, kind=kind, timestep_knots=knots,
+                           timestep_range=timestep_range)
+    except ValueError as exc:
+        raise ValueError(f"MoL file {str(path)!r}: {exc}; the file is damaged or was written by a newer pack") from None
     expected = gate_tensors(gate)
     missing = sorted(set(expected) - set(tensors))
     if missing:
@@ -219,16 +234,7 @@ def read_mol(path: str | os.PathLike) -> MolFile:
                 f"MoL file {str(path)!r}: tensor {name!r} has shape {tuple(tensors[name].shape)}, expected "
                 f"{tuple(reference.shape)} from its metadata; the file is damaged"
             )
-    with torch.no_grad():
-        gate.bias.copy_(tensors["gate.bias"])
-        gate.log_temperature.copy_(tensors["gate.log_temperature"])
-        gate.prior.copy_(tensors["gate.prior"])
-        gate.input_scale.copy_(tensors["gate.input_scale"])
-        if gate.granularity == "token":
-            for index, weight in enumerate(gate.weights):
-                weight.copy_(tensors[f"gate.weight.{index}"])
-        else:
-            gate.weight.copy_(tensors["gate.weight"])
+    gate.load_state_dict({key: tensors[_tensor_name(key)] for key in gate.state_dict()})
     gate.calibrated = [True] * len(gate.layers)
     gate.requires_grad_(False)
     return MolFile(

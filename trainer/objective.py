@@ -53,9 +53,10 @@ def denoiser_conditioning(batch: dict, base, device, *, weight_dtype: torch.dtyp
 
 
 def compute_loss(model_pred: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
-                 noise_scheduler, prediction_type: str, snr_gamma: float) -> torch.Tensor:
+                 noise_scheduler, prediction_type: str, snr_gamma: float, *, per_sample: bool = False) -> torch.Tensor:
     """MSE against the target of ``prediction_type``, optionally min-SNR-gamma weighted
-    (https://arxiv.org/abs/2303.09556; weights as in diffusers' examples)."""
+    (https://arxiv.org/abs/2303.09556; weights as in diffusers' examples): the batch mean, or one
+    value per sample ``[B]`` with ``per_sample``."""
     if prediction_type == "epsilon":
         target = noise
     elif prediction_type == "v_prediction":
@@ -64,8 +65,11 @@ def compute_loss(model_pred: torch.Tensor, latents: torch.Tensor, noise: torch.T
         target = latents
     else:
         raise ValueError(f"unknown prediction type {prediction_type!r}")
-    if not snr_gamma:
+    if not snr_gamma and not per_sample:
         return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+    if not snr_gamma:
+        loss = F.mse_loss(model_pred.float(), target.float(), reduction="none")
+        return loss.mean(dim=list(range(1, loss.ndim)))
     from diffusers.training_utils import compute_snr  # diffusers: imported when min-SNR is on
 
     snr = compute_snr(noise_scheduler, timesteps)
@@ -78,6 +82,6 @@ def compute_loss(model_pred: torch.Tensor, latents: torch.Tensor, noise: torch.T
         weights = clipped
     loss = F.mse_loss(model_pred.float(), target.float(), reduction="none")
     loss = loss.mean(dim=list(range(1, loss.ndim))) * weights
-    return loss.mean()
+    return loss if per_sample else loss.mean()
 
 

@@ -10,8 +10,14 @@ checkpoints, events and resume), with three differences:
 * the base model **and the aspect LoRAs** are frozen: the LoRAs are attached as gated forward
   hooks (``mix_diffusers.DiffusersMixture``), and only the gate's parameters train;
 * the data is the union of every aspect's folders of the training set;
-* the loss is the denoising loss plus ``balance_weight`` times the balancing loss (MoLE's
-  ``-log prod q`` or Switch's load balancing), which keeps the gate from collapsing onto one LoRA.
+* the loss is the denoising loss (``objective``: every image of the union weighs the same, or
+  ``aspect_balanced``: each aspect's images weigh the same in total, whatever their count) plus
+  ``balance_weight`` times the balancing loss (MoLE's ``-log prod q`` or Switch's load balancing),
+  which keeps the gate from collapsing onto one LoRA.
+
+The gate's form (``gate.py``): ``granularity`` (what it reads: token, prompt or nothing per layer),
+``gate_kind`` (softmax weights summing to 1, or kinds free to combine the LoRAs at full strength)
+and ``timestep_knots`` (the noise level as a further input).
 
 Output: one MoL file (``trainer/mol_file.py``) next to the LoRAs, written atomically, naming each
 LoRA by file name and sha256.
@@ -34,7 +40,7 @@ from ..models.lora_files import load_kohya_lora, read_lora_metadata
 from ..training_set.folders import scan_training_set
 from .config import ImageTrainingConfig
 from .events import EventWriter
-from .gate import BALANCE_KINDS, GRANULARITIES, GateUsage
+from .gate import BALANCE_KINDS, GATE_KINDS, GRANULARITIES, GateUsage
 from .lora_job import check_base_model, launch_in_work_dir, refuse_other_result, reuse_finished, with_run_folder
 from .mix_diffusers import DiffusersMixture, gate_for_layers, mixture_layers
 from .mol_file import MOL_SUFFIX, expert_record, read_mol, save_mol
@@ -57,6 +63,7 @@ logger = logging.getLogger(__name__)
 
 GATE_PROGRAM = "trainer.train_gate"
 GATE_STATE_FILE = "gate.safetensors"
+OBJECTIVES = ("denoise", "aspect_balanced")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -69,7 +76,12 @@ class GateTrainConfig(ImageTrainingConfig):
 
     loras: tuple[str, ...] = ()  # the aspect LoRA files, in gate order
     aspects: tuple[str, ...] = ()  # their aspect names (empty: each LoRA's versat2i_aspect, else its file stem)
-    granularity: str = "token"  # token | prompt
+    # The defaults were chosen on the demo world's validation prompts (demo/settings.py): a layer gate of
+    # sigmoid weights (each LoRA 0..2, free to combine) scored best of the forms tried; it bakes exactly.
+    granularity: str = "layer"  # token | prompt | layer
+    gate_kind: str = "sigmoid"  # softmax (sums to 1) | softmax_n | sigmoid | scaled_softmax (free to combine)
+    timestep_knots: int = 0  # 0: no timestep input; K >= 2: logit offsets at K noise levels, interpolated
+    objective: str = "denoise"  # denoise (every image counts the same) | aspect_balanced (every aspect does)
     balance_loss: str = "mole"  # mole (-log prod q) | switch | none
     balance_weight: float = 0.01  # weight of the balancing loss (0 = none)
     temperature: float = 1.0  # initial softmax temperature (learned)
@@ -93,6 +105,12 @@ class GateTrainConfig(ImageTrainingConfig):
     def problems(self, *, check_paths: bool = True) -> list[str]:
         p = super().problems(check_paths=check_paths)
         require_choice(p, "granularity", self.granularity, GRANULARITIES)
+        require_choice(p, "gate_kind", self.gate_kind, GATE_KINDS)
+        require_choice(p, "objective", self.objective, OBJECTIVES)
+        if isinstance(self.timestep_knots, bool) or not isinstance(self.timestep_knots, int) or \
+                self.timestep_knots < 0 or self.timestep_knots == 1:
+            p.append(f"timestep_knots={self.timestep_knots!r}: 0 (no timestep input) or a whole number >= 2 "
+                     "(4 is usual)")
         require_choice(p, "balance_loss", self.balance_loss, BALANCE_KINDS)  # balance_weight: SETTING_RANGES
         require_positive(p, "temperature", self.temperature)
         if not 0.0 <= self.prior_decay < 1.0:
@@ -205,6 +223,15 @@ def update_prior(gate, usage: GateUsage, step: int, decay: float, reduce_sum=Non
             gate.prior[layer].mul_(rate).add_(sums[layer] / counts[layer], alpha=1.0 - rate)
 
 
+def group_balanced_mean(values: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Mean over the groups present of each group's mean of ``values`` ``[B]`` (``groups``: ``[B]``
+    group ids): every aspect of a batch weighs the same whatever its number of images."""
+    present, inverse = torch.unique(groups, return_inverse=True)
+    sums = torch.zeros(len(present), device=values.device, dtype=values.dtype).index_add(0, inverse, values)
+    counts = torch.bincount(inverse, minlength=len(present)).to(values.dtype)
+    return (sums / counts).mean()
+
+
 @torch.no_grad()
 def calibrate_input_scales(gate, accelerator, run_forward) -> None:
     """Token gates fix each layer's input scale on the first batch (a frozen normalisation
@@ -258,11 +285,16 @@ def _train(config: GateTrainConfig, accelerator, events: EventWriter, resume_fro
     if config.gradient_checkpointing:
         base.denoiser.enable_gradient_checkpointing()
     prompt_features = base.architecture.gate_prompt_features(base.denoiser.config)
-    gate = gate_for_layers(aspects, layers, config.granularity, prompt_features, config.temperature).to(device)
+    gate = gate_for_layers(aspects, layers, config.granularity, prompt_features, config.temperature,
+                           kind=config.gate_kind, timestep_knots=config.timestep_knots,
+                           timestep_range=base.architecture.gate_timestep_range).to(device)
     gate.train()
     mixture = DiffusersMixture(gate, layers, denoiser=base.denoiser).attach(train=True)
-    logger.info("gate: %s granularity, %d LoRAs (%s) on %d layers, %d parameters", config.granularity, len(aspects),
-                ", ".join(aspects), len(layers), sum(p.numel() for p in gate.parameters()))
+    logger.info("gate: %s granularity, %s, %s, %d LoRAs (%s) on %d layers, %d parameters", config.granularity,
+                config.gate_kind, f"{config.timestep_knots} timestep knots" if config.timestep_knots else "no timestep",
+                len(aspects), ", ".join(aspects), len(layers), sum(p.numel() for p in gate.parameters()))
+    image_aspects = sorted({image.aspect for image in images})
+    aspect_of_image = torch.tensor([image_aspects.index(image.aspect) for image in images])
 
     # ---- 4. dataset, caches (the VAE encodes in float32) -------------------------------------------
     dataset, sampler, dataloader = prepare_training_data(config, images, base, device, vae_dtype=torch.float32)
@@ -303,9 +335,16 @@ def _train(config: GateTrainConfig, accelerator, events: EventWriter, resume_fro
         hidden, added = denoiser_conditioning(batch, base, device, weight_dtype=weight_dtype,
                                               text_grad=adapts_text_encoder)
         model_pred = base.denoiser(noisy_latents, timesteps, hidden, added_cond_kwargs=added, return_dict=False)[0]
-        denoise = compute_loss(model_pred, latents, noise, timesteps, base.noise_scheduler, base.prediction_type, 0.0)
+        if config.objective == "aspect_balanced":
+            per_image = compute_loss(model_pred, latents, noise, timesteps, base.noise_scheduler, base.prediction_type,
+                                     0.0, per_sample=True)
+            objective = group_balanced_mean(per_image, aspect_of_image[batch["index"].cpu()].to(per_image.device))
+            denoise = per_image.mean()
+        else:
+            objective = denoise = compute_loss(model_pred, latents, noise, timesteps, base.noise_scheduler,
+                                               base.prediction_type, 0.0)
         balance = gate.usage.loss(config.balance_loss)
-        return (denoise + config.balance_weight * balance,
+        return (objective + config.balance_weight * balance,
                 {"loss": accelerator.gather(denoise.detach().reshape(1)).mean(), "balance_loss": balance.detach()})
 
     def average_gate_gradients() -> None:  # the gate is not a DDP-wrapped model (hooks call it)
@@ -332,8 +371,10 @@ def _train(config: GateTrainConfig, accelerator, events: EventWriter, resume_fro
         training = {
             "versat2i_version": __version__, "steps": run.progress.global_step, "fingerprint": fingerprint,
             "balance_loss": config.balance_loss, "balance_weight": config.balance_weight,
+            "gate_kind": config.gate_kind, "timestep_knots": config.timestep_knots, "objective": config.objective,
             "dataset": Path(config.dataset_dir).name, "num_examples": dataset.num_examples,
             "final_gate_mass": [round(float(m), 6) for m in gate.prior.mean(0)],
+            "final_mean_gate": [round(float(m), 6) for m in gate.prior_gates().mean(0)],
             "loss_curve": loss_curve_points(run.history), "config": json.loads(config.to_json()),
         }
         base_info = {"arch": base.arch, "sha256": base.source_sha256, "name": Path(base.source_path).name,

@@ -27,6 +27,10 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--repeats", action="append", default=[], metavar="[ASPECT=]N",
                        help="kohya repeats per aspect folder (default 10); repeatable")
     build.add_argument("--aspects", help="comma-separated aspects to build (default: every scored aspect)")
+    build.add_argument("--joint", action="store_true",
+                       help="instead of a folder per aspect, one folder <repeats>_joint with the image of each prompt "
+                            "best at all the aspects at once (mean of each aspect's standardised score): the data "
+                            "to train a mixture gate on (Train Gate / versat2i train-gate); --threshold does not apply")
     build.add_argument("--overwrite", action="store_true", help="replace an existing training set of that name")
     build.set_defaults(func=run_build_dataset)
 
@@ -51,7 +55,7 @@ def run_build_dataset(args: argparse.Namespace) -> int:
     # Imported here: they load torch, and `versat2i --help` must stay fast.
     from ..rewards.cli import progress_callback
     from ..rewards.score_table import ScoreTable
-    from ..rewards.selection import Threshold, select_best_per_prompt
+    from ..rewards.selection import JOINT, Threshold, select_best_per_prompt, with_joint_scores
     from ..safe_io import confined_path, folder_problem
     from .layout import DEFAULT_REPEATS
     from .writer import write_training_set
@@ -91,7 +95,16 @@ def run_build_dataset(args: argparse.Namespace) -> int:
     if not args.images.is_dir():
         raise FileNotFoundError(f"--images folder {str(args.images)!r} not found")
     needed = set()
-    selection = select_best_per_prompt(table, thresholds, aspects=aspects)
+    if args.joint:
+        if args.threshold:
+            raise ValueError("--threshold: the joint selection keeps the jointly best image of every prompt; drop it")
+        if per_aspect_repeats:
+            raise ValueError("--repeats ASPECT=N: --joint writes one folder; give --repeats N")
+        table = with_joint_scores(table, aspects)
+        selection = select_best_per_prompt(table, "none", aspects=[JOINT])
+        repeats = {JOINT: whole_number(default_repeats or str(DEFAULT_REPEATS), JOINT)}
+    else:
+        selection = select_best_per_prompt(table, thresholds, aspects=aspects)
     for chosen in selection.aspects.values():
         needed.update(chosen.kept)
     paths: list[Path | None] = [None] * len(table)

@@ -109,7 +109,8 @@ class Frontend:
             for (const selector of selectors) {
                 for (const element of document.querySelectorAll(selector)) {
                     const style = window.getComputedStyle(element);
-                    if (style.display === 'none' || style.visibility === 'hidden' || !element.offsetParent && style.position !== 'fixed') continue;
+                    const hidden = style.display === 'none' || style.visibility === 'hidden';
+                    if (hidden || !element.offsetParent && style.position !== 'fixed') continue;
                     const text = (element.innerText || '').trim();
                     if (text && !seen.has(text)) { seen.add(text); found.push(text); }
                 }

@@ -64,7 +64,7 @@ def write_loras(setup, folder, *, with_clip=True, ranks=(4, 4, 4, 4), modules=No
     return paths
 
 
-def random_gate(setup, granularity, aspects=ASPECTS, seed=0, scale=2.0, with_clip=True):
+def random_gate(setup, granularity, aspects=ASPECTS, seed=0, scale=2.0, with_clip=True, **form):
     from tiny_models.comfy import clip_lora_module_names, unet_lora_module_names
 
     from versat2i.trainer.gate import MixtureGate
@@ -76,7 +76,7 @@ def random_gate(setup, granularity, aspects=ASPECTS, seed=0, scale=2.0, with_cli
         weights.update(setup["clip"].cond_stage_model.state_dict())
     layers = sorted(names)
     in_features = [weights[names[layer]].shape[1] for layer in layers]
-    gate = MixtureGate(list(aspects), layers, in_features, granularity, prompt_features=64)
+    gate = MixtureGate(list(aspects), layers, in_features, granularity, prompt_features=64, **form)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in [p for n, p in gate.named_parameters() if "temperature" not in n]:
@@ -470,7 +470,7 @@ def test_fingerprint_follows_the_files_on_disk(setup, node, comfy_dirs):
 
 
 def loop_reference_patches(patcher, names, loras, gate, *, strength=1.0):
-    """Object patches with the plain per-expert loop (MixtureGate.token_probabilities, then
+    """Object patches with the plain per-expert loop (MixtureGate.token_gates, then
     reference_delta): the definition the fused dynamic path must match. ``names`` maps kohya
     module names to the patcher's weight keys (only those present are patched)."""
     from versat2i.trainer.gate import ExpertLoRA, reference_delta
@@ -482,7 +482,7 @@ def loop_reference_patches(patcher, names, loras, gate, *, strength=1.0):
         def __call__(self, x, *args, **kwargs):
             out = self.previous(x, *args, **kwargs)
             h, o = (x.movedim(1, -1), out.movedim(1, -1)) if self.channels_first else (x, out)
-            o = o + strength * reference_delta(h, self.experts, gate.token_probabilities(self.layer, h))
+            o = o + strength * reference_delta(h, self.experts, gate.token_gates(self.layer, h))
             return o.movedim(-1, 1) if self.channels_first else o
 
     for name, key in names.items():
@@ -547,6 +547,116 @@ def test_unequal_ranks_and_partial_coverage_match_references(setup, node, comfy_
     assert close(baked, stock), (baked - stock).abs().max()
 
 
+class TimestepReference:
+    """A DIFFUSION_MODEL wrapper that records each UNet call's timesteps and context, so the reference
+    layers below can evaluate the gate the slow way (``MixtureGate`` itself, per layer)."""
+
+    def __init__(self):
+        self.timesteps = self.context = None
+
+    def to(self, *args, **kwargs):
+        return self
+
+    def __call__(self, executor, x, timesteps=None, context=None, *args, **kwargs):
+        self.timesteps, self.context = timesteps, context
+        return executor(x, timesteps, context, *args, **kwargs)
+
+
+def gate_reference_patches(patcher, names, loras, gate, call, *, strength=1.0, on_clip=False):
+    """Object patches that compute each layer's gate with ``MixtureGate`` (token_gates with the
+    timestep offsets, or sample_gates from the recorded context and timesteps; text-encoder layers
+    of per-sample gates: static_gates) and the per-expert loop ``reference_delta``."""
+    from versat2i.trainer.gate import ExpertLoRA, reference_delta
+
+    class ReferenceForward:
+        def __init__(self, previous, layer, experts, channels_first):
+            self.previous, self.layer, self.experts, self.channels_first = previous, layer, experts, channels_first
+
+        def __call__(self, x, *args, **kwargs):
+            out = self.previous(x, *args, **kwargs)
+            h, o = (x.movedim(1, -1), out.movedim(1, -1)) if self.channels_first else (x, out)
+            if gate.granularity == "token":
+                offsets = None if on_clip else gate.timestep_offsets(call.timesteps, h.shape[0])
+                gates = gate.token_gates(self.layer, h, offsets=offsets)
+            elif on_clip:
+                gates = gate.static_gates()[self.layer]
+            else:
+                gates = gate.sample_gates(call.context.float(), timestep=call.timesteps, batch=h.shape[0])[:,
+                                                                                                           self.layer]
+                gates = gates.view(gates.shape[0], *([1] * (h.ndim - 2)), gates.shape[-1])
+            o = o + strength * reference_delta(h, self.experts, gates)
+            return o.movedim(-1, 1) if self.channels_first else o
+
+    for name, key in names.items():
+        experts = []
+        for lora in loras:
+            down, up = lora[f"{name}.lora_down.weight"], lora[f"{name}.lora_up.weight"]
+            experts.append(ExpertLoRA(down=down, up=up, scale=float(lora[f"{name}.alpha"]) / down.shape[0]))
+        path = key[: -len(".weight")] + ".forward"
+        module = patcher.get_model_object(key[: -len(".weight")])
+        patcher.add_object_patch(path, ReferenceForward(patcher.get_model_object(path), gate.layer_index[name], experts,
+                                                        isinstance(module, torch.nn.Conv2d)))
+
+
+@pytest.mark.parametrize(("granularity", "form"), [
+    ("token", {"kind": "softmax_n", "timestep_knots": 3}),
+    ("prompt", {"kind": "scaled_softmax", "timestep_knots": 4}),
+    ("layer", {"kind": "sigmoid", "timestep_knots": 4}),
+])
+def test_free_and_timestep_gates_in_dynamic_mode_match_the_gate_evaluated_per_step(setup, node, comfy_dirs,
+                                                                                    granularity, form, caplog):
+    """Gates free to combine (weights not summing to 1) that read the timestep ComfyUI passes the
+    UNet: the fused dynamic path against the gate evaluated layer by layer; asked to bake, the node
+    applies such a gate dynamically (no single merge represents it) and says so."""
+    import comfy.patcher_extension
+    from comfy.utils import load_torch_file
+    from tiny_models.comfy import clip_lora_module_names, encode, unet_lora_module_names
+
+    mol_file, gate, paths = write_mol(setup, comfy_dirs, granularity, scale=1.0, **form)
+    loras = [load_torch_file(str(p)) for p in paths]
+    gate = gate.eval()
+    text = "a photo of a cat"
+    # Strength 0.25: these kinds weigh the four random LoRAs up to 4x as much as a softmax does, and at
+    # that size the random tiny model amplifies float32 rounding (measured: 0.3 % of the output apart
+    # after one step at strength 0.8, with every gated layer equal to the reference within 2e-7).
+    strength = 0.25
+    model, clip = run_node(node, setup, mol_file, "dynamic", strength=strength)
+    call = TimestepReference()
+    ref_model, ref_clip = setup["model"].clone(), setup["clip"].clone()
+    ref_model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "reference", call)
+    gate_reference_patches(ref_model, unet_lora_module_names(setup["model"]), loras, gate, call, strength=strength)
+    gate_reference_patches(ref_clip.patcher, clip_lora_module_names(setup["clip"]), loras, gate, call,
+                           strength=strength, on_clip=True)
+    with torch.no_grad():
+        positive, ref_positive = encode(clip, text), encode(ref_clip, text)
+        assert close(positive[0][0], ref_positive[0][0])
+        dynamic = sample(model, positive, setup["negative"], steps=3)
+        reference = sample(ref_model, ref_positive, setup["negative"], steps=3)
+        assert close(dynamic, reference), (dynamic - reference).abs().max()
+        # a real mixture, not an identity
+        assert not close(dynamic, sample(setup["model"], setup["positive"], setup["negative"], steps=3), tol=1e-3)
+        with caplog.at_level("WARNING"):
+            baked_model, baked_clip = run_node(node, setup, mol_file, "bake", strength=strength)
+        assert "changes with the timestep" in caplog.text
+        baked = sample(baked_model, encode(baked_clip, text), setup["negative"], steps=3)
+    assert close(baked, dynamic)
+
+
+def test_a_layer_gate_bakes_exactly(setup, node, comfy_dirs):
+    """A layer gate without timestep input reads nothing at run time: bake merges exactly the weights
+    dynamic mode uses (which merges them too), whatever the prompt."""
+    from tiny_models.comfy import encode
+
+    mol_file, gate, _ = write_mol(setup, comfy_dirs, "layer", scale=1.5, kind="scaled_softmax")
+    baked_model, baked_clip = run_node(node, setup, mol_file, "bake", disabled_aspects="geometry")
+    dynamic_model, dynamic_clip = run_node(node, setup, mol_file, "dynamic", disabled_aspects="geometry")
+    text = "a photo of a cat"
+    baked = sample(baked_model, encode(baked_clip, text), setup["negative"])
+    dynamic = sample(dynamic_model, encode(dynamic_clip, text), setup["negative"])
+    assert close(baked, dynamic) and not close(baked, sample(setup["model"], setup["positive"], setup["negative"]),
+                                               tol=1e-3)
+
+
 def test_lora_list_without_gate(setup, node, comfy_dirs):
     import comfy.sd
 
@@ -564,7 +674,8 @@ def test_lora_list_without_gate(setup, node, comfy_dirs):
     assert close(sample(model, setup["positive"], setup["negative"]),
                  sample(stock, setup["positive"], setup["negative"]))
     with pytest.raises(ValueError, match="needs a learned gate"):
-        node.execute(setup["model"], "none (use the LoRA list)", "dynamic", 1.0, loras="versat2i/aesthetics.safetensors")
+        node.execute(setup["model"], "none (use the LoRA list)", "dynamic", 1.0,
+                     loras="versat2i/aesthetics.safetensors")
     with pytest.raises(ValueError, match="needs a learned gate"):
         node.execute(setup["model"], "none (use the LoRA list)", "bake", 1.0, loras="versat2i/aesthetics.safetensors")
     with pytest.raises(ValueError, match="mode 'blend': unknown"):  # 0.3.64 lets V3 combo values through

@@ -414,7 +414,8 @@ def test_save_reuses_the_same_set_and_refuses_another_unless_asked(nodes, scorer
     with pytest.raises(ValueError, match="holds other content.*turn on 'overwrite' in Save Training Set to replace "
                                          "the training set, or change 'name' to keep both") as refused:
         save.execute(selection=selected, images=images, name="set", repeats=5, overwrite=False)
-    assert f"{type(refused.value).__module__}.{type(refused.value).__qualname__}" == "versat2i.safe_io.TargetExistsError"
+    error_type = type(refused.value)
+    assert f"{error_type.__module__}.{error_type.__qualname__}" == "versat2i.safe_io.TargetExistsError"
     assert listing(dataset) == before and (dataset / MANIFEST_NAME).read_bytes() == manifest_before
     save.execute(selection=selected, images=images, name="set", repeats=5, overwrite=True)
     assert any(name.startswith("5_") for name in os.listdir(dataset))

@@ -141,7 +141,8 @@ def test_trains_a_lora_the_loaders_list_then_reuses_it(node, comfy_dirs, progres
     with pytest.raises(ValueError, match="already exists and was trained from other inputs.*turn on 'overwrite' "
                                          "in Train Aspect LoRA to replace the LoRA, or change 'lora_name'") as refused:
         run_node(node, learning_rate=5e-3)
-    assert f"{type(refused.value).__module__}.{type(refused.value).__qualname__}" == "versat2i.safe_io.TargetExistsError"
+    error_type = type(refused.value)
+    assert f"{error_type.__module__}.{error_type.__qualname__}" == "versat2i.safe_io.TargetExistsError"
     assert len(children) == 1
 
 
@@ -272,7 +273,8 @@ def test_an_aspect_the_training_set_kept_no_image_for_is_skipped_not_an_error(no
     lora_name output is empty (Train Gate leaves it out), and the node says why."""
     dataset = comfy_dirs["output"] / "versat2i" / "ds"
     summary = {"format": "versat2i-training-set", "version": 1, "aspects": {
-        "aesthetics": {"folder": "5_aesthetics", "repeats": 5, "kept": 2, "discarded": 2, "threshold": {"kind": "none"}},
+        "aesthetics": {"folder": "5_aesthetics", "repeats": 5, "kept": 2, "discarded": 2,
+                       "threshold": {"kind": "none"}},
         "geometry": {"folder": "5_geometry", "repeats": 5, "kept": 0, "discarded": 4,
                      "threshold": {"kind": "absolute", "value": 0.9, "resolved": 0.9}}}}
     (dataset / "dataset.json").write_text(json.dumps(summary))

@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     args.output.write_text(json.dumps(snapshot, indent=1, sort_keys=True) + "\n")
     stale = [v for v, e in snapshot["versions"].items() if e["node_code_sha256"] != entry["node_code_sha256"]]
     print(f"wrote ComfyUI {version}'s entry of {args.output}: {len(entry['nodes'])} node types ({len(ours)} VersaT2I), "
-          f"dynamic combos {dynamic}" + (f"; made from older node files, rerun for: {', '.join(stale)}" if stale else ""))
+          f"dynamic combos {dynamic}" + (f"; made from older node files, rerun for: {', '.join(stale)}" if stale
+                                         else ""))
     return 0
 
 

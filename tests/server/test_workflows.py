@@ -128,7 +128,8 @@ def to_prompt(server, workflow: dict, *, validate: bool = True) -> dict:
     """Validate against the live definitions, convert as the frontend would, swap in the tiny loader."""
     object_info = server.object_info(refresh=True)
     if validate:  # the choices of file lists are this server's files (the snapshot records which inputs list files)
-        assert validate_workflow(workflow, object_info, dynamic_combos=snapshot_version(SNAPSHOT)["dynamic_combos"]) == []
+        assert validate_workflow(workflow, object_info,
+                                 dynamic_combos=snapshot_version(SNAPSHOT)["dynamic_combos"]) == []
     graph = workflow_to_api(workflow, object_info, strict=True)
     for node in graph.values():
         if node["class_type"] == "CheckpointLoaderSimple":

@@ -80,7 +80,8 @@ def test_the_snapshot_was_made_from_the_current_node_code(version):
     supported ComfyUI version has its entry. Comments, docstrings, tooltips and descriptions are not
     part of the key (tests/unit/test_snapshot_key.py)."""
     assert snapshot_version(SNAPSHOT, version).get("node_code_sha256") == node_code_sha256(REPO), (
-        f"ComfyUI {version}'s entry of tests/data/object_info.json is older than the code in nodes/*.py: regenerate it with "
+        f"ComfyUI {version}'s entry of tests/data/object_info.json is older than the code in nodes/*.py: regenerate "
+        f"it with "
         f"`COMFYUI_PATH=/path/to/ComfyUI-{version} .venv/bin/python tests/data/make_object_info.py` "
         "(and the workflows with tools/build_workflows.py if a definition changed)")
 

@@ -15,7 +15,19 @@ def test_lora_and_gate_settings_are_trainer_config_fields():
 
     fields = {f.name for f in dataclasses.fields(LoraTrainConfig)}
     assert set(settings.LORA) <= fields
+    assert set(settings.LORA_ASPECTS) <= set(settings.SCORERS)
+    assert all(set(overrides) <= fields for overrides in settings.LORA_ASPECTS.values())
     assert set(settings.GATE) <= {f.name for f in dataclasses.fields(GateTrainConfig)}
+
+
+def test_the_demo_loop_config_is_valid(tmp_path):
+    from versat2i.loop.config import VARIANT_KINDS
+    from versat2i.loop.demo import demo_config
+
+    config = demo_config(tmp_path / "demo")
+    assert config.problems(check_paths=False) == []
+    assert set(settings.EVALUATION_VARIANTS) <= set(VARIANT_KINDS)
+    assert config.validation_prompts()  # the uniform weight is chosen on them
 
 
 def test_scorers_build_and_cover_every_aspect():

@@ -254,3 +254,114 @@ def test_head_to_head_equals_evaluating_against_that_reference():
     assert Evaluation.from_dict(data).comparisons == evaluation.comparisons
     with pytest.raises(ValueError, match="head_to_head: 'nope'"):
         evaluate(grid(scores), head_to_head=[("gated", "nope")])
+
+
+# -- validation split, normalised score, share of own gain --------------------------------------------
+
+def two_aspect_grid(scores: dict[str, dict[str, np.ndarray]]) -> ScoreGrid:
+    prompts, seeds = next(iter(next(iter(scores.values())).values())).shape
+    return ScoreGrid(prompts=[f"prompt {p}" for p in range(prompts)], seeds=[list(range(seeds))] * prompts,
+                     scores={v: {a: np.asarray(s, dtype=float) for a, s in by.items()} for v, by in scores.items()})
+
+
+def test_validation_prompts_are_a_stable_hashed_subset():
+    from versat2i.loop.evaluate import validation_prompts
+
+    prompts = [f"a prompt {i}" for i in range(40)]
+    chosen = validation_prompts(prompts, 0.25)
+    assert len(chosen) == 10 and chosen == [p for p in prompts if p in chosen]  # in the given order
+    # the same prompts whatever the order or the other prompts around them (a hash of the text)
+    assert validation_prompts(list(reversed(prompts)), 0.25) == list(reversed(chosen))
+    assert set(validation_prompts(prompts[:20], 0.25)) <= set(prompts[:20])
+    assert validation_prompts(prompts, 0.0) == [] and len(validation_prompts(prompts[:2], 0.1)) == 1
+    assert validation_prompts(prompts[:1], 0.5) == []  # one prompt stays for testing
+    with pytest.raises(ValueError, match="must be in"):
+        validation_prompts(prompts, 1.0)
+
+
+def test_aspect_scales_are_the_pooled_within_prompt_sd():
+    from versat2i.loop.evaluate import aspect_scales
+
+    base = {"a": np.array([[0.0, 2.0], [1.0, 1.0]]), "flat": np.ones((2, 2))}
+    scales = aspect_scales(base)
+    assert scales["a"] == pytest.approx(math.sqrt((1 + 1 + 0 + 0) / (2 * 1)))  # deviations from prompt means
+    assert scales["flat"] == 1.0  # a constant reward counts in its own units
+
+
+def test_normalised_score_and_shares_by_hand():
+    """Two aspects with different scales: a change of one scale unit on either counts the same."""
+    rng = np.random.default_rng(5)
+    base_a, base_b = rng.normal(0, 1.0, (30, 4)), rng.normal(0, 0.01, (30, 4))
+    scores = {
+        "base": {"a": base_a, "b": base_b},
+        "lora:a": {"a": base_a + 0.4, "b": base_b},
+        "lora:b": {"a": base_a, "b": base_b + 0.004},
+        "merge": {"a": base_a + 0.2, "b": base_b + 0.002},
+    }
+    evaluation = evaluate(two_aspect_grid(scores), resamples=500, own_lora={"a": "lora:a", "b": "lora:b"},
+                          mixtures=["merge"], baselines=["merge"])
+    scale_a, scale_b = evaluation.scales["a"], evaluation.scales["b"]
+    merge = evaluation.normalised["merge"]["test"]
+    assert merge["diff"] == pytest.approx((0.2 / scale_a + 0.002 / scale_b) / 2)
+    assert evaluation.normalised["lora:a"]["test"]["diff"] == pytest.approx(0.4 / scale_a / 2)
+    assert evaluation.normalised["merge"]["validation"] is None  # no validation split
+    share = evaluation.share_of_own_gain["a"]["merge"]
+    assert share["share"] == pytest.approx(0.5) and share["share_ci"] == pytest.approx([0.5, 0.5])
+    assert share["own"] == "lora:a" and share["own_gain"] == pytest.approx(0.4)
+    assert evaluation.share_of_own_gain["b"]["merge"]["share"] == pytest.approx(0.5)
+    assert evaluation.best_baseline == "merge"
+    data = json.loads(json.dumps(evaluation.to_dict(), allow_nan=False))
+    assert Evaluation.from_dict(data).to_dict() == data
+
+
+def test_share_ci_covers_the_true_share_about_95_percent_of_the_time():
+    from versat2i.loop.evaluate import resample_indices, share_of_gain
+
+    rng = np.random.default_rng(8)
+    covered = 0
+    for trial in range(60):
+        noise = rng.normal(0, 0.3, (2, 24, 8))
+        own, mixed = 0.2 + noise[0], 0.16 + noise[1]  # true share 0.8
+        indices = resample_indices((24, 8), resamples=400, seed=trial)
+        low, high = share_of_gain(mixed, own, indices)["share_ci"]
+        covered += low <= 0.8 <= high
+    assert 0.85 <= covered / 60 <= 1.0
+
+
+def test_every_figure_comes_from_the_test_prompts_and_validation_picks_the_best_baseline():
+    """The validation prompts are left out of every figure but the validation scores, which pick the
+    best baseline: here 'a' wins on validation and 'b' on test, so 'a' is the best baseline."""
+    rng = np.random.default_rng(6)
+    base = rng.normal(0, 1, (20, 4))
+    val_rows = list(range(5))
+    a, b = base.copy(), base.copy()
+    a[val_rows] += 1.0  # a: better on the validation prompts only
+    b[5:] += 1.0  # b: better on the test prompts only
+    grid_ = two_aspect_grid({"base": {"q": base}, "a": {"q": a}, "b": {"q": b}, "gated": {"q": b + 0.5}})
+    validation = grid_.prompts[:5]
+    evaluation = evaluate(grid_, resamples=300, validation=validation, baselines=["a", "b"],
+                          head_to_head=[("gated", "a"), ("gated", "b")])
+    assert evaluation.grid.prompts == grid_.prompts[5:] and evaluation.validation.prompts == validation
+    assert evaluation.result("a", "q")["diff"] == pytest.approx(0.0)  # a's gain is not in the test figures
+    assert evaluation.result("b", "q")["diff"] == pytest.approx(1.0)
+    assert evaluation.normalised["a"]["validation"] > evaluation.normalised["b"]["validation"]
+    assert evaluation.best_baseline == "a"
+    normalised = evaluation.comparisons["gated vs b"]["normalised"]
+    assert normalised["diff"] == pytest.approx(0.5 / evaluation.scales["q"]) and normalised["significant"]
+    assert evaluation.settings["validation_prompts"] == 5
+    data = json.loads(json.dumps(evaluation.to_dict(), allow_nan=False))
+    assert Evaluation.from_dict(data).validation.prompts == validation
+    with pytest.raises(ValueError, match="not on the evaluation grid"):
+        evaluate(grid_, validation=["nope"])
+    with pytest.raises(ValueError, match="keep some for testing"):
+        evaluate(grid_, validation=grid_.prompts)
+
+
+def test_a_version_1_evaluation_still_reads():
+    evaluation = evaluate(grid({"base": np.ones((2, 2)), "v": np.full((2, 2), 2.0)}), resamples=100)
+    data = evaluation.to_dict()
+    old = {k: v for k, v in data.items() if k not in ("scales", "normalised", "share_of_own_gain", "best_baseline",
+                                                      "validation")}
+    old["version"] = 1
+    again = Evaluation.from_dict(old)
+    assert again.normalised == {} and again.validation is None and again.result("v", "quality")["diff"] == 1.0

@@ -92,8 +92,18 @@ def test_aspects_as_a_list_get_their_default_scorers(tmp_path, model_dir):
 
 
 def test_default_variants_depend_on_the_number_of_aspects(tmp_path, model_dir):
+    # one held-out prompt: nothing to set aside for choosing the uniform weight, so no "uniform"
     two = good_config(tmp_path, model_dir)
-    assert two.evaluation_variant_kinds() == ("base", "lora", "merge", "gated") and two.needs_gate
+    assert two.validation_prompts() == []
+    assert two.evaluation_variant_kinds() == ("base", "lora", "merge", "sum", "ties", "dare_linear", "dare_ties",
+                                              "gated") and two.needs_gate
+    three_held_out = good_config(tmp_path, model_dir, prompts=PromptsSection(
+        train=("a red circle",), held_out=("a green triangle", "a blue square", "a red square"),
+        candidates_per_prompt=4))
+    assert len(three_held_out.validation_prompts()) == 1  # round(0.25 * 3) = 1 of 3
+    assert three_held_out.evaluation_variant_kinds() == ("base", "lora", "merge", "sum", "uniform", "ties",
+                                                         "dare_linear", "dare_ties", "gated")
+    assert three_held_out.problems() == []
     one = good_config(tmp_path, model_dir, aspects={"lowlevel": "analytic:sharpness"}, thresholds={})
     assert one.evaluation_variant_kinds() == ("base", "lora") and not one.needs_gate
     assert one.problems() == []
@@ -260,6 +270,10 @@ def printed_settings(text: str) -> dict[str, list[tuple[str, str]]]:
     assert all(line.startswith("# ") for line in blocks[0].splitlines()), "the header is comments"
     found = {}
     for block in blocks[1:]:
+        if len(block.splitlines()) == 1:  # a table of tables with none set: its note alone
+            note = block.splitlines()[0]
+            assert note.startswith("# ") and note.endswith(": none set"), block
+            continue
         lines = []
         for line in block.splitlines():  # a long list continues on lines of its own: one setting
             if line.startswith(("    ", "]")) and lines:
@@ -267,7 +281,7 @@ def printed_settings(text: str) -> dict[str, list[tuple[str, str]]]:
             else:
                 lines.append(line)
         section = ""
-        if len(lines) > 1 and re.fullmatch(r"\[\w+\]", lines[1]):
+        if len(lines) > 1 and re.fullmatch(r"\[\w+(\.\w+)?\]", lines[1]):
             section, lines = lines[1][1:-1], lines[2:]
         assert len(lines) % 2 == 0, f"[{section}]: not one comment line per setting:\n{block}"
         pairs = []
@@ -282,17 +296,27 @@ def printed_settings(text: str) -> dict[str, list[tuple[str, str]]]:
 def accepted_settings(config: LoopConfig) -> dict[str, set[str]]:
     """Every key ``LoopConfig.from_dict`` accepts, per section (the tables keyed by aspect: this
     config's aspects)."""
-    from versat2i.loop.config import LOOP_OWNED_TRAINING_FIELDS, MAPPING_SECTIONS, SECTIONS, TOP_LEVEL
+    from versat2i.loop.config import (
+        LOOP_OWNED_TRAINING_FIELDS,
+        MAPPING_SECTIONS,
+        NESTED_SECTIONS,
+        SECTIONS,
+        TOP_LEVEL,
+    )
     from versat2i.trainer.config import LoraTrainConfig
     from versat2i.trainer.train_gate import GateTrainConfig
 
     def trainer_fields(cls):
         return {f.name for f in dataclasses.fields(cls)} - LOOP_OWNED_TRAINING_FIELDS
 
-    accepted = {"": set(TOP_LEVEL), **{name: {f.name for f in dataclasses.fields(cls)} for name, cls in SECTIONS.items()},
+    accepted = {"": set(TOP_LEVEL), **{name: {f.name for f in dataclasses.fields(cls)} for name,
+                                       cls in SECTIONS.items()},
                 "aspects": set(config.aspects), "thresholds": set(config.aspects),
                 "lora": trainer_fields(LoraTrainConfig), "gate": trainer_fields(GateTrainConfig)}
-    assert set(accepted) == {"", *SECTIONS, *MAPPING_SECTIONS}
+    # the tables of tables: the ones this config sets, each with the settings it overrides
+    accepted.update({f"{section}.{name}": set(overrides) for section in NESTED_SECTIONS
+                     for name, overrides in getattr(config, section).items()})
+    assert {s for s in accepted if "." not in s} == {"", *SECTIONS, *MAPPING_SECTIONS} - set(NESTED_SECTIONS)
     return accepted
 
 
@@ -357,6 +381,8 @@ def test_the_printed_demo_config_is_the_demo_and_validates_once_its_replay_image
         printed.validate()
     write_replay_images(tmp_path / DEFAULT_OUT / REPLAY_DIR, demo.train_prompts(), len(demo.train_prompts()))
     assert printed.validate()
+
+
 def test_the_command_reports_every_problem_at_once_those_of_reading_included(tmp_path, model_dir, capsys):
     """Before, a setting that did not parse hid every other problem (issue 15)."""
     text = good_config(tmp_path, model_dir).to_toml()
@@ -391,3 +417,41 @@ def test_an_output_dir_below_a_file_or_with_a_name_too_long_is_a_config_problem(
     assert any(p.startswith("output_dir ") and "is a file, not a folder" in p for p in problems), problems
     problems = good_config(tmp_path, model_dir, output_dir=str(tmp_path / ("r" * 256))).problems()
     assert any(p.startswith("output_dir: 'rrrr") and "at most 255 bytes" in p for p in problems), problems
+
+
+def test_merge_baseline_and_gate_variant_settings_are_checked(tmp_path, model_dir):
+    config = good_config(
+        tmp_path, model_dir,
+        evaluation=EvaluationSection(seeds_per_prompt=4, variants=("base", "uniform", "ties"), validation_fraction=1.5,
+                                     uniform_weights=(0.5, -1.0), merge_weight=0.0, merge_density=0.0),
+        gate_variants={"bad name": {"gate_kind": "softmax_n"}, "free": {"gate_kind": "maxout", "timestep_knots": 1},
+                       "mine": {"output_name": "x", "granularty": "layer"}})
+    problems = "\n".join(config.problems())
+    assert "validation_fraction=1.5: must be in [0, 1)" in problems
+    assert "uniform_weights=[0.5, -1.0]" in problems
+    assert "merge_weight=0.0" in problems and "merge_density=0.0" in problems
+    assert "[gate_variants] 'bad name': a variant name uses" in problems
+    assert "[gate_variants.free] gate_kind='maxout'" in problems
+    assert "[gate_variants.free] timestep_knots=1" in problems
+    assert "[gate_variants.mine] output_name: set by the loop" in problems
+    assert "'granularty' (did you mean 'granularity'?)" in problems
+    assert "add \"gated\" to [evaluation] variants" in problems
+    # no validation prompt to choose the uniform weight on
+    none_aside = good_config(tmp_path, model_dir, evaluation=EvaluationSection(
+        seeds_per_prompt=4, variants=("base", "uniform"), validation_fraction=0.0))
+    assert any("chooses its weight on validation prompts" in p for p in none_aside.problems())
+
+
+def test_gate_variants_round_trip_and_build_their_own_gate_configs(tmp_path, model_dir):
+    config = good_config(tmp_path, model_dir, gate_variants={"free": {"gate_kind": "sigmoid", "timestep_knots": 4},
+                                                             "layer": {"granularity": "layer"}})
+    assert config.problems() == []
+    again = LoopConfig.from_toml(config.to_toml())
+    assert again.gate_variants == config.gate_variants
+    gate = again.gate_config(loras=["a.safetensors", "b.safetensors"], aspects=["a", "b"], dataset_dir="d",
+                             output_dir="o", work_dir="w", variant="free")
+    assert (gate.gate_kind, gate.timestep_knots, gate.max_train_steps) == ("sigmoid", 4, 5)  # [gate] underneath
+    assert gate.output_path.name == "mixture-free.mol.safetensors"
+    plain = again.gate_config(loras=["a.safetensors", "b.safetensors"], aspects=["a", "b"], dataset_dir="d",
+                              output_dir="o", work_dir="w")
+    assert plain.output_path.name == "mixture.mol.safetensors" and plain.timestep_knots == 0

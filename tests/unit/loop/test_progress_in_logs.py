@@ -57,11 +57,13 @@ def test_every_long_stage_prints_progress_lines_into_a_pipe(tmp_path):
              if line.startswith("INFO versat2i.progress: ")]
     labels = {re.match(r"(.+?): \d+", line).group(1) for line in lines}
     assert labels == {"generate", "score", "write training set", "train LoRA aesthetics", "evaluate base: generate",
-                      "evaluate base: score", "evaluate lora:aesthetics: generate", "evaluate lora:aesthetics: score"}, lines
+                      "evaluate base: score", "evaluate lora:aesthetics: generate",
+                      "evaluate lora:aesthetics: score"}, lines
     # counts, a share and the time; the last line of each stage says it is complete
     assert "generate: 1/4 img (25%), " in lines[0]
     assert "generate: 4/4 img (100%)" in "\n".join(lines)
-    assert any(re.fullmatch(r"train LoRA aesthetics: 4/4 step \(100%\), \d+ s in all, loss [\d.]+", line) for line in lines)
+    assert any(re.fullmatch(r"train LoRA aesthetics: 4/4 step \(100%\), \d+ s in all, loss [\d.]+",
+                            line) for line in lines)
     assert not re.search(r"\r|\x1b\[", result.stderr), "a progress bar was drawn into a pipe"
     warnings = [line for line in (result.stdout + result.stderr).splitlines() if re.search(r"warn", line, re.I)]
     assert warnings == [], warnings

@@ -261,3 +261,42 @@ def test_sample_prompts_do_not_depend_on_hash_randomisation():
     chosen = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": str(seed)},
                              capture_output=True, text=True, check=True, timeout=120).stdout for seed in (1, 2, 3)}
     assert len(chosen) == 1, chosen
+def test_report_gives_shares_scores_and_every_head_to_head(tmp_path):
+    """With merge baselines and a gated mixture: the variants table (validation and test scores), each
+    mixture's share of the aspect LoRA's own gain (JSON ``share_of_own_gain`` keyed by aspect), the
+    gate against every baseline, and figures from the test prompts only when variants.json names
+    validation prompts."""
+    from tiny_models.eval_folder import PROMPTS, SCORERS, write_variant
+
+    eval_dir = write_eval_dir(tmp_path / "eval")
+    rng = np.random.default_rng(1)
+    base = {a: np.asarray(ScoreTable.load(eval_dir / "base" / "scores.jsonl").scores[a]).reshape(3, 4)
+            for a in SCORERS}
+    lora = {a: np.asarray(ScoreTable.load(eval_dir / "lora_alignment" / "scores.jsonl").scores[a]).reshape(3, 4)
+            for a in SCORERS}
+    half = {"alignment": (base["alignment"] + lora["alignment"]) / 2, "lowlevel": base["lowlevel"]}
+    write_variant(eval_dir / "sum", {a: v + rng.normal(0, 0.02, v.shape) for a, v in lora.items()}, seed=4)
+    write_variant(eval_dir / "gated", half, seed=5)
+    variants = json.loads((eval_dir / "variants.json").read_text())
+    variants["variants"] += [{"name": "sum", "dir": "sum", "kind": "sum", "label": "sum"},
+                             {"name": "gated", "dir": "gated", "kind": "gated", "label": "gated mixture"}]
+    variants["config"]["validation_prompts"] = [PROMPTS[0]]
+    (eval_dir / "variants.json").write_text(json.dumps(variants))
+    report = read_report(report_from_eval_dir(eval_dir, tmp_path / "report", resamples=200))
+    evaluation = report["evaluation"]
+    assert evaluation["prompts"] == PROMPTS[1:] and evaluation["validation"]["prompts"] == PROMPTS[:1]
+    assert evaluation["pairs"] == 8
+    share = evaluation["share_of_own_gain"]["alignment"]["gated"]
+    assert share["share"] == pytest.approx(0.5) and share["own"] == "lora:alignment"
+    assert set(evaluation["share_of_own_gain"]["alignment"]) == {"merge", "sum", "gated"}
+    assert [(c["variant"], c["reference"]) for c in evaluation["comparisons"].values()] == [
+        ("gated", "merge"), ("gated", "sum")]
+    assert evaluation["best_baseline"] in ("merge", "sum")
+    assert set(evaluation["normalised"]) == {"lora:alignment", "merge", "sum", "gated"}
+    assert all(entry["validation"] is not None for entry in evaluation["normalised"].values())
+    markdown = report["markdown"]
+    assert "| variant | validation score | test score |" in markdown
+    assert "| gated mixture | 50% [50%, 50%] |" in markdown
+    assert "| gated mixture vs sum |" in markdown and "normalised score |" in markdown
+    page = (tmp_path / "report" / REPORT_HTML).read_text()
+    assert "Share of each aspect LoRA&#x27;s own gain" in page and "Head to head" in page

@@ -88,6 +88,20 @@ def test_score_then_build_dataset(folder, tmp_path, capsys):
     code, _out, err = run(capsys, "build-dataset", scores, "--images", folder, "--out", out_root, "--name", "run1")
     assert code != 0 and "holds other content" in err and "--overwrite" in err
 
+    # --joint: one folder, the image of each prompt best at both aspects at once (what a gate trains on)
+    code, out, err = run(capsys, "build-dataset", scores, "--images", folder, "--out", out_root, "--name", "gate",
+                         "--joint", "--repeats", "3")
+    assert code == 0, err
+    from versat2i.rewards.selection import JOINT, select_best_per_prompt, with_joint_scores
+
+    expected = select_best_per_prompt(with_joint_scores(table), "none", aspects=[JOINT]).aspects[JOINT].kept
+    joint_entries = read_manifest(out_root / "gate", aspect=JOINT)
+    assert sorted(e.source for e in joint_entries) == sorted(table.image_ids[row] for row in expected)
+    assert {e.file.split("/")[0] for e in joint_entries} == {"3_joint"} and len(joint_entries) == 2
+    code, _out, err = run(capsys, "build-dataset", scores, "--images", folder, "--out", out_root, "--name", "g2",
+                          "--joint", "--threshold", "p50")
+    assert code != 0 and "--threshold" in err
+
 
 def test_jsonl_prompts_carry_seeds_to_the_manifest(folder, tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"

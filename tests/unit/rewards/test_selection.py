@@ -227,3 +227,39 @@ def test_table_selection_reads_the_judged_flags_of_the_table():
     assert selection.aspects["lowlevel"].kept == (1, 2)  # 0.0 means nothing special there
     assert "geometry: kept 1 of 1 prompts" in selection.summary()
     assert "(3 with nothing to judge)" in selection.summary()
+
+
+# -- the jointly best image (the gate's training data) --------------------------------------------------
+
+def test_joint_scores_standardise_each_aspect_and_pick_the_best_compromise():
+    """Aspect a moves on a scale 100x b's: unstandardised, a would decide alone. Standardised, the
+    image that is good on both wins: in prompt 0 candidate 1 (a high, b high), not candidate 0 (a
+    highest, b lowest)."""
+    from versat2i.rewards.selection import JOINT, with_joint_scores
+
+    prompts = ["p0", "p0", "p0", "p1", "p1", "p1"]
+    a = [30.0, 28.0, 10.0, 20.0, 10.0, 12.0]
+    b = [0.10, 0.30, 0.20, 0.10, 0.35, 0.30]
+    table = make_table({"a": a, "b": b}, prompts)
+    joint = with_joint_scores(table)
+    za = (np.array(a) - np.mean(a)) / np.std(a)
+    zb = (np.array(b) - np.mean(b)) / np.std(b)
+    np.testing.assert_allclose(joint.scores[JOINT], (za + zb) / 2, rtol=1e-6)
+    assert joint.scorers[JOINT]["id"] == "joint:a+b" and table.aspects == ["a", "b"]  # the input is unchanged
+    kept = select_best_per_prompt(joint, "none", aspects=[JOINT]).aspects[JOINT].kept
+    assert kept == (1, 4)
+    assert select_best_per_prompt(table, "none", aspects=["a"]).aspects["a"].kept == (0, 3)  # a alone differs
+
+
+def test_joint_scores_leave_out_images_an_aspect_could_not_judge():
+    from versat2i.rewards.selection import JOINT, with_joint_scores
+
+    table = ScoreTable.from_scores({"a": [1.0, 5.0, 2.0], "b": [1.0, 9.0, 2.0]}, {"a": SCORER, "b": SCORER},
+                                   ["p", "p", "p"], judged={"b": [True, False, True]})
+    joint = with_joint_scores(table)
+    assert joint.judged[JOINT] == [True, False, True]
+    assert select_best_per_prompt(joint, "none", aspects=[JOINT]).aspects[JOINT].kept == (2,)
+    with pytest.raises(ValueError, match=">= 2 scored aspects"):
+        with_joint_scores(table, ["a"])
+    with pytest.raises(ValueError, match="name of the joint score column"):
+        with_joint_scores(make_table({"joint": [1.0], "a": [2.0]}, ["p"]))

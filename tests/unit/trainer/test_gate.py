@@ -58,7 +58,7 @@ def test_fused_token_layer_equals_per_expert_loop(ranks, missing):
     layer = fused_layer(gate, "lora_unet_b", experts, IN, OUT, strength=strength)
     fused = layer(hidden, base)
 
-    probabilities = gate.token_probabilities(1, hidden)
+    probabilities = gate.token_gates(1, hidden)
     reference = base + strength * reference_delta(hidden, experts, probabilities)
     assert (fused - reference).abs().max().item() <= 1e-5
     # and the training path (separate gate, stacked experts) agrees as well
@@ -92,21 +92,21 @@ def test_prompt_gate_is_per_sample_and_static_on_text_encoder_layers():
         gate.weight.copy_(torch.randn(gate.weight.shape, generator=g))
         gate.bias.copy_(torch.randn(gate.bias.shape, generator=g))
     context = torch.randn(2, 9, 16, generator=g)
-    probabilities = gate.prompt_probabilities(context)
+    probabilities = gate.sample_gates(context)
     assert probabilities.shape == (2, 2, 3)
     torch.testing.assert_close(probabilities.sum(-1), torch.ones(2, 2))
     assert (probabilities[0, 0] - probabilities[1, 0]).abs().max() > 1e-3  # UNet layer follows the prompt
     torch.testing.assert_close(probabilities[0, 1], probabilities[1, 1])  # text-encoder layer does not
-    torch.testing.assert_close(probabilities[0, 1], gate.static_layer_probabilities()[1])
+    torch.testing.assert_close(probabilities[0, 1], gate.static_gates()[1])
     # the prompt embedding is the token mean: a context repeated to twice the length gives the same gate
-    torch.testing.assert_close(gate.prompt_probabilities(context.repeat(1, 2, 1)), probabilities)
+    torch.testing.assert_close(gate.sample_gates(context.repeat(1, 2, 1)), probabilities)
     with pytest.raises(ValueError, match="hidden size"):
-        gate.prompt_probabilities(torch.randn(1, 9, 8))
+        gate.sample_gates(torch.randn(1, 9, 8))
 
 
 def test_untrained_gate_is_uniform():
     gate = MixtureGate(["a", "b", "c", "d"], ["lora_unet_x"], [IN], "token")
-    probabilities = gate.token_probabilities(0, torch.randn(5, IN))
+    probabilities = gate.token_gates(0, torch.randn(5, IN))
     torch.testing.assert_close(probabilities, torch.full((5, 4), 0.25))
 
 
@@ -115,8 +115,8 @@ def test_masking_renormalises_the_rest():
     gate = random_token_gate(g)
     hidden = torch.randn(6, IN, generator=g)
     mask = gate.expert_mask(["aspect0", "aspect2", "aspect3"])
-    full = gate.token_probabilities(0, hidden)
-    masked = gate.token_probabilities(0, hidden, mask)
+    full = gate.token_gates(0, hidden)
+    masked = gate.token_gates(0, hidden, mask)
     expected = full * mask
     expected = expected / expected.sum(-1, keepdim=True)
     torch.testing.assert_close(masked, expected, atol=1e-6, rtol=1e-5)
@@ -132,12 +132,12 @@ def test_masking_renormalises_the_rest():
     # static weights (prior) renormalise the same way
     with torch.no_grad():
         gate.prior.copy_(torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25]]))
-    torch.testing.assert_close(gate.static_weights(mask)[0], torch.tensor([0.1, 0.0, 0.3, 0.4]) / 0.8)
-    torch.testing.assert_close(renormalise(torch.tensor([0.5, 0.5]), torch.tensor([False, True])),
-                               torch.tensor([0.0, 1.0]))
+    torch.testing.assert_close(gate.prior_gates(mask)[0], torch.tensor([0.1, 0.0, 0.3, 0.4]) / 0.8)
+    torch.testing.assert_close(renormalise(torch.tensor([0.5, 0.5]), torch.tensor([False, True])), torch.tensor([0.0,
+                                                                                                                 1.0]))
 
     with pytest.raises(ValueError, match="keep at least one"):
-        gate.token_probabilities(0, hidden, torch.zeros(4, dtype=torch.bool))
+        gate.token_gates(0, hidden, torch.zeros(4, dtype=torch.bool))
     with pytest.raises(ValueError, match="not in this gate"):
         gate.expert_mask(["nope"])
 
@@ -170,7 +170,7 @@ def test_balancing_loss_gradient_reaches_only_the_gate():
     down, up, ranks = stack_experts(experts, IN, OUT)
     gate.usage = GateUsage(N)
     hidden = torch.randn(8, IN, generator=g)
-    probabilities = gate.token_probabilities(0, hidden)
+    probabilities = gate.token_gates(0, hidden)
     out = mixture_delta(hidden, down, up, ranks, probabilities)
     loss = out.pow(2).mean() + 0.1 * gate.usage.loss("mole")
     loss.backward()
@@ -199,7 +199,7 @@ def test_input_scale_calibration_normalises_logits():
     experts = make_experts((4, 4, 4, 4), g)
     base = torch.zeros(4, 10, OUT)
     fused = fused_layer(gate, "lora_unet_a", experts, IN, OUT)(hidden, base)
-    assert (fused - reference_delta(hidden, experts, gate.token_probabilities(0, hidden))).abs().max().item() <= 1e-4
+    assert (fused - reference_delta(hidden, experts, gate.token_gates(0, hidden))).abs().max().item() <= 1e-4
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -217,7 +217,7 @@ def test_fused_layer_in_half_precision_keeps_float32_masters(dtype):
     masters = {name: buffer.clone() for name, buffer in layer.named_buffers()}
 
     def reference(x, b):
-        return b + strength * reference_delta(x, experts, gate.token_probabilities(1, x, mask))
+        return b + strength * reference_delta(x, experts, gate.token_gates(1, x, mask))
 
     low = layer(hidden.to(dtype), base.to(dtype))
     assert low.dtype == dtype
@@ -238,3 +238,152 @@ def test_fused_layer_in_half_precision_keeps_float32_masters(dtype):
     assert (per_sample(hidden, base, per_sample.expand_gates(gates)) - expected).abs().max().item() <= 1e-5
     with pytest.raises(TypeError, match="float32"):
         layer.to(torch.float16)
+
+
+# -- gate kinds free to combine, layer gates, timestep input --------------------------------------------
+
+KINDS = ("softmax", "softmax_n", "sigmoid", "scaled_softmax")
+
+
+def random_gate(generator, granularity="token", kind="softmax", knots=0,
+                layers=("lora_unet_a", "lora_unet_b", "lora_te_text_model_encoder_layers_0_mlp_fc1")):
+    gate = MixtureGate([f"aspect{i}" for i in range(N)], list(layers), [IN] * len(layers), granularity,
+                       prompt_features=16, temperature=0.8, kind=kind, timestep_knots=knots, timestep_range=1000.0)
+    with torch.no_grad():
+        for parameter in gate.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+        gate.input_scale.copy_(torch.rand(gate.input_scale.shape, generator=generator) * 3 + 0.5)
+    return gate
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_untrained_gates_sum_or_average_the_loras(kind):
+    """softmax starts at the 1/N average; every other kind at each LoRA at full weight (the sum)."""
+    gate = MixtureGate(["a", "b", "c", "d"], ["lora_unet_x"], [IN], "token", kind=kind)
+    expected = 0.25 if kind == "softmax" else 1.0
+    torch.testing.assert_close(gate.token_gates(0, torch.randn(5, IN)), torch.full((5, 4), expected))
+    layer = MixtureGate(["a", "b", "c", "d"], ["lora_unet_x"], [IN], "layer", kind=kind)
+    torch.testing.assert_close(layer.merge_weights(), torch.full((1, 4), expected))
+    torch.testing.assert_close(layer.prior_gates(), torch.full((1, 4), expected))
+
+
+def test_each_kind_turns_logits_into_weights_as_documented():
+    g = torch.Generator().manual_seed(7)
+    hidden = torch.randn(6, IN, generator=g)
+    for kind in KINDS:
+        gate = random_gate(torch.Generator().manual_seed(8), kind=kind)
+        logits = gate.token_logits(1, hidden) / gate.temperature()[1]
+        softmax = torch.softmax(logits, -1)
+        expected = {"softmax": softmax, "softmax_n": N * softmax, "sigmoid": 2 * torch.sigmoid(logits),
+                    "scaled_softmax": N * softmax * gate.log_scale[1].exp() if kind == "scaled_softmax" else None}[kind]
+        torch.testing.assert_close(gate.token_gates(1, hidden), expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(expected.sum(-1), torch.full((6,), float(N)))  # the scale moved the total
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("knots", [0, 4])
+def test_fused_token_layer_equals_the_loop_for_every_kind(kind, knots):
+    """The inference layer (multiplier folded into B, timestep offsets added to the logits) equals
+    the per-expert loop over the gate's values, masked or not."""
+    g = torch.Generator().manual_seed(9)
+    experts = make_experts((3, 3, 2, 4), g)
+    gate = random_gate(g, kind=kind, knots=knots)
+    hidden = torch.randn(2, 5, IN, generator=g) * 3.0
+    base = torch.randn(2, 5, OUT, generator=g)
+    timestep = torch.tensor([50.0, 930.0])
+    offsets = gate.timestep_offsets(timestep, 2) if knots else None
+    for mask in (None, gate.expert_mask(["aspect0", "aspect2", "aspect3"])):
+        layer = fused_layer(gate, "lora_unet_b", experts, IN, OUT, mask=mask, strength=0.7)
+        logit_offsets = None
+        if knots:
+            logit_offsets = (offsets[:, 1] / gate.temperature()[1]).view(2, 1, N)
+        with torch.no_grad():
+            fused = layer(hidden, base, logit_offsets=logit_offsets)
+            reference = base + 0.7 * reference_delta(hidden, experts, gate.token_gates(1, hidden, mask, offsets))
+        assert (fused - reference).abs().max().item() <= 1e-5
+        assert (fused - base).abs().max().item() > 1e-2
+
+
+def test_masking_keeps_each_kinds_meaning():
+    g = torch.Generator().manual_seed(10)
+    hidden = torch.randn(4, IN, generator=g)
+    mask = torch.tensor([True, False, True, True])
+    for kind in KINDS:
+        gate = random_gate(torch.Generator().manual_seed(11), kind=kind)
+        full, masked = gate.token_gates(0, hidden), gate.token_gates(0, hidden, mask)
+        assert masked[:, 1].abs().max().item() == 0.0
+        if kind == "sigmoid":  # independent weights: the others are unchanged
+            torch.testing.assert_close(masked[:, mask], full[:, mask])
+        else:  # the softmax renormalises over the kept; the N-scaled kinds scale by the kept count (3)
+            activations = full / gate.multiplier()[0]
+            kept = activations[:, mask] / activations[:, mask].sum(-1, keepdim=True)
+            scale = 3.0 * gate.log_scale[0, mask].exp() if kind == "scaled_softmax" else {"softmax": 1.0}.get(kind, 3.0)
+            torch.testing.assert_close(masked[:, mask], kept * scale, rtol=1e-5, atol=1e-6)
+        # the recorded mean (what bake merges for a token gate) follows the same rule
+        with torch.no_grad():
+            gate.prior.copy_(torch.rand(gate.prior.shape, generator=g) * 0.5 + 0.1)
+        prior = gate.prior_gates(mask)[0]
+        assert prior[1] == 0.0
+        if gate.activation == "softmax":
+            torch.testing.assert_close(prior / gate.multiplier(mask)[0], renormalise(gate.prior[0], mask))
+
+
+def test_hat_basis_interpolates_between_knots():
+    from versat2i.trainer.gate import hat_basis
+
+    basis = hat_basis(torch.tensor([0.0, 1 / 6, 1 / 3, 0.5, 1.0, 1.5]), 4)  # knots at 0, 1/3, 2/3, 1
+    expected = torch.tensor([[1, 0, 0, 0], [0.5, 0.5, 0, 0], [0, 1, 0, 0], [0, 0.5, 0.5, 0], [0, 0, 0, 1],
+                             [0, 0, 0, 1]], dtype=torch.float32)
+    torch.testing.assert_close(basis, expected)
+
+
+def test_timestep_gate_follows_the_noise_level_but_not_on_text_encoder_layers():
+    g = torch.Generator().manual_seed(12)
+    gate = random_gate(g, granularity="layer", kind="sigmoid", knots=3)
+    gates = gate.sample_gates(timestep=torch.tensor([0.0, 500.0, 999.0]))
+    assert gates.shape == (3, 3, N)
+    assert (gates[0, 0] - gates[2, 0]).abs().max() > 1e-3  # a UNet layer changes with the timestep
+    torch.testing.assert_close(gates[0, 2], gates[2, 2])  # the text-encoder layer does not
+    torch.testing.assert_close(gates[0, 2], gate.static_gates()[2])
+    # at a knot the offset is that knot's column: timestep 500 of 1000 is the middle knot
+    logits = (gate.bias[0] + gate.timestep_weight[0, :, 1]) / gate.temperature()[0]
+    torch.testing.assert_close(gates[1, 0], 2 * torch.sigmoid(logits))
+    # no single merge represents it
+    assert not gate.can_bake
+    with pytest.raises(ValueError, match="changes with the timestep"):
+        gate.merge_weights()
+    with pytest.raises(ValueError, match="without a timestep"):
+        gate.sample_gates()
+    # a scalar timestep (a diffusers pipeline step) serves the whole batch
+    torch.testing.assert_close(gate.sample_gates(timestep=torch.tensor(500.0), batch=2)[0], gates[1])
+
+
+def test_layer_gate_without_timestep_bakes_exactly():
+    g = torch.Generator().manual_seed(13)
+    gate = random_gate(g, granularity="layer", kind="scaled_softmax")
+    assert gate.can_bake and gate.per_sample
+    weights = gate.merge_weights()
+    torch.testing.assert_close(gate.sample_gates(batch=2)[1], weights)
+    mask = gate.expert_mask(["aspect1", "aspect2"])
+    torch.testing.assert_close(gate.merge_weights(mask=mask), gate.sample_gates(mask=mask, batch=1)[0])
+
+
+def test_balancing_uses_shares_so_a_free_gate_keeps_its_scale():
+    """Sigmoid activations of 0.8 / 0.2 and of 0.4 / 0.1 have the same shares, so the same balancing
+    loss: the loss says nothing about how strong the LoRAs are, only how evenly they are used."""
+    strong, weak = GateUsage(2), GateUsage(2)
+    strong.record(torch.tensor([[0.8, 0.2]]), 0)
+    weak.record(torch.tensor([[0.4, 0.1]]), 0)
+    assert strong.mole_loss().item() == pytest.approx(weak.mole_loss().item())
+    assert strong.mole_loss().item() == pytest.approx(-(math.log(0.8) + math.log(0.2)), rel=1e-6)
+    torch.testing.assert_close(strong.mean_activation(), torch.tensor([0.8, 0.2]))
+    torch.testing.assert_close(strong.layer_means()[0], torch.tensor([0.8, 0.2]))
+
+
+def test_bad_gate_forms_are_refused():
+    with pytest.raises(ValueError, match="gate kind 'max'"):
+        MixtureGate(["a", "b"], ["lora_unet_x"], [IN], "token", kind="max")
+    with pytest.raises(ValueError, match="timestep_knots 1"):
+        MixtureGate(["a", "b"], ["lora_unet_x"], [IN], "token", timestep_knots=1)
+    with pytest.raises(ValueError, match="granularity 'block'"):
+        MixtureGate(["a", "b"], ["lora_unet_x"], [IN], "block")

@@ -38,9 +38,10 @@ def write_lora(path, seed, rank=4):
     return path
 
 
-def trained_gate(granularity, seed=0):
+def trained_gate(granularity, seed=0, **form):
     g = torch.Generator().manual_seed(seed)
-    gate = MixtureGate(["aesthetics", "geometry", "lowlevel"], LAYERS, IN_FEATURES, granularity, prompt_features=12)
+    gate = MixtureGate(["aesthetics", "geometry", "lowlevel"], LAYERS, IN_FEATURES, granularity, prompt_features=12,
+                       **form)
     with torch.no_grad():
         for parameter in gate.parameters():
             parameter.copy_(torch.randn(parameter.shape, generator=g))
@@ -77,15 +78,75 @@ def test_round_trip(lora_dir, granularity):
     # the loaded gate computes the same thing
     hidden = torch.randn(3, 32)
     if granularity == "token":
-        torch.testing.assert_close(mol.gate.token_probabilities(0, hidden), gate.token_probabilities(0, hidden))
+        torch.testing.assert_close(mol.gate.token_gates(0, hidden), gate.token_gates(0, hidden))
     else:
         context = torch.randn(2, 5, 12)
-        torch.testing.assert_close(mol.gate.prompt_probabilities(context), gate.prompt_probabilities(context))
+        torch.testing.assert_close(mol.gate.sample_gates(context), gate.sample_gates(context))
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata()
     assert metadata["versat2i_format"] == "mixture-of-lora"
     assert json.loads(metadata["layers"]) == LAYERS
     assert json.loads(metadata["experts"])[1]["file"] == "geometry.safetensors"
+
+
+@pytest.mark.parametrize(("granularity", "form"), [
+    ("token", {"kind": "softmax_n", "timestep_knots": 4}),
+    ("prompt", {"kind": "scaled_softmax", "timestep_knots": 3, "timestep_range": 500.0}),
+    ("layer", {"kind": "sigmoid"}),
+    ("layer", {"kind": "scaled_softmax", "timestep_knots": 2}),
+])
+def test_round_trip_of_every_gate_form(lora_dir, granularity, form):
+    """Version 2 records the gate's kind and timestep input, so the loader rebuilds the same gate."""
+    gate = trained_gate(granularity, seed=4, **form)
+    path = save_mol(lora_dir / "mix.mol.safetensors", gate, records(lora_dir, gate))
+    mol = load_mol(path)
+    assert (mol.gate.kind, mol.gate.timestep_knots, mol.gate.timestep_range) == (
+        gate.kind, gate.timestep_knots, gate.timestep_range)
+    assert sorted(mol.gate.state_dict()) == sorted(gate.state_dict())
+    for name, value in gate.state_dict().items():
+        assert torch.equal(mol.gate.state_dict()[name], value), name
+    timestep = torch.tensor([30.0, 700.0])
+    if granularity == "token":
+        offsets = gate.timestep_offsets(timestep, 2)
+        torch.testing.assert_close(mol.gate.timestep_offsets(timestep, 2), offsets)
+        hidden = torch.randn(2, 4, 32)
+        torch.testing.assert_close(mol.gate.token_gates(0, hidden, offsets=offsets),
+                                   gate.token_gates(0, hidden, offsets=offsets))
+    else:
+        context = torch.randn(2, 5, 12)
+        torch.testing.assert_close(mol.gate.sample_gates(context, timestep=timestep),
+                                   gate.sample_gates(context, timestep=timestep))
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["versat2i_mol_version"] == "2" and metadata["gate_kind"] == gate.kind
+
+
+def test_a_version_1_file_loads_as_the_softmax_gate_it_was(lora_dir):
+    """A MoL file written before gate kinds existed (no gate_kind / timestep metadata) still loads,
+    as the softmax gate without timestep input it was trained as."""
+    gate = trained_gate("token", seed=2)
+    path = save_mol(lora_dir / "mix.mol.safetensors", gate, records(lora_dir, gate))
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    old = {k: v for k, v in metadata.items() if k not in ("gate_kind", "timestep_knots", "timestep_range")}
+    old["versat2i_mol_version"] = "1"
+    version_1 = lora_dir / "old.mol.safetensors"
+    save_file(tensors, str(version_1), metadata=old)
+    mol = load_mol(version_1)
+    assert (mol.gate.kind, mol.gate.timestep_knots) == ("softmax", 0)
+    hidden = torch.randn(5, 32)
+    torch.testing.assert_close(mol.gate.token_gates(0, hidden), gate.token_gates(0, hidden))
+    torch.testing.assert_close(mol.gate.token_gates(0, hidden).sum(-1), torch.ones(5))
+    # a newer format is refused with the fix
+    newer = {**metadata, "versat2i_mol_version": "3"}
+    save_file(tensors, str(lora_dir / "new.mol.safetensors"), metadata=newer)
+    with pytest.raises(ValueError, match="newer than this pack"):
+        read_mol(lora_dir / "new.mol.safetensors")
+    damaged = {**metadata, "gate_kind": "softmaxx"}
+    save_file(tensors, str(lora_dir / "bad.mol.safetensors"), metadata=damaged)
+    with pytest.raises(ValueError, match="gate kind 'softmaxx'"):
+        read_mol(lora_dir / "bad.mol.safetensors")
 
 
 def test_changed_lora_is_a_clear_error(lora_dir):

@@ -59,7 +59,7 @@ def gate_config(tmp: Path, tiny, name: str, **overrides) -> Path:
         output_dir=str(paths[0].parent), output_name=name, work_dir=str(tmp / f"run-{name}"),
         resolution=TINY_SIZE, bucket_step=TINY_SIZE, train_batch_size=6, max_train_steps=25,
         learning_rate=0.2, checkpointing_steps=100, mixed_precision="no", seed=3, cache_latents=True,
-        cache_text_embeddings=True, granularity="token",
+        cache_text_embeddings=True, granularity="token", gate_kind="softmax",  # MoLE's gate: what these tests measure
     )
     settings.update(overrides)
     config = train_gate.GateTrainConfig(**settings)
@@ -305,6 +305,158 @@ def test_diffusers_dynamic_with_one_lora_equals_diffusers_lora_loading(mixed):
     assert (dynamic - plain).abs().max() > 1e-3
 
 
+FREE_FORMS = {"token-softmax_n-t3": ("token", {"kind": "softmax_n", "timestep_knots": 3}),
+              "prompt-scaled": ("prompt", {"kind": "scaled_softmax"}),
+              "layer-sigmoid-t4": ("layer", {"kind": "sigmoid", "timestep_knots": 4})}
+
+
+@pytest.fixture(scope="module")
+def free_gates(mixed, tmp_path_factory):
+    """Random gates of the free-to-combine kinds (with and without timestep input) over the mixed LoRAs."""
+    from versat2i.models.loading import load_base_model
+    from versat2i.trainer.mix_diffusers import gate_for_layers
+    from versat2i.trainer.mol_file import expert_record, save_mol
+
+    model, paths, _, layers = mixed
+    base = load_base_model(model.folder, compute_hash=False)
+    folder = paths[0].parent
+    mols = {}
+    for seed, (name, (granularity, form)) in enumerate(FREE_FORMS.items()):
+        gate = gate_for_layers(ASPECTS, layers, granularity,
+                               base.architecture.gate_prompt_features(base.denoiser.config), **form)
+        g = torch.Generator().manual_seed(40 + seed)
+        with torch.no_grad():
+            for parameter_name, parameter in gate.named_parameters():
+                if "temperature" not in parameter_name:
+                    parameter.copy_(torch.randn(parameter.shape, generator=g))
+            gate.input_scale.copy_(torch.rand(gate.input_scale.shape, generator=g) * 4 + 0.5)
+        records = [expert_record(a, p, folder) for a, p in zip(ASPECTS, paths)]
+        mols[name] = save_mol(folder / f"{name}.mol.safetensors", gate, records)
+    return mols
+
+
+@pytest.mark.parametrize("name", list(FREE_FORMS))
+def test_diffusers_free_gates_equal_the_training_path_at_every_timestep(mixed, free_gates, name):
+    """The inference hooks and the trainer's differentiable path agree for every gate kind and
+    granularity, with the timestep read from the denoiser's call; a timestep gate's output
+    changes with the timestep beyond what the base model's does."""
+    from versat2i.models.loading import load_base_model
+    from versat2i.trainer.mix_diffusers import load_mixture, prompt_context
+
+    model = mixed[0]
+    base = load_base_model(model.folder, compute_hash=False)
+    mol, mixture = load_mixture(base, free_gates[name], enabled=["aesthetics", "geometry", "lowlevel"], strength=0.8)
+    mol.gate.eval()
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    outputs = {}
+    with torch.no_grad():
+        for train in (False, True):
+            mixture.attach(train=train)
+            context = prompt_context(base, "a disc", "cpu").expand(2, -1, -1)
+            outputs[train] = [base.denoiser(latents, timestep, context).sample for timestep in (100, 800)]
+            mixture.remove()
+        plain = [base.denoiser(latents, timestep, prompt_context(base, "a disc", "cpu").expand(2, -1, -1)).sample
+                 for timestep in (100, 800)]
+    for fused, trained, reference in zip(outputs[False], outputs[True], plain):
+        assert (fused - reference).abs().max() > 1e-3
+        torch.testing.assert_close(fused, trained, rtol=1e-4, atol=1e-5)
+
+
+def test_a_timestep_gate_asked_to_bake_runs_dynamically(mixed, free_gates, caplog):
+    from versat2i.models.loading import load_base_model
+    from versat2i.trainer.mix_diffusers import load_mixture, prompt_context
+
+    base = load_base_model(mixed[0].folder, compute_hash=False)
+    mol, mixture = load_mixture(base, free_gates["layer-sigmoid-t4"])
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        mixture.apply("dynamic")
+        dynamic = base.denoiser(latents, 250, prompt_context(base, "a disc", "cpu")).sample
+        mixture.remove()
+        with caplog.at_level("WARNING"):
+            mixture.apply("bake")
+        baked = base.denoiser(latents, 250, prompt_context(base, "a disc", "cpu")).sample
+        mixture.remove()
+    assert "changes with the timestep" in caplog.text
+    torch.testing.assert_close(baked, dynamic)
+
+
+def test_a_layer_gate_bakes_to_exactly_its_dynamic_output(mixed, tmp_path):
+    """A layer gate without timestep input reads nothing at run time: bake merges the same weights."""
+    from versat2i.models.loading import load_base_model
+    from versat2i.trainer.mix_diffusers import gate_for_layers, load_mixture, prompt_context
+    from versat2i.trainer.mol_file import expert_record, save_mol
+
+    model, paths, _, layers = mixed
+    base = load_base_model(model.folder, compute_hash=False)
+    gate = gate_for_layers(ASPECTS, layers, "layer", 32, kind="scaled_softmax")
+    with torch.no_grad():
+        gate.bias.normal_(generator=torch.Generator().manual_seed(5))
+        gate.log_scale.normal_(generator=torch.Generator().manual_seed(6))
+    mol_path = save_mol(paths[0].parent / "layer.mol.safetensors", gate,
+                        [expert_record(a, p, paths[0].parent) for a, p in zip(ASPECTS, paths)])
+    _, mixture = load_mixture(base, mol_path, enabled=["aesthetics", "alignment"])
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        mixture.apply("dynamic")
+        dynamic = base.denoiser(latents, 600, prompt_context(base, "a disc", "cpu")).sample
+        mixture.remove()
+        mixture.apply("bake")
+        baked = base.denoiser(latents, 600, prompt_context(base, "a disc", "cpu")).sample
+        mixture.remove()
+    torch.testing.assert_close(baked, dynamic, rtol=1e-4, atol=1e-5)
+
+
+# -- merge baselines (peft's TIES / DARE on the LoRA deltas) ------------------------------------------
+
+def test_merge_baselines_add_peft_merged_deltas_and_restore_the_weights(mixed):
+    """MergedLoRAs adds, per adapted weight, exactly peft's merge of the LoRAs' deltas; DARE's random
+    drops are the same on every run (seeded) and differ between seeds; everything is undone on exit.
+    dare_linear keeping every entry (density 1) is the plain weighted sum, which diffusers'
+    set_adapters also computes: the two agree."""
+    from peft.utils import merge_utils
+
+    from versat2i.models.loading import load_base_model
+    from versat2i.models.pipelines import LoraAdapters, build_pipeline
+    from versat2i.trainer.lora_merges import MergedLoRAs
+    from versat2i.trainer.mix_diffusers import prompt_context
+
+    model, paths, _, _ = mixed
+    base = load_base_model(model.folder, compute_hash=False)
+    pipe = build_pipeline(base, device="cpu")
+    layer = next(x for x in mixed[3] if not x.on_text_encoder and x.experts[2] is None)  # one LoRA skips it
+    module = base.denoiser.get_submodule(layer.key.split(".", 1)[1])
+    original = module.weight.detach().clone()
+    deltas = [torch.zeros_like(original) if e is None
+              else (e.scale * e.up.float() @ e.down.float()).reshape(original.shape)
+              for e in layer.experts]
+    weights = torch.tensor([0.5, 1.0, 1.5, 1.0])
+
+    with MergedLoRAs(paths, base, method="ties", weights=weights.tolist(), density=0.3)(pipe):
+        merged = module.weight.detach() - original
+    torch.testing.assert_close(merged, merge_utils.ties(deltas, weights, 0.3), rtol=1e-5, atol=1e-6)
+    assert torch.equal(module.weight, original)
+
+    def dare(seed):
+        with MergedLoRAs(paths, base, method="dare_ties", weights=weights.tolist(), density=0.5, seed=seed)(pipe):
+            return module.weight.detach() - original
+
+    assert torch.equal(dare(1), dare(1)) and not torch.equal(dare(1), dare(2))
+    assert torch.equal(module.weight, original)
+
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        with MergedLoRAs(paths, base, method="dare_linear", weights=weights.tolist(), density=1.0)(pipe):
+            merged_out = base.denoiser(latents, 400, prompt_context(base, "a disc", "cpu")).sample
+        with LoraAdapters(paths, weights=weights.tolist(), fuse=False)(pipe):
+            summed_out = base.denoiser(latents, 400, prompt_context(base, "a disc", "cpu")).sample
+    torch.testing.assert_close(merged_out, summed_out, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="merge method 'svd'"):
+        MergedLoRAs(paths, base, method="svd")
+    with pytest.raises(ValueError, match="density"):
+        MergedLoRAs(paths, base, method="ties", density=0.0)
+
+
 def mix_args(parser, model, mol, out, *extra):
     return parser.parse_args(["mix", "--base-model", str(model.folder), "--mol", str(mol), "--prompt", "a disc",
                               "--steps", "2", "--device", "cpu", "--out", str(out), *extra])
@@ -397,7 +549,7 @@ def test_two_processes_train_one_gate(mixed, tmp_path):
         output_dir=str(paths[0].parent), output_name="two-processes", work_dir=str(tmp_path / "run"),
         resolution=TINY_SIZE, bucket_step=TINY_SIZE, train_batch_size=2, max_train_steps=3, learning_rate=0.1,
         checkpointing_steps=100, mixed_precision="no", seed=3, cache_latents=True, cache_text_embeddings=False,
-        granularity="token", overwrite=True,
+        granularity="token", gate_kind="softmax", overwrite=True,
     ).save(tmp_path / "gate.toml")
     script = tmp_path / "train.py"
     script.write_text(DISTRIBUTED_SCRIPT)
@@ -427,7 +579,8 @@ def test_print_config_round_trips(capsys):
     args = parser.parse_args(["train-gate", "--print-config"])
     assert args.func(args) == 0
     config = train_gate.GateTrainConfig.from_toml(capsys.readouterr().out)
-    assert config.balance_loss == "mole" and config.granularity == "token" and len(config.loras) == 2
+    assert config.balance_loss == "mole" and (config.granularity, config.gate_kind) == ("layer", "sigmoid")
+    assert config.objective == "denoise" and config.timestep_knots == 0 and len(config.loras) == 2
 
 
 def test_config_errors_are_clear(tiny, tmp_path):
@@ -435,10 +588,12 @@ def test_config_errors_are_clear(tiny, tmp_path):
     config = train_gate.GateTrainConfig(
         base_model=str(model.folder), dataset_dir=str(dataset), loras=(str(paths[0]),), output_dir=str(tmp_path),
         output_name="x", work_dir=str(tmp_path / "w"), granularity="word", balance_loss="entropy",
+        gate_kind="argmax", objective="reward", timestep_knots=1,
     )
     message = "\n".join(config.problems())
     assert "at least 2 aspect LoRAs" in message
     assert "granularity='word'" in message and "balance_loss='entropy'" in message
+    assert "gate_kind='argmax'" in message and "objective='reward'" in message and "timestep_knots=1" in message
     assert "not inside output_dir" in message
     assert config.output_path == tmp_path / "x.mol.safetensors"
 
@@ -487,3 +642,74 @@ def test_killed_run_resumes_to_the_same_gate(tiny, tmp_path):
     a, b = load_mol(reference.done["mol_path"]).gate.state_dict(), load_mol(resumed.done["mol_path"]).gate.state_dict()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("arch", ["sd2", "sdxl"])
+def test_free_timestep_gates_and_merges_on_every_family(arch, tmp_path):
+    """The other families of the table (SD2's OpenCLIP and linear projections, SDXL's two text
+    encoders and added conditioning): a token softmax_n gate with timestep input through the
+    inference hooks equals the training path, and a TIES merge changes and restores the weights."""
+    from tiny_models.sd import build_tiny_model, make_kohya_lora
+
+    from versat2i.models.loading import encode_prompts, load_base_model
+    from versat2i.models.lora_files import load_kohya_lora
+    from versat2i.models.pipelines import build_pipeline
+    from versat2i.trainer.lora_merges import MergedLoRAs
+    from versat2i.trainer.mix_diffusers import DiffusersMixture, gate_for_layers, mixture_layers
+
+    model = build_tiny_model(arch, tmp_path / "model")
+    paths = [make_kohya_lora(arch, tmp_path / f"{a}.safetensors", seed=60 + i, rank=2) for i, a in enumerate("ab")]
+    base = load_base_model(model.folder, compute_hash=False)
+    layers = mixture_layers(base, [load_kohya_lora(p)[0] for p in paths])
+    gate = gate_for_layers(["a", "b"], layers, "token", base.architecture.gate_prompt_features(base.denoiser.config),
+                           kind="softmax_n", timestep_knots=3, timestep_range=base.architecture.gate_timestep_range)
+    with torch.no_grad():
+        for parameter in gate.parameters():
+            parameter.normal_(generator=torch.Generator().manual_seed(9))
+    gate.calibrated = [True] * len(gate.layers)  # as loaded from a MoL file: the training path keeps scale 1
+    gate.eval()
+    mixture = DiffusersMixture(gate, layers, denoiser=base.denoiser)
+    size = base.denoiser.config.sample_size
+    latents = torch.randn(2, base.denoiser.config.in_channels, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        hidden, added = encode_prompts(base, ["a red disc", "a blue square"], "cpu")
+        if base.architecture.size_conditioning:
+            added = {**added, "time_ids": torch.tensor([[64, 64, 0, 0, 64, 64]] * 2, dtype=hidden.dtype)}
+
+        def denoise(timestep):
+            return base.denoiser(latents, torch.tensor([timestep, timestep]), hidden, added_cond_kwargs=added).sample
+
+        plain = denoise(700)
+        outputs = {}
+        for train in (False, True):
+            mixture.attach(train=train)
+            outputs[train] = [denoise(100), denoise(700)]
+            mixture.remove()
+        assert torch.equal(denoise(700), plain)
+        pipe = build_pipeline(base, device="cpu")
+        with MergedLoRAs(paths, base, method="ties", density=0.5)(pipe):
+            merged = denoise(700)
+        assert torch.equal(denoise(700), plain)
+    torch.testing.assert_close(outputs[False][0], outputs[True][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(outputs[False][1], outputs[True][1], rtol=1e-4, atol=1e-5)
+    assert (outputs[False][1] - plain).abs().max() > 1e-3 and (merged - plain).abs().max() > 1e-4
+
+
+def test_group_balanced_mean_weighs_every_group_the_same():
+    values = torch.tensor([1.0, 1.0, 1.0, 5.0])
+    groups = torch.tensor([0, 0, 0, 1])  # three images of one aspect, one of another
+    assert train_gate.group_balanced_mean(values, groups).item() == pytest.approx(3.0)  # (1 + 5) / 2, not 2
+    assert train_gate.group_balanced_mean(values, torch.zeros(4, dtype=torch.long)).item() == pytest.approx(2.0)
+
+
+def test_a_free_timestep_gate_trains_with_the_aspect_balanced_objective(tiny, tmp_path):
+    """The trainer with the new options: a layer gate of sigmoid weights with timestep input, trained
+    on the aspect-balanced loss; the MoL file records its form and training settings, and training
+    moved the gate off its start (every LoRA at full weight, no timestep offset)."""
+    mol_path = run(gate_config(tmp_path, tiny, "free", granularity="layer", gate_kind="sigmoid", timestep_knots=2,
+                               objective="aspect_balanced", max_train_steps=4))
+    mol = load_mol(mol_path)
+    assert (mol.gate.granularity, mol.gate.kind, mol.gate.timestep_knots) == ("layer", "sigmoid", 2)
+    assert mol.training["objective"] == "aspect_balanced" and mol.training["gate_kind"] == "sigmoid"
+    assert mol.gate.timestep_weight.abs().sum() > 0 and mol.gate.bias.abs().sum() > 0
+    assert not mol.gate.can_bake

@@ -88,7 +88,8 @@ def _train_gate(root: Path, granularity: str) -> Path:
         base_model=str(model.folder), dataset_dir=str(dataset), loras=(str(first), str(second)),
         aspects=aspects, output_dir=str(loras), output_name=f"gate-{granularity}", work_dir=str(root / "gate-run"),
         resolution=TINY_SIZE, bucket_step=TINY_SIZE, train_batch_size=2, max_train_steps=5, learning_rate=0.1,
-        checkpointing_steps=100, mixed_precision="no", seed=3, granularity=granularity)
+        checkpointing_steps=100, mixed_precision="no", seed=3, granularity=granularity,
+        gate_kind="softmax")  # the MoLE gate these bits were recorded with (the default changed since: issue 16)
     return train_gate.main(train_gate.parse_args(["--config", str(config.save(root / "gate.toml"))]))
 
 
