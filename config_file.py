@@ -38,6 +38,8 @@ class ConfigFile:
 
     # Fields that change where or how a run is stored, not what it learns (left out of fingerprints).
     NON_RESULT_FIELDS: ClassVar[frozenset[str]] = frozenset()
+    # Result fields added after release: in fingerprints only when set away from their default.
+    LATER_RESULT_FIELDS: ClassVar[frozenset[str]] = frozenset()
 
     # -- dict ------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -156,13 +158,22 @@ class ConfigFile:
 
     # -- identity --------------------------------------------------------------------------------
     def fingerprint(self, **extra: Any) -> str:
-        """sha256 over the fields that change the trained result (plus ``extra``, e.g. file hashes)."""
-        payload = {k: v for k, v in self.to_dict().items() if k not in self.NON_RESULT_FIELDS}
+        """sha256 over the fields that change the trained result (plus ``extra``, e.g. file hashes).
+        Fields in ``LATER_RESULT_FIELDS`` (added after runs were fingerprinted) count only when they
+        differ from their default, so runs that do not use them keep the fingerprint they had."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        payload = {k: v for k, v in self.to_dict().items() if k not in self.NON_RESULT_FIELDS
+                   and not (k in self.LATER_RESULT_FIELDS and _same_value(v, defaults.get(k)))}
         payload["__class__"] = type(self).__name__
         payload.update({f"extra:{k}": v for k, v in extra.items()})
         blob = json.dumps(payload, sort_keys=True, default=str).encode("utf-8")
         return hashlib.sha256(blob).hexdigest()
 
+
+def _same_value(value: Any, default: Any) -> bool:
+    if isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
+        return list(value) == list(default)
+    return value == default
 
 
 # -- what each setting means ----------------------------------------------------------------------

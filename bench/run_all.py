@@ -30,6 +30,10 @@ BENCHMARKS = {
                  ["--steps", "4", "--warmup", "1", "--images", "4", "--batch", "2"],
                  False),
     "mixture": ("bench_mixture.py", [], ["--tiny", "--sizes", "64", "--steps", "4"], False),
+    # DiT families: klein at full width (reduced depth in the ratio bench; full depth, ~12 GiB RAM, below)
+    "dit_training": ("bench_dit_training.py", ["--repeats", "2"], ["--steps", "2", "--warmup", "1", "--images", "1"],
+                     False),
+    "dit_full_size": ("dit_full_size.py", [], ["--blocks", "1", "--options", "gc"], False),
 }
 
 

@@ -29,7 +29,8 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     generate = subparsers.add_parser(
         "generate", help="sample K candidates per prompt -> images + candidates.jsonl",
         description="Sample K candidate images for every prompt of a prompts file with a Stable Diffusion "
-                    "checkpoint (SD1.x, SD2.x, SDXL; single file or diffusers folder) and write them with "
+                    "checkpoint (SD1.x, SD2.x, SDXL; single file or diffusers folder) or a DiT model (FLUX.1, "
+                    "FLUX.2-klein, Z-Image: the diffusion model with --text-encoder and --vae) and write them with "
                     "candidates.jsonl (prompt, seed, indices per image) for `versat2i score`. Under "
                     "`accelerate launch` the images are split between the processes (GPUs).",
     )
@@ -46,8 +47,13 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
                        help="base seed: candidate c of prompt p gets seed + p*k + c (default 0)")
     seeds.add_argument("--seeds", default=None,
                        help="explicit seeds, comma-separated: k seeds used for every prompt, or one per image")
-    generate.add_argument("--steps", type=int, default=30, help="sampling steps (default 30)")
-    generate.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    generate.add_argument("--text-encoder", action="append", default=[], type=Path, metavar="FILE",
+                          help="a DiT diffusion model's text encoder file (repeat for FLUX.1's CLIP-L and T5-XXL)")
+    generate.add_argument("--vae", type=Path, default=None, help="a DiT diffusion model's VAE file")
+    generate.add_argument("--steps", type=int, default=None,
+                          help="sampling steps (default: the model's; SD 30, FLUX.2-klein 4, Z-Image 9, FLUX.1-dev 28)")
+    generate.add_argument("--guidance", type=float, default=None,
+                          help="guidance scale (default: the model's; SD 7.5)")
     generate.add_argument("--scheduler", default="default",
                           help="sampler: default (the checkpoint's), ddim, ddpm, pndm, euler, euler_a, heun, lms, "
                                "dpmpp_2m, dpmpp_2m_karras, unipc")
@@ -155,12 +161,21 @@ def _parse_loras(specs: list[str]) -> tuple[list[Path], list[float]]:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from ..models.pipelines import LoraAdapters
+    from ..models.pipelines import LoraAdapters, sampling_defaults
     from .generate import GenerationSettings, generate_candidates, plan_candidates, read_prompt_file
 
     # Every check before the model loads.
     _refuse(target_problem(args.out, what="--out"))
-    settings = GenerationSettings(steps=args.steps, guidance_scale=args.guidance, scheduler=args.scheduler,
+    defaults = {"num_inference_steps": None, "guidance_scale": None}
+    if args.steps is None or args.guidance is None:
+        if not args.checkpoint.exists():
+            raise FileNotFoundError(f"--checkpoint {str(args.checkpoint)!r} not found")
+        defaults = sampling_defaults(args.checkpoint, text_encoders=args.text_encoder, vae=args.vae,
+                                     config_dir=args.config_dir)
+    settings = GenerationSettings(steps=args.steps if args.steps is not None else defaults["num_inference_steps"],
+                                  guidance_scale=(args.guidance if args.guidance is not None
+                                                  else defaults["guidance_scale"]),
+                                  scheduler=args.scheduler,
                                   width=args.width, height=args.height, batch_size=args.batch_size,
                                   negative_prompt=args.negative_prompt)
     settings.validate()
@@ -175,6 +190,7 @@ def run_generate(args: argparse.Namespace) -> int:
         args.checkpoint, prompts, k=args.k, seeds=seeds, base_seed=args.seed, settings=settings, out_dir=args.out,
         overwrite=args.overwrite, save_latents=args.save_latents, adapters=adapters, device=args.device,
         dtype=args.dtype, config_dir=args.config_dir, return_images=False, show_progress=not args.quiet,
+        text_encoders=args.text_encoder, vae=args.vae,
     )
     from accelerate import PartialState
 

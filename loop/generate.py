@@ -40,6 +40,7 @@ the shared temporary folder, and the main process writes the index and publishes
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import math
@@ -281,10 +282,17 @@ def _sample_batch(pipe, records: Sequence[CandidateRecord], settings: Generation
         final["latents"] = callback_kwargs["latents"]
         return callback_kwargs
 
+    extra = {}
+    if settings.negative_prompt:
+        if "negative_prompt" not in inspect.signature(pipe.__call__).parameters:
+            raise ValueError(f"negative_prompt: {type(pipe).__name__} takes no negative prompt; leave it empty")
+        extra["negative_prompt"] = [settings.negative_prompt] * len(records)
+    elif "negative_prompt" in inspect.signature(pipe.__call__).parameters:
+        # None (not "") for no negative prompt: SDXL then uses its zero unconditional embedding.
+        extra["negative_prompt"] = None
     output = pipe(
         prompt=[r.prompt for r in records],
-        # None (not "") for no negative prompt: SDXL then uses its zero unconditional embedding.
-        negative_prompt=[settings.negative_prompt] * len(records) if settings.negative_prompt else None,
+        **extra,
         num_inference_steps=settings.steps,
         guidance_scale=settings.guidance_scale,
         width=width,
@@ -299,8 +307,19 @@ def _sample_batch(pipe, records: Sequence[CandidateRecord], settings: Generation
 
 
 def _model_info(base) -> dict[str, Any]:
-    return {name: getattr(base, name) for name in ("arch", "prediction_type", "source_path", "source_sha256",
+    info = {name: getattr(base, name) for name in ("arch", "prediction_type", "source_path", "source_sha256",
                                                      "source_format")}
+    if base.variant is not None:  # a DiT family: its released model and native size
+        info.update(variant=base.variant.name, resolution=base.resolution)
+    return info
+
+
+def _native_size(pipe, model_info: dict[str, Any]) -> int:
+    """The model's native image side: the UNet's sample size (SD), else the DiT variant's."""
+    sample_size = getattr(pipeline_denoiser(pipe).config, "sample_size", None)
+    if sample_size:
+        return int(sample_size) * int(pipe.vae_scale_factor)
+    return int(model_info.get("resolution") or 1024)
 
 
 def _write_images(folder: Path, records: Sequence[CandidateRecord], images: torch.Tensor, latents: torch.Tensor,
@@ -330,6 +349,8 @@ def generate_candidates(
     device: str | torch.device | None = "auto",
     dtype: str | torch.dtype | None = "auto",
     config_dir: str | os.PathLike | None = None,
+    text_encoders: Sequence[str | os.PathLike] = (),
+    vae: str | os.PathLike | None = None,
     vae_sha256: str | None = None,
     return_images: bool | None = None,
     progress: ProgressCallback | None = None,
@@ -339,8 +360,8 @@ def generate_candidates(
     """Sample K candidates for each prompt (module docstring: seeds, folder layout, adapters).
 
     Args:
-        model: a checkpoint path (single file or diffusers folder), a loaded ``BaseModel`` or a
-            diffusers ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline``. A loaded model
+        model: a checkpoint path (single file or diffusers folder; a DiT family's diffusion model
+            with ``text_encoders`` and ``vae``), a loaded ``BaseModel`` or a diffusers pipeline. A loaded model
             is moved to ``device`` (in place) but only cast when ``dtype`` names a dtype.
         prompts: N distinct prompt texts.
         k, seeds, base_seed: the seed grid (``plan_candidates``; k defaults to len(seeds), else 4).
@@ -373,13 +394,14 @@ def generate_candidates(
                                     "allow overwriting (overwrite=True / --overwrite)")
 
     state = process_state(device)
-    pipe, model_info = _resolve_pipeline(model, device=device, dtype=dtype, config_dir=config_dir)
+    pipe, model_info = _resolve_pipeline(model, device=device, dtype=dtype, config_dir=config_dir,
+                                         text_encoders=text_encoders, vae=vae)
     if vae_sha256 is None:
         vae_sha256 = model_info.get("source_sha256") or None
     if save_latents and not vae_sha256:
         logger.warning("latents are written without a vae_sha256 (the checkpoint was not hashed): the trainer "
                        "will not reuse them")
-    native = int(pipeline_denoiser(pipe).config.sample_size) * int(pipe.vae_scale_factor)
+    native = _native_size(pipe, model_info)
     width, height = settings.width or native, settings.height or native
     resolved = replace(settings, width=width, height=height)
 
@@ -430,10 +452,11 @@ def generate_candidates(
     )
 
 
-def _resolve_pipeline(model: Any, *, device, dtype, config_dir):
+def _resolve_pipeline(model: Any, *, device, dtype, config_dir, text_encoders=(), vae=None):
     if isinstance(model, (str, os.PathLike)):
         # The checkpoint's own scheduler here; generate_candidates swaps in settings.scheduler.
-        pipe, base = load_pipeline(model, config_dir=config_dir, device=device, dtype=dtype)
+        pipe, base = load_pipeline(model, config_dir=config_dir, device=device, dtype=dtype,
+                                   text_encoders=text_encoders, vae=vae)
         return pipe, _model_info(base)
     explicit_dtype = None if dtype in (None, "auto") else resolve_dtype(dtype, torch.device("cpu"))
     target = resolve_device(device)

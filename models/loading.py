@@ -20,8 +20,11 @@ out of it: ComfyUI lists every ``.safetensors`` under models/checkpoints as a ch
 configs shipped for the detected architecture.
 
 Supported architectures: SD1.x (``sd15``), SD2.x (``sd2``, epsilon or v-prediction) and SDXL base
-(``sdxl``). Anything else (SDXL refiner, inpainting, unCLIP, SD3, Flux...) is a ``ValueError`` naming
-what was found.
+(``sdxl``); and the DiT families FLUX.1 (``flux1``: dev, schnell), FLUX.2-klein (``flux2_klein``: 4B,
+9B) and Z-Image (``zimage``) from the split files ComfyUI users have (``text_encoders=`` and ``vae=``
+beside the diffusion model, or a full checkpoint, or a diffusers folder; ``models/split_files.py``).
+Anything else (SDXL refiner, inpainting, unCLIP, SD3, Chroma...) is a ``ValueError`` naming what was
+found.
 
 Prediction type (``prediction_type="auto"``): a diffusers folder says it in
 ``scheduler/scheduler_config.json``. A single file does not, so it is inferred the way ComfyUI
@@ -55,14 +58,24 @@ from .architectures import (
     VAE_PREFIX,
     Architecture,
     UnsupportedModel,
+    Variant,
     detect_diffusers_folder,
     detect_single_file,
     single_file_prediction_type,
+)
+from .split_files import (
+    ModelFiles,
+    folder_architecture,
+    inspect_model_files,
+    is_dit_diffusion_model,
+    load_folder_components,
+    load_model_files,
 )
 
 logger = logging.getLogger(__name__)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+FLOW_MATCHING = "flow_matching"  # the prediction type of the DiT families: velocity noise - x0
 CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
 _SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 
@@ -97,6 +110,10 @@ class BaseModel:
     resolution: int = 512                       # the model's native training resolution
     config_dir: str = ""                        # diffusers configs the single file was read with
     notes: list[str] = field(default_factory=list)  # how arch / prediction type were decided
+    # the DiT families: the released model it is, the VAE's latent shift, every file read
+    variant: Variant | None = None
+    vae_shift_factor: float | None = None
+    source_files: dict[str, Any] = field(default_factory=dict)
 
     @property
     def arch(self) -> str:
@@ -381,12 +398,16 @@ def _load_single_file(path: Path, arch: str, prediction_type: str, config_dir: s
     return parts, notes
 
 
-def _folder_architecture(folder: Path) -> tuple[Architecture, str]:
+def _read_model_index(folder: Path) -> dict:
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         raise ValueError(f"{folder}: not a diffusers pipeline folder (no model_index.json). Pass a single "
                          f"checkpoint file or a diffusers folder. Supported: {SUPPORTED}.")
-    index = json.loads(index_file.read_text())
+    return json.loads(index_file.read_text())
+
+
+def _folder_architecture(folder: Path) -> tuple[Architecture, str]:
+    index = _read_model_index(folder)
     # The denoiser config decides where families share a pipeline class (SD1.x / SD2.x).
     denoiser_configs = [folder / arch.denoiser_component / "config.json" for arch in ARCHITECTURES.values()]
     denoiser_config = next((json.loads(f.read_text()) for f in denoiser_configs if f.is_file()), None)
@@ -522,6 +543,58 @@ def _load_folder(folder: Path, arch: str, prediction_type: str, torch_dtype: tor
     return parts, notes
 
 
+def _dit_source_sha256(files: ModelFiles) -> str:
+    """The identity of a DiT model's denoising: its diffusion model and VAE files (the text encoders,
+    often 5-10 GB, are identified by the run fingerprints instead)."""
+    digests = [file_sha256(files.diffusion_model.path)]
+    if files.vae.path != files.diffusion_model.path:
+        digests.append(file_sha256(files.vae.path))
+    return digests[0] if len(digests) == 1 else hashlib.sha256("\n".join(digests).encode()).hexdigest()
+
+
+def _dit_base_model(parts: dict, architecture: Architecture, variant: Variant, *, source: Path, source_format: str,
+                    digest: str, config_dir: Path, notes: list[str], source_files: dict) -> BaseModel:
+    vae = parts["vae"]
+    shift = vae.config.get("shift_factor") if architecture.latent_normalization == "shift_scale" else None
+    scaling = float(vae.config.get("scaling_factor")
+                    or 1.0) if architecture.latent_normalization != "batch_norm" else 1.0
+    return BaseModel(architecture=architecture, prediction_type=FLOW_MATCHING, source_sha256=digest,
+                     source_path=str(source), source_format=source_format, vae_scaling_factor=scaling,
+                     vae_shift_factor=None if shift is None else float(shift),
+                     vae_scale_factor=architecture.latent_scale,
+                     resolution=variant.native_resolution, config_dir=str(config_dir), notes=notes, variant=variant,
+                     source_files=source_files, **parts)
+
+
+def _load_dit_files(source: Path, *, arch: str, prediction_type: str, config_dir, text_encoders, vae,
+                    torch_dtype: torch.dtype, compute_hash: bool) -> BaseModel:
+    files = inspect_model_files(source, text_encoders, vae, config_dir=config_dir, arch=arch)
+    if prediction_type not in ("auto", FLOW_MATCHING):
+        raise ValueError(f"prediction_type={prediction_type!r}: {files.variant.label} is a flow-matching model "
+                         "(it predicts a velocity); leave prediction_type at auto")
+    parts = load_model_files(files, torch_dtype)
+    source_files = {"base_model": str(files.diffusion_model.path),
+                    "text_encoders": [str(part.path) for part in files.text_encoders], "vae": str(files.vae.path)}
+    return _dit_base_model(parts, files.architecture, files.variant, source=source, source_format="split_files",
+                           digest=_dit_source_sha256(files) if compute_hash else "", config_dir=files.config_dir,
+                           notes=list(files.notes), source_files=source_files)
+
+
+def _load_dit_folder(folder: Path, found: tuple[Architecture, Variant], *, arch: str, torch_dtype: torch.dtype,
+                     compute_hash: bool) -> BaseModel:
+    architecture, variant = found
+    if arch not in ("auto", architecture.name):
+        raise ValueError(f"{folder}: arch={arch!r} was requested but the folder holds {architecture.name}")
+    parts = load_folder_components(folder, architecture, torch_dtype)
+    loaded = ("transformer", "vae", "scheduler", *architecture.text_encoder_components,
+              *architecture.tokenizer_components)
+    return _dit_base_model(parts, architecture, variant, source=folder, source_format="diffusers",
+                           digest=folder_sha256(folder, loaded) if compute_hash else "", config_dir=folder,
+                           notes=[f"{variant.label} ({architecture.name}): model_index.json "
+                                  f"{architecture.pipeline_class}"],
+                           source_files={"base_model": str(folder)})
+
+
 def load_base_model(
     path: str | os.PathLike,
     *,
@@ -530,13 +603,17 @@ def load_base_model(
     config_dir: str | os.PathLike | None = None,
     torch_dtype: torch.dtype = torch.float32,
     compute_hash: bool = True,
+    text_encoders: Sequence[str | os.PathLike] = (),
+    vae: str | os.PathLike | None = None,
 ) -> BaseModel:
-    """Load a base model for training from a single-file checkpoint or a diffusers folder.
+    """Load a base model for training from a single-file checkpoint, a DiT family's split files or
+    a diffusers folder.
 
     Args:
-        path: a ``.safetensors`` (or legacy ``.ckpt``) checkpoint in the original layout, or a
-            diffusers pipeline folder.
-        arch: ``"auto"`` (detect) or one of ``sd15``, ``sd2``, ``sdxl``; a mismatch is an error.
+        path: a ``.safetensors`` (or legacy ``.ckpt``) checkpoint in the original layout, a DiT
+            diffusion model (ComfyUI layout, with ``text_encoders`` and ``vae``) or full checkpoint,
+            or a diffusers pipeline folder.
+        arch: ``"auto"`` (detect) or a family of the table (``sd15``, ``flux1``...); a mismatch is an error.
         prediction_type: ``"auto"`` or ``epsilon`` / ``v_prediction`` / ``sample`` (overrides
             detection: see the module docstring for how a single file is classified).
         config_dir: diffusers configs for a single file (``unet/config.json``, ``vae/``,
@@ -545,15 +622,24 @@ def load_base_model(
             the detected architecture. Ignored for a folder.
         torch_dtype: dtype of the loaded modules.
         compute_hash: hash the source (``source_sha256``); hashing a 7 GB file takes ~15 s.
+        text_encoders, vae: a DiT family's text-encoder and VAE files (ComfyUI's Load CLIP / Load
+            VAE inputs); a full checkpoint may hold them instead.
 
     Raises:
         FileNotFoundError: the path (or a required sub-folder) does not exist.
         ValueError: unsupported architecture, unreadable / damaged file, weights that do not fit
-            the configs, or a bad option value.
+            the configs, or a bad option value (``split_files.ModelFilesError`` names the input at
+            fault among a DiT family's files).
     """
     _check_choice(arch, ARCHITECTURE_NAMES, "arch")
-    _check_choice(prediction_type, PREDICTION_TYPES, "prediction_type")
+    _check_choice(prediction_type, (*PREDICTION_TYPES, FLOW_MATCHING), "prediction_type")
     source = Path(path).expanduser()
+    if source.is_dir() and (dit := folder_architecture(_read_model_index(source), source)) is not None:
+        return _finish(_load_dit_folder(source, dit, arch=arch, torch_dtype=torch_dtype, compute_hash=compute_hash))
+    if not source.is_dir() and (text_encoders or vae or is_dit_diffusion_model(source)):
+        return _finish(_load_dit_files(source, arch=arch, prediction_type=prediction_type, config_dir=config_dir,
+                                       text_encoders=text_encoders, vae=vae, torch_dtype=torch_dtype,
+                                       compute_hash=compute_hash))
     if source.is_dir():
         parts, notes = _load_folder(source, arch, prediction_type, torch_dtype)
         source_format = "diffusers"
@@ -574,7 +660,7 @@ def load_base_model(
                       else parts["architecture"].vae_scaling_factor)
     for note in notes:
         logger.info("%s: %s", source.name, note)
-    return BaseModel(
+    return _finish(BaseModel(
         **parts,
         source_sha256=digest,
         source_path=str(source),
@@ -583,7 +669,17 @@ def load_base_model(
         vae_scale_factor=vae_scale_factor,
         resolution=int(parts["denoiser"].config.sample_size) * vae_scale_factor,
         notes=notes,
-    )
+    ), log=False)
+
+
+def _finish(base: BaseModel, *, log: bool = True) -> BaseModel:
+    for module in (base.denoiser, base.vae, *base.text_encoders):
+        if module is not None:
+            module.eval()
+    if log:
+        for note in base.notes:
+            logger.info("%s: %s", Path(base.source_path).name, note)
+    return base
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,16 @@
-"""Read and write LoRA files in kohya format (the format ComfyUI, A1111/Forge and diffusers all load).
+"""Read and write LoRA files: kohya format for the SD families, diffusers' format for the DiT families
+(the formats ComfyUI, A1111/Forge and diffusers all load for each).
+
+**DiT families** (``lora_format = "diffusers"`` in the table): keys ``transformer.<diffusers module>.lora_A.weight``
+/ ``.lora_B.weight``, as diffusers' ``save_lora_weights`` writes them, with the adapter config under the
+safetensors metadata key ``lora_adapter_metadata``. ComfyUI 0.33 maps these keys for FLUX.1, FLUX.2 and
+Z-Image (q / k / v onto its fused weights). The two readers disagree on alpha: ComfyUI uses a
+``.alpha`` tensor (scale 1 without one) and ignores the metadata, diffusers reads the metadata's
+``lora_alpha`` and refuses ``.alpha`` tensors. So the scale is baked in: ``lora_B *= alpha / r`` and
+the metadata says ``lora_alpha = r``; both then apply exactly the trained delta, and so does any tool
+that assumes alpha = rank (FINDINGS.md Q5, format "S"). The real alpha stays in our own metadata.
+
+**SD families**, kohya format:
 
 Keys: ``lora_unet_<diffusers module path with _>``, ``lora_te_<...>`` (SD1.x / SD2.x text encoder) or
 ``lora_te1_`` / ``lora_te2_`` (SDXL's two encoders), each with ``.lora_down.weight`` (peft's A),
@@ -186,6 +198,126 @@ def save_kohya_lora(
     logger.info("saved LoRA %s (%d modules, rank %s, alpha %s)", path, summary["modules"], summary["rank"],
                 summary["alpha"])
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# peft -> diffusers' format (the DiT families)
+
+DIFFUSERS_LORA_FORMAT = "diffusers-1"
+
+
+def peft_to_diffusers(denoiser: torch.nn.Module, *, component: str = "transformer", adapter_name: str = "default"
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """``(state_dict, adapter metadata, summary)`` of the peft adapter in ``denoiser``, with each
+    layer's scale baked into its ``lora_B`` (module docstring)."""
+    from diffusers.loaders.lora_base import _pack_dict_with_prefix
+
+    layers = _lora_layers(denoiser, adapter_name)
+    if not layers:
+        raise ValueError(f"no LoRA adapter named {adapter_name!r} in the denoiser (inject one with peft first)")
+    peft_sd = _peft_state_dict(denoiser, adapter_name)
+    state_dict: dict[str, torch.Tensor] = {}
+    ranks, alphas = [], []
+    for path, layer in layers.items():
+        rank = int(layer.r[adapter_name])
+        scale = float(layer.scaling[adapter_name])
+        down = peft_sd[f"{path}.lora_A.weight"].detach().to("cpu", torch.float32)
+        up = peft_sd[f"{path}.lora_B.weight"].detach().to("cpu", torch.float32) * scale
+        state_dict[f"{component}.{path}.lora_A.weight"] = down.contiguous()
+        state_dict[f"{component}.{path}.lora_B.weight"] = up.contiguous()
+        ranks.append(rank)
+        alphas.append(round(scale * rank, 6))
+    config = denoiser.peft_config[adapter_name].to_dict()
+    rank = _most_common(ranks)
+    other_ranks = {path: r for path, r in zip(layers, ranks) if r != rank}
+    # alpha = rank everywhere (scale 1: the scale is in lora_B), also for layers of another rank
+    config.update({"r": rank, "lora_alpha": rank, "alpha_pattern": dict(other_ranks), "rank_pattern": other_ranks,
+                   "use_rslora": False})
+    config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+    summary = {"modules": len(layers), "rank": rank, "alpha": _most_common(alphas)}
+    return state_dict, _pack_dict_with_prefix(config, component), summary
+
+
+def save_diffusers_lora(path: str | os.PathLike, *, denoiser: torch.nn.Module, component: str = "transformer",
+                        adapter_name: str = "default", metadata: Mapping[str, Any] | None = None,
+                        overwrite: bool = False) -> Path:
+    """Save the peft LoRA of a DiT denoiser in diffusers' keys with the scale baked in (module
+    docstring), atomically; ``metadata`` as in ``save_kohya_lora``."""
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: LoRA files are written as .safetensors")
+    if os.path.lexists(path) and not overwrite:
+        raise TargetExistsError(f"LoRA file {str(path)!r} already exists; choose another name or pass overwrite=True")
+    state_dict, adapter_metadata, summary = peft_to_diffusers(denoiser, component=component, adapter_name=adapter_name)
+    # What the tensors mean is fixed here and wins over ``metadata``: the scale is baked in (alpha = rank).
+    header = {"ss_network_module": "networks.lora", **_string_metadata(metadata or {}), "format": "pt",
+              LORA_ADAPTER_METADATA_KEY: json.dumps(adapter_metadata, indent=2, sort_keys=True),
+              "ss_network_dim": str(summary["rank"]), "ss_network_alpha": str(summary["rank"]),
+              "versat2i_lora_format": DIFFUSERS_LORA_FORMAT,
+              "versat2i_lora_alpha": str(summary["alpha"]),  # the alpha it was trained with (baked into lora_B)
+              "versat2i_modules": str(summary["modules"])}
+    with atomic_file(path, overwrite=overwrite, what="LoRA file") as temp:
+        save_file(state_dict, str(temp), metadata=header)
+    logger.info("saved LoRA %s (%d modules, rank %s, alpha %s baked in)", path, summary["modules"], summary["rank"],
+                summary["alpha"])
+    return path
+
+
+def save_lora(path: str | os.PathLike, *, architecture, denoiser: torch.nn.Module,
+              text_encoders: Iterable[torch.nn.Module] = (), metadata: Mapping[str, Any] | None = None,
+              overwrite: bool = False) -> Path:
+    """Save a trained LoRA in the file format of the family (``architecture.lora_format``)."""
+    if architecture.lora_format == "diffusers":
+        if list(text_encoders):
+            raise ValueError(f"{architecture.label}: LoRA files hold the denoiser's layers only (no text encoder)")
+        return save_diffusers_lora(path, denoiser=denoiser, component=architecture.denoiser_component,
+                                   metadata=metadata, overwrite=overwrite)
+    return save_kohya_lora(path, denoiser=denoiser, text_encoders=text_encoders, metadata=metadata,
+                           overwrite=overwrite)
+
+
+def diffusers_to_peft(state_dict: Mapping[str, torch.Tensor], base,
+                      metadata: Mapping[str, str] | None = None) -> dict[str, LoraWeights]:
+    """Per-module LoRA weights of a diffusers-format file, keyed ``<denoiser component>.<module>``,
+    each checked against the loaded base model (the analogue of ``kohya_to_peft``). The scale comes
+    from the metadata's ``lora_alpha`` (files written here: alpha = rank, scale 1)."""
+    component = base.architecture.denoiser_component
+    alpha = None
+    if metadata and metadata.get("lora_adapter_metadata"):
+        alpha = json.loads(metadata["lora_adapter_metadata"]).get(f"{component}.lora_alpha")
+    problems: list[str] = []
+    out: dict[str, LoraWeights] = {}
+    modules = sorted({k.rsplit(".lora_", 1)[0] for k in state_dict if ".lora_" in k})
+    leftovers = [k for k in state_dict if ".lora_A." not in k and ".lora_B." not in k]
+    if leftovers:
+        problems.append(f"keys that are not diffusers LoRA tensors: {leftovers[:5]}")
+    for module in modules:
+        down, up = state_dict.get(f"{module}.lora_A.weight"), state_dict.get(f"{module}.lora_B.weight")
+        if down is None or up is None:
+            problems.append(f"{module}: needs both .lora_A.weight and .lora_B.weight")
+            continue
+        if not module.startswith(component + "."):
+            problems.append(f"{module}: not a {component} module")
+            continue
+        try:
+            target = base.denoiser.get_submodule(module[len(component) + 1:])
+        except AttributeError as exc:
+            problems.append(f"{module}: no such module in the {base.arch} base model ({exc})")
+            continue
+        target = getattr(target, "base_layer", target)
+        if not (isinstance(target, torch.nn.Linear) and down.shape[1] == target.in_features
+                and up.shape[0] == target.out_features and up.shape[1] == down.shape[0]):
+            problems.append(f"{module}: shapes A {tuple(down.shape)} / B {tuple(up.shape)} do not fit {target}")
+            continue
+        out[module] = LoraWeights(down=down, up=up, alpha=float(alpha) if alpha is not None else float(down.shape[0]),
+                                  kohya_name=module)
+    if problems:
+        raise ValueError(f"{len(problems)} LoRA entries do not map onto the {base.arch} base model: "
+                         + "; ".join(problems[:8]) + (" ..." if len(problems) > 8 else ""))
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import torch
 from .architectures import ARCHITECTURES
 from .loading import load_base_model
 from .lora_files import load_kohya_lora
+from .split_files import folder_architecture, inspect_model_files, is_dit_diffusion_model
 
 # Sampling schedulers by name: diffusers class + config overrides. Every one is built from the
 # checkpoint's own scheduler config (betas, timestep spacing) with its prediction type kept, so a
@@ -110,10 +111,26 @@ def _checkpoint_scheduler_config(base) -> tuple[dict[str, Any], str | None]:
     return config, default_class
 
 
+# The DiT families sample with their flow-matching Euler scheduler (the one their pipelines are built
+# for); these names select it.
+FLOW_SCHEDULERS = ("default", "euler")
+
+
+def _flow_scheduler(base, name: str):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if name not in FLOW_SCHEDULERS:
+        raise ValueError(f"scheduler={name!r}: {base.architecture.label} samples with its flow-matching scheduler; "
+                         f"use one of {', '.join(FLOW_SCHEDULERS)}")
+    return FlowMatchEulerDiscreteScheduler.from_config(base.noise_scheduler.config)  # a copy: sampling sets timesteps
+
+
 def build_pipeline(base, *, scheduler: str = "default", device: str | torch.device | None = None,
                    dtype: torch.dtype | None = None):
     """A diffusers pipeline over ``base``'s modules (shared, not copied: moving / casting the
-    pipeline moves / casts ``base``'s modules). ``base`` is a ``models.loading.BaseModel``."""
+    pipeline moves / casts ``base``'s modules). ``base`` is a ``models.loading.BaseModel``. Text
+    encoders a training run has freed (after caching the text embeddings) are None in the pipeline:
+    pass ``prompt_embeds`` then."""
     import diffusers
 
     if base.vae is None:
@@ -121,13 +138,19 @@ def build_pipeline(base, *, scheduler: str = "default", device: str | torch.devi
             f"{base.source_path}: the checkpoint has no VAE (first_stage_model.*), so images can't be decoded; "
             "use a checkpoint with a baked-in VAE"
         )
-    config, default_class = _checkpoint_scheduler_config(base)
-    sampler = make_scheduler(scheduler, config, prediction_type=base.prediction_type, default_class=default_class)
     architecture = base.architecture
+    if architecture.objective == "flow_matching":
+        sampler = _flow_scheduler(base, scheduler)
+        options = {**architecture.pipeline_options, **(base.variant.pipeline_options if base.variant else {})}
+    else:
+        config, default_class = _checkpoint_scheduler_config(base)
+        sampler = make_scheduler(scheduler, config, prediction_type=base.prediction_type, default_class=default_class)
+        options = dict(architecture.pipeline_options)
     components = {architecture.denoiser_component: base.denoiser, "vae": base.vae, "scheduler": sampler}
-    for spec, encoder, tokenizer in zip(architecture.text_encoders, base.text_encoders, base.tokenizers, strict=True):
+    encoders = list(base.text_encoders) or [None] * len(architecture.text_encoders)
+    for spec, encoder, tokenizer in zip(architecture.text_encoders, encoders, base.tokenizers, strict=True):
         components[spec.component], components[spec.tokenizer] = encoder, tokenizer
-    pipe = getattr(diffusers, architecture.pipeline_class)(**components, **architecture.pipeline_options)
+    pipe = getattr(diffusers, architecture.pipeline_class)(**components, **options)
     pipe.set_progress_bar_config(disable=True)  # our own bar counts images across the whole grid
     if dtype is not None and all(module.dtype == dtype for module in _torch_modules(pipe)):
         # Nothing to cast: diffusers warns on every to(dtype) of its models ("should be kept in
@@ -155,13 +178,34 @@ def pipeline_denoiser(pipe):
 def load_pipeline(checkpoint: str | os.PathLike, *, config_dir: str | os.PathLike | None = None,
                   scheduler: str = "default", device: str | torch.device | None = "auto",
                   dtype: str | torch.dtype | None = "auto", prediction_type: str = "auto",
-                  compute_hash: bool = True):
-    """``(pipeline, base)`` for a checkpoint file or diffusers folder, on ``device`` in ``dtype``."""
+                  compute_hash: bool = True, text_encoders: Sequence[str | os.PathLike] = (),
+                  vae: str | os.PathLike | None = None):
+    """``(pipeline, base)`` for a checkpoint file, a DiT family's split files (``text_encoders``,
+    ``vae``) or a diffusers folder, on ``device`` in ``dtype``."""
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     base = load_base_model(checkpoint, config_dir=config_dir, prediction_type=prediction_type,
-                           torch_dtype=torch_dtype, compute_hash=compute_hash)
+                           torch_dtype=torch_dtype, compute_hash=compute_hash, text_encoders=text_encoders, vae=vae)
     return build_pipeline(base, scheduler=scheduler, device=device), base
+
+
+# What an SD pipeline samples with unless told otherwise (the DiT variants carry theirs in the table).
+SD_SAMPLING = {"num_inference_steps": 30, "guidance_scale": 7.5}
+
+
+def sampling_defaults(model: str | os.PathLike, *, text_encoders: Sequence[str | os.PathLike] = (),
+                      vae: str | os.PathLike | None = None, config_dir: str | os.PathLike | None = None
+                      ) -> dict[str, Any]:
+    """Steps and guidance the model samples with by default, from its files' headers (a DiT
+    variant's own: FLUX.2-klein 4 steps at guidance 1...; SD: 30 at 7.5)."""
+    path = Path(model)
+    if path.is_dir():
+        index = path / "model_index.json"
+        found = folder_architecture(json.loads(index.read_text()), path) if index.is_file() else None
+        return dict(found[1].sampling) if found else dict(SD_SAMPLING)
+    if text_encoders or vae or is_dit_diffusion_model(path):
+        return dict(inspect_model_files(path, text_encoders, vae, config_dir=config_dir).variant.sampling)
+    return dict(SD_SAMPLING)
 
 
 # -- adapters ------------------------------------------------------------------------------------

@@ -7,11 +7,18 @@ from __future__ import annotations
 
 import os
 
+import comfy
 import folder_paths
 from comfy_api.latest import io
 
+from ..models.split_files import T5_TOKENIZER_ENV
 from ..safe_io import TargetExistsError
 from ..trainer.launcher import LaunchOptions
+
+# FLUX.1's T5 tokenizer is ComfyUI's own copy (models/split_files.py says why); the training and
+# generation processes the nodes start inherit the variable.
+os.environ.setdefault(T5_TOKENIZER_ENV, os.path.join(os.path.dirname(comfy.__file__), "text_encoders",
+                                                     "t5_tokenizer"))
 
 NODE_ID_PREFIX = "VersaT2I_"
 CATEGORY = "VersaT2I"
@@ -84,6 +91,21 @@ def progress_callback(total: int):
 
 
 
+PREVIEW_MAX_SIZE = 512
+
+
+def preview_image(path: str):
+    """A progress-bar preview (ComfyUI's ``(format, PIL image, max size)``) of an image file; None
+    when it cannot be read (a preview is never worth failing a training for)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return ("PNG", image.convert("RGB"), PREVIEW_MAX_SIZE)
+    except OSError:
+        return None
+
+
 class TrainingHooks:
     """Ties a training child to ComfyUI (``launch_kwargs()`` go to ``train_or_reuse`` /
     ``train_gate_or_reuse``): its step events drive a progress bar, Cancel raises ComfyUI's
@@ -100,6 +122,8 @@ class TrainingHooks:
     def on_event(self, event: dict) -> None:
         if event["event"] in ("start", "step"):
             self.bar.update_absolute(event.get("step", event.get("start_step", 0)), self.total_steps)
+        elif event["event"] == "sample" and event["paths"]:
+            self.bar.update_absolute(event["step"], self.total_steps, preview=preview_image(event["paths"][0]))
 
     @staticmethod
     def free_device_memory() -> None:

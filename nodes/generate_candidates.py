@@ -69,6 +69,20 @@ def check_size(width: int, height: int) -> None:
                              "image size), e.g. 512")
 
 
+def empty_latent(model, width: int, height: int) -> torch.Tensor:
+    """One empty latent in the model's latent format, as its core Empty Latent node makes it: an SD
+    latent at 1/8, adapted by ComfyUI to other channel counts and scales (FLUX.2: 128 channels at
+    1/16, as EmptyFlux2LatentImage). ComfyUI 0.3.64's helper takes no scale (no 1/16 format there)."""
+    import comfy.model_management
+    import comfy.sample
+
+    empty = torch.zeros([1, 4, height // 8, width // 8], device=comfy.model_management.intermediate_device())
+    fix = comfy.sample.fix_empty_latent_channels
+    if "downscale_ratio_spacial" in inspect.signature(fix).parameters:
+        return fix(model, empty, downscale_ratio_spacial=8)
+    return fix(model, empty)
+
+
 def encode(clip, text: str):
     """CONDITIONING for ``text``, exactly as the core CLIPTextEncode node makes it."""
     return clip.encode_from_tokens_scheduled(clip.tokenize(text))
@@ -113,8 +127,12 @@ def sample_candidates(model, clip, vae, prompts: list[str], *, k: int, seed: int
     chunk = 1 if sampler_draws_step_noise(sampler_name) else batch_size
 
     negative = encode(clip, negative_prompt)
-    empty = torch.zeros([1, 4, height // 8, width // 8], device=comfy.model_management.intermediate_device())
-    empty = comfy.sample.fix_empty_latent_channels(model, empty)  # other channel counts (SD3, Flux...)
+    ratio = getattr(model.model.latent_format, "spacial_downscale_ratio", 8)
+    for name, value in (("width", width), ("height", height)):
+        if value % ratio:
+            raise ValueError(f"{name}={value}: this model's latents are 1/{ratio} of the image; use a multiple of "
+                             f"{ratio}, e.g. {max(ratio, round(value / ratio) * ratio)}")
+    empty = empty_latent(model, width, height)
     previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format)
     bar = comfy.utils.ProgressBar(len(plan) * steps)
     done_steps = 0

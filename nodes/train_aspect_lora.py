@@ -22,8 +22,17 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
+from ..models.split_files import ModelFilesError, inspect_model_files, is_dit_diffusion_model
 from ..safe_io import TargetExistsError, confined_path, file_identity
-from ..trainer.config import LR_SCHEDULERS, MIXED_PRECISIONS, PREDICTION_TYPES, LoraTrainConfig, input_range
+from ..trainer.config import (
+    LR_SCHEDULERS,
+    MEMORY_SAVING,
+    MIXED_PRECISIONS,
+    PREDICTION_TYPES,
+    WEIGHTING_SCHEMES,
+    LoraTrainConfig,
+    input_range,
+)
 from ..trainer.launcher import TrainingFailed
 from ..trainer.lora_job import train_or_reuse
 from ..trainer.loss_curve import render_loss_curve
@@ -43,7 +52,8 @@ SEED_CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
 
 
 TRAINING_COMBOS = {"lr_scheduler": LR_SCHEDULERS, "mixed_precision": MIXED_PRECISIONS,
-                   "prediction_type": PREDICTION_TYPES}
+                   "prediction_type": PREDICTION_TYPES, "memory_saving": MEMORY_SAVING,
+                   "weighting_scheme": WEIGHTING_SCHEMES}
 
 
 def bad_combo_message(name: str, value: str, options) -> str:
@@ -81,20 +91,83 @@ def lora_file_name(dataset: str, aspect: str, lora_name: str) -> str:
     return name if name.endswith(".safetensors") else name + ".safetensors"
 
 
-def resolve_paths(dataset: str, aspect: str, ckpt_name: str, lora_name: str) -> dict[str, Path]:
-    """dataset folder, checkpoint file and LoRA file, each confined to its ComfyUI folder."""
+# -- the model files (a checkpoint, or a DiT family's diffusion model + text encoders + VAE) ----------------
+
+NONE = "none"  # an unused model-file input
+# node input -> (ComfyUI model folder, what the file is)
+MODEL_FILE_INPUTS = {"diffusion_model": ("diffusion_models", "a FLUX.1 / FLUX.2-klein / Z-Image diffusion model"),
+                     "text_encoder": ("text_encoders", "its text encoder (CLIP-L or Qwen3)"),
+                     "text_encoder_2": ("text_encoders", "FLUX.1's second text encoder (T5-XXL)"),
+                     "vae": ("vae", "its VAE")}
+
+
+def model_file_options(folder: str) -> list[str]:
+    return [NONE, *folder_paths.get_filename_list(folder)]
+
+
+def model_file_path(input_name: str, value: str | None) -> Path | None:
+    """The full path of a model-file input (None when it is ``none``); ``ValueError`` naming the input."""
+    if not value or value == NONE:
+        return None
+    folder = MODEL_FILE_INPUTS[input_name][0]
+    if value not in folder_paths.get_filename_list(folder):
+        raise ValueError(f"{input_name} {value!r}: not in models/{folder}; put the file there and refresh")
+    return Path(folder_paths.get_full_path_or_raise(folder, value))
+
+
+def model_files(ckpt_name: str, files: dict[str, str | None]) -> dict[str, object]:
+    """base_model, text_encoders and vae paths from the node's inputs: the diffusion model when one is
+    chosen (ckpt_name is then not used), else the checkpoint."""
+    paths = {name: model_file_path(name, files.get(name)) for name in MODEL_FILE_INPUTS}
+    base = paths["diffusion_model"]
+    if base is None:
+        if not ckpt_name or ckpt_name == NONE or ckpt_name not in folder_paths.get_filename_list("checkpoints"):
+            raise ValueError(f"ckpt_name {ckpt_name!r}: not in models/checkpoints; put the checkpoint there and "
+                             f"refresh, "
+                             "or choose a diffusion_model (with its text_encoder and vae)")
+        base = Path(folder_paths.get_full_path_or_raise("checkpoints", ckpt_name))
+    encoders = tuple(str(p) for p in (paths["text_encoder"], paths["text_encoder_2"]) if p is not None)
+    return {"base_model": base, "text_encoders": encoders, "vae": paths["vae"]}
+
+
+def model_files_problem(ckpt_name: str | None, files: dict[str, str | None]) -> str | None:
+    """Why the chosen model files cannot train together, naming the node input at fault (read from
+    the files' headers only: cheap enough to run when a prompt is queued), or None."""
+    try:
+        chosen = model_files(ckpt_name or "", files)
+    except ValueError as exc:
+        return str(exc)
+    base = chosen["base_model"]
+    if not (files.get("diffusion_model") not in (None, NONE) or chosen["text_encoders"] or chosen["vae"]
+            or is_dit_diffusion_model(base)):
+        return None  # an SD checkpoint: the trainer's own checks apply
+    try:
+        inspect_model_files(base, chosen["text_encoders"], chosen["vae"])
+    except ModelFilesError as exc:
+        inputs = {"base_model": "diffusion_model" if files.get("diffusion_model") not in (None, NONE) else "ckpt_name",
+                  "vae": "vae", "text_encoders": "text_encoder"}
+        name = inputs[exc.field]
+        if exc.field == "text_encoders" and exc.index is not None:
+            given = [n for n in ("text_encoder", "text_encoder_2") if files.get(n) not in (None, NONE)]
+            name = given[exc.index] if exc.index < len(given) else name
+        message = str(exc).split(": ", 1)[-1] if str(exc).startswith(exc.field) else str(exc)
+        return f"{name}: {message}"
+    return None
+
+
+def resolve_paths(dataset: str, aspect: str, ckpt_name: str, lora_name: str,
+                  files: dict[str, str | None] | None = None) -> dict[str, Path]:
+    """dataset folder, model files and LoRA file, each confined to its ComfyUI folder."""
     output = Path(folder_paths.get_output_directory())
     dataset_dir = confined_path(output, dataset, what="dataset", writes=False)
     if not dataset_dir.is_dir():
         raise ValueError(f"dataset {dataset!r}: no such folder in ComfyUI's output folder; connect Save Training "
                          "Set's dataset_path, or type the folder name it wrote (e.g. 'versat2i/training_set')")
-    problem = checkpoint_problem(ckpt_name)
-    if problem:
-        raise ValueError(problem)
-    checkpoint = Path(folder_paths.get_full_path_or_raise("checkpoints", ckpt_name))
+    chosen = model_files(ckpt_name, files or {})
     lora_file = confined_path(loras_root() / LORA_SUBFOLDER, lora_file_name(dataset, aspect, lora_name),
                               what="lora_name")
-    return {"dataset": dataset_dir, "checkpoint": checkpoint, "lora": lora_file, "output": output}
+    return {"dataset": dataset_dir, "checkpoint": chosen["base_model"], "text_encoders": chosen["text_encoders"],
+            "vae": chosen["vae"], "lora": lora_file, "output": output}
 
 
 def single_aspect(dataset_dir: Path, aspect: str) -> str:
@@ -112,6 +185,7 @@ def build_config(paths: dict[str, Path], aspect: str, settings: dict[str, Any]) 
     root = loras_root().resolve()
     return LoraTrainConfig(
         base_model=str(paths["checkpoint"]), dataset_dir=str(paths["dataset"]), aspect=aspect,
+        text_encoders=paths.get("text_encoders", ()), vae=str(paths["vae"]) if paths.get("vae") else "",
         output_dir=str(root), output_name=paths["lora"].relative_to(root).as_posix(),
         work_dir=str(paths["output"] / RUNS_SUBFOLDER),  # replaced by a per-fingerprint folder
         keep_checkpoints=False, **settings)
@@ -133,7 +207,8 @@ def train_aspect_lora(dataset: str, aspect: str, ckpt_name: str, lora_name: str,
                       settings: dict[str, Any]) -> AspectLoraResult:
     """Train (or reuse) the LoRA, or skip an aspect the training set kept no image for."""
 
-    paths = resolve_paths(dataset, aspect, ckpt_name, lora_name)
+    settings, files = split_model_file_inputs(settings)
+    paths = resolve_paths(dataset, aspect, ckpt_name, lora_name, files)
     aspect = single_aspect(paths["dataset"], aspect)
     empty = empty_aspects(paths["dataset"]).get(aspect)
     if empty is not None:
@@ -173,8 +248,9 @@ class TrainAspectLora(io.ComfyNode):
                 io.String.Input("aspect", default="",
                                 tooltip="Aspect to train (its '<repeats>_<aspect>' folder). Empty: the dataset's "
                                         "only aspect."),
-                io.Combo.Input("ckpt_name", options=folder_paths.get_filename_list("checkpoints"),
-                               tooltip="Base model: an SD1.x, SD2.x or SDXL checkpoint from models/checkpoints."),
+                io.Combo.Input("ckpt_name", options=[*folder_paths.get_filename_list("checkpoints"), NONE],
+                               tooltip="Base model: an SD1.x, SD2.x or SDXL checkpoint (or a full FLUX.1 checkpoint) "
+                                       "from models/checkpoints. Not used when diffusion_model is chosen."),
                 io.String.Input("lora_name", default="",
                                 tooltip="File name inside models/loras/versat2i/ (sub-folders allowed). Empty: "
                                         "<dataset>_<aspect>."),
@@ -228,6 +304,25 @@ class TrainAspectLora(io.ComfyNode):
                              tooltip="Save a resumable checkpoint every N steps."),
                 io.Boolean.Input("overwrite", default=False, optional=True,
                                  tooltip=overwrite_tooltip("LoRA", "training set, checkpoint and settings")),
+                *model_file_inputs(),
+                io.Combo.Input("memory_saving", options=list(MEMORY_SAVING), default="off", optional=True,
+                               tooltip="auto: turn on text-embedding caching, gradient checkpointing, fp8 base weights "
+                                       "and block offloading, as far as needed for the run to fit the GPU. A run "
+                                       "that cannot fit stops before it starts, naming what to lower."),
+                io.Boolean.Input("fp8_base", default=False, optional=True,
+                                 tooltip="DiT models: keep the frozen weights in fp8 (half of bf16), computed in bf16. "
+                                         "Saves memory together with gradient checkpointing."),
+                io.Boolean.Input("offload_blocks", default=False, optional=True,
+                                 tooltip="DiT models on a GPU: frozen blocks wait in RAM and move to the GPU one at a "
+                                         "time (slower; for 12B models on 16 GB)."),
+                io.Combo.Input("weighting_scheme", options=list(WEIGHTING_SCHEMES), default="none", optional=True,
+                               tooltip="DiT models: where noise levels are drawn and how losses weigh (diffusers' "
+                                       "recipes: none = uniform)."),
+                io.Int.Input("sample_every_n_steps", default=0, **input_range("sample_every_n_steps"), optional=True,
+                             tooltip="Render preview images every N steps (0 = off): shown here while training and "
+                                     "saved in the run folder."),
+                io.String.Input("sample_prompts", default="", multiline=True, optional=True,
+                                tooltip="Preview prompts, one per line (empty: the training set's first captions)."),
             ],
             outputs=[
                 io.String.Output("lora_file", display_name="lora_name",  # ids must differ from input ids
@@ -241,19 +336,26 @@ class TrainAspectLora(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, ckpt_name: str | None = None) -> bool | str:
-        # ComfyUI attaches what this returns to every input it takes, so it takes one: a missing
-        # checkpoint is one error, on ckpt_name (0.3.64 does not check V3 combo values itself). The
-        # other inputs are checked when the node runs (training settings, names confined to their
-        # folders), each error naming its input; ComfyUI 0.33 checks the other combos itself.
-        return checkpoint_problem(ckpt_name) or True
+    def validate_inputs(cls, ckpt_name: str | None = None, diffusion_model: str | None = None,
+                        text_encoder: str | None = None, text_encoder_2: str | None = None,
+                        vae: str | None = None) -> bool | str:
+        # ComfyUI attaches what this returns to every input it takes, so it takes the model files
+        # only: a missing checkpoint, or files that do not belong together (a FLUX VAE with Z-Image,
+        # read from their headers), is one error on them (0.3.64 does not check V3 combo values
+        # itself). The other inputs are checked when the node runs, each error naming its input.
+        if diffusion_model in (None, NONE) and text_encoder in (None, NONE) and vae in (None, NONE):
+            return checkpoint_problem(ckpt_name) or True
+        files = {"diffusion_model": diffusion_model, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2,
+                 "vae": vae}
+        return model_files_problem(ckpt_name, files) or True
 
     @classmethod
     def fingerprint_inputs(cls, dataset: str, aspect: str, ckpt_name: str, lora_name: str, **settings) -> Any:
         # ComfyUI caches outputs by inputs; the data, the checkpoint or the LoRA file can change on disk
         # with the same inputs, so they take part in the cache key.
         try:
-            paths = resolve_paths(dataset, aspect, ckpt_name, lora_name)
+            settings, files = split_model_file_inputs(settings)
+            paths = resolve_paths(dataset, aspect, ckpt_name, lora_name, files)
             config = build_config(paths, single_aspect(paths["dataset"], aspect), _settings(settings))
             lora = paths["lora"]
             return (lora_run_fingerprint(config, cpu=TrainingHooks.cpu_only() or None),
@@ -275,6 +377,22 @@ class TrainAspectLora(io.ComfyNode):
         return io.NodeOutput(result.lora_name, loss_curve_image(result.loss_curve, title), ui={"text": (summary,)})
 
 
+def model_file_inputs() -> list:
+    """The inputs ComfyUI's DiT users pick their model with (as Load Diffusion Model / Load CLIP /
+    Load VAE name them), each ``none`` when unused."""
+    return [io.Combo.Input(name, options=model_file_options(folder), default=NONE, optional=True,
+                           tooltip=f"{what.capitalize()}, from models/{folder}; none = not used." + (
+                               " Choosing one trains a DiT (FLUX.1, FLUX.2-klein, Z-Image) instead of ckpt_name."
+                               if name == "diffusion_model" else ""))
+            for name, (folder, what) in MODEL_FILE_INPUTS.items()]
+
+
+def split_model_file_inputs(inputs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str | None]]:
+    """(the other inputs, the model-file inputs)."""
+    files = {name: inputs.get(name) for name in MODEL_FILE_INPUTS}
+    return {k: v for k, v in inputs.items() if k not in MODEL_FILE_INPUTS}, files
+
+
 # node input -> LoraTrainConfig field (inputs not listed keep their name)
 _SETTING_FIELDS = {"steps": "max_train_steps", "batch_size": "train_batch_size",
                    "checkpoint_every": "checkpointing_steps"}
@@ -284,6 +402,9 @@ def _settings(inputs: dict[str, Any]) -> dict[str, Any]:
     settings = {_SETTING_FIELDS.get(k, k): v for k, v in inputs.items() if v is not None}
     if settings.get("mixed_precision") is None:
         settings.pop("mixed_precision", None)
+    if "sample_prompts" in settings:  # one per line
+        settings["sample_prompts"] = tuple(line.strip() for line in settings["sample_prompts"].splitlines()
+                                           if line.strip())
     return settings
 
 

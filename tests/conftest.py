@@ -66,6 +66,30 @@ def _comfyui_path_or_reason() -> tuple[Path | None, str]:
     return path, ""
 
 
+@pytest.fixture(scope="session", autouse=True)
+def t5_tokenizer_for_flux1(tmp_path_factory):
+    """FLUX.1's T5 tokenizer is not shipped with the pack (models/split_files.py): with COMFYUI_PATH,
+    ComfyUI's own copy (as the nodes use it); else a small stand-in. Set in the environment, so the
+    training processes the tests start see it too."""
+    from versat2i.models.split_files import T5_TOKENIZER_ENV
+
+    if os.environ.get(T5_TOKENIZER_ENV):
+        yield
+        return
+    root, _ = _comfyui_path_or_reason()
+    if root is not None and (root / "comfy" / "text_encoders" / "t5_tokenizer" / "tokenizer.json").is_file():
+        folder = root / "comfy" / "text_encoders" / "t5_tokenizer"
+    else:
+        from tiny_models.dit import write_t5_tokenizer_stand_in
+
+        folder = write_t5_tokenizer_stand_in(tmp_path_factory.mktemp("t5-tokenizer"))
+    os.environ[T5_TOKENIZER_ENV] = str(folder)
+    try:
+        yield
+    finally:
+        os.environ.pop(T5_TOKENIZER_ENV, None)
+
+
 @pytest.fixture(scope="session")
 def comfyui_path() -> Path:
     path, reason = _comfyui_path_or_reason()

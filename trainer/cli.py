@@ -141,6 +141,10 @@ class _ProgressBar:
         self.description, self.disabled, self.bar = description, disabled, None
 
     def on_event(self, event: dict) -> None:
+        if event["event"] == "sample":  # preview paths are printed even without a bar
+            lines = [f"previews at step {event['step']}:", *(f"  {path}" for path in event["paths"])]
+            (self.bar.write if self.bar is not None else print)("\n".join(lines))
+            return
         if self.disabled:
             return
         from ..progress import Progress

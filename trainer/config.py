@@ -24,6 +24,9 @@ from ..safe_io import folder_problem, path_problem, relative_name_problem
 
 ARCH_CHOICES = ("auto", *ARCHITECTURE_NAMES)
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction", "sample")
+# diffusers.training_utils.compute_density_for_timestep_sampling / compute_loss_weighting_for_sd3
+WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "cosmap", "sigma_sqrt")
+MEMORY_SAVING = ("off", "auto")
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 # diffusers.optimization.SchedulerType values (kept here so validation needs no diffusers import).
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -55,6 +58,9 @@ SETTING_RANGES: dict[str, SettingRange] = {
     "noise_offset": SettingRange(0.0, 1.0),
     "snr_gamma": SettingRange(0.0, 100.0),
     "balance_weight": SettingRange(0.0, 100.0),
+    "sample_every_n_steps": SettingRange(0, 1_000_000),
+    "sample_steps": SettingRange(0, 1000),
+    "sample_count": SettingRange(1, 64),
 }
 
 
@@ -69,7 +75,9 @@ class TrainingRunConfig(ConfigFile):
     """Settings every training program of the pack shares (LoRA and gate training)."""
 
     # what to start from and learn on
-    base_model: str  # diffusers folder or single-file checkpoint (.safetensors)
+    base_model: str  # diffusers folder, single-file checkpoint (.safetensors) or a DiT diffusion model
+    text_encoders: tuple[str, ...] = ()  # a DiT diffusion model's text encoder file(s) (ComfyUI's Load CLIP)
+    vae: str = ""  # a DiT diffusion model's VAE file (ComfyUI's Load VAE)
     arch: str = "auto"  # auto (detect) or a family of models/architectures.py
     prediction_type: str = "auto"  # auto (from the model) | epsilon | v_prediction | sample
     model_config_dir: str = ""  # diffusers configs for a single-file checkpoint ("" = the shipped ones)
@@ -95,15 +103,21 @@ class TrainingRunConfig(ConfigFile):
     # speed / memory
     mixed_precision: str = "auto"  # auto: bf16 (or fp16) on CUDA, no elsewhere
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, slower
+    fp8_base: bool = False  # frozen DiT weights stored in float8 (e4m3fn), computed in bf16 (layerwise casting)
+    offload_blocks: bool = False  # frozen DiT blocks wait on the CPU, each moved to the GPU when it runs
+    memory_saving: str = "off"  # auto: turn on the options above (and text-embedding caching) until the run fits
     dataloader_num_workers: int = 0  # image-loading worker processes (0 = in the training process)
     # checkpoints (accelerate state) for --resume latest
     checkpointing_steps: int = 100  # save a resumable checkpoint every this many steps
     checkpoints_total_limit: int = 2  # newest checkpoints kept (0 = keep all)
 
+    # offloading moves weights, not numbers; memory_saving only decides the other switches (recorded
+    # per run folder, so a resumed run keeps what its first start chose)
     NON_RESULT_FIELDS: ClassVar[frozenset[str]] = frozenset(
         {"output_dir", "output_name", "work_dir", "overwrite", "dataloader_num_workers",
-         "checkpointing_steps", "checkpoints_total_limit"}
+         "checkpointing_steps", "checkpoints_total_limit", "offload_blocks", "memory_saving"}
     )
+    LATER_RESULT_FIELDS: ClassVar[frozenset[str]] = frozenset({"text_encoders", "vae", "fp8_base"})
 
     @property
     def output_path(self) -> Path:
@@ -126,6 +140,7 @@ class TrainingRunConfig(ConfigFile):
         for name, limits in SETTING_RANGES.items():  # those of this config's fields (subclasses add some)
             if hasattr(self, name):
                 require_in_range(p, name, getattr(self, name), limits)
+        require_choice(p, "memory_saving", self.memory_saving, MEMORY_SAVING)
         require_positive(p, "adam_epsilon", self.adam_epsilon)
         require_positive(p, "max_grad_norm", self.max_grad_norm)
         for name in ("adam_beta1", "adam_beta2"):
@@ -153,6 +168,13 @@ class TrainingRunConfig(ConfigFile):
             if self.base_model.strip() and not os.path.exists(self.base_model):
                 p.append(f"base_model={self.base_model!r}: no such file or folder; give a diffusers model folder "
                          "or a single-file checkpoint (.safetensors)")
+            for index, path in enumerate(self.text_encoders):
+                if not os.path.isfile(path):
+                    p.append(f"text_encoders[{index}]={path!r}: no such file; give the text encoder file ComfyUI's "
+                             "Load CLIP node reads (models/text_encoders)")
+            if self.vae and not os.path.isfile(self.vae):
+                p.append(f"vae={self.vae!r}: no such file; give the VAE file ComfyUI's Load VAE node reads "
+                         "(models/vae)")
             if self.model_config_dir and not os.path.isdir(self.model_config_dir):
                 p.append(f"model_config_dir={self.model_config_dir!r}: no such folder; give a diffusers model folder "
                          "whose configs describe the checkpoint, or leave it empty")
@@ -230,9 +252,34 @@ class LoraTrainConfig(ImageTrainingConfig):
     # loss
     noise_offset: float = 0.0  # offset noise: helps very dark / bright images (0.05-0.1; 0 = off)
     snr_gamma: float = 0.0  # min-SNR weighting gamma (0 = off; 5 is the paper's value)
+    # flow matching (the DiT families), as diffusers' recipes: where noise levels are drawn, how losses weigh
+    weighting_scheme: str = "none"  # none (uniform) | logit_normal | mode | cosmap | sigma_sqrt
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    guidance_scale: float = 0.0  # the guidance input of a guidance-distilled model (0 = its default: FLUX.1-dev 3.5)
+    # sample previews while training: a few prompts (default: the training set's first captions) every N steps
+    sample_every_n_steps: int = 0  # 0 = no previews
+    sample_prompts: tuple[str, ...] = ()
+    sample_count: int = 2  # previews per round when sample_prompts is empty
+    sample_steps: int = 0  # sampling steps (0 = the model's default)
+
+    NON_RESULT_FIELDS: ClassVar[frozenset[str]] = ImageTrainingConfig.NON_RESULT_FIELDS | {
+        "sample_every_n_steps", "sample_prompts", "sample_count", "sample_steps"}
+    LATER_RESULT_FIELDS: ClassVar[frozenset[str]] = ImageTrainingConfig.LATER_RESULT_FIELDS | {
+        "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "guidance_scale"}
 
     def problems(self, *, check_paths: bool = True) -> list[str]:
         p = super().problems(check_paths=check_paths)  # the ranges of rank, alpha, dropout... included
+        require_choice(p, "weighting_scheme", self.weighting_scheme, WEIGHTING_SCHEMES)
+        require_positive(p, "logit_std", self.logit_std)
+        require_positive(p, "mode_scale", self.mode_scale)
+        if not math.isfinite(self.logit_mean):
+            p.append(f"logit_mean={self.logit_mean}: must be a finite number (0 is usual)")
+        if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
+            p.append(f"guidance_scale={self.guidance_scale}: must be >= 0 (0 = the model's default)")
+        if any(not str(prompt).strip() for prompt in self.sample_prompts):
+            p.append("sample_prompts: an empty prompt; give text or leave the list empty (training captions are used)")
         if self.cache_text_embeddings and self.train_text_encoder:
             p.append("cache_text_embeddings with train_text_encoder: a trained text encoder changes the "
                      "embeddings every step; turn one off")

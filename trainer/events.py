@@ -10,6 +10,7 @@ Schema (``"v": 1``; every event has ``"event"``, ``"v"``, ``"time"`` (unix secon
     start       total_steps, start_step, num_examples, output        (+ resumed_from)
     step        step, total, loss, lr, eta_s                         (+ epoch)
     checkpoint  step, path
+    sample      step, paths (preview images written to the run folder)  (+ prompts)
     done        step, lora_path                                      (+ elapsed_s)
     error       message                                              (+ error_type)
 """
@@ -31,6 +32,7 @@ REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
     "start": ("total_steps", "start_step", "num_examples", "output"),
     "step": ("step", "total", "loss", "lr", "eta_s"),
     "checkpoint": ("step", "path"),
+    "sample": ("step", "paths"),
     "done": ("step", "lora_path"),
     "error": ("message",),
 }

@@ -212,7 +212,10 @@ def collate_examples(examples: list[dict[str, Any]]) -> dict[str, Any]:
     tensor_keys = [k for k, v in examples[0].items() if isinstance(v, torch.Tensor)]
     for key in tensor_keys:
         if all(key in e for e in examples):
-            batch[key] = torch.stack([e[key] for e in examples])
+            values = [e[key] for e in examples]
+            # Z-Image's cached text embeddings hold each caption's real tokens only: a list then
+            same_shape = all(v.shape == values[0].shape for v in values)
+            batch[key] = torch.stack(values) if same_shape else values
     if "latents" not in batch and "pixel_values" not in batch:
         # Cached and uncached examples in one batch (config.validate forbids flips with caching).
         raise ValueError("a batch mixes cached latents and images; cache every image or none")

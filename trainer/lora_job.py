@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..models.loading import detect_checkpoint_architecture
+from ..models.split_files import inspect_model_files, is_dit_diffusion_model
 from ..safe_io import TargetExistsError, confined_path
 from ..training_set.folders import scan_training_set
 from .config import LoraTrainConfig
@@ -89,10 +90,15 @@ class _LazyStateDict(Mapping):
 
 
 def check_base_model(config: LoraTrainConfig) -> None:
-    """Refuse an unsupported single-file checkpoint in-process, before a child is started."""
+    """Refuse an unsupported single-file checkpoint, or DiT files that do not belong together,
+    in-process, before a child is started."""
     path = Path(config.base_model)
     if not (path.is_file() and path.suffix.lower() == ".safetensors"):
         return  # diffusers folders and legacy .ckpt files are checked by the loader in the child
+    if config.text_encoders or config.vae or is_dit_diffusion_model(path):
+        inspect_model_files(path, config.text_encoders, config.vae or None, config_dir=config.model_config_dir or None,
+                            arch=config.arch)
+        return
     from safetensors import safe_open
 
 

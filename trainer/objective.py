@@ -1,7 +1,17 @@
 """What the denoiser learns from a batch: the noised latents, the conditioning it reads and the
-loss against its prediction target, as diffusers' training examples compute them (DDPM noising;
-epsilon, v or x0 targets; optional min-SNR weighting and offset noise). The families' differences
-(pooled text embeddings, size ids) come from the architecture table.
+loss against its prediction target, as diffusers' training examples compute them. The families'
+differences come from the architecture table.
+
+* SD families (``objective = "ddpm"``): DDPM noising; epsilon, v or x0 targets; optional min-SNR
+  weighting and offset noise; SDXL's pooled text embeddings and size ids.
+* DiT families (``objective = "flow_matching"``), as diffusers' DreamBooth-LoRA recipes for FLUX.1,
+  FLUX.2-klein and Z-Image: ``u`` from ``compute_density_for_timestep_sampling`` (uniform,
+  logit-normal or mode; ``weighting_scheme``), ``sigma`` = the model's training scheduler's sigma at
+  index ``u * 1000`` (its static shift applied when the scheduler config has no dynamic shifting:
+  Z-Image 3.0, FLUX.1-schnell 1.0; unshifted for FLUX.1-dev and klein, as the recipes do),
+  ``x_t = (1 - sigma) x0 + sigma noise``, target ``noise - x0``, loss weighted per
+  ``compute_loss_weighting_for_sd3``. Packing, ids, guidance, timestep direction and sign are the
+  family's call convention (``models/flow_matching.py``).
 """
 
 from __future__ import annotations
@@ -9,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..models.flow_matching import encode_prompts as encode_flow_prompts
+from ..models.flow_matching import predict_velocity
 from ..models.loading import encode_prompts
 from .training_loop import encode_images
 
@@ -85,3 +97,60 @@ def compute_loss(model_pred: torch.Tensor, latents: torch.Tensor, noise: torch.T
     return loss if per_sample else loss.mean()
 
 
+
+
+# -- flow matching (the DiT families) ---------------------------------------------------------------------
+
+def batch_latents(batch: dict, base, device, *, weight_dtype: torch.dtype, vae_dtype: torch.dtype,
+                  noise_generator: torch.Generator) -> torch.Tensor:
+    """Cached latents or the VAE's (``encode_images``), in ``weight_dtype``."""
+    if "latents" in batch:
+        return batch["latents"].to(device, dtype=weight_dtype)
+    with torch.no_grad():
+        return encode_images(base, batch["pixel_values"], device, vae_dtype, noise_generator).to(weight_dtype)
+
+
+def flow_noised_latents(batch: dict, base, device, *, weight_dtype: torch.dtype, vae_dtype: torch.dtype,
+                        noise_generator: torch.Generator, sigma_table: torch.Tensor, config):
+    """(latents, noise, sigmas [B], noisy latents) of one batch, every random draw from
+    ``noise_generator`` (saved in checkpoints: exact resume). ``sigma_table``: the training
+    scheduler's 1000 sigmas."""
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    latents = batch_latents(batch, base, device, weight_dtype=weight_dtype, vae_dtype=vae_dtype,
+                            noise_generator=noise_generator)
+    noise = torch.randn(latents.shape, generator=noise_generator, device=device, dtype=latents.dtype)
+    u = compute_density_for_timestep_sampling(config.weighting_scheme, latents.shape[0], logit_mean=config.logit_mean,
+                                              logit_std=config.logit_std, mode_scale=config.mode_scale, device=device,
+                                              generator=noise_generator)
+    indices = (u * len(sigma_table)).long().clamp(0, len(sigma_table) - 1)
+    sigmas = sigma_table.to(device)[indices]
+    shaped = sigmas.view(-1, *([1] * (latents.ndim - 1))).to(latents.dtype)
+    return latents, noise, sigmas, (1.0 - shaped) * latents + shaped * noise
+
+
+def flow_conditioning(batch: dict, base, device, *, weight_dtype: torch.dtype) -> dict:
+    """The batch's cached conditioning (``prompt_embeds``...) or the text encoders', in ``weight_dtype``."""
+    if "prompt_embeds" in batch:
+        cond = {k: batch[k] for k in ("prompt_embeds", "pooled_prompt_embeds") if k in batch}
+    else:
+        cond = encode_flow_prompts(base, batch["caption"], device)
+
+    def cast(value):
+        if isinstance(value, torch.Tensor):
+            return value.to(device, dtype=weight_dtype)
+        return [v.to(device, dtype=weight_dtype) for v in value]
+
+    return {k: cast(v) for k, v in cond.items()}
+
+
+def flow_loss(base, denoiser, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor,
+              noisy: torch.Tensor, cond: dict, *, weighting_scheme: str, guidance: float | None) -> torch.Tensor:
+    """The recipe's weighted MSE between the denoiser's velocity and ``noise - latents``."""
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+    prediction = predict_velocity(base, denoiser, noisy, sigmas, cond, guidance)
+    target = noise - latents
+    weighting = compute_loss_weighting_for_sd3(weighting_scheme, sigmas.view(-1, *([1] * (latents.ndim - 1))))
+    per_sample = (weighting.float() * (prediction.float() - target.float()) ** 2).reshape(latents.shape[0], -1)
+    return per_sample.mean(dim=1).mean()

@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from ..models.flow_matching import encode_latents
+from ..models.flow_matching import encode_prompts as encode_flow_prompts
 from ..models.loading import encode_prompts, load_base_model, model_source_paths
 from ..safe_io import (
     WriteFailedError,
@@ -243,9 +245,22 @@ def _checkpoint_failed(exc: BaseException, accelerator, folder: Path, partial: P
 
 def encode_images(base, pixels: torch.Tensor, device, dtype: torch.dtype,
                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """Scaled latents of ``pixels`` [B,3,H,W] in -1..1: a sample of the VAE's posterior."""
+    """Scaled latents of ``pixels`` [B,3,H,W] in -1..1: a sample of the VAE's posterior (the DiT
+    families: normalised as their recipes do, ``models.flow_matching.encode_latents``)."""
+    if base.architecture.objective == "flow_matching":
+        return encode_latents(base, pixels.to(device, dtype=dtype), generator)
     latent_dist = base.vae.encode(pixels.to(device, dtype=dtype)).latent_dist
     return latent_dist.sample(generator=generator) * base.vae_scaling_factor
+
+
+def free_text_encoders(base) -> None:
+    """Drop the text encoders (their outputs are cached): a DiT family's are 5-10 GB."""
+    import gc
+
+    base.text_encoders.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def prepare_training_data(config, images, base, device, *, vae_dtype: torch.dtype):
@@ -263,7 +278,10 @@ def prepare_training_data(config, images, base, device, *, vae_dtype: torch.dtyp
         logger.info("cached latents for %d images (%d reused from generation)", len(dataset), reused)
         if base.vae is not None:
             base.vae.to("cpu")  # not needed on the device any more
-    if config.cache_text_embeddings:
+    if config.cache_text_embeddings and base.architecture.objective == "flow_matching":
+        dataset.cache_text_embeddings(lambda captions: encode_flow_prompts(base, captions, device))
+        free_text_encoders(base)
+    elif config.cache_text_embeddings:
         def encode_captions(captions: list[str]) -> dict[str, torch.Tensor]:
             hidden, added = encode_prompts(base, captions, device)
             out = {"encoder_hidden_states": hidden}
@@ -306,6 +324,7 @@ class TrainingStep:
     after_backward: Callable[[], None] | None = None
     after_update: Callable[[int], None] | None = None
     event_fields: Callable[[], dict[str, Any]] | None = None
+    after_step: Callable[[int], None] | None = None  # main process, after an optimiser step's event (previews)
 
 
 @dataclass
@@ -391,6 +410,8 @@ class TrainingRun:
                     self.events.emit("step", step=progress.global_step, total=config.max_train_steps,
                                      loss=means.pop("loss"), lr=lr_scheduler.get_last_lr()[0], eta_s=round(eta, 2),
                                      epoch=epoch, **means, **(step.event_fields() if step.event_fields else {}))
+                if step.after_step is not None and accelerator.is_main_process:
+                    step.after_step(progress.global_step)
                 if (progress.global_step % config.checkpointing_steps == 0
                         and progress.global_step < config.max_train_steps):
                     path = save_checkpoint(accelerator, self.work_dir, progress.global_step,
@@ -419,11 +440,12 @@ def run_output_path(config) -> Path:
                          what="output_name")
 
 
-def load_run_base_model(config):
+def load_run_base_model(config, *, torch_dtype: torch.dtype = torch.float32):
     """The base model a run trains on (``models.loading.load_base_model`` with the run's settings),
     with how its family and prediction type were decided in the log."""
     base = load_base_model(config.base_model, arch=config.arch, prediction_type=config.prediction_type,
-                           config_dir=config.model_config_dir or None)
+                           config_dir=config.model_config_dir or None, torch_dtype=torch_dtype,
+                           text_encoders=config.text_encoders, vae=config.vae or None)
     for note in base.notes:
         logger.info("base model: %s", note)
     return base
@@ -450,6 +472,10 @@ def base_model_identity(config) -> dict[str, list]:
     identity = {"base_model": tree_identity(checkpoint)}
     if config_dirs:
         identity["model_configs"] = tree_identity(config_dirs[0])
+    if config.text_encoders:  # a DiT family's other files
+        identity["text_encoders"] = [tree_identity(Path(path)) for path in config.text_encoders]
+    if config.vae:
+        identity["vae"] = tree_identity(Path(config.vae))
     return identity
 
 

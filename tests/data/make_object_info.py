@@ -47,7 +47,8 @@ FRONTEND_ONLY = {"Note", "MarkdownNote", "PrimitiveNode", "Reroute"}
 # Where a dummy file makes file-listing combos change (found by comparing the two answers).
 DUMMY_FILES = ("models/checkpoints/dummy.safetensors", "models/loras/dummy.safetensors",
                "models/loras/dummy.mol.safetensors", "models/vae/dummy.safetensors", "input/dummy.png",
-               "models/versat2i/clip/dummy.safetensors", "models/versat2i/aesthetic/dummy.pth")
+               "models/versat2i/clip/dummy.safetensors", "models/versat2i/aesthetic/dummy.pth",
+               "models/diffusion_models/dummy.safetensors", "models/text_encoders/dummy.safetensors")
 
 
 def workflow_node_types(folder: Path) -> set[str]:

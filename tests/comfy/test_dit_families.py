@@ -1,0 +1,490 @@
+"""The DiT families against real code on both sides (ComfyUI 0.33 in-process, diffusers; skipped
+without COMFYUI_PATH, and with the reason on a ComfyUI that lacks a family).
+
+Per family, a tiny random-weight model written in ComfyUI's own file layout (``tiny_models/dit.py``):
+
+1. ComfyUI detects the diffusion-model file as that family (its own ``load_diffusion_model``, no
+   mock) and loads every tensor (no "unet missing / unexpected").
+2. ``versat2i train-lora`` trains a LoRA on it from the three files.
+3. ComfyUI's stock LoraLoaderModelOnly node applies the LoRA: no "lora key not loaded", and the
+   model's output changes.
+4. diffusers' pipeline ``load_lora_weights`` reports no missing or unexpected keys, and its fused
+   weights, mapped to ComfyUI's layout, equal ComfyUI's patched weights (q / k / v fused by ComfyUI
+   at row offsets included): both apply the same deltas.
+
+Z-Image: ComfyUI recognises it only at width 3840 (a complete file is >= 1.3 GB). What each test
+proves: ``test_comfyui_detects_zimage_at_its_width`` gives ComfyUI a file with the two tensors its
+detector reads at the real shapes (ComfyUI says ZImage; so do we); the round trip uses the tiny
+width-1152 file, built into ComfyUI's own ``supported_models.ZImage`` model with the detector's
+width-3840 settings at that width (``comfy_zimage_unet_config``) and loaded with ComfyUI's
+``load_model_weights``: the numerics are ComfyUI's, the detection step is the only bypass.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models.dit import (
+    MODELS,
+    comfy_layout_shapes,
+    comfy_layouts,
+    comfy_model_config,
+    to_comfy_layout,
+    write_tiny_dit,
+)
+from tiny_models.lora_training import make_kohya_dataset, tiny_lora_config
+
+pytestmark = [pytest.mark.comfy, pytest.mark.family]
+
+COMFY_CLASSES = {"flux1-dev": "Flux", "flux1-schnell": "FluxSchnell", "flux2-klein": "Flux2", "zimage": "ZImage"}
+PIPELINE_OTHERS = {"flux1": ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
+                   "flux2_klein": ("text_encoder", "tokenizer"), "zimage": ("text_encoder", "tokenizer")}
+
+
+class Messages(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def capture(*loggers: str):
+    handler = Messages()
+    for name in loggers:
+        logging.getLogger(name).addHandler(handler)
+    return handler
+
+
+def release(handler, *loggers: str):
+    for name in loggers:
+        logging.getLogger(name).removeHandler(handler)
+
+
+def require_family(name: str) -> None:
+    """Skip, with the reason, on a ComfyUI that cannot read the tiny model of ``name``."""
+    import comfy.supported_models
+    import comfyui_version
+
+    if not hasattr(comfy.supported_models, COMFY_CLASSES[name]):
+        pytest.skip(f"this ComfyUI ({comfyui_version.__version__}) has no {COMFY_CLASSES[name]} model "
+                    "(FLUX.2-klein and Z-Image need ComfyUI 0.33)")
+    version = tuple(int(part) for part in comfyui_version.__version__.split(".")[:2])
+    if version < (0, 33):
+        pytest.skip(f"ComfyUI {comfyui_version.__version__} builds FLUX.1 at width 3072 whatever the file holds "
+                    "(its detector hard-codes hidden_size), so the tiny width-128 models need ComfyUI 0.33")
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """name -> TinyDit, written once per module on first use."""
+    root = tmp_path_factory.mktemp("dit")
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = write_tiny_dit(name, root / name)
+        return cache[name]
+
+    return get
+
+
+def comfy_model(name: str, tiny):
+    """ComfyUI's ModelPatcher of the tiny diffusion-model file (fp32, CPU)."""
+    import comfy.model_patcher
+    import comfy.sd
+    from safetensors.torch import load_file
+
+    cpu = torch.device("cpu")
+    if name == "zimage":  # detection needs width 3840; the rest is ComfyUI's own code
+        state_dict = {k: v.float() for k, v in load_file(str(tiny.diffusion_model)).items()}
+        model_config = comfy_model_config(name)
+        model_config.set_inference_dtype(torch.float32, None)
+        model = model_config.get_model(state_dict, "", device=cpu)
+        model.load_model_weights(dict(state_dict), "")
+        return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    return comfy.sd.load_diffusion_model(str(tiny.diffusion_model), model_options={"dtype": torch.float32})
+
+
+def comfy_inputs(name: str, seed: int = 0):
+    """(x_t, sigma, apply_model kwargs) at the tiny widths."""
+    generator = torch.Generator().manual_seed(seed)
+    family = MODELS[name][0]
+    channels, side = {"flux1": (16, 8), "flux2_klein": (128, 4), "zimage": (16, 8)}[family]
+    x = torch.randn(1, channels, side, side, generator=generator)
+    width = {"flux1": 32, "flux2_klein": 96, "zimage": 32}[family]
+    context = torch.randn(1, 7, width, generator=generator)
+    kwargs = {"c_crossattn": context}
+    if family == "flux1":
+        kwargs["y"] = torch.randn(1, 32, generator=generator)
+        kwargs["guidance"] = torch.tensor([3.5])
+    if family == "zimage":
+        kwargs["num_tokens"] = context.shape[1]
+    return x, torch.tensor([0.6]), kwargs
+
+
+def train_with_cli(tiny, root: Path) -> Path:
+    from versat2i.cli import main
+
+    dataset = make_kohya_dataset(root / "dataset", aspects={"aesthetics": 2}, images_per_aspect=2)
+    config = tiny_lora_config(root, tiny.diffusion_model, dataset, text_encoders=tuple(map(str, tiny.text_encoders)),
+                              vae=str(tiny.vae), max_train_steps=3, checkpointing_steps=100, learning_rate=5e-3,
+                              train_feed_forward=True)
+    assert main(["train-lora", "--config", str(config.save(root / "lora.toml")), "--cpu", "--quiet"]) == 0
+    return config.output_path
+
+
+def diffusers_fused(tiny, lora_path: Path) -> tuple[dict, list[str]]:
+    """The diffusers transformer (loaded from the tiny files by our loader) after the family
+    pipeline's ``load_lora_weights`` + ``fuse_lora``; and the loader's warnings."""
+    import diffusers
+
+    from versat2i.models.split_files import inspect_model_files, load_model_files
+
+    files = inspect_model_files(tiny.diffusion_model, tiny.text_encoders, tiny.vae)
+    transformer = load_model_files(files)["denoiser"]
+    others = {name: None for name in PIPELINE_OTHERS[tiny.family]}
+    pipe = getattr(diffusers, files.architecture.pipeline_class)(transformer=transformer, scheduler=None, vae=None,
+                                                                 **others)
+    handler = capture("diffusers")
+    try:
+        pipe.load_lora_weights(str(lora_path), adapter_name="aspect")
+    finally:
+        release(handler, "diffusers")
+    # FluxPipeline notes that its (absent) text encoders got no LoRA keys: not a key problem.
+    warnings = [m for m in handler.lines if ("missing" in m.lower() or "unexpected" in m.lower()
+                                             or "not found" in m.lower()) and "NoneType" not in m]
+    pipe.fuse_lora(components=["transformer"], lora_scale=1.0)
+    pipe.unload_lora_weights()  # keeps the fused weights, drops the peft wrappers
+    return {k: v.detach().clone() for k, v in transformer.state_dict().items()}, warnings
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(MODELS))
+def test_trained_lora_loads_fully_in_comfyui_and_diffusers(comfy, comfy_dirs, tiny_models, tmp_path, name):
+    import comfy.utils
+
+    import nodes as comfy_nodes
+
+    require_family(name)
+    tiny = tiny_models(name)
+    handler = capture("")
+    try:
+        patcher = comfy_model(name, tiny)
+    finally:
+        release(handler, "")
+    assert type(patcher.model.model_config).__name__ == COMFY_CLASSES[name]
+    assert not [m for m in handler.lines if "unet missing" in m or "unet unexpected" in m], handler.lines
+
+    lora_path = train_with_cli(tiny, tmp_path)
+    lora = comfy.utils.load_torch_file(str(lora_path))
+    modules = {k.rsplit(".lora_", 1)[0] for k in lora}
+    assert modules and all(k.startswith("transformer.") for k in lora)
+    (comfy_dirs["models"] / "loras").mkdir(exist_ok=True)
+    shutil.copyfile(lora_path, comfy_dirs["models"] / "loras" / "aspect.safetensors")
+
+    x, sigma, kwargs = comfy_inputs(name)
+    base_weights = {k: v.clone() for k, v in patcher.model.diffusion_model.state_dict().items()}
+    with torch.no_grad():
+        before = patcher.model.apply_model(x, sigma, **kwargs)
+    handler = capture("")
+    try:  # the stock node, as a workflow runs it
+        (patched,) = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(patcher, "aspect.safetensors", 1.0)
+    finally:
+        release(handler, "")
+    assert [m for m in handler.lines if "lora key not loaded" in m] == []
+    assert patched.patches, "ComfyUI applied no patch"
+    patched.patch_model()
+    try:
+        comfy_weights = {k: v.detach().clone() for k, v in patched.model.diffusion_model.state_dict().items()}
+        with torch.no_grad():
+            after = patched.model.apply_model(x, sigma, **kwargs)
+    finally:
+        patched.unpatch_model()
+    assert (after - before).abs().max() > 1e-4, "the LoRA does not change ComfyUI's output"
+
+    fused, warnings = diffusers_fused(tiny, lora_path)
+    assert warnings == []
+    shapes = comfy_layouts()[name]
+    family = MODELS[name][0]
+    from versat2i.models.architectures import architecture
+
+    expected = to_comfy_layout(architecture(family).denoiser_converter, fused, shapes)
+    comfy_keys = {k.replace("_norm.scale", "_norm.weight"): k for k in shapes}
+    changed = 0
+    for comfy_key, file_key in comfy_keys.items():
+        got, want, base = comfy_weights[comfy_key], expected[file_key], base_weights[comfy_key]
+        assert (got - want).abs().max() <= 1e-5 * max(1.0, float(want.abs().max())), comfy_key
+        changed += not torch.equal(got, base)
+    # every LoRA module moved a ComfyUI weight (ComfyUI fuses q / k / v: fewer weights than modules)
+    assert 0 < changed <= len(modules)
+    assert len(patched.patches) == changed
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_dit_layouts_are_comfyuis(comfy, name):
+    """The recorded key -> shape tables the tiny files are written from are what this ComfyUI builds."""
+    require_family(name)
+    assert comfy_layout_shapes(name) == comfy_layouts()[name]
+
+
+def test_comfyui_detects_zimage_at_its_width(comfy, tmp_path):
+    """A file with only the tensors ComfyUI's detector reads, at Z-Image's real shapes (3840 wide):
+    ComfyUI's detector and ours both call it Z-Image."""
+    import comfy.model_detection
+    from safetensors.torch import save_file
+
+    from versat2i.models.architectures import detect_diffusion_model, detect_variant
+
+    require_family("zimage")
+    tensors = {"cap_embedder.1.weight": torch.zeros(3840, 2560, dtype=torch.bfloat16),
+               "noise_refiner.0.attention.k_norm.weight": torch.ones(128, dtype=torch.bfloat16)}
+    assert type(comfy.model_detection.model_config_from_unet(tensors, "")).__name__ == "ZImage"
+    path = tmp_path / "zimage_detect.safetensors"
+    save_file(tensors, str(path))
+    from versat2i.models.comfy_layout import read_header
+
+    shapes = read_header(path).shapes
+    architecture = detect_diffusion_model(shapes)
+    assert architecture.name == "zimage" and detect_variant(architecture, shapes).name == "zimage"
+
+
+@pytest.mark.parametrize("family, folder, comfy_tokenizer", [
+    ("flux1", "flux1-dev/tokenizer_2", ("comfy.text_encoders.sd3_clip", "T5XXLTokenizer")),
+    ("flux2_klein", "flux2-klein-4b/tokenizer", ("comfy.text_encoders.flux", "KleinTokenizer")),
+    ("zimage", "zimage/tokenizer", ("comfy.text_encoders.z_image", "ZImageTokenizer")),
+])
+def test_shipped_tokenizers_give_comfyuis_ids(comfy, family, folder, comfy_tokenizer):
+    """The tokenizers shipped for training give the ids ComfyUI's tokenizers give the same prompt
+    (through the diffusers pipeline's own prompt template)."""
+    import importlib
+
+    from versat2i.models.loading import CONFIG_ROOT
+    from versat2i.models.split_files import load_tokenizer
+
+    try:
+        module = importlib.import_module(comfy_tokenizer[0])
+    except ModuleNotFoundError:
+        module = None
+    if not hasattr(module, comfy_tokenizer[1]):
+        pytest.skip(f"this ComfyUI has no {comfy_tokenizer[1]}")
+    theirs = getattr(module, comfy_tokenizer[1])()
+    ours = load_tokenizer(CONFIG_ROOT / folder)
+    for prompt in ("a photo of a cat", "Ein Hund, 3 Äpfel & 東京タワー at 5:30pm!!"):
+        tokens = theirs.tokenize_with_weights(prompt)  # {encoder: batches} or, for one tokenizer, the batches
+        batches = next(iter(tokens.values())) if isinstance(tokens, dict) else tokens
+        comfy_ids = [t[0] for t in batches[0]]
+        if family == "flux1":  # T5: no template
+            text = prompt
+        else:  # the pipelines' Qwen3 chat template (klein without thinking, Z-Image with)
+            text = ours.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                            add_generation_prompt=True, enable_thinking=family == "zimage")
+        ids = ours(text)["input_ids"]
+        assert comfy_ids[: len(ids)] == ids, prompt
+
+
+# -- the Train Aspect LoRA node with the files ComfyUI users pick ---------------------------------------------
+
+def place_in_comfyui(tiny, models: Path) -> dict[str, str]:
+    """The tiny model's files in ComfyUI's folders; the node input values that pick them."""
+    import folder_paths
+
+    for folder in ("diffusion_models", "text_encoders", "vae"):
+        shutil.copytree(tiny.diffusion_model.parents[1] / folder, models / folder, dirs_exist_ok=True)
+    folder_paths.filename_list_cache.clear()
+    names = [p.name for p in tiny.text_encoders]
+    return {"diffusion_model": tiny.diffusion_model.name, "text_encoder": names[0],
+            "text_encoder_2": names[1] if len(names) > 1 else "none", "vae": tiny.vae.name}
+
+
+NODE_TRAINING = dict(steps=2, learning_rate=1e-2, rank=4, alpha=4.0, batch_size=2, resolution=64, seed=3,
+                     mixed_precision="no", checkpoint_every=100, cache_latents=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(MODELS))
+def test_the_train_node_trains_from_split_files(comfy, comfy_dirs, tiny_models, name):
+    import comfy.utils
+
+    import nodes as comfy_nodes
+    from versat2i.nodes import train_aspect_lora
+
+    require_family(name)
+    tiny = tiny_models(name)
+    files = place_in_comfyui(tiny, comfy_dirs["models"])
+    make_kohya_dataset(comfy_dirs["output"] / "versat2i" / "ds", images_per_aspect=2)
+    assert train_aspect_lora.TrainAspectLora.validate_inputs(dataset="versat2i/ds", ckpt_name="none", **files) is True
+    previews = []
+    comfy.utils.set_progress_bar_global_hook(
+        lambda value, total, preview, node_id=None: previews.append(preview) if preview else None)
+    try:
+        output = train_aspect_lora.TrainAspectLora.execute(
+            dataset="versat2i/ds", aspect="aesthetics", ckpt_name="none", lora_name="", sample_every_n_steps=2,
+            **files, **NODE_TRAINING)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    lora_name = output.result[0]
+    assert previews and previews[-1][0] == "PNG" and previews[-1][1].size == (64, 64)  # the node showed a preview
+
+    patcher = comfy_model(name, tiny)
+    x, sigma, kwargs = comfy_inputs(name)
+    with torch.no_grad():
+        before = patcher.model.apply_model(x, sigma, **kwargs)
+    handler = capture("")
+    try:
+        (patched,) = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(patcher, lora_name, 1.0)
+    finally:
+        release(handler, "")
+    assert [m for m in handler.lines if "lora key not loaded" in m] == []
+    patched.patch_model()
+    try:
+        with torch.no_grad():
+            after = patched.model.apply_model(x, sigma, **kwargs)
+    finally:
+        patched.unpatch_model()
+    assert (after - before).abs().max() > 1e-5
+
+
+def test_the_train_node_refuses_mismatched_files_at_queue_time(comfy, comfy_dirs, tiny_models):
+    """validate_inputs reads the files' headers and names the input at fault."""
+    from versat2i.nodes import train_aspect_lora
+
+    klein, flux = tiny_models("flux2-klein"), tiny_models("flux1-dev")
+    files = place_in_comfyui(klein, comfy_dirs["models"])
+    flux_files = place_in_comfyui(flux, comfy_dirs["models"])
+    validate = train_aspect_lora.TrainAspectLora.validate_inputs
+    message = validate(dataset="versat2i/ds", ckpt_name="none", **{**files, "vae": flux_files["vae"]})
+    assert message.startswith("vae: ") and "FLUX.1's VAE" in message and "flux2-vae.safetensors" in message
+    message = validate(dataset="versat2i/ds", ckpt_name="none", **{**files,
+                                                                   "text_encoder": flux_files["text_encoder_2"]})
+    assert message.startswith("text_encoder: ") and "T5-XXL" in message
+    message = validate(dataset="versat2i/ds", ckpt_name="none", **{**flux_files, "text_encoder_2": "none"})
+    assert message.startswith("text_encoder: ") and "T5-XXL" in message and "t5xxl_fp16.safetensors" in message
+    message = validate(dataset="versat2i/ds", ckpt_name="none", **{**files, "diffusion_model": "missing.safetensors"})
+    assert message.startswith("diffusion_model 'missing.safetensors'")
+
+
+# -- Generate Candidates with each family's MODEL / CLIP / VAE in ComfyUI -----------------------------------
+
+def comfy_clip(name: str, tiny):
+    """ComfyUI's CLIP for the tiny text-encoder files. ComfyUI builds CLIP-L, T5-XXL and Qwen3 from
+    fixed configs, so the tiny widths go in as config overrides (FINDINGS Q2); the files and the
+    loader code are ComfyUI's own."""
+    import comfy.sd
+    import comfy.text_encoders.flux
+    import comfy.text_encoders.z_image
+    from comfy.supported_models_base import ClipTarget
+    from safetensors.torch import load_file
+
+    family = MODELS[name][0]
+    encoders = tiny.modules["text_encoders"]
+    if family == "flux1":
+        clip_config, t5_config = encoders[0].config, encoders[1].config
+        options = {"model_config": {k: getattr(clip_config, k) for k in (
+                       "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                                                         "projection_dim")},
+                   "t5xxl_model_config": {k: getattr(t5_config, k) for k in (
+                       "d_model", "d_kv", "d_ff", "num_layers", "num_heads", "relative_attention_num_buckets",
+                       "relative_attention_max_distance")},
+                   "dtype": torch.float32}
+        return comfy.sd.load_clip([str(p) for p in tiny.text_encoders], clip_type=comfy.sd.CLIPType.FLUX,
+                                  model_options=options)
+    config = encoders[0].config
+    overrides = {k: getattr(config, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                                 "num_attention_heads", "num_key_value_heads")}
+    target = (ClipTarget(comfy.text_encoders.flux.KleinTokenizer,
+                         comfy.text_encoders.flux.klein_te(model_type="qwen3_4b"))
+              if family == "flux2_klein" else
+              ClipTarget(comfy.text_encoders.z_image.ZImageTokenizer, comfy.text_encoders.z_image.te()))
+    return comfy.sd.CLIP(target=target, state_dict=[load_file(str(tiny.text_encoders[0]))],
+                         model_options={"qwen3_4b_model_config": overrides, "dtype": torch.float32})
+
+
+def comfy_vae(family: str, folder: Path):
+    """ComfyUI's VAE from an ldm-layout file ComfyUI reads as this family's (its VAE loader fixes the
+    encoder at 128 channels, the real width; the decoder is small)."""
+    import comfy.sd
+    import diffusers
+    from safetensors.torch import save_file
+    from tiny_models.dit import init_weights_, vae_file_state
+
+    common = {"block_out_channels": (128, 256, 512, 512), "decoder_block_out_channels": None, "layers_per_block": 2,
+              "norm_num_groups": 32, "sample_size": 64}
+    if family == "flux2_klein":
+        vae = diffusers.AutoencoderKLFlux2(**{**common, "decoder_block_out_channels": (32, 64, 128, 128)},
+                                           latent_channels=32)
+    else:
+        common.pop("decoder_block_out_channels")
+        vae = diffusers.AutoencoderKL(**common, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
+                                      down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",
+                                                                                                    ) * 4)
+    init_weights_(vae, 5, std=0.02)
+    path = folder / f"{family}_comfy_vae.safetensors"
+    save_file(vae_file_state(vae), str(path))
+    return comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(path)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["flux1-dev", "flux2-klein", "zimage"])
+def test_generate_candidates_samples_each_family_as_a_core_ksampler(comfy, tiny_models, tmp_path, name):
+    """Image i of Generate Candidates equals ComfyUI's core KSampler with seed i on the family's own
+    empty latent (EmptySD3LatentImage's 16 channels at 1/8, EmptyFlux2LatentImage's 128 at 1/16)."""
+    import importlib
+
+    import comfy.utils  # noqa: F401
+
+    import nodes as comfy_nodes
+
+    require_family(name)
+    tiny = tiny_models(name)
+    family = MODELS[name][0]
+    model, clip, vae = comfy_model(name, tiny), comfy_clip(name, tiny), comfy_vae(family, tmp_path)
+    node = importlib.import_module("versat2i.nodes.generate_candidates")
+    output = node.GenerateCandidates.execute(
+        model=model, clip=clip, vae=vae, prompts="a red circle\na blue square", k=2, seed=40, steps=2, cfg=1.0,
+        sampler_name="euler", scheduler="simple", width=64, height=64, batch_size=2, negative_prompt="",
+        prompts_file="")
+    images, candidates, latent = output.args
+    channels, side = {"flux2_klein": (128, 4)}.get(family, (16, 8))
+    assert images.shape == (4, 64, 64, 3) and latent["samples"].shape == (4, channels, side, side)
+    assert candidates["seeds"] == [40, 41, 42, 43]
+    for index, (prompt, seed) in enumerate(zip(candidates["prompts"], candidates["seeds"], strict=True)):
+        positive = comfy_nodes.CLIPTextEncode().encode(clip, prompt)[0]
+        negative = comfy_nodes.CLIPTextEncode().encode(clip, "")[0]
+        empty = torch.zeros(1, channels, side, side)
+        expected = comfy_nodes.common_ksampler(model, seed, 2, 1.0, "euler", "simple", positive, negative,
+                                               {"samples": empty})[0]["samples"]
+        got = latent["samples"][index:index + 1]
+        assert (got - expected).abs().max() <= 1e-5 * max(1.0, float(expected.abs().max())), (name, index)
+    assert torch.isfinite(images).all() and images.std() > 0
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_training_convention_is_what_comfyui_samples(comfy, tiny_models, name):
+    """On the same weights, ComfyUI's denoised prediction x0 equals x_t - sigma * v with v from the
+    trainer's call convention (packing, ids, timestep direction, sign, FLUX.1-dev's guidance): what
+    a LoRA learns is what ComfyUI samples with."""
+    from versat2i.models.flow_matching import predict_velocity
+    from versat2i.models.loading import load_base_model
+
+    require_family(name)
+    tiny = tiny_models(name)
+    patcher = comfy_model(name, tiny)
+    base = load_base_model(tiny.diffusion_model, text_encoders=tiny.text_encoders, vae=tiny.vae, compute_hash=False)
+    x0, _, kwargs = comfy_inputs(name, seed=1)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))
+    cond = {"prompt_embeds": kwargs["c_crossattn"]}
+    if "y" in kwargs:
+        cond["pooled_prompt_embeds"] = kwargs["y"]
+    for sigma in (0.9, 0.5, 0.1):
+        x_t = (1 - sigma) * x0 + sigma * noise
+        with torch.no_grad():
+            velocity = predict_velocity(base, base.denoiser, x_t, torch.tensor([sigma]), cond, guidance=3.5)
+            comfy_x0 = patcher.model.apply_model(x_t, torch.tensor([sigma]), **kwargs)
+        ours = x_t - sigma * velocity
+        assert (comfy_x0 - ours).abs().max() <= 1e-4 * max(1.0, float(ours.abs().max())), (name, sigma)
