@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 
-import comfy
 import folder_paths
 from comfy_api.latest import io
 
@@ -17,8 +16,7 @@ from ..trainer.launcher import LaunchOptions
 
 # FLUX.1's T5 tokenizer is ComfyUI's own copy (models/split_files.py says why); the training and
 # generation processes the nodes start inherit the variable.
-os.environ.setdefault(T5_TOKENIZER_ENV, os.path.join(os.path.dirname(comfy.__file__), "text_encoders",
-                                                     "t5_tokenizer"))
+os.environ.setdefault(T5_TOKENIZER_ENV, os.path.join(folder_paths.base_path, "comfy", "text_encoders", "t5_tokenizer"))
 
 NODE_ID_PREFIX = "VersaT2I_"
 CATEGORY = "VersaT2I"
