@@ -290,14 +290,16 @@ def test_an_aspect_the_training_set_kept_no_image_for_is_skipped_not_an_error(no
         run_node(node, aspect="lowlevel")
 
 
-def test_validate_inputs_takes_the_checkpoint_only(node):
+def test_validate_inputs_takes_the_model_files_only(node):
     """ComfyUI attaches a validate_inputs message to every input the function takes: taking only
-    ckpt_name, a missing checkpoint is one error, on ckpt_name. The rest is checked when the node
-    runs (test_bad_inputs_are_refused_with_nothing_written), each error naming its input."""
+    the model files, a missing checkpoint is one error, on them (a DiT's mismatched files:
+    tests/comfy/test_dit_families.py). The rest is checked when the node runs
+    (test_bad_inputs_are_refused_with_nothing_written), each error naming its input."""
     import inspect
 
     validate = node.TrainAspectLora.validate_inputs
-    assert list(inspect.signature(validate).parameters) == ["ckpt_name"]
+    assert list(inspect.signature(validate).parameters) == ["ckpt_name", "diffusion_model", "text_encoder",
+                                                            "text_encoder_2", "vae"]
     assert validate(ckpt_name="tiny.safetensors") is True
     assert "ckpt_name 'missing.safetensors': not in models/checkpoints" in validate(ckpt_name="missing.safetensors")
     assert validate() is True  # linked: checked when the node runs
