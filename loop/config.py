@@ -126,7 +126,7 @@ class DatasetSection(ConfigFile):
     replay_fraction: float = 0.0  # ... this many per selected image, added to every aspect's set
     # What the gate trains on: "union" (every aspect's set, as MoLE) or "joint" (one more set, the image
     # of each prompt best at all aspects at once: the mixture's goal; rewards.selection.with_joint_scores)
-    gate_data: str = "joint"
+    gate_data: str = "joint"  # "joint" (the jointly best images, their own set) | "union" (MoLE's data)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -294,7 +294,9 @@ def _load_lora_into_pipeline(pipe, state_dict: dict, name: str, *, first: bool) 
     with warnings.catch_warnings():
         if not first:
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
-        if any(key.startswith("lora_te") for key in state_dict):
+        # The denoiser-only path is the UNet pipelines' (their loader mixin has load_lora_into_unet);
+        # the DiT pipelines' LoRAs (diffusers keys) go through load_lora_weights as they are.
+        if any(key.startswith("lora_te") for key in state_dict) or not hasattr(pipe, "load_lora_into_unet"):
             pipe.load_lora_weights(dict(state_dict), adapter_name=name)
             return
         converted, alphas = pipe.lora_state_dict(dict(state_dict))

@@ -66,11 +66,11 @@ def _comfyui_path_or_reason() -> tuple[Path | None, str]:
     return path, ""
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="session")
 def t5_tokenizer_for_flux1(tmp_path_factory):
     """FLUX.1's T5 tokenizer is not shipped with the pack (models/split_files.py): with COMFYUI_PATH,
     ComfyUI's own copy (as the nodes use it); else a small stand-in. Set in the environment, so the
-    training processes the tests start see it too."""
+    training processes the tests start see it too. The DiT test modules use it (``usefixtures``)."""
     from versat2i.models.split_files import T5_TOKENIZER_ENV
 
     if os.environ.get(T5_TOKENIZER_ENV):

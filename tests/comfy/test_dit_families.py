@@ -38,7 +38,7 @@ from tiny_models.dit import (
 )
 from tiny_models.lora_training import make_kohya_dataset, tiny_lora_config
 
-pytestmark = [pytest.mark.comfy, pytest.mark.family]
+pytestmark = [pytest.mark.comfy, pytest.mark.family, pytest.mark.usefixtures("t5_tokenizer_for_flux1")]
 
 COMFY_CLASSES = {"flux1-dev": "Flux", "flux1-schnell": "FluxSchnell", "flux2-klein": "Flux2", "zimage": "ZImage"}
 PIPELINE_OTHERS = {"flux1": ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),

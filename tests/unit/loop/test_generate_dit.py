@@ -15,7 +15,7 @@ from tiny_models.lora_training import make_kohya_dataset, tiny_lora_config
 from versat2i.cli import main
 from versat2i.trainer import train_lora
 
-pytestmark = pytest.mark.family
+pytestmark = [pytest.mark.family, pytest.mark.usefixtures("t5_tokenizer_for_flux1")]
 
 
 def test_generate_samples_a_dit_with_its_defaults_and_loras(tmp_path):

@@ -46,7 +46,7 @@ def test_an_aspect_that_keeps_no_image_is_left_out_and_the_gate_mixes_the_rest(t
         lora=dict(TRAINING),
         gate={"max_train_steps": 2, "learning_rate": 1e-2},
         training=TrainingSection(cpu=True),
-        evaluation=EvaluationSection(seeds_per_prompt=2, resamples=100),
+        evaluation=EvaluationSection(seeds_per_prompt=2, resamples=100, variants=("base", "lora", "merge", "gated")),
     )
     result = run_loop(config, show_progress=False)
     round_1 = out / "round-1"

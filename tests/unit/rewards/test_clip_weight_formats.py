@@ -45,8 +45,8 @@ OPTIONS = {
 # The file (or folder) each scorer names when it is missing, and its sub-folder.
 FIRST_MISSING = {
     "laion-aesthetic-v2": ("sac+logos+ava1-l14-linearMSE.pth", "aesthetic"),
-    "clip-score": ("ViT-L-14-openai.safetensors", "clip"),
-    "clip-iqa": ("ViT-L-14-openai.safetensors", "clip"),
+    "clip-score": ("open_clip_model.safetensors", "clip"),  # the name it is published under (issue 14)
+    "clip-iqa": ("open_clip_model.safetensors", "clip"),
     "hps-v2.1": ("HPS_v2.1_compressed.pt", "hps"),
     "pickscore-v1": ("PickScore_v1", "pickscore"),
 }

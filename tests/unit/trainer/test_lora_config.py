@@ -203,8 +203,10 @@ def test_the_training_nodes_offer_exactly_the_config_limits():
     node sources by test_workflows_schema) use SETTING_RANGES for every bounded input."""
     from versat2i.trainer.config import SETTING_RANGES
 
-    snapshot = json.loads((Path(__file__).parents[2] / "data" / "object_info.json").read_text())["nodes"]
-    for node, inputs in NODE_INPUTS.items():
+    versions = json.loads((Path(__file__).parents[2] / "data" / "object_info.json").read_text())["versions"]
+    assert versions, "the snapshot has no ComfyUI version"
+    for (node, inputs), snapshot in ((item, entry["nodes"]) for entry in versions.values()
+                                     for item in NODE_INPUTS.items()):
         spec = {**snapshot[node]["input"]["required"], **snapshot[node]["input"].get("optional", {})}
         for name, setting in inputs.items():
             options = spec[name][1]

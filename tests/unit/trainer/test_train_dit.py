@@ -26,7 +26,7 @@ from versat2i.trainer import train_lora, training_loop
 from versat2i.trainer.events import read_events
 from versat2i.trainer.launcher import LaunchOptions, TrainingFailed, run_training
 
-pytestmark = pytest.mark.family
+pytestmark = [pytest.mark.family, pytest.mark.usefixtures("t5_tokenizer_for_flux1")]
 
 
 @pytest.fixture(scope="module")
