@@ -213,7 +213,8 @@ def test_console_command_runs_help(tmp_path):
 # Tracked files that are not part of the installed package: the repository's own tooling and docs.
 # Everything else tracked (code, workflows, model configs, tokenizers, demo weights) must be in the wheel.
 NOT_SHIPPED_PREFIXES = ("tests/", "docs/", "bench/", "tools/", ".ci/")
-NOT_SHIPPED_FILES = {".gitignore", ".comfyignore", "Makefile", "README.md", "LICENSE", "pyproject.toml", "requirements.txt",
+NOT_SHIPPED_FILES = {".gitignore", ".comfyignore", "Makefile", "README.md", "LICENSE", "pyproject.toml",
+                     "requirements.txt",
                      "models/configs/write_configs.py"}  # the script that wrote the shipped configs
 
 
