@@ -254,13 +254,13 @@ class LoraTrainConfig(ImageTrainingConfig):
     snr_gamma: float = 0.0  # min-SNR weighting gamma (0 = off; 5 is the paper's value)
     # flow matching (the DiT families), as diffusers' recipes: where noise levels are drawn, how losses weigh
     weighting_scheme: str = "none"  # none (uniform) | logit_normal | mode | cosmap | sigma_sqrt
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    mode_scale: float = 1.29
+    logit_mean: float = 0.0  # logit_normal: the mean of the logit of the noise level
+    logit_std: float = 1.0  # logit_normal: its standard deviation
+    mode_scale: float = 1.29  # mode: how strongly noise levels gather around the middle
     guidance_scale: float = 0.0  # the guidance input of a guidance-distilled model (0 = its default: FLUX.1-dev 3.5)
     # sample previews while training: a few prompts (default: the training set's first captions) every N steps
     sample_every_n_steps: int = 0  # 0 = no previews
-    sample_prompts: tuple[str, ...] = ()
+    sample_prompts: tuple[str, ...] = ()  # preview prompts (empty: the training set's first captions)
     sample_count: int = 2  # previews per round when sample_prompts is empty
     sample_steps: int = 0  # sampling steps (0 = the model's default)
 

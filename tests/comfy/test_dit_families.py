@@ -130,12 +130,20 @@ def comfy_inputs(name: str, seed: int = 0):
 
 def train_with_cli(tiny, root: Path) -> Path:
     from versat2i.cli import main
+    from versat2i.rewards import registry
 
     dataset = make_kohya_dataset(root / "dataset", aspects={"aesthetics": 2}, images_per_aspect=2)
     config = tiny_lora_config(root, tiny.diffusion_model, dataset, text_encoders=tuple(map(str, tiny.text_encoders)),
                               vae=str(tiny.vae), max_train_steps=3, checkpointing_steps=100, learning_rate=5e-3,
                               train_feed_forward=True)
-    assert main(["train-lora", "--config", str(config.save(root / "lora.toml")), "--cpu", "--quiet"]) == 0
+    # The command registers the demo world's scorers in this process, which ComfyUI never does:
+    # restored, so the in-process tests after this one see the scorer lists ComfyUI shows.
+    scorers = dict(registry.SCORERS)
+    try:
+        assert main(["train-lora", "--config", str(config.save(root / "lora.toml")), "--cpu", "--quiet"]) == 0
+    finally:
+        registry.SCORERS.clear()
+        registry.SCORERS.update(scorers)
     return config.output_path
 
 

@@ -12,17 +12,22 @@ randomized seed would make every queue train the LoRAs and the gate again and dr
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
-from harness import snapshot_node_definition, with_core_choices_named
+from harness import (
+    comfyui_version,
+    load_snapshot,
+    snapshot_node_definition,
+    snapshot_version,
+    with_core_choices_named,
+)
 
 pytestmark = pytest.mark.comfy
 
 TESTS = Path(__file__).resolve().parents[1]
 
-SNAPSHOT = json.loads((TESTS / "data" / "object_info.json").read_text())
+SNAPSHOT = load_snapshot()
 
 EXPECTED_NODES = {"VersaT2I_GenerateCandidates", "VersaT2I_LoadScorers", "VersaT2I_ScoreImages",
                   "VersaT2I_FilterBestPerPrompt", "VersaT2I_SaveTrainingSet", "VersaT2I_TrainAspectLoRA",
@@ -52,24 +57,26 @@ def test_every_node_of_the_pack_is_covered(comfy_nodes):
     assert set(comfy_nodes) == EXPECTED_NODES
 
 
-def test_the_snapshot_holds_the_definitions_this_comfyui_serves_for_our_nodes(comfy, infos):
+def test_the_snapshot_holds_the_definitions_this_comfyui_serves_for_our_nodes(comfy, comfyui_path, infos):
     """tests/data/object_info.json (what the workflows are validated against without ComfyUI) against
     the definitions of this pack in this ComfyUI, exactly, as the snapshot reduces them. This also
     catches what its key (the code of nodes/*.py) cannot see: a value a node takes from another
     module. Choices taken from ComfyUI's KSampler are compared as "the same as this version's
-    KSampler" (``harness.with_core_choices_named``), so one snapshot serves every supported
-    ComfyUI version. The server tier compares the core nodes in it too."""
+    KSampler" (``harness.with_core_choices_named``); the snapshot's entry of this ComfyUI version
+    is compared. The server tier compares the core nodes in it too."""
     import nodes as comfy_core_nodes
 
     live_core = {"KSampler": {"input": comfy_core_nodes.KSampler.INPUT_TYPES()}}
-    ours = {kind: spec for kind, spec in SNAPSHOT["nodes"].items() if kind.startswith("VersaT2I_")}
+    version = comfyui_version(comfyui_path)
+    entry = snapshot_version(SNAPSHOT, version)
+    ours = {kind: spec for kind, spec in entry["nodes"].items() if kind.startswith("VersaT2I_")}
     assert set(infos) == set(ours), "node set changed: rerun tests/data/make_object_info.py"
     stale = [kind for kind, info in sorted(infos.items())
-             if with_core_choices_named(snapshot_node_definition(info, SNAPSHOT["dynamic_combos"].get(kind, ())),
+             if with_core_choices_named(snapshot_node_definition(info, entry["dynamic_combos"].get(kind, ())),
                                         live_core)
-             != with_core_choices_named(ours[kind], SNAPSHOT["nodes"])]
-    assert stale == [], (f"definitions changed for {stale} (snapshot made with ComfyUI "
-                         f"{SNAPSHOT['comfyui_version']}): rerun tests/data/make_object_info.py")
+             != with_core_choices_named(ours[kind], entry["nodes"])]
+    assert stale == [], (f"definitions changed for {stale} (ComfyUI {version}'s entry of the snapshot): rerun "
+                         "tests/data/make_object_info.py with this ComfyUI")
 
 
 @pytest.mark.parametrize("node_id", sorted(EXPECTED_NODES))
