@@ -336,18 +336,18 @@ class TrainAspectLora(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, ckpt_name: str | None = None, diffusion_model: str | None = None,
-                        text_encoder: str | None = None, text_encoder_2: str | None = None,
-                        vae: str | None = None) -> bool | str:
-        # ComfyUI attaches what this returns to every input it takes, so it takes the model files
-        # only: a missing checkpoint, or files that do not belong together (a FLUX VAE with Z-Image,
-        # read from their headers), is one error on them (0.3.64 does not check V3 combo values
-        # itself). The other inputs are checked when the node runs, each error naming its input.
-        if diffusion_model in (None, NONE) and text_encoder in (None, NONE) and vae in (None, NONE):
-            return checkpoint_problem(ckpt_name) or True
+    def validate_inputs(cls, diffusion_model: str | None = None, text_encoder: str | None = None,
+                        text_encoder_2: str | None = None, vae: str | None = None) -> bool | str:
+        # ComfyUI attaches what this returns to every input it takes, so it takes a DiT's model files
+        # only: files that do not belong together (a FLUX VAE with Z-Image, read from their headers)
+        # are refused when the prompt is queued, on those inputs. A missing checkpoint is ComfyUI
+        # 0.33's own one error on ckpt_name (it checks V3 combo values; 0.3.64 does not, and the node
+        # refuses it when it runs). The other inputs are checked when the node runs, naming the input.
+        if diffusion_model in (None, NONE):  # a checkpoint: nothing here to check together
+            return True
         files = {"diffusion_model": diffusion_model, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2,
                  "vae": vae}
-        return model_files_problem(ckpt_name, files) or True
+        return model_files_problem(None, files) or True
 
     @classmethod
     def fingerprint_inputs(cls, dataset: str, aspect: str, ckpt_name: str, lora_name: str, **settings) -> Any:

@@ -326,7 +326,7 @@ def test_the_train_node_trains_from_split_files(comfy, comfy_dirs, tiny_models, 
     tiny = tiny_models(name)
     files = place_in_comfyui(tiny, comfy_dirs["models"])
     make_kohya_dataset(comfy_dirs["output"] / "versat2i" / "ds", images_per_aspect=2)
-    assert train_aspect_lora.TrainAspectLora.validate_inputs(ckpt_name="none", **files) is True
+    assert train_aspect_lora.TrainAspectLora.validate_inputs(**files) is True
     previews = []
     comfy.utils.set_progress_bar_global_hook(
         lambda value, total, preview, node_id=None: previews.append(preview) if preview else None)
@@ -366,14 +366,13 @@ def test_the_train_node_refuses_mismatched_files_at_queue_time(comfy, comfy_dirs
     files = place_in_comfyui(klein, comfy_dirs["models"])
     flux_files = place_in_comfyui(flux, comfy_dirs["models"])
     validate = train_aspect_lora.TrainAspectLora.validate_inputs
-    message = validate(ckpt_name="none", **{**files, "vae": flux_files["vae"]})
+    message = validate(**{**files, "vae": flux_files["vae"]})
     assert message.startswith("vae: ") and "FLUX.1's VAE" in message and "flux2-vae.safetensors" in message
-    message = validate(ckpt_name="none", **{**files,
-                                                                   "text_encoder": flux_files["text_encoder_2"]})
+    message = validate(**{**files, "text_encoder": flux_files["text_encoder_2"]})
     assert message.startswith("text_encoder: ") and "T5-XXL" in message
-    message = validate(ckpt_name="none", **{**flux_files, "text_encoder_2": "none"})
+    message = validate(**{**flux_files, "text_encoder_2": "none"})
     assert message.startswith("text_encoder: ") and "T5-XXL" in message and "t5xxl_fp16.safetensors" in message
-    message = validate(ckpt_name="none", **{**files, "diffusion_model": "missing.safetensors"})
+    message = validate(**{**files, "diffusion_model": "missing.safetensors"})
     assert message.startswith("diffusion_model 'missing.safetensors'")
 
 

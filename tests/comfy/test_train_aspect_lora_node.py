@@ -290,19 +290,21 @@ def test_an_aspect_the_training_set_kept_no_image_for_is_skipped_not_an_error(no
         run_node(node, aspect="lowlevel")
 
 
-def test_validate_inputs_takes_the_model_files_only(node):
-    """ComfyUI attaches a validate_inputs message to every input the function takes: taking only
-    the model files, a missing checkpoint is one error, on them (a DiT's mismatched files:
-    tests/comfy/test_dit_families.py). The rest is checked when the node runs
-    (test_bad_inputs_are_refused_with_nothing_written), each error naming its input."""
+def test_validate_inputs_takes_the_dit_model_files_only(node):
+    """ComfyUI attaches a validate_inputs message to every input the function takes: taking only a
+    DiT's model files, their mismatch is reported on them (tests/comfy/test_dit_families.py), and a
+    missing checkpoint is ComfyUI 0.33's own one error on ckpt_name (tests/server/test_workflows.py).
+    The rest is checked when the node runs (test_bad_inputs_are_refused_with_nothing_written), each
+    error naming its input."""
     import inspect
 
     validate = node.TrainAspectLora.validate_inputs
-    assert list(inspect.signature(validate).parameters) == ["ckpt_name", "diffusion_model", "text_encoder",
-                                                            "text_encoder_2", "vae"]
-    assert validate(ckpt_name="tiny.safetensors") is True
-    assert "ckpt_name 'missing.safetensors': not in models/checkpoints" in validate(ckpt_name="missing.safetensors")
+    assert list(inspect.signature(validate).parameters) == ["diffusion_model", "text_encoder", "text_encoder_2",
+                                                            "vae"]
+    assert validate(diffusion_model="none", text_encoder="none", text_encoder_2="none", vae="none") is True
     assert validate() is True  # linked: checked when the node runs
+    with pytest.raises(ValueError, match="ckpt_name 'missing.safetensors': not in models/checkpoints"):
+        run_node(node, ckpt_name="missing.safetensors")
 
 
 @pytest.mark.parametrize("lora_name, message", [

@@ -47,11 +47,13 @@ def candidate_frames(count: int = len(PROMPTS) * CANDIDATES, size: int = 32) -> 
     return frames
 
 
-def multi_frame_tiff(frames: list[np.ndarray]) -> bytes:
-    """One file holding the whole batch: LoadImage returns every frame of a multi-page image."""
+def multi_frame_image(frames: list[np.ndarray]) -> bytes:
+    """One file holding the whole batch: LoadImage returns every frame of an animated image. A
+    lossless animated WebP (exact pixels): ComfyUI 0.33 reads images with pyav first, which returns
+    one page of a multi-page TIFF, and falls back to PIL (every frame) for animated WebP."""
     images = [Image.fromarray(frame) for frame in frames]
     buffer = io.BytesIO()
-    images[0].save(buffer, format="TIFF", save_all=True, append_images=images[1:])
+    images[0].save(buffer, format="WEBP", save_all=True, append_images=images[1:], lossless=True, duration=100)
     return buffer.getvalue()
 
 
@@ -78,7 +80,7 @@ def pipeline_graph(image_name: str, dataset_name: str, **overrides) -> dict:
 @pytest.fixture(scope="module")
 def uploaded(comfy_server) -> tuple[str, list[np.ndarray]]:
     frames = candidate_frames()
-    return comfy_server.upload_input("candidates.tiff", multi_frame_tiff(frames)), frames
+    return comfy_server.upload_input("candidates.webp", multi_frame_image(frames)), frames
 
 
 def test_pack_imports_and_lists_its_nodes(comfy_server):
@@ -154,7 +156,7 @@ def test_unknown_scorer_in_a_combo_is_one_error_naming_the_input(comfy_server, u
     try:
         prompt_id = comfy_server.queue(graph)
     except PromptRejected as refused:
-        (error,) = refused.value.node_errors["2"]["errors"]
+        (error,) = refused.node_errors["2"]["errors"]
         assert error["type"] == "value_not_in_list" and error["extra_info"]["input_name"] == "lowlevel"
         assert "analytic:no-such-stat" in error["details"]
     else:

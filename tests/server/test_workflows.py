@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import time
 import urllib.request
 from pathlib import Path
 
@@ -357,6 +358,17 @@ def checks_v3_combos(server) -> bool:
     return tuple(int(p) for p in comfyui_version(server.comfyui_path).split(".")[:2]) >= (0, 4)
 
 
+def drain_queue(server, timeout: float = 600.0) -> None:
+    """Wait until the server has nothing running or pending."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        queue = server.get_json("/queue")
+        if not queue.get("queue_running") and not queue.get("queue_pending"):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"the queue did not drain within {timeout:.0f} s")
+
+
 def errors_by_node(refused: PromptRejected) -> dict[str, list[dict]]:
     return {node_id: node["errors"] for node_id, node in refused.node_errors.items()}
 
@@ -396,7 +408,12 @@ def test_a_bad_combo_value_is_one_error_on_its_input(server, workflow_name, node
     (error,) = errors[str(node["id"])]
     assert error["type"] == "value_not_in_list" and error["extra_info"]["input_name"] == widget
     assert value in error["details"]
-    assert server.get_json("/history").keys() == history_before.keys(), "something ran"
+    # ComfyUI 0.33 still runs the outputs that do not depend on a refused node (a quick loop's
+    # training set is saved before its Train node): the node with the bad value never runs.
+    drain_queue(server)
+    ran = {node_id for key, entry in server.get_json("/history").items() if key not in history_before
+           for node_id in entry.get("outputs", {})}
+    assert str(node["id"]) not in ran, "the node with the bad value ran"
 
 
 def test_a_missing_checkpoint_is_one_error_on_each_ckpt_name(server):
@@ -412,7 +429,12 @@ def test_a_missing_checkpoint_is_one_error_on_each_ckpt_name(server):
     ours = {node["id"]: node["type"] for node in workflow["nodes"]
             if node["type"] in ("VersaT2I_TrainAspectLoRA", "VersaT2I_TrainGate")}
     assert len(ours) == 5
-    for node_id in ours:
+    for node_id, node_type in ours.items():
+        if node_type == "VersaT2I_TrainAspectLoRA" and not checks_v3_combos(server):
+            # 0.3.64 checks no V3 combo value, and this node's validate_inputs takes the DiT files
+            # only: it refuses the checkpoint when it runs, naming ckpt_name (tests/comfy)
+            assert str(node_id) not in errors, errors[str(node_id)]
+            continue
         (error,) = errors[str(node_id)]
         assert error["extra_info"]["input_name"] == "ckpt_name", error
         assert "deleted-meanwhile.safetensors" in error["details"], error
