@@ -46,7 +46,7 @@ import difflib
 import math
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -153,7 +153,7 @@ class EvaluationSection(ConfigFile):
     variants: tuple[str, ...] = ()  # of VARIANT_KINDS (lora: one per aspect); () = every one that applies
     # Share of the evaluation prompts set aside to choose settings on (the uniform merge weight; the gate
     # form when comparing [gate_variants]); the report's figures come from the other prompts.
-    validation_fraction: float = 0.25
+    validation_fraction: float = 0.25  # share of the evaluation prompts set aside to choose settings on
     uniform_weights: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)  # "uniform": the best of these on validation
     merge_weight: float = 1.0  # each LoRA's weight in the ties / dare merges (1: full strength, as "sum")
     merge_density: float = 0.5  # ties / dare: the share of each LoRA's weight changes kept
@@ -728,26 +728,13 @@ class LoopConfig(ConfigFile):
 
     def _lora_aspect_problems(self, placeholders: Mapping[str, str]) -> list[str]:
         p = []
-        fields = {f.name for f in dataclasses.fields(LoraTrainConfig)}
         for aspect, overrides in self.lora_aspects.items():
             where = f"[lora_aspects.{aspect}]"
             if aspect not in self.aspects:
                 p.append(f"{where}: {aspect!r} is not an aspect of [aspects] ({', '.join(self.aspects) or 'none'})")
                 continue
-            owned = sorted(set(overrides) & LOOP_OWNED_TRAINING_FIELDS)
-            unknown = [k for k in overrides if k not in fields]
-            if owned:
-                p.append(f"{where} {', '.join(owned)}: set by the loop for every job; remove them")
-            p += [f"{where} {_unknown(k, sorted(fields - LOOP_OWNED_TRAINING_FIELDS), '')}" for k in unknown]
-            if owned or unknown:
-                continue
-            try:
-                config = self.lora_config(aspect=aspect, dataset_dir="dataset", output_dir="out", work_dir="work")
-            except ValueError as exc:
-                p.append(str(exc).replace("\n  - ", "; "))
-                continue
-            p += [f"{where} {problem}" for problem in config.problems(check_paths=False)
-                  if not any(problem.startswith(field) for field in placeholders)]
+            p += _override_problems(where, overrides, LoraTrainConfig, placeholders, lambda a=aspect: self.lora_config(
+                aspect=a, dataset_dir="dataset", output_dir="out", work_dir="work"))
         return p
 
     def _gate_variant_problems(self, aspects: list[str], placeholders: Mapping[str, str]) -> list[str]:
@@ -758,28 +745,15 @@ class LoopConfig(ConfigFile):
         if self.gate_variants and len(self.aspects) < 2:
             p.append("[gate_variants]: a gate needs >= 2 aspects")
             return p
-        fields = {f.name for f in dataclasses.fields(GateTrainConfig)}
         for name, overrides in self.gate_variants.items():
-            where = f"[gate_variants.{name}]"
             if aspect_name_problem(name):  # the aspects' rule: the name becomes part of file and folder names
                 p.append(f"[gate_variants] {name!r}: a variant name uses {ASPECT_NAME_RULE}, at most "
                          f"{ASPECT_NAME_MAX_LENGTH} characters (it becomes part of file and folder names)")
                 continue
-            owned = sorted(set(overrides) & LOOP_OWNED_TRAINING_FIELDS)
-            unknown = [k for k in overrides if k not in fields]
-            if owned:
-                p.append(f"{where} {', '.join(owned)}: set by the loop for every job; remove them")
-            p += [f"{where} {_unknown(k, sorted(fields - LOOP_OWNED_TRAINING_FIELDS), '')}" for k in unknown]
-            if owned or unknown:
-                continue
-            try:
-                config = self.gate_config(loras=[f"{a}.safetensors" for a in aspects], aspects=aspects,
-                                          dataset_dir="dataset", output_dir="out", work_dir="work", variant=name)
-            except ValueError as exc:
-                p.append(str(exc).replace("\n  - ", "; "))
-                continue
-            p += [f"{where} {problem}" for problem in config.problems(check_paths=False)
-                  if not any(problem.startswith(field) for field in placeholders)]
+            p += _override_problems(f"[gate_variants.{name}]", overrides, GateTrainConfig, placeholders,
+                                    lambda v=name: self.gate_config(
+                                        loras=[f"{a}.safetensors" for a in aspects], aspects=aspects,
+                                        dataset_dir="dataset", output_dir="out", work_dir="work", variant=v))
         return p
 
     def _evaluation_problems(self) -> list[str]:
@@ -884,6 +858,26 @@ def _threshold_text(value: Any) -> str:
         return str(Threshold.parse(value))
     except ValueError:
         return str(value)  # validate() names it
+
+
+def _override_problems(where: str, overrides: Mapping[str, Any], config_class: type, placeholders: Mapping[str, str],
+                       build: Callable[[], Any]) -> list[str]:
+    """The problems of one table of trainer-setting overrides ([lora_aspects.<aspect>],
+    [gate_variants.<name>]): settings the loop owns, unknown keys, else those of the config ``build``
+    makes from it (less the placeholders' paths)."""
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    owned = sorted(set(overrides) & LOOP_OWNED_TRAINING_FIELDS)
+    unknown = [k for k in overrides if k not in fields]
+    p = [f"{where} {', '.join(owned)}: set by the loop for every job; remove them"] if owned else []
+    p += [f"{where} {_unknown(k, sorted(fields - LOOP_OWNED_TRAINING_FIELDS), '')}" for k in unknown]
+    if p:
+        return p
+    try:
+        config = build()
+    except ValueError as exc:
+        return [str(exc).replace("\n  - ", "; ")]
+    return [f"{where} {problem}" for problem in config.problems(check_paths=False)
+            if not any(problem.startswith(field) for field in placeholders)]
 
 
 def _unknown(key: str, known: Sequence[str], where: str) -> str:

@@ -435,8 +435,8 @@ def share_of_gain(mixed_diff: np.ndarray, own_diff: np.ndarray, indices: np.ndar
             "gain": mixed, "own_gain": own}
 
 
-class _RowsView(Sequence):
-    """Rows of a per-prompt sequence (lazy image groups stay lazy)."""
+class RowsView(Sequence):
+    """Rows ``rows`` of a per-prompt sequence, read on access (lazy image groups stay lazy)."""
 
     def __init__(self, groups: Sequence[Any], rows: Sequence[int]):
         self.groups, self.rows = groups, list(rows)
@@ -600,7 +600,7 @@ def evaluate(
         for variant, groups in (images or {}).items():
             if len(groups) != grid.shape[0]:
                 raise ValueError(f"images[{variant!r}]: {len(groups)} prompt groups for {grid.shape[0]} prompts")
-        images = {variant: _RowsView(groups, test_rows) for variant, groups in (images or {}).items()}
+        images = {variant: RowsView(groups, test_rows) for variant, groups in (images or {}).items()}
         grid = grid.subset(test_rows)
     indices = resample_indices(grid.shape, resamples=resamples, seed=seed, unit=unit)
     spread = {aspect: seed_spread(grid.scores[base][aspect], splits=splits, seed=seed, level=level)

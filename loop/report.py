@@ -62,7 +62,7 @@ import numpy as np
 from ..image_files import load_image_file
 from ..rewards.score_table import ScoreTable
 from ..safe_io import atomic_dir, atomic_write_text
-from .evaluate import Evaluation, ScoreGrid, evaluate, grid_from_tables
+from .evaluate import Evaluation, RowsView, ScoreGrid, evaluate, grid_from_tables
 from .generate import read_candidates
 
 logger = logging.getLogger(__name__)
@@ -333,7 +333,7 @@ def evaluate_prompt_sets(evaluation: Evaluation, sets: Mapping[str, Sequence[str
     results = {}
     for key, prompts in sets.items():
         rows = [evaluation.grid.prompts.index(prompt) for prompt in prompts]
-        groups = {variant: _Rows(by_prompt, rows) for variant, by_prompt in (images or {}).items()}
+        groups = {variant: RowsView(by_prompt, rows) for variant, by_prompt in (images or {}).items()}
         results[key] = evaluate(subset_grid(evaluation.grid, prompts), base=evaluation.base, images=groups,
                                 embed=embed, head_to_head=head_to_head, **options)
     return results
@@ -344,19 +344,6 @@ def report_views(evaluation: Evaluation, prompt_sets: Mapping[str, Evaluation] |
     if not prompt_sets:
         return [View("all", *ALL_PROMPTS, evaluation)]
     return [View(key, *PROMPT_SETS[key], prompt_sets[key]) for key in PROMPT_SETS if key in prompt_sets]
-
-
-class _Rows(Sequence):
-    """Rows ``rows`` of a per-prompt sequence, read on access."""
-
-    def __init__(self, groups: Sequence[Any], rows: Sequence[int]):
-        self.groups, self.rows = groups, list(rows)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index):
-        return self.groups[self.rows[index]]
 
 
 def covering_prompts(prompts: Sequence[str], count: int) -> list[str]:
