@@ -213,8 +213,9 @@ def run_ours(args, model: Path, dataset: Path) -> list[float]:
         base_model=str(model), dataset_dir=str(dataset), aspect="aesthetics", output_dir=str(work / "loras"),
         output_name="bench", work_dir=str(work / "run"), resolution=args.resolution, bucket_step=16,
         rank=args.rank, alpha=float(args.rank), train_batch_size=args.batch, max_train_steps=args.steps,
-        learning_rate=1e-4, adam_weight_decay=1e-4, mixed_precision=args.mixed_precision, checkpointing_steps=10**9,
-        seed=0, cache_latents=True, cache_text_embeddings=True, gradient_checkpointing=args.gradient_checkpointing)
+        learning_rate=1e-4, adam_weight_decay=1e-4, mixed_precision=args.mixed_precision,
+        checkpointing_steps=args.steps + 1, seed=0, cache_latents=True, cache_text_embeddings=True,
+        gradient_checkpointing=args.gradient_checkpointing)
     config_path = config.save(work / "config.toml")
     with open(os.devnull, "w") as quiet:
         stdout, sys.stdout = sys.stdout, quiet
