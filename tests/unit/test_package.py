@@ -269,8 +269,10 @@ def test_make_without_python311_stops_with_one_line_saying_what_to_install(tmp_p
         pytest.skip("make is not installed")
     for name in ("Makefile", "pyproject.toml"):
         shutil.copy2(PACK_ROOT / name, tmp_path / name)
+    # as a user runs it: not a sub-make of `make test` (which would print "Entering directory")
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
     result = subprocess.run(["make", "PYTHON=python3.99", "venv"], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=60, check=False)
+                            timeout=60, check=False, env=env)
     lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
     assert result.returncode != 0
     assert len(lines) == 1, lines

@@ -265,8 +265,9 @@ def test_a_training_whose_launcher_died_stops_by_itself(tmp_path):
         parent.kill()
         parent.wait()
         t0 = time.monotonic()
-        assert child.wait(timeout=10) == 3
-        assert time.monotonic() - t0 < 5
+        # it looks every second; generous limits, for a busy 2-core machine
+        assert child.wait(timeout=60) == 3
+        assert time.monotonic() - t0 < 30
         assert "the process that launched this training" in child.stderr.read()
     finally:
         for process in (parent, locals().get("child")):
