@@ -19,10 +19,22 @@ Two ways to apply a mixture (both on clones; the input patchers are never modifi
   wrapper calls the current forward (read with ``get_model_object``, so patches of other packs
   chain) and adds the fused gated delta. Per-sample gates (and a token gate's timestep offsets) are
   computed once per UNet call in a ``DIFFUSION_MODEL`` wrapper from the cross-attention context and
-  the timesteps (ComfyUI passes the UNet families' discrete timestep, 0..999, as diffusers does:
-  the range recorded in the MoL file normalises both alike); layers whose gate reads nothing at run
-  time (text-encoder layers of prompt and layer gates) are merged with their static gate. The
-  fused factors count in the patcher's ``model_size()`` (see ``_count_factor_memory``).
+  the timesteps (ComfyUI passes the UNet families' discrete timestep, 0..999, as diffusers does,
+  and the DiT families' sigma, 0..1: the range recorded in the MoL file normalises both alike);
+  layers whose gate reads nothing at run time (text-encoder layers of prompt and layer gates) are
+  merged with their static gate. The fused factors count in the patcher's ``model_size()`` (see
+  ``_count_factor_memory``).
+
+The DiT families (FLUX.1, FLUX.2-klein, Z-Image): ComfyUI holds q / k / v (and FLUX.1's single-
+block MLP input) in one fused Linear where diffusers, the LoRA files and the gate have one module
+each; ComfyUI's key map gives such a LoRA module as a row block ``(key, (0, first row, rows))``.
+Each block keeps its own experts and gate layer: merged as a patch on its rows (what the stock
+loader does), or, dynamically, added to its rows of the fused Linear's output. FLUX.1's prompt gate
+reads the pooled CLIP-L vector (``y`` in the diffusion model's call, ``pooled_output`` in the
+conditioning), the others the text context. Nothing here uses hooks (``comfy.hooks``): object
+patches, a wrapper, callbacks and weight patches keep ComfyUI 0.33 on its dynamic-VRAM model
+patcher, which falls back to the old one only for conditioning with hooks
+(``samplers.CFGGuider.inner_set_conds``).
 """
 
 from __future__ import annotations
@@ -37,6 +49,7 @@ import comfy.lora_convert
 import comfy.patcher_extension
 import comfy.utils
 import torch
+import torch.nn.functional as F
 from comfy.weight_adapter import LoRAAdapter
 
 from ..trainer.gate import (
@@ -326,13 +339,52 @@ class GateCallState:
         return offsets.view(offsets.shape[0], *([1] * (ndim - 2)), offsets.shape[1])
 
 
+class RowBlocks:
+    """The row blocks of one fused weight (ComfyUI's q / k / v, FLUX.1's single-block linear1),
+    each its own gated LoRA layer, sharing one matmul for their A sides (stacked A matrices and
+    gate projections: one GEMM of the input instead of one per block), each block's B then
+    accumulated into its rows of the output in place (``addmm_``: no delta tensor, no extra pass
+    over the output)."""
+
+    def __init__(self, blocks: Sequence[tuple[FusedGatedLoRA, tuple[int, int]]]):
+        self.blocks = list(blocks)
+        self._key = None
+        self._stacked: tuple = ()
+
+    def stacked(self, like: torch.Tensor):
+        """(stacked A sides, their biases or None, [(rows, B, biased)]) in ``like``'s device and dtype."""
+        factors = [fused.factors(like) for fused, _ in self.blocks]
+        key = (like.device, like.dtype, tuple(down.data_ptr() for down, _, _ in factors))
+        if key != self._key:  # built once per place and dtype of the blocks' (cached) factors
+            down = torch.cat([d for d, _, _ in factors])
+            biases = None
+            if any(b is not None for _, _, b in factors):
+                biases = torch.cat([b if b is not None else torch.zeros(d.shape[0], device=d.device, dtype=d.dtype)
+                                    for d, _, b in factors])
+            splits = [d.shape[0] for d, _, _ in factors]
+            self._stacked = (down, biases, splits, [(rows, up, b is not None)
+                                                     for (_, rows), (_, up, b) in zip(self.blocks, factors)])
+            self._key = key
+        return self._stacked
+
+    def add_to(self, input: torch.Tensor, out: torch.Tensor, gates_of) -> None:
+        """Add every block's gated delta to its rows of ``out`` (``[..., out_features]``, contiguous)."""
+        down, biases, splits, blocks = self.stacked(input)
+        h = F.linear(input, down, biases)
+        out2d = out.view(-1, out.shape[-1])
+        for (fused, _), part, (rows, up, biased) in zip(self.blocks, torch.split(h, splits, dim=-1), blocks):
+            gates, offsets = gates_of(fused)
+            low = fused.gated_low(part, gates, offsets, biased=biased)
+            out2d.narrow(1, rows[0], rows[1]).addmm_(low.reshape(-1, low.shape[-1]), up.t())
+
+
 class GatedForward:
     """Object patch for ``<module>.forward``: the previous forward (the layer's own, or another
     pack's patch) plus the fused gated LoRA delta of each adapted part of the weight: the whole
     weight, or row blocks of a fused one (ComfyUI's q / k / v in one Linear, each block its own gate
-    layer, as the LoRAs and the gate were trained on diffusers' separate Linears). A plain object,
-    not an nn.Module: setting a Module as an attribute would register it as a submodule and change
-    the state dict."""
+    layer, as the LoRAs and the gate were trained on diffusers' separate Linears; ``RowBlocks``). A
+    plain object, not an nn.Module: setting a Module as an attribute would register it as a
+    submodule and change the state dict."""
 
     def __init__(self, previous, parts: Sequence[tuple[FusedGatedLoRA, tuple[int, int] | None, int]],
                  channels_first: bool, state: GateCallState | None):
@@ -342,21 +394,29 @@ class GatedForward:
         # (fused layer, (first row, rows) or None, gate layer index, its ranks in the call state)
         self.parts = [(fused, rows, layer, state.register(fused) if state is not None else None)
                       for fused, rows, layer in parts]
+        self.whole = [part for part in self.parts if part[1] is None]
+        blocks = [part for part in self.parts if part[1] is not None]
+        self.row_blocks = RowBlocks([(fused, rows) for fused, rows, _, _ in blocks]) if blocks else None
+        self._part_of = {id(fused): (layer, ranks) for fused, _, layer, ranks in blocks}
+
+    def _gates(self, fused: FusedGatedLoRA, layer: int, ranks, ndim: int):
+        """(rank gates, logit offsets) of one part for this call."""
+        if self.state is None:
+            return None, None
+        if fused.has_token_gate:
+            return None, self.state.logit_offsets(layer, ndim)
+        return self.state.rank_gates(layer, ranks, ndim), None
 
     def __call__(self, input, *args, **kwargs):
         out = self.previous(input, *args, **kwargs)
         if self.channels_first:
             input, out = input.movedim(1, -1), out.movedim(1, -1)
-        for fused, rows, layer, ranks in self.parts:
-            gates = offsets = None
-            if self.state is not None and fused.has_token_gate:
-                offsets = self.state.logit_offsets(layer, input.ndim)
-            elif self.state is not None:
-                gates = self.state.rank_gates(layer, ranks, input.ndim)
-            if rows is None:
-                out = fused.forward(input, out, gates, offsets)  # .forward: skip nn.Module.__call__ overhead
-            else:  # a row block of a fused weight: its rows of the fresh output, in place (inference only)
-                out.narrow(-1, rows[0], rows[1]).add_(fused.delta(input, gates, offsets))
+        for fused, _, layer, ranks in self.whole:
+            gates, offsets = self._gates(fused, layer, ranks, input.ndim)
+            out = fused.forward(input, out, gates, offsets)  # .forward: skip nn.Module.__call__ overhead
+        if self.row_blocks is not None:  # the fresh output of the fused Linear, written in place (inference only)
+            out = out.contiguous()
+            self.row_blocks.add_to(input, out, lambda fused: self._gates(fused, *self._part_of[id(fused)], input.ndim))
         return out.movedim(-1, 1) if self.channels_first else out
 
 

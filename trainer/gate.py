@@ -698,35 +698,38 @@ class FusedGatedLoRA(nn.Module):
 
     def delta(self, hidden: torch.Tensor, rank_gates: torch.Tensor | None = None,
               logit_offsets: torch.Tensor | None = None) -> torch.Tensor:
-        """The gated mixture's delta alone (``forward`` without the base output): what a slice of a
-        fused weight (ComfyUI's q / k / v rows of one Linear) adds to its rows."""
+        """The gated mixture's delta alone (``forward`` without the base output)."""
         down_and_gate, up, bias = self.factors(hidden)
+        # float32 inputs take a token gate's bias inside the one matmul (``factors``)
+        h = F.linear(hidden, down_and_gate, bias)
+        return F.linear(self.gated_low(h, rank_gates, logit_offsets, biased=bias is not None), up)
+
+    def gated_low(self, h: torch.Tensor, rank_gates: torch.Tensor | None = None,
+                  logit_offsets: torch.Tensor | None = None, *, biased: bool) -> torch.Tensor:
+        """The gate-scaled rank-space activations from ``h`` = the input times ``down_and_gate``
+        (``[..., R (+ N)]``; ``biased``: the bias of ``factors`` is already added): what the stacked
+        B multiplies. Split out so that several row blocks of one fused weight (ComfyUI's q / k / v
+        in one Linear) share one matmul for their A sides."""
         if self.has_token_gate:
-            if hidden.dtype == torch.float32:
-                h = F.linear(hidden, down_and_gate, bias)
-                logits = h[..., self.rank_total :]
-            else:
+            logits = h[..., self.rank_total :]
+            if not biased:
                 # The shared matmul runs in the input's dtype (a GPU GEMM accumulates in float32 and
                 # rounds only its output, like every other activation of the layer); the bias, the
                 # masking -inf and the softmax are float32 (the add promotes to float32).
-                h = F.linear(hidden, down_and_gate)
-                logits = h[..., self.rank_total :] + self.bias[self.rank_total :]
+                logits = logits + self.bias[self.rank_total :]
             if logit_offsets is not None:
                 logits = logits + logit_offsets
             if self.activation == "softmax":
-                g = torch.softmax(logits, dim=-1, dtype=torch.float32).to(hidden.dtype)
+                g = torch.softmax(logits, dim=-1, dtype=torch.float32).to(h.dtype)
             else:
-                g = torch.sigmoid(logits.float()).to(hidden.dtype)
+                g = torch.sigmoid(logits.float()).to(h.dtype)
             low = h[..., : self.rank_total]
             if self.equal_ranks:
-                low = (low.unflatten(-1, (self.num_experts, self.ranks[0])) * g.unsqueeze(-1)).flatten(-2)
-            else:
-                low = low * g.index_select(-1, self.rank_index)
-        else:
-            if rank_gates is None:
-                raise ValueError("FusedGatedLoRA: this layer has no token gate; pass per-sample rank_gates")
-            low = F.linear(hidden, down_and_gate) * rank_gates.to(hidden.dtype)
-        return F.linear(low, up)
+                return (low.unflatten(-1, (self.num_experts, self.ranks[0])) * g.unsqueeze(-1)).flatten(-2)
+            return low * g.index_select(-1, self.rank_index)
+        if rank_gates is None:
+            raise ValueError("FusedGatedLoRA: this layer has no token gate; pass per-sample rank_gates")
+        return h * rank_gates.to(h.dtype)
 
 
 def fused_layer(

@@ -170,3 +170,44 @@ def test_gated_loader_on_a_dit(comfy, comfy_dirs, tiny_models, name):
     live = patcher.model.state_dict()
     assert [k for k in base_weights if not torch.equal(live[k], base_weights[k])] == []
     assert torch.equal(sample(patcher, name, positive), base_before)
+
+
+@pytest.mark.slow
+def test_gated_loader_on_fp8_base_weights(comfy, comfy_dirs, tiny_models):
+    """klein with its weights stored in float8_e4m3fn, computed in float32 (ComfyUI's manual cast, as it
+    runs fp8 files): ``bake`` merges as the stock loader does (ComfyUI patches the fp8 weights with the
+    same seeded stochastic rounding), and ``dynamic`` adds its delta to ComfyUI's cast forward: it
+    equals dynamic on a float32 model holding the same (fp8-rounded) weights."""
+    import comfy.model_management
+
+    import nodes as comfy_nodes
+    from versat2i.nodes.gated_multi_lora_loader import GatedMultiLoRALoader
+
+    name = "flux2-klein"
+    require_comfy_family(name)
+    tiny = tiny_models(name)
+    fp8 = comfy_model_patcher(name, tiny, dtype=torch.float8_e4m3fn)
+    weights = {k: v.clone() for k, v in fp8.model.diffusion_model.state_dict().items()}
+    assert any(v.dtype == torch.float8_e4m3fn for v in weights.values())
+    rounded = comfy_model_patcher(name, tiny)  # float32, then the fp8 values
+    with torch.no_grad():
+        for key, value in rounded.model.diffusion_model.state_dict().items():
+            value.copy_(weights[key].float())
+    positive = conditioning(name)
+    mol_one, (lora_one,) = write_mixture(name, tiny, comfy_dirs["models"] / "loras", ["aesthetics"], "token")
+
+    base = sample(fp8, name, positive)
+    stock = sample(comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(fp8, lora_one, 1.0)[0], name, positive)
+    baked = sample(GatedMultiLoRALoader.execute(fp8, mol_one, "bake", 1.0).result[0], name, positive)
+    dynamic = sample(GatedMultiLoRALoader.execute(fp8, mol_one, "dynamic", 1.0).result[0], name, positive)
+    reference = sample(GatedMultiLoRALoader.execute(rounded, mol_one, "dynamic", 1.0).result[0], name, positive)
+    comfy.model_management.unload_all_models()
+    assert close(stock, base) > 1e-3
+    print(f"fp8: bake vs stock {close(baked, stock):.2e}, dynamic vs dynamic on float32 copies "
+          f"{close(dynamic, reference):.2e}, dynamic vs stock {close(dynamic, stock):.2e} (fp8 rounding of the merged "
+          "weights)")
+    assert close(baked, stock) <= TOLERANCE
+    assert close(dynamic, reference) <= TOLERANCE
+    # the fp8 base is untouched (compared as bytes: CPU torch has no fp8 comparison)
+    assert all(torch.equal(v.view(torch.uint8), weights[k].view(torch.uint8)) if v.dtype == torch.float8_e4m3fn
+               else torch.equal(v, weights[k]) for k, v in fp8.model.diffusion_model.state_dict().items())
