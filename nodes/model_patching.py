@@ -340,11 +340,12 @@ class GateCallState:
 
 
 class RowBlocks:
-    """The row blocks of one fused weight (ComfyUI's q / k / v, FLUX.1's single-block linear1),
-    each its own gated LoRA layer, sharing one matmul for their A sides (stacked A matrices and
-    gate projections: one GEMM of the input instead of one per block), each block's B then
-    accumulated into its rows of the output in place (``addmm_``: no delta tensor, no extra pass
-    over the output)."""
+    """The gated parts of one Linear: its whole weight, or the row blocks of a fused one (ComfyUI's
+    q / k / v, FLUX.1's single-block linear1), each its own gated LoRA layer. They share one matmul
+    for their A sides (stacked A matrices and gate projections: one GEMM of the input instead of
+    one per block), then each block's B is accumulated into its rows of the output in place
+    (``addmm_``: no delta tensor and no extra pass over the output, which on a CPU costs as much as
+    the rank-space matmuls)."""
 
     def __init__(self, blocks: Sequence[tuple[FusedGatedLoRA, tuple[int, int]]]):
         self.blocks = list(blocks)
@@ -394,8 +395,11 @@ class GatedForward:
         # (fused layer, (first row, rows) or None, gate layer index, its ranks in the call state)
         self.parts = [(fused, rows, layer, state.register(fused) if state is not None else None)
                       for fused, rows, layer in parts]
-        self.whole = [part for part in self.parts if part[1] is None]
-        blocks = [part for part in self.parts if part[1] is not None]
+        # A Linear's parts (a whole weight is one block of all its rows) add into its output in place;
+        # a 1x1 conv's output is channels-first, so it adds its delta to the moved view instead.
+        self.whole = self.parts if channels_first else []
+        blocks = [] if channels_first else [(fused, rows or (0, fused.out_features), layer, ranks)
+                                            for fused, rows, layer, ranks in self.parts]
         self.row_blocks = RowBlocks([(fused, rows) for fused, rows, _, _ in blocks]) if blocks else None
         self._part_of = {id(fused): (layer, ranks) for fused, _, layer, ranks in blocks}
 
@@ -414,7 +418,7 @@ class GatedForward:
         for fused, _, layer, ranks in self.whole:
             gates, offsets = self._gates(fused, layer, ranks, input.ndim)
             out = fused.forward(input, out, gates, offsets)  # .forward: skip nn.Module.__call__ overhead
-        if self.row_blocks is not None:  # the fresh output of the fused Linear, written in place (inference only)
+        if self.row_blocks is not None:  # the fresh output of the Linear, written in place (inference only)
             out = out.contiguous()
             self.row_blocks.add_to(input, out, lambda fused: self._gates(fused, *self._part_of[id(fused)], input.ndim))
         return out.movedim(-1, 1) if self.channels_first else out

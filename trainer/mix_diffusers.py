@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ..models.flow_matching import encode_prompts as encode_flow_prompts
 from ..models.loading import encode_prompts
 from ..models.lora_files import load_kohya_lora, lora_module_weights, lora_target_module
 from .gate import (
@@ -133,18 +134,22 @@ class CallReader:
                                if architecture is not None and architecture.timestep_reversed else None)
         self._signatures: dict[int, inspect.Signature] = {}
 
-    def __call__(self, module, args, kwargs) -> tuple[Any, Any, int]:
-        signature = self._signatures.get(id(module))
+    def __call__(self, module, args, kwargs) -> tuple[Any, Any, int, torch.device]:
+        """(prompt input, timestep, batch size, the latents' device) of one call of ``module``."""
+        # The class's forward, not the instance's: accelerate / offloading hooks replace the latter by a
+        # (*args, **kwargs) wrapper.
+        forward = type(module).forward
+        signature = self._signatures.get(id(forward))
         if signature is None:
-            signature = self._signatures[id(module)] = inspect.signature(module.forward)
-        arguments = signature.bind_partial(*args, **kwargs).arguments
+            signature = self._signatures[id(forward)] = inspect.signature(forward)
+        arguments = signature.bind_partial(module, *args, **kwargs).arguments
         sample_name, timestep_name, prompt_name = self.names
         sample = arguments.get(sample_name)
         timestep = arguments.get(timestep_name)
         if timestep is not None and self.reversed_range is not None:  # the gate reads the noise level
             timestep = self.reversed_range - torch.as_tensor(timestep).float()
-        batch = len(sample) if isinstance(sample, (list, tuple)) else int(sample.shape[0])
-        return arguments.get(prompt_name), timestep, batch
+        first = sample[0] if isinstance(sample, (list, tuple)) else sample
+        return arguments.get(prompt_name), timestep, len(sample), first.device
 
 
 class DiffusersMixture:
@@ -188,9 +193,8 @@ class DiffusersMixture:
         return self
 
     def _read_call(self, module, args, kwargs):
-        context, timestep, batch = self.read_call_inputs(module, args, kwargs)
+        context, timestep, batch, device = self.read_call_inputs(module, args, kwargs)
         gate = self.gate
-        device = next(module.parameters()).device
         if gate.bias.device != device:  # the pipeline moved to another device after load
             gate.to(device)
         if gate.granularity == "prompt" and context is None:
@@ -379,7 +383,18 @@ class MixtureAdapters:
             mixture.remove()
 
 
+# The conditioning entry (``models.flow_matching.encode_prompts``) a DiT family's prompt gate reads
+# (``Architecture.gate_prompt_input``).
+FLOW_PROMPT_INPUTS = {"context": "prompt_embeds", "pooled": "pooled_prompt_embeds"}
+
+
 def prompt_context(base, prompt: str, device) -> torch.Tensor:
+    """What a prompt gate reads of ``prompt`` on ``base`` (through its text encoders as loaded, with
+    any merged text-encoder layers): the UNet's cross-attention context ``[1, T, D]``; for a DiT
+    family its text context or (FLUX.1) pooled vector, as the prompt embedding ``[1, D]``."""
+    if base.architecture.objective == "flow_matching":
+        cond = encode_flow_prompts(base, [prompt], device)
+        return prompt_embedding(cond[FLOW_PROMPT_INPUTS[base.architecture.gate_prompt_input]]).float()
     with torch.no_grad():
         hidden, _ = encode_prompts(base, [prompt], device)
     return hidden

@@ -211,3 +211,53 @@ def test_gated_loader_on_fp8_base_weights(comfy, comfy_dirs, tiny_models):
     # the fp8 base is untouched (compared as bytes: CPU torch has no fp8 comparison)
     assert all(torch.equal(v.view(torch.uint8), weights[k].view(torch.uint8)) if v.dtype == torch.float8_e4m3fn
                else torch.equal(v, weights[k]) for k, v in fp8.model.diffusion_model.state_dict().items())
+
+
+@pytest.mark.parametrize("mode", ["bake", "dynamic"])
+def test_low_vram_streaming_matches_full_load_on_a_dit(comfy, comfy_dirs, tiny_models, mode):
+    """klein streamed layer by layer (low-VRAM loading: weights cast per layer, weight patches applied
+    on the fly, each row block's patch on its rows) gives the full load's output, in both modes."""
+    import comfy.model_management
+    import comfy.utils
+
+    from versat2i.nodes.gated_multi_lora_loader import GatedMultiLoRALoader
+    from versat2i.nodes.model_patching import GatedForward
+
+    name = "flux2-klein"
+    require_comfy_family(name)
+    tiny = tiny_models(name)
+    patcher = comfy_model_patcher(name, tiny)
+    mol, _ = write_mixture(name, tiny, comfy_dirs["models"] / "loras", ["aesthetics", "lowlevel"], "token",
+                           kind="softmax_n")
+    model = GatedMultiLoRALoader.execute(patcher, mol, mode, 1.0).result[0]
+    gated = [key[: -len(".forward")] for key, patch in model.object_patches.items() if isinstance(patch, GatedForward)]
+    assert bool(gated) == (mode == "dynamic")
+    generator = torch.Generator().manual_seed(0)
+    x, sigma = torch.randn(1, 128, 4, 4, generator=generator), torch.tensor([0.6])
+    context = conditioning(name)[0][0]
+
+    def forward(lowvram_bytes):
+        comfy.model_management.unload_all_models()
+        model.patch_model(device_to=model.load_device, lowvram_model_memory=lowvram_bytes)
+        try:
+            state = {"lowvram": model.model.model_lowvram, "streamed": model.lowvram_patch_counter(),
+                     "gated_cast": [comfy.utils.get_attr(model.model, path).comfy_cast_weights for path in gated]}
+            with torch.no_grad():
+                out = model.model.apply_model(x, sigma, c_crossattn=context,
+                                              transformer_options={"wrappers": model.wrappers})
+            return out, state
+        finally:
+            model.unpatch_model(model.offload_device)
+
+    full, full_state = forward(0)
+    streamed, streamed_state = forward(1)  # 1 byte: every layer streamed
+    assert full_state["lowvram"] is False and streamed_state["lowvram"] is True
+    if mode == "bake":  # one LowVramPatch per patched weight (a fused weight's row blocks share it)
+        assert streamed_state["streamed"] == len(model.patches) > 0
+    else:
+        assert streamed_state["gated_cast"] and all(streamed_state["gated_cast"])
+    assert close(streamed, full) <= TOLERANCE
+    comfy.model_management.unload_all_models()
+    with torch.no_grad():
+        base = patcher.model.apply_model(x, sigma, c_crossattn=context)
+    assert close(full, base) > 1e-3  # the mixture is in both

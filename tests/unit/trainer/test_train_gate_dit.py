@@ -118,10 +118,23 @@ def fixed_draw_loss(model, dataset: Path, mol_path: Path, *, trained: bool) -> f
     return sum(losses) / len(losses)
 
 
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """name -> (tiny model, dataset, LoRA paths), the LoRA trained once per module."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = aspect_loras(name, tmp_path_factory.mktemp(name))
+        return cache[name]
+
+    return get
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["flux1-dev", "flux2-klein", "zimage"])
-def test_the_gate_trains_over_the_dit_blocks_and_the_loss_falls(name, tmp_path):
-    model, dataset, paths = aspect_loras(name, tmp_path)
+def test_the_gate_trains_over_the_dit_blocks_and_the_loss_falls(name, trained, tmp_path):
+    model, dataset, paths = trained(name)
     mol_path = train_gate.main(train_gate.parse_args(["--config", str(gate_config(tmp_path, model, dataset, paths,
                                                                                   "token"))]))
     mol = load_mol(mol_path)
@@ -136,3 +149,72 @@ def test_the_gate_trains_over_the_dit_blocks_and_the_loss_falls(name, tmp_path):
     print(f"{name}: loss with the uniform gate {before:.5f}, trained {after:.5f}; mean gate {mass.tolist()}")
     assert after < before
     assert (mass - 1 / 3).abs().max() > 0.05  # the mean gate moved away from uniform
+
+
+def random_prompt_mol(model, paths, seed: int = 0) -> Path:
+    """A prompt gate of random weights (sigmoid: free to combine) over the LoRAs, saved next to them."""
+    from versat2i.models.loading import load_base_model
+    from versat2i.models.lora_files import load_kohya_lora
+    from versat2i.trainer.mix_diffusers import gate_for_layers, gate_form, mixture_layers
+    from versat2i.trainer.mol_file import expert_record, save_mol
+
+    base = load_base_model(model.diffusion_model, text_encoders=model.text_encoders, vae=model.vae,
+                           compute_hash=False)
+    loaded = [load_kohya_lora(p) for p in paths]
+    layers = mixture_layers(base, [s for s, _ in loaded], [m for _, m in loaded])
+    gate = gate_for_layers(ASPECTS, layers, "prompt", base.architecture.gate_prompt_features(base.denoiser.config),
+                           kind="sigmoid", **gate_form(base.architecture))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter_name, parameter in gate.named_parameters():
+            if "temperature" not in parameter_name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    folder = paths[0].parent
+    records = [expert_record(a, p, folder) for a, p in zip(ASPECTS, paths)]
+    return save_mol(folder / "prompt.mol.safetensors", gate, records, overwrite=True)
+
+
+@pytest.mark.slow
+def test_mix_command_and_the_loops_evaluation_on_a_dit(trained, tmp_path):
+    """FLUX.1-dev (its prompt gate reads the pooled CLIP-L vector): ``versat2i mix`` from the split files
+    writes images that the mixture changes, and a prompt gate baked on the prompt gives dynamic mode's
+    image (the distilled guidance input: no unconditional pass); the loop's evaluation path
+    (``generate_candidates`` with ``MixtureAdapters``) samples with the gate and restores the base."""
+    import argparse
+
+    import numpy as np
+    from PIL import Image
+
+    from versat2i.loop.generate import GenerationSettings, generate_candidates
+    from versat2i.models.loading import load_base_model
+    from versat2i.trainer.cli import add_mix_subcommand
+    from versat2i.trainer.mix_diffusers import MixtureAdapters
+
+    model, _, paths = trained("flux1-dev")
+    mol = random_prompt_mol(model, paths)
+    parser = argparse.ArgumentParser()
+    add_mix_subcommand(parser.add_subparsers(dest="command"))
+
+    def mix(name, *extra):
+        files = [arg for path in model.text_encoders for arg in ("--text-encoder", str(path))]
+        args = parser.parse_args(["mix", "--base-model", str(model.diffusion_model), *files, "--vae", str(model.vae),
+                                  "--mol", str(mol), "--prompt", "a disc", "--steps", "2", "--size", "64",
+                                  "--device", "cpu", "--out", str(tmp_path / name), *extra])
+        assert args.func(args) == 0
+        return np.asarray(Image.open(tmp_path / name / "0000.png"), dtype=np.int16)
+
+    off = mix("off", "--mode", "dynamic", "--strength", "0")
+    dynamic = mix("dynamic", "--mode", "dynamic")
+    baked = mix("bake", "--mode", "bake")
+    assert np.abs(dynamic - off).max() > 2  # the mixture changes the image
+    assert np.abs(baked - dynamic).max() <= 1
+
+    base = load_base_model(model.diffusion_model, text_encoders=model.text_encoders, vae=model.vae,
+                           compute_hash=False)
+    weights = {k: v.clone() for k, v in base.denoiser.state_dict().items()}
+    settings = GenerationSettings(steps=2, width=64, height=64, guidance_scale=3.5)
+    plain = generate_candidates(base, ["a disc"], k=1, settings=settings, device="cpu", show_progress=False)
+    gated = generate_candidates(base, ["a disc"], k=1, settings=settings, device="cpu", show_progress=False,
+                                adapters=MixtureAdapters(mol, base, mode="dynamic"))
+    assert (gated.images - plain.images).abs().max() > 1e-3
+    assert all(torch.equal(v, weights[k]) for k, v in base.denoiser.state_dict().items())
