@@ -294,7 +294,9 @@ def _load_lora_into_pipeline(pipe, state_dict: dict, name: str, *, first: bool) 
     with warnings.catch_warnings():
         if not first:
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
-        if any(key.startswith("lora_te") for key in state_dict):
+        # A DiT family's LoRA (diffusers' ``transformer.`` keys, models/lora_files.py) goes through the
+        # family pipeline's own loader; so does a kohya LoRA with text-encoder layers.
+        if any(key.startswith(("lora_te", "transformer.")) for key in state_dict):
             pipe.load_lora_weights(dict(state_dict), adapter_name=name)
             return
         converted, alphas = pipe.lora_state_dict(dict(state_dict))
