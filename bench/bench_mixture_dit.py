@@ -14,8 +14,11 @@ Variants, applied by the Gated Multi-LoRA Loader's own code (``nodes/model_patch
 * dynamic-prompt prompt gate at run time (FLUX.1: the pooled CLIP-L; klein: the text context)
 
 Every variant samples through ``comfy.sample.sample`` (KSampler's path, euler); a step is the time
-between the ends of consecutive sampler steps. Prints the ratios to base and PASS / FAIL against the
-goals (bake <= 1.02x, dynamic <= 1.05x; minimum over rounds).
+between the ends of consecutive sampler steps. On the CPU the clock is this process's CPU time
+(``--clock process``, the default there: with one thread, what a step computes, whatever else runs
+on a shared machine; wall-clock steps here varied 8-42 s under other jobs' load); on CUDA wall time
+after a synchronize. Prints the ratios to base and PASS / FAIL against the goals (bake <= 1.02x,
+dynamic <= 1.05x; minimum over rounds).
 
     COMFYUI_PATH=/path/to/ComfyUI-0.33 OMP_NUM_THREADS=1 python bench/bench_mixture_dit.py
     COMFYUI_PATH=/path/to/ComfyUI-0.33 python bench/bench_mixture_dit.py --device cuda --double 19 --single 38 \\
@@ -28,6 +31,7 @@ Needs ComfyUI 0.33 (its FLUX.1 detector reads the width from the weights; 0.3.64
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import statistics
@@ -156,9 +160,11 @@ def step_time(model, positive, latent, args) -> float:
     noise = comfy.sample.prepare_noise(latent, 0)
     stamps: list[float] = []
 
+    clock = time.process_time if args.clock == "process" else time.perf_counter
+
     def step_done(step, x0, x, total_steps):
         sync(args.device)
-        stamps.append(time.perf_counter())
+        stamps.append(clock())
 
     def run(steps):
         return comfy.sample.sample(model, noise, steps, 1.0, "euler", "simple", positive, positive, latent,
@@ -185,7 +191,18 @@ def parse_args(argv=None):
     parser.add_argument("--warmup-steps", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=1, help="rounds; the minimum decides PASS / FAIL")
     parser.add_argument("--tiny", action="store_true", help="width 128, 64 px: a smoke run (ratios meaningless)")
+    parser.add_argument("--per-layer", action="store_true",
+                        help="also time every gated Linear alone (base forward against the gated one on the inputs "
+                             "of a real step, taking turns, fastest of --layer-repeats): the Linears' share of the "
+                             "cost, resolvable on a noisy machine where whole steps are not")
+    parser.add_argument("--layer-repeats", type=int, default=7)
+    parser.add_argument("--clock", choices=["process", "wall"], default=None,
+                        help="process: this process's CPU time (default on cpu: immune to other jobs on the machine); "
+                             "wall: elapsed time (default on cuda)")
     args = parser.parse_args(argv)
+    args.clock = args.clock or ("process" if args.device == "cpu" else "wall")
+    if args.clock == "process" and args.device == "cuda":
+        parser.error("--clock process: a CUDA step runs on the GPU, not in this process; use --clock wall")
     if args.tiny:
         args.hidden, args.size, args.rank = 128, 64, 4
     if args.steps < 2 or args.warmup_steps < 1 or args.repeats < 1:
@@ -211,7 +228,7 @@ def main(argv=None) -> None:
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(f"backend: ComfyUI {comfyui_version.__version__} {args.family} model (random weights), {device_name}, "
           f"{str(dtype).replace('torch.', '')}, {args.size} px, batch 1 (cfg 1), rank {args.rank}, "
-          f"attention {comfy.ldm.modules.attention.optimized_attention.__name__}", flush=True)
+          f"attention {comfy.ldm.modules.attention.optimized_attention.__name__}, {args.clock} clock", flush=True)
     variants, positive, latent, build_s = build(args, dtype)
     results: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.repeats):
@@ -228,6 +245,51 @@ def main(argv=None) -> None:
     print(f"bake: patches built in {build_s:.2f} s (merged when the model loads)\n")
     for line in goal_lines({args.size: results}):
         print(line)
+    if args.per_layer:
+        per_layer(variants, positive, latent, args)
+
+
+def per_layer(variants, positive, latent, args) -> None:
+    """Each gated Linear of the dynamic (token gate) variant timed alone against its base forward,
+    on the input it gets in a real step, the two taking turns; the fastest of ``--layer-repeats``."""
+    import comfy.sample
+    import comfy.utils
+
+    from versat2i.nodes.model_patching import GatedForward
+
+    clock = time.process_time if args.clock == "process" else time.perf_counter
+    patches = {key[: -len(".forward")]: patch for key, patch in variants["dynamic"].object_patches.items()
+               if isinstance(patch, GatedForward)}
+    base = variants["base"]
+    inputs: dict[str, torch.Tensor] = {}
+    comfy.sample.sample(base, comfy.sample.prepare_noise(latent, 0), 1, 1.0, "euler", "simple", positive, positive,
+                        latent, disable_pbar=True, seed=0)  # loads the base model
+    modules = {path: comfy.utils.get_attr(base.model, path) for path in patches}
+    handles = [module.register_forward_pre_hook(lambda m, a, path=path: inputs.setdefault(path, a[0].detach().clone()))
+               for path, module in modules.items()]
+    try:
+        comfy.sample.sample(base, comfy.sample.prepare_noise(latent, 0), 1, 1.0, "euler", "simple", positive,
+                            positive, latent, disable_pbar=True, seed=0)
+    finally:
+        for handle in handles:
+            handle.remove()
+    totals = [0.0, 0.0]
+    print(f"\nper gated Linear, fastest of {args.layer_repeats} ({args.clock} clock): base forward, gated forward")
+    with torch.no_grad():
+        for path, patch in patches.items():
+            x, module = inputs[path], modules[path]
+            best = [math.inf, math.inf]
+            for _ in range(args.layer_repeats):
+                for index, forward in enumerate((module.forward, patch)):
+                    sync(args.device)
+                    start = clock()
+                    forward(x)
+                    sync(args.device)
+                    best[index] = min(best[index], clock() - start)
+            totals = [totals[0] + best[0], totals[1] + best[1]]
+            print(f"  {path:55s} {tuple(x.shape)!s:18s} {best[0] * 1000:8.1f} ms {best[1] * 1000:8.1f} ms "
+                  f"{best[1] / best[0]:6.3f}")
+    print(f"all gated Linears: base {totals[0]:.2f} s, gated {totals[1]:.2f} s, ratio {totals[1] / totals[0]:.3f}")
 
 
 if __name__ == "__main__":
