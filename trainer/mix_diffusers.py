@@ -3,8 +3,10 @@
 
 The aspect LoRAs stay frozen factors, never merged into peft layers: every adapted Linear (or 1x1
 Conv2d) gets a forward hook that adds the gated delta to the layer's output, so the base model's
-modules and state dict stay exactly as loaded and ``remove()`` restores it. Prompt gates read the
-UNet's ``encoder_hidden_states`` in a UNet forward pre-hook, once per call. ``bake`` instead adds
+modules and state dict stay exactly as loaded and ``remove()`` restores it. Prompt and timestep
+gates read their inputs in a forward pre-hook on the denoiser, once per call, where the family's
+table entry says (``CallReader``: the UNet's ``encoder_hidden_states``; FLUX.1's pooled projection;
+Z-Image's positional list of contexts and its reversed timestep). ``bake`` instead adds
 the mixed delta to the weights in place (one merge, no per-step cost) and remembers the originals.
 
 peft can load several adapters and weight them (``set_adapters``), but only with one weight per

@@ -15,6 +15,11 @@ checkpoints, events and resume), with three differences:
   ``balance_weight`` times the balancing loss (MoLE's ``-log prod q`` or Switch's load balancing),
   which keeps the gate from collapsing onto one LoRA.
 
+The DiT families (FLUX.1, FLUX.2-klein, Z-Image) train with their flow-matching objective
+(``objective.flow_loss``, the LoRA trainer's default noise levels and guidance input) from their
+split files; their LoRAs are read in diffusers' keys and the gate's layers are the Linears they
+adapt (``docs/dit-families.md``).
+
 The gate's form (``gate.py``): ``granularity`` (what it reads: token, prompt or nothing per layer),
 ``gate_kind`` (softmax weights summing to 1, or kinds free to combine the LoRAs at full strength)
 and ``timestep_knots`` (the noise level as a further input).
