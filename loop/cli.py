@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..safe_io import folder_problem, target_problem
 
-PRINTABLE_CONFIGS = ("example", "demo")
+PRINTABLE_CONFIGS = ("example", "demo", "dit")
 
 
 def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
@@ -105,9 +105,11 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     loop.add_argument("--overwrite", action="store_true",
                       help="redo finished stages whose settings changed (their outputs are replaced)")
     loop.add_argument("--check", action="store_true", help="only validate the config and exit")
-    loop.add_argument("--print-config", nargs="?", const="example", choices=PRINTABLE_CONFIGS, metavar="example|demo",
+    loop.add_argument("--print-config", nargs="?", const="example", choices=PRINTABLE_CONFIGS,
+                      metavar="example|demo|dit",
                       help="print a config with every setting and what it means, and exit: an SD1.5 example "
-                           "(default), or the embedded demo world's settings (demo)")
+                           "(default), the embedded demo world's settings (demo), or a DiT example (dit: "
+                           "FLUX.2-klein 4B from ComfyUI's split files)")
     loop.add_argument("--quiet", action="store_true", help="no progress bars")
     loop.set_defaults(func=run_loop_command)
 
@@ -272,6 +274,9 @@ def run_loop_command(args: argparse.Namespace) -> int:
         config, header = printable_demo_config()
         print(config.commented_toml(header), end="")
         return 0
+    if args.print_config == "dit":
+        print(example_dit_config().commented_toml(DIT_EXAMPLE_HEADER), end="")
+        return 0
     if args.print_config:
         print(example_config().commented_toml(EXAMPLE_HEADER), end="")
         return 0
@@ -324,4 +329,32 @@ def example_config():
         gate={"max_train_steps": 200},
         scoring=ScoringSection(models_dir=("models/versat2i",)),
         evaluation=EvaluationSection(seeds_per_prompt=8),
+    )
+
+
+DIT_EXAMPLE_HEADER = (
+    "A versat2i loop config for a DiT family: FLUX.2-klein 4B from the files ComfyUI's Load Diffusion Model,",
+    "Load CLIP and Load VAE nodes read (FLUX.1: text_encoders = [clip_l, t5xxl]; Z-Image: its Qwen3 and FLUX.1's",
+    "ae.safetensors).",
+    "Generation follows the distilled model (4 steps, guidance 1); sizes are multiples of 16. LoRAs are written in",
+    "diffusers' keys (ComfyUI and diffusers load them); the gate mixes them over the double- and single-stream blocks.",
+    "Relative paths are relative to this file's folder. Check it: versat2i loop --config loop.toml --check",
+)
+
+
+def example_dit_config():
+    """The config ``--print-config dit`` prints: FLUX.2-klein 4B from ComfyUI's split files."""
+    from .config import EvaluationSection, GenerationConfig, ModelSection
+
+    sd = example_config()
+    return sd.replace(
+        name="my-klein-loop", output_dir="runs/my-klein-loop",
+        model=ModelSection(base_model="models/diffusion_models/flux-2-klein-4b.safetensors",
+                           text_encoders=("models/text_encoders/qwen_3_4b.safetensors",),
+                           vae="models/vae/flux2-vae.safetensors"),
+        generation=GenerationConfig(width=1024, height=1024, steps=4, guidance_scale=1.0, batch_size=1),
+        lora={"rank": 16, "max_train_steps": 500, "learning_rate": 1e-4, "resolution": 1024, "bucket_step": 64,
+              "train_feed_forward": True, "mixed_precision": "bf16", "memory_saving": "auto"},
+        gate={"max_train_steps": 200, "mixed_precision": "bf16"},
+        evaluation=EvaluationSection(seeds_per_prompt=4),
     )

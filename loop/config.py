@@ -83,7 +83,9 @@ LOOP_OWNED_TRAINING_FIELDS = frozenset({
 class ModelSection(ConfigFile):
     """The checkpoint the loop improves (every LoRA and the mixture are add-ons of it)."""
 
-    base_model: str = ""  # single-file checkpoint (.safetensors) or diffusers folder
+    base_model: str = ""  # single-file checkpoint (.safetensors) or diffusers folder; a DiT family: its diffusion model
+    text_encoders: tuple[str, ...] = ()  # a DiT family's text encoder file(s), as ComfyUI's Load CLIP reads them
+    vae: str = ""  # a DiT family's VAE file, as ComfyUI's Load VAE reads it
     arch: str = "auto"  # auto (detect) or a family of models/architectures.py
     prediction_type: str = "auto"  # auto | epsilon | v_prediction | sample
     model_config_dir: str = ""  # diffusers configs for a single file whose shapes differ from the real models
@@ -190,7 +192,7 @@ PRINT_ORDER = ("model", "prompts", "generation", "aspects", "thresholds", "scori
                "lora_aspects", "gate", "gate_variants", "training", "evaluation")
 TOP_LEVEL = ("name", "output_dir", "rounds", "device", "dtype")
 # Paths resolved against the config file's folder: (section or None, field).
-PATH_FIELDS = ((None, "output_dir"), ("model", "base_model"), ("model", "model_config_dir"),
+PATH_FIELDS = ((None, "output_dir"), ("model", "base_model"), ("model", "model_config_dir"), ("model", "vae"),
                ("prompts", "train_file"), ("prompts", "held_out_file"), ("dataset", "replay_dir"),
                ("training", "accelerate_config"))
 
@@ -431,6 +433,8 @@ class LoopConfig(ConfigFile):
             changes[section] = getattr(self, section).replace(**fields)
         changes["scoring"] = changes.get("scoring", self.scoring).replace(
             models_dir=tuple(absolute(d) for d in self.scoring.models_dir))
+        changes["model"] = changes.get("model", self.model).replace(
+            text_encoders=tuple(absolute(f) for f in self.model.text_encoders))
         return self.replace(**changes)
 
     # -- derived values --------------------------------------------------------------------------------
@@ -489,8 +493,9 @@ class LoopConfig(ConfigFile):
         }, source="[gate]" if variant is None else f"[gate_variants.{variant}]")
 
     def _model_fields(self) -> dict[str, str]:
-        return {"base_model": self.model.base_model, "arch": self.model.arch,
-                "prediction_type": self.model.prediction_type, "model_config_dir": self.model.model_config_dir}
+        return {"base_model": self.model.base_model, "text_encoders": list(self.model.text_encoders),
+                "vae": self.model.vae, "arch": self.model.arch, "prediction_type": self.model.prediction_type,
+                "model_config_dir": self.model.model_config_dir}
 
     def evaluation_variant_kinds(self) -> tuple[str, ...]:
         """``[evaluation] variants``, or when empty: base and the aspect LoRAs, plus the merge baselines
@@ -563,6 +568,13 @@ class LoopConfig(ConfigFile):
             p.append(f"[model] prediction_type={model.prediction_type!r}: use one of {', '.join(PREDICTION_TYPES)}")
         if model.model_config_dir and check_paths and not os.path.isdir(model.model_config_dir):
             p.append(f"[model] model_config_dir={model.model_config_dir!r}: no such folder")
+        for index, path in enumerate(model.text_encoders):
+            if check_paths and not os.path.isfile(path):
+                p.append(f"[model] text_encoders[{index}]={path!r}: no such file; give the text encoder file ComfyUI's "
+                         "Load CLIP node reads (models/text_encoders)")
+        if model.vae and check_paths and not os.path.isfile(model.vae):
+            p.append(f"[model] vae={model.vae!r}: no such file; give the VAE file ComfyUI's Load VAE node reads "
+                     "(models/vae)")
         return p
 
     def _prompt_problems(self, check_paths: bool) -> list[str]:

@@ -169,7 +169,9 @@ def model_identity(config: LoopConfig) -> list:
     """The identity of what loading the base model reads: the checkpoint and, for a single file, the
     config folder in effect (``model_config_dir`` or a ``<stem>.configs/`` sidecar)."""
 
-    return identity(*model_source_paths(config.model.base_model, config.model.model_config_dir or None))
+    model = config.model
+    return identity(*model_source_paths(model.base_model, model.model_config_dir or None),
+                    *(Path(path) for path in (*model.text_encoders, *([model.vae] if model.vae else []))))
 
 
 def scorer_weights_identity(config: LoopConfig) -> list:
@@ -181,7 +183,8 @@ def scorer_weights_identity(config: LoopConfig) -> list:
 def stage_settings(config: LoopConfig, stage: str) -> dict[str, Any]:
     """The settings a stage's output depends on (its part of the fingerprint). Paths, labels and
     speed settings (parallel jobs, threads, scoring batch size) are left out."""
-    model = {k: v for k, v in config.model.to_dict().items() if k != "base_model"}
+    # (the model files' identity is model_identity's)
+    model = {k: v for k, v in config.model.to_dict().items() if k not in ("base_model", "text_encoders", "vae")}
     generation = {"generation": config.generation.to_dict(), "dtype": config.dtype, "model": model}
     if stage == "generate":
         return {**generation, "prompts": config.train_prompts(), "k": config.prompts.candidates_per_prompt,

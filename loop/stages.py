@@ -128,7 +128,8 @@ def load_model(config, *, compute_hash: bool = False):
     dtype = resolve_dtype(config.dtype, resolve_device(config.device))
     model = config.model
     return load_base_model(model.base_model, arch=model.arch, prediction_type=model.prediction_type,
-                           config_dir=model.model_config_dir or None, torch_dtype=dtype, compute_hash=compute_hash)
+                           config_dir=model.model_config_dir or None, torch_dtype=dtype, compute_hash=compute_hash,
+                           text_encoders=model.text_encoders, vae=model.vae or None)
 
 
 MERGE_LABELS = {"merge": "equal-weight merge (1/N)", "sum": "sum (each LoRA at weight 1)",

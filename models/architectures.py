@@ -156,6 +156,12 @@ class Architecture:
     # num_train_timesteps, what both diffusers and ComfyUI pass the UNet families (0..999). Recorded in
     # the MoL file, so every loader normalises as the trainer did.
     gate_timestep_range: float = 1000.0
+    # Where a forward pre-hook on the diffusers denoiser finds the gate's inputs: the names of the
+    # denoiser's forward arguments holding the latent batch (a tensor, or Z-Image's list), the timestep
+    # and the prompt input (``gate_prompt_input``'s tensor), bound by the forward's signature (FLUX.1
+    # takes them by keyword, Z-Image by position). A family whose timestep runs the other way
+    # (``timestep_reversed``) is read as ``gate_timestep_range - t``: the gate always reads the noise level.
+    gate_call_arguments: tuple[str, str, str] = ("sample", "timestep", "encoder_hidden_states")
     # -- the DiT families (split files, flow matching); the SD entries keep the defaults -----------------
     # recognising the diffusion-model file (ComfyUI layout, a full checkpoint's prefix removed)
     denoiser_rules: tuple[KeyRule, ...] = ()
@@ -295,13 +301,18 @@ _QWEN3 = TextEncoderSpec(
 _FLUX1_VAE = {"vae_class": "AutoencoderKL", "vae_user_file": "ae.safetensors",
               "vae_rules": (KeyRule("decoder.conv_in.weight", 1, 16), KeyRule("bn.running_mean", present=False))}
 # Shared by every DiT family: split files, flow matching, LoRA files in diffusers' keys.
+# The gate's timestep input: the denoiser's t is the noise level sigma in 0..1 (ComfyUI's FLUX, FLUX.2 and
+# Z-Image models all take sigma with multiplier 1; diffusers' FLUX and klein too, Z-Image 1 - sigma).
 _DIT = {"denoiser_class": "", "denoiser_component": "transformer", "vae_scaling_factor": 1.0,
-        "lora_format": "diffusers", "checkpoint_vae_prefix": "vae.", "objective": "flow_matching"}
+        "lora_format": "diffusers", "checkpoint_vae_prefix": "vae.", "objective": "flow_matching",
+        "gate_timestep_range": 1.0, "gate_call_arguments": ("hidden_states", "timestep", "encoder_hidden_states")}
 
 
 DIT_ARCHITECTURES: dict[str, Architecture] = {
     "flux1": Architecture(
-        name="flux1", label="FLUX.1", **{**_DIT, "denoiser_class": "FluxTransformer2DModel"},
+        name="flux1", label="FLUX.1",
+        **{**_DIT, "denoiser_class": "FluxTransformer2DModel",
+           "gate_call_arguments": ("hidden_states", "timestep", "pooled_projections")},
         text_encoders=(_CLIP_L, _T5_XXL), **_FLUX1_VAE,
         denoiser_rules=(KeyRule("double_blocks.0.img_attn.qkv.weight"), KeyRule("img_in.weight"),
                         KeyRule("vector_in.in_layer.weight"),
@@ -362,7 +373,8 @@ DIT_ARCHITECTURES: dict[str, Architecture] = {
                            hidden_keys=("num_attention_heads", "attention_head_dim"), text_tokens=512),
     ),
     "zimage": Architecture(
-        name="zimage", label="Z-Image", **{**_DIT, "denoiser_class": "ZImageTransformer2DModel"},
+        name="zimage", label="Z-Image",
+        **{**_DIT, "denoiser_class": "ZImageTransformer2DModel", "gate_call_arguments": ("x", "t", "cap_feats")},
         text_encoders=(_QWEN3,), **_FLUX1_VAE,  # Z-Image uses FLUX.1's VAE
         denoiser_rules=(KeyRule("cap_embedder.1.weight"), KeyRule("noise_refiner.0.attention.k_norm.weight")),
         # Turbo (8-9 steps, no CFG) and the undistilled base share the layout; sampling defaults are Turbo's.

@@ -537,3 +537,26 @@ def kohya_to_peft(state_dict: Mapping[str, torch.Tensor], base) -> dict[str, Lor
         raise ValueError(f"{len(problems)} LoRA entries do not map onto the {base.arch} base model: "
                          + "; ".join(problems[:8]) + (" ..." if len(problems) > 8 else ""))
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# either format, as the family writes it
+
+def lora_module_weights(state_dict: Mapping[str, torch.Tensor], base,
+                        metadata: Mapping[str, str] | None = None) -> dict[str, LoraWeights]:
+    """Per-module LoRA weights of a file in the base model's family format (``lora_format``):
+    ``kohya_to_peft`` (SD families) or ``diffusers_to_peft`` (DiT families). Keys name the module
+    for ``lora_target_module``; ``LoraWeights.kohya_name`` is the module's name in the file."""
+    if base.architecture.lora_format == "diffusers":
+        return diffusers_to_peft(state_dict, base, metadata)
+    return kohya_to_peft(state_dict, base)
+
+
+def lora_target_module(base, key: str) -> torch.nn.Module:
+    """The Linear / Conv2d of ``base`` a ``lora_module_weights`` key names (peft's wrapped base
+    layer if adapters are injected)."""
+    component = base.architecture.denoiser_component + "."
+    if base.architecture.lora_format == "diffusers" and key.startswith(component):
+        target = base.denoiser.get_submodule(key[len(component):])
+        return getattr(target, "base_layer", target)
+    return get_lora_target(base, key)

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import comfy.utils
 import folder_paths
-import torch
 from comfy_api.latest import io
 
 from ..models.lora_files import LORA_FIX
@@ -71,15 +70,6 @@ def load_aspect_lora(aspect: str, path: str | os.PathLike) -> model_patching.Asp
     if not state_dict:
         raise ValueError(f"LoRA file {str(path)!r}: holds no tensors; {LORA_FIX}")
     return model_patching.AspectLoRA(aspect, Path(path).name, state_dict)
-
-
-def conditioning_context(conditioning) -> torch.Tensor:
-    """The cross-attention context of a one-prompt CONDITIONING (``[1, T, D]``)."""
-    if not conditioning:
-        raise ValueError("conditioning: empty; connect a CLIP Text Encode of the prompt to bake the gate on")
-    if len(conditioning) != 1 or conditioning[0][0].shape[0] != 1:
-        raise ValueError("conditioning: holds several prompts; connect the CLIP Text Encode of one prompt to bake on")
-    return conditioning[0][0]
 
 
 class GatedMultiLoRALoader(io.ComfyNode):
@@ -173,8 +163,8 @@ class GatedMultiLoRALoader(io.ComfyNode):
         enabled = enabled_aspects([lora.aspect for lora in aspect_loras], disabled_aspects or "")
         prompt = (prompt or "").strip() or None
         context = None
-        if mode == "bake" and conditioning is not None:
-            context = conditioning_context(conditioning)
+        if mode == "bake" and conditioning is not None and gate is not None:
+            context = model_patching.conditioning_prompt_input(conditioning, gate)
         new_model, new_clip = model_patching.apply_mixture(
             model, clip, aspect_loras, mode=mode, gate=gate, enabled=enabled, manual_weights=manual,
             strength=strength, context=context, prompt=prompt if mode == "bake" else None,

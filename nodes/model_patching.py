@@ -19,14 +19,27 @@ Two ways to apply a mixture (both on clones; the input patchers are never modifi
   wrapper calls the current forward (read with ``get_model_object``, so patches of other packs
   chain) and adds the fused gated delta. Per-sample gates (and a token gate's timestep offsets) are
   computed once per UNet call in a ``DIFFUSION_MODEL`` wrapper from the cross-attention context and
-  the timesteps (ComfyUI passes the UNet families' discrete timestep, 0..999, as diffusers does:
-  the range recorded in the MoL file normalises both alike); layers whose gate reads nothing at run
-  time (text-encoder layers of prompt and layer gates) are merged with their static gate. The
-  fused factors count in the patcher's ``model_size()`` (see ``_count_factor_memory``).
+  the timesteps (ComfyUI passes the UNet families' discrete timestep, 0..999, as diffusers does,
+  and the DiT families' sigma, 0..1: the range recorded in the MoL file normalises both alike);
+  layers whose gate reads nothing at run time (text-encoder layers of prompt and layer gates) are
+  merged with their static gate. The fused factors count in the patcher's ``model_size()`` (see
+  ``_count_factor_memory``).
+
+The DiT families (FLUX.1, FLUX.2-klein, Z-Image): ComfyUI holds q / k / v (and FLUX.1's single-
+block MLP input) in one fused Linear where diffusers, the LoRA files and the gate have one module
+each; ComfyUI's key map gives such a LoRA module as a row block ``(key, (0, first row, rows))``.
+Each block keeps its own experts and gate layer: merged as a patch on its rows (what the stock
+loader does), or, dynamically, added to its rows of the fused Linear's output. FLUX.1's prompt gate
+reads the pooled CLIP-L vector (``y`` in the diffusion model's call, ``pooled_output`` in the
+conditioning), the others the text context. Nothing here uses hooks (``comfy.hooks``): object
+patches, a wrapper, callbacks and weight patches keep ComfyUI 0.33 on its dynamic-VRAM model
+patcher, which falls back to the old one only for conditioning with hooks
+(``samplers.CFGGuider.inner_set_conds``).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +49,7 @@ import comfy.lora_convert
 import comfy.patcher_extension
 import comfy.utils
 import torch
+import torch.nn.functional as F
 from comfy.weight_adapter import LoRAAdapter
 
 from ..trainer.gate import (
@@ -50,6 +64,11 @@ from ..trainer.gate import (
 logger = logging.getLogger(__name__)
 
 PATCH_KEY = "versat2i_mixture_of_lora"  # wrapper / callback key on the patcher
+# Where the diffusion model's call holds what a prompt gate reads (``MixtureGate.prompt_input``): the
+# text context (None: the ``context`` argument), or FLUX.1's pooled CLIP-L vector, which ComfyUI passes
+# as ``y`` (its conditioning's ``pooled_output``).
+COMFY_PROMPT_KEYWORDS = {"context": None, "pooled": "y"}
+CONDITIONING_PROMPT_INPUTS = {"context": None, "pooled": "pooled_output"}
 _TEXT_ENCODER_LORA_PREFIXES = ("lora_te", "text_encoder", "text_encoders.", "lora_prior_te")
 
 
@@ -64,16 +83,28 @@ class AspectLoRA:
 
 @dataclass
 class LayerTarget:
-    """One adapted weight of the model or the text encoder, with every aspect's factors."""
+    """One adapted weight of the model or the text encoder, or one row block of a fused weight
+    (ComfyUI's DiTs hold q / k / v, and FLUX.1's single blocks also the MLP input, in one Linear,
+    where the LoRA files adapt each part: ComfyUI's patch key is then ``(weight key, (0, first row,
+    rows))``), with every aspect's factors."""
 
-    key: str  # state-dict key in the patcher's model ("diffusion_model.….weight", "clip_l.….weight")
+    key: str | tuple  # ComfyUI's patch key: a state-dict key ("diffusion_model.….weight"), or (key, offset)
     on_clip: bool
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]  # of the weight, or of its row block
     experts: list[ExpertLoRA | None] = field(default_factory=list)  # one per aspect, None = not adapted
 
     @property
+    def weight_key(self) -> str:
+        return self.key if isinstance(self.key, str) else self.key[0]
+
+    @property
+    def rows(self) -> tuple[int, int] | None:
+        """(first row, rows) of a row block of a fused weight; None for a whole weight."""
+        return None if isinstance(self.key, str) else (int(self.key[1][1]), int(self.key[1][2]))
+
+    @property
     def module_path(self) -> str:
-        return self.key[: -len(".weight")]
+        return self.weight_key[: -len(".weight")]
 
 
 # -- LoRA keys -> model weights ------------------------------------------------------------------
@@ -121,6 +152,11 @@ def collect_targets(model, clip, loras: Sequence[AspectLoRA]) -> dict[str, Layer
                 f"{len(converted)} tensors match no layer (e.g. {example}). It was probably trained for another "
                 "base model (SD1.5 vs SDXL...); load the checkpoint it was trained on"
             )
+        def lora_key_of(key, converted=converted) -> str:  # for messages: the LoRA's name of a patch key
+            # (adapter.loaded_keys is shared by all of a file's adapters: find the name by the key map)
+            return next((name for name, mapped in key_map.items() if mapped == key
+                         and any(k.startswith(name + ".") for k in converted)), "?")
+
         for key, adapter in loaded.items():
             if not isinstance(adapter, LoRAAdapter):
                 raise ValueError(
@@ -134,19 +170,19 @@ def collect_targets(model, clip, loras: Sequence[AspectLoRA]) -> dict[str, Layer
                     "mixes plain LoRA factors only. Use the stock LoraLoader for this file"
                 )
             on_clip = key in clip_keys
-            weight = (clip_sd if on_clip else model_sd).get(key) if isinstance(key, str) else None
-            if weight is None:
-                # (adapter.loaded_keys is shared by all of a file's adapters: find the name by the key map)
-                lora_key = next((name for name, mapped in key_map.items() if mapped == key
-                                 and any(k.startswith(name + ".") for k in converted)), "?")
-                if not isinstance(key, str):
+            weight_key, offset = (key, None) if isinstance(key, str) else key
+            weight = (clip_sd if on_clip else model_sd).get(weight_key)
+            if weight is not None and offset is not None:
+                if offset[0] != 0:
                     raise ValueError(
-                        f"LoRA {lora.name!r} (aspect {lora.aspect!r}): {lora_key} maps to a slice of the fused weight "
-                        f"{key[0]!r}; the gated loader mixes whole weights only (SD1.x / SD2.x / SDXL layers). Use the "
-                        "stock LoraLoader for this model"
+                        f"LoRA {lora.name!r} (aspect {lora.aspect!r}): {lora_key_of(key)} maps to a block of dimension "
+                        f"{offset[0]} of the fused weight {weight_key!r}; the gated loader mixes whole weights and "
+                        "row blocks only. Use the stock LoraLoader for this model"
                     )
+                weight = weight.narrow(*offset)
+            if weight is None:
                 raise ValueError(
-                    f"LoRA {lora.name!r} (aspect {lora.aspect!r}): {lora_key} maps to {key!r}, a weight this "
+                    f"LoRA {lora.name!r} (aspect {lora.aspect!r}): {lora_key_of(key)} maps to {key!r}, a weight this "
                     f"{'CLIP' if on_clip else 'model'} does not have; the LoRA was made for another base model (or "
                     "the checkpoint is pruned). Load the checkpoint the LoRA was trained on"
                 )
@@ -231,6 +267,17 @@ def _check_applied(patches: Mapping[str, object], applied: set) -> None:
 
 # -- dynamic (runtime gates) -------------------------------------------------------------------------
 
+def _call_argument(executor, name: str, args: tuple, kwargs: dict):
+    """The argument ``name`` of a diffusion model call after ``(x, timesteps, context)``: FLUX's
+    forward hands ``y`` on by position, so it is found by the position the model's ``_forward``
+    gives it."""
+    if name in kwargs:
+        return kwargs[name]
+    names = [n for n in inspect.signature(executor.original).parameters if n != "self"]
+    index = names.index(name) - 3 if name in names else -1
+    return args[index] if 0 <= index < len(args) else None
+
+
 class GateCallState:
     """What one UNet call sets for every gated layer, computed once per call in a DIFFUSION_MODEL
     wrapper from the cross-attention context and the timesteps: per-sample gate values (prompt
@@ -240,6 +287,7 @@ class GateCallState:
     def __init__(self, gate: MixtureGate, mask: torch.Tensor | None):
         self.gate = gate
         self.mask = mask
+        self.prompt_keyword = COMFY_PROMPT_KEYWORDS[gate.prompt_input]
         self.rank_indices: dict[tuple[int, ...], torch.Tensor] = {}  # ranks -> expert index per rank
         self.expanded: dict[tuple[int, ...], torch.Tensor] | None = None
         self.offsets: torch.Tensor | None = None
@@ -253,12 +301,14 @@ class GateCallState:
 
     def __call__(self, executor, x, timesteps=None, context=None, *args, **kwargs):
         gate = self.gate
-        if context is None and gate.granularity == "prompt":
-            raise ValueError("Gated Multi-LoRA Loader (dynamic, prompt gate): the model received no text context")
+        prompt = context if self.prompt_keyword is None else _call_argument(executor, self.prompt_keyword, args, kwargs)
+        if prompt is None and gate.granularity == "prompt":
+            raise ValueError(f"Gated Multi-LoRA Loader (dynamic, prompt gate): the model received no "
+                             f"{'text context' if self.prompt_keyword is None else self.prompt_keyword + ' input'}")
         with torch.no_grad():
             gate.to(x.device)
             if gate.per_sample:
-                gates = gate.sample_gates(None if context is None else context.float(), self.mask,
+                gates = gate.sample_gates(None if prompt is None else prompt.float(), self.mask,
                                           timestep=timesteps, batch=x.shape[0]).to(x.dtype)
                 self.expanded = {
                     ranks: gates.index_select(-1, index.to(gates.device)) for ranks, index in self.rank_indices.items()
@@ -289,29 +339,88 @@ class GateCallState:
         return offsets.view(offsets.shape[0], *([1] * (ndim - 2)), offsets.shape[1])
 
 
+class RowBlocks:
+    """The gated parts of one Linear: its whole weight, or the row blocks of a fused one (ComfyUI's
+    q / k / v, FLUX.1's single-block linear1), each its own gated LoRA layer. They share one matmul
+    for their A sides (stacked A matrices and gate projections: one GEMM of the input instead of
+    one per block), then each block's B is accumulated into its rows of the output in place
+    (``addmm_``: no delta tensor and no extra pass over the output, which on a CPU costs as much as
+    the rank-space matmuls)."""
+
+    def __init__(self, blocks: Sequence[tuple[FusedGatedLoRA, tuple[int, int]]]):
+        self.blocks = list(blocks)
+        self._key = None
+        self._stacked: tuple = ()
+
+    def stacked(self, like: torch.Tensor):
+        """(stacked A sides, their biases or None, [(rows, B, biased)]) in ``like``'s device and dtype."""
+        factors = [fused.factors(like) for fused, _ in self.blocks]
+        key = (like.device, like.dtype, tuple(down.data_ptr() for down, _, _ in factors))
+        if key != self._key:  # built once per place and dtype of the blocks' (cached) factors
+            down = torch.cat([d for d, _, _ in factors])
+            biases = None
+            if any(b is not None for _, _, b in factors):
+                biases = torch.cat([b if b is not None else torch.zeros(d.shape[0], device=d.device, dtype=d.dtype)
+                                    for d, _, b in factors])
+            splits = [d.shape[0] for d, _, _ in factors]
+            self._stacked = (down, biases, splits, [(rows, up, b is not None)
+                                                     for (_, rows), (_, up, b) in zip(self.blocks, factors)])
+            self._key = key
+        return self._stacked
+
+    def add_to(self, input: torch.Tensor, out: torch.Tensor, gates_of) -> None:
+        """Add every block's gated delta to its rows of ``out`` (``[..., out_features]``, contiguous)."""
+        down, biases, splits, blocks = self.stacked(input)
+        h = F.linear(input, down, biases)
+        out2d = out.view(-1, out.shape[-1])
+        for (fused, _), part, (rows, up, biased) in zip(self.blocks, torch.split(h, splits, dim=-1), blocks):
+            gates, offsets = gates_of(fused)
+            low = fused.gated_low(part, gates, offsets, biased=biased)
+            out2d.narrow(1, rows[0], rows[1]).addmm_(low.reshape(-1, low.shape[-1]), up.t())
+
+
 class GatedForward:
     """Object patch for ``<module>.forward``: the previous forward (the layer's own, or another
-    pack's patch) plus the fused gated LoRA delta. A plain object, not an nn.Module: setting a
-    Module as an attribute would register it as a submodule and change the state dict."""
+    pack's patch) plus the fused gated LoRA delta of each adapted part of the weight: the whole
+    weight, or row blocks of a fused one (ComfyUI's q / k / v in one Linear, each block its own gate
+    layer, as the LoRAs and the gate were trained on diffusers' separate Linears; ``RowBlocks``). A
+    plain object, not an nn.Module: setting a Module as an attribute would register it as a
+    submodule and change the state dict."""
 
-    def __init__(self, previous, fused: FusedGatedLoRA, channels_first: bool, state: GateCallState | None, layer: int):
+    def __init__(self, previous, parts: Sequence[tuple[FusedGatedLoRA, tuple[int, int] | None, int]],
+                 channels_first: bool, state: GateCallState | None):
         self.previous = previous
-        self.fused = fused
         self.channels_first = channels_first  # 1x1 Conv2d: channels at dim 1
         self.state = state
-        self.layer = layer
-        self.ranks = state.register(fused) if state is not None else None
+        # (fused layer, (first row, rows) or None, gate layer index, its ranks in the call state)
+        self.parts = [(fused, rows, layer, state.register(fused) if state is not None else None)
+                      for fused, rows, layer in parts]
+        # A Linear's parts (a whole weight is one block of all its rows) add into its output in place;
+        # a 1x1 conv's output is channels-first, so it adds its delta to the moved view instead.
+        self.whole = self.parts if channels_first else []
+        blocks = [] if channels_first else [(fused, rows or (0, fused.out_features), layer, ranks)
+                                            for fused, rows, layer, ranks in self.parts]
+        self.row_blocks = RowBlocks([(fused, rows) for fused, rows, _, _ in blocks]) if blocks else None
+        self._part_of = {id(fused): (layer, ranks) for fused, _, layer, ranks in blocks}
+
+    def _gates(self, fused: FusedGatedLoRA, layer: int, ranks, ndim: int):
+        """(rank gates, logit offsets) of one part for this call."""
+        if self.state is None:
+            return None, None
+        if fused.has_token_gate:
+            return None, self.state.logit_offsets(layer, ndim)
+        return self.state.rank_gates(layer, ranks, ndim), None
 
     def __call__(self, input, *args, **kwargs):
         out = self.previous(input, *args, **kwargs)
         if self.channels_first:
             input, out = input.movedim(1, -1), out.movedim(1, -1)
-        gates = offsets = None
-        if self.state is not None and self.fused.has_token_gate:
-            offsets = self.state.logit_offsets(self.layer, input.ndim)
-        elif self.state is not None:
-            gates = self.state.rank_gates(self.layer, self.ranks, input.ndim)
-        out = self.fused.forward(input, out, gates, offsets)  # .forward: skip nn.Module.__call__ overhead
+        for fused, _, layer, ranks in self.whole:
+            gates, offsets = self._gates(fused, layer, ranks, input.ndim)
+            out = fused.forward(input, out, gates, offsets)  # .forward: skip nn.Module.__call__ overhead
+        if self.row_blocks is not None:  # the fresh output of the Linear, written in place (inference only)
+            out = out.contiguous()
+            self.row_blocks.add_to(input, out, lambda fused: self._gates(fused, *self._part_of[id(fused)], input.ndim))
         return out.movedim(-1, 1) if self.channels_first else out
 
 
@@ -383,22 +492,26 @@ def apply_dynamic(
     static = gate.static_gates(mask).detach()
     static_merge: dict[str, LayerTarget] = {}
     installed = {"model": [], "clip": []}
+    parts: dict[tuple[bool, str], list[tuple[LayerTarget, FusedGatedLoRA, int]]] = {}
     for key, target in targets.items():
         layer = layer_of_key[key]
         if gate.per_sample and (target.on_clip or not gate.timestep_knots and gate.granularity == "layer"):
             static_merge[key] = target  # no input at run time: merged below
             continue
-        patcher = new_clip.patcher if target.on_clip else new_model
-        channels_first = _module_kind(patcher, target)
         in_features = target.experts[next(i for i, e in enumerate(target.experts) if e is not None)].down[0].numel()
         fused = fused_layer(gate, gate.layers[layer], target.experts, in_features, target.shape[0], mask=mask,
                             strength=strength)
-        name = f"{target.module_path}.forward"
+        parts.setdefault((target.on_clip, target.weight_key), []).append((target, fused, layer))
+    for (on_clip, _weight_key), weight_parts in parts.items():
+        patcher = new_clip.patcher if on_clip else new_model
+        channels_first = _module_kind(patcher, weight_parts[0][0])
+        name = f"{weight_parts[0][0].module_path}.forward"
         previous = patcher.get_model_object(name)
         # text-encoder layers run outside the UNet call: token gates there read no timestep
-        patcher.add_object_patch(name, GatedForward(previous, fused, channels_first, None if target.on_clip else state,
-                                                    layer))
-        installed["clip" if target.on_clip else "model"].append(fused)
+        patcher.add_object_patch(name, GatedForward(previous, [(fused, target.rows, layer)
+                                                               for target, fused, layer in weight_parts],
+                                                    channels_first, None if on_clip else state))
+        installed["clip" if on_clip else "model"] += [fused for _, fused, _ in weight_parts]
     if state is not None and new_model is not None and installed["model"]:
         new_model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, PATCH_KEY, state)
     if new_model is not None and installed["model"]:
@@ -413,10 +526,26 @@ def apply_dynamic(
     return new_model, new_clip
 
 
-def encode_context(clip, prompt: str) -> torch.Tensor:
-    """The cross-attention context ``[1, T, D]`` of ``prompt``, encoded as CLIP Text Encode does."""
-    conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
-    return conditioning[0][0]
+def conditioning_prompt_input(conditioning, gate: MixtureGate) -> torch.Tensor:
+    """What a prompt gate reads of a one-prompt CONDITIONING: its cross-attention context ``[1, T, D]``,
+    or (FLUX.1) its pooled CLIP-L vector ``[1, D]``."""
+    if not conditioning:
+        raise ValueError("conditioning: empty; connect a CLIP Text Encode of the prompt to bake the gate on")
+    if len(conditioning) != 1 or conditioning[0][0].shape[0] != 1:
+        raise ValueError("conditioning: holds several prompts; connect the CLIP Text Encode of one prompt to bake on")
+    key = CONDITIONING_PROMPT_INPUTS[gate.prompt_input]
+    if key is None:
+        return conditioning[0][0]
+    value = conditioning[0][1].get(key)
+    if value is None:
+        raise ValueError(f"conditioning: has no {key}, which this gate reads; connect the CLIP Text Encode of the "
+                         "model's own text encoders")
+    return value
+
+
+def encode_context(clip, prompt: str, gate: MixtureGate) -> torch.Tensor:
+    """What a prompt gate reads of ``prompt``, encoded as CLIP Text Encode does."""
+    return conditioning_prompt_input(clip.encode_from_tokens_scheduled(clip.tokenize(prompt)), gate)
 
 
 def bake_on_prompt(model, clip, targets: Mapping[str, LayerTarget], gate: MixtureGate, layer_of_key: Mapping[str, int],
@@ -433,7 +562,7 @@ def bake_on_prompt(model, clip, targets: Mapping[str, LayerTarget], gate: Mixtur
     model_targets = {key: target for key, target in targets.items() if not target.on_clip}
     _, new_clip = apply_merge(None, clip, clip_targets, {key: static[layer_of_key[key]] for key in clip_targets},
                               strength)
-    layer_weights = gate.merge_weights(encode_context(new_clip, prompt), mask)
+    layer_weights = gate.merge_weights(encode_context(new_clip, prompt, gate), mask)
     weights_for = {key: layer_weights[layer_of_key[key]] for key in model_targets}
     new_model, _ = apply_merge(model, None, model_targets, weights_for, strength)
     return new_model, new_clip

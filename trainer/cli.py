@@ -172,7 +172,11 @@ def add_mix_subcommand(subparsers: argparse._SubParsersAction) -> None:
         "mix", help="generate images with a MoL file (gated aspect LoRAs) on a diffusers pipeline",
         description="Apply a Mixture-of-LoRA file to a base model and generate images outside ComfyUI.",
     )
-    parser.add_argument("--base-model", required=True, help="diffusers folder or single-file checkpoint")
+    parser.add_argument("--base-model", required=True,
+                        help="diffusers folder or single-file checkpoint (a DiT family: its diffusion model file)")
+    parser.add_argument("--text-encoder", action="append", default=[],
+                        help="a DiT family's text encoder file (repeat for FLUX.1's CLIP-L and T5)")
+    parser.add_argument("--vae", default=None, help="a DiT family's VAE file")
     parser.add_argument("--model-config-dir", default=None, help="diffusers configs for a single-file checkpoint")
     parser.add_argument("--mol", required=True, type=Path, help="the .mol.safetensors file (its LoRAs next to it)")
     parser.add_argument("--prompt", required=True, action="append", help="a prompt (repeat for several images)")
@@ -183,8 +187,9 @@ def add_mix_subcommand(subparsers: argparse._SubParsersAction) -> None:
                              "gates change every step: they run dynamically); equal: every LoRA at 1/N")
     parser.add_argument("--disable-aspects", default="", help="comma-separated aspects to switch off")
     parser.add_argument("--strength", type=float, default=1.0)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--cfg", type=float, default=7.0)
+    parser.add_argument("--steps", type=int, default=None, help="default: 30; a DiT family: its variant's (klein 4)")
+    parser.add_argument("--cfg", type=float, default=None,
+                        help="guidance scale; default: 7; a DiT family: its variant's (FLUX.1-dev 3.5, klein 1)")
     parser.add_argument("--size", type=int, default=None, help="image side (default: the model's native resolution)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scheduler", default="euler",
@@ -197,6 +202,8 @@ def add_mix_subcommand(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_mix(args: argparse.Namespace) -> int:
+    import inspect
+
     import torch
 
     from ..models.loading import load_base_model
@@ -218,9 +225,18 @@ def run_mix(args: argparse.Namespace) -> int:
     enabled = [a for a in aspects if a not in disabled] if disabled else None
     if enabled == []:
         raise ValueError(f"--disable-aspects: every aspect of {args.mol.name} is switched off; keep at least one")
-    base = load_base_model(args.base_model, config_dir=args.model_config_dir, compute_hash=False)
+    base = load_base_model(args.base_model, config_dir=args.model_config_dir, compute_hash=False,
+                           text_encoders=args.text_encoder, vae=args.vae)
     device = resolve_device(args.device)
     pipe = build_pipeline(base, scheduler=args.scheduler, device=device)
+    sampling = dict(base.variant.sampling) if base.variant is not None else {}
+    steps = args.steps or sampling.get("num_inference_steps", 30)
+    cfg = args.cfg if args.cfg is not None else sampling.get("guidance_scale", 7.0)
+    negative = {}
+    if "negative_prompt" in inspect.signature(pipe.__call__).parameters:
+        negative["negative_prompt"] = args.negative_prompt or None
+    elif args.negative_prompt:
+        raise ValueError(f"--negative-prompt: {type(pipe).__name__} takes no negative prompt; leave it out")
     mol, mixture = load_mixture(base, args.mol, strength=args.strength)
     mixture.mask = mol.gate.expert_mask(enabled)
     size = args.size or base.resolution
@@ -229,8 +245,8 @@ def run_mix(args: argparse.Namespace) -> int:
         # training see it); a token or layer gate on its merge weights; a timestep gate runs dynamically
         mixture.apply(args.mode, encode=lambda prompt=prompt: prompt_context(base, prompt, device))
         generator = torch.Generator(device="cpu").manual_seed(args.seed + index)
-        image = pipe(prompt, negative_prompt=args.negative_prompt or None, num_inference_steps=args.steps,
-                     guidance_scale=args.cfg, height=size, width=size, generator=generator).images[0]
+        image = pipe(prompt, **negative, num_inference_steps=steps, guidance_scale=cfg, height=size, width=size,
+                     generator=generator).images[0]
         mixture.remove()
         final = args.out / f"{index:04d}.png"
         with atomic_file(final, overwrite=args.overwrite, what="image") as temp:

@@ -84,6 +84,10 @@ import torch.nn.functional as F
 from torch import nn
 
 GRANULARITIES = ("token", "prompt", "layer")
+# What a prompt gate reads (the family's table entry, ``gate_prompt_input``): the mean of the text
+# tokens the denoiser attends to, or FLUX.1's pooled CLIP-L vector. Recorded in the MoL file, so a
+# loader hands the gate the same tensor the trainer did.
+PROMPT_INPUTS = ("context", "pooled")
 GATE_KINDS = ("softmax", "softmax_n", "sigmoid", "scaled_softmax")
 BALANCE_KINDS = ("mole", "switch", "none")
 TEXT_ENCODER_PREFIX = "lora_te"  # kohya module names of text-encoder layers: lora_te_, lora_te1_, lora_te2_
@@ -102,10 +106,13 @@ def inverse_norm(u: torch.Tensor) -> torch.Tensor:
     return torch.reciprocal(norm.clamp_min(NORM_EPS)).to(u.dtype)
 
 
-def prompt_embedding(context: torch.Tensor) -> torch.Tensor:
+def prompt_embedding(context) -> torch.Tensor:
     """The prompt gate's input from the cross-attention context ``[B, T, D]`` (or an already pooled
-    ``[B, D]``): the mean over tokens. ComfyUI repeats a shorter context to a common length when it
+    ``[B, D]``, or a list of ``[T_i, D]`` contexts of different lengths: Z-Image's real tokens in
+    diffusers): the mean over tokens. ComfyUI repeats a shorter context to a common length when it
     batches conds; a mean is unchanged by that repetition."""
+    if isinstance(context, (list, tuple)):
+        return torch.stack([prompt_embedding(item.unsqueeze(0))[0] for item in context])
     if context.ndim == 3:
         return context.mean(dim=1)
     if context.ndim == 2:
@@ -276,8 +283,11 @@ class MixtureGate(nn.Module):
         kind: str = "softmax",
         timestep_knots: int = 0,
         timestep_range: float = 1000.0,
+        prompt_input: str = "context",
     ):
         super().__init__()
+        if prompt_input not in PROMPT_INPUTS:
+            raise ValueError(f"prompt_input {prompt_input!r}: unknown; choose one of {', '.join(PROMPT_INPUTS)}")
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity {granularity!r}: unknown; choose one of {', '.join(GRANULARITIES)}")
         self.activation = activation_of(kind)
@@ -305,6 +315,7 @@ class MixtureGate(nn.Module):
         self.kind = kind
         self.timestep_knots = int(timestep_knots)
         self.timestep_range = float(timestep_range)
+        self.prompt_input = prompt_input
         self.prompt_features = int(prompt_features) if prompt_features else None
         self.layer_index = {name: index for index, name in enumerate(self.layers)}
         n, count = len(self.experts), len(self.layers)
@@ -683,33 +694,42 @@ class FusedGatedLoRA(nn.Module):
         """``base_out + delta`` for ``hidden`` ``[..., in]``; ``rank_gates`` (``[B, 1.., R]``) is
         required unless this layer has a token gate; ``logit_offsets`` (``[B, 1.., N]``, float32,
         divided by the temperature) shift a token gate's logits per sample (timestep gates)."""
+        return base_out + self.delta(hidden, rank_gates, logit_offsets)
+
+    def delta(self, hidden: torch.Tensor, rank_gates: torch.Tensor | None = None,
+              logit_offsets: torch.Tensor | None = None) -> torch.Tensor:
+        """The gated mixture's delta alone (``forward`` without the base output)."""
         down_and_gate, up, bias = self.factors(hidden)
+        # float32 inputs take a token gate's bias inside the one matmul (``factors``)
+        h = F.linear(hidden, down_and_gate, bias)
+        return F.linear(self.gated_low(h, rank_gates, logit_offsets, biased=bias is not None), up)
+
+    def gated_low(self, h: torch.Tensor, rank_gates: torch.Tensor | None = None,
+                  logit_offsets: torch.Tensor | None = None, *, biased: bool) -> torch.Tensor:
+        """The gate-scaled rank-space activations from ``h`` = the input times ``down_and_gate``
+        (``[..., R (+ N)]``; ``biased``: the bias of ``factors`` is already added): what the stacked
+        B multiplies. Split out so that several row blocks of one fused weight (ComfyUI's q / k / v
+        in one Linear) share one matmul for their A sides."""
         if self.has_token_gate:
-            if hidden.dtype == torch.float32:
-                h = F.linear(hidden, down_and_gate, bias)
-                logits = h[..., self.rank_total :]
-            else:
+            logits = h[..., self.rank_total :]
+            if not biased:
                 # The shared matmul runs in the input's dtype (a GPU GEMM accumulates in float32 and
                 # rounds only its output, like every other activation of the layer); the bias, the
                 # masking -inf and the softmax are float32 (the add promotes to float32).
-                h = F.linear(hidden, down_and_gate)
-                logits = h[..., self.rank_total :] + self.bias[self.rank_total :]
+                logits = logits + self.bias[self.rank_total :]
             if logit_offsets is not None:
                 logits = logits + logit_offsets
             if self.activation == "softmax":
-                g = torch.softmax(logits, dim=-1, dtype=torch.float32).to(hidden.dtype)
+                g = torch.softmax(logits, dim=-1, dtype=torch.float32).to(h.dtype)
             else:
-                g = torch.sigmoid(logits.float()).to(hidden.dtype)
+                g = torch.sigmoid(logits.float()).to(h.dtype)
             low = h[..., : self.rank_total]
             if self.equal_ranks:
-                low = (low.unflatten(-1, (self.num_experts, self.ranks[0])) * g.unsqueeze(-1)).flatten(-2)
-            else:
-                low = low * g.index_select(-1, self.rank_index)
-        else:
-            if rank_gates is None:
-                raise ValueError("FusedGatedLoRA: this layer has no token gate; pass per-sample rank_gates")
-            low = F.linear(hidden, down_and_gate) * rank_gates.to(hidden.dtype)
-        return base_out + F.linear(low, up)
+                return (low.unflatten(-1, (self.num_experts, self.ranks[0])) * g.unsqueeze(-1)).flatten(-2)
+            return low * g.index_select(-1, self.rank_index)
+        if rank_gates is None:
+            raise ValueError("FusedGatedLoRA: this layer has no token gate; pass per-sample rank_gates")
+        return h * rank_gates.to(h.dtype)
 
 
 def fused_layer(

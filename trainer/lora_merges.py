@@ -78,7 +78,8 @@ class MergedLoRAs:
 
     @contextlib.contextmanager
     def __call__(self, pipe) -> Iterator[Any]:
-        layers = mixture_layers(self.base, [load_kohya_lora(path)[0] for path in self.paths])
+        loaded = [load_kohya_lora(path) for path in self.paths]
+        layers = mixture_layers(self.base, [state for state, _ in loaded], [meta for _, meta in loaded])
         originals: list[tuple[torch.nn.Module, torch.Tensor]] = []
         try:
             # merge_utils draws DARE's masks from torch's global generator: seeded here, restored after

@@ -3,8 +3,10 @@
 
 The aspect LoRAs stay frozen factors, never merged into peft layers: every adapted Linear (or 1x1
 Conv2d) gets a forward hook that adds the gated delta to the layer's output, so the base model's
-modules and state dict stay exactly as loaded and ``remove()`` restores it. Prompt gates read the
-UNet's ``encoder_hidden_states`` in a UNet forward pre-hook, once per call. ``bake`` instead adds
+modules and state dict stay exactly as loaded and ``remove()`` restores it. Prompt and timestep
+gates read their inputs in a forward pre-hook on the denoiser, once per call, where the family's
+table entry says (``CallReader``: the UNet's ``encoder_hidden_states``; FLUX.1's pooled projection;
+Z-Image's positional list of contexts and its reversed timestep). ``bake`` instead adds
 the mixed delta to the weights in place (one merge, no per-step cost) and remembers the originals.
 
 peft can load several adapters and weight them (``set_adapters``), but only with one weight per
@@ -15,6 +17,7 @@ these hooks.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -24,8 +27,9 @@ from typing import Any
 
 import torch
 
+from ..models.flow_matching import encode_prompts as encode_flow_prompts
 from ..models.loading import encode_prompts
-from ..models.lora_files import KOHYA_DENOISER, get_lora_target, kohya_to_peft, load_kohya_lora
+from ..models.lora_files import load_kohya_lora, lora_module_weights, lora_target_module
 from .gate import (
     ExpertLoRA,
     MixtureGate,
@@ -33,6 +37,7 @@ from .gate import (
     fused_layer,
     is_text_encoder_layer,
     mixture_delta,
+    prompt_embedding,
     stack_experts,
 )
 from .mol_file import load_mol
@@ -46,14 +51,14 @@ MODES = ("bake", "dynamic", "equal")
 class MixtureLayer:
     """One adapted module of a diffusers base model with every aspect LoRA's factors."""
 
-    name: str  # kohya module name (what the MoL file records)
-    key: str  # "unet.<path>" / "text_encoder.<path>" (models.lora_files.kohya_to_peft's key)
+    name: str  # the module's name in the LoRA files (what the MoL file records): kohya's, or diffusers' (DiTs)
+    key: str  # "unet.<path>" / "text_encoder.<path>" / "transformer.<path>" (models.lora_files.lora_module_weights)
     module: torch.nn.Module
     experts: list[ExpertLoRA | None]
 
     @property
     def on_text_encoder(self) -> bool:
-        return not self.key.startswith(KOHYA_DENOISER + ".")
+        return self.key.startswith(TEXT_ENCODER_KEYS)
 
     @property
     def channels_first(self) -> bool:
@@ -68,14 +73,18 @@ class MixtureLayer:
         return self.module.out_features if isinstance(self.module, torch.nn.Linear) else self.module.out_channels
 
 
-def mixture_layers(base, loras: Sequence[Mapping[str, torch.Tensor]]) -> list[MixtureLayer]:
-    """Group the kohya LoRAs' factors by module of ``base`` (a ``models.loading.BaseModel``), sorted
-    by kohya name. Names are mapped by ``models.lora_files.kohya_to_peft`` (diffusers' converters)."""
+def mixture_layers(base, loras: Sequence[Mapping[str, torch.Tensor]],
+                   metadata: Sequence[Mapping[str, str] | None] | None = None) -> list[MixtureLayer]:
+    """Group the LoRAs' factors by module of ``base`` (a ``models.loading.BaseModel``), sorted by
+    their names in the files. Files are read in the family's format
+    (``models.lora_files.lora_module_weights``: kohya names through diffusers' converters, or
+    diffusers' own keys for the DiT families, whose alpha may be in the file's ``metadata``)."""
 
     layers: dict[str, MixtureLayer] = {}
-    for index, state_dict in enumerate(loras):
-        for key, weights in kohya_to_peft(state_dict, base).items():
-            module = get_lora_target(base, key)
+    metadata = list(metadata) if metadata is not None else [None] * len(loras)
+    for index, (state_dict, meta) in enumerate(zip(loras, metadata, strict=True)):
+        for key, weights in lora_module_weights(state_dict, base, meta).items():
+            module = lora_target_module(base, key)
             if isinstance(module, torch.nn.Conv2d) and (tuple(module.kernel_size) != (1, 1) or module.groups != 1):
                 raise ValueError(f"LoRA {index}: layer {key} is a {tuple(module.kernel_size)} convolution; the gated "
                                  "mixture handles Linear and 1x1 Conv2d layers (attention / feed-forward LoRAs)")
@@ -93,6 +102,12 @@ def gate_for_layers(aspects: Sequence[str], layers: Sequence[MixtureLayer], gran
                        granularity, prompt_features=prompt_features, temperature=temperature, **form)
 
 
+def gate_form(architecture) -> dict[str, Any]:
+    """What a gate reads of a family's denoiser call (``gate_for_layers`` keywords): its timestep span
+    and its prompt input."""
+    return {"timestep_range": architecture.gate_timestep_range, "prompt_input": architecture.gate_prompt_input}
+
+
 class _CallState:
     """What one denoiser call sets for every gated layer (read in the denoiser's forward pre-hook):
     per-sample gate values ``[B, L, N]`` (prompt gates, timestep gates of layer granularity) or
@@ -106,13 +121,37 @@ class _CallState:
         self.gates = self.offsets = None
 
 
-def _call_inputs(args, kwargs) -> tuple[torch.Tensor | None, Any, torch.Tensor]:
-    """(encoder_hidden_states, timestep, sample) of a diffusers denoiser call ``(sample, timestep,
-    encoder_hidden_states, ...)``."""
-    sample = kwargs.get("sample", args[0] if args else None)
-    timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-    context = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
-    return context, timestep, sample
+TEXT_ENCODER_KEYS = ("text_encoder.", "text_encoder_2.")
+
+
+class CallReader:
+    """Reads the gate's inputs from a diffusers denoiser call, as the family's table entry says
+    (``gate_call_arguments``, ``timestep_reversed``): (prompt input, timestep as the gate reads it,
+    batch size). Without an entry: the UNet's ``(sample, timestep, encoder_hidden_states)``."""
+
+    def __init__(self, architecture=None):
+        self.names = (architecture.gate_call_arguments if architecture is not None
+                      else ("sample", "timestep", "encoder_hidden_states"))
+        self.reversed_range = (architecture.gate_timestep_range
+                               if architecture is not None and architecture.timestep_reversed else None)
+        self._signatures: dict[int, inspect.Signature] = {}
+
+    def __call__(self, module, args, kwargs) -> tuple[Any, Any, int, torch.device]:
+        """(prompt input, timestep, batch size, the latents' device) of one call of ``module``."""
+        # The class's forward, not the instance's: accelerate / offloading hooks replace the latter by a
+        # (*args, **kwargs) wrapper.
+        forward = type(module).forward
+        signature = self._signatures.get(id(forward))
+        if signature is None:
+            signature = self._signatures[id(forward)] = inspect.signature(forward)
+        arguments = signature.bind_partial(module, *args, **kwargs).arguments
+        sample_name, timestep_name, prompt_name = self.names
+        sample = arguments.get(sample_name)
+        timestep = arguments.get(timestep_name)
+        if timestep is not None and self.reversed_range is not None:  # the gate reads the noise level
+            timestep = self.reversed_range - torch.as_tensor(timestep).float()
+        first = sample[0] if isinstance(sample, (list, tuple)) else sample
+        return arguments.get(prompt_name), timestep, len(sample), first.device
 
 
 class DiffusersMixture:
@@ -121,7 +160,7 @@ class DiffusersMixture:
     ``bake()`` merges once; ``remove()`` undoes either."""
 
     def __init__(self, gate: MixtureGate, layers: Sequence[MixtureLayer], *, denoiser: torch.nn.Module | None = None,
-                 mask: torch.Tensor | None = None, strength: float = 1.0):
+                 mask: torch.Tensor | None = None, strength: float = 1.0, architecture=None):
         missing = sorted(set(layer.name for layer in layers) - set(gate.layers))
         if missing:
             raise ValueError(f"the LoRAs adapt {len(missing)} layers the gate has no entry for (e.g. {missing[0]}); "
@@ -129,6 +168,7 @@ class DiffusersMixture:
         self.gate, self.layers, self.denoiser = gate, list(layers), denoiser
         self.mask, self.strength = mask, strength
         self.state = _CallState()
+        self.read_call_inputs = CallReader(architecture)
         self._handles: list = []
         self._baked: dict[int, torch.Tensor] = {}
 
@@ -155,16 +195,17 @@ class DiffusersMixture:
         return self
 
     def _read_call(self, module, args, kwargs):
-        context, timestep, sample = _call_inputs(args, kwargs)
-        gate, batch = self.gate, int(sample.shape[0])
-        if gate.bias.device != sample.device:  # the pipeline moved to another device after load
-            gate.to(sample.device)
+        context, timestep, batch, device = self.read_call_inputs(module, args, kwargs)
+        gate = self.gate
+        if gate.bias.device != device:  # the pipeline moved to another device after load
+            gate.to(device)
         if gate.granularity == "prompt" and context is None:
-            raise ValueError("prompt gate: the UNet was called without encoder_hidden_states")
+            raise ValueError(f"prompt gate: the denoiser was called without its prompt input "
+                             f"({self.read_call_inputs.names[2]})")
         with torch.set_grad_enabled(gate.training and torch.is_grad_enabled()):
             if gate.per_sample:
-                self.state.gates = gate.sample_gates(None if context is None else context.float(), self.mask,
-                                                     timestep=timestep, batch=batch)
+                embedding = None if context is None else prompt_embedding(context).float()
+                self.state.gates = gate.sample_gates(embedding, self.mask, timestep=timestep, batch=batch)
             else:  # token gate with a timestep input
                 self.state.offsets = gate.timestep_offsets(timestep, batch)
         return None
@@ -304,15 +345,16 @@ def load_mixture(base, mol_path: str | Path, *, enabled: Sequence[str] | None = 
     """(MolFile, DiffusersMixture) for ``base``: hash-checked LoRAs, layers mapped onto ``base``."""
 
     mol = load_mol(mol_path)
-    loras = [load_kohya_lora(path)[0] for path in mol.lora_paths]
-    layers = mixture_layers(base, loras)
+    loaded = [load_kohya_lora(path) for path in mol.lora_paths]
+    layers = mixture_layers(base, [state for state, _ in loaded], [meta for _, meta in loaded])
     gate = mol.gate.float()
     mask = gate.expert_mask(enabled)
     unknown = sorted(set(gate.layers) - {layer.name for layer in layers})
     if unknown:
         raise ValueError(f"MoL file {mol_path}: {len(unknown)} gate layers are adapted by none of its LoRAs "
                          f"(e.g. {unknown[0]}); the file is damaged or its LoRAs were replaced")
-    return mol, DiffusersMixture(gate, layers, denoiser=base.denoiser, mask=mask, strength=strength)
+    return mol, DiffusersMixture(gate, layers, denoiser=base.denoiser, mask=mask, strength=strength,
+                                 architecture=base.architecture)
 
 
 class MixtureAdapters:
@@ -343,7 +385,18 @@ class MixtureAdapters:
             mixture.remove()
 
 
+# The conditioning entry (``models.flow_matching.encode_prompts``) a DiT family's prompt gate reads
+# (``Architecture.gate_prompt_input``).
+FLOW_PROMPT_INPUTS = {"context": "prompt_embeds", "pooled": "pooled_prompt_embeds"}
+
+
 def prompt_context(base, prompt: str, device) -> torch.Tensor:
+    """What a prompt gate reads of ``prompt`` on ``base`` (through its text encoders as loaded, with
+    any merged text-encoder layers): the UNet's cross-attention context ``[1, T, D]``; for a DiT
+    family its text context or (FLUX.1) pooled vector, as the prompt embedding ``[1, D]``."""
+    if base.architecture.objective == "flow_matching":
+        cond = encode_flow_prompts(base, [prompt], device)
+        return prompt_embedding(cond[FLOW_PROMPT_INPUTS[base.architecture.gate_prompt_input]]).float()
     with torch.no_grad():
         hidden, _ = encode_prompts(base, [prompt], device)
     return hidden

@@ -13,7 +13,8 @@ metadata (strings; lists and dicts JSON-encoded)
     ``versat2i_format`` = ``mixture-of-lora``, ``versat2i_mol_version`` = ``2``,
     ``granularity`` (``token`` | ``prompt`` | ``layer``), ``prompt_features``, version 2:
     ``gate_kind`` (``trainer.gate.GATE_KINDS``), ``timestep_knots`` (0 = no timestep input) and
-    ``timestep_range`` (the denoiser timestep that the gate reads as noise level 1),
+    ``timestep_range`` (the denoiser timestep that the gate reads as noise level 1), ``prompt_input``
+    (``context``: the mean of the text tokens; ``pooled``: FLUX.1's CLIP-L vector; absent = context),
     ``experts``: ``[{"aspect", "file", "sha256", "rank", "alpha"}, ...]`` in gate order, ``file``
     relative to the MoL file's folder (normally a bare file name: the LoRAs sit beside it),
     ``layers``: the kohya module names the gate covers (``lora_unet_...``, ``lora_te_...``), in
@@ -169,6 +170,7 @@ def save_mol(
         "timestep_knots": str(gate.timestep_knots),
         "timestep_range": repr(gate.timestep_range),
         "prompt_features": str(gate.prompt_features or 0),
+        "prompt_input": gate.prompt_input,
         "experts": json.dumps([record.to_json() for record in experts]),
         "layers": json.dumps(list(gate.layers)),
         "layer_in_features": json.dumps(list(gate.layer_in_features)),
@@ -221,7 +223,7 @@ def read_mol(path: str | os.PathLike) -> MolFile:
             kind, knots, timestep_range = "softmax", 0, 1000.0
         gate = MixtureGate([record.aspect for record in experts], layers, in_features, granularity,
                            prompt_features=prompt_features, kind=kind, timestep_knots=knots,
-                           timestep_range=timestep_range)
+                           timestep_range=timestep_range, prompt_input=metadata.get("prompt_input", "context"))
     except ValueError as exc:
         raise ValueError(f"MoL file {str(path)!r}: {exc}; the file is damaged or was written by a newer pack") from None
     expected = gate_tensors(gate)

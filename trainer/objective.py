@@ -145,12 +145,15 @@ def flow_conditioning(batch: dict, base, device, *, weight_dtype: torch.dtype) -
 
 
 def flow_loss(base, denoiser, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor,
-              noisy: torch.Tensor, cond: dict, *, weighting_scheme: str, guidance: float | None) -> torch.Tensor:
-    """The recipe's weighted MSE between the denoiser's velocity and ``noise - latents``."""
+              noisy: torch.Tensor, cond: dict, *, weighting_scheme: str, guidance: float | None,
+              per_sample: bool = False) -> torch.Tensor:
+    """The recipe's weighted MSE between the denoiser's velocity and ``noise - latents``: the batch
+    mean, or one value per sample ``[B]`` with ``per_sample``."""
     from diffusers.training_utils import compute_loss_weighting_for_sd3
 
     prediction = predict_velocity(base, denoiser, noisy, sigmas, cond, guidance)
     target = noise - latents
     weighting = compute_loss_weighting_for_sd3(weighting_scheme, sigmas.view(-1, *([1] * (latents.ndim - 1))))
-    per_sample = (weighting.float() * (prediction.float() - target.float()) ** 2).reshape(latents.shape[0], -1)
-    return per_sample.mean(dim=1).mean()
+    squared = (weighting.float() * (prediction.float() - target.float()) ** 2).reshape(latents.shape[0], -1)
+    per_image = squared.mean(dim=1)
+    return per_image if per_sample else per_image.mean()

@@ -15,6 +15,11 @@ checkpoints, events and resume), with three differences:
   ``balance_weight`` times the balancing loss (MoLE's ``-log prod q`` or Switch's load balancing),
   which keeps the gate from collapsing onto one LoRA.
 
+The DiT families (FLUX.1, FLUX.2-klein, Z-Image) train with their flow-matching objective
+(``objective.flow_loss``, the LoRA trainer's default noise levels and guidance input) from their
+split files; their LoRAs are read in diffusers' keys and the gate's layers are the Linears they
+adapt (``docs/dit-families.md``).
+
 The gate's form (``gate.py``): ``granularity`` (what it reads: token, prompt or nothing per layer),
 ``gate_kind`` (softmax weights summing to 1, or kinds free to combine the LoRAs at full strength)
 and ``timestep_knots`` (the noise level as a further input).
@@ -30,21 +35,31 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
 from .. import __version__
 from ..config_file import require_choice, require_positive
+from ..models.flow_matching import predict_velocity
 from ..models.lora_files import load_kohya_lora, read_lora_metadata
 from ..training_set.folders import scan_training_set
 from .config import ImageTrainingConfig
 from .events import EventWriter
 from .gate import BALANCE_KINDS, GATE_KINDS, GRANULARITIES, GateUsage
 from .lora_job import check_base_model, launch_in_work_dir, refuse_other_result, reuse_finished, with_run_folder
-from .mix_diffusers import DiffusersMixture, gate_for_layers, mixture_layers
+from .mix_diffusers import DiffusersMixture, gate_for_layers, gate_form, mixture_layers
 from .mol_file import MOL_SUFFIX, expert_record, read_mol, save_mol
-from .objective import compute_loss, denoiser_conditioning, noised_latents
+from .objective import (
+    compute_loss,
+    denoiser_conditioning,
+    flow_conditioning,
+    flow_loss,
+    flow_noised_latents,
+    noised_latents,
+)
+from .train_lora import dit_model_files, is_dit_folder
 from .training_loop import (
     CheckpointHooks,
     TrainingProgram,
@@ -62,6 +77,9 @@ from .training_loop import (
 logger = logging.getLogger(__name__)
 
 GATE_PROGRAM = "trainer.train_gate"
+# How a DiT gate run draws noise levels: the LoRA trainer's defaults (the recipes' uniform u), so the
+# gate learns on the noise levels its LoRAs were trained on by default.
+FLOW_NOISE_SAMPLING = SimpleNamespace(weighting_scheme="none", logit_mean=0.0, logit_std=1.0, mode_scale=1.29)
 GATE_STATE_FILE = "gate.safetensors"
 OBJECTIVES = ("denoise", "aspect_balanced")
 
@@ -265,21 +283,26 @@ def _train(config: GateTrainConfig, accelerator, events: EventWriter, resume_fro
     images = scan_training_set(config.dataset_dir, "")
 
     # ---- 3. frozen base model, frozen LoRAs, the gate ---------------------------------------------
-    base = load_run_base_model(config)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    # The DiT families load in the training precision (a 12B model in fp32 is 48 GB), as train_lora does.
+    dit = dit_model_files(config) is not None or is_dit_folder(config.base_model)
+    base = load_run_base_model(config, torch_dtype=weight_dtype if dit else torch.float32)
+    flow = base.architecture.objective == "flow_matching"
     for module in (base.denoiser, base.vae, *base.text_encoders):
         if module is not None:
             module.requires_grad_(False)
     loaded = [load_kohya_lora(path) for path in config.loras]
     aspects = resolve_aspects(config, [meta for _, meta in loaded])
-    layers = mixture_layers(base, [state for state, _ in loaded])
+    layers = mixture_layers(base, [state for state, _ in loaded], [meta for _, meta in loaded])
     adapts_text_encoder = any(layer.on_text_encoder for layer in layers)
     if config.cache_text_embeddings and adapts_text_encoder:
         raise ValueError("cache_text_embeddings: the LoRAs adapt the text encoder, whose output the gate changes "
                          "every step; set cache_text_embeddings = false")
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     for module in (base.denoiser, *base.text_encoders):
         module.to(device, dtype=weight_dtype if weight_dtype != torch.float32 else None)
         module.eval()
+    # The SD VAEs encode in float32; a DiT's VAE stays in the precision it was loaded in (train_lora's choice).
+    vae_dtype = weight_dtype if flow else torch.float32
     if base.vae is not None:
         base.vae.to(device)
     if config.gradient_checkpointing:
@@ -287,9 +310,9 @@ def _train(config: GateTrainConfig, accelerator, events: EventWriter, resume_fro
     prompt_features = base.architecture.gate_prompt_features(base.denoiser.config)
     gate = gate_for_layers(aspects, layers, config.granularity, prompt_features, config.temperature,
                            kind=config.gate_kind, timestep_knots=config.timestep_knots,
-                           timestep_range=base.architecture.gate_timestep_range).to(device)
+                           **gate_form(base.architecture)).to(device)
     gate.train()
-    mixture = DiffusersMixture(gate, layers, denoiser=base.denoiser).attach(train=True)
+    mixture = DiffusersMixture(gate, layers, denoiser=base.denoiser, architecture=base.architecture).attach(train=True)
     logger.info("gate: %s granularity, %s, %s, %d LoRAs (%s) on %d layers, %d parameters", config.granularity,
                 config.gate_kind, f"{config.timestep_knots} timestep knots" if config.timestep_knots else "no timestep",
                 len(aspects), ", ".join(aspects), len(layers), sum(p.numel() for p in gate.parameters()))
@@ -297,7 +320,7 @@ def _train(config: GateTrainConfig, accelerator, events: EventWriter, resume_fro
     aspect_of_image = torch.tensor([image_aspects.index(image.aspect) for image in images])
 
     # ---- 4. dataset, caches (the VAE encodes in float32) -------------------------------------------
-    dataset, sampler, dataloader = prepare_training_data(config, images, base, device, vae_dtype=torch.float32)
+    dataset, sampler, dataloader = prepare_training_data(config, images, base, device, vae_dtype=vae_dtype)
 
     # ---- 5. optimiser: the gate only ---------------------------------------------------------------
     optimizer = torch.optim.AdamW(gate.parameters(), lr=config.learning_rate,
@@ -321,7 +344,36 @@ def _train(config: GateTrainConfig, accelerator, events: EventWriter, resume_fro
     reduce_sum = (lambda t: accelerator.reduce(t, reduction="sum")) if accelerator.num_processes > 1 else None
     mean_mass = torch.full((len(aspects),), 1.0 / len(aspects))
 
+    # The DiT families: the flow-matching objective of their LoRA recipes, with the LoRA trainer's default
+    # noise-level sampling (uniform) and guidance input (FLUX.1-dev's 3.5), from the model's own sigmas.
+    sigma_table = base.noise_scheduler.sigmas.clone() if flow else None
+    guidance = base.variant.training_guidance if base.variant is not None else None
+
+    def flow_forward(batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        latents, noise, sigmas, noisy = flow_noised_latents(
+            batch, base, device, weight_dtype=weight_dtype, vae_dtype=vae_dtype, noise_generator=noise_generator,
+            sigma_table=sigma_table, config=FLOW_NOISE_SAMPLING)
+        cond = flow_conditioning(batch, base, device, weight_dtype=weight_dtype)
+        if config.granularity == "token" and not all(gate.calibrated):
+            calibrate_input_scales(gate, accelerator,
+                                   lambda: predict_velocity(base, base.denoiser, noisy, sigmas, cond, guidance))
+        gate.usage = GateUsage(len(aspects))
+        per_image = flow_loss(base, base.denoiser, latents, noise, sigmas, noisy, cond,
+                              weighting_scheme=FLOW_NOISE_SAMPLING.weighting_scheme, guidance=guidance, per_sample=True)
+        return objective_of(per_image, batch)
+
+    def objective_of(per_image: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        denoise = per_image.mean()
+        objective = denoise
+        if config.objective == "aspect_balanced":
+            objective = group_balanced_mean(per_image, aspect_of_image[batch["index"].cpu()].to(per_image.device))
+        balance = gate.usage.loss(config.balance_loss)
+        return (objective + config.balance_weight * balance,
+                {"loss": accelerator.gather(denoise.detach().reshape(1)).mean(), "balance_loss": balance.detach()})
+
     def forward(batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if flow:
+            return flow_forward(batch)
         latents, noise, timesteps, noisy_latents = noised_latents(
             batch, base, device, weight_dtype=weight_dtype, vae_dtype=torch.float32, noise_generator=noise_generator)
         if config.granularity == "token" and not all(gate.calibrated):

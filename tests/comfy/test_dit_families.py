@@ -29,10 +29,12 @@ from pathlib import Path
 import pytest
 import torch
 from tiny_models.dit import (
+    COMFY_CLASSES,
     MODELS,
     comfy_layout_shapes,
     comfy_layouts,
-    comfy_model_config,
+    comfy_model_patcher,
+    require_comfy_family,
     to_comfy_layout,
     write_tiny_dit,
 )
@@ -40,7 +42,6 @@ from tiny_models.lora_training import make_kohya_dataset, tiny_lora_config
 
 pytestmark = [pytest.mark.comfy, pytest.mark.family, pytest.mark.usefixtures("t5_tokenizer_for_flux1")]
 
-COMFY_CLASSES = {"flux1-dev": "Flux", "flux1-schnell": "FluxSchnell", "flux2-klein": "Flux2", "zimage": "ZImage"}
 PIPELINE_OTHERS = {"flux1": ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
                    "flux2_klein": ("text_encoder", "tokenizer"), "zimage": ("text_encoder", "tokenizer")}
 
@@ -66,20 +67,6 @@ def release(handler, *loggers: str):
         logging.getLogger(name).removeHandler(handler)
 
 
-def require_family(name: str) -> None:
-    """Skip, with the reason, on a ComfyUI that cannot read the tiny model of ``name``."""
-    import comfy.supported_models
-    import comfyui_version
-
-    if not hasattr(comfy.supported_models, COMFY_CLASSES[name]):
-        pytest.skip(f"this ComfyUI ({comfyui_version.__version__}) has no {COMFY_CLASSES[name]} model "
-                    "(FLUX.2-klein and Z-Image need ComfyUI 0.33)")
-    version = tuple(int(part) for part in comfyui_version.__version__.split(".")[:2])
-    if version < (0, 33):
-        pytest.skip(f"ComfyUI {comfyui_version.__version__} builds FLUX.1 at width 3072 whatever the file holds "
-                    "(its detector hard-codes hidden_size), so the tiny width-128 models need ComfyUI 0.33")
-
-
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
     """name -> TinyDit, written once per module on first use."""
@@ -96,19 +83,7 @@ def tiny_models(tmp_path_factory):
 
 def comfy_model(name: str, tiny):
     """ComfyUI's ModelPatcher of the tiny diffusion-model file (fp32, CPU)."""
-    import comfy.model_patcher
-    import comfy.sd
-    from safetensors.torch import load_file
-
-    cpu = torch.device("cpu")
-    if name == "zimage":  # detection needs width 3840; the rest is ComfyUI's own code
-        state_dict = {k: v.float() for k, v in load_file(str(tiny.diffusion_model)).items()}
-        model_config = comfy_model_config(name)
-        model_config.set_inference_dtype(torch.float32, None)
-        model = model_config.get_model(state_dict, "", device=cpu)
-        model.load_model_weights(dict(state_dict), "")
-        return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
-    return comfy.sd.load_diffusion_model(str(tiny.diffusion_model), model_options={"dtype": torch.float32})
+    return comfy_model_patcher(name, tiny)
 
 
 def comfy_inputs(name: str, seed: int = 0):
@@ -179,7 +154,7 @@ def test_trained_lora_loads_fully_in_comfyui_and_diffusers(comfy, comfy_dirs, ti
 
     import nodes as comfy_nodes
 
-    require_family(name)
+    require_comfy_family(name)
     tiny = tiny_models(name)
     handler = capture("")
     try:
@@ -237,7 +212,7 @@ def test_trained_lora_loads_fully_in_comfyui_and_diffusers(comfy, comfy_dirs, ti
 @pytest.mark.parametrize("name", list(MODELS))
 def test_dit_layouts_are_comfyuis(comfy, name):
     """The recorded key -> shape tables the tiny files are written from are what this ComfyUI builds."""
-    require_family(name)
+    require_comfy_family(name)
     assert comfy_layout_shapes(name) == comfy_layouts()[name]
 
 
@@ -249,7 +224,7 @@ def test_comfyui_detects_zimage_at_its_width(comfy, tmp_path):
 
     from versat2i.models.architectures import detect_diffusion_model, detect_variant
 
-    require_family("zimage")
+    require_comfy_family("zimage")
     tensors = {"cap_embedder.1.weight": torch.zeros(3840, 2560, dtype=torch.bfloat16),
                "noise_refiner.0.attention.k_norm.weight": torch.ones(128, dtype=torch.bfloat16)}
     assert type(comfy.model_detection.model_config_from_unet(tensors, "")).__name__ == "ZImage"
@@ -322,7 +297,7 @@ def test_the_train_node_trains_from_split_files(comfy, comfy_dirs, tiny_models, 
     import nodes as comfy_nodes
     from versat2i.nodes import train_aspect_lora
 
-    require_family(name)
+    require_comfy_family(name)
     tiny = tiny_models(name)
     files = place_in_comfyui(tiny, comfy_dirs["models"])
     make_kohya_dataset(comfy_dirs["output"] / "versat2i" / "ds", images_per_aspect=2)
@@ -447,7 +422,7 @@ def test_generate_candidates_samples_each_family_as_a_core_ksampler(comfy, tiny_
 
     import nodes as comfy_nodes
 
-    require_family(name)
+    require_comfy_family(name)
     tiny = tiny_models(name)
     family = MODELS[name][0]
     model, clip, vae = comfy_model(name, tiny), comfy_clip(name, tiny), comfy_vae(family, tmp_path)
@@ -479,7 +454,7 @@ def test_training_convention_is_what_comfyui_samples(comfy, tiny_models, name):
     from versat2i.models.flow_matching import predict_velocity
     from versat2i.models.loading import load_base_model
 
-    require_family(name)
+    require_comfy_family(name)
     tiny = tiny_models(name)
     patcher = comfy_model(name, tiny)
     base = load_base_model(tiny.diffusion_model, text_encoders=tiny.text_encoders, vae=tiny.vae, compute_hash=False)

@@ -322,7 +322,8 @@ def test_dynamic_factors_count_in_comfyui_memory_estimate(setup, node, comfy_dir
     model, clip = run_node(node, setup, mol_file, "dynamic")
     for patcher, base in ((model, setup["model"]), (clip.patcher, setup["clip"].patcher)):
         factors = sum(b.numel() * b.element_size()
-                      for patch in gated_modules(patcher).values() for b in patch.fused.buffers())
+                      for patch in gated_modules(patcher).values() for fused, *_ in patch.parts
+                      for b in fused.buffers())
         if patcher is clip.patcher and granularity == "prompt":
             assert factors == 0  # text-encoder layers are merged (static gates)
         else:

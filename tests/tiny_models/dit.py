@@ -284,6 +284,41 @@ def comfy_model_config(name: str):
     return comfy.model_detection.model_config_from_unet(skeleton, "")
 
 
+COMFY_CLASSES = {"flux1-dev": "Flux", "flux1-schnell": "FluxSchnell", "flux2-klein": "Flux2", "zimage": "ZImage"}
+
+
+def require_comfy_family(name: str) -> None:
+    """Skip, with the reason, on a ComfyUI that cannot read the tiny model of ``name``."""
+    import comfy.supported_models
+    import comfyui_version
+    import pytest
+
+    if not hasattr(comfy.supported_models, COMFY_CLASSES[name]):
+        pytest.skip(f"this ComfyUI ({comfyui_version.__version__}) has no {COMFY_CLASSES[name]} model "
+                    "(FLUX.2-klein and Z-Image need ComfyUI 0.33)")
+    version = tuple(int(part) for part in comfyui_version.__version__.split(".")[:2])
+    if version < (0, 33):
+        pytest.skip(f"ComfyUI {comfyui_version.__version__} builds FLUX.1 at width 3072 whatever the file holds "
+                    "(its detector hard-codes hidden_size), so the tiny width-128 models need ComfyUI 0.33")
+
+
+def comfy_model_patcher(name: str, tiny, dtype: torch.dtype = torch.float32):
+    """ComfyUI's ModelPatcher of the tiny diffusion-model file (CPU, weights stored in ``dtype``)."""
+    import comfy.model_patcher
+    import comfy.sd
+    from safetensors.torch import load_file
+
+    cpu = torch.device("cpu")
+    if name == "zimage":  # detection needs width 3840; the rest is ComfyUI's own code
+        state_dict = {k: v.float() for k, v in load_file(str(tiny.diffusion_model)).items()}
+        model_config = comfy_model_config(name)
+        model_config.set_inference_dtype(dtype, None if dtype == torch.float32 else torch.float32)
+        model = model_config.get_model(state_dict, "", device=cpu)
+        model.load_model_weights(dict(state_dict), "")
+        return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    return comfy.sd.load_diffusion_model(str(tiny.diffusion_model), model_options={"dtype": dtype})
+
+
 def comfy_layout_shapes(name: str) -> dict[str, list[int]]:
     """ComfyUI's key -> shape table of the tiny model, as the real files name the keys (BFL files
     keep ``*_norm.scale``, which ComfyUI renames to ``.weight`` on load)."""

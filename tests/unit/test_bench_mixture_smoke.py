@@ -87,3 +87,24 @@ def test_steps_must_cross_every_hook_keyframe():
     assert bench.parse_args(["--steps", "2", "--variants", "bake"]).steps == 2  # no hooks variant: fine
     with pytest.raises(SystemExit):  # a step is timed between two step ends
         bench.parse_args(["--steps", "1", "--variants", "bake"])
+
+
+@pytest.mark.comfy
+@pytest.mark.family
+def test_tiny_dit_run_times_every_variant(comfyui_path):
+    """bench/bench_mixture_dit.py on ComfyUI's own FLUX.1 model at width 128 (seconds)."""
+    version = (comfyui_path / "comfyui_version.py").read_text()
+    if '"0.3.' in version:
+        pytest.skip("ComfyUI 0.3.x builds FLUX.1 at width 3072 whatever the weights hold; the tiny run needs 0.33")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COMFYUI_PATH": str(comfyui_path)}
+    completed = subprocess.run([sys.executable, str(REPO / "bench" / "bench_mixture_dit.py"), "--tiny", "--per-layer",
+                                "--layer-repeats", "1"],
+                               capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-3000:]
+    output = completed.stdout
+    assert output.startswith("backend: ComfyUI") and "23 modules (13 ComfyUI weights)" in output
+    for variant in ("base", "bake", "dynamic", "dynamic-prompt"):
+        assert len([line for line in output.splitlines() if line.startswith(variant + " ")]) == 2, output
+    # every gated Linear timed alone: 8 of the double block, 2 per single block, FLUX.1's output projection
+    assert len([line for line in output.splitlines() if line.startswith("  diffusion_model.")]) == 13, output
+    assert "all gated Linears: base" in output

@@ -320,7 +320,7 @@ def accepted_settings(config: LoopConfig) -> dict[str, set[str]]:
     return accepted
 
 
-@pytest.mark.parametrize("which", ["example", "demo"])
+@pytest.mark.parametrize("which", ["example", "demo", "dit"])
 def test_print_config_names_every_setting_under_a_one_line_comment(which, capsys):
     assert cli_main(["loop", "--print-config", which]) == 0
     text = capsys.readouterr().out
@@ -348,6 +348,30 @@ def test_the_printed_example_reads_back_to_the_same_settings(capsys):
     assert_same_effective_settings(printed, example)
     assert printed.generation.width == printed.generation.height == 512
     assert printed.validate(check_paths=False)
+
+
+def test_the_printed_dit_example_reads_back_and_hands_its_files_to_the_trainers(tmp_path, capsys):
+    from versat2i.loop.cli import example_dit_config
+
+    assert cli_main(["loop", "--print-config", "dit"]) == 0
+    file = tmp_path / "klein.toml"
+    file.write_text(capsys.readouterr().out, encoding="utf-8")
+    printed = LoopConfig.load(file)  # relative paths resolved against the file's folder
+    example = example_dit_config()
+    assert printed.model.text_encoders == (str(tmp_path / "models/text_encoders/qwen_3_4b.safetensors"),)
+    assert printed.model.vae == str(tmp_path / "models/vae/flux2-vae.safetensors")
+    relative = printed.replace(model=example.model, output_dir=example.output_dir, scoring=example.scoring,
+                               prompts=example.prompts)
+    assert_same_effective_settings(relative, example)
+    assert printed.validate(check_paths=False)
+    problems = printed.problems()  # the files do not exist here: each is named
+    assert any(p.startswith("[model] text_encoders[0]=") for p in problems)
+    assert any(p.startswith("[model] vae=") for p in problems)
+    paths = {"dataset_dir": "d", "output_dir": "o", "work_dir": "w"}
+    lora = printed.lora_config(aspect="aesthetics", **paths)
+    gate = printed.gate_config(loras=["a.safetensors", "b.safetensors"], aspects=["a", "b"], **paths)
+    for trainer_config in (lora, gate):
+        assert trainer_config.text_encoders == printed.model.text_encoders and trainer_config.vae == printed.model.vae
 
 
 def assert_same_effective_settings(printed: LoopConfig, original: LoopConfig) -> None:
