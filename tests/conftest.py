@@ -66,6 +66,22 @@ def _comfyui_path_or_reason() -> tuple[Path | None, str]:
     return path, ""
 
 
+@pytest.fixture(scope="module")
+def tiny_dits(tmp_path_factory):
+    """name -> tiny DiT model files (tests/tiny_models/dit.py), written once per test module on first use."""
+    from tiny_models.dit import write_tiny_dit
+
+    root = tmp_path_factory.mktemp("dit")
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = write_tiny_dit(name, root / name)
+        return cache[name]
+
+    return get
+
+
 @pytest.fixture(scope="session")
 def t5_tokenizer_for_flux1(tmp_path_factory):
     """FLUX.1's T5 tokenizer is not shipped with the pack (models/split_files.py): with COMFYUI_PATH,

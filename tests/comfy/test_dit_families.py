@@ -36,7 +36,6 @@ from tiny_models.dit import (
     comfy_model_patcher,
     require_comfy_family,
     to_comfy_layout,
-    write_tiny_dit,
 )
 from tiny_models.lora_training import make_kohya_dataset, tiny_lora_config
 
@@ -68,17 +67,8 @@ def release(handler, *loggers: str):
 
 
 @pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    """name -> TinyDit, written once per module on first use."""
-    root = tmp_path_factory.mktemp("dit")
-    cache = {}
-
-    def get(name: str):
-        if name not in cache:
-            cache[name] = write_tiny_dit(name, root / name)
-        return cache[name]
-
-    return get
+def tiny_models(tiny_dits):
+    return tiny_dits  # tests/conftest.py
 
 
 def comfy_model(name: str, tiny):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models.dit import MODELS, comfy_model_patcher, require_comfy_family, write_tiny_dit
+from tiny_models.dit import MODELS, comfy_model_patcher, require_comfy_family
 
 pytestmark = [pytest.mark.comfy, pytest.mark.family]
 
@@ -36,16 +36,8 @@ LATENTS = {"flux1": (16, 8, 32, 32), "flux2_klein": (128, 4, 96, None), "zimage"
 
 
 @pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dit-gate")
-    cache = {}
-
-    def get(name: str):
-        if name not in cache:
-            cache[name] = write_tiny_dit(name, root / name)
-        return cache[name]
-
-    return get
+def tiny_models(tiny_dits):
+    return tiny_dits  # tests/conftest.py
 
 
 def write_lora(name: str, tiny, path, seed: int):

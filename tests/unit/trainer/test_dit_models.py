@@ -12,7 +12,7 @@ import logging
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models.dit import MODELS, TINY_RESOLUTION, text_encoder_file_state, write_tiny_dit
+from tiny_models.dit import MODELS, TINY_RESOLUTION, text_encoder_file_state
 
 from versat2i.models.architectures import ARCHITECTURES, DIT_ARCHITECTURES
 from versat2i.models.comfy_layout import dequantize_fp8, read_header
@@ -23,16 +23,8 @@ pytestmark = [pytest.mark.family, pytest.mark.usefixtures("t5_tokenizer_for_flux
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dit-models")
-    cache = {}
-
-    def get(name: str):
-        if name not in cache:
-            cache[name] = write_tiny_dit(name, root / name)
-        return cache[name]
-
-    return get
+def tiny(tiny_dits):
+    return tiny_dits  # tests/conftest.py
 
 
 def assert_same_tensors(model, reference) -> None:

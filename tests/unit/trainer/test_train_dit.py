@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from tiny_models.dit import MODELS, write_tiny_dit
+from tiny_models.dit import MODELS
 from tiny_models.lora_training import make_kohya_dataset, tiny_lora_config
 
 from versat2i.trainer import train_lora, training_loop
@@ -30,16 +30,8 @@ pytestmark = [pytest.mark.family, pytest.mark.usefixtures("t5_tokenizer_for_flux
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dit-train")
-    cache = {}
-
-    def get(name: str):
-        if name not in cache:
-            cache[name] = write_tiny_dit(name, root / name)
-        return cache[name]
-
-    return get
+def tiny(tiny_dits):
+    return tiny_dits  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
