@@ -441,7 +441,12 @@ def _make_parents(parent: Path, created: list[Path]) -> None:
     so a failed write can remove them."""
     for folder in reversed([parent, *parent.parents]):
         if not folder.exists():
-            folder.mkdir()
+            try:
+                folder.mkdir()
+            except FileExistsError:  # made meanwhile by another writer (parallel training jobs)
+                if not folder.is_dir():
+                    raise
+                continue
             created.append(folder)
 
 

@@ -389,3 +389,17 @@ def test_published_files_get_the_umask_mode_even_from_writers_that_make_private_
         os.umask(old)
     for path in (root / "lora.safetensors", root / "set" / "a.latents.safetensors", root / "set" / "a.txt"):
         assert stat.S_IMODE(path.stat().st_mode) == mode, path
+
+
+def test_a_parent_folder_made_meanwhile_by_another_writer_is_not_an_error(tmp_path, monkeypatch):
+    """Two training jobs of a loop start at once and both make their runs folder: the slower mkdir
+    finds it made (before: "config file ...: could not be written: it already exists")."""
+    real_mkdir = Path.mkdir
+
+    def mkdir_right_after_another_writer(self, *args, **kwargs):
+        real_mkdir(self, *args, **kwargs)  # the other writer's
+        return real_mkdir(self, *args, **kwargs)  # ours: FileExistsError
+
+    monkeypatch.setattr(Path, "mkdir", mkdir_right_after_another_writer)
+    written = atomic_write_text(tmp_path / "runs" / "job" / "config.toml", "x = 1\n")
+    assert written.read_text() == "x = 1\n"
