@@ -105,13 +105,7 @@ class ConfigFile:
 
     @classmethod
     def from_json(cls: type[ConfigT], text: str, *, source: str = "config") -> ConfigT:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{source}: not valid JSON ({exc})") from exc
-        if not isinstance(data, dict):
-            raise ValueError(f"{source}: expected a JSON object of settings")
-        return cls.from_dict(data, source=source)
+        return cls.from_dict(_json_settings(text, source), source=source)
 
     def to_toml(self) -> str:
         return dump_flat_toml(self.to_dict())
@@ -137,13 +131,7 @@ class ConfigFile:
             raise FileNotFoundError(f"config file {path} does not exist")
         text = path.read_text(encoding="utf-8")
         if path.suffix.lower() == ".json":
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}: not valid JSON ({exc})") from exc
-            if not isinstance(data, dict):
-                raise ValueError(f"{path}: expected a JSON object of settings")
-            return data
+            return _json_settings(text, str(path))
         try:
             return tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
@@ -212,6 +200,17 @@ class SettingRange:
 
     minimum: int | float
     maximum: int | float
+
+
+def _json_settings(text: str, source: str) -> dict[str, Any]:
+    """The settings object of a JSON text; ``ValueError`` naming ``source`` otherwise."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{source}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: expected a JSON object of settings")
+    return data
 
 
 def require_in_range(p: list[str], name: str, value: float, limits: SettingRange) -> None:
