@@ -201,12 +201,13 @@ def run_reference(args, model: Path, dataset: Path) -> list[float]:
 
 
 # -- ours ----------------------------------------------------------------------------------------------
+# (this script's folder is first on sys.path: the SD benchmark's helpers are imported from it)
+from bench_lora_training import _import_pack, ours_step_times  # noqa: E402
+
 
 def run_ours(args, model: Path, dataset: Path) -> list[float]:
     _import_pack()
-    from versat2i.trainer import train_lora, training_loop
     from versat2i.trainer.config import LoraTrainConfig
-    from versat2i.trainer.events import read_events
 
     work = Path(tempfile.mkdtemp(prefix="bench-dit-ours-"))
     config = LoraTrainConfig(
@@ -216,27 +217,7 @@ def run_ours(args, model: Path, dataset: Path) -> list[float]:
         learning_rate=1e-4, adam_weight_decay=1e-4, mixed_precision=args.mixed_precision,
         checkpointing_steps=args.steps + 1, seed=0, cache_latents=True, cache_text_embeddings=True,
         gradient_checkpointing=args.gradient_checkpointing)
-    config_path = config.save(work / "config.toml")
-    with open(os.devnull, "w") as quiet:
-        stdout, sys.stdout = sys.stdout, quiet
-        try:
-            train_lora.main(train_lora.parse_args(["--config", str(config_path)]))
-        finally:
-            sys.stdout = stdout
-    events = read_events(work / "run" / training_loop.LOG_FILE_NAME)
-    start = next(e["time"] for e in events if e["event"] == "start")
-    stamps = [start] + [e["time"] for e in events if e["event"] == "step"]
-    return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
-
-
-def _import_pack() -> None:
-    """Import this checkout as ``versat2i`` whether or not it is pip-installed (as the trainer's child does)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("versat2i_launch_entry", REPO / "trainer" / "launch_entry.py")
-    entry = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(entry)
-    entry.import_pack()
+    return ours_step_times(config)  # the same timing as bench_lora_training.py
 
 
 def run_variant(args) -> dict:

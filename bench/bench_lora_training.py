@@ -181,9 +181,7 @@ def run_reference(args, model: Path, dataset: Path) -> list[float]:
 
 def run_ours(args, model: Path, dataset: Path, cached: bool) -> list[float]:
     _import_pack()
-    from versat2i.trainer import train_lora, training_loop
     from versat2i.trainer.config import LoraTrainConfig
-    from versat2i.trainer.events import read_events
 
     work = Path(tempfile.mkdtemp(prefix="bench-ours-"))
     config = LoraTrainConfig(
@@ -192,14 +190,23 @@ def run_ours(args, model: Path, dataset: Path, cached: bool) -> list[float]:
         rank=args.rank, alpha=float(args.rank), train_batch_size=args.batch, max_train_steps=args.steps,
         learning_rate=1e-4, mixed_precision=args.mixed_precision, checkpointing_steps=args.steps + 1, seed=0,
         cache_latents=cached, cache_text_embeddings=cached)
-    config_path = config.save(work / "config.toml")
+    return ours_step_times(config)
+
+
+def ours_step_times(config) -> list[float]:
+    """Train ``config`` with ``trainer/train_lora.py``'s ``main`` in this process (its event lines
+    hidden) and return each step's time, from the run's event log."""
+    from versat2i.trainer import train_lora, training_loop
+    from versat2i.trainer.events import read_events
+
+    config_path = config.save(Path(config.work_dir).parent / "config.toml")
     with open(os.devnull, "w") as quiet:
         stdout, sys.stdout = sys.stdout, quiet
         try:
             train_lora.main(train_lora.parse_args(["--config", str(config_path)]))
         finally:
             sys.stdout = stdout
-    events = read_events(work / "run" / training_loop.LOG_FILE_NAME)
+    events = read_events(Path(config.work_dir) / training_loop.LOG_FILE_NAME)
     start = next(e["time"] for e in events if e["event"] == "start")
     stamps = [start] + [e["time"] for e in events if e["event"] == "step"]
     return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
