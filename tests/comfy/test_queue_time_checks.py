@@ -37,6 +37,7 @@ def only_error(errors: dict, node_id: str) -> dict:
     (LONG, "is 262 bytes long"),
     ("CON", "reserved device name on Windows"),
     ("../elsewhere", "'..' is not allowed"),
+    (".hidden", "a name starting with '.' is hidden"),
 ])
 def test_a_lora_name_that_cannot_be_saved_is_one_error_on_lora_name(trainers, monkeypatch, comfy_dirs, lora_name,
                                                                    message):

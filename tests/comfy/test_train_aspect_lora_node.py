@@ -315,6 +315,7 @@ def test_validate_inputs_takes_lora_name_only(node):
     ("sub/" + "x" * 230, "is 242 bytes long"),
     ("CON", "reserved device name on Windows"),
     ("versat2i/nul.final", "reserved device name on Windows"),
+    ("sub/.hidden", "a name starting with '.' is hidden"),  # before: the config's 'output_name' error
 ])
 def test_names_that_cannot_be_saved_are_refused_before_training_starts(node, lora_name, message, comfy_dirs):
     """Before, a 242-255-byte name trained to the last step and then failed to save (issue 15). The

@@ -128,6 +128,7 @@ def test_two_loras_of_one_aspect_are_refused_in_the_nodes_words_before_anything_
     ("m" * 230, "mol_name: 'mmmm"),  # 230 + ".mol.safetensors" = 246 bytes: its temporary name would not fit
     ("AUX", "reserved device name on Windows"),
     ("../elsewhere", "'..' is not allowed"),
+    (".mix", "a name starting with '.' is hidden"),
 ])
 def test_mol_names_that_cannot_be_saved_are_refused_before_training_starts(train_gate, comfy_dirs, mol_name, message):
     """Checked when the prompt is queued (validate_inputs takes mol_name only: ComfyUI attaches its
