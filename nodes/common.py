@@ -11,7 +11,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..models.split_files import T5_TOKENIZER_ENV
-from ..safe_io import TargetExistsError
+from ..safe_io import TargetExistsError, name_parts
 from ..trainer.launcher import LaunchOptions
 
 # FLUX.1's T5 tokenizer is ComfyUI's own copy (models/split_files.py says why); the training and
@@ -39,6 +39,16 @@ def overwrite_refused(error: TargetExistsError, node: str, thing: str, name_inpu
                           "both")
 
 
+def hidden_name_problem(user_name: str, what: str) -> str | None:
+    """A part of a typed file name that starts with '.' (a hidden file, and the pack writes its
+    temporaries as '.<name>.tmp-<8 hex>'): the training configs refuse it (``output_name_problem``),
+    the nodes in the words of their input, when the prompt is queued and when they run."""
+    if any(part.startswith(".") for part in name_parts(user_name)):
+        return (f"{what} {user_name!r}: a name starting with '.' is hidden (and '.<name>.tmp-...' is how files being "
+                "written are named); remove the leading '.'")
+    return None
+
+
 def overwrite_tooltip(thing: str, inputs: str) -> str:
     """The 'overwrite' input's tooltip, the same on every node that writes a result."""
     return (f"Off: queueing again with the same {inputs} reuses the {thing} already made (nothing is redone); "
@@ -54,6 +64,12 @@ Selection = io.Custom("VERSAT2I_SELECTION")  # best-per-prompt picks per aspect 
 # a mapping (or object) with "prompts" and optionally "seeds", "prompt_indices", "candidate_indices",
 # "image_ids", one entry per image. Score Images reads it instead of its prompts/seeds text.
 Candidates = io.Custom("VERSAT2I_CANDIDATES")
+# A DiT's split files (DiT Model Files' output, a trainer's model_files input): a mapping of the node's
+# inputs diffusion_model, text_encoder, text_encoder_2 ("none" when unused) and vae to the file names
+# as ComfyUI's loaders list them (relative to models/diffusion_models, text_encoders, vae).
+ModelFiles = io.Custom("VERSAT2I_MODEL_FILES")
+
+NONE = "none"  # the choice of a model input that is not used (a trainer's ckpt_name when model_files is connected)
 
 # models/versat2i/... holds reward-model weights (and extra_model_paths.yaml may add more roots).
 MODEL_FOLDER = "versat2i"
