@@ -39,6 +39,12 @@ SNAPSHOT = REPO / "tests" / "data" / "object_info.json"
 FRONTEND_VERSION = "1.27.10"  # the frontend ComfyUI 0.3.64 ships; the format is the same for 1.x
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CORE_CNR_ID, PACK_CNR_ID = "comfy-core", "comfyui-versat2i"
+# A workflow's own facts in its ``extra`` (kept by the frontend): the oldest ComfyUI it loads in.
+EXTRA_KEY = "versat2i"
+# Z-Image (Turbo) support came with ComfyUI 0.3.75 (Nov 2025; 0.3.64 has no Z-Image model, text
+# encoder or CLIPLoader type): the Z-Image workflows are built from, and checked against, the
+# snapshot versions from there on (tests use 0.33.0).
+ZIMAGE_MIN_COMFYUI = "0.3.75"
 
 # Layout metrics of the litegraph canvas (LiteGraph.NODE_SLOT_HEIGHT, NODE_WIDGET_HEIGHT + margin).
 SLOT_HEIGHT = 20
@@ -55,17 +61,39 @@ DEFAULT_CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"  # ComfyUI's default
 CHECKPOINT_MODEL = {"name": DEFAULT_CHECKPOINT, "directory": "checkpoints",
                     "url": "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/"
                            "v1-5-pruned-emaonly-fp16.safetensors?download=true"}
+# Z-Image Turbo's split files, as ComfyUI's own Z-Image Turbo template (image_z_image_turbo.json in
+# comfyui-workflow-templates) declares them: diffusion model, Qwen3-4B text encoder, FLUX.1's VAE.
+ZIMAGE_URL = "https://huggingface.co/Comfy-Org/z_image_turbo/resolve/main/split_files/"
+ZIMAGE_FILES = {"diffusion_model": ("z_image_turbo_bf16.safetensors", "diffusion_models"),
+                "text_encoder": ("qwen_3_4b.safetensors", "text_encoders"),
+                "vae": ("ae.safetensors", "vae")}
+ZIMAGE_MODELS = {role: {"name": name, "directory": folder, "url": f"{ZIMAGE_URL}{folder}/{name}"}
+                 for role, (name, folder) in ZIMAGE_FILES.items()}
 # The scorer weight files Load Scorers' file inputs name (their published names, under models/versat2i).
 SCORER_WEIGHTS = {option: spec.relative_path for option, spec in WEIGHT_INPUTS.items()}
 SCORER_MODELS = [{"name": name, "directory": "versat2i", "url": HUB_FILES[name].url}
                  for name in SCORER_WEIGHTS.values()]
 
 
-def load_definitions(path: Path = SNAPSHOT) -> dict[str, Any]:
-    """The oldest supported ComfyUI's node definitions (its frontend's workflow format works in the
-    newer ones; tests/unit/test_workflows_schema.py validates the result against every version)."""
+def version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", version))
+
+
+def load_definitions(path: Path = SNAPSHOT, min_comfyui: str | None = None) -> dict[str, Any]:
+    """The node definitions of the oldest snapshot version a workflow supports (its frontend's
+    workflow format works in the newer ones; tests/unit/test_workflows_schema.py validates the result
+    against every supported version at or above ``min_comfyui``)."""
     versions = json.loads(path.read_text())["versions"]
-    return versions[min(versions, key=lambda v: tuple(int(p) for p in re.findall(r"\d+", v)))]["nodes"]
+    usable = [v for v in versions if min_comfyui is None or version_key(v) >= version_key(min_comfyui)]
+    if not usable:
+        raise ValueError(f"tests/data/object_info.json has no ComfyUI version >= {min_comfyui} (it has "
+                         f"{', '.join(versions)}): run tests/data/make_object_info.py against one")
+    return versions[min(usable, key=version_key)]["nodes"]
+
+
+def min_comfyui_of(workflow: Mapping[str, Any]) -> str | None:
+    """The minimum ComfyUI version a built workflow records (None: every supported version)."""
+    return workflow.get("extra", {}).get(EXTRA_KEY, {}).get("min_comfyui_version")
 
 
 def widget_specs(spec: Mapping[str, Any]) -> list[tuple[str, str, dict[str, Any], bool]]:
@@ -154,9 +182,10 @@ class Node:
 class Workflow:
     """A UI-format workflow under construction."""
 
-    def __init__(self, name: str, definitions: Mapping[str, Any]):
+    def __init__(self, name: str, definitions: Mapping[str, Any], *, min_comfyui: str | None = None):
         self.name = name
         self.definitions = definitions
+        self.min_comfyui = min_comfyui
         self.nodes: list[Node] = []
         self.links: list[list[Any]] = []
         self.groups: list[dict[str, Any]] = []
@@ -297,7 +326,8 @@ class Workflow:
             "links": self.links,
             "groups": self.groups,
             "config": {},
-            "extra": {"ds": {"scale": 0.55, "offset": [60, 90]}, "frontendVersion": FRONTEND_VERSION},
+            "extra": {"ds": {"scale": 0.55, "offset": [60, 90]}, "frontendVersion": FRONTEND_VERSION,
+                      **({EXTRA_KEY: {"min_comfyui_version": self.min_comfyui}} if self.min_comfyui else {})},
             "version": 0.4,
         }
 
@@ -494,6 +524,90 @@ Applies the four aspect LoRAs of a loop run **at once**, mixed layer by layer by
     return wf
 
 
+def zimage_loaders(wf: Workflow, *, x: float, y: float, width: float = 380):
+    """Z-Image Turbo's split loaders as ComfyUI's own template wires them: Load Diffusion Model ->
+    ModelSamplingAuraFlow (shift 3), Load CLIP (Qwen3-4B, type lumina2), Load VAE. Each loader
+    declares its file (name, folder, download URL)."""
+    unet = wf.add("UNETLoader", (x, y), width=width,
+                  values={"unet_name": ZIMAGE_FILES["diffusion_model"][0], "weight_dtype": "default"})
+    sampling = wf.add("ModelSamplingAuraFlow", (x + width + 40, y), width=width, values={"shift": 3.0})
+    wf.link(unet, "MODEL", sampling, "model")
+    clip = wf.add("CLIPLoader", (x, unet.bottom() + 60), width=width,
+                  values={"clip_name": ZIMAGE_FILES["text_encoder"][0], "type": "lumina2", "device": "default"})
+    vae = wf.add("VAELoader", (x, clip.bottom() + 60), width=width, values={"vae_name": ZIMAGE_FILES["vae"][0]})
+    for node, role in ((unet, "diffusion_model"), (clip, "text_encoder"), (vae, "vae")):
+        wf.declare_models(node, [ZIMAGE_MODELS[role]])
+    return unet, sampling, clip, vae
+
+
+ZIMAGE_REQUIREMENT = ("Needs **ComfyUI 0.3.75 or newer** (the release that added Z-Image; tested on 0.33). "
+                      "Older versions show its loaders' options as missing.")
+ZIMAGE_SAMPLING = {"steps": 8, "cfg": 1.0, "sampler_name": "res_multistep", "scheduler": "simple", "denoise": 1.0}
+
+
+def zimage_sample_stage(wf: Workflow, *, x: float, y: float, model: Node, model_output: str, clip: Node,
+                        clip_output: str, vae: Node, prompt: str, prefix: str, mode: int = MODE_ALWAYS):
+    """Prompt -> ConditioningZeroOut as the negative (cfg 1), EmptySD3LatentImage, KSampler with
+    Z-Image Turbo's few steps, VAE Decode, Save Image: the sampling half of ComfyUI's template."""
+    positive = wf.add("CLIPTextEncode", (x, y), width=400, multiline_height=120, title="Prompt", mode=mode,
+                      values={"text": prompt})
+    wf.link(clip, clip_output, positive, "clip")
+    negative = wf.add("ConditioningZeroOut", (x, positive.bottom() + 60), width=400, title="Negative (zeroed)",
+                      mode=mode)
+    wf.link(positive, "CONDITIONING", negative, "conditioning")
+    latent = wf.add("EmptySD3LatentImage", (x, negative.bottom() + 60), width=400, mode=mode,
+                    values={"width": 1024, "height": 1024, "batch_size": 1})
+    sampler = wf.add("KSampler", (x + 440, y), width=340, mode=mode, values={"seed": 42, **ZIMAGE_SAMPLING},
+                     controls={"seed": "fixed"})
+    wf.link(model, model_output, sampler, "model")
+    wf.link(positive, "CONDITIONING", sampler, "positive")
+    wf.link(negative, "CONDITIONING", sampler, "negative")
+    wf.link(latent, "LATENT", sampler, "latent_image")
+    decode = wf.add("VAEDecode", (x + 440, sampler.bottom() + 60), width=340, mode=mode)
+    wf.link(sampler, "LATENT", decode, "samples")
+    wf.link(vae, "VAE", decode, "vae")
+    save = wf.add("SaveImage", (x + 820, y), width=420, min_height=440, mode=mode, values={"filename_prefix": prefix})
+    wf.link(decode, "IMAGE", save, "images")
+    return [positive, negative, latent, sampler, decode, save]
+
+
+def zimage_gated_inference(definitions) -> Workflow:
+    wf = Workflow("versat2i_zimage_gated_inference", definitions, min_comfyui=ZIMAGE_MIN_COMFYUI)
+    intro = wf.note((0, 0), (380, 560), f"""
+# Gated inference: Z-Image Turbo
+
+Z-Image Turbo with its aspect LoRAs applied **at once**, mixed layer by layer by the learned gate
+(`*.mol.safetensors`, written by *Train Gate* next to the LoRAs, trained on these Z-Image files).
+
+{ZIMAGE_REQUIREMENT}
+
+The loaders are those of ComfyUI's own Z-Image Turbo template (missing files are listed when the
+workflow opens, with their download links): diffusion model, Qwen3-4B text encoder (type
+`lumina2`), VAE. Turbo samples in 8 steps at cfg 1 (the negative is zeroed).
+
+**mode**
+- `bake`: evaluate the gate once and merge it: sampling costs the same as the base model.
+- `dynamic`: the gate per token at every step (MoLE); a little slower.
+- `equal`: every LoRA at 1/N, the naive merge (to compare).
+- `manual`: your weights (`aspect = weight` lines in `loras`).
+
+`disabled_aspects` switches aspects off (e.g. `geometry`); the gate renormalises over the rest.
+""")
+    unet, sampling, clip, vae = zimage_loaders(wf, x=0, y=640)
+    mixture = wf.add("VersaT2I_GatedMultiLoRALoader", (420, 40), width=380, multiline_height=60,
+                     values={"mol_file": "versat2i/zimage_loop.mol.safetensors", "mode": "bake", "strength": 1.0,
+                             "disabled_aspects": "", "loras": "", "prompt": ""})
+    wf.link(sampling, "MODEL", mixture, "model")
+    wf.link(clip, "CLIP", mixture, "clip")
+    wf.group("1. Z-Image Turbo files + gated LoRA mix", [intro, unet, sampling, clip, vae, mixture],
+             GROUP_COLORS["mix"])
+    stage = zimage_sample_stage(wf, x=880, y=40, model=mixture, model_output="MODEL", clip=mixture,
+                                clip_output="CLIP", vae=vae, prompt="a portrait of an old fisherman in a knitted "
+                                "sweater, natural light", prefix="versat2i/zimage_gated")
+    wf.group("2. Encode, sample, save", stage, GROUP_COLORS["model"])
+    return wf
+
+
 def quick_loop(definitions) -> Workflow:
     wf = Workflow("versat2i_quick_loop_one_aspect", definitions)
     intro = wf.note((0, -40), (400, 470), """
@@ -563,7 +677,9 @@ Missing weight files are listed when the workflow opens (or turn on `download_mi
     return wf
 
 
-BUILDERS = (self_improvement_loop, gated_inference, quick_loop)
+# (builder, the oldest ComfyUI the workflow needs; None: every supported version)
+BUILDERS = ((self_improvement_loop, None), (gated_inference, None), (quick_loop, None),
+            (zimage_gated_inference, ZIMAGE_MIN_COMFYUI))
 
 
 def write_json(path: Path, workflow: Mapping[str, Any]) -> None:
@@ -577,12 +693,13 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from render_thumbnails import write_thumbnail
 
-    definitions = load_definitions()
     if not args.thumbnails:
-        for build in BUILDERS:
-            workflow = build(definitions)
+        for build, min_comfyui in BUILDERS:
+            workflow = build(load_definitions(min_comfyui=min_comfyui))
+            assert workflow.min_comfyui == min_comfyui, workflow.name
             write_json(WORKFLOWS / f"{workflow.name}.json", workflow.to_json())
     for path in sorted(WORKFLOWS.glob("*.json")):
+        definitions = load_definitions(min_comfyui=min_comfyui_of(json.loads(path.read_text(encoding="utf-8"))))
         thumbnail = write_thumbnail(path, definitions)
         print(f"{path.relative_to(REPO)} -> {thumbnail.relative_to(REPO)}")
     return 0
