@@ -22,6 +22,7 @@ NODE_MODULES = (
     "filter_best_per_prompt",
     "save_training_set",
     # 4. train
+    "dit_model_files",
     "train_aspect_lora",
     # 5. mix
     "train_gate",

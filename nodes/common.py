@@ -54,6 +54,12 @@ Selection = io.Custom("VERSAT2I_SELECTION")  # best-per-prompt picks per aspect 
 # a mapping (or object) with "prompts" and optionally "seeds", "prompt_indices", "candidate_indices",
 # "image_ids", one entry per image. Score Images reads it instead of its prompts/seeds text.
 Candidates = io.Custom("VERSAT2I_CANDIDATES")
+# A DiT's split files (DiT Model Files' output, a trainer's model_files input): a mapping of the node's
+# inputs diffusion_model, text_encoder, text_encoder_2 ("none" when unused) and vae to the file names
+# as ComfyUI's loaders list them (relative to models/diffusion_models, text_encoders, vae).
+ModelFiles = io.Custom("VERSAT2I_MODEL_FILES")
+
+NONE = "none"  # the choice of a model input that is not used (a trainer's ckpt_name when model_files is connected)
 
 # models/versat2i/... holds reward-model weights (and extra_model_paths.yaml may add more roots).
 MODEL_FOLDER = "versat2i"

@@ -22,8 +22,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..models.split_files import ModelFilesError, inspect_model_files, is_dit_diffusion_model
-from ..safe_io import TargetExistsError, confined_path, file_identity
+from ..safe_io import TargetExistsError, confined_path, file_identity, relative_name_problem
 from ..trainer.config import (
     LR_SCHEDULERS,
     MEMORY_SAVING,
@@ -39,7 +38,8 @@ from ..trainer.loss_curve import render_loss_curve
 from ..trainer.train_lora import lora_run_fingerprint
 from ..training_set.layout import REPEATS_FOLDER
 from ..training_set.manifest import describe_empty, empty_aspects
-from .common import TrainingHooks, category, node_id, overwrite_refused, overwrite_tooltip
+from .common import NONE, ModelFiles, TrainingHooks, category, node_id, overwrite_refused, overwrite_tooltip
+from .dit_model_files import model_files
 
 LORA_SUBFOLDER = "versat2i"  # every LoRA this node writes lives in models/loras/versat2i/
 RUNS_SUBFOLDER = "versat2i/lora_runs"  # checkpoints and logs, under ComfyUI's output folder
@@ -64,14 +64,6 @@ def bad_combo_message(name: str, value: str, options) -> str:
     return message
 
 
-def checkpoint_problem(ckpt_name: str | None) -> str | None:
-    """Why ``ckpt_name`` can't be used (None: it can, or the input is linked and checked later)."""
-    if ckpt_name is None or ckpt_name in folder_paths.get_filename_list("checkpoints"):
-        return None
-    return (f"ckpt_name {ckpt_name!r}: not in models/checkpoints; put the checkpoint there and press R (refresh), "
-            "or pick one from the list")
-
-
 def check_combos(inputs: dict[str, Any], choices: dict[str, Any] | None = None) -> None:
     """Refuse a combo value that is not one of its choices (ComfyUI 0.3.64 lets V3 combo values through;
     an old workflow can hold one), naming the input."""
@@ -91,79 +83,33 @@ def lora_file_name(dataset: str, aspect: str, lora_name: str) -> str:
     return name if name.endswith(".safetensors") else name + ".safetensors"
 
 
-# -- the model files (a checkpoint, or a DiT family's diffusion model + text encoders + VAE) ----------------
-
-NONE = "none"  # an unused model-file input
-# node input -> (ComfyUI model folder, what the file is)
-MODEL_FILE_INPUTS = {"diffusion_model": ("diffusion_models", "a FLUX.1 / FLUX.2-klein / Z-Image diffusion model"),
-                     "text_encoder": ("text_encoders", "its text encoder (CLIP-L or Qwen3)"),
-                     "text_encoder_2": ("text_encoders", "FLUX.1's second text encoder (T5-XXL)"),
-                     "vae": ("vae", "its VAE")}
-
-
-def model_file_options(folder: str) -> list[str]:
-    return [NONE, *folder_paths.get_filename_list(folder)]
-
-
-def model_file_path(input_name: str, value: str | None) -> Path | None:
-    """The full path of a model-file input (None when it is ``none``); ``ValueError`` naming the input."""
-    if not value or value == NONE:
+def lora_name_problem(lora_name: str | None) -> str | None:
+    """Why a typed ``lora_name`` cannot be saved (too long with its temporary sibling, bad characters,
+    a reserved name, a path out of the folder, a symlink out of it), naming lora_name and the fix;
+    None if it can (or is empty: the default name is derived from the dataset when the node runs)."""
+    if not isinstance(lora_name, str) or not lora_name.strip():
         return None
-    folder = MODEL_FILE_INPUTS[input_name][0]
-    if value not in folder_paths.get_filename_list(folder):
-        raise ValueError(f"{input_name} {value!r}: not in models/{folder}; put the file there and refresh")
-    return Path(folder_paths.get_full_path_or_raise(folder, value))
-
-
-def model_files(ckpt_name: str, files: dict[str, str | None]) -> dict[str, object]:
-    """base_model, text_encoders and vae paths from the node's inputs: the diffusion model when one is
-    chosen (ckpt_name is then not used), else the checkpoint."""
-    paths = {name: model_file_path(name, files.get(name)) for name in MODEL_FILE_INPUTS}
-    base = paths["diffusion_model"]
-    if base is None:
-        if not ckpt_name or ckpt_name == NONE or ckpt_name not in folder_paths.get_filename_list("checkpoints"):
-            raise ValueError(f"ckpt_name {ckpt_name!r}: not in models/checkpoints; put the checkpoint there and "
-                             f"refresh, "
-                             "or choose a diffusion_model (with its text_encoder and vae)")
-        base = Path(folder_paths.get_full_path_or_raise("checkpoints", ckpt_name))
-    encoders = tuple(str(p) for p in (paths["text_encoder"], paths["text_encoder_2"]) if p is not None)
-    return {"base_model": base, "text_encoders": encoders, "vae": paths["vae"]}
-
-
-def model_files_problem(ckpt_name: str | None, files: dict[str, str | None]) -> str | None:
-    """Why the chosen model files cannot train together, naming the node input at fault (read from
-    the files' headers only: cheap enough to run when a prompt is queued), or None."""
+    name = lora_file_name("", "", lora_name)
+    problem = relative_name_problem(name, what="lora_name")
+    if problem:
+        return problem
     try:
-        chosen = model_files(ckpt_name or "", files)
+        confined_path(loras_root() / LORA_SUBFOLDER, name, what="lora_name")
     except ValueError as exc:
         return str(exc)
-    base = chosen["base_model"]
-    if not (files.get("diffusion_model") not in (None, NONE) or chosen["text_encoders"] or chosen["vae"]
-            or is_dit_diffusion_model(base)):
-        return None  # an SD checkpoint: the trainer's own checks apply
-    try:
-        inspect_model_files(base, chosen["text_encoders"], chosen["vae"])
-    except ModelFilesError as exc:
-        inputs = {"base_model": "diffusion_model" if files.get("diffusion_model") not in (None, NONE) else "ckpt_name",
-                  "vae": "vae", "text_encoders": "text_encoder"}
-        name = inputs[exc.field]
-        if exc.field == "text_encoders" and exc.index is not None:
-            given = [n for n in ("text_encoder", "text_encoder_2") if files.get(n) not in (None, NONE)]
-            name = given[exc.index] if exc.index < len(given) else name
-        message = str(exc).split(": ", 1)[-1] if str(exc).startswith(exc.field) else str(exc)
-        return f"{name}: {message}"
     return None
 
 
 def resolve_paths(dataset: str, aspect: str, ckpt_name: str, lora_name: str,
                   files: dict[str, str | None] | None = None) -> dict[str, Path]:
-    """dataset folder, model files and LoRA file, each confined to its ComfyUI folder."""
+    """dataset folder, model files (``files``: DiT Model Files' output, else the checkpoint) and LoRA
+    file, each confined to its ComfyUI folder."""
     output = Path(folder_paths.get_output_directory())
     dataset_dir = confined_path(output, dataset, what="dataset", writes=False)
     if not dataset_dir.is_dir():
         raise ValueError(f"dataset {dataset!r}: no such folder in ComfyUI's output folder; connect Save Training "
                          "Set's dataset_path, or type the folder name it wrote (e.g. 'versat2i/training_set')")
-    chosen = model_files(ckpt_name, files or {})
+    chosen = model_files(ckpt_name, files)
     lora_file = confined_path(loras_root() / LORA_SUBFOLDER, lora_file_name(dataset, aspect, lora_name),
                               what="lora_name")
     return {"dataset": dataset_dir, "checkpoint": chosen["base_model"], "text_encoders": chosen["text_encoders"],
@@ -207,7 +153,8 @@ def train_aspect_lora(dataset: str, aspect: str, ckpt_name: str, lora_name: str,
                       settings: dict[str, Any]) -> AspectLoraResult:
     """Train (or reuse) the LoRA, or skip an aspect the training set kept no image for."""
 
-    settings, files = split_model_file_inputs(settings)
+    settings = dict(settings)
+    files = settings.pop("model_files", None)
     paths = resolve_paths(dataset, aspect, ckpt_name, lora_name, files)
     aspect = single_aspect(paths["dataset"], aspect)
     empty = empty_aspects(paths["dataset"]).get(aspect)
@@ -250,7 +197,7 @@ class TrainAspectLora(io.ComfyNode):
                                         "only aspect."),
                 io.Combo.Input("ckpt_name", options=[*folder_paths.get_filename_list("checkpoints"), NONE],
                                tooltip="Base model: an SD1.x, SD2.x or SDXL checkpoint (or a full FLUX.1 checkpoint) "
-                                       "from models/checkpoints. Not used when diffusion_model is chosen."),
+                                       "from models/checkpoints. Not used when model_files is connected (a DiT)."),
                 io.String.Input("lora_name", default="",
                                 tooltip="File name inside models/loras/versat2i/ (sub-folders allowed). Empty: "
                                         "<dataset>_<aspect>."),
@@ -304,7 +251,10 @@ class TrainAspectLora(io.ComfyNode):
                              tooltip="Save a resumable checkpoint every N steps."),
                 io.Boolean.Input("overwrite", default=False, optional=True,
                                  tooltip=overwrite_tooltip("LoRA", "training set, checkpoint and settings")),
-                *model_file_inputs(),
+                ModelFiles.Input("model_files", optional=True,
+                                 tooltip="A DiT's files (FLUX.1, FLUX.2-klein, Z-Image): connect a DiT Model Files "
+                                         "node. Connected, the LoRA is trained on that DiT and ckpt_name is not "
+                                         "used."),
                 io.Combo.Input("memory_saving", options=list(MEMORY_SAVING), default="off", optional=True,
                                tooltip="auto: turn on text-embedding caching, gradient checkpointing, fp8 base weights "
                                        "and block offloading, as far as needed for the run to fit the GPU. A run "
@@ -336,25 +286,22 @@ class TrainAspectLora(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, diffusion_model: str | None = None, text_encoder: str | None = None,
-                        text_encoder_2: str | None = None, vae: str | None = None) -> bool | str:
-        # ComfyUI attaches what this returns to every input it takes, so it takes a DiT's model files
-        # only: files that do not belong together (a FLUX VAE with Z-Image, read from their headers)
-        # are refused when the prompt is queued, on those inputs. A missing checkpoint is ComfyUI
-        # 0.33's own one error on ckpt_name (it checks V3 combo values; 0.3.64 does not, and the node
-        # refuses it when it runs). The other inputs are checked when the node runs, naming the input.
-        if diffusion_model in (None, NONE):  # a checkpoint: nothing here to check together
-            return True
-        files = {"diffusion_model": diffusion_model, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2,
-                 "vae": vae}
-        return model_files_problem(None, files) or True
+    def validate_inputs(cls, lora_name: str | None = None) -> bool | str:
+        # ComfyUI attaches what this returns to every input it takes, so it takes lora_name only: a
+        # name that cannot be saved is one error, on lora_name, when the prompt is queued. The DiT's
+        # files are checked on DiT Model Files; a missing checkpoint is ComfyUI 0.33's own one error on
+        # ckpt_name (it checks V3 combo values; 0.3.64 does not, and the node refuses it when it runs).
+        # The other inputs are checked when the node runs, naming the input (as is the default name,
+        # derived from the dataset, and lora_name again: ComfyUI 0.3.64 or an API prompt may skip this).
+        return lora_name_problem(lora_name) or True
 
     @classmethod
     def fingerprint_inputs(cls, dataset: str, aspect: str, ckpt_name: str, lora_name: str, **settings) -> Any:
         # ComfyUI caches outputs by inputs; the data, the checkpoint or the LoRA file can change on disk
         # with the same inputs, so they take part in the cache key.
         try:
-            settings, files = split_model_file_inputs(settings)
+            settings = dict(settings)
+            files = settings.pop("model_files", None)
             paths = resolve_paths(dataset, aspect, ckpt_name, lora_name, files)
             config = build_config(paths, single_aspect(paths["dataset"], aspect), _settings(settings))
             lora = paths["lora"]
@@ -375,22 +322,6 @@ class TrainAspectLora(io.ComfyNode):
         title = f"{result.lora_name} ({'reused, ' if result.reused else ''}{steps} steps)"
         summary = f"LoRA: {result.lora_name}" + (" (already trained from these inputs)" if result.reused else "")
         return io.NodeOutput(result.lora_name, loss_curve_image(result.loss_curve, title), ui={"text": (summary,)})
-
-
-def model_file_inputs() -> list:
-    """The inputs ComfyUI's DiT users pick their model with (as Load Diffusion Model / Load CLIP /
-    Load VAE name them), each ``none`` when unused."""
-    return [io.Combo.Input(name, options=model_file_options(folder), default=NONE, optional=True,
-                           tooltip=f"{what.capitalize()}, from models/{folder}; none = not used." + (
-                               " Choosing one trains a DiT (FLUX.1, FLUX.2-klein, Z-Image) instead of ckpt_name."
-                               if name == "diffusion_model" else ""))
-            for name, (folder, what) in MODEL_FILE_INPUTS.items()]
-
-
-def split_model_file_inputs(inputs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str | None]]:
-    """(the other inputs, the model-file inputs)."""
-    files = {name: inputs.get(name) for name in MODEL_FILE_INPUTS}
-    return {k: v for k, v in inputs.items() if k not in MODEL_FILE_INPUTS}, files
 
 
 # node input -> LoraTrainConfig field (inputs not listed keep their name)

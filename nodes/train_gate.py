@@ -21,7 +21,7 @@ from typing import Any
 import folder_paths
 from comfy_api.latest import io
 
-from ..safe_io import TargetExistsError, confined_path, file_identity
+from ..safe_io import TargetExistsError, confined_path, file_identity, relative_name_problem
 from ..trainer.config import MIXED_PRECISIONS, input_range
 from ..trainer.gate import BALANCE_KINDS, GATE_KINDS, GRANULARITIES
 from ..trainer.launcher import TrainingFailed
@@ -35,8 +35,9 @@ from ..trainer.train_gate import (
     train_gate_or_reuse,
 )
 from ..training_set.manifest import describe_empty, empty_aspects
-from .common import TrainingHooks, category, node_id, overwrite_refused, overwrite_tooltip
-from .train_aspect_lora import check_combos, checkpoint_problem, loss_curve_image
+from .common import NONE, ModelFiles, TrainingHooks, category, node_id, overwrite_refused, overwrite_tooltip
+from .dit_model_files import model_files
+from .train_aspect_lora import check_combos, loss_curve_image
 
 RUNS_SUBFOLDER = "versat2i/gate_runs"  # checkpoints and logs, under ComfyUI's output folder
 GATE_COMBOS = {"granularity": GRANULARITIES, "gate_kind": GATE_KINDS, "balance_loss": BALANCE_KINDS,
@@ -72,17 +73,17 @@ def lora_names(loras: str, linked: Iterable[str | None] = (), left_out: Iterable
 
 
 def resolve_paths(dataset: str, ckpt_name: str, loras: str, mol_name: str,
-                  linked: Iterable[str | None] = (), left_out: Iterable[str] = ()) -> dict[str, Any]:
-    """Training set, checkpoint, LoRA files (``lora_names``, relative to the loras folder) and the
-    MoL file, which goes into the LoRAs' common folder (it names them relative to itself)."""
+                  linked: Iterable[str | None] = (), left_out: Iterable[str] = (),
+                  files: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Training set, base model (``files``: DiT Model Files' output, else the checkpoint), LoRA files
+    (``lora_names``, relative to the loras folder) and the MoL file, which goes into the LoRAs' common
+    folder (it names them relative to itself)."""
     output = Path(folder_paths.get_output_directory())
     dataset_dir = confined_path(output, dataset, what="dataset", writes=False)
     if not dataset_dir.is_dir():
         raise ValueError(f"dataset {dataset!r}: no such folder in ComfyUI's output folder; connect Save Training "
                          "Set's dataset_path")
-    problem = checkpoint_problem(ckpt_name)
-    if problem:
-        raise ValueError(problem)
+    chosen = model_files(ckpt_name, files)
     paths = []
     for name in lora_names(loras, linked, left_out):
         path = folder_paths.get_full_path("loras", name)
@@ -100,14 +101,23 @@ def resolve_paths(dataset: str, ckpt_name: str, loras: str, mol_name: str,
         raise ValueError("loras: the LoRAs are in different loras folders; put them in one folder (the MoL file is "
                          "saved next to them)")
     mol = confined_path(root, mol_file_name(mol_name), what="mol_name")
-    return {"dataset": dataset_dir, "checkpoint": Path(folder_paths.get_full_path_or_raise("checkpoints", ckpt_name)),
-            "loras": paths, "root": root, "mol": mol, "output": output}
+    return {"dataset": dataset_dir, "checkpoint": chosen["base_model"], "text_encoders": chosen["text_encoders"],
+            "vae": chosen["vae"], "loras": paths, "root": root, "mol": mol, "output": output}
 
 
 def mol_file_name(mol_name: str) -> str:
     """The MoL file's name relative to the LoRAs' folder (``.mol.safetensors`` added)."""
     stem = mol_name.strip() or "aspects"
     return stem if stem.endswith(MOL_SUFFIX) else stem + MOL_SUFFIX
+
+
+def mol_name_problem(mol_name: str | None) -> str | None:
+    """Why ``mol_name`` cannot be saved (the MoL file and its temporary sibling must fit; bad
+    characters, reserved names, '..'), naming mol_name and the fix; None if it can. Needs no folder
+    (the MoL file goes next to the LoRAs, known when the node runs, where it is confined to them)."""
+    if not isinstance(mol_name, str):
+        return None  # linked: checked when the node runs
+    return relative_name_problem(mol_file_name(mol_name), what="mol_name")
 
 
 def shared_aspect_problem(paths: list[Path]) -> str | None:
@@ -123,7 +133,8 @@ def shared_aspect_problem(paths: list[Path]) -> str | None:
 
 def build_config(paths: dict[str, Any], settings: dict[str, Any]):
     return GateTrainConfig(
-        base_model=str(paths["checkpoint"]), dataset_dir=str(paths["dataset"]),
+        base_model=str(paths["checkpoint"]), text_encoders=tuple(paths.get("text_encoders", ())),
+        vae=str(paths["vae"]) if paths.get("vae") else "", dataset_dir=str(paths["dataset"]),
         loras=tuple(str(p) for p in paths["loras"]), output_dir=str(paths["root"]),
         output_name=paths["mol"].relative_to(paths["root"]).as_posix(),
         work_dir=str(paths["output"] / RUNS_SUBFOLDER), keep_checkpoints=False, **settings)
@@ -144,11 +155,11 @@ def left_out_aspects(dataset_dir: Path) -> list[str]:
 
 
 def train_gate(dataset: str, ckpt_name: str, loras: str, mol_name: str, settings: dict[str, Any],
-               linked: Iterable[str | None] = ()):
+               linked: Iterable[str | None] = (), files: dict[str, Any] | None = None):
     """Train (or reuse) the MoL file; returns (its name as the loader lists it, loss points, reused,
     the aspects left out because they kept no image)."""
     left_out = left_out_aspects(confined_path(folder_paths.get_output_directory(), dataset, what="dataset"))
-    paths = resolve_paths(dataset, ckpt_name, loras, mol_name, linked, left_out)
+    paths = resolve_paths(dataset, ckpt_name, loras, mol_name, linked, left_out, files)
     config = build_config(paths, settings)
     hooks = TrainingHooks(config.max_train_steps)
     try:
@@ -180,8 +191,9 @@ class TrainGate(io.ComfyNode):
                 io.String.Input("dataset", default="versat2i/training_set",
                                 tooltip="Training set folder inside ComfyUI's output folder "
                                         "(all its aspects are used)."),
-                io.Combo.Input("ckpt_name", options=folder_paths.get_filename_list("checkpoints"),
-                               tooltip="The base model the LoRAs were trained on."),
+                io.Combo.Input("ckpt_name", options=[*folder_paths.get_filename_list("checkpoints"), NONE],
+                               tooltip="The base model the LoRAs were trained on (a checkpoint from "
+                                       "models/checkpoints). Not used when model_files is connected (a DiT)."),
                 io.String.Input("loras", default="", multiline=True,
                                 placeholder="LoRA files beyond lora_1..lora_4, one per line",
                                 tooltip="Aspect LoRAs typed by hand (or more than four), one per line as the LoRA "
@@ -242,6 +254,10 @@ class TrainGate(io.ComfyNode):
                                           "then the loras box; an empty name (an aspect that kept no image) is "
                                           "left out.")
                   for index, name in enumerate(LORA_SOCKETS, start=1)),
+                ModelFiles.Input("model_files", optional=True,
+                                 tooltip="The DiT the LoRAs were trained on (FLUX.1, FLUX.2-klein, Z-Image): connect "
+                                         "the DiT Model Files node that fed their Train Aspect LoRA nodes. "
+                                         "Connected, ckpt_name is not used."),
             ],
             outputs=[
                 io.String.Output("mol_file", display_name="mol_file",
@@ -253,16 +269,21 @@ class TrainGate(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, ckpt_name: str | None = None) -> bool | str:
-        # One input, so a missing checkpoint is one error on ckpt_name (see Train Aspect LoRA); the
-        # other inputs are checked when the node runs, each error naming its input.
-        return checkpoint_problem(ckpt_name) or True
+    def validate_inputs(cls, mol_name: str | None = None) -> bool | str:
+        # ComfyUI attaches what this returns to every input it takes, so it takes mol_name only: a name
+        # that cannot be saved is one error, on mol_name, when the prompt is queued. A missing
+        # checkpoint is ComfyUI 0.33's own one error on ckpt_name (0.3.64 checks no V3 combo value:
+        # the node refuses it when it runs, naming ckpt_name); the DiT's files are checked on DiT Model
+        # Files. The other inputs (LoRAs of one aspect included) are checked first thing when the node
+        # runs, before anything is written, each error naming its input.
+        return mol_name_problem(mol_name) or True
 
     @classmethod
     def fingerprint_inputs(cls, dataset: str, ckpt_name: str, loras: str, mol_name: str, **inputs) -> Any:
         try:
             linked, settings = _split_linked(inputs)
-            paths = resolve_paths(dataset, ckpt_name, loras, mol_name, linked)
+            files = settings.pop("model_files", None)
+            paths = resolve_paths(dataset, ckpt_name, loras, mol_name, linked, files=files)
             mol = paths["mol"]
             return (gate_run_fingerprint(build_config(paths, _settings(settings)),
                                          cpu=TrainingHooks.cpu_only() or None),
@@ -274,8 +295,10 @@ class TrainGate(io.ComfyNode):
     def execute(cls, dataset: str, ckpt_name: str, loras: str = "", mol_name: str = "aspects",
                 **inputs) -> io.NodeOutput:
         linked, settings = _split_linked(inputs)
+        files = settings.pop("model_files", None)
         check_combos(settings, GATE_COMBOS)
-        name, curve, reused, left_out = train_gate(dataset, ckpt_name, loras, mol_name, _settings(settings), linked)
+        name, curve, reused, left_out = train_gate(dataset, ckpt_name, loras, mol_name, _settings(settings), linked,
+                                                   files)
         title = f"{name} ({'reused, ' if reused else ''}{curve[-1][0] if curve else 0} steps)"
         summary = f"MoL file: {name}" + (" (already trained from these inputs)" if reused else "")
         if left_out:

@@ -352,8 +352,6 @@ a cosy reading corner with a green armchair"""
 NEGATIVE = "blurry, low quality, watermark, text"
 TRAINING = {"steps": 500, "learning_rate": 1e-4, "rank": 16, "alpha": 16.0, "batch_size": 1, "resolution": 512,
             "seed": 0}
-# The SD workflows train from ckpt_name: the DiT model-file inputs stay unused.
-NO_DIT_FILES = {"diffusion_model": "none", "text_encoder": "none", "text_encoder_2": "none", "vae": "none"}
 
 
 def candidates_stage(wf: Workflow, *, x: float, y: float, prompts: str, k: int, checkpoint_title: str):
@@ -440,7 +438,7 @@ Results: `output/versat2i/loop/` (training set), `models/loras/versat2i/loop_*.s
     for index, aspect in enumerate(ASPECTS):
         node = wf.add("VersaT2I_TrainAspectLoRA", (index * 400, top), width=370, title=f"Train LoRA: {aspect}",
                       values={"dataset": "versat2i/loop", "aspect": aspect, "ckpt_name": DEFAULT_CHECKPOINT,
-                              "lora_name": "", **TRAINING, **NO_DIT_FILES})
+                              "lora_name": "", **TRAINING})
         wf.link(save, "dataset_path", node, "dataset")
         wf.link(checkpoint, "", node, "ckpt_name")
         wf.link(overwrite, "", node, "overwrite")
@@ -637,7 +635,7 @@ Missing weight files are listed when the workflow opens (or turn on `download_mi
     top = max(generate.bottom(), score.bottom(), save.bottom(), overwrite.bottom()) + 140
     train = wf.add("VersaT2I_TrainAspectLoRA", (0, top), width=400, title="Train LoRA: aesthetics",
                    values={"dataset": "versat2i/quick", "aspect": "aesthetics", "ckpt_name": DEFAULT_CHECKPOINT,
-                           "lora_name": "", **TRAINING, "steps": 300, **NO_DIT_FILES})
+                           "lora_name": "", **TRAINING, "steps": 300})
     wf.link(save, "dataset_path", train, "dataset")
     wf.link(checkpoint, "", train, "ckpt_name")
     wf.link(overwrite, "", train, "overwrite")
