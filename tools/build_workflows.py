@@ -675,9 +675,81 @@ Missing weight files are listed when the workflow opens (or turn on `download_mi
     return wf
 
 
+def zimage_quick_loop(definitions) -> Workflow:
+    wf = Workflow("versat2i_zimage_quick_loop_one_aspect", definitions, min_comfyui=ZIMAGE_MIN_COMFYUI)
+    intro = wf.note((0, -40), (400, 600), f"""
+# Quick loop on Z-Image Turbo: one aspect
+
+The VersaT2I loop for a single aspect (aesthetics) on **Z-Image Turbo**: generate 4 prompts x 4 seeds,
+score them, keep the best image of each prompt, train one LoRA on the same Z-Image files.
+
+{ZIMAGE_REQUIREMENT}
+
+Pick the three files once in the purple boxes (**Diffusion model**, **Text encoder**, **VAE**): they
+feed ComfyUI's loaders (as in its Z-Image Turbo template) and **DiT Model Files**, so the LoRA is
+trained on the model that made the images. Missing files are listed when the workflow opens, with
+their download links (so are the reward weights, or turn on `download_missing` in **Load Scorers**).
+
+When the LoRA is trained, **unmute group 4** (select its nodes, Ctrl+M) and queue again: the stock
+*LoraLoaderModelOnly* applies it (`versat2i/zimage_quick_aesthetics.safetensors`). Finished stages
+are not run again; to replace results made from other inputs, turn on **Overwrite earlier results**.
+""")
+    files = {}
+    y = 620
+    for role, title in (("diffusion_model", "Diffusion model"), ("text_encoder", "Text encoder"), ("vae", "VAE")):
+        files[role] = wf.primitive((0, y), ZIMAGE_FILES[role][0], title=f"{title} (used by every stage)", width=400)
+        files[role].color, files[role].bgcolor = "#323", "#535"
+        wf.declare_models(files[role], [ZIMAGE_MODELS[role]])
+        y = files[role].bottom() + 70
+    unet, sampling, clip, vae = zimage_loaders(wf, x=440, y=620)
+    for role, loader, widget in (("diffusion_model", unet, "unet_name"), ("text_encoder", clip, "clip_name"),
+                                 ("vae", vae, "vae_name")):
+        wf.link(files[role], "", loader, widget)
+    generate = wf.add("VersaT2I_GenerateCandidates", (860, -40), width=420, heights={"prompts": 170},
+                      values={"prompts": QUICK_PROMPTS, "k": 4, "seed": 0, "width": 1024, "height": 1024,
+                              "batch_size": 4, "negative_prompt": "", "prompts_file": "",
+                              **{k: v for k, v in ZIMAGE_SAMPLING.items() if k != "denoise"}})
+    wf.link(sampling, "MODEL", generate, "model")
+    wf.link(clip, "CLIP", generate, "clip")
+    wf.link(vae, "VAE", generate, "vae")
+    load, score, filt, save, kept, overwrite = score_filter_save(
+        wf, generate, x=1340, y=40, dataset="versat2i/zimage_quick", threshold_kind="none", threshold=50.0,
+        scorers={"aesthetics": "laion-aesthetic-v2", "alignment": "disabled", "geometry": "disabled",
+                 "lowlevel": "disabled"})
+    wf.group("1. Z-Image files -> 4 prompts x 4 seeds",
+             [intro, *files.values(), unet, sampling, clip, vae, generate], GROUP_COLORS["model"])
+    wf.group("2. Score, keep the best, save", [load, score, filt, save, kept, overwrite], GROUP_COLORS["filter"])
+
+    top = max(vae.bottom(), files["vae"].bottom(), score.bottom(), save.bottom(), overwrite.bottom()) + 140
+    model_files = wf.add("VersaT2I_DiTModelFiles", (0, top), width=400,
+                         values={role: ZIMAGE_FILES[role][0] for role in ("diffusion_model", "text_encoder", "vae")}
+                         | {"text_encoder_2": "none"})
+    for role in ("diffusion_model", "text_encoder", "vae"):
+        wf.link(files[role], "", model_files, role)
+    train = wf.add("VersaT2I_TrainAspectLoRA", (440, top), width=400, title="Train LoRA: aesthetics",
+                   values={"dataset": "versat2i/zimage_quick", "aspect": "aesthetics", "ckpt_name": "none",
+                           "lora_name": "", **TRAINING, "steps": 300, "resolution": 1024, "memory_saving": "auto"})
+    wf.link(save, "dataset_path", train, "dataset")
+    wf.link(model_files, "model_files", train, "model_files")
+    wf.link(overwrite, "", train, "overwrite")
+    loss = wf.add("PreviewImage", (880, top), width=380, min_height=300, title="Loss: aesthetics")
+    wf.link(train, "loss_curve", loss, "images")
+    wf.group("3. Train the LoRA on the Z-Image files", [model_files, train, loss], GROUP_COLORS["train"])
+
+    x = 1340
+    lora = wf.add("LoraLoaderModelOnly", (x, top), width=400, mode=MODE_NEVER,
+                  values={"lora_name": "versat2i/zimage_quick_aesthetics.safetensors", "strength_model": 1.0})
+    wf.link(sampling, "MODEL", lora, "model")
+    stage = zimage_sample_stage(wf, x=x, y=lora.bottom() + 70, model=lora, model_output="MODEL", clip=clip,
+                                clip_output="CLIP", vae=vae, prompt="a lighthouse on a cliff above a stormy sea",
+                                prefix="versat2i/zimage_quick_lora", mode=MODE_NEVER)
+    wf.group("4. Try it (muted until trained)", [lora, *stage], GROUP_COLORS["try"])
+    return wf
+
+
 # (builder, the oldest ComfyUI the workflow needs; None: every supported version)
 BUILDERS = ((self_improvement_loop, None), (gated_inference, None), (quick_loop, None),
-            (zimage_gated_inference, ZIMAGE_MIN_COMFYUI))
+            (zimage_gated_inference, ZIMAGE_MIN_COMFYUI), (zimage_quick_loop, ZIMAGE_MIN_COMFYUI))
 
 
 def write_json(path: Path, workflow: Mapping[str, Any]) -> None:

@@ -43,7 +43,7 @@ SNAPSHOT = load_snapshot()
 # version's are checked by test_workflow_matches_the_node_definitions_of_every_supported_version.
 DEFINITIONS, DYNAMIC = snapshot_version(SNAPSHOT)["nodes"], snapshot_version(SNAPSHOT)["dynamic_combos"]
 LOOP, INFERENCE, QUICK = "versat2i_self_improvement_loop", "versat2i_gated_inference", "versat2i_quick_loop_one_aspect"
-ZIMAGE_INFERENCE = "versat2i_zimage_gated_inference"
+ZIMAGE_INFERENCE, ZIMAGE_QUICK = "versat2i_zimage_gated_inference", "versat2i_zimage_quick_loop_one_aspect"
 FRONTEND_ONLY = {"Note", "MarkdownNote", "PrimitiveNode", "Reroute"}
 TITLE_HEIGHT = 30  # litegraph draws a node's title bar above its pos
 
@@ -129,7 +129,7 @@ def test_workflow_matches_the_node_definitions_of_every_supported_version(name, 
 
 
 def test_the_workflows_are_shipped_in_ui_format():
-    assert SHIPPED == sorted([LOOP, INFERENCE, QUICK, ZIMAGE_INFERENCE])
+    assert SHIPPED == sorted([LOOP, INFERENCE, QUICK, ZIMAGE_INFERENCE, ZIMAGE_QUICK])
     for name in SHIPPED:
         workflow = load(name)
         assert workflow["version"] == 0.4 and isinstance(workflow["links"], list) and workflow["groups"]
@@ -180,7 +180,7 @@ def test_the_sd_workflows_support_every_version_and_the_zimage_ones_need_a_comfy
     what they are built from and checked against. Their notes say so."""
     for name in (LOOP, INFERENCE, QUICK):
         assert min_comfyui(load(name)) is None and supported_versions(load(name)) == list(SUPPORTED_COMFYUI_VERSIONS)
-    for name in (ZIMAGE_INFERENCE,):
+    for name in (ZIMAGE_INFERENCE, ZIMAGE_QUICK):
         workflow = load(name)
         needed = min_comfyui(workflow)
         assert version_key("0.3.64") < version_key(needed) <= version_key("0.33.0")
@@ -189,7 +189,8 @@ def test_the_sd_workflows_support_every_version_and_the_zimage_ones_need_a_comfy
                     if n["type"] == "MarkdownNote" and n["widgets_values"][0].startswith("# ")]
         assert f"ComfyUI {needed} or newer" in intro
     docs = (REPO / "docs" / "workflows.md").read_text(encoding="utf-8")
-    assert ZIMAGE_INFERENCE in docs and f"ComfyUI {min_comfyui(load(ZIMAGE_INFERENCE))}" in docs
+    assert ZIMAGE_INFERENCE in docs and ZIMAGE_QUICK in docs
+    assert f"ComfyUI {min_comfyui(load(ZIMAGE_INFERENCE))} or newer" in docs
 
 
 def test_the_snapshot_covers_every_node_type_used():
@@ -366,6 +367,46 @@ def test_the_zimage_inference_workflow_mixes_the_gate_into_zimage_turbo_as_comfy
     assert mixture["inputs"]["mol_file"].startswith("versat2i/") and mixture["inputs"]["mode"] == "bake"
     save = check_zimage_sampling(graph, [mixture_id, 0], [mixture_id, 1], vae_id)
     assert save["inputs"]["filename_prefix"] == "versat2i/zimage_gated"
+
+
+def test_the_zimage_quick_loop_trains_on_the_files_that_generated_and_tries_the_lora_with_the_stock_loader():
+    workflow = load(ZIMAGE_QUICK)
+    graph = api(workflow)
+    unet_id, sampling_id, clip_id, vae_id = check_zimage_loaders(workflow, graph)
+    (generate_id, generate), = of_type(graph, "VersaT2I_GenerateCandidates").items()
+    assert [generate["inputs"][k] for k in ("model", "clip", "vae")] == [[sampling_id, 0], [clip_id, 0], [vae_id, 0]]
+    assert (generate["inputs"]["steps"], generate["inputs"]["cfg"]) == (8, 1.0)
+    (_, scorers), = of_type(graph, "VersaT2I_LoadScorers").items()
+    enabled = [aspect for aspect in ASPECTS if scorers["inputs"][aspect] != "disabled"]
+    (_, save), = of_type(graph, "VersaT2I_SaveTrainingSet").items()
+    (_, trainer), = of_type(graph, "VersaT2I_TrainAspectLoRA").items()
+    assert enabled == [trainer["inputs"]["aspect"]] and source(graph, trainer["inputs"]["dataset"]) is save
+    # Trained from the DiT's files, the very ones the loaders load (one Primitive each feeds both).
+    files = source(graph, trainer["inputs"]["model_files"])
+    assert files["class_type"] == "VersaT2I_DiTModelFiles" and trainer["inputs"]["ckpt_name"] == "none"
+    assert files["inputs"]["diffusion_model"] == graph[unet_id]["inputs"]["unet_name"]
+    assert files["inputs"]["text_encoder"] == graph[clip_id]["inputs"]["clip_name"]
+    assert files["inputs"]["vae"] == graph[vae_id]["inputs"]["vae_name"] and files["inputs"]["text_encoder_2"] == "none"
+    primitives = {n["id"]: n for n in workflow["nodes"] if n["type"] == "PrimitiveNode"}
+    fed = {}
+    for link in workflow["links"]:
+        if link[1] in primitives:
+            target = next(n for n in workflow["nodes"] if n["id"] == link[3])
+            fed.setdefault(link[1], set()).add((target["type"], target["inputs"][link[4]]["name"]))
+    assert {("UNETLoader", "unet_name"), ("VersaT2I_DiTModelFiles", "diffusion_model")} in fed.values()
+    assert {("CLIPLoader", "clip_name"), ("VersaT2I_DiTModelFiles", "text_encoder")} in fed.values()
+    assert {("VAELoader", "vae_name"), ("VersaT2I_DiTModelFiles", "vae")} in fed.values()
+    assert not of_type(graph, "LoraLoaderModelOnly"), "the try-it group must be muted until the LoRA exists"
+
+    unmuted = copy.deepcopy(workflow)
+    for node in unmuted["nodes"]:
+        node["mode"] = 0
+    full = api(unmuted)
+    (lora_id, lora), = of_type(full, "LoraLoaderModelOnly").items()
+    expected = f"versat2i/{save['inputs']['name'].rsplit('/', 1)[-1]}_{trainer['inputs']['aspect']}.safetensors"
+    assert trainer["inputs"]["lora_name"] == "" and lora["inputs"]["lora_name"] == expected
+    assert lora["inputs"]["model"] == [sampling_id, 0]
+    check_zimage_sampling(full, [lora_id, 0], [clip_id, 0], vae_id)
 
 
 def test_the_quick_loop_trains_the_one_aspect_it_scores_and_can_try_it():
