@@ -208,3 +208,38 @@ def test_low_vram_streaming_matches_full_load_on_a_dit(comfy, comfy_dirs, tiny_m
         base = patcher.model.apply_model(x, sigma, c_crossattn=context)
     assert close(full, base) > 1e-3  # the mixture is in both
 
+
+@pytest.mark.parametrize("name", ["flux1-dev", "zimage"])
+def test_dynamic_mode_counts_the_shared_copy_of_fused_row_blocks_in_model_size(comfy, comfy_dirs, tiny_models, name):
+    """ComfyUI budgets VRAM with ModelPatcher.model_size(). A fused weight's row blocks (q / k / v in
+    one Linear; FLUX.1's linear1) share one stacked copy of their A sides, made on the first call:
+    it counts there beside the factors (issue 13), exactly the bytes the call then holds; a whole
+    weight (one block) makes no copy."""
+    from versat2i.nodes.gated_multi_lora_loader import GatedMultiLoRALoader
+    from versat2i.nodes.model_patching import GatedForward
+
+    require_comfy_family(name)
+    tiny = tiny_models(name)
+    patcher = comfy_model_patcher(name, tiny)
+    mol, _ = write_mixture(name, tiny, comfy_dirs["models"] / "loras", ["aesthetics", "lowlevel"], "token",
+                           tag=f"size-{name}")
+    model = GatedMultiLoRALoader.execute(patcher, mol, "dynamic", 1.0).result[0]
+    forwards = [patch for patch in model.object_patches.values() if isinstance(patch, GatedForward)]
+    factors = sum(b.numel() * b.element_size() for forward in forwards for fused, *_ in forward.parts
+                  for b in fused.buffers())
+    shared = sum(forward.row_blocks.shared_bytes() for forward in forwards)
+    fused_weights = [forward for forward in forwards if len(forward.row_blocks.blocks) > 1]
+    assert fused_weights and shared > 0, "no fused weight with several row blocks"
+    assert model.model_size() == patcher.model_size() + factors + shared
+
+    sample(model, name, conditioning(name))  # float32 on the CPU: the copies are made at that size
+    made = 0
+    for forward in forwards:
+        down, biases, _, _ = forward.row_blocks._stacked
+        own = [fused.down_and_gate for fused, _ in forward.row_blocks.blocks]
+        if len(own) == 1:
+            assert down is own[0], "a whole weight's A side was copied"
+            continue
+        made += down.numel() * down.element_size() + (biases.numel() * biases.element_size() if biases is not None
+                                                      else 0)
+    assert made == shared
