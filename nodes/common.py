@@ -11,7 +11,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..models.split_files import T5_TOKENIZER_ENV
-from ..safe_io import TargetExistsError
+from ..safe_io import TargetExistsError, name_parts
 from ..trainer.launcher import LaunchOptions
 
 # FLUX.1's T5 tokenizer is ComfyUI's own copy (models/split_files.py says why); the training and
@@ -37,6 +37,16 @@ def overwrite_refused(error: TargetExistsError, node: str, thing: str, name_inpu
     'overwrite' is on (see ``overwrite_tooltip``)."""
     return error.with_fix(f"turn on 'overwrite' in {node} to replace the {thing}, or change '{name_input}' to keep "
                           "both")
+
+
+def hidden_name_problem(user_name: str, what: str) -> str | None:
+    """A part of a typed file name that starts with '.' (a hidden file, and the pack writes its
+    temporaries as '.<name>.tmp-<8 hex>'): the training configs refuse it (``output_name_problem``),
+    the nodes in the words of their input, when the prompt is queued and when they run."""
+    if any(part.startswith(".") for part in name_parts(user_name)):
+        return (f"{what} {user_name!r}: a name starting with '.' is hidden (and '.<name>.tmp-...' is how files being "
+                "written are named); remove the leading '.'")
+    return None
 
 
 def overwrite_tooltip(thing: str, inputs: str) -> str:

@@ -38,7 +38,16 @@ from ..trainer.loss_curve import render_loss_curve
 from ..trainer.train_lora import lora_run_fingerprint
 from ..training_set.layout import REPEATS_FOLDER
 from ..training_set.manifest import describe_empty, empty_aspects
-from .common import NONE, ModelFiles, TrainingHooks, category, node_id, overwrite_refused, overwrite_tooltip
+from .common import (
+    NONE,
+    ModelFiles,
+    TrainingHooks,
+    category,
+    hidden_name_problem,
+    node_id,
+    overwrite_refused,
+    overwrite_tooltip,
+)
 from .dit_model_files import model_files
 
 LORA_SUBFOLDER = "versat2i"  # every LoRA this node writes lives in models/loras/versat2i/
@@ -90,7 +99,7 @@ def lora_name_problem(lora_name: str | None) -> str | None:
     if not isinstance(lora_name, str) or not lora_name.strip():
         return None
     name = lora_file_name("", "", lora_name)
-    problem = relative_name_problem(name, what="lora_name")
+    problem = relative_name_problem(name, what="lora_name") or hidden_name_problem(name, "lora_name")
     if problem:
         return problem
     try:
@@ -110,8 +119,11 @@ def resolve_paths(dataset: str, aspect: str, ckpt_name: str, lora_name: str,
         raise ValueError(f"dataset {dataset!r}: no such folder in ComfyUI's output folder; connect Save Training "
                          "Set's dataset_path, or type the folder name it wrote (e.g. 'versat2i/training_set')")
     chosen = model_files(ckpt_name, files)
-    lora_file = confined_path(loras_root() / LORA_SUBFOLDER, lora_file_name(dataset, aspect, lora_name),
-                              what="lora_name")
+    name = lora_file_name(dataset, aspect, lora_name)
+    lora_file = confined_path(loras_root() / LORA_SUBFOLDER, name, what="lora_name")
+    problem = hidden_name_problem(name, "lora_name")
+    if problem:
+        raise ValueError(problem)
     return {"dataset": dataset_dir, "checkpoint": chosen["base_model"], "text_encoders": chosen["text_encoders"],
             "vae": chosen["vae"], "lora": lora_file, "output": output}
 

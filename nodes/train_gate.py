@@ -35,7 +35,16 @@ from ..trainer.train_gate import (
     train_gate_or_reuse,
 )
 from ..training_set.manifest import describe_empty, empty_aspects
-from .common import NONE, ModelFiles, TrainingHooks, category, node_id, overwrite_refused, overwrite_tooltip
+from .common import (
+    NONE,
+    ModelFiles,
+    TrainingHooks,
+    category,
+    hidden_name_problem,
+    node_id,
+    overwrite_refused,
+    overwrite_tooltip,
+)
 from .dit_model_files import model_files
 from .train_aspect_lora import check_combos, loss_curve_image
 
@@ -101,6 +110,9 @@ def resolve_paths(dataset: str, ckpt_name: str, loras: str, mol_name: str,
         raise ValueError("loras: the LoRAs are in different loras folders; put them in one folder (the MoL file is "
                          "saved next to them)")
     mol = confined_path(root, mol_file_name(mol_name), what="mol_name")
+    problem = hidden_name_problem(mol_file_name(mol_name), "mol_name")
+    if problem:
+        raise ValueError(problem)
     return {"dataset": dataset_dir, "checkpoint": chosen["base_model"], "text_encoders": chosen["text_encoders"],
             "vae": chosen["vae"], "loras": paths, "root": root, "mol": mol, "output": output}
 
@@ -117,7 +129,8 @@ def mol_name_problem(mol_name: str | None) -> str | None:
     (the MoL file goes next to the LoRAs, known when the node runs, where it is confined to them)."""
     if not isinstance(mol_name, str):
         return None  # linked: checked when the node runs
-    return relative_name_problem(mol_file_name(mol_name), what="mol_name")
+    name = mol_file_name(mol_name)
+    return relative_name_problem(name, what="mol_name") or hidden_name_problem(name, "mol_name")
 
 
 def shared_aspect_problem(paths: list[Path]) -> str | None:

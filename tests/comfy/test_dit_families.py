@@ -261,10 +261,10 @@ def test_shipped_tokenizers_give_comfyuis_ids(comfy, family, folder, comfy_token
         assert comfy_ids[: len(ids)] == ids, prompt
 
 
-# -- the Train Aspect LoRA node with the files ComfyUI users pick ---------------------------------------------
+# -- DiT Model Files -> Train Aspect LoRA / Train Gate, with the files ComfyUI users pick ------------------------
 
 def place_in_comfyui(tiny, models: Path) -> dict[str, str]:
-    """The tiny model's files in ComfyUI's folders; the node input values that pick them."""
+    """The tiny model's files in ComfyUI's folders; the DiT Model Files input values that pick them."""
     import folder_paths
 
     for folder in ("diffusion_models", "text_encoders", "vae"):
@@ -285,20 +285,21 @@ def test_the_train_node_trains_from_split_files(comfy, comfy_dirs, tiny_models, 
     import comfy.utils
 
     import nodes as comfy_nodes
-    from versat2i.nodes import train_aspect_lora
+    from versat2i.nodes import dit_model_files, train_aspect_lora
 
     require_comfy_family(name)
     tiny = tiny_models(name)
     files = place_in_comfyui(tiny, comfy_dirs["models"])
     make_kohya_dataset(comfy_dirs["output"] / "versat2i" / "ds", images_per_aspect=2)
-    assert train_aspect_lora.TrainAspectLora.validate_inputs(**files) is True
+    assert dit_model_files.DiTModelFiles.validate_inputs(**files) is True
+    (model_files,) = dit_model_files.DiTModelFiles.execute(**files).result
     previews = []
     comfy.utils.set_progress_bar_global_hook(
         lambda value, total, preview, node_id=None: previews.append(preview) if preview else None)
     try:
         output = train_aspect_lora.TrainAspectLora.execute(
             dataset="versat2i/ds", aspect="aesthetics", ckpt_name="none", lora_name="", sample_every_n_steps=2,
-            **files, **NODE_TRAINING)
+            model_files=model_files, **NODE_TRAINING)
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
     lora_name = output.result[0]
@@ -323,14 +324,14 @@ def test_the_train_node_trains_from_split_files(comfy, comfy_dirs, tiny_models, 
     assert (after - before).abs().max() > 1e-5
 
 
-def test_the_train_node_refuses_mismatched_files_at_queue_time(comfy, comfy_dirs, tiny_models):
+def test_dit_model_files_refuses_mismatched_files_at_queue_time(comfy, comfy_dirs, tiny_models):
     """validate_inputs reads the files' headers and names the input at fault."""
-    from versat2i.nodes import train_aspect_lora
+    from versat2i.nodes import dit_model_files
 
     klein, flux = tiny_models("flux2-klein"), tiny_models("flux1-dev")
     files = place_in_comfyui(klein, comfy_dirs["models"])
     flux_files = place_in_comfyui(flux, comfy_dirs["models"])
-    validate = train_aspect_lora.TrainAspectLora.validate_inputs
+    validate = dit_model_files.DiTModelFiles.validate_inputs
     message = validate(**{**files, "vae": flux_files["vae"]})
     assert message.startswith("vae: ") and "FLUX.1's VAE" in message and "flux2-vae.safetensors" in message
     message = validate(**{**files, "text_encoder": flux_files["text_encoder_2"]})
@@ -339,6 +340,74 @@ def test_the_train_node_refuses_mismatched_files_at_queue_time(comfy, comfy_dirs
     assert message.startswith("text_encoder: ") and "T5-XXL" in message and "t5xxl_fp16.safetensors" in message
     message = validate(**{**files, "diffusion_model": "missing.safetensors"})
     assert message.startswith("diffusion_model 'missing.safetensors'")
+    with pytest.raises(ValueError, match="^vae: "):  # when the node runs too (a prompt that skipped validation)
+        dit_model_files.DiTModelFiles.execute(**{**files, "vae": flux_files["vae"]})
+
+
+def test_a_dit_mismatch_is_reported_on_dit_model_files_inputs_only(comfy, comfy_dirs, comfy_nodes, tiny_models,
+                                                                  monkeypatch):
+    """Through ComfyUI's own queue-time validation: a FLUX.1 VAE with FLUX.2-klein is an error on the
+    DiT Model Files node's file inputs (ComfyUI attaches its validate_inputs message to each input it
+    takes); the trainers it feeds report nothing of their own, and nothing runs."""
+    import folder_paths
+    from queue_check import api_node, queue_errors
+
+    files = place_in_comfyui(tiny_models("flux2-klein"), comfy_dirs["models"])
+    flux_files = place_in_comfyui(tiny_models("flux1-dev"), comfy_dirs["models"])
+    (comfy_dirs["models"] / "checkpoints").mkdir()
+    folder_paths.filename_list_cache.clear()
+    dit, lora, gate = (comfy_nodes[f"VersaT2I_{name}"] for name in ("DiTModelFiles", "TrainAspectLoRA", "TrainGate"))
+    before = sorted(comfy_dirs["output"].rglob("*"))
+    prompt = {"1": api_node(dit, **{**files, "vae": flux_files["vae"]}),
+              "2": api_node(lora, ckpt_name="none", model_files=["1", 0]),
+              "3": api_node(gate, ckpt_name="none", model_files=["1", 0], lora_1=["2", 0],
+                            loras="versat2i/other.safetensors")}
+    errors = queue_errors(monkeypatch, [dit, lora, gate], prompt)
+    assert list(errors) == ["1"], errors
+    assert sorted(error["extra_info"]["input_name"] for error in errors["1"]) == sorted(
+        ["diffusion_model", "text_encoder", "text_encoder_2", "vae"])
+    assert all("vae: " in error["details"] and "FLUX.1's VAE" in error["details"] for error in errors["1"])
+    assert sorted(comfy_dirs["output"].rglob("*")) == before
+    prompt["1"] = api_node(dit, **files)  # the matching files: the whole prompt passes
+    assert queue_errors(monkeypatch, [dit, lora, gate], prompt) == {}
+
+
+@pytest.mark.slow
+def test_train_gate_trains_a_gate_over_two_dit_loras_from_dit_model_files(comfy, comfy_dirs, tiny_models):
+    """DiT Model Files feeds Train Aspect LoRA and Train Gate (issue 13): the LoRA trains on the DiT,
+    and the gate trains over it and a second LoRA of another aspect, on the same DiT, with ckpt_name
+    'none'. The MoL file names the DiT's LoRAs and records its steps."""
+    from safetensors.torch import load_file, save_file
+
+    from versat2i.models.lora_files import read_lora_metadata
+    from versat2i.nodes import dit_model_files, train_aspect_lora, train_gate
+    from versat2i.trainer.mol_file import read_mol
+
+    require_comfy_family("zimage")
+    files = place_in_comfyui(tiny_models("zimage"), comfy_dirs["models"])
+    make_kohya_dataset(comfy_dirs["output"] / "versat2i" / "ds", aspects={"aesthetics": 1, "geometry": 1},
+                       images_per_aspect=2)
+    (model_files,) = dit_model_files.DiTModelFiles.execute(**files).result
+    trained = train_aspect_lora.TrainAspectLora.execute(
+        dataset="versat2i/ds", aspect="aesthetics", ckpt_name="none", lora_name="dit_aesthetics",
+        model_files=model_files, **{**NODE_TRAINING, "steps": 1})
+    (lora_name, _curve) = trained.result
+    assert lora_name == "versat2i/dit_aesthetics.safetensors"
+    loras = comfy_dirs["models"] / "loras" / "versat2i"
+    state, metadata = load_file(str(loras / "dit_aesthetics.safetensors")), read_lora_metadata(
+        loras / "dit_aesthetics.safetensors")
+    save_file({k: -v if ".lora_B." in k or "lora_up" in k else v for k, v in state.items()},
+              str(loras / "dit_geometry.safetensors"), metadata={**metadata, "versat2i_aspect": "geometry"})
+
+    output = train_gate.TrainGate.execute(
+        dataset="versat2i/ds", ckpt_name="none", loras="", mol_name="dit_mix", lora_1=lora_name,
+        lora_2="versat2i/dit_geometry.safetensors", model_files=model_files, granularity="layer",
+        gate_kind="sigmoid", timestep_knots=0, balance_loss="mole", objective="denoise", balance_weight=0.01,
+        steps=2, learning_rate=1e-2, batch_size=2, resolution=64, seed=0, mixed_precision="no",
+        cache_latents=False, checkpoint_every=100)
+    assert output.result[0] == "versat2i/dit_mix.mol.safetensors"
+    mol = read_mol(loras / "dit_mix.mol.safetensors")
+    assert mol.aspects == ("aesthetics", "geometry") and mol.training["steps"] == 2
 
 
 # -- Generate Candidates with each family's MODEL / CLIP / VAE in ComfyUI -----------------------------------

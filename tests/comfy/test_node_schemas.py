@@ -30,8 +30,9 @@ TESTS = Path(__file__).resolve().parents[1]
 SNAPSHOT = load_snapshot()
 
 EXPECTED_NODES = {"VersaT2I_GenerateCandidates", "VersaT2I_LoadScorers", "VersaT2I_ScoreImages",
-                  "VersaT2I_FilterBestPerPrompt", "VersaT2I_SaveTrainingSet", "VersaT2I_TrainAspectLoRA",
-                  "VersaT2I_TrainGate", "VersaT2I_GatedMultiLoRALoader", "VersaT2I_LoopReport"}
+                  "VersaT2I_FilterBestPerPrompt", "VersaT2I_SaveTrainingSet", "VersaT2I_DiTModelFiles",
+                  "VersaT2I_TrainAspectLoRA", "VersaT2I_TrainGate", "VersaT2I_GatedMultiLoRALoader",
+                  "VersaT2I_LoopReport"}
 
 
 def node_inputs(info: dict) -> dict[str, tuple]:
@@ -137,6 +138,25 @@ def test_train_gate_takes_four_linkable_lora_sockets_and_the_list(infos):
     # The list stays a required text widget in its old place, so saved workflows keep their values.
     assert info["input_order"]["required"][:3] == ["dataset", "ckpt_name", "loras"]
     assert info["input"]["required"]["loras"][1].get("multiline") is True
+
+
+def test_dit_model_files_feeds_both_trainers_on_one_socket(infos):
+    """DiT Model Files picks a DiT's files as ComfyUI's loaders list them (text_encoder_2, FLUX.1's
+    T5, may be 'none') and outputs them on one VERSAT2I_MODEL_FILES socket; each trainer takes it
+    as an optional socket beside its ckpt_name, which keeps a 'none' choice (no checkpoint needed)."""
+    info = infos["VersaT2I_DiTModelFiles"]
+    assert info["input_order"]["required"] == ["diffusion_model", "text_encoder", "text_encoder_2", "vae"]
+    assert info["input"]["required"]["text_encoder_2"][1]["options"][0] == "none"
+    assert all("none" not in info["input"]["required"][name][1]["options"]
+               for name in ("diffusion_model", "text_encoder", "vae"))
+    assert info["output"] == ["VERSAT2I_MODEL_FILES"] and info["output_name"] == ["model_files"]
+    assert info["category"] == infos["VersaT2I_TrainAspectLoRA"]["category"]
+    for trainer in ("VersaT2I_TrainAspectLoRA", "VersaT2I_TrainGate"):
+        inputs = node_inputs(infos[trainer])
+        assert inputs["model_files"][0] == "VERSAT2I_MODEL_FILES", trainer
+        assert "model_files" in infos[trainer]["input"]["optional"], trainer
+        assert inputs["ckpt_name"][1]["options"][-1] == "none", trainer
+        assert not {"diffusion_model", "text_encoder", "text_encoder_2", "vae"} & set(inputs), trainer
 
 
 @pytest.mark.parametrize("node_id, combo_after_seed", [("VersaT2I_TrainAspectLoRA", "lr_scheduler"),

@@ -290,21 +290,24 @@ def test_an_aspect_the_training_set_kept_no_image_for_is_skipped_not_an_error(no
         run_node(node, aspect="lowlevel")
 
 
-def test_validate_inputs_takes_the_dit_model_files_only(node):
-    """ComfyUI attaches a validate_inputs message to every input the function takes: taking only a
-    DiT's model files, their mismatch is reported on them (tests/comfy/test_dit_families.py), and a
-    missing checkpoint is ComfyUI 0.33's own one error on ckpt_name (tests/server/test_workflows.py).
-    The rest is checked when the node runs (test_bad_inputs_are_refused_with_nothing_written), each
-    error naming its input."""
+def test_validate_inputs_takes_lora_name_only(node):
+    """ComfyUI attaches a validate_inputs message to every input the function takes: taking only
+    lora_name, a name that cannot be saved is one error, on lora_name, when the prompt is queued
+    (tests/comfy/test_queue_time_checks.py). A DiT's files are checked on DiT Model Files
+    (tests/comfy/test_dit_families.py); a missing checkpoint is ComfyUI 0.33's own one error on
+    ckpt_name (tests/server/test_workflows.py), refused here when the node runs. The rest is checked
+    when the node runs (test_bad_inputs_are_refused_with_nothing_written), each error naming its input."""
     import inspect
 
     validate = node.TrainAspectLora.validate_inputs
-    assert list(inspect.signature(validate).parameters) == ["diffusion_model", "text_encoder", "text_encoder_2",
-                                                            "vae"]
-    assert validate(diffusion_model="none", text_encoder="none", text_encoder_2="none", vae="none") is True
+    assert list(inspect.signature(validate).parameters) == ["lora_name"]
+    assert validate(lora_name="") is True  # the default, <dataset>_<aspect>, is checked when the node runs
+    assert validate(lora_name="sub/my_lora") is True
     assert validate() is True  # linked: checked when the node runs
     with pytest.raises(ValueError, match="ckpt_name 'missing.safetensors': not in models/checkpoints"):
         run_node(node, ckpt_name="missing.safetensors")
+    with pytest.raises(ValueError, match="ckpt_name 'none': not in models/checkpoints.*connect a DiT Model Files"):
+        run_node(node, ckpt_name="none")
 
 
 @pytest.mark.parametrize("lora_name, message", [
@@ -312,10 +315,14 @@ def test_validate_inputs_takes_the_dit_model_files_only(node):
     ("sub/" + "x" * 230, "is 242 bytes long"),
     ("CON", "reserved device name on Windows"),
     ("versat2i/nul.final", "reserved device name on Windows"),
+    ("sub/.hidden", "a name starting with '.' is hidden"),  # before: the config's 'output_name' error
 ])
 def test_names_that_cannot_be_saved_are_refused_before_training_starts(node, lora_name, message, comfy_dirs):
     """Before, a 242-255-byte name trained to the last step and then failed to save (issue 15). The
-    check runs first thing when the node runs (not in validate_inputs: see the test above)."""
+    check runs when the prompt is queued (validate_inputs) and again first thing when the node runs
+    (ComfyUI 0.3.64 or a prompt that skips validation; the default name derived from the dataset)."""
+    problem = node.TrainAspectLora.validate_inputs(lora_name=lora_name)
+    assert isinstance(problem, str) and problem.startswith("lora_name") and message in problem, problem
     before = sorted(comfy_dirs["output"].rglob("*"))
     with pytest.raises(ValueError) as refused:
         run_node(node, lora_name=lora_name)

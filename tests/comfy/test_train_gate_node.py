@@ -128,10 +128,13 @@ def test_two_loras_of_one_aspect_are_refused_in_the_nodes_words_before_anything_
     ("m" * 230, "mol_name: 'mmmm"),  # 230 + ".mol.safetensors" = 246 bytes: its temporary name would not fit
     ("AUX", "reserved device name on Windows"),
     ("../elsewhere", "'..' is not allowed"),
+    (".mix", "a name starting with '.' is hidden"),
 ])
 def test_mol_names_that_cannot_be_saved_are_refused_before_training_starts(train_gate, comfy_dirs, mol_name, message):
-    """Checked first thing when the node runs (validate_inputs takes ckpt_name only: ComfyUI attaches
-    its message to every input it takes)."""
+    """Checked when the prompt is queued (validate_inputs takes mol_name only: ComfyUI attaches its
+    message to every input it takes) and again first thing when the node runs."""
+    problem = train_gate.TrainGate.validate_inputs(mol_name=mol_name)
+    assert isinstance(problem, str) and problem.startswith("mol_name") and message in problem, problem
     before = sorted(comfy_dirs["output"].rglob("*"))
     linked = {"lora_1": lora("aesthetics"), "lora_2": lora("geometry")}
     with pytest.raises(ValueError) as info:
@@ -142,3 +145,24 @@ def test_mol_names_that_cannot_be_saved_are_refused_before_training_starts(train
     paths = train_gate.resolve_paths("versat2i/loop", "base.safetensors", "", "m" * 225,
                                      [lora("aesthetics"), lora("geometry")])
     assert paths["mol"].name == "m" * 225 + ".mol.safetensors"
+
+
+def test_validate_inputs_takes_mol_name_only(train_gate, comfy_dirs):
+    """A missing checkpoint is ComfyUI 0.33's own one error on ckpt_name (tests/server/test_workflows.py);
+    ComfyUI 0.3.64 checks no V3 combo value, so the node refuses it when it runs, naming ckpt_name, as
+    it does 'none' without a DiT on model_files. Both before anything is written."""
+    import inspect
+
+    node = train_gate.TrainGate
+    assert list(inspect.signature(node.validate_inputs).parameters) == ["mol_name"]
+    assert node.validate_inputs(mol_name="aspects") is True
+    assert node.validate_inputs(mol_name="") is True  # "aspects"
+    assert node.validate_inputs() is True  # linked
+    options = node.INPUT_TYPES()["required"]["ckpt_name"][1]["options"]
+    assert options[-1] == "none" and "base.safetensors" in options
+    linked = {"lora_1": lora("aesthetics"), "lora_2": lora("geometry")}
+    before = sorted(comfy_dirs["output"].rglob("*"))
+    for ckpt_name in ("missing.safetensors", "none"):
+        with pytest.raises(ValueError, match=f"ckpt_name '{ckpt_name}': not in models/checkpoints"):
+            node.execute("versat2i/loop", ckpt_name, "", "loop", **linked, **SETTINGS)
+    assert sorted(comfy_dirs["output"].rglob("*")) == before

@@ -543,10 +543,10 @@ def test_a_missing_checkpoint_is_one_error_on_each_ckpt_name(server):
     ours = {node["id"]: node["type"] for node in workflow["nodes"]
             if node["type"] in ("VersaT2I_TrainAspectLoRA", "VersaT2I_TrainGate")}
     assert len(ours) == 5
-    for node_id, node_type in ours.items():
-        if node_type == "VersaT2I_TrainAspectLoRA" and not checks_v3_combos(server):
-            # 0.3.64 checks no V3 combo value, and this node's validate_inputs takes the DiT files
-            # only: it refuses the checkpoint when it runs, naming ckpt_name (tests/comfy)
+    for node_id in ours:
+        if not checks_v3_combos(server):
+            # 0.3.64 checks no V3 combo value, and these nodes' validate_inputs take their name only
+            # (lora_name, mol_name): they refuse the checkpoint when they run, naming ckpt_name (tests/comfy)
             assert str(node_id) not in errors, errors[str(node_id)]
             continue
         (error,) = errors[str(node_id)]

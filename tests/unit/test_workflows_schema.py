@@ -202,7 +202,8 @@ def test_the_snapshot_covers_every_node_type_used():
     ours = {k for k in DEFINITIONS if k.startswith("VersaT2I_")}
     assert {"VersaT2I_GenerateCandidates", "VersaT2I_LoadScorers", "VersaT2I_ScoreImages",
             "VersaT2I_FilterBestPerPrompt", "VersaT2I_SaveTrainingSet", "VersaT2I_TrainAspectLoRA",
-            "VersaT2I_TrainGate", "VersaT2I_GatedMultiLoRALoader", "VersaT2I_LoopReport"} <= ours
+            "VersaT2I_TrainGate", "VersaT2I_GatedMultiLoRALoader", "VersaT2I_LoopReport",
+            "VersaT2I_DiTModelFiles"} <= ours
     for kind, names in DYNAMIC.items():  # file-listing combos: known inputs, choices emptied
         for name in names:
             spec = DEFINITIONS[kind]["input"]
