@@ -357,7 +357,8 @@ class RowBlocks:
         factors = [fused.factors(like) for fused, _ in self.blocks]
         key = (like.device, like.dtype, tuple(down.data_ptr() for down, _, _ in factors))
         if key != self._key:  # built once per place and dtype of the blocks' (cached) factors
-            down = torch.cat([d for d, _, _ in factors])
+            # one block (a whole weight) uses its factors as they are; several share a copy (shared_bytes)
+            down = torch.cat([d for d, _, _ in factors]) if len(factors) > 1 else factors[0][0]
             biases = None
             if any(b is not None for _, _, b in factors):
                 biases = torch.cat([b if b is not None else torch.zeros(d.shape[0], device=d.device, dtype=d.dtype)
@@ -367,6 +368,18 @@ class RowBlocks:
                                                      for (_, rows), (_, up, b) in zip(self.blocks, factors)])
             self._key = key
         return self._stacked
+
+    def shared_bytes(self) -> int:
+        """Bytes of the stacked copy ``stacked`` makes of several blocks' A sides (and their biases) at
+        float32, the masters' dtype (a half-precision call makes it at half this size): the copy lives
+        with the factors on the load device (at full FLUX.1 ~130 MB over the fused q / k / v and
+        linear1 weights). One block makes none."""
+        if len(self.blocks) < 2:
+            return 0
+        rows = sum(fused.down_and_gate.shape[0] for fused, _ in self.blocks)
+        in_features = self.blocks[0][0].down_and_gate.shape[1]
+        biased = any(fused.bias is not None for fused, _ in self.blocks)
+        return rows * (in_features + biased) * torch.finfo(torch.float32).bits // 8
 
     def add_to(self, input: torch.Tensor, out: torch.Tensor, gates_of) -> None:
         """Add every block's gated delta to its rows of ``out`` (``[..., out_features]``, contiguous)."""
@@ -460,16 +473,19 @@ def factor_bytes(modules: Sequence[FusedGatedLoRA]) -> int:
     return sum(buffer.numel() * buffer.element_size() for module in modules for buffer in module.buffers())
 
 
-def _count_factor_memory(patcher, modules: Sequence[FusedGatedLoRA]) -> None:
+def _count_factor_memory(patcher, modules: Sequence[FusedGatedLoRA], forwards: Sequence[GatedForward] = ()) -> None:
     """Add the factors to the patcher's ``model_size()``, the figure ComfyUI's model management
     frees and budgets VRAM with (``LoadedModel.model_memory``): the object patches are plain
     objects, outside the module tree whose state dict ComfyUI measures, and ``_follow_device_callbacks``
-    moves them to the load device with the model. ``size`` is the patcher's own constructor
-    argument for this figure, and clones inherit it (so do stock LoRA loaders after this node).
-    Not counted: the transient rank-space activations of each gated layer (``[tokens, R + N]``,
-    small next to the attention activations ComfyUI's ``memory_required`` reserves), and half-
-    precision copies of the factors, made on the first call in that dtype (half the float32 size)."""
-    patcher.size = patcher.model_size() + factor_bytes(modules)
+    moves them to the load device with the model. Counted with them: the copy of the A sides that a
+    fused weight's row blocks share (``RowBlocks.shared_bytes``, made on the first call on that device).
+    ``size`` is the patcher's own constructor argument for this figure, and clones inherit it (so do
+    stock LoRA loaders after this node). Not counted: the transient rank-space activations of each
+    gated layer (``[tokens, R + N]``, small next to the attention activations ComfyUI's
+    ``memory_required`` reserves), and half-precision copies of the factors, made on the first call
+    in that dtype (half the float32 size)."""
+    shared = sum(forward.row_blocks.shared_bytes() for forward in forwards if forward.row_blocks is not None)
+    patcher.size = patcher.model_size() + factor_bytes(modules) + shared
 
 
 def apply_dynamic(
@@ -492,6 +508,7 @@ def apply_dynamic(
     static = gate.static_gates(mask).detach()
     static_merge: dict[str, LayerTarget] = {}
     installed = {"model": [], "clip": []}
+    forwards = {"model": [], "clip": []}
     parts: dict[tuple[bool, str], list[tuple[LayerTarget, FusedGatedLoRA, int]]] = {}
     for key, target in targets.items():
         layer = layer_of_key[key]
@@ -508,18 +525,19 @@ def apply_dynamic(
         name = f"{weight_parts[0][0].module_path}.forward"
         previous = patcher.get_model_object(name)
         # text-encoder layers run outside the UNet call: token gates there read no timestep
-        patcher.add_object_patch(name, GatedForward(previous, [(fused, target.rows, layer)
-                                                               for target, fused, layer in weight_parts],
-                                                    channels_first, None if on_clip else state))
+        forward = GatedForward(previous, [(fused, target.rows, layer) for target, fused, layer in weight_parts],
+                               channels_first, None if on_clip else state)
+        patcher.add_object_patch(name, forward)
         installed["clip" if on_clip else "model"] += [fused for _, fused, _ in weight_parts]
+        forwards["clip" if on_clip else "model"].append(forward)
     if state is not None and new_model is not None and installed["model"]:
         new_model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, PATCH_KEY, state)
     if new_model is not None and installed["model"]:
         _follow_device_callbacks(new_model, installed["model"])
-        _count_factor_memory(new_model, installed["model"])
+        _count_factor_memory(new_model, installed["model"], forwards["model"])
     if new_clip is not None and installed["clip"]:
         _follow_device_callbacks(new_clip.patcher, installed["clip"])
-        _count_factor_memory(new_clip.patcher, installed["clip"])
+        _count_factor_memory(new_clip.patcher, installed["clip"], forwards["clip"])
     if static_merge:
         weights = {key: static[layer_of_key[key]] for key in static_merge}
         new_model, new_clip = apply_merge(new_model, new_clip, static_merge, weights, strength)

@@ -39,6 +39,12 @@ SNAPSHOT = REPO / "tests" / "data" / "object_info.json"
 FRONTEND_VERSION = "1.27.10"  # the frontend ComfyUI 0.3.64 ships; the format is the same for 1.x
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CORE_CNR_ID, PACK_CNR_ID = "comfy-core", "comfyui-versat2i"
+# A workflow's own facts in its ``extra`` (kept by the frontend): the oldest ComfyUI it loads in.
+EXTRA_KEY = "versat2i"
+# Z-Image (Turbo) support came with ComfyUI 0.3.75 (Nov 2025; 0.3.64 has no Z-Image model, text
+# encoder or CLIPLoader type): the Z-Image workflows are built from, and checked against, the
+# snapshot versions from there on (tests use 0.33.0).
+ZIMAGE_MIN_COMFYUI = "0.3.75"
 
 # Layout metrics of the litegraph canvas (LiteGraph.NODE_SLOT_HEIGHT, NODE_WIDGET_HEIGHT + margin).
 SLOT_HEIGHT = 20
@@ -55,17 +61,39 @@ DEFAULT_CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"  # ComfyUI's default
 CHECKPOINT_MODEL = {"name": DEFAULT_CHECKPOINT, "directory": "checkpoints",
                     "url": "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/"
                            "v1-5-pruned-emaonly-fp16.safetensors?download=true"}
+# Z-Image Turbo's split files, as ComfyUI's own Z-Image Turbo template (image_z_image_turbo.json in
+# comfyui-workflow-templates) declares them: diffusion model, Qwen3-4B text encoder, FLUX.1's VAE.
+ZIMAGE_URL = "https://huggingface.co/Comfy-Org/z_image_turbo/resolve/main/split_files/"
+ZIMAGE_FILES = {"diffusion_model": ("z_image_turbo_bf16.safetensors", "diffusion_models"),
+                "text_encoder": ("qwen_3_4b.safetensors", "text_encoders"),
+                "vae": ("ae.safetensors", "vae")}
+ZIMAGE_MODELS = {role: {"name": name, "directory": folder, "url": f"{ZIMAGE_URL}{folder}/{name}"}
+                 for role, (name, folder) in ZIMAGE_FILES.items()}
 # The scorer weight files Load Scorers' file inputs name (their published names, under models/versat2i).
 SCORER_WEIGHTS = {option: spec.relative_path for option, spec in WEIGHT_INPUTS.items()}
 SCORER_MODELS = [{"name": name, "directory": "versat2i", "url": HUB_FILES[name].url}
                  for name in SCORER_WEIGHTS.values()]
 
 
-def load_definitions(path: Path = SNAPSHOT) -> dict[str, Any]:
-    """The oldest supported ComfyUI's node definitions (its frontend's workflow format works in the
-    newer ones; tests/unit/test_workflows_schema.py validates the result against every version)."""
+def version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", version))
+
+
+def load_definitions(path: Path = SNAPSHOT, min_comfyui: str | None = None) -> dict[str, Any]:
+    """The node definitions of the oldest snapshot version a workflow supports (its frontend's
+    workflow format works in the newer ones; tests/unit/test_workflows_schema.py validates the result
+    against every supported version at or above ``min_comfyui``)."""
     versions = json.loads(path.read_text())["versions"]
-    return versions[min(versions, key=lambda v: tuple(int(p) for p in re.findall(r"\d+", v)))]["nodes"]
+    usable = [v for v in versions if min_comfyui is None or version_key(v) >= version_key(min_comfyui)]
+    if not usable:
+        raise ValueError(f"tests/data/object_info.json has no ComfyUI version >= {min_comfyui} (it has "
+                         f"{', '.join(versions)}): run tests/data/make_object_info.py against one")
+    return versions[min(usable, key=version_key)]["nodes"]
+
+
+def min_comfyui_of(workflow: Mapping[str, Any]) -> str | None:
+    """The minimum ComfyUI version a built workflow records (None: every supported version)."""
+    return workflow.get("extra", {}).get(EXTRA_KEY, {}).get("min_comfyui_version")
 
 
 def widget_specs(spec: Mapping[str, Any]) -> list[tuple[str, str, dict[str, Any], bool]]:
@@ -154,9 +182,10 @@ class Node:
 class Workflow:
     """A UI-format workflow under construction."""
 
-    def __init__(self, name: str, definitions: Mapping[str, Any]):
+    def __init__(self, name: str, definitions: Mapping[str, Any], *, min_comfyui: str | None = None):
         self.name = name
         self.definitions = definitions
+        self.min_comfyui = min_comfyui
         self.nodes: list[Node] = []
         self.links: list[list[Any]] = []
         self.groups: list[dict[str, Any]] = []
@@ -297,7 +326,8 @@ class Workflow:
             "links": self.links,
             "groups": self.groups,
             "config": {},
-            "extra": {"ds": {"scale": 0.55, "offset": [60, 90]}, "frontendVersion": FRONTEND_VERSION},
+            "extra": {"ds": {"scale": 0.55, "offset": [60, 90]}, "frontendVersion": FRONTEND_VERSION,
+                      **({EXTRA_KEY: {"min_comfyui_version": self.min_comfyui}} if self.min_comfyui else {})},
             "version": 0.4,
         }
 
@@ -492,6 +522,90 @@ Applies the four aspect LoRAs of a loop run **at once**, mixed layer by layer by
     return wf
 
 
+def zimage_loaders(wf: Workflow, *, x: float, y: float, width: float = 380):
+    """Z-Image Turbo's split loaders as ComfyUI's own template wires them: Load Diffusion Model ->
+    ModelSamplingAuraFlow (shift 3), Load CLIP (Qwen3-4B, type lumina2), Load VAE. Each loader
+    declares its file (name, folder, download URL)."""
+    unet = wf.add("UNETLoader", (x, y), width=width,
+                  values={"unet_name": ZIMAGE_FILES["diffusion_model"][0], "weight_dtype": "default"})
+    sampling = wf.add("ModelSamplingAuraFlow", (x + width + 40, y), width=width, values={"shift": 3.0})
+    wf.link(unet, "MODEL", sampling, "model")
+    clip = wf.add("CLIPLoader", (x, unet.bottom() + 60), width=width,
+                  values={"clip_name": ZIMAGE_FILES["text_encoder"][0], "type": "lumina2", "device": "default"})
+    vae = wf.add("VAELoader", (x, clip.bottom() + 60), width=width, values={"vae_name": ZIMAGE_FILES["vae"][0]})
+    for node, role in ((unet, "diffusion_model"), (clip, "text_encoder"), (vae, "vae")):
+        wf.declare_models(node, [ZIMAGE_MODELS[role]])
+    return unet, sampling, clip, vae
+
+
+ZIMAGE_REQUIREMENT = ("Needs **ComfyUI 0.3.75 or newer** (the release that added Z-Image; tested on 0.33). "
+                      "Older versions show its loaders' options as missing.")
+ZIMAGE_SAMPLING = {"steps": 8, "cfg": 1.0, "sampler_name": "res_multistep", "scheduler": "simple", "denoise": 1.0}
+
+
+def zimage_sample_stage(wf: Workflow, *, x: float, y: float, model: Node, model_output: str, clip: Node,
+                        clip_output: str, vae: Node, prompt: str, prefix: str, mode: int = MODE_ALWAYS):
+    """Prompt -> ConditioningZeroOut as the negative (cfg 1), EmptySD3LatentImage, KSampler with
+    Z-Image Turbo's few steps, VAE Decode, Save Image: the sampling half of ComfyUI's template."""
+    positive = wf.add("CLIPTextEncode", (x, y), width=400, multiline_height=120, title="Prompt", mode=mode,
+                      values={"text": prompt})
+    wf.link(clip, clip_output, positive, "clip")
+    negative = wf.add("ConditioningZeroOut", (x, positive.bottom() + 60), width=400, title="Negative (zeroed)",
+                      mode=mode)
+    wf.link(positive, "CONDITIONING", negative, "conditioning")
+    latent = wf.add("EmptySD3LatentImage", (x, negative.bottom() + 60), width=400, mode=mode,
+                    values={"width": 1024, "height": 1024, "batch_size": 1})
+    sampler = wf.add("KSampler", (x + 440, y), width=340, mode=mode, values={"seed": 42, **ZIMAGE_SAMPLING},
+                     controls={"seed": "fixed"})
+    wf.link(model, model_output, sampler, "model")
+    wf.link(positive, "CONDITIONING", sampler, "positive")
+    wf.link(negative, "CONDITIONING", sampler, "negative")
+    wf.link(latent, "LATENT", sampler, "latent_image")
+    decode = wf.add("VAEDecode", (x + 440, sampler.bottom() + 60), width=340, mode=mode)
+    wf.link(sampler, "LATENT", decode, "samples")
+    wf.link(vae, "VAE", decode, "vae")
+    save = wf.add("SaveImage", (x + 820, y), width=420, min_height=440, mode=mode, values={"filename_prefix": prefix})
+    wf.link(decode, "IMAGE", save, "images")
+    return [positive, negative, latent, sampler, decode, save]
+
+
+def zimage_gated_inference(definitions) -> Workflow:
+    wf = Workflow("versat2i_zimage_gated_inference", definitions, min_comfyui=ZIMAGE_MIN_COMFYUI)
+    intro = wf.note((0, 0), (380, 560), f"""
+# Gated inference: Z-Image Turbo
+
+Z-Image Turbo with its aspect LoRAs applied **at once**, mixed layer by layer by the learned gate
+(`*.mol.safetensors`, written by *Train Gate* next to the LoRAs, trained on these Z-Image files).
+
+{ZIMAGE_REQUIREMENT}
+
+The loaders are those of ComfyUI's own Z-Image Turbo template (missing files are listed when the
+workflow opens, with their download links): diffusion model, Qwen3-4B text encoder (type
+`lumina2`), VAE. Turbo samples in 8 steps at cfg 1 (the negative is zeroed).
+
+**mode**
+- `bake`: evaluate the gate once and merge it: sampling costs the same as the base model.
+- `dynamic`: the gate per token at every step (MoLE); a little slower.
+- `equal`: every LoRA at 1/N, the naive merge (to compare).
+- `manual`: your weights (`aspect = weight` lines in `loras`).
+
+`disabled_aspects` switches aspects off (e.g. `geometry`); the gate renormalises over the rest.
+""")
+    unet, sampling, clip, vae = zimage_loaders(wf, x=0, y=640)
+    mixture = wf.add("VersaT2I_GatedMultiLoRALoader", (420, 40), width=380, multiline_height=60,
+                     values={"mol_file": "versat2i/zimage_loop.mol.safetensors", "mode": "bake", "strength": 1.0,
+                             "disabled_aspects": "", "loras": "", "prompt": ""})
+    wf.link(sampling, "MODEL", mixture, "model")
+    wf.link(clip, "CLIP", mixture, "clip")
+    wf.group("1. Z-Image Turbo files + gated LoRA mix", [intro, unet, sampling, clip, vae, mixture],
+             GROUP_COLORS["mix"])
+    stage = zimage_sample_stage(wf, x=880, y=40, model=mixture, model_output="MODEL", clip=mixture,
+                                clip_output="CLIP", vae=vae, prompt="a portrait of an old fisherman in a knitted "
+                                "sweater, natural light", prefix="versat2i/zimage_gated")
+    wf.group("2. Encode, sample, save", stage, GROUP_COLORS["model"])
+    return wf
+
+
 def quick_loop(definitions) -> Workflow:
     wf = Workflow("versat2i_quick_loop_one_aspect", definitions)
     intro = wf.note((0, -40), (400, 470), """
@@ -561,7 +675,81 @@ Missing weight files are listed when the workflow opens (or turn on `download_mi
     return wf
 
 
-BUILDERS = (self_improvement_loop, gated_inference, quick_loop)
+def zimage_quick_loop(definitions) -> Workflow:
+    wf = Workflow("versat2i_zimage_quick_loop_one_aspect", definitions, min_comfyui=ZIMAGE_MIN_COMFYUI)
+    intro = wf.note((0, -40), (400, 600), f"""
+# Quick loop on Z-Image Turbo: one aspect
+
+The VersaT2I loop for a single aspect (aesthetics) on **Z-Image Turbo**: generate 4 prompts x 4 seeds,
+score them, keep the best image of each prompt, train one LoRA on the same Z-Image files.
+
+{ZIMAGE_REQUIREMENT}
+
+Pick the three files once in the purple boxes (**Diffusion model**, **Text encoder**, **VAE**): they
+feed ComfyUI's loaders (as in its Z-Image Turbo template) and **DiT Model Files**, so the LoRA is
+trained on the model that made the images. Missing files are listed when the workflow opens, with
+their download links (so are the reward weights, or turn on `download_missing` in **Load Scorers**).
+
+When the LoRA is trained, **unmute group 4** (select its nodes, Ctrl+M) and queue again: the stock
+*LoraLoaderModelOnly* applies it (`versat2i/zimage_quick_aesthetics.safetensors`). Finished stages
+are not run again; to replace results made from other inputs, turn on **Overwrite earlier results**.
+""")
+    files = {}
+    y = 620
+    for role, title in (("diffusion_model", "Diffusion model"), ("text_encoder", "Text encoder"), ("vae", "VAE")):
+        files[role] = wf.primitive((0, y), ZIMAGE_FILES[role][0], title=f"{title} (used by every stage)", width=400)
+        files[role].color, files[role].bgcolor = "#323", "#535"
+        wf.declare_models(files[role], [ZIMAGE_MODELS[role]])
+        y = files[role].bottom() + 70
+    unet, sampling, clip, vae = zimage_loaders(wf, x=440, y=620)
+    for role, loader, widget in (("diffusion_model", unet, "unet_name"), ("text_encoder", clip, "clip_name"),
+                                 ("vae", vae, "vae_name")):
+        wf.link(files[role], "", loader, widget)
+    generate = wf.add("VersaT2I_GenerateCandidates", (860, -40), width=420, heights={"prompts": 170},
+                      values={"prompts": QUICK_PROMPTS, "k": 4, "seed": 0, "width": 1024, "height": 1024,
+                              "batch_size": 4, "negative_prompt": "", "prompts_file": "",
+                              **{k: v for k, v in ZIMAGE_SAMPLING.items() if k != "denoise"}})
+    wf.link(sampling, "MODEL", generate, "model")
+    wf.link(clip, "CLIP", generate, "clip")
+    wf.link(vae, "VAE", generate, "vae")
+    load, score, filt, save, kept, overwrite = score_filter_save(
+        wf, generate, x=1340, y=40, dataset="versat2i/zimage_quick", threshold_kind="none", threshold=50.0,
+        scorers={"aesthetics": "laion-aesthetic-v2", "alignment": "disabled", "geometry": "disabled",
+                 "lowlevel": "disabled"})
+    wf.group("1. Z-Image files -> 4 prompts x 4 seeds",
+             [intro, *files.values(), unet, sampling, clip, vae, generate], GROUP_COLORS["model"])
+    wf.group("2. Score, keep the best, save", [load, score, filt, save, kept, overwrite], GROUP_COLORS["filter"])
+
+    top = max(vae.bottom(), files["vae"].bottom(), score.bottom(), save.bottom(), overwrite.bottom()) + 140
+    model_files = wf.add("VersaT2I_DiTModelFiles", (0, top), width=400,
+                         values={role: ZIMAGE_FILES[role][0] for role in ("diffusion_model", "text_encoder", "vae")}
+                         | {"text_encoder_2": "none"})
+    for role in ("diffusion_model", "text_encoder", "vae"):
+        wf.link(files[role], "", model_files, role)
+    train = wf.add("VersaT2I_TrainAspectLoRA", (440, top), width=400, title="Train LoRA: aesthetics",
+                   values={"dataset": "versat2i/zimage_quick", "aspect": "aesthetics", "ckpt_name": "none",
+                           "lora_name": "", **TRAINING, "steps": 300, "resolution": 1024, "memory_saving": "auto"})
+    wf.link(save, "dataset_path", train, "dataset")
+    wf.link(model_files, "model_files", train, "model_files")
+    wf.link(overwrite, "", train, "overwrite")
+    loss = wf.add("PreviewImage", (880, top), width=380, min_height=300, title="Loss: aesthetics")
+    wf.link(train, "loss_curve", loss, "images")
+    wf.group("3. Train the LoRA on the Z-Image files", [model_files, train, loss], GROUP_COLORS["train"])
+
+    x = 1340
+    lora = wf.add("LoraLoaderModelOnly", (x, top), width=400, mode=MODE_NEVER,
+                  values={"lora_name": "versat2i/zimage_quick_aesthetics.safetensors", "strength_model": 1.0})
+    wf.link(sampling, "MODEL", lora, "model")
+    stage = zimage_sample_stage(wf, x=x, y=lora.bottom() + 70, model=lora, model_output="MODEL", clip=clip,
+                                clip_output="CLIP", vae=vae, prompt="a lighthouse on a cliff above a stormy sea",
+                                prefix="versat2i/zimage_quick_lora", mode=MODE_NEVER)
+    wf.group("4. Try it (muted until trained)", [lora, *stage], GROUP_COLORS["try"])
+    return wf
+
+
+# (builder, the oldest ComfyUI the workflow needs; None: every supported version)
+BUILDERS = ((self_improvement_loop, None), (gated_inference, None), (quick_loop, None),
+            (zimage_gated_inference, ZIMAGE_MIN_COMFYUI), (zimage_quick_loop, ZIMAGE_MIN_COMFYUI))
 
 
 def write_json(path: Path, workflow: Mapping[str, Any]) -> None:
@@ -575,12 +763,13 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from render_thumbnails import write_thumbnail
 
-    definitions = load_definitions()
     if not args.thumbnails:
-        for build in BUILDERS:
-            workflow = build(definitions)
+        for build, min_comfyui in BUILDERS:
+            workflow = build(load_definitions(min_comfyui=min_comfyui))
+            assert workflow.min_comfyui == min_comfyui, workflow.name
             write_json(WORKFLOWS / f"{workflow.name}.json", workflow.to_json())
     for path in sorted(WORKFLOWS.glob("*.json")):
+        definitions = load_definitions(min_comfyui=min_comfyui_of(json.loads(path.read_text(encoding="utf-8"))))
         thumbnail = write_thumbnail(path, definitions)
         print(f"{path.relative_to(REPO)} -> {thumbnail.relative_to(REPO)}")
     return 0

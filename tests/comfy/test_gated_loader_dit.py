@@ -23,14 +23,14 @@ from __future__ import annotations
 import pytest
 import torch
 from tiny_models.dit import MODELS, comfy_model_patcher, require_comfy_family
+from tiny_models.mixture import write_mixture
 
 pytestmark = [pytest.mark.comfy, pytest.mark.family]
 
 NAMES = ["flux1-dev", "flux2-klein", "zimage"]
 TOLERANCE = 2e-5
-# The tiny models' last layers are small (weights N(0, 0.02)): LoRA factors at peft's Linear init times
-# this change the sampled latents by ~1e-2 (the tests require > 1e-3, 50x the tolerance).
-LORA_B_SCALE = 5.0
+# (tiny_models/mixture.py's LoRA factors change the sampled latents by ~1e-2; the tests require > 1e-3,
+# 50x the tolerance)
 # (latent channels, latent side at 64 px, text width, pooled width) of the tiny models
 LATENTS = {"flux1": (16, 8, 32, 32), "flux2_klein": (128, 4, 96, None), "zimage": (16, 8, 32, None)}
 
@@ -38,56 +38,6 @@ LATENTS = {"flux1": (16, 8, 32, 32), "flux2_klein": (128, 4, 96, None), "zimage"
 @pytest.fixture(scope="module")
 def tiny_models(tiny_dits):
     return tiny_dits  # tests/conftest.py
-
-
-def write_lora(name: str, tiny, path, seed: int):
-    """A LoRA of random factors on every Linear the family's LoRA targets name (train_feed_forward on),
-    saved by the pack's ``save_lora`` (the trainer's own writer)."""
-    from peft import LoraConfig
-    from tiny_models.dit import tiny_transformer
-
-    from versat2i.models.architectures import architecture
-    from versat2i.models.lora_files import save_lora
-    from versat2i.trainer.train_lora import lora_targets
-
-    entry = architecture(MODELS[name][0])
-    transformer = tiny_transformer(name)
-    torch.manual_seed(seed)
-    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
-                                       target_modules=lora_targets(entry, True)))
-    with torch.no_grad():
-        for parameter_name, parameter in transformer.named_parameters():
-            if "lora_B" in parameter_name:
-                parameter.mul_(LORA_B_SCALE)
-    save_lora(path, architecture=entry, denoiser=transformer, metadata={"versat2i_aspect": path.stem})
-    return path
-
-
-def write_mixture(name: str, tiny, loras_dir, aspects, granularity: str, *, kind="softmax", seed=0):
-    """LoRA files of ``aspects`` and a MoL file over them with random gate weights; returns its name."""
-    from versat2i.models.loading import load_base_model
-    from versat2i.models.lora_files import load_kohya_lora
-    from versat2i.trainer.mix_diffusers import gate_for_layers, gate_form, mixture_layers
-    from versat2i.trainer.mol_file import expert_record, save_mol
-
-    tag = f"{granularity}-{len(aspects)}"
-    folder = loras_dir / "versat2i" / tag
-    folder.mkdir(parents=True)
-    paths = [write_lora(name, tiny, folder / f"{aspect}.safetensors", seed=10 + index)
-             for index, aspect in enumerate(aspects)]
-    base = load_base_model(tiny.diffusion_model, text_encoders=tiny.text_encoders, vae=tiny.vae, compute_hash=False)
-    loaded = [load_kohya_lora(p) for p in paths]
-    layers = mixture_layers(base, [s for s, _ in loaded], [m for _, m in loaded])
-    gate = gate_for_layers(aspects, layers, granularity, base.architecture.gate_prompt_features(base.denoiser.config),
-                           kind=kind, **gate_form(base.architecture))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter_name, parameter in gate.named_parameters():
-            if "temperature" not in parameter_name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator))
-    gate.calibrated = [True] * len(gate.layers)
-    save_mol(folder / "mix.mol.safetensors", gate, [expert_record(a, p, folder) for a, p in zip(aspects, paths)])
-    return f"versat2i/{tag}/mix.mol.safetensors", [f"versat2i/{tag}/{p.name}" for p in paths]
 
 
 def conditioning(name: str, seed: int = 3):
@@ -257,3 +207,39 @@ def test_low_vram_streaming_matches_full_load_on_a_dit(comfy, comfy_dirs, tiny_m
     with torch.no_grad():
         base = patcher.model.apply_model(x, sigma, c_crossattn=context)
     assert close(full, base) > 1e-3  # the mixture is in both
+
+
+@pytest.mark.parametrize("name", ["flux1-dev", "zimage"])
+def test_dynamic_mode_counts_the_shared_copy_of_fused_row_blocks_in_model_size(comfy, comfy_dirs, tiny_models, name):
+    """ComfyUI budgets VRAM with ModelPatcher.model_size(). A fused weight's row blocks (q / k / v in
+    one Linear; FLUX.1's linear1) share one stacked copy of their A sides, made on the first call:
+    it counts there beside the factors (issue 13), exactly the bytes the call then holds; a whole
+    weight (one block) makes no copy."""
+    from versat2i.nodes.gated_multi_lora_loader import GatedMultiLoRALoader
+    from versat2i.nodes.model_patching import GatedForward
+
+    require_comfy_family(name)
+    tiny = tiny_models(name)
+    patcher = comfy_model_patcher(name, tiny)
+    mol, _ = write_mixture(name, tiny, comfy_dirs["models"] / "loras", ["aesthetics", "lowlevel"], "token",
+                           tag=f"size-{name}")
+    model = GatedMultiLoRALoader.execute(patcher, mol, "dynamic", 1.0).result[0]
+    forwards = [patch for patch in model.object_patches.values() if isinstance(patch, GatedForward)]
+    factors = sum(b.numel() * b.element_size() for forward in forwards for fused, *_ in forward.parts
+                  for b in fused.buffers())
+    shared = sum(forward.row_blocks.shared_bytes() for forward in forwards)
+    fused_weights = [forward for forward in forwards if len(forward.row_blocks.blocks) > 1]
+    assert fused_weights and shared > 0, "no fused weight with several row blocks"
+    assert model.model_size() == patcher.model_size() + factors + shared
+
+    sample(model, name, conditioning(name))  # float32 on the CPU: the copies are made at that size
+    made = 0
+    for forward in forwards:
+        down, biases, _, _ = forward.row_blocks._stacked
+        own = [fused.down_and_gate for fused, _ in forward.row_blocks.blocks]
+        if len(own) == 1:
+            assert down is own[0], "a whole weight's A side was copied"
+            continue
+        made += down.numel() * down.element_size() + (biases.numel() * biases.element_size() if biases is not None
+                                                      else 0)
+    assert made == shared

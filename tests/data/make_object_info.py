@@ -42,7 +42,10 @@ SNAPSHOT = Path(__file__).resolve().parent / "object_info.json"
 # Core nodes the workflows use or that a user typically adds to them (kept even when no shipped
 # workflow uses one today, so a new workflow can be validated without regenerating).
 CORE_NODES = ("CheckpointLoaderSimple", "CLIPTextEncode", "EmptyLatentImage", "KSampler", "VAEDecode", "SaveImage",
-              "PreviewImage", "LoraLoader", "StringConcatenate")
+              "PreviewImage", "LoraLoader", "StringConcatenate",
+              # the DiT workflows' split loaders (ComfyUI's Z-Image template graph); in every supported version
+              "UNETLoader", "CLIPLoader", "VAELoader", "ModelSamplingAuraFlow", "EmptySD3LatentImage",
+              "ConditioningZeroOut", "LoraLoaderModelOnly")
 FRONTEND_ONLY = {"Note", "MarkdownNote", "PrimitiveNode", "Reroute"}
 # Where a dummy file makes file-listing combos change (found by comparing the two answers).
 DUMMY_FILES = ("models/checkpoints/dummy.safetensors", "models/loras/dummy.safetensors",
@@ -51,10 +54,19 @@ DUMMY_FILES = ("models/checkpoints/dummy.safetensors", "models/loras/dummy.safet
                "models/diffusion_models/dummy.safetensors", "models/text_encoders/dummy.safetensors")
 
 
-def workflow_node_types(folder: Path) -> set[str]:
+def version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split(".") if part.isdigit())
+
+
+def workflow_node_types(folder: Path, version: str) -> set[str]:
+    """The node types of the workflows that support ComfyUI ``version`` (a workflow records the oldest
+    version it needs in ``extra.versat2i.min_comfyui_version``, tools/build_workflows.py)."""
     types = set()
     for path in sorted(folder.glob("*.json")):
-        types.update(node["type"] for node in json.loads(path.read_text())["nodes"])
+        workflow = json.loads(path.read_text())
+        needed = workflow.get("extra", {}).get("versat2i", {}).get("min_comfyui_version")
+        if needed is None or version_key(version) >= version_key(needed):
+            types.update(node["type"] for node in workflow["nodes"])
     return types - FRONTEND_ONLY
 
 
@@ -86,9 +98,9 @@ def main(argv: list[str] | None = None) -> int:
             dummy.write_bytes(b"")
         after = server.object_info(refresh=True)
         ours = sorted(server.nodes_of_pack())
-    wanted = set(ours) | set(CORE_NODES) | workflow_node_types(REPO / "workflows")
-    dynamic = {k: v for k, v in dynamic_combos(before, after).items() if k in wanted}
     version = comfyui_version(comfyui)
+    wanted = set(ours) | set(CORE_NODES) | workflow_node_types(REPO / "workflows", version)
+    dynamic = {k: v for k, v in dynamic_combos(before, after).items() if k in wanted}
     entry = {"dynamic_combos": dynamic, "node_code_sha256": node_code_sha256(REPO),
              "nodes": snapshot_definitions(before, wanted, dynamic)}
     try:

@@ -13,6 +13,11 @@ converting, and why:
 * in the converted prompt, ``CheckpointLoaderSimple`` -> ``VersaT2ITest_TinyCheckpointLoader``
   (same input, same MODEL / CLIP / VAE outputs): ComfyUI's model detection only knows real-size
   checkpoints. The training nodes load the same file themselves through the sidecar configs.
+  Likewise, for the Z-Image workflows (ComfyUI >= 0.3.75; skipped, with the reason, on older ones):
+  the Z-Image Turbo file names -> the tiny Z-Image files of tiny_models/dit.py (put into the server's
+  diffusion_models / text_encoders / vae folders), and ``UNETLoader`` / ``CLIPLoader`` / ``VAELoader``
+  -> the test pack's tiny loaders (same inputs and outputs; ComfyUI detects Z-Image only at its real
+  width). DiT Model Files and Train Aspect LoRA read the tiny files themselves.
 
 Every other value and every link is the shipped one. The outputs are checked on disk: the
 training set and its manifest, the kohya LoRA files, the MoL file, the saved images.
@@ -58,6 +63,12 @@ TINY_LOADER = "VersaT2ITest_TinyCheckpointLoader"
 CHECKPOINT = "tiny-sd15.safetensors"
 PACK = "ComfyUI-VersaT2I"
 LOOP, INFERENCE, QUICK = "versat2i_self_improvement_loop", "versat2i_gated_inference", "versat2i_quick_loop_one_aspect"
+ZIMAGE_INFERENCE, ZIMAGE_QUICK = "versat2i_zimage_gated_inference", "versat2i_zimage_quick_loop_one_aspect"
+# Z-Image Turbo's files as the Z-Image workflows name them: diffusion model, text encoder, VAE
+ZIMAGE_FILES = ("z_image_turbo_bf16.safetensors", "qwen_3_4b.safetensors", "ae.safetensors")
+# core loader -> the test pack's stand-in with the same inputs and outputs (module docstring)
+TINY_LOADERS = {"CheckpointLoaderSimple": TINY_LOADER, "UNETLoader": "VersaT2ITest_TinyUNETLoader",
+                "CLIPLoader": "VersaT2ITest_TinyCLIPLoader", "VAELoader": "VersaT2ITest_TinyVAELoader"}
 K = 2  # candidates per prompt in the tests
 
 ANALYTIC_SCORERS = {"aesthetics": "analytic:contrast", "alignment": "analytic:colourfulness",
@@ -69,6 +80,7 @@ TINY_SETTINGS = {
     "VersaT2I_TrainAspectLoRA": TINY_TRAINING,
     "VersaT2I_TrainGate": {"steps": 3, "resolution": 64},
     "EmptyLatentImage": {"width": 64, "height": 64},
+    "EmptySD3LatentImage": {"width": 64, "height": 64},
     "KSampler": {"steps": 2},
 }
 
@@ -111,7 +123,8 @@ def tiny_workflow(name: str, object_info: dict, *, scorers: dict | None = None) 
     """The shipped workflow with the test settings (module docstring), still in UI format."""
     workflow = load(name)
     for node in workflow["nodes"]:
-        if node["type"] == "PrimitiveNode" and str(node["widgets_values"][0]).endswith(".safetensors"):
+        if node["type"] == "PrimitiveNode" and str(node["widgets_values"][0]).endswith(".safetensors") \
+                and node["widgets_values"][0] not in ZIMAGE_FILES:  # (tiny_zimage_workflow replaces those)
             node["widgets_values"][0] = CHECKPOINT  # the workflows' checkpoint value, shared by every stage
         elif node["type"] == "CheckpointLoaderSimple":
             set_widget(node, "ckpt_name", CHECKPOINT, object_info)
@@ -133,8 +146,7 @@ def to_prompt(server, workflow: dict, *, validate: bool = True) -> dict:
                                  dynamic_combos=snapshot_version(SNAPSHOT)["dynamic_combos"]) == []
     graph = workflow_to_api(workflow, object_info, strict=True)
     for node in graph.values():
-        if node["class_type"] == "CheckpointLoaderSimple":
-            node["class_type"] = TINY_LOADER
+        node["class_type"] = TINY_LOADERS.get(node["class_type"], node["class_type"])
     return graph
 
 
@@ -273,6 +285,108 @@ def test_quick_loop_trains_one_lora_then_the_unmuted_group_uses_it(server):
     (image,) = saved_images(entry, save_id, server)
     assert image.name.startswith("quick_lora_") and Image.open(image).size == (64, 64)
     assert lora.stat().st_mtime_ns == stamp, "the finished LoRA was trained again"
+
+
+# -- the Z-Image Turbo workflows, on tiny Z-Image files ------------------------------------------------------
+
+def version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in version.split(".") if p.isdigit())
+
+
+@pytest.fixture(scope="module")
+def zimage(server, tmp_path_factory):
+    """The tiny Z-Image files in the server's model folders (the diffusion model with its
+    ``.configs`` sidecar); skipped on a ComfyUI older than the Z-Image workflows need."""
+    needed = load(ZIMAGE_QUICK)["extra"]["versat2i"]["min_comfyui_version"]
+    version = comfyui_version(server.comfyui_path)
+    if version_key(version) < version_key(needed):
+        pytest.skip(f"the Z-Image workflows need ComfyUI >= {needed}; ComfyUI {version} has no Z-Image")
+    from tiny_models.dit import write_tiny_dit
+
+    tiny = write_tiny_dit("zimage", tmp_path_factory.mktemp("tiny-zimage"))
+    for folder in ("diffusion_models", "text_encoders", "vae"):
+        shutil.copytree(tiny.diffusion_model.parents[1] / folder, server.base_dir / "models" / folder,
+                        dirs_exist_ok=True)
+    return tiny
+
+
+def tiny_zimage_workflow(name: str, object_info: dict, tiny) -> dict:
+    """tiny_workflow, and Z-Image Turbo's file names (in Primitives, loaders, DiT Model Files) ->
+    the tiny files' names."""
+    workflow = tiny_workflow(name, object_info)
+    names = dict(zip(ZIMAGE_FILES, (tiny.diffusion_model.name, tiny.text_encoders[0].name, tiny.vae.name),
+                     strict=True))
+    replaced = 0
+    for node in workflow["nodes"]:
+        for index, value in enumerate(node.get("widgets_values") or []):
+            if isinstance(value, str) and value in names:
+                node["widgets_values"][index] = names[value]
+                replaced += 1
+    assert replaced >= 3, "the workflow names none of Z-Image Turbo's files"
+    return workflow
+
+
+def node_of(workflow: dict, node_type: str) -> dict:
+    (node,) = [n for n in workflow["nodes"] if n["type"] == node_type]
+    return node
+
+
+def saved_image(server, workflow: dict) -> np.ndarray:
+    """Queue ``workflow``; the one image its Save Image wrote, as an int16 array."""
+    entry = run(server, workflow)
+    (save_id,) = [i for i, n in to_prompt(server, workflow).items() if n["class_type"] == "SaveImage"]
+    (path,) = saved_images(entry, save_id, server)
+    assert Image.open(path).size == (64, 64)
+    return np.asarray(Image.open(path), dtype=np.int16)
+
+
+@pytest.mark.slow
+def test_zimage_gated_inference_samples_zimage_with_the_mixture(server, zimage):
+    """The shipped graph (ComfyUI's Z-Image loaders -> Gated Multi-LoRA Loader, bake -> KSampler)
+    on the tiny Z-Image, with a MoL file over two Z-Image LoRAs in the family's diffusers format: it
+    samples, and the mixture changes the image (strength 0 is the base model)."""
+    from tiny_models.mixture import write_mixture
+
+    object_info = server.object_info(refresh=True)
+    mol_file, _ = write_mixture("zimage", zimage, server.base_dir / "models" / "loras", ["aesthetics", "lowlevel"],
+                                "token", b_scale=50.0, tag="zimage")
+    workflow = tiny_zimage_workflow(ZIMAGE_INFERENCE, server.object_info(refresh=True), zimage)
+    mixture = node_of(workflow, "VersaT2I_GatedMultiLoRALoader")
+    set_widget(mixture, "mol_file", mol_file, object_info)
+    log_before = len(server.log_text())
+    gated = saved_image(server, workflow)
+    base_workflow = copy.deepcopy(workflow)
+    set_widget(node_of(base_workflow, "VersaT2I_GatedMultiLoRALoader"), "strength", 0.0, object_info)
+    base = saved_image(server, base_workflow)
+    assert np.abs(gated - base).max() > 0, "the gated LoRA mixture did not change the Z-Image image"
+    assert "lora key not loaded" not in server.log_text()[log_before:]
+
+
+@pytest.mark.slow
+def test_zimage_quick_loop_trains_a_lora_on_the_dit_files_that_the_stock_loader_applies(server, zimage):
+    object_info = server.object_info(refresh=True)
+    workflow = tiny_zimage_workflow(ZIMAGE_QUICK, object_info, zimage)
+    entry = run(server, workflow)
+    dataset = server.base_dir / "output" / "versat2i" / "zimage_quick"
+    assert sorted(p.name for p in dataset.iterdir() if p.is_dir()) == ["10_aesthetics"]
+    manifest = [json.loads(line) for line in (dataset / MANIFEST_NAME).read_text().splitlines()]
+    assert {e["aspect"] for e in manifest} == {"aesthetics"} and len(manifest) == 4  # the best of each prompt
+    lora = server.base_dir / "models" / "loras" / "versat2i" / "zimage_quick_aesthetics.safetensors"
+    keys = kohya_lora_keys(lora)
+    # Z-Image's LoRA format (diffusers / PEFT keys on the transformer), which ComfyUI maps for Z-Image
+    assert keys and all(k.startswith("transformer.") for k in keys), keys[:5]
+    assert any("LoRA: versat2i/zimage_quick_aesthetics.safetensors" in t for t in ui_texts(entry)), ui_texts(entry)
+    stamp = lora.stat().st_mtime_ns
+
+    for node in workflow["nodes"]:  # what the note asks: unmute group 4 and queue again
+        node["mode"] = 0
+    log_before = len(server.log_text())
+    with_lora = saved_image(server, workflow)
+    assert "lora key not loaded" not in server.log_text()[log_before:]
+    assert lora.stat().st_mtime_ns == stamp, "the finished LoRA was trained again"
+    without = copy.deepcopy(workflow)
+    set_widget(node_of(without, "LoraLoaderModelOnly"), "strength_model", 0.0, object_info)
+    assert np.abs(with_lora - saved_image(server, without)).max() > 0, "the trained LoRA does not change the image"
 
 
 # -- queueing again, an aspect that keeps nothing --------------------------------------------------------

@@ -43,6 +43,7 @@ SNAPSHOT = load_snapshot()
 # version's are checked by test_workflow_matches_the_node_definitions_of_every_supported_version.
 DEFINITIONS, DYNAMIC = snapshot_version(SNAPSHOT)["nodes"], snapshot_version(SNAPSHOT)["dynamic_combos"]
 LOOP, INFERENCE, QUICK = "versat2i_self_improvement_loop", "versat2i_gated_inference", "versat2i_quick_loop_one_aspect"
+ZIMAGE_INFERENCE, ZIMAGE_QUICK = "versat2i_zimage_gated_inference", "versat2i_zimage_quick_loop_one_aspect"
 FRONTEND_ONLY = {"Note", "MarkdownNote", "PrimitiveNode", "Reroute"}
 TITLE_HEIGHT = 30  # litegraph draws a node's title bar above its pos
 
@@ -51,13 +52,41 @@ def load(name: str) -> dict:
     return json.loads((WORKFLOWS / f"{name}.json").read_text(encoding="utf-8"))
 
 
+def version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", version))
+
+
+def min_comfyui(workflow: dict) -> str | None:
+    """The oldest ComfyUI a workflow needs (tools/build_workflows.py records it in ``extra``; none:
+    every supported version)."""
+    return workflow.get("extra", {}).get("versat2i", {}).get("min_comfyui_version")
+
+
+def supported_versions(workflow: dict) -> list[str]:
+    """The snapshot's supported versions a workflow loads in (oldest first)."""
+    needed = min_comfyui(workflow)
+    return [v for v in SUPPORTED_COMFYUI_VERSIONS if needed is None or version_key(v) >= version_key(needed)]
+
+
+def entry_for(workflow: dict) -> dict:
+    """The snapshot entry of the oldest version the workflow supports (what it is built from)."""
+    versions = supported_versions(workflow)
+    assert versions, f"no supported ComfyUI version is >= {min_comfyui(workflow)}"
+    return snapshot_version(SNAPSHOT, versions[0])
+
+
+def definitions_for(workflow: dict) -> dict:
+    return entry_for(workflow)["nodes"]
+
+
 def validate(workflow: dict) -> list[str]:
-    return validate_workflow(workflow, DEFINITIONS, dynamic_combos=DYNAMIC)
+    entry = entry_for(workflow)
+    return validate_workflow(workflow, entry["nodes"], dynamic_combos=entry["dynamic_combos"])
 
 
 def api(name_or_workflow) -> dict:
     workflow = load(name_or_workflow) if isinstance(name_or_workflow, str) else name_or_workflow
-    return workflow_to_api(workflow, DEFINITIONS, strict=True)
+    return workflow_to_api(workflow, definitions_for(workflow), strict=True)
 
 
 def of_type(graph: dict, class_type: str) -> dict[str, dict]:
@@ -90,13 +119,17 @@ def test_the_snapshot_was_made_from_the_current_node_code(version):
 @pytest.mark.parametrize("name", sorted(p.stem for p in WORKFLOWS.glob("*.json")))
 def test_workflow_matches_the_node_definitions_of_every_supported_version(name, version):
     """Core nodes change between ComfyUI versions (0.33's PreviewImage declares an output); a shipped
-    workflow must load in each supported one."""
+    workflow must load in each supported version at or above the minimum it records (a DiT workflow
+    needs a ComfyUI that has the model: skipped, with the reason, on older ones)."""
+    workflow = load(name)
+    if version not in supported_versions(workflow):
+        pytest.skip(f"{name} needs ComfyUI >= {min_comfyui(workflow)}; this snapshot entry is {version}")
     entry = snapshot_version(SNAPSHOT, version)
-    assert validate_workflow(load(name), entry["nodes"], dynamic_combos=entry["dynamic_combos"]) == []
+    assert validate_workflow(workflow, entry["nodes"], dynamic_combos=entry["dynamic_combos"]) == []
 
 
-def test_the_three_workflows_are_shipped_in_ui_format():
-    assert SHIPPED == sorted([LOOP, INFERENCE, QUICK])
+def test_the_workflows_are_shipped_in_ui_format():
+    assert SHIPPED == sorted([LOOP, INFERENCE, QUICK, ZIMAGE_INFERENCE, ZIMAGE_QUICK])
     for name in SHIPPED:
         workflow = load(name)
         assert workflow["version"] == 0.4 and isinstance(workflow["links"], list) and workflow["groups"]
@@ -141,9 +174,31 @@ def test_workflow_has_the_fields_the_frontend_schema_requires(name):
         assert isinstance(node.get("widgets_values", []), list)
 
 
+def test_the_sd_workflows_support_every_version_and_the_zimage_ones_need_a_comfyui_with_zimage():
+    """The SD workflows record no minimum (every supported version); the Z-Image ones the release
+    that added Z-Image, so ComfyUI 0.3.64 (no Z-Image) is left out, with the reason, and 0.33 is
+    what they are built from and checked against. Their notes say so."""
+    for name in (LOOP, INFERENCE, QUICK):
+        assert min_comfyui(load(name)) is None and supported_versions(load(name)) == list(SUPPORTED_COMFYUI_VERSIONS)
+    for name in (ZIMAGE_INFERENCE, ZIMAGE_QUICK):
+        workflow = load(name)
+        needed = min_comfyui(workflow)
+        assert version_key("0.3.64") < version_key(needed) <= version_key("0.33.0")
+        assert supported_versions(workflow) == ["0.33.0"]
+        (intro,) = [n["widgets_values"][0] for n in workflow["nodes"]
+                    if n["type"] == "MarkdownNote" and n["widgets_values"][0].startswith("# ")]
+        assert f"ComfyUI {needed} or newer" in intro
+    docs = (REPO / "docs" / "workflows.md").read_text(encoding="utf-8")
+    assert ZIMAGE_INFERENCE in docs and ZIMAGE_QUICK in docs
+    assert f"ComfyUI {min_comfyui(load(ZIMAGE_INFERENCE))} or newer" in docs
+
+
 def test_the_snapshot_covers_every_node_type_used():
-    used = {node["type"] for name in SHIPPED for node in load(name)["nodes"]} - FRONTEND_ONLY
-    assert used <= set(DEFINITIONS), sorted(used - set(DEFINITIONS))
+    for version in SUPPORTED_COMFYUI_VERSIONS:
+        definitions = snapshot_version(SNAPSHOT, version)["nodes"]
+        used = {node["type"] for name in SHIPPED if version in supported_versions(load(name))
+                for node in load(name)["nodes"]} - FRONTEND_ONLY
+        assert used <= set(definitions), (version, sorted(used - set(definitions)))
     ours = {k for k in DEFINITIONS if k.startswith("VersaT2I_")}
     assert {"VersaT2I_GenerateCandidates", "VersaT2I_LoadScorers", "VersaT2I_ScoreImages",
             "VersaT2I_FilterBestPerPrompt", "VersaT2I_SaveTrainingSet", "VersaT2I_TrainAspectLoRA",
@@ -163,15 +218,16 @@ def test_workflow_matches_the_node_definitions(name):
 @pytest.mark.parametrize("name", SHIPPED)
 def test_workflow_converts_to_an_api_prompt_with_every_required_input(name):
     graph = api(name)
+    definitions = definitions_for(load(name))
     assert graph, "nothing to queue"
     for node_id, node in graph.items():
-        spec = DEFINITIONS[node["class_type"]]
+        spec = definitions[node["class_type"]]
         for input_name in spec["input"].get("required", {}):
             assert input_name in node["inputs"], f"{node_id} {node['class_type']}: {input_name} missing"
         for value in node["inputs"].values():
             if isinstance(value, list):  # a link: to a node that is queued too (not a muted one)
                 assert value[0] in graph, f"{node_id} links to {value[0]}, which is not queued"
-    assert any(DEFINITIONS[n["class_type"]]["output_node"] for n in graph.values())
+    assert any(definitions[n["class_type"]]["output_node"] for n in graph.values())
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -180,8 +236,10 @@ def test_every_seed_stays_fixed_so_a_requeue_reuses_finished_stages(name):
     the definition opts out: 'randomize' would change the seed after each queue, draw new candidates
     and retrain everything. Our nodes opt out; core seeds (KSampler) are saved as 'fixed'."""
     seeds = []
-    for node in load(name)["nodes"]:
-        spec = DEFINITIONS.get(node["type"])
+    workflow = load(name)
+    definitions = definitions_for(workflow)
+    for node in workflow["nodes"]:
+        spec = definitions.get(node["type"])
         if spec is None:
             continue
         position = 0
@@ -253,6 +311,103 @@ def test_the_inference_workflow_samples_with_the_mixture_the_loop_trains():
     assert source(graph, decode["inputs"]["samples"]) is sampler
     (_, save), = of_type(graph, "SaveImage").items()
     assert source(graph, save["inputs"]["images"]) is decode
+
+
+# ComfyUI's own Z-Image Turbo template (comfyui-workflow-templates' image_z_image_turbo.json): its
+# loaders' values and declared files, its sampler settings.
+ZIMAGE_URL = "https://huggingface.co/Comfy-Org/z_image_turbo/resolve/main/split_files/"
+ZIMAGE_LOADERS = {
+    "UNETLoader": ({"unet_name": "z_image_turbo_bf16.safetensors", "weight_dtype": "default"}, "diffusion_models"),
+    "CLIPLoader": ({"clip_name": "qwen_3_4b.safetensors", "type": "lumina2", "device": "default"}, "text_encoders"),
+    "VAELoader": ({"vae_name": "ae.safetensors"}, "vae"),
+}
+
+
+def check_zimage_loaders(workflow: dict, graph: dict) -> tuple[str, str, str, str]:
+    """The split loaders as ComfyUI's Z-Image Turbo template has them, each declaring its file as the
+    template does; returns the ids of (UNETLoader, ModelSamplingAuraFlow, CLIPLoader, VAELoader)."""
+    ids = {}
+    for kind, (values, folder) in ZIMAGE_LOADERS.items():
+        (node_id, node), = of_type(graph, kind).items()
+        assert {k: node["inputs"][k] for k in values} == values, kind
+        (ui,) = [n for n in workflow["nodes"] if n["id"] == int(node_id)]
+        (file_name,) = [v for v in values.values() if v.endswith(".safetensors")]
+        assert ui["properties"]["models"] == [{"name": file_name, "directory": folder,
+                                               "url": f"{ZIMAGE_URL}{folder}/{file_name}"}], kind
+        ids[kind] = node_id
+    (sampling_id, sampling), = of_type(graph, "ModelSamplingAuraFlow").items()
+    assert sampling["inputs"] == {"model": [ids["UNETLoader"], 0], "shift": 3.0}
+    return ids["UNETLoader"], sampling_id, ids["CLIPLoader"], ids["VAELoader"]
+
+
+def check_zimage_sampling(graph: dict, model: list, clip: list, vae_id: str) -> dict:
+    """Prompt -> zeroed negative, 16-channel empty latent, KSampler at Turbo's settings, decode, save."""
+    (_, sampler), = of_type(graph, "KSampler").items()
+    assert {k: sampler["inputs"][k] for k in ("steps", "cfg", "sampler_name", "scheduler", "denoise")} == {
+        "steps": 8, "cfg": 1.0, "sampler_name": "res_multistep", "scheduler": "simple", "denoise": 1.0}
+    assert sampler["inputs"]["model"] == model
+    positive = source(graph, sampler["inputs"]["positive"])
+    assert positive["class_type"] == "CLIPTextEncode" and positive["inputs"]["clip"] == clip
+    negative = source(graph, sampler["inputs"]["negative"])
+    assert negative["class_type"] == "ConditioningZeroOut"
+    assert negative["inputs"]["conditioning"] == sampler["inputs"]["positive"]
+    assert source(graph, sampler["inputs"]["latent_image"])["class_type"] == "EmptySD3LatentImage"
+    (_, decode), = of_type(graph, "VAEDecode").items()
+    assert source(graph, decode["inputs"]["samples"]) is sampler and decode["inputs"]["vae"] == [vae_id, 0]
+    (_, save), = of_type(graph, "SaveImage").items()
+    assert source(graph, save["inputs"]["images"]) is decode
+    return save
+
+
+def test_the_zimage_inference_workflow_mixes_the_gate_into_zimage_turbo_as_comfyuis_template_loads_it():
+    workflow = load(ZIMAGE_INFERENCE)
+    graph = api(workflow)
+    _, sampling_id, clip_id, vae_id = check_zimage_loaders(workflow, graph)
+    (mixture_id, mixture), = of_type(graph, "VersaT2I_GatedMultiLoRALoader").items()
+    assert mixture["inputs"]["model"] == [sampling_id, 0] and mixture["inputs"]["clip"] == [clip_id, 0]
+    assert mixture["inputs"]["mol_file"].startswith("versat2i/") and mixture["inputs"]["mode"] == "bake"
+    save = check_zimage_sampling(graph, [mixture_id, 0], [mixture_id, 1], vae_id)
+    assert save["inputs"]["filename_prefix"] == "versat2i/zimage_gated"
+
+
+def test_the_zimage_quick_loop_trains_on_the_files_that_generated_and_tries_the_lora_with_the_stock_loader():
+    workflow = load(ZIMAGE_QUICK)
+    graph = api(workflow)
+    unet_id, sampling_id, clip_id, vae_id = check_zimage_loaders(workflow, graph)
+    (generate_id, generate), = of_type(graph, "VersaT2I_GenerateCandidates").items()
+    assert [generate["inputs"][k] for k in ("model", "clip", "vae")] == [[sampling_id, 0], [clip_id, 0], [vae_id, 0]]
+    assert (generate["inputs"]["steps"], generate["inputs"]["cfg"]) == (8, 1.0)
+    (_, scorers), = of_type(graph, "VersaT2I_LoadScorers").items()
+    enabled = [aspect for aspect in ASPECTS if scorers["inputs"][aspect] != "disabled"]
+    (_, save), = of_type(graph, "VersaT2I_SaveTrainingSet").items()
+    (_, trainer), = of_type(graph, "VersaT2I_TrainAspectLoRA").items()
+    assert enabled == [trainer["inputs"]["aspect"]] and source(graph, trainer["inputs"]["dataset"]) is save
+    # Trained from the DiT's files, the very ones the loaders load (one Primitive each feeds both).
+    files = source(graph, trainer["inputs"]["model_files"])
+    assert files["class_type"] == "VersaT2I_DiTModelFiles" and trainer["inputs"]["ckpt_name"] == "none"
+    assert files["inputs"]["diffusion_model"] == graph[unet_id]["inputs"]["unet_name"]
+    assert files["inputs"]["text_encoder"] == graph[clip_id]["inputs"]["clip_name"]
+    assert files["inputs"]["vae"] == graph[vae_id]["inputs"]["vae_name"] and files["inputs"]["text_encoder_2"] == "none"
+    primitives = {n["id"]: n for n in workflow["nodes"] if n["type"] == "PrimitiveNode"}
+    fed = {}
+    for link in workflow["links"]:
+        if link[1] in primitives:
+            target = next(n for n in workflow["nodes"] if n["id"] == link[3])
+            fed.setdefault(link[1], set()).add((target["type"], target["inputs"][link[4]]["name"]))
+    assert {("UNETLoader", "unet_name"), ("VersaT2I_DiTModelFiles", "diffusion_model")} in fed.values()
+    assert {("CLIPLoader", "clip_name"), ("VersaT2I_DiTModelFiles", "text_encoder")} in fed.values()
+    assert {("VAELoader", "vae_name"), ("VersaT2I_DiTModelFiles", "vae")} in fed.values()
+    assert not of_type(graph, "LoraLoaderModelOnly"), "the try-it group must be muted until the LoRA exists"
+
+    unmuted = copy.deepcopy(workflow)
+    for node in unmuted["nodes"]:
+        node["mode"] = 0
+    full = api(unmuted)
+    (lora_id, lora), = of_type(full, "LoraLoaderModelOnly").items()
+    expected = f"versat2i/{save['inputs']['name'].rsplit('/', 1)[-1]}_{trainer['inputs']['aspect']}.safetensors"
+    assert trainer["inputs"]["lora_name"] == "" and lora["inputs"]["lora_name"] == expected
+    assert lora["inputs"]["model"] == [sampling_id, 0]
+    check_zimage_sampling(full, [lora_id, 0], [clip_id, 0], vae_id)
 
 
 def test_the_quick_loop_trains_the_one_aspect_it_scores_and_can_try_it():
