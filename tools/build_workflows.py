@@ -41,10 +41,11 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CORE_CNR_ID, PACK_CNR_ID = "comfy-core", "comfyui-versat2i"
 # A workflow's own facts in its ``extra`` (kept by the frontend): the oldest ComfyUI it loads in.
 EXTRA_KEY = "versat2i"
-# Z-Image (Turbo) support came with ComfyUI 0.3.75 (Nov 2025; 0.3.64 has no Z-Image model, text
+# Z-Image (Turbo) support came with ComfyUI 0.3.74 (2025-11-26; ComfyUI commit 0e24dbb1 added its model
+# detection and text encoder, 0.3.73 lacks them; 0.3.64 has no Z-Image model, text
 # encoder or CLIPLoader type): the Z-Image workflows are built from, and checked against, the
 # snapshot versions from there on (tests use 0.33.0).
-ZIMAGE_MIN_COMFYUI = "0.3.75"
+ZIMAGE_MIN_COMFYUI = "0.3.74"
 
 # Layout metrics of the litegraph canvas (LiteGraph.NODE_SLOT_HEIGHT, NODE_WIDGET_HEIGHT + margin).
 SLOT_HEIGHT = 20
@@ -538,7 +539,7 @@ def zimage_loaders(wf: Workflow, *, x: float, y: float, width: float = 380):
     return unet, sampling, clip, vae
 
 
-ZIMAGE_REQUIREMENT = ("Needs **ComfyUI 0.3.75 or newer** (the release that added Z-Image; tested on 0.33). "
+ZIMAGE_REQUIREMENT = ("Needs **ComfyUI 0.3.74 or newer** (the release that added Z-Image; tested on 0.33). "
                       "Older versions show its loaders' options as missing.")
 ZIMAGE_SAMPLING = {"steps": 8, "cfg": 1.0, "sampler_name": "res_multistep", "scheduler": "simple", "denoise": 1.0}
 

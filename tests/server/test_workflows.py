@@ -13,7 +13,7 @@ converting, and why:
 * in the converted prompt, ``CheckpointLoaderSimple`` -> ``VersaT2ITest_TinyCheckpointLoader``
   (same input, same MODEL / CLIP / VAE outputs): ComfyUI's model detection only knows real-size
   checkpoints. The training nodes load the same file themselves through the sidecar configs.
-  Likewise, for the Z-Image workflows (ComfyUI >= 0.3.75; skipped, with the reason, on older ones):
+  Likewise, for the Z-Image workflows (ComfyUI >= 0.3.74; skipped, with the reason, on older ones):
   the Z-Image Turbo file names -> the tiny Z-Image files of tiny_models/dit.py (put into the server's
   diffusion_models / text_encoders / vae folders), and ``UNETLoader`` / ``CLIPLoader`` / ``VAELoader``
   -> the test pack's tiny loaders (same inputs and outputs; ComfyUI detects Z-Image only at its real
