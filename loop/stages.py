@@ -17,11 +17,13 @@ output depends only on its own inputs (what makes a resumed run equal an uninter
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import shutil
+import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -165,6 +167,52 @@ def round_adapters(kind: str, *, loras: Sequence[Path], mixture: Path | None, ga
     raise ValueError(f"unknown variant kind {kind!r}")
 
 
+# Applying and removing adapters, one variant at a time: evaluation variants are sampled side by side in
+# threads (loop/run.py), and these steps touch process-wide state: the DARE merges draw their masks from
+# torch's global generator (seeded and restored around the draw, as peft's LoRA layer set-up draws from
+# it too), and the LoRA loaders change the warnings filters for a moment. Sampling itself runs unlocked.
+_ADAPTER_LOCK = threading.Lock()
+
+
+def serialised(adapters):
+    """``adapters`` (``prepare(pipe) -> context manager``) whose entry and exit hold ``_ADAPTER_LOCK``."""
+    if adapters is None:
+        return None
+
+    @contextlib.contextmanager
+    def prepare(pipe):
+        with _ADAPTER_LOCK:
+            context = adapters(pipe)
+            value = context.__enter__()
+        try:
+            yield value
+        except BaseException:
+            with _ADAPTER_LOCK:
+                if not context.__exit__(*sys.exc_info()):
+                    raise
+        else:
+            with _ADAPTER_LOCK:
+                context.__exit__(None, None, None)
+
+    if hasattr(adapters, "describe"):  # generation.json records what was applied
+        prepare.describe = adapters.describe
+    return prepare
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """Torch's intra-op threads set to ``count`` (at least 1) for the block, restored after: while
+    ``count`` jobs share the cores, each samples with its share of the threads."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, count))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 # -- generate --------------------------------------------------------------------------------------------
 
 def generate_images(config, out_dir: Path, prompts: Sequence[str], *, k: int | None = None,
@@ -174,7 +222,7 @@ def generate_images(config, out_dir: Path, prompts: Sequence[str], *, k: int | N
     """Sample ``prompts`` x seeds into ``out_dir`` (replacing an unfinished earlier attempt)."""
 
     base = load_model(config, compute_hash=save_latents)
-    adapters = adapters_for(base) if adapters_for is not None else None
+    adapters = serialised(adapters_for(base)) if adapters_for is not None else None
     result = generate_candidates(
         base, prompts, k=k, seeds=seeds, base_seed=base_seed, settings=config.generation, out_dir=out_dir,
         overwrite=True, save_latents=save_latents, adapters=adapters, device=config.device, dtype=config.dtype,
@@ -392,7 +440,7 @@ def _unless_cancelled(job, cancelled: threading.Event):
 
 
 def train_gate(config, paths: RoundPaths, loras: Mapping[str, Path], *, on_event: TrainEventCallback | None = None,
-               variant: str | None = None) -> dict[str, Any]:
+               variant: str | None = None, cancelled: threading.Event | None = None) -> dict[str, Any]:
     """The Mixture-of-LoRA gate over this round's aspect LoRAs (``train_gate_or_reuse``): [gate], or
     ``[gate_variants.<variant>]``."""
 
@@ -403,7 +451,8 @@ def train_gate(config, paths: RoundPaths, loras: Mapping[str, Path], *, on_event
                                      work_dir=str(paths.runs / job), overwrite=True, variant=variant)
     result = train_gate_or_reuse(
         gate_config, runs_root=paths.runs, options=launch_options(config), env=training_environment(config),
-        on_event=(lambda event: on_event(job, event)) if on_event is not None else None)
+        on_event=(lambda event: on_event(job, event)) if on_event is not None else None,
+        check_cancel=(lambda: cancelled.is_set()) if cancelled is not None else None)
     final_loss = result.loss_curve[-1][1] if result.loss_curve else None
     return {"mol": str(result.mol_path), "reused": result.reused, "final_loss": final_loss}
 
