@@ -375,8 +375,13 @@ class LoopRound:
         report names it."""
         return trained_aspects(self.config, self.paths.training_set)
 
-    def _progress(self, step: str) -> Callable[[int, int], None]:
-        return lambda done, total: self.ledger.emit(LoopEvent(step, "progress", done, total))
+    def _progress(self, step: str, cancelled: threading.Event | None = None) -> Callable[[int, int], None]:
+        """Progress events of ``step``; ``cancelled``: a job beside it failed (or Ctrl-C): stop after this batch."""
+        def progress(done: int, total: int) -> None:
+            if cancelled is not None and cancelled.is_set():
+                raise RuntimeError(f"{step}: cancelled (a step running beside it failed or was interrupted)")
+            self.ledger.emit(LoopEvent(step, "progress", done, total))
+        return progress
 
     # -- stages ------------------------------------------------------------------------------------------
     def generate(self) -> None:
@@ -486,17 +491,17 @@ class LoopRound:
         settings = stage_settings(config, "evaluate")
         read_by_every_variant = model_identity(config) + scorer_weights_identity(config)
 
-        def run(_cancelled: threading.Event):
+        def run(cancelled: threading.Event):
             trained = self.trained()
             if variant.kind == "uniform":
-                self._search_uniform_weight(settings, read_by_every_variant)
+                self._search_uniform_weight(settings, read_by_every_variant, cancelled)
             step = self.step(f"evaluate/{variant.dir}")
             self.ledger.run(step, settings={**settings, **variant_settings(config, variant)},
                             inputs=read_by_every_variant + identity(*self._variant_files(variant)),
                             outputs=[paths.eval / variant.dir],
                             work=lambda: evaluate_variant(
-                                config, variant, paths, self.scorers(), trained=trained, progress=self._progress(step),
-                                show_progress=self.show_progress))
+                                config, variant, paths, self.scorers(), trained=trained,
+                                progress=self._progress(step, cancelled), show_progress=self.show_progress))
         return f"evaluate {variant.name}", run
 
     def finish_evaluation(self, variants: Sequence[EvalVariant]) -> None:
@@ -517,14 +522,16 @@ class LoopRound:
                                  work=lambda: write_report(config, paths, self.number))
         return record.info
 
-    def _search_uniform_weight(self, settings: Mapping[str, Any], read_by_every_variant: list) -> None:
+    def _search_uniform_weight(self, settings: Mapping[str, Any], read_by_every_variant: list,
+                               cancelled: threading.Event | None = None) -> None:
         """The uniform merge weight, chosen on the validation prompts (needs the base's images)."""
         config, paths, step = self.config, self.paths, self.step("evaluate/uniform_search")
         sampled = [paths.eval / "base", *(paths.eval / kind for kind in evaluated_before_uniform(config))]
         self.ledger.run(step, settings={**settings, **uniform_search_settings(config)},
                         inputs=read_by_every_variant + identity(*sampled, *self._lora_files()),
                         outputs=[paths.uniform_search],
-                        work=lambda: search_uniform_weight(config, paths, self.scorers(), progress=self._progress(step),
+                        work=lambda: search_uniform_weight(config, paths, self.scorers(),
+                                                           progress=self._progress(step, cancelled),
                                                            show_progress=self.show_progress))
 
     # -- helpers ------------------------------------------------------------------------------------------

@@ -167,31 +167,33 @@ def round_adapters(kind: str, *, loras: Sequence[Path], mixture: Path | None, ga
     raise ValueError(f"unknown variant kind {kind!r}")
 
 
-# Applying and removing adapters, one variant at a time: evaluation variants are sampled side by side in
-# threads (loop/run.py), and these steps touch process-wide state: the DARE merges draw their masks from
-# torch's global generator (seeded and restored around the draw, as peft's LoRA layer set-up draws from
-# it too), and the LoRA loaders change the warnings filters for a moment. Sampling itself runs unlocked.
-_ADAPTER_LOCK = threading.Lock()
+# Loading the model and applying and removing adapters, one variant at a time: evaluation variants are
+# sampled side by side in threads (loop/run.py), and these steps touch process-wide state: transformers'
+# loading sets up weights on the meta device (two loads at once failed: "Unsupported device type
+# 'meta'"), the DARE merges draw their masks from torch's global generator (seeded and restored around
+# the draw, as peft's LoRA layer set-up draws from it too), and the LoRA loaders change the warnings
+# filters for a moment. Sampling and scoring run unlocked.
+_SHARED_STATE_LOCK = threading.RLock()
 
 
 def serialised(adapters):
-    """``adapters`` (``prepare(pipe) -> context manager``) whose entry and exit hold ``_ADAPTER_LOCK``."""
+    """``adapters`` (``prepare(pipe) -> context manager``) whose entry and exit hold ``_SHARED_STATE_LOCK``."""
     if adapters is None:
         return None
 
     @contextlib.contextmanager
     def prepare(pipe):
-        with _ADAPTER_LOCK:
+        with _SHARED_STATE_LOCK:
             context = adapters(pipe)
             value = context.__enter__()
         try:
             yield value
         except BaseException:
-            with _ADAPTER_LOCK:
+            with _SHARED_STATE_LOCK:
                 if not context.__exit__(*sys.exc_info()):
                     raise
         else:
-            with _ADAPTER_LOCK:
+            with _SHARED_STATE_LOCK:
                 context.__exit__(None, None, None)
 
     if hasattr(adapters, "describe"):  # generation.json records what was applied
@@ -221,8 +223,9 @@ def generate_images(config, out_dir: Path, prompts: Sequence[str], *, k: int | N
                     show_progress: bool = True, progress_label: str = "generate") -> dict[str, Any]:
     """Sample ``prompts`` x seeds into ``out_dir`` (replacing an unfinished earlier attempt)."""
 
-    base = load_model(config, compute_hash=save_latents)
-    adapters = serialised(adapters_for(base)) if adapters_for is not None else None
+    with _SHARED_STATE_LOCK:
+        base = load_model(config, compute_hash=save_latents)
+        adapters = serialised(adapters_for(base)) if adapters_for is not None else None
     result = generate_candidates(
         base, prompts, k=k, seeds=seeds, base_seed=base_seed, settings=config.generation, out_dir=out_dir,
         overwrite=True, save_latents=save_latents, adapters=adapters, device=config.device, dtype=config.dtype,
