@@ -402,7 +402,7 @@ class LoopRound:
                         outputs=[paths.candidates], work=lambda: generate_images(
                             config, paths.candidates, prompts, k=k, base_seed=base_seed, adapters_for=adapters_for,
                             save_latents=config.dataset.save_latents, progress=self._progress(step),
-                            show_progress=self.show_progress))
+                            show_progress=self.show_progress, workers=config.training.parallel_jobs))
 
     def score(self) -> None:
         config, paths, step = self.config, self.paths, self.step("score")

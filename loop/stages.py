@@ -220,8 +220,9 @@ def torch_threads(count: int):
 def generate_images(config, out_dir: Path, prompts: Sequence[str], *, k: int | None = None,
                     seeds: Sequence[int] | None = None, base_seed: int = 0, adapters_for=None,
                     save_latents: bool = False, progress: ProgressCallback | None = None,
-                    show_progress: bool = True, progress_label: str = "generate") -> dict[str, Any]:
-    """Sample ``prompts`` x seeds into ``out_dir`` (replacing an unfinished earlier attempt)."""
+                    show_progress: bool = True, progress_label: str = "generate", workers: int = 1) -> dict[str, Any]:
+    """Sample ``prompts`` x seeds into ``out_dir`` (replacing an unfinished earlier attempt);
+    ``workers``: batches at once (``generate_candidates``)."""
 
     with _SHARED_STATE_LOCK:
         base = load_model(config, compute_hash=save_latents)
@@ -229,7 +230,8 @@ def generate_images(config, out_dir: Path, prompts: Sequence[str], *, k: int | N
     result = generate_candidates(
         base, prompts, k=k, seeds=seeds, base_seed=base_seed, settings=config.generation, out_dir=out_dir,
         overwrite=True, save_latents=save_latents, adapters=adapters, device=config.device, dtype=config.dtype,
-        return_images=False, progress=progress, show_progress=show_progress, progress_label=progress_label)
+        return_images=False, progress=progress, show_progress=show_progress, progress_label=progress_label,
+        workers=workers)
     return {"images": len(result.records), "prompts": len(prompts)}
 
 
