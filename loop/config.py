@@ -135,7 +135,7 @@ class DatasetSection(ConfigFile):
 class TrainingSection(ConfigFile):
     """How the training processes run (speed only: never changes what they learn)."""
 
-    parallel_jobs: int = 1  # LoRA trainings run at once (each in its own process)
+    parallel_jobs: int = 1  # LoRA trainings at once (own processes); evaluation variants run beside them and the gate
     threads_per_job: int = 0  # OMP/torch threads of each training process (0 = inherit the environment)
     accelerate_config: str = "auto"  # "auto" (the user's default accelerate config, else 1 process) or a file
     cpu: bool = False  # train on the CPU even when a GPU is present

@@ -46,11 +46,13 @@ RUN_DIR = "run"
 REPLAY_PER_PROMPT = 1
 GENERATION_BATCH = 64  # images sampled at once (the demo model is tiny; larger batches are faster)
 # Two training processes of one thread each beat one of two threads on these tiny models
-# (measured on 2 cores: 5.5 vs 4.3 steps/s), and the demo targets 2 cores.
+# (measured on 2 cores: 5.5 vs 4.3 steps/s), and the demo targets 2 cores. The evaluation uses the
+# same two slots (loop/run.py): the base's evaluation joins the trainings, the gate trains while the
+# other variants are evaluated, each sampling with one thread.
 PARALLEL_TRAINING_JOBS = 2
 THREADS_PER_TRAINING_JOB = 1
 # Evaluation: the 15 held-out and the 39 loop prompts, 4 seeds each, every (prompt, seed) its own
-# noise (loop/config.py): 54 x 4 = 216 images per variant, 7 variants. The seed range is
+# noise (loop/config.py): 54 x 4 = 216 images per variant, 11 variants. The seed range is
 # demo/settings.py's EVAL_SEED, far from every candidate seed.
 EVAL_SEEDS_PER_PROMPT = 4
 

@@ -4,8 +4,11 @@ One round::
 
     generate -> score -> filter -> train (one LoRA per aspect) -> gate -> evaluate -> report
 
-``LoopRound.run`` below is that list, in that order; each stage's work is a function in
-``loop/stages.py``. Round 1 samples its candidates with the base model. Round r > 1 samples them
+``LoopRound.run`` below is that list, in that order, except that with ``[training] parallel_jobs`` > 1
+the train, gate and evaluate steps run side by side where their inputs allow (the base's evaluation
+next to the LoRA trainings, the other evaluations while the gate trains: ``train_gate_and_evaluate``);
+each step is the same either way. Each stage's work is a function in ``loop/stages.py``.
+Round 1 samples its candidates with the base model. Round r > 1 samples them
 with round r-1's gated mixture (its LoRA when there is one aspect) and fresh seeds, keeps the best
 per prompt and aspect again, and trains new aspect LoRAs *on the base model* from those better
 candidates: every round's LoRAs and mixture stay plain add-ons of the user's checkpoint (stock
@@ -66,6 +69,7 @@ from .stages import (
     run_parallel,
     score_folder,
     search_uniform_weight,
+    torch_threads,
     train_gate,
     train_lora,
     trained_aspects,
@@ -339,11 +343,28 @@ class LoopRound:
         self.generate()
         self.score()
         self.filter()
-        self.train()
-        self.gate()
-        self.evaluate()
+        self.train_gate_and_evaluate()
         report = self.report()
         return RoundResult(self.number, self.paths, report)
+
+    def train_gate_and_evaluate(self) -> None:
+        """The train, gate and evaluate stages, ``[training] parallel_jobs`` steps at a time where their
+        inputs allow: the base's evaluation joins the LoRA trainings (it needs none of them), the gate
+        trains while the variants that don't need it are evaluated, and the weight search and the
+        uniform merge (which read the base's and the other merges' images) are evaluated next to the
+        gated variants. Each step is the one the stages run in order would make (same settings, same
+        inputs, same images), so a resumed run skips the same steps."""
+        variants = evaluation_variants(self.config, self.trained())
+        base = [v for v in variants if v.kind == "base"]
+        self.train(then=[self._evaluate_job(v) for v in base])
+        trained = self.trained()
+        variants = evaluation_variants(self.config, trained)  # the LoRAs made: lora:<aspect> for each
+        gated = [v for v in variants if v.kind == "gated"]
+        late = [v for v in variants if v.kind == "uniform"]
+        early = [v for v in variants if v not in (*base, *gated, *late)]
+        self.evaluate(early, gate=True)
+        self.evaluate([*late, *gated])
+        self.finish_evaluation(variants)
 
     def step(self, name: str) -> str:
         return f"round-{self.number}/{name}"
@@ -354,8 +375,13 @@ class LoopRound:
         report names it."""
         return trained_aspects(self.config, self.paths.training_set)
 
-    def _progress(self, step: str) -> Callable[[int, int], None]:
-        return lambda done, total: self.ledger.emit(LoopEvent(step, "progress", done, total))
+    def _progress(self, step: str, cancelled: threading.Event | None = None) -> Callable[[int, int], None]:
+        """Progress events of ``step``; ``cancelled``: a job beside it failed (or Ctrl-C): stop after this batch."""
+        def progress(done: int, total: int) -> None:
+            if cancelled is not None and cancelled.is_set():
+                raise RuntimeError(f"{step}: cancelled (a step running beside it failed or was interrupted)")
+            self.ledger.emit(LoopEvent(step, "progress", done, total))
+        return progress
 
     # -- stages ------------------------------------------------------------------------------------------
     def generate(self) -> None:
@@ -376,7 +402,7 @@ class LoopRound:
                         outputs=[paths.candidates], work=lambda: generate_images(
                             config, paths.candidates, prompts, k=k, base_seed=base_seed, adapters_for=adapters_for,
                             save_latents=config.dataset.save_latents, progress=self._progress(step),
-                            show_progress=self.show_progress))
+                            show_progress=self.show_progress, workers=config.training.parallel_jobs))
 
     def score(self) -> None:
         config, paths, step = self.config, self.paths, self.step("score")
@@ -404,8 +430,9 @@ class LoopRound:
                             outputs=[paths.gate_set],
                             work=lambda: write_gate_set(config, paths.scores, paths.candidates, paths.gate_set))
 
-    def train(self) -> None:
-        """One LoRA per aspect, ``[training] parallel_jobs`` at a time (each job is its own step)."""
+    def train(self, then: Sequence[tuple[str, Callable[[threading.Event], Any]]] = ()) -> None:
+        """One LoRA per aspect, ``[training] parallel_jobs`` at a time (each job is its own step);
+        ``then``: more (name, job) pairs for the same pool, started as the trainings leave room."""
         config, paths = self.config, self.paths
         settings = stage_settings(config, "train")
         inputs = identity(paths.training_set) + model_identity(config)
@@ -418,47 +445,69 @@ class LoopRound:
                     work=lambda: train_lora(config, aspect, paths, on_event=self._train_event, cancelled=cancelled))
             return aspect, run
 
+        self._run_jobs([job(a) for a in self.trained()] + list(then))
+
+    def _run_jobs(self, jobs: Sequence[tuple[str, Callable[[threading.Event], Any]]]) -> None:
+        """``jobs`` on ``[training] parallel_jobs`` workers; while several run, the evaluations in this
+        process sample with their share of its torch threads (the training processes have their own)."""
+        import torch
+
+        workers = min(self.config.training.parallel_jobs, len(jobs))
+        threads = torch.get_num_threads() // workers if workers > 1 else torch.get_num_threads()
         try:
-            run_parallel([job(a) for a in self.trained()], config.training.parallel_jobs)
+            with torch_threads(threads):
+                run_parallel(jobs, workers)
         finally:
             self._close_bars()
 
-    def gate(self) -> None:
-        """The [gate] mixture, then one per [gate_variants] entry (each its own step)."""
+    def _gate_job(self) -> tuple[str, Callable[[threading.Event], Any]] | None:
+        """The [gate] mixture, then one per [gate_variants] entry (each its own step), as one job."""
         config, paths = self.config, self.paths
         trained = self.trained()
         if not config.needs_gate or len(trained) < 2:  # one LoRA left: it is the round's whole model
-            return
+            return None
         loras = {a: paths.lora(a) for a in trained}
         dataset = paths.gate_set if config.dataset.gate_data == "joint" else paths.training_set
         inputs = identity(dataset) + model_identity(config) + identity(*loras.values())
-        try:
+
+        def run(cancelled: threading.Event):
             for variant in (None, *config.gate_variants):
                 step = self.step("gate" if variant is None else f"gate/{variant}")
                 self.ledger.run(step, settings=gate_settings(config, variant), inputs=inputs,
                                 outputs=[paths.gate_file(variant)],
                                 work=lambda v=variant: train_gate(config, paths, loras, on_event=self._train_event,
-                                                                  variant=v))
-        finally:
-            self._close_bars()
+                                                                  variant=v, cancelled=cancelled))
+        return "gate", run
 
-    def evaluate(self) -> None:
-        """Every variant on the evaluation grid (one step each), then ``variants.json``."""
+    def evaluate(self, variants: Sequence[EvalVariant], *, gate: bool = False) -> None:
+        """``variants`` on the evaluation grid (one step each, ``uniform`` after its weight search),
+        side by side; ``gate``: train the gate(s) meanwhile, as the first job."""
+        jobs = [self._evaluate_job(v) for v in variants]
+        gate_job = self._gate_job() if gate else None
+        self._run_jobs([gate_job, *jobs] if gate_job is not None else jobs)
+
+    def _evaluate_job(self, variant: EvalVariant) -> tuple[str, Callable[[threading.Event], Any]]:
         config, paths = self.config, self.paths
         settings = stage_settings(config, "evaluate")
         read_by_every_variant = model_identity(config) + scorer_weights_identity(config)
-        trained = self.trained()
-        variants = evaluation_variants(config, trained)
-        for variant in variants:
+
+        def run(cancelled: threading.Event):
+            trained = self.trained()
             if variant.kind == "uniform":
-                self._search_uniform_weight(settings, read_by_every_variant)
+                self._search_uniform_weight(settings, read_by_every_variant, cancelled)
             step = self.step(f"evaluate/{variant.dir}")
             self.ledger.run(step, settings={**settings, **variant_settings(config, variant)},
                             inputs=read_by_every_variant + identity(*self._variant_files(variant)),
                             outputs=[paths.eval / variant.dir],
-                            work=lambda v=variant, s=step: evaluate_variant(
-                                config, v, paths, self.scorers(), trained=trained, progress=self._progress(s),
-                                show_progress=self.show_progress))
+                            work=lambda: evaluate_variant(
+                                config, variant, paths, self.scorers(), trained=trained,
+                                progress=self._progress(step, cancelled), show_progress=self.show_progress))
+        return f"evaluate {variant.name}", run
+
+    def finish_evaluation(self, variants: Sequence[EvalVariant]) -> None:
+        """``variants.json``: the variants evaluated, in report order."""
+        config, paths = self.config, self.paths
+        settings = stage_settings(config, "evaluate")
         # The settings list the config's variants (what preflight compares); the inputs, the ones made.
         self.ledger.run(self.step("evaluate"),
                         settings={**settings, **variants_file_settings(config, evaluation_variants(config))},
@@ -473,14 +522,16 @@ class LoopRound:
                                  work=lambda: write_report(config, paths, self.number))
         return record.info
 
-    def _search_uniform_weight(self, settings: Mapping[str, Any], read_by_every_variant: list) -> None:
+    def _search_uniform_weight(self, settings: Mapping[str, Any], read_by_every_variant: list,
+                               cancelled: threading.Event | None = None) -> None:
         """The uniform merge weight, chosen on the validation prompts (needs the base's images)."""
         config, paths, step = self.config, self.paths, self.step("evaluate/uniform_search")
         sampled = [paths.eval / "base", *(paths.eval / kind for kind in evaluated_before_uniform(config))]
         self.ledger.run(step, settings={**settings, **uniform_search_settings(config)},
                         inputs=read_by_every_variant + identity(*sampled, *self._lora_files()),
                         outputs=[paths.uniform_search],
-                        work=lambda: search_uniform_weight(config, paths, self.scorers(), progress=self._progress(step),
+                        work=lambda: search_uniform_weight(config, paths, self.scorers(),
+                                                           progress=self._progress(step, cancelled),
                                                            show_progress=self.show_progress))
 
     # -- helpers ------------------------------------------------------------------------------------------
@@ -652,11 +703,13 @@ def run_loop(config: LoopConfig, *, overwrite: bool = False, show_progress: bool
     ledger = preflight(config, overwrite=overwrite)
     ledger.on_event = on_event
     scorer_cache: dict[str, Any] = {}
+    scorer_lock = threading.Lock()  # evaluation steps run side by side: the scorers are loaded once
 
     def scorers():
-        if "scorers" not in scorer_cache:
-            scorer_cache["scorers"] = build_scorers(config)
-        return scorer_cache["scorers"]
+        with scorer_lock:
+            if "scorers" not in scorer_cache:
+                scorer_cache["scorers"] = build_scorers(config)
+            return scorer_cache["scorers"]
 
     if _has_unfinished_scoring(config, ledger):
         scorers()  # a missing weight file or extra is reported now, before any work

@@ -17,11 +17,13 @@ output depends only on its own inputs (what makes a resumed run equal an uninter
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import shutil
+import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -165,20 +167,71 @@ def round_adapters(kind: str, *, loras: Sequence[Path], mixture: Path | None, ga
     raise ValueError(f"unknown variant kind {kind!r}")
 
 
+# Loading the model and applying and removing adapters, one variant at a time: evaluation variants are
+# sampled side by side in threads (loop/run.py), and these steps touch process-wide state: transformers'
+# loading sets up weights on the meta device (two loads at once failed: "Unsupported device type
+# 'meta'"), the DARE merges draw their masks from torch's global generator (seeded and restored around
+# the draw, as peft's LoRA layer set-up draws from it too), and the LoRA loaders change the warnings
+# filters for a moment. Sampling and scoring run unlocked.
+_SHARED_STATE_LOCK = threading.RLock()
+
+
+def serialised(adapters):
+    """``adapters`` (``prepare(pipe) -> context manager``) whose entry and exit hold ``_SHARED_STATE_LOCK``."""
+    if adapters is None:
+        return None
+
+    @contextlib.contextmanager
+    def prepare(pipe):
+        with _SHARED_STATE_LOCK:
+            context = adapters(pipe)
+            value = context.__enter__()
+        try:
+            yield value
+        except BaseException:
+            with _SHARED_STATE_LOCK:
+                if not context.__exit__(*sys.exc_info()):
+                    raise
+        else:
+            with _SHARED_STATE_LOCK:
+                context.__exit__(None, None, None)
+
+    if hasattr(adapters, "describe"):  # generation.json records what was applied
+        prepare.describe = adapters.describe
+    return prepare
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """Torch's intra-op threads set to ``count`` (at least 1) for the block, restored after: while
+    ``count`` jobs share the cores, each samples with its share of the threads."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, count))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 # -- generate --------------------------------------------------------------------------------------------
 
 def generate_images(config, out_dir: Path, prompts: Sequence[str], *, k: int | None = None,
                     seeds: Sequence[int] | None = None, base_seed: int = 0, adapters_for=None,
                     save_latents: bool = False, progress: ProgressCallback | None = None,
-                    show_progress: bool = True, progress_label: str = "generate") -> dict[str, Any]:
-    """Sample ``prompts`` x seeds into ``out_dir`` (replacing an unfinished earlier attempt)."""
+                    show_progress: bool = True, progress_label: str = "generate", workers: int = 1) -> dict[str, Any]:
+    """Sample ``prompts`` x seeds into ``out_dir`` (replacing an unfinished earlier attempt);
+    ``workers``: batches at once (``generate_candidates``)."""
 
-    base = load_model(config, compute_hash=save_latents)
-    adapters = adapters_for(base) if adapters_for is not None else None
+    with _SHARED_STATE_LOCK:
+        base = load_model(config, compute_hash=save_latents)
+        adapters = serialised(adapters_for(base)) if adapters_for is not None else None
     result = generate_candidates(
         base, prompts, k=k, seeds=seeds, base_seed=base_seed, settings=config.generation, out_dir=out_dir,
         overwrite=True, save_latents=save_latents, adapters=adapters, device=config.device, dtype=config.dtype,
-        return_images=False, progress=progress, show_progress=show_progress, progress_label=progress_label)
+        return_images=False, progress=progress, show_progress=show_progress, progress_label=progress_label,
+        workers=workers)
     return {"images": len(result.records), "prompts": len(prompts)}
 
 
@@ -392,7 +445,7 @@ def _unless_cancelled(job, cancelled: threading.Event):
 
 
 def train_gate(config, paths: RoundPaths, loras: Mapping[str, Path], *, on_event: TrainEventCallback | None = None,
-               variant: str | None = None) -> dict[str, Any]:
+               variant: str | None = None, cancelled: threading.Event | None = None) -> dict[str, Any]:
     """The Mixture-of-LoRA gate over this round's aspect LoRAs (``train_gate_or_reuse``): [gate], or
     ``[gate_variants.<variant>]``."""
 
@@ -403,7 +456,8 @@ def train_gate(config, paths: RoundPaths, loras: Mapping[str, Path], *, on_event
                                      work_dir=str(paths.runs / job), overwrite=True, variant=variant)
     result = train_gate_or_reuse(
         gate_config, runs_root=paths.runs, options=launch_options(config), env=training_environment(config),
-        on_event=(lambda event: on_event(job, event)) if on_event is not None else None)
+        on_event=(lambda event: on_event(job, event)) if on_event is not None else None,
+        check_cancel=(lambda: cancelled.is_set()) if cancelled is not None else None)
     final_loss = result.loss_curve[-1][1] if result.loss_curve else None
     return {"mol": str(result.mol_path), "reused": result.reused, "final_loss": final_loss}
 

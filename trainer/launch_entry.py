@@ -60,6 +60,11 @@ def exit_when_parent_dies(token, poll_s=PARENT_POLL_S):
     import threading
     import time
 
+    # psutil is imported here, before the thread starts: imported from the thread it raced with
+    # import_pack() rewriting sys.path in the main thread ("No module named 'psutil'" / 'array'
+    # killed the watch in 2 of 5 demo trainings, leaving them to run on after their launcher died).
+    import psutil  # noqa: F401
+
     def watch():
         while parent_is_alive(token):
             time.sleep(poll_s)

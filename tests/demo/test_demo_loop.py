@@ -20,7 +20,7 @@ Asserted (the claims the demo exists to show):
 Every other comparison is printed with its bootstrap CI (``pytest -s`` shows it), not asserted.
 
 Runs like ``make demo``: two threads in this process, two one-thread training processes.
-Takes about 4-5 minutes on 2 CPU cores.
+Takes about 5 minutes on 2 idle CPU cores (8-9 minutes while other jobs share them).
 """
 
 from __future__ import annotations

@@ -124,6 +124,22 @@ def test_an_image_depends_only_on_its_prompt_and_seed(base):
     assert float((grid[0] - grid[3]).abs().max()) > 1e-3
 
 
+def test_batches_sampled_side_by_side_give_the_same_images_and_folder(base, tmp_path):
+    """``workers=2``: two batches at once, each thread with its own scheduler copy (euler_a keeps step
+    state and draws noise each step); the same images, index and summary as one at a time."""
+    settings = GenerationSettings(steps=3, guidance_scale=4.0, batch_size=2, scheduler="euler_a")
+    threads = torch.get_num_threads()
+    one = generate(base, k=3, seeds=[1, 2, 3], settings=settings, out_dir=tmp_path / "one", return_images=True)
+    done = []
+    two = generate(base, k=3, seeds=[1, 2, 3], settings=settings, out_dir=tmp_path / "two", return_images=True,
+                   workers=2, progress=lambda n, total: done.append((n, total)))
+    assert torch.equal(one.images, two.images) and done == [(2, 6), (4, 6), (6, 6)]
+    for name in sorted(p.name for p in (tmp_path / "one").iterdir()):
+        if name != "generation.json":
+            assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    assert torch.get_num_threads() == threads  # restored
+
+
 def test_stochastic_scheduler_is_batch_independent_too(base):
     settings = GenerationSettings(steps=3, guidance_scale=4.0, batch_size=3, scheduler="euler_a")
     grid = generate(base, k=3, seeds=[1, 2, 3], settings=settings).images
