@@ -71,9 +71,14 @@ def alive_members(pgid: int) -> list[int]:
 
 
 @pytest.fixture
-def progress(comfy):
+def progress(comfy, monkeypatch):
     import comfy.utils
 
+    # ComfyUI 0.33 passes a bar's updates on at most every so often (time and percent thresholds; 0.3.64
+    # has none): off here, so the test sees every update the node makes, however fast the steps run.
+    for throttle in ("PROGRESS_THROTTLE_MIN_INTERVAL", "PROGRESS_THROTTLE_MIN_PERCENT"):
+        if hasattr(comfy.utils, throttle):
+            monkeypatch.setattr(comfy.utils, throttle, 0)
     updates = []
     comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: updates.append((value, total)))
     yield updates

@@ -9,11 +9,25 @@ import torch.nn.functional as F
 
 from versat2i.demo import rewards, world
 from versat2i.demo.world import Scene
+from versat2i.rewards import registry
 from versat2i.rewards.base import ImageBatchError, score_aspects
 from versat2i.rewards.registry import get_scorer
 
 ASPECTS = ("alignment", "geometry", "aesthetics", "lowlevel")
-rewards.register_scorers()  # the demo world's scorers join the registry only when asked
+
+
+@pytest.fixture(scope="module", autouse=True)
+def demo_scorers_registered():
+    """The demo world's scorers join the registry only when asked: here for this module's tests, and
+    taken out after them (registered when the module was imported, they showed in the scorer lists of
+    the ComfyUI tiers' in-process tests, which ComfyUI never does, whenever pytest collected this file)."""
+    before = dict(registry.SCORERS)
+    rewards.register_scorers()
+    try:
+        yield
+    finally:
+        registry.SCORERS.clear()
+        registry.SCORERS.update(before)
 
 
 @pytest.fixture(scope="module")
