@@ -235,7 +235,8 @@ def grid_images(folder: EvalFolder, evaluation_grid, variant: str) -> list[list[
 
 def evaluate_eval_dir(path: str | os.PathLike, *, embed=None, **options) -> tuple[Evaluation, EvalFolder,
                                                                                    dict[str, list[list[Path]]]]:
-    """Evaluate an evaluation folder: ``(evaluation, folder, image files per variant on the grid)``.
+    """Evaluate an evaluation folder: ``(evaluation, folder, image files per variant on
+    ``evaluation.grid``, the test prompts)``.
     ``options`` go to ``evaluate.evaluate`` (resamples, seed, level, unit, ...)."""
     folder = load_eval_dir(path)
     grid = grid_from_tables(folder.tables)
@@ -252,6 +253,11 @@ def evaluate_eval_dir(path: str | os.PathLike, *, embed=None, **options) -> tupl
     options = {**variant_roles(folder.variants), **options}
     options.setdefault("validation", [p for p in folder.config.get("validation_prompts") or () if p in grid.prompts])
     evaluation = evaluate(grid, base=base, images=images, embed=embed, **options)
+    # evaluation.grid holds the test prompts only (the validation prompts are set aside), and every
+    # reader of these files indexes them by its rows (sample grids, prompt sets): they follow it. Indexed
+    # by the whole grid instead, a row past the first validation prompt showed another prompt's images.
+    row_of = {prompt: row for row, prompt in enumerate(grid.prompts)}
+    files = {variant: [rows[row_of[prompt]] for prompt in evaluation.grid.prompts] for variant, rows in files.items()}
     return evaluation, folder, files
 
 
@@ -750,12 +756,15 @@ def mixture_tables(data: Mapping[str, Any], variants: Mapping[str, Any]) -> list
     tables = []
     rows = _variants_rows(data, variants)
     if rows:
+        header = ["variant", "validation score", "test score"]
+        if not validation:  # no validation split, no validation scores: no empty column
+            header, rows = ["variant", "test score"], [[row[0], row[2]] for row in rows]
         tables.append({
-            "title": "Variants", "header": ["variant", "validation score", "test score"], "rows": rows,
+            "title": "Variants", "header": header, "rows": rows,
             "note": (f"Normalised score: the mean over aspects of the change vs {data['base']} in units of each "
                      f"aspect's per-image seed-to-seed sd of {data['base']}, on {where}; test: with its "
                      f"{level:.0%} bootstrap CI and win rate over pairs. The best baseline is the merge baseline "
-                     "with the best validation score.")})
+                     f"with the best {'validation' if validation else 'test'} score.")})
     rows = _share_rows(data, variants)
     if rows:
         tables.append({
@@ -875,8 +884,11 @@ def _render_html(report: Mapping[str, Any]) -> str:
     scorers = "".join(f"<li>{html.escape(a)}: <code>{html.escape(str(s.get('id')))}</code> "
                       f"(weights {html.escape(str(s.get('weights_hash'))[:16])})</li>"
                       for a, s in data.get("scorers", {}).items())
-    parts.append(f"<h2>Setup</h2><ul>{scorers}</ul><pre>{html.escape(json.dumps(report.get('config', {}), indent=1))}"
-                 f"</pre><p class='note'>Every number is in <a href='{REPORT_JSON}'>{REPORT_JSON}</a>.</p>")
+    # The settings run to hundreds of lines (every prompt of every set): folded, so the page ends with the
+    # scorers and a reader opens the rest when needed.
+    parts.append(f"<h2>Setup</h2><ul>{scorers}</ul><details><summary>Settings of this run (prompt sets, loop "
+                 f"config)</summary><pre>{html.escape(json.dumps(report.get('config', {}), indent=1))}</pre>"
+                 f"</details><p class='note'>Every number is in <a href='{REPORT_JSON}'>{REPORT_JSON}</a>.</p>")
     parts.append("</body></html>")
     return "\n".join(parts)
 

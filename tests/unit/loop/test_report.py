@@ -17,6 +17,7 @@ from versat2i.loop.evaluate import Evaluation, evaluate, grid_from_tables
 from versat2i.loop.report import (
     REPORT_HTML,
     REPORT_JSON,
+    evaluate_eval_dir,
     load_eval_dir,
     markdown_table,
     read_report,
@@ -30,6 +31,21 @@ from versat2i.safe_io import TargetExistsError
 @pytest.fixture
 def eval_dir(tmp_path) -> Path:
     return write_eval_dir(tmp_path / "eval")
+
+
+def test_image_files_follow_the_test_prompts_when_validation_prompts_are_set_aside(eval_dir):
+    """The files returned index like ``evaluation.grid`` (the test prompts), which the sample grids and
+    the prompt sets read them by: with the first prompt set aside for validation, row 0 is the second
+    prompt's images (it was the first prompt's: the report's training-prompt grid showed other
+    prompts' images under each label)."""
+    from tiny_models.eval_folder import PROMPTS
+
+    evaluation, folder, files = evaluate_eval_dir(eval_dir, resamples=50, validation=[PROMPTS[0]])
+    assert evaluation.grid.prompts == PROMPTS[1:]
+    for variant, rows in files.items():
+        assert len(rows) == len(PROMPTS) - 1
+        for prompt, seeds, row in zip(evaluation.grid.prompts, evaluation.grid.seeds, rows, strict=True):
+            assert row == [folder.image_files[variant][(prompt, seed)] for seed in seeds]
 
 
 def test_eval_dir_is_read_with_variant_kinds_and_image_files(eval_dir):
@@ -200,6 +216,8 @@ def test_gated_mixture_is_compared_head_to_head_with_the_merge(tmp_path):
     assert comparison["results"]["alignment"]["diff"] == 0.0  # identical images and scores
     assert "| gated vs merge |" in report["markdown"]
     assert "Head to head" in (tmp_path / "report" / REPORT_HTML).read_text()
+    # no validation split: the variants table has no (empty) validation column
+    assert "| variant | test score |" in report["markdown"] and "validation score" not in report["markdown"]
     # without a gated variant there is nothing to compare
     plain = read_report(report_from_eval_dir(write_eval_dir(tmp_path / "eval2"), tmp_path / "r2", resamples=200))
     assert plain["evaluation"]["comparisons"] == {} and "| gated vs merge |" not in plain["markdown"]
