@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 from frontend import Frontend, write_settings
-from harness import ComfyServer, comfyui_version
+from harness import ComfyServer, comfyui_version, min_comfyui_version, supports
 from safetensors import safe_open
 from tiny_models.sd import build_tiny_sd15
 
@@ -192,10 +192,10 @@ def zimage(server, tmp_path_factory):
     diffusion model with its ``.configs`` sidecar), so the frontend finds every file the workflows
     declare; skipped on a ComfyUI without Z-Image."""
     workflow = json.loads((REPO / "workflows" / f"{ZIMAGE_QUICK}.json").read_text())
-    needed = workflow["extra"]["versat2i"]["min_comfyui_version"]
     version = comfyui_version(server.comfyui_path)
-    if tuple(int(p) for p in version.split(".")) < tuple(int(p) for p in needed.split(".")):
-        pytest.skip(f"the Z-Image workflows need ComfyUI >= {needed}; ComfyUI {version} has no Z-Image")
+    if not supports(workflow, version):
+        pytest.skip(f"the Z-Image workflows need ComfyUI >= {min_comfyui_version(workflow)}; ComfyUI {version} has "
+                    "no Z-Image")
     from tiny_models.dit import write_tiny_dit
 
     tiny = write_tiny_dit("zimage", tmp_path_factory.mktemp("tiny-zimage"))

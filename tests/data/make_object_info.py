@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))  # a script: pytest's pythonpath does not apply
 
-from harness import ComfyServer, comfyui_version, node_code_sha256, snapshot_definitions
+from harness import ComfyServer, comfyui_version, node_code_sha256, snapshot_definitions, supports
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -54,18 +54,13 @@ DUMMY_FILES = ("models/checkpoints/dummy.safetensors", "models/loras/dummy.safet
                "models/diffusion_models/dummy.safetensors", "models/text_encoders/dummy.safetensors")
 
 
-def version_key(version: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in version.split(".") if part.isdigit())
-
-
 def workflow_node_types(folder: Path, version: str) -> set[str]:
     """The node types of the workflows that support ComfyUI ``version`` (a workflow records the oldest
     version it needs in ``extra.versat2i.min_comfyui_version``, tools/build_workflows.py)."""
     types = set()
     for path in sorted(folder.glob("*.json")):
         workflow = json.loads(path.read_text())
-        needed = workflow.get("extra", {}).get("versat2i", {}).get("min_comfyui_version")
-        if needed is None or version_key(version) >= version_key(needed):
+        if supports(workflow, version):
             types.update(node["type"] for node in workflow["nodes"])
     return types - FRONTEND_ONLY
 

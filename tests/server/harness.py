@@ -707,6 +707,23 @@ def snapshot_version(snapshot: Mapping[str, Any], version: str | None = None) ->
     return versions[version]
 
 
+def version_key(version: str) -> tuple[int, ...]:
+    """A ComfyUI version as numbers, to compare versions ("0.3.64" < "0.3.74" < "0.33.0")."""
+    return tuple(int(part) for part in re.findall(r"\d+", version))
+
+
+def min_comfyui_version(workflow: Mapping[str, Any]) -> str | None:
+    """The oldest ComfyUI a shipped workflow loads in, as tools/build_workflows.py records it in the
+    workflow's ``extra`` (None: every supported version)."""
+    return workflow.get("extra", {}).get("versat2i", {}).get("min_comfyui_version")
+
+
+def supports(workflow: Mapping[str, Any], version: str) -> bool:
+    """Whether ComfyUI ``version`` is one a shipped workflow loads in (``min_comfyui_version``)."""
+    needed = min_comfyui_version(workflow)
+    return needed is None or version_key(version) >= version_key(needed)
+
+
 def comfyui_version(comfyui_path: str | os.PathLike) -> str:
     """The version a ComfyUI checkout declares (comfyui_version.py)."""
     text = (Path(comfyui_path) / "comfyui_version.py").read_text(encoding="utf-8")

@@ -41,8 +41,10 @@ from harness import (
     comfyui_version,
     has_control_widget,
     load_snapshot,
+    min_comfyui_version,
     snapshot_node_definition,
     snapshot_version,
+    supports,
     validate_workflow,
     workflow_to_api,
 )
@@ -289,18 +291,14 @@ def test_quick_loop_trains_one_lora_then_the_unmuted_group_uses_it(server):
 
 # -- the Z-Image Turbo workflows, on tiny Z-Image files ------------------------------------------------------
 
-def version_key(version: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in version.split(".") if p.isdigit())
-
-
 @pytest.fixture(scope="module")
 def zimage(server, tmp_path_factory):
     """The tiny Z-Image files in the server's model folders (the diffusion model with its
     ``.configs`` sidecar); skipped on a ComfyUI older than the Z-Image workflows need."""
-    needed = load(ZIMAGE_QUICK)["extra"]["versat2i"]["min_comfyui_version"]
-    version = comfyui_version(server.comfyui_path)
-    if version_key(version) < version_key(needed):
-        pytest.skip(f"the Z-Image workflows need ComfyUI >= {needed}; ComfyUI {version} has no Z-Image")
+    workflow, version = load(ZIMAGE_QUICK), comfyui_version(server.comfyui_path)
+    if not supports(workflow, version):
+        pytest.skip(f"the Z-Image workflows need ComfyUI >= {min_comfyui_version(workflow)}; ComfyUI {version} has "
+                    "no Z-Image")
     from tiny_models.dit import write_tiny_dit
 
     tiny = write_tiny_dit("zimage", tmp_path_factory.mktemp("tiny-zimage"))

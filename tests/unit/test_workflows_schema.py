@@ -25,9 +25,12 @@ from harness import (
     _widget_inputs,
     has_control_widget,
     load_snapshot,
+    min_comfyui_version,
     node_code_sha256,
     snapshot_version,
+    supports,
     validate_workflow,
+    version_key,
     workflow_to_api,
 )
 from PIL import Image
@@ -52,26 +55,15 @@ def load(name: str) -> dict:
     return json.loads((WORKFLOWS / f"{name}.json").read_text(encoding="utf-8"))
 
 
-def version_key(version: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in re.findall(r"\d+", version))
-
-
-def min_comfyui(workflow: dict) -> str | None:
-    """The oldest ComfyUI a workflow needs (tools/build_workflows.py records it in ``extra``; none:
-    every supported version)."""
-    return workflow.get("extra", {}).get("versat2i", {}).get("min_comfyui_version")
-
-
 def supported_versions(workflow: dict) -> list[str]:
     """The snapshot's supported versions a workflow loads in (oldest first)."""
-    needed = min_comfyui(workflow)
-    return [v for v in SUPPORTED_COMFYUI_VERSIONS if needed is None or version_key(v) >= version_key(needed)]
+    return [v for v in SUPPORTED_COMFYUI_VERSIONS if supports(workflow, v)]
 
 
 def entry_for(workflow: dict) -> dict:
     """The snapshot entry of the oldest version the workflow supports (what it is built from)."""
     versions = supported_versions(workflow)
-    assert versions, f"no supported ComfyUI version is >= {min_comfyui(workflow)}"
+    assert versions, f"no supported ComfyUI version is >= {min_comfyui_version(workflow)}"
     return snapshot_version(SNAPSHOT, versions[0])
 
 
@@ -123,7 +115,7 @@ def test_workflow_matches_the_node_definitions_of_every_supported_version(name, 
     needs a ComfyUI that has the model: skipped, with the reason, on older ones)."""
     workflow = load(name)
     if version not in supported_versions(workflow):
-        pytest.skip(f"{name} needs ComfyUI >= {min_comfyui(workflow)}; this snapshot entry is {version}")
+        pytest.skip(f"{name} needs ComfyUI >= {min_comfyui_version(workflow)}; this snapshot entry is {version}")
     entry = snapshot_version(SNAPSHOT, version)
     assert validate_workflow(workflow, entry["nodes"], dynamic_combos=entry["dynamic_combos"]) == []
 
@@ -179,10 +171,12 @@ def test_the_sd_workflows_support_every_version_and_the_zimage_ones_need_a_comfy
     that added Z-Image, so ComfyUI 0.3.64 (no Z-Image) is left out, with the reason, and 0.33 is
     what they are built from and checked against. Their notes say so."""
     for name in (LOOP, INFERENCE, QUICK):
-        assert min_comfyui(load(name)) is None and supported_versions(load(name)) == list(SUPPORTED_COMFYUI_VERSIONS)
+        workflow = load(name)
+        assert min_comfyui_version(workflow) is None
+        assert supported_versions(workflow) == list(SUPPORTED_COMFYUI_VERSIONS)
     for name in (ZIMAGE_INFERENCE, ZIMAGE_QUICK):
         workflow = load(name)
-        needed = min_comfyui(workflow)
+        needed = min_comfyui_version(workflow)
         assert version_key("0.3.64") < version_key(needed) <= version_key("0.33.0")
         assert supported_versions(workflow) == ["0.33.0"]
         (intro,) = [n["widgets_values"][0] for n in workflow["nodes"]
@@ -190,7 +184,7 @@ def test_the_sd_workflows_support_every_version_and_the_zimage_ones_need_a_comfy
         assert f"ComfyUI {needed} or newer" in intro
     docs = (REPO / "docs" / "workflows.md").read_text(encoding="utf-8")
     assert ZIMAGE_INFERENCE in docs and ZIMAGE_QUICK in docs
-    assert f"ComfyUI {min_comfyui(load(ZIMAGE_INFERENCE))} or newer" in docs
+    assert f"ComfyUI {min_comfyui_version(load(ZIMAGE_INFERENCE))} or newer" in docs
 
 
 def test_the_snapshot_covers_every_node_type_used():
