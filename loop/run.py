@@ -354,14 +354,14 @@ class LoopRound:
         uniform merge (which read the base's and the other merges' images) are evaluated next to the
         gated variants. Each step is the one the stages run in order would make (same settings, same
         inputs, same images), so a resumed run skips the same steps."""
+        # The variants follow from the aspects the training set kept images for (lora:<aspect> for each),
+        # known before any training.
         variants = evaluation_variants(self.config, self.trained())
         base = [v for v in variants if v.kind == "base"]
-        self.train(then=[self._evaluate_job(v) for v in base])
-        trained = self.trained()
-        variants = evaluation_variants(self.config, trained)  # the LoRAs made: lora:<aspect> for each
         gated = [v for v in variants if v.kind == "gated"]
         late = [v for v in variants if v.kind == "uniform"]
         early = [v for v in variants if v not in (*base, *gated, *late)]
+        self.train(then=[self._evaluate_job(v) for v in base])
         self.evaluate(early, gate=True)
         self.evaluate([*late, *gated])
         self.finish_evaluation(variants)
