@@ -463,19 +463,37 @@ def parse_args(argv=None):
     return args
 
 
+def round_order(variants, round_index: int) -> list[str]:
+    """The variants in the order round ``round_index`` runs them: as given in even rounds, reversed
+    in odd ones, so a machine that speeds up or slows down during a run favours no variant over
+    several rounds (each variant's per-round results stay in round order)."""
+    names = list(variants)
+    return names if round_index % 2 == 0 else names[::-1]
+
+
 def goal_lines(results: dict[int, dict[str, list[float]]]) -> list[str]:
-    """PASS / FAIL of each goal at GOAL_SIZE px on the minimum over rounds (the least disturbed)."""
+    """PASS / FAIL of each goal at GOAL_SIZE px on the minimum over rounds (the least disturbed: the
+    usual estimate of a cost without interference, as ``timeit`` takes it), each variant's fastest
+    round against the base's. With the median of the paired per-round ratios beside it: the variants
+    take turns within a round, so a slow period of the machine slows a round's base and variant alike
+    and mostly drops out of their ratio; its range shows how far single rounds scatter."""
     if GOAL_SIZE not in results:
         measured = ", ".join(f"{size}" for size in results)
         return [f"goals (at {GOAL_SIZE} px): n/a, {GOAL_SIZE} px not measured (measured: {measured} px)"]
     lines = []
-    base = min(results[GOAL_SIZE]["base"])
+    at_size = results[GOAL_SIZE]
+    base = min(at_size["base"])
     for name, goal in GOALS.items():
-        if name not in results[GOAL_SIZE]:
+        if name not in at_size:
             continue
-        ratio = min(results[GOAL_SIZE][name]) / base
+        ratio = min(at_size[name]) / base
         verdict = "PASS" if ratio <= goal else "FAIL"
-        lines.append(f"goal {name} <= {goal:.2f}x base at {GOAL_SIZE} px: {ratio:.3f}x {verdict}")
+        line = f"goal {name} <= {goal:.2f}x base at {GOAL_SIZE} px: {ratio:.3f}x {verdict}"
+        paired = [value / base_value for value, base_value in zip(at_size[name], at_size["base"])]
+        if len(paired) > 1:
+            line += (f" (median of the {len(paired)} rounds' own ratios {statistics.median(paired):.3f}x, "
+                     f"range {min(paired):.3f}-{max(paired):.3f})")
+        lines.append(line)
     return lines
 
 
@@ -513,9 +531,9 @@ def main(argv=None) -> None:
     for size in args.sizes:
         results[size] = {name: [] for name in variants}
         before_first_step[size] = {name: [] for name in variants}
-        for _ in range(args.repeats):
-            for name, variant in variants.items():
-                per_step, overhead = timer(variant, size, args.steps, args)
+        for round_index in range(args.repeats):
+            for name in round_order(variants, round_index):
+                per_step, overhead = timer(variants[name], size, args.steps, args)
                 results[size][name].append(per_step)
                 note = ""
                 if overhead is not None:

@@ -17,8 +17,12 @@ Every variant samples through ``comfy.sample.sample`` (KSampler's path, euler); 
 between the ends of consecutive sampler steps. On the CPU the clock is this process's CPU time
 (``--clock process``, the default there: with one thread, what a step computes, whatever else runs
 on a shared machine; wall-clock steps here varied 8-42 s under other jobs' load); on CUDA wall time
-after a synchronize. Prints the ratios to base and PASS / FAIL against the goals (bake <= 1.02x,
-dynamic <= 1.05x; minimum over rounds).
+after a synchronize. The variants take turns within a round (in reversed order every other round).
+Prints the ratios to base and PASS / FAIL against the goals (bake <= 1.02x, dynamic <= 1.05x;
+fastest round of each variant), with the median of each round's own ratio beside them.
+``--per-layer`` also times each gated Linear against its base forward in sub-second turns and
+estimates the dynamic step ratio from their extra time: on a shared CPU the resolvable figure (there
+whole steps of bake, the same computation as base, scatter by +-10 % between rounds).
 
     COMFYUI_PATH=/path/to/ComfyUI-0.33 OMP_NUM_THREADS=1 python bench/bench_mixture_dit.py
     COMFYUI_PATH=/path/to/ComfyUI-0.33 python bench/bench_mixture_dit.py --device cuda --double 19 --single 38 \\
@@ -42,7 +46,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_mixture import goal_lines, import_comfy, import_pack, random_init_, sync  # noqa: E402
+from bench_mixture import goal_lines, import_comfy, import_pack, random_init_, round_order, sync  # noqa: E402
 
 from versat2i.aspects import ASPECTS  # noqa: E402
 
@@ -231,9 +235,9 @@ def main(argv=None) -> None:
           f"attention {comfy.ldm.modules.attention.optimized_attention.__name__}, {args.clock} clock", flush=True)
     variants, positive, latent, build_s = build(args, dtype)
     results: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(args.repeats):
-        for name, model in variants.items():
-            per_step = step_time(model, positive, latent, args)
+    for round_index in range(args.repeats):
+        for name in round_order(variants, round_index):
+            per_step = step_time(variants[name], positive, latent, args)
             results[name].append(per_step)
             print(f"  {args.size}px {name:15s} {per_step * 1000:10.1f} ms/step", flush=True)
     for label, stat in (("min", min), ("median", statistics.median)):
@@ -246,12 +250,23 @@ def main(argv=None) -> None:
     for line in goal_lines({args.size: results}):
         print(line)
     if args.per_layer:
-        per_layer(variants, positive, latent, args)
+        base_linears, gated_linears = per_layer(variants, positive, latent, args)
+        # dynamic differs from base only in the gated Linears' forwards (object patches; with a token
+        # gate nothing runs per call), so their extra time over a base step is its cost, resolved at
+        # sub-second turns where whole steps (bake, the same computation as base, scatters by +-10 %
+        # between rounds on a shared machine) are not
+        extra = gated_linears - base_linears
+        print("estimate from the gated Linears' extra time: dynamic step / base step = (base step + "
+              f"{extra:.2f} s) / base step = " + ", ".join(
+                  f"{(value + extra) / value:.3f} on the {label} base step ({value:.2f} s)"
+                  for label, value in (("fastest", min(results["base"])),
+                                       ("median", statistics.median(results["base"])))))
 
 
-def per_layer(variants, positive, latent, args) -> None:
+def per_layer(variants, positive, latent, args) -> tuple[float, float]:
     """Each gated Linear of the dynamic (token gate) variant timed alone against its base forward,
-    on the input it gets in a real step, the two taking turns; the fastest of ``--layer-repeats``."""
+    on the input it gets in a real step, the two taking turns; the fastest of ``--layer-repeats``.
+    Returns the seconds of all of them: (base forwards, gated forwards)."""
     import comfy.sample
     import comfy.utils
 
@@ -290,6 +305,7 @@ def per_layer(variants, positive, latent, args) -> None:
             print(f"  {path:55s} {tuple(x.shape)!s:18s} {best[0] * 1000:8.1f} ms {best[1] * 1000:8.1f} ms "
                   f"{best[1] / best[0]:6.3f}")
     print(f"all gated Linears: base {totals[0]:.2f} s, gated {totals[1]:.2f} s, ratio {totals[1] / totals[0]:.3f}")
+    return totals[0], totals[1]
 
 
 if __name__ == "__main__":
