@@ -99,12 +99,16 @@ def build(args, dtype):
         text_width, pooled = TINY_TEXT[args.family]
     entry = architecture(args.family)
     model_config = comfy_model_config(args.family, args.hidden, args.double, args.single, text_width, pooled)
-    model_config.set_inference_dtype(dtype, None)
+    weight_dtype = getattr(args, "weight_dtype", None)  # fp8 storage, computed in ``dtype`` (manual cast)
+    model_config.set_inference_dtype(weight_dtype or dtype, dtype if weight_dtype is not None else None)
     t0 = time.perf_counter()
     model = model_config.get_model({})
     random_init_(model)
-    base = comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
-                                            offload_device=comfy.model_management.unet_offload_device())
+    # the patcher class ComfyUI's own loaders use: 0.33's ModelPatcherDynamic once dynamic VRAM is
+    # enabled (main.py; bench/dynamic_vram_check.py does it too), else the plain one
+    patcher_class = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+    base = patcher_class(model, load_device=comfy.model_management.get_torch_device(),
+                         offload_device=comfy.model_management.unet_offload_device())
     state = model.state_dict()
     is_target = lora_targets_of(args.family)
     shapes = {}

@@ -123,3 +123,25 @@ def test_rounds_alternate_the_variants_order():
     assert bench.round_order(variants, 0) == ["base", "bake", "dynamic"]
     assert bench.round_order(variants, 1) == ["dynamic", "bake", "base"]  # drift during a run favours no variant
     assert bench.round_order(variants, 2) == ["base", "bake", "dynamic"]
+
+
+@pytest.mark.comfy
+@pytest.mark.family
+def test_dynamic_vram_check_runs_on_the_cpu(comfyui_path):
+    """bench/dynamic_vram_check.py, the GPU check of issue 13, as a CPU smoke run: every variant
+    samples, the LoRAs act, and the dynamic-patcher verdicts say n/a (ComfyUI samples on a CPU with
+    its old patcher) instead of passing."""
+    version = (comfyui_path / "comfyui_version.py").read_text()
+    if '"0.3.' in version:
+        pytest.skip("ComfyUI 0.3.x has no dynamic VRAM (and builds FLUX.1 at width 3072 whatever the weights hold)")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COMFYUI_PATH": str(comfyui_path)}
+    completed = subprocess.run([sys.executable, str(REPO / "bench" / "dynamic_vram_check.py"), "--device", "cpu",
+                                "--tiny"], capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-3000:]
+    output = completed.stdout
+    assert "dynamic VRAM not enabled: off for a CPU run" in output
+    for variant in ("base", "bake", "dynamic", "dynamic-prompt"):
+        assert f"\n{variant}: sampled with ModelPatcher (dynamic: False)" in output, output
+    assert output.count("differs from base: PASS") == 3 and output.count("finite output: PASS") == 4
+    assert output.count("stays on the dynamic patcher: n/a") == 4 and "FAIL" not in output
+    assert output.rstrip().endswith("all checks passed")
