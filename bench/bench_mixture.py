@@ -45,8 +45,6 @@ from pathlib import Path
 
 import torch
 
-from versat2i.aspects import ASPECTS
-
 REPO = Path(__file__).resolve().parents[1]
 # comfy.model_detection's SD15 unet_config (ComfyUI 0.3.x)
 SD15_UNET = {
@@ -87,6 +85,15 @@ def import_pack():
         nodes = types.ModuleType("versat2i.nodes")
         nodes.__path__ = [str(REPO / "nodes")]
         sys.modules["versat2i.nodes"] = nodes
+
+
+try:
+    from versat2i.aspects import ASPECTS
+except ModuleNotFoundError as error:  # a plain checkout (a device machine's copy): the pack from this folder
+    if error.name != "versat2i":
+        raise
+    import_pack()
+    from versat2i.aspects import ASPECTS
 
 
 def import_comfy(device: str) -> bool:
