@@ -14,8 +14,9 @@ the loader's modes, samples each, and checks, per variant:
   patcher logs when it loads; the old one logs "loaded completely / partially") and never "Hooks not
   implemented";
 * the output is finite, and differs from the base model's (the LoRAs act);
-* peak CUDA memory of the sampling, next to the patcher's ``model_size()`` (which counts the gated
-  factors, ``model_patching._count_factor_memory``).
+* the peak of torch's CUDA memory during the sampling and what comfy-aimdo holds after it (its
+  VRAM buffers are outside torch's allocator), next to the patcher's ``model_size()`` (which counts
+  the gated factors, ``model_patching._count_factor_memory``).
 
 ``--weight-dtype fp8`` stores the weights in float8_e4m3fn, computed in bf16 (what ComfyUI's fp8
 checkpoints do). On a CPU the same run is a smoke test: ComfyUI 0.33 samples on the CPU with its
@@ -119,6 +120,7 @@ def parse_args(argv=None):
 
 def sample_variant(patcher, positive, latent, steps):
     """Sample ``patcher`` once; returns (its output, what the check reads)."""
+    import comfy.memory_management
     import comfy.model_management
     import comfy.patcher_extension
     import comfy.sample
@@ -149,6 +151,10 @@ def sample_variant(patcher, positive, latent, steps):
     finally:
         logging.getLogger().removeHandler(lines)
     seen["peak_gib"] = torch.cuda.max_memory_allocated() / 1024 ** 3 if cuda else None
+    if cuda and comfy.memory_management.aimdo_enabled:  # what comfy-aimdo holds, outside torch's allocator
+        import comfy_aimdo.control
+
+        seen["aimdo_gib"] = comfy_aimdo.control.get_total_vram_usage() / 1024 ** 3
     seen["model_size_gib"] = checked.model_size() / 1024 ** 3
     seen["prepared"] = [line for line in lines.lines if PREPARED in line]
     seen["no_hooks"] = [line for line in lines.lines if NO_HOOKS in line]
@@ -176,8 +182,10 @@ def main(argv=None) -> int:
         output, seen = sample_variant(patcher, positive, latent, args.steps)
         outputs[name] = output
         peak = "n/a" if seen["peak_gib"] is None else f"{seen['peak_gib']:.2f} GiB"
+        if "aimdo_gib" in seen:
+            peak += f", comfy-aimdo's VRAM {seen['aimdo_gib']:.2f} GiB after sampling"
         print(f"\n{name}: sampled with {seen['sampled_with']} (dynamic: {seen['sampled_dynamic']}); loaded "
-              f"{seen['loaded']}; model_size {seen['model_size_gib']:.2f} GiB; peak CUDA memory {peak}")
+              f"{seen['loaded']}; model_size {seen['model_size_gib']:.2f} GiB; peak of torch's CUDA memory {peak}")
         for line in seen["prepared"]:
             print(f"  ComfyUI: {line}")
         checks = {
