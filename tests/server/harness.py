@@ -398,6 +398,17 @@ class ComfyServer:
         """Queue a graph and wait for it; returns the history entry."""
         return self.wait(self.queue(graph), timeout=timeout)
 
+    def clear_cache(self) -> None:
+        """What the Free memory button does (POST /free): ComfyUI drops its cached outputs, so the next
+        prompt runs every node again. The worker reads that flag only after its next wake-up, which may
+        be the execution of a prompt queued right after: under load, the next prompt then ran on the
+        old cache (seen on 0.3.64 with the other core busy). A trivial prompt run here takes that turn,
+        so the flag is read, and the cache reset, before the caller queues anything."""
+        status, _ = self.request("POST", "/free", {"free_memory": True, "unload_models": True})
+        assert status == 200, status
+        self.run({"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+                  "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}, timeout=60)
+
     def interrupt(self) -> None:
         """What the Cancel button does: interrupt the running prompt."""
         self.request("POST", "/interrupt", {})

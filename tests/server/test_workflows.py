@@ -398,13 +398,6 @@ def ui_texts(entry: dict) -> list[str]:
     return [t for out in entry["outputs"].values() for t in out.get("text", []) if isinstance(t, str)]
 
 
-def clear_comfyui_cache(server) -> None:
-    """What another prompt (or the Free memory button) does: ComfyUI drops its cached outputs, so
-    the next queue runs every node again (POST /free; the flag is read before the next prompt)."""
-    status, _ = server.request("POST", "/free", {"free_memory": True, "unload_models": True})
-    assert status == 200
-
-
 @pytest.mark.slow
 def test_the_same_workflow_queued_again_after_a_cache_clear_does_no_work(server):
     """The docs promise that queueing again re-runs only what changed: after ComfyUI's cache is
@@ -425,7 +418,7 @@ def test_the_same_workflow_queued_again_after_a_cache_clear_does_no_work(server)
     made = file_states(dataset), file_states(lora.parent), sorted(runs.rglob("*"))
     assert any("LoRA: versat2i/requeue.safetensors" == t for t in ui_texts(first)), ui_texts(first)
 
-    clear_comfyui_cache(server)
+    server.clear_cache()
     second = run(server, workflow)  # no error
     texts = ui_texts(second)
     assert any("unchanged, reused (same content)" in t for t in texts), texts
