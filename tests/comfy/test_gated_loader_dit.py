@@ -243,3 +243,54 @@ def test_dynamic_mode_counts_the_shared_copy_of_fused_row_blocks_in_model_size(c
         made += down.numel() * down.element_size() + (biases.numel() * biases.element_size() if biases is not None
                                                       else 0)
     assert made == shared
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_no_mode_gives_comfyui_a_reason_to_leave_dynamic_vram(comfy, comfy_dirs, tiny_models, monkeypatch, name):
+    """ComfyUI 0.33 samples with its dynamic-VRAM patcher (``ModelPatcherDynamic``) unless it asks for
+    the old one: ``get_non_dynamic_delegate``, that is ``clone(disable_dynamic=True)``, which CFGGuider
+    calls when the conditioning carries hooks; the dynamic patcher's hook-weight functions raise.
+    What a CPU can show (there ``ModelPatcherDynamic`` reroutes to the old patcher;
+    ``bench/dynamic_vram_check.py`` is the GPU check): every mode returns a clone of the patcher's
+    own class holding no hook state, and neither the loader nor sampling its model asks for a
+    non-dynamic clone."""
+    import comfy.model_patcher
+    import comfy.patcher_extension
+
+    from versat2i.nodes.gated_multi_lora_loader import GatedMultiLoRALoader
+
+    if not hasattr(comfy.model_patcher, "ModelPatcherDynamic"):
+        pytest.skip("this ComfyUI has no dynamic VRAM (0.33 has)")
+    require_comfy_family(name)
+    tiny = tiny_models(name)
+    patcher = comfy_model_patcher(name, tiny)
+    positive = conditioning(name)
+    mol, _ = write_mixture(name, tiny, comfy_dirs["models"] / "loras", ["aesthetics", "lowlevel"], "prompt",
+                           kind="sigmoid", tag=f"dynamic-vram-{name}")
+    non_dynamic_clones = []
+    clone = comfy.model_patcher.ModelPatcher.clone
+
+    def recording_clone(self, disable_dynamic=False, *args, **kwargs):
+        if disable_dynamic:
+            non_dynamic_clones.append(type(self).__name__)
+        return clone(self, disable_dynamic, *args, **kwargs)
+
+    monkeypatch.setattr(comfy.model_patcher.ModelPatcher, "clone", recording_clone)
+    sampled_with = {}
+    for mode in ("bake", "dynamic", "equal"):
+        extra = {"conditioning": positive} if mode == "bake" else {}
+        model = GatedMultiLoRALoader.execute(patcher, mol, mode, 1.0, **extra).result[0]
+        assert type(model) is type(patcher), mode
+        assert (model.hook_patches, model.forced_hooks, model.current_hooks) == ({}, None, None), mode
+        assert model.patches or model.object_patches, f"{mode}: nothing applied"
+
+        def outer_sample(executor, *args, mode=mode, **kwargs):
+            guider = executor.class_obj  # its conditioning is set: what ComfyUI decided to sample with
+            sampled_with[mode] = type(guider.model_patcher)
+            return executor(*args, **kwargs)
+
+        checked = model.clone()
+        checked.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "test", outer_sample)
+        sample(checked, name, positive)
+    assert non_dynamic_clones == []
+    assert sampled_with == {mode: type(patcher) for mode in ("bake", "dynamic", "equal")}
